@@ -1,0 +1,78 @@
+"""The ``conveyor`` command. Subcommands are listed only once they work.
+
+Each subcommand lives in its own module and exposes ``run(args, settings) -> int``; this
+module parses arguments, builds the one :class:`~conveyor.settings.Settings` object for the
+process, configures logging, and turns configuration errors into exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from conveyor.errors import ConfigError
+from conveyor.logs import configure_logging
+from conveyor.settings import Settings, load_settings
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str
+    help: str
+
+
+COMMANDS: list[Command] = [
+    Command("check", "conveyor.check", "validate the settings and check that Redis is usable"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conveyor", description="Conveyor: durable, fair workflow execution on BullMQ/Redis."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        module = importlib.import_module(command.module)
+        add = getattr(module, "add_arguments", None)
+        if add is not None:
+            add(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"conveyor {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return run_command(args.command, args, settings)
+
+
+def run_command(name: str, args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging(settings)
+    command = next(c for c in COMMANDS if c.name == name)
+    module = importlib.import_module(command.module)
+    result: int = module.run(args, settings)
+    return result
+
+
+def entry(module_main: Callable[[argparse.Namespace, Settings], int], name: str) -> None:
+    """``python -m conveyor.<process>`` entry: same settings handling as the CLI."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"conveyor {name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings)
+    raise SystemExit(module_main(argparse.Namespace(command=name), settings))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

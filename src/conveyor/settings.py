@@ -1,0 +1,198 @@
+"""Process settings: every environment variable, read and validated once per process.
+
+``load_settings()`` is called by each entry point's ``main()`` and the resulting
+:class:`Settings` object is passed down; nothing reads the environment at import time.
+A malformed value raises :class:`~conveyor.errors.ConfigError` whose message is one line
+naming the variable and the bad value; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from conveyor.errors import ConfigError
+
+_REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+_DB_SCHEMES = ("postgresql://", "postgresql+asyncpg://", "postgres://", "sqlite://", "sqlite+aiosqlite://")
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class Settings(BaseSettings):
+    """Conveyor's configuration. Field names are the environment variables, lower-cased."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, validate_default=True
+    )
+
+    # --- Redis / BullMQ (the seed's variables, names and defaults) -------------------------
+    queue_redis_host: str = "127.0.0.1"
+    queue_redis_port: Annotated[int, Field(ge=1, le=65535)] = 6379
+    queue_redis_db: NonNegativeInt = 0
+    queue_redis_username: str | None = None
+    queue_redis_password: SecretStr | None = None
+    queue_redis_tls: bool = False
+    queue_redis_tls_ca_file: str | None = None
+    """CA bundle used to verify the Redis server's certificate (default: system CAs)."""
+    queue_redis_tls_insecure: bool = False
+    """Skip certificate verification. Only for throwaway test servers."""
+    queue_redis_connect_timeout_ms: PositiveInt = 2000
+    queue_redis_socket_timeout_ms: PositiveInt = 5000
+    queue_prefix: str = "bull"
+    """BullMQ key prefix. Use a hash tag such as ``{conveyor}`` on Redis Cluster."""
+    queue_metrics_interval_ms: PositiveInt = 60000
+    queue_driver: Literal["", "bullmq", "inmemory"] = ""
+    execution_worker_concurrency: PositiveInt = 2
+    execution_tenant_concurrency: PositiveInt | None = None
+    """Defaults to ``execution_worker_concurrency``, as the seed says."""
+
+    # --- Conveyor ----------------------------------------------------------------------------
+    database_url: str = "sqlite:///./.conveyor/conveyor.db"
+    admin_token: SecretStr | None = None
+    api_host: str = "127.0.0.1"
+    api_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    api_max_body_bytes: PositiveInt = 1024 * 1024
+    execution_regions: Annotated[tuple[str, ...], NoDecode] = ("us",)
+    default_region: str = "us"
+    shutdown_grace_ms: NonNegativeInt = 30000
+    log_format: Literal["json", "text"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    http_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
+    """Hosts or CIDR ranges that ``http`` steps may reach although they are private/loopback."""
+    step_output_max_bytes: PositiveInt = 256 * 1024
+    heartbeat_interval_ms: PositiveInt = 5000
+
+    @field_validator("queue_driver", mode="before")
+    @classmethod
+    def _lower_driver(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("queue_redis_username", "queue_redis_password", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("execution_tenant_concurrency", mode="before")
+    @classmethod
+    def _empty_tenant_concurrency(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("execution_regions", mode="before")
+    @classmethod
+    def _split_regions(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        regions = tuple(value)
+        if not regions:
+            raise ValueError("must name at least one region, e.g. 'us' or 'us,eu'")
+        for region in regions:
+            _check_region(region)
+        return tuple(dict.fromkeys(regions))
+
+    @field_validator("default_region")
+    @classmethod
+    def _check_default_region(cls, value: str) -> str:
+        return _check_region(value)
+
+    @field_validator("http_allowlist", mode="before")
+    @classmethod
+    def _split_allowlist(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(part.strip().lower() for part in value.split(",") if part.strip())
+        entries = tuple(value)
+        for entry in entries:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not a valid CIDR range") from None
+        return entries
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith(_DB_SCHEMES):
+            raise ValueError("must start with postgresql:// or sqlite:///")
+        return value
+
+    @field_validator("queue_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value or ":" in value or any(c.isspace() for c in value):
+            raise ValueError("must be non-empty, without ':' or spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _tenant_default(self) -> Settings:
+        if self.execution_tenant_concurrency is None:
+            object.__setattr__(self, "execution_tenant_concurrency", self.execution_worker_concurrency)
+        return self
+
+    # --- derived values ----------------------------------------------------------------------
+    @property
+    def driver(self) -> Literal["bullmq", "inmemory"]:
+        """The effective queue driver (``bullmq`` unless ``QUEUE_DRIVER=inmemory``)."""
+        return "inmemory" if self.queue_driver == "inmemory" else "bullmq"
+
+    @property
+    def tenant_concurrency(self) -> int:
+        assert self.execution_tenant_concurrency is not None
+        return min(self.execution_tenant_concurrency, self.execution_worker_concurrency)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith(("postgresql", "postgres:"))
+
+    @property
+    def shutdown_grace_s(self) -> float:
+        return self.shutdown_grace_ms / 1000.0
+
+
+def _check_region(value: str) -> str:
+    if not _REGION_RE.match(value):
+        raise ValueError(f"region {value!r} must be lower-case letters, digits and '-'")
+    return value
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read and validate the settings from ``environ`` (default: ``os.environ``).
+
+    Raises :class:`ConfigError` with a one-line message naming the first bad variable.
+    """
+    env = dict(os.environ if environ is None else environ)
+    known = {name.upper() for name in Settings.model_fields}
+    values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k.upper() in known}
+    values.update(overrides)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, {**env, **{k.upper(): v for k, v in overrides.items()}})) from exc
+
+
+def _describe(exc: ValidationError, env: Mapping[str, str]) -> str:
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else "settings"
+    name = field.upper()
+    raw = env.get(name, env.get(field, error.get("input")))
+    reason = str(error["msg"]).removeprefix("Value error, ")
+    if name in {"QUEUE_REDIS_PASSWORD", "ADMIN_TOKEN"}:
+        raw = "***"
+    return f"invalid setting {name}={raw}: {reason}"

@@ -1,0 +1,108 @@
+"""Test helpers shared by every tier: free ports, throwaway redis-servers, waiting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    """A throwaway ``redis-server`` started by a test; stopped by PID, never FLUSHALLed."""
+
+    port: int
+    args: list[str]
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", *self.args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: self._ready(), timeout=timeout)
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
+        return port_open(self.port) if "--port" not in self.args or "0" not in self.args else True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@contextmanager
+def redis_server(*args: str, port: int | None = None) -> Iterator[RedisServer]:
+    """Start a throwaway redis-server on a free port with extra ``args``; stop it afterwards."""
+    with tempfile.TemporaryDirectory(prefix="conveyor-redis-") as tmp:
+        server = RedisServer(port=port or free_port(), args=list(args), dir=Path(tmp))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def env_for(**overrides: str) -> dict[str, str]:
+    """``os.environ`` without any Conveyor setting that leaks from the developer's shell."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("QUEUE_", "EXECUTION_", "DATABASE_URL", "ADMIN_TOKEN", "API_"))}
+    env.update(overrides)
+    return env

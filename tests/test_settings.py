@@ -1,0 +1,106 @@
+"""Settings: every SPEC §2 variable, defaults, and one-line errors naming the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conveyor.errors import ConfigError
+from conveyor.settings import load_settings
+from tests.helpers import env_for
+
+
+def test_defaults_follow_the_seed() -> None:
+    s = load_settings({})
+    assert (s.queue_redis_host, s.queue_redis_port, s.queue_redis_db) == ("127.0.0.1", 6379, 0)
+    assert s.queue_redis_username is None and s.queue_redis_password is None
+    assert s.queue_redis_tls is False
+    assert s.queue_metrics_interval_ms == 60000
+    assert s.driver == "bullmq"
+    assert s.execution_worker_concurrency == 2
+    assert s.execution_tenant_concurrency == 2
+    assert s.database_url == "sqlite:///./.conveyor/conveyor.db"
+    assert s.admin_token is None
+    assert (s.api_host, s.api_port) == ("127.0.0.1", 8000)
+    assert s.execution_regions == ("us",) and s.default_region == "us"
+    assert s.shutdown_grace_ms == 30000
+    assert (s.log_format, s.log_level) == ("text", "INFO")
+
+
+def test_tenant_concurrency_defaults_to_worker_concurrency() -> None:
+    s = load_settings({"EXECUTION_WORKER_CONCURRENCY": "7"})
+    assert s.execution_tenant_concurrency == 7
+    s = load_settings({"EXECUTION_WORKER_CONCURRENCY": "7", "EXECUTION_TENANT_CONCURRENCY": "3"})
+    assert s.tenant_concurrency == 3
+
+
+def test_values_are_parsed() -> None:
+    s = load_settings(
+        {
+            "QUEUE_REDIS_TLS": "true",
+            "QUEUE_DRIVER": "inmemory",
+            "EXECUTION_REGIONS": "us, eu ,us",
+            "LOG_FORMAT": "JSON",
+            "ADMIN_TOKEN": "",
+            "HTTP_ALLOWLIST": "127.0.0.1/32,internal.example",
+        }
+    )
+    assert s.queue_redis_tls is True
+    assert s.driver == "inmemory"
+    assert s.execution_regions == ("us", "eu")
+    assert s.log_format == "json"
+    assert s.admin_token is None
+    assert s.http_allowlist == ("127.0.0.1/32", "internal.example")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("QUEUE_REDIS_PORT", "abc"),
+        ("QUEUE_REDIS_PORT", "70000"),
+        ("QUEUE_REDIS_TLS", "maybe"),
+        ("QUEUE_REDIS_DB", "-1"),
+        ("QUEUE_METRICS_INTERVAL_MS", "0"),
+        ("QUEUE_DRIVER", "kafka"),
+        ("EXECUTION_WORKER_CONCURRENCY", "-1"),
+        ("EXECUTION_TENANT_CONCURRENCY", "zero"),
+        ("EXECUTION_REGIONS", "US"),
+        ("DATABASE_URL", "mysql://localhost/x"),
+        ("SHUTDOWN_GRACE_MS", "soon"),
+        ("LOG_FORMAT", "xml"),
+        ("API_PORT", "-5"),
+        ("HTTP_ALLOWLIST", "10.0.0.0/99"),
+    ],
+)
+def test_malformed_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({name: value})
+    message = str(info.value)
+    assert f"{name}={value}" in message
+    assert "\n" not in message
+
+
+def test_secrets_are_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"ADMIN_TOKEN": "s3cret", "QUEUE_REDIS_PASSWORD": "hunter2", "QUEUE_REDIS_DB": "x"})
+    assert "hunter2" not in str(info.value) and "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("QUEUE_REDIS_PORT", "abc"), ("QUEUE_REDIS_TLS", "maybe"), ("EXECUTION_WORKER_CONCURRENCY", "-1")],
+)
+def test_cli_exits_2_with_one_line(name: str, value: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor.cli", "check"],
+        env=env_for(**{name: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"{name}={value}" in lines[0]
