@@ -1,4 +1,4 @@
-.PHONY: install test check bench
+.PHONY: install test check bench dev
 
 install: .venv/bin/conveyor
 
@@ -13,3 +13,10 @@ test: install
 
 check: install
 	scripts/check
+
+dev: install
+	.venv/bin/conveyor dev
+
+bench: install
+	scripts/services
+	for b in bench/*.py; do echo "== $$b"; .venv/bin/python $$b || exit 1; done

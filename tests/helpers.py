@@ -22,7 +22,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05
+) -> object:
     """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -55,16 +57,31 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", *self.args],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         wait_for(lambda: self._ready(), timeout=timeout)
         return self
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
+            raise RuntimeError(
+                f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}"
+            )
         return port_open(self.port) if "--port" not in self.args or "0" not in self.args else True
 
     def stop(self) -> None:
@@ -102,7 +119,10 @@ def redis_server(*args: str, port: int | None = None) -> Iterator[RedisServer]:
 
 def env_for(**overrides: str) -> dict[str, str]:
     """``os.environ`` without any Conveyor setting that leaks from the developer's shell."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("QUEUE_", "EXECUTION_", "DATABASE_URL", "ADMIN_TOKEN", "API_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("QUEUE_", "EXECUTION_", "DATABASE_URL", "ADMIN_TOKEN", "API_"))
+    }
     env.update(overrides)
     return env

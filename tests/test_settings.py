@@ -84,13 +84,19 @@ def test_malformed_value_names_the_variable(name: str, value: str) -> None:
 
 def test_secrets_are_not_echoed() -> None:
     with pytest.raises(ConfigError) as info:
-        load_settings({"ADMIN_TOKEN": "s3cret", "QUEUE_REDIS_PASSWORD": "hunter2", "QUEUE_REDIS_DB": "x"})
+        load_settings(
+            {"ADMIN_TOKEN": "s3cret", "QUEUE_REDIS_PASSWORD": "hunter2", "QUEUE_REDIS_DB": "x"}
+        )
     assert "hunter2" not in str(info.value) and "s3cret" not in str(info.value)
 
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("QUEUE_REDIS_PORT", "abc"), ("QUEUE_REDIS_TLS", "maybe"), ("EXECUTION_WORKER_CONCURRENCY", "-1")],
+    [
+        ("QUEUE_REDIS_PORT", "abc"),
+        ("QUEUE_REDIS_TLS", "maybe"),
+        ("EXECUTION_WORKER_CONCURRENCY", "-1"),
+    ],
 )
 def test_cli_exits_2_with_one_line(name: str, value: str) -> None:
     proc = subprocess.run(

@@ -53,7 +53,9 @@ class Supervisor:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping:
-            log.warning("process.signal_ignored", extra={"signal": sig.name, "why": "already draining"})
+            log.warning(
+                "process.signal_ignored", extra={"signal": sig.name, "why": "already draining"}
+            )
         self.stop(reason=sig.name)
 
     def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -81,18 +83,18 @@ class Supervisor:
         """Block until the stop event is set."""
         await self.stop_event.wait()
 
-    async def cancel_all(self, timeout: float = 5.0) -> None:
+    async def cancel_all(self, grace_s: float = 5.0) -> None:
         """Cancel every task still running and wait (bounded) for them to finish."""
-        await cancel_tasks(list(self._tasks.values()), timeout=timeout)
+        await cancel_tasks(list(self._tasks.values()), grace_s=grace_s)
         self._tasks.clear()
 
 
-async def cancel_tasks(tasks: list[asyncio.Task[Any]], timeout: float = 5.0) -> None:
-    """Cancel ``tasks`` and wait at most ``timeout`` seconds for them to end."""
+async def cancel_tasks(tasks: list[asyncio.Task[Any]], grace_s: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait at most ``grace_s`` seconds for them to end."""
     pending = [t for t in tasks if not t.done()]
     for task in pending:
         task.cancel()
     if pending:
-        _done, still = await asyncio.wait(pending, timeout=timeout)
+        _done, still = await asyncio.wait(pending, timeout=grace_s)
         for task in still:
             log.warning("process.task_stuck", extra={"task": task.get_name()})

@@ -20,7 +20,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from conveyor.errors import ConfigError
 
 _REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-_DB_SCHEMES = ("postgresql://", "postgresql+asyncpg://", "postgres://", "sqlite://", "sqlite+aiosqlite://")
+_DB_SCHEMES = (
+    "postgresql://",
+    "postgresql+asyncpg://",
+    "postgres://",
+    "sqlite://",
+    "sqlite+aiosqlite://",
+)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -143,7 +149,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _tenant_default(self) -> Settings:
         if self.execution_tenant_concurrency is None:
-            object.__setattr__(self, "execution_tenant_concurrency", self.execution_worker_concurrency)
+            object.__setattr__(
+                self, "execution_tenant_concurrency", self.execution_worker_concurrency
+            )
         return self
 
     # --- derived values ----------------------------------------------------------------------
@@ -184,7 +192,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, {**env, **{k.upper(): v for k, v in overrides.items()}})) from exc
+        raise ConfigError(
+            _describe(exc, {**env, **{k.upper(): v for k, v in overrides.items()}})
+        ) from exc
 
 
 def _describe(exc: ValidationError, env: Mapping[str, str]) -> str:
