@@ -29,9 +29,9 @@ from typing import Any
 class ConveyorError(Exception):
     """Conveyor failed."""
 
-    def __init__(self, message: str | None = None, **details: Any) -> None:
+    def __init__(self, message: str | None = None, details: Any = None) -> None:
         self.message = message or (self.__doc__ or type(self).__name__).strip()
-        self.details = details
+        self.details: Any = details
         super().__init__(self.message)
 
 

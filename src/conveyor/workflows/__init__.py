@@ -1,0 +1,50 @@
+"""Workflow definitions and step runners.
+
+* :mod:`conveyor.workflows.definition` — pydantic models, ``parse_definition``, JSON Schema.
+* :mod:`conveyor.workflows.expressions` — the safe JMESPath expression language and templates.
+* :mod:`conveyor.workflows.http` — the SSRF-guarded HTTP client used by ``http`` steps.
+* :mod:`conveyor.workflows.steps` — ``run_step(step, ctx) -> StepResult``.
+"""
+
+from conveyor.workflows.definition import (
+    Action,
+    ConditionStep,
+    DelayStep,
+    GotoAction,
+    HttpStep,
+    InputInvalid,
+    NoopStep,
+    RetryPolicy,
+    Step,
+    TransformStep,
+    WorkflowDefinition,
+    parse_definition,
+    validate_input,
+    workflow_json_schema,
+)
+from conveyor.workflows.expressions import ExpressionError
+from conveyor.workflows.http import SafeHttpClient
+from conveyor.workflows.steps import AnyStep, StepContext, StepResult, run_step
+
+__all__ = [
+    "Action",
+    "AnyStep",
+    "ConditionStep",
+    "DelayStep",
+    "ExpressionError",
+    "GotoAction",
+    "HttpStep",
+    "InputInvalid",
+    "NoopStep",
+    "RetryPolicy",
+    "SafeHttpClient",
+    "Step",
+    "StepContext",
+    "StepResult",
+    "TransformStep",
+    "WorkflowDefinition",
+    "parse_definition",
+    "run_step",
+    "validate_input",
+    "workflow_json_schema",
+]

@@ -1,0 +1,432 @@
+"""Outbound HTTP for ``http`` steps, guarded against SSRF.
+
+For every hop (the first request and each redirect, followed by hand):
+
+1. Only ``http``/``https`` URLs are accepted.
+2. The host is resolved **once**, in this module (:func:`_resolve`); IP literals — also the
+   legacy forms ``connect()`` accepts, such as ``127.1``, ``0x7f000001``, ``2130706433``,
+   ``0177.0.0.1`` — are parsed as addresses without any lookup.
+3. Every address is checked: loopback, private (RFC 1918, fc00::/7), CGNAT (100.64/10),
+   link-local (169.254/16 with the cloud metadata address, fe80::/10), unspecified,
+   multicast, reserved and other non-global ranges are refused — also when embedded in IPv6
+   (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible, NAT64 ``64:ff9b::/96``, 6to4) — unless
+   ``settings.http_allowlist`` names the host (``name``, ``*.suffix``) or an address/CIDR
+   containing the address. If any address of a host is refused, the host is refused.
+4. The connection goes to the checked addresses only (:mod:`conveyor.workflows._transport`):
+   the network backend looks the host up in a per-request pin table and never resolves names
+   itself, so there is no DNS-rebinding window. Host header, TLS SNI and certificate
+   verification still use the original host name. A connection for a host with no pin is
+   refused (fail closed). Proxies from the environment are ignored; cookies are never kept.
+
+Bodies are streamed and the request fails as soon as more than ``max_response_bytes`` (after
+content decoding) arrive; the whole call — lookups, redirects, body — runs under one timeout.
+
+Errors: network errors, timeouts, 408/425/429 and 5xx → :class:`RetryableStepError`; refusals,
+bad URLs, oversize responses and other 4xx → :class:`PermanentStepError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.cookiejar
+import ipaddress
+import json
+import logging
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from conveyor.errors import PermanentStepError, RetryableStepError
+from conveyor.settings import Settings
+from conveyor.workflows._transport import PINS, PinnedTransport
+from conveyor.workflows.expressions import render_template
+from conveyor.workflows.netguard import AllowList, address_refusal, parse_ip_literal
+
+if TYPE_CHECKING:
+    from conveyor.workflows.definition import HttpStep
+
+__all__ = [
+    "DEFAULT_HTTP_TIMEOUT_S",
+    "HttpResponse",
+    "SafeHttpClient",
+    "address_refusal",
+    "execute_http",
+    "parse_ip_literal",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HTTP_TIMEOUT_S = 30.0
+USER_AGENT = "conveyor-http-step/0.1"
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+KEPT_RESPONSE_HEADERS = (
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "location",
+    "etag",
+    "last-modified",
+    "cache-control",
+    "retry-after",
+    "date",
+    "x-request-id",
+)
+_SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization")
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    """Resolve ``host`` to IP address strings (the one DNS lookup a hop makes)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+# --- client ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """A complete (size-capped) response to the last hop."""
+
+    status: int
+    headers: httpx.Headers
+    content: bytes
+    url: str
+
+
+class SafeHttpClient:
+    """SSRF-guarded HTTP client; one per process, shared by every ``http`` step.
+
+    ``async with SafeHttpClient(settings) as client: await client.request(...)``.
+    """
+
+    def __init__(self, settings: Settings, *, max_connections: int = 100) -> None:
+        self._allow = AllowList.from_entries(settings.http_allowlist)
+        self._max_connections = max_connections
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> SafeHttpClient:
+        # the client is shared by every tenant: never keep cookies between requests
+        no_cookies = http.cookiejar.CookieJar(
+            http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
+        )
+        self._client = httpx.AsyncClient(
+            transport=PinnedTransport(self._max_connections),
+            trust_env=False,
+            follow_redirects=False,
+            headers={"user-agent": USER_AGENT},
+            cookies=no_cookies,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def check_url(self, url: httpx.URL) -> tuple[str, tuple[str, ...]]:
+        """Resolve and check ``url``'s host; returns ``(pin key, checked addresses)``.
+
+        Raises :class:`PermanentStepError` for a refused URL, :class:`RetryableStepError` when
+        the name cannot be resolved.
+        """
+        if url.scheme not in ("http", "https"):
+            raise PermanentStepError(
+                f"refused URL scheme {url.scheme!r}: only http and https are allowed", url=str(url)
+            )
+        key = url.raw_host.decode("ascii").lower()
+        host = key.rstrip(".")
+        if not host:
+            raise PermanentStepError("refused URL without a host", url=str(url))
+        port = url.port or (443 if url.scheme == "https" else 80)
+        literal = parse_ip_literal(host)
+        if literal is not None:
+            addresses = [str(literal)]
+        else:
+            try:
+                addresses = await _resolve(host, port)
+            except (OSError, UnicodeError) as exc:
+                raise RetryableStepError(
+                    f"could not resolve host {host!r}: {exc}", url=str(url)
+                ) from exc
+        if not addresses:
+            raise RetryableStepError(f"host {host!r} has no addresses", url=str(url))
+        if not self._allow.names_host(host):
+            for address in addresses:
+                self._check_address(host, address)
+        return key, tuple(addresses)
+
+    def _check_address(self, host: str, address: str) -> None:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        reason = address_refusal(ip)
+        if reason is None or self._allow.contains(ip):
+            return
+        logger.warning("http.refused", extra={"host": host, "address": address, "reason": reason})
+        raise PermanentStepError(
+            f"refused to connect to {host!r}: {address} is {reason} "
+            "(add it to HTTP_ALLOWLIST to allow it)",
+            host=host,
+            address=address,
+        )
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
+        max_response_bytes: int = 1024 * 1024,
+        follow_redirects: bool = True,
+        max_redirects: int = 5,
+    ) -> HttpResponse:
+        """Send a request, following redirects by hand and checking every hop."""
+        if self._client is None:
+            raise RuntimeError("SafeHttpClient is not open: use 'async with'")
+        try:
+            target = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise PermanentStepError(f"invalid URL {url!r:.200}: {exc}") from exc
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._follow(
+                    method,
+                    target,
+                    _encode_headers(headers or {}),
+                    content,
+                    timeout_s,
+                    max_response_bytes,
+                    max_redirects if follow_redirects else 0,
+                    follow_redirects,
+                )
+        except TimeoutError as exc:
+            raise RetryableStepError(f"request timed out after {timeout_s}s", url=url) from exc
+        except httpx.TimeoutException as exc:
+            raise RetryableStepError(f"request timed out: {exc}", url=url) from exc
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+            raise PermanentStepError(f"request refused: {exc}", url=url) from exc
+        except httpx.DecodingError as exc:
+            raise PermanentStepError(f"undecodable response: {exc}", url=url) from exc
+        except httpx.HTTPError as exc:
+            raise RetryableStepError(
+                f"request failed: {type(exc).__name__}: {exc}", url=url
+            ) from exc
+
+    async def _follow(
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: httpx.Headers,
+        content: bytes | None,
+        timeout_s: float,
+        max_bytes: int,
+        max_redirects: int,
+        follow: bool,
+    ) -> HttpResponse:
+        assert self._client is not None
+        for hop in range(max_redirects + 1):
+            key, addresses = await self.check_url(url)
+            request = self._client.build_request(
+                method, url, headers=headers, content=content, timeout=timeout_s
+            )
+            token = PINS.set({key: addresses})
+            started = time.monotonic()
+            try:
+                response = await self._client.send(request, stream=True)
+            finally:
+                PINS.reset(token)
+            try:
+                logger.debug(
+                    "http.response",
+                    extra={
+                        "url": str(url),
+                        "status": response.status_code,
+                        "hop": hop,
+                        "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
+                    },
+                )
+                location = response.headers.get("location")
+                if not follow or response.status_code not in REDIRECT_STATUSES or not location:
+                    body = await _read_capped(response, max_bytes)
+                    return HttpResponse(response.status_code, response.headers, body, str(url))
+            finally:
+                await response.aclose()
+            next_url = _join(url, location)
+            method, content, headers = _redirect_request(
+                response.status_code, method, content, headers, url, next_url
+            )
+            url = next_url
+        raise PermanentStepError(f"too many redirects (more than {max_redirects})", url=str(url))
+
+
+def _encode_headers(headers: Mapping[str, str]) -> httpx.Headers:
+    """Header values as UTF-8 bytes (httpx would insist on ASCII)."""
+    return httpx.Headers({name.encode(): value.encode() for name, value in headers.items()})
+
+
+def _join(url: httpx.URL, location: str) -> httpx.URL:
+    try:
+        return url.join(location)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise PermanentStepError(f"invalid redirect location {location!r:.200}") from exc
+
+
+def _redirect_request(
+    status: int,
+    method: str,
+    content: bytes | None,
+    headers: httpx.Headers,
+    url: httpx.URL,
+    next_url: httpx.URL,
+) -> tuple[str, bytes | None, httpx.Headers]:
+    headers = httpx.Headers(headers)
+    if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
+        method, content = "GET", None
+        for name in ("content-type", "content-encoding"):
+            headers.pop(name, None)
+    if (url.scheme, url.host, url.port) != (next_url.scheme, next_url.host, next_url.port):
+        for name in _SENSITIVE_HEADERS:
+            headers.pop(name, None)
+    return method, content, headers
+
+
+async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if (
+        declared.isdigit()
+        and int(declared) > max_bytes
+        and "content-encoding" not in response.headers
+    ):
+        raise PermanentStepError(
+            f"response body of {declared} bytes is larger than max_response_bytes ({max_bytes})"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PermanentStepError(
+                f"response body is larger than max_response_bytes ({max_bytes})"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# --- the http step --------------------------------------------------------------------------------
+
+
+async def execute_http(
+    step: HttpStep, context: Mapping[str, Any], client: SafeHttpClient
+) -> dict[str, Any]:
+    """Render ``step``'s templates, send it, and map the response to an output or an error.
+
+    Output: ``{"status", "headers" (a subset, lower-case names), "body" (parsed JSON when the
+    content type is JSON, else text; ``null`` when empty), "url" (after redirects)}``.
+    """
+    url = render_template(step.url, context, url=True)
+    if not isinstance(url, str):
+        raise PermanentStepError(f"url must evaluate to a string, got {type(url).__name__}")
+    headers = {name: _header_text(render_template(v, context)) for name, v in step.headers.items()}
+    content = _body_bytes(step, context, headers)
+    response = await client.request(
+        step.method,
+        url,
+        headers=headers,
+        content=content,
+        timeout_s=step.timeout_s or DEFAULT_HTTP_TIMEOUT_S,
+        max_response_bytes=step.max_response_bytes,
+        follow_redirects=step.follow_redirects,
+        max_redirects=step.max_redirects,
+    )
+    output = {
+        "status": response.status,
+        "headers": _kept_headers(response.headers, step.response_headers),
+        "body": _parse_body(response),
+        "url": response.url,
+    }
+    _check_status(step, response, output)
+    return output
+
+
+def _header_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    if "\r" in text or "\n" in text:
+        raise PermanentStepError("a header value contains a line break")
+    return text
+
+
+def _body_bytes(
+    step: HttpStep, context: Mapping[str, Any], headers: dict[str, str]
+) -> bytes | None:
+    if step.body is None:
+        return None
+    body = render_template(step.body, context)
+    if body is None:
+        return None
+    has_type = any(name.lower() == "content-type" for name in headers)
+    if isinstance(body, str):
+        if not has_type:
+            headers["content-type"] = "text/plain; charset=utf-8"
+        return body.encode()
+    if not has_type:
+        headers["content-type"] = "application/json"
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _kept_headers(headers: httpx.Headers, extra: list[str]) -> dict[str, str]:
+    wanted = (*KEPT_RESPONSE_HEADERS, *extra)
+    return {name: headers[name] for name in wanted if name in headers}
+
+
+def _parse_body(response: HttpResponse) -> Any:
+    if not response.content:
+        return None
+    content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    text = response.content.decode(_charset(response.headers) or "utf-8", errors="replace")
+    if content_type == "application/json" or content_type.endswith("+json"):
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            return text
+    return text
+
+
+def _charset(headers: httpx.Headers) -> str | None:
+    for part in headers.get("content-type", "").split(";")[1:]:
+        name, _, value = part.strip().partition("=")
+        if name.lower() == "charset" and value:
+            charset: str = value.strip('"').lower()
+            try:
+                "".encode(charset)
+            except LookupError:
+                return None
+            return charset
+    return None
+
+
+def _check_status(step: HttpStep, response: HttpResponse, output: dict[str, Any]) -> None:
+    status = response.status
+    ok = status in step.expect_status if step.expect_status else 200 <= status < 300
+    if ok:
+        return
+    excerpt = response.content[:1024].decode("utf-8", errors="replace")
+    details: dict[str, Any] = {"status": status, "url": response.url, "body": excerpt}
+    retry_after = response.headers.get("retry-after", "")
+    if retry_after.isdigit():
+        details["retry_after_s"] = int(retry_after)
+    message = f"HTTP {status} from {response.url}"
+    if status >= 500 or status in RETRYABLE_STATUSES:
+        raise RetryableStepError(message, **details)
+    raise PermanentStepError(message, **details)

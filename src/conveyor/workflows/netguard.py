@@ -1,0 +1,122 @@
+"""Which addresses outbound ``http`` steps may reach (the SSRF policy, without any I/O).
+
+* :func:`parse_ip_literal` reads a host the way ``connect()``/``inet_aton`` would: ``[::1]``,
+  ``::ffff:127.0.0.1``, and the legacy IPv4 forms ``127.1``, ``0x7f000001``, ``2130706433``,
+  ``0177.0.0.1``.
+* :func:`address_refusal` says why an address is not public: loopback, private (RFC 1918,
+  fc00::/7), CGNAT 100.64/10, link-local (169.254/16, fe80::/10) and the cloud metadata
+  addresses, unspecified, multicast, reserved, anything not globally routable — also when an
+  IPv4 address is embedded in IPv6 (IPv4-mapped, IPv4-compatible, NAT64 64:ff9b::/96, 6to4).
+* :class:`AllowList` holds ``settings.http_allowlist``: host names (``name`` or
+  ``*.suffix``), single addresses, and CIDR ranges.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["AllowList", "IPAddress", "address_refusal", "parse_ip_literal"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPAT = ipaddress.ip_network("::/96")
+_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+_LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$", re.IGNORECASE)
+
+
+def parse_ip_literal(host: str) -> IPAddress | None:
+    """The address ``host`` denotes if it is an IP literal in any form ``connect()`` accepts.
+
+    ``[::1]``, ``::ffff:127.0.0.1``, ``127.0.0.1`` and the legacy IPv4 forms of
+    ``inet_aton`` (``127.1``, ``0x7f000001``, ``2130706433``, ``0177.0.0.1``).
+    """
+    text = host.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+    if "%" in text:  # IPv6 zone id
+        text = text.split("%", 1)[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.match(text):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
+    return None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or (ip in _IPV4_COMPAT and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def address_refusal(ip: IPAddress) -> str | None:
+    """Why ``ip`` must not be reached (ignoring any allow-list), or ``None`` if it is public."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            reason = address_refusal(embedded)
+            return f"{reason} (embedded in {ip})" if reason else None
+    if ip in _METADATA:
+        return "a cloud metadata address"
+    checks = (
+        (ip.is_loopback, "a loopback address"),
+        (ip.is_unspecified, "an unspecified address"),
+        (ip.is_link_local, "a link-local address"),
+        (ip.is_multicast, "a multicast address"),
+        (isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT, "a shared (CGNAT) address"),
+        (ip.is_private, "a private address"),
+        (ip.is_reserved, "a reserved address"),
+        (not ip.is_global, "not a globally routable address"),
+    )
+    for failed, reason in checks:
+        if failed:
+            return reason
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class AllowList:
+    names: frozenset[str]
+    suffixes: tuple[str, ...]
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[str]) -> AllowList:
+        names: set[str] = set()
+        suffixes: list[str] = []
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for raw in entries:
+            entry = raw.strip().lower().rstrip(".")
+            literal = parse_ip_literal(entry) if "/" not in entry else None
+            if "/" in entry:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            elif literal is not None:
+                networks.append(ipaddress.ip_network(literal))
+            elif entry.startswith(("*.", ".")):
+                suffixes.append("." + entry.lstrip("*."))
+            elif entry:
+                names.add(entry)
+        return cls(frozenset(names), tuple(suffixes), tuple(networks))
+
+    def names_host(self, host: str) -> bool:
+        return host in self.names or any(host.endswith(s) for s in self.suffixes)
+
+    def contains(self, ip: IPAddress) -> bool:
+        candidates: list[IPAddress] = [ip]
+        if isinstance(ip, ipaddress.IPv6Address) and (embedded := _embedded_ipv4(ip)):
+            candidates.append(embedded)
+        return any(
+            c in net for c in candidates for net in self.networks if c.version == net.version
+        )

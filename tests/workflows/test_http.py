@@ -1,0 +1,378 @@
+"""The SSRF-guarded HTTP client and the ``http`` step (against local servers only)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import httpcore
+import pytest
+
+from conveyor.errors import PermanentStepError, RetryableStepError
+from conveyor.workflows import _transport
+from conveyor.workflows import http as http_module
+from conveyor.workflows.definition import HttpStep, parse_definition
+from conveyor.workflows.http import SafeHttpClient, address_refusal, parse_ip_literal
+from conveyor.workflows.steps import StepContext, run_step
+from tests.helpers import free_port
+from tests.workflows.conftest import LocalServer, make_settings
+
+
+def http_step(**fields: Any) -> HttpStep:
+    definition = parse_definition(
+        {"name": "t", "steps": [{"id": "call", "type": "http", **fields}]}
+    )
+    step = definition.steps[0]
+    assert isinstance(step, HttpStep)
+    return step
+
+
+def ctx(*allowlist: str, input: Any = None, http: SafeHttpClient | None = None) -> StepContext:
+    return StepContext(
+        input=input,
+        steps={},
+        execution_id="e1",
+        workflow_id="w1",
+        tenant_id="t1",
+        settings=make_settings(*allowlist),
+        http=http,
+    )
+
+
+@pytest.fixture
+def no_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fail loudly if anything is resolved: literals must never reach DNS."""
+    calls: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        calls.append(host)
+        raise AssertionError(f"unexpected DNS lookup of {host!r}")
+
+    monkeypatch.setattr(http_module, "_resolve", resolve)
+    return calls
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+REFUSED = [
+    "http://127.0.0.1/",
+    "http://127.1/",
+    "http://0x7f000001/",
+    "http://2130706433/",
+    "http://0x7f.1/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://[::1]/",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.1/",
+    "http://172.16.5.4/",
+    "http://192.168.1.1/",
+    "http://100.64.0.1/",
+    "http://0.0.0.0/",
+    "http://[::]/",
+    "http://224.0.0.1/",
+    "http://[fe80::1]/",
+    "http://[fc00::1]/",
+    "http://[64:ff9b::7f00:1]/",
+    "http://[2002:7f00:1::]/",
+    "http://[::127.0.0.1]/",
+    "https://127.0.0.1:8443/",
+]
+
+
+@pytest.mark.parametrize("url", REFUSED)
+async def test_refuses_internal_addresses(url: str, no_dns: list[str]) -> None:
+    async with SafeHttpClient(make_settings()) as client:
+        with pytest.raises(PermanentStepError, match="refused to connect"):
+            await client.request("GET", url)
+    assert no_dns == []
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "gopher://127.0.0.1:70/_x", "ftp://example.com/", "dict://x/"]
+)
+async def test_refuses_other_schemes(url: str, no_dns: list[str]) -> None:
+    async with SafeHttpClient(make_settings()) as client:
+        with pytest.raises(PermanentStepError, match=r"refused URL scheme|request refused"):
+            await client.request("GET", url)
+
+
+async def test_octal_form_is_refused_too(no_dns: list[str]) -> None:
+    # httpx itself rejects the URL; parse_ip_literal also knows what the address would be
+    assert str(parse_ip_literal("0177.0.0.1")) == "127.0.0.1"
+    async with SafeHttpClient(make_settings()) as client:
+        with pytest.raises(PermanentStepError):
+            await client.request("GET", "http://0177.0.0.1/")
+
+
+def test_public_addresses_pass() -> None:
+    for address in ("8.8.8.8", "1.1.1.1", "2606:4700::1111", "64:ff9b::808:808"):
+        literal = parse_ip_literal(address)
+        assert literal is not None and address_refusal(literal) is None
+
+
+async def test_refuses_a_name_that_resolves_inside(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {"internal.example": ["10.1.2.3"], "mixed.example": ["8.8.8.8", "127.0.0.1"]}
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return answers[host]
+
+    monkeypatch.setattr(http_module, "_resolve", resolve)
+    async with SafeHttpClient(make_settings()) as client:
+        for host in answers:
+            with pytest.raises(PermanentStepError, match="refused to connect"):
+                await client.request("GET", f"http://{host}/")
+
+
+async def test_templated_url_is_checked_at_run_time(no_dns: list[str]) -> None:
+    step = http_step(url="{{ input.target }}")
+    for target in ("http://169.254.169.254/", "file:///etc/passwd", "gopher://127.0.0.1/"):
+        with pytest.raises(PermanentStepError):
+            await run_step(step, ctx(input={"target": target}))
+
+
+async def test_unpinned_connections_are_refused() -> None:
+    backend = _transport._PinnedBackend()
+    with pytest.raises(httpcore.ConnectError, match="unchecked host"):
+        await backend.connect_tcp("127.0.0.1", 80)
+
+
+# --- allow-list, redirects ------------------------------------------------------------------------
+
+
+async def test_allowlisted_name_reaches_local_server(local_server: LocalServer) -> None:
+    result = await run_step(http_step(url=local_server.url("/json", "localhost")), ctx("localhost"))
+    assert result.output["status"] == 200
+    assert result.output["body"] == {"hello": "world", "server": "127.0.0.1"}
+    assert result.output["headers"]["content-type"] == "application/json"
+
+
+async def test_allowlisted_cidr_reaches_local_server(local_server: LocalServer) -> None:
+    result = await run_step(http_step(url=local_server.url("/text")), ctx("127.0.0.0/8"))
+    assert result.output["body"] == "plain text ✓"
+
+
+@pytest.mark.parametrize("target_host", ["127.0.0.1", "127.0.0.2", "::1"])
+async def test_each_redirect_hop_is_checked(local_server: LocalServer, target_host: str) -> None:
+    # "localhost" is allowed by name; the addresses a redirect points at are not.
+    target = local_server.url("/json", target_host)
+    start = local_server.url(f"/redirect?to={target}", "localhost")
+    with pytest.raises(PermanentStepError, match="refused to connect") as info:
+        await run_step(http_step(url=start), ctx("localhost"))
+    assert info.value.details["address"] == target_host
+    assert [seen.path.split("?")[0] for seen in local_server.requests] == ["/redirect"]
+
+
+async def test_redirect_to_file_scheme_is_refused(local_server: LocalServer) -> None:
+    start = local_server.url("/redirect?to=file:///etc/passwd", "localhost")
+    with pytest.raises(PermanentStepError, match="refused URL scheme"):
+        await run_step(http_step(url=start), ctx("localhost"))
+
+
+async def test_allowed_redirect_is_followed(local_server: LocalServer) -> None:
+    start = local_server.url("/redirect?to=/echo&code=303", "localhost")
+    step = http_step(url=start, method="POST", body={"a": 1}, headers={"Authorization": "x"})
+    result = await run_step(step, ctx("localhost"))
+    assert result.output["body"]["method"] == "GET"  # 303: GET without the body
+    assert result.output["body"]["headers"]["authorization"] == "x"  # same origin: kept
+    assert result.output["url"].endswith("/echo")
+
+
+async def test_redirect_limit(local_server: LocalServer) -> None:
+    step = http_step(url=local_server.url("/loop", "localhost"), max_redirects=3)
+    with pytest.raises(PermanentStepError, match="too many redirects"):
+        await run_step(step, ctx("localhost"))
+    assert len(local_server.requests) == 4
+
+
+async def test_redirect_not_followed_when_disabled(local_server: LocalServer) -> None:
+    step = http_step(
+        url=local_server.url("/redirect?to=/json", "localhost"),
+        follow_redirects=False,
+        expect_status=[302],
+    )
+    result = await run_step(step, ctx("localhost"))
+    assert result.output["status"] == 302
+    assert result.output["headers"]["location"] == "/json"
+
+
+# --- DNS rebinding --------------------------------------------------------------------------------
+
+
+async def test_one_resolution_and_connect_to_checked_address(
+    server_pair: tuple[LocalServer, LocalServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked, rebound = server_pair  # same port: 127.0.0.2 (allowed) and 127.0.0.1 (not)
+    lookups: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        return ["127.0.0.2"] if len(lookups) == 1 else ["127.0.0.1"]
+
+    monkeypatch.setattr(http_module, "_resolve", resolve)
+    step = http_step(url=f"http://rebind.test:{checked.port}/json")
+    async with SafeHttpClient(make_settings("127.0.0.2/32")) as client:
+        result = await run_step(step, ctx(http=client))
+        assert result.output["body"]["server"] == "127.0.0.2"
+        assert lookups == ["rebind.test"]
+        assert [seen.headers["host"] for seen in checked.requests] == [
+            f"rebind.test:{checked.port}"
+        ]
+        # the next request resolves again, gets the loopback answer, and is refused
+        with pytest.raises(PermanentStepError, match=r"127\.0\.0\.1"):
+            await run_step(step, ctx(http=client))
+    assert rebound.requests == []
+
+
+async def test_connects_only_to_the_resolved_public_address(
+    local_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[str] = []
+    connects: list[tuple[str, int]] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        return ["93.184.216.34"] if len(lookups) == 1 else ["127.0.0.1"]
+
+    async def open_tcp(
+        backend: Any,
+        address: str,
+        port: int,
+        _timeout: float | None,
+        local: str | None,
+        options: Iterable[Any] | None,
+    ) -> httpcore.AsyncNetworkStream:
+        connects.append((address, port))
+        raise httpcore.ConnectError("no internet in tests")
+
+    monkeypatch.setattr(http_module, "_resolve", resolve)
+    monkeypatch.setattr(_transport, "_open_tcp", open_tcp)
+    step = http_step(url=f"http://public.example:{local_server.port}/json")
+    with pytest.raises(RetryableStepError, match="ConnectError"):
+        await run_step(step, ctx())
+    assert lookups == ["public.example"]
+    assert connects == [("93.184.216.34", local_server.port)]
+    assert local_server.requests == []
+
+
+# --- responses and error mapping ------------------------------------------------------------------
+
+
+async def test_templated_request(local_server: LocalServer) -> None:
+    step = http_step(
+        method="POST",
+        url=local_server.url("/echo?q={{ input.q }}&id={{ execution.id }}", "localhost"),
+        headers={"X-User": "{{ input.user.name }}", "X-Count": "{{ length(input.items) }}"},
+        body={"items": "{{ input.items }}", "note": "hi {{ input.user.name }}", "n": 3},
+    )
+    data = {"q": "a b/../c?&x=1", "user": {"name": "Ada"}, "items": [1, 2]}
+    result = await run_step(step, ctx("localhost", input=data))
+    echoed = result.output["body"]
+    assert echoed["path"] == "/echo?q=a%20b%2F..%2Fc%3F%26x%3D1&id=e1"
+    assert echoed["headers"]["x-user"] == "Ada"
+    assert echoed["headers"]["x-count"] == "2"
+    assert echoed["headers"]["content-type"] == "application/json"
+    assert echoed["body"] == '{"items":[1,2],"note":"hi Ada","n":3}'
+
+
+async def test_head_and_text_bodies(local_server: LocalServer) -> None:
+    result = await run_step(
+        http_step(url=local_server.url("/json", "localhost"), method="HEAD"), ctx("localhost")
+    )
+    assert result.output["status"] == 200 and result.output["body"] is None
+    step = http_step(url=local_server.url("/echo", "localhost"), method="PUT", body="raw")
+    echoed = (await run_step(step, ctx("localhost"))).output["body"]
+    assert echoed["body"] == "raw"
+    assert echoed["headers"]["content-type"] == "text/plain; charset=utf-8"
+
+
+@pytest.mark.parametrize("path", ["/big?n=200000", "/chunked?n=5000000"])
+async def test_response_size_cap(local_server: LocalServer, path: str) -> None:
+    step = http_step(url=local_server.url(path, "localhost"), max_response_bytes=10_000)
+    started = time.monotonic()
+    with pytest.raises(PermanentStepError, match="larger than max_response_bytes"):
+        await run_step(step, ctx("localhost"))
+    assert time.monotonic() - started < 5
+
+
+async def test_response_under_cap(local_server: LocalServer) -> None:
+    step = http_step(url=local_server.url("/big?n=10000", "localhost"), max_response_bytes=10_000)
+    assert len((await run_step(step, ctx("localhost"))).output["body"]) == 10_000
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429, 408])
+async def test_retryable_statuses(local_server: LocalServer, status: int) -> None:
+    step = http_step(url=local_server.url(f"/status/{status}", "localhost"))
+    with pytest.raises(RetryableStepError, match=f"HTTP {status}") as info:
+        await run_step(step, ctx("localhost"))
+    assert info.value.details["status"] == status
+    if status in (429, 503):
+        assert info.value.details["retry_after_s"] == 7
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+async def test_permanent_statuses(local_server: LocalServer, status: int) -> None:
+    step = http_step(url=local_server.url(f"/status/{status}", "localhost"))
+    with pytest.raises(PermanentStepError, match=f"HTTP {status}") as info:
+        await run_step(step, ctx("localhost"))
+    assert info.value.details["body"] == f'{{"error": "status {status}"}}'
+
+
+async def test_expected_status(local_server: LocalServer) -> None:
+    step = http_step(url=local_server.url("/status/404", "localhost"), expect_status=[200, 404])
+    result = await run_step(step, ctx("localhost"))
+    assert result.output["status"] == 404
+    assert result.output["body"] == {"error": "status 404"}
+    step = http_step(url=local_server.url("/json", "localhost"), expect_status=[201])
+    with pytest.raises(PermanentStepError, match="HTTP 200"):
+        await run_step(step, ctx("localhost"))
+
+
+async def test_connection_refused_is_retryable() -> None:
+    step = http_step(url=f"http://localhost:{free_port()}/")
+    with pytest.raises(RetryableStepError, match="ConnectError"):
+        await run_step(step, ctx("localhost"))
+
+
+async def test_timeout_is_retryable(local_server: LocalServer) -> None:
+    step = http_step(url=local_server.url("/slow?s=2", "localhost"), timeout_s=0.3)
+    started = time.monotonic()
+    with pytest.raises(RetryableStepError, match="timed out"):
+        await run_step(step, ctx("localhost"))
+    assert time.monotonic() - started < 1.5
+
+
+async def test_unresolvable_host_is_retryable(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def resolve(host: str, port: int) -> list[str]:
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr(http_module, "_resolve", resolve)
+    with pytest.raises(RetryableStepError, match="could not resolve"):
+        await run_step(http_step(url="https://nowhere.invalid/"), ctx())
+
+
+async def test_client_must_be_open() -> None:
+    client = SafeHttpClient(make_settings())
+    with pytest.raises(RuntimeError, match="async with"):
+        await client.request("GET", "http://example.com/")
+
+
+async def test_no_cookies_leak_between_requests(local_server: LocalServer) -> None:
+    async with SafeHttpClient(make_settings("localhost")) as client:
+        await run_step(http_step(url=local_server.url("/setcookie", "localhost")), ctx(http=client))
+        echo = http_step(url=local_server.url("/echo", "localhost"))
+        echoed = (await run_step(echo, ctx(http=client))).output["body"]
+    assert "cookie" not in echoed["headers"]
+
+
+async def test_non_ascii_header_values(local_server: LocalServer) -> None:
+    step = http_step(url=local_server.url("/echo", "localhost"), headers={"X-Name": "{{ input }}"})
+    echoed = (await run_step(step, ctx("localhost", input="Zoë"))).output["body"]
+    assert echoed["headers"]["x-name"].encode("latin-1").decode() == "Zoë"
+
+
+async def test_userinfo_does_not_hide_the_real_host(local_server: LocalServer) -> None:
+    # "localhost" is allowed, but the host of this URL is 127.0.0.2
+    url = f"http://localhost@127.0.0.2:{local_server.port}/json"
+    with pytest.raises(PermanentStepError, match=r"refused to connect to '127\.0\.0\.2'"):
+        await run_step(http_step(url=url), ctx("localhost"))
