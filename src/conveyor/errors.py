@@ -29,9 +29,9 @@ from typing import Any
 class ConveyorError(Exception):
     """Conveyor failed."""
 
-    def __init__(self, message: str | None = None, details: Any = None) -> None:
+    def __init__(self, message: str | None = None, details: Any = None, **fields: Any) -> None:
         self.message = message or (self.__doc__ or type(self).__name__).strip()
-        self.details: Any = details
+        self.details: Any = details if details is not None else fields
         super().__init__(self.message)
 
 
