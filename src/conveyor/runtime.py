@@ -38,7 +38,7 @@ class Supervisor:
     def stop(self, reason: str = "requested") -> None:
         """Ask the process to stop; idempotent."""
         if not self.stop_event.is_set():
-            log.info("process.stopping", extra={"process": self.name, "reason": reason})
+            log.info("process.stopping", extra={"proc": self.name, "reason": reason})
             self.stop_event.set()
 
     def install_signal_handlers(self) -> None:
