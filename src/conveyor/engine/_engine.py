@@ -1,0 +1,490 @@
+"""The engine: run one execution step by step, durably.
+
+``await engine.run(execution_id)``:
+
+1. **Claim** (one statement): compare-and-set the execution's ``lease`` (+1) if it is queued,
+   running with an expired lease (its runner died), or waiting with its wake time passed.
+   Otherwise answer BUSY / NOT_DUE / SKIPPED / MISSING without touching it.
+2. Load the workflow version (cached in process: versions are immutable) and, when resuming,
+   the outputs of the steps already done. Completed steps are never run again.
+3. For each step from the cursor: run it (retry policy, timeout, lease renewal while a slow
+   step runs), then persist the step run and the execution's new cursor/status in ONE
+   transaction fenced by ``WHERE lease = :mine`` — committed before the next step starts. A
+   stale runner's write matches no row: :class:`~conveyor.errors.LeaseLost`, it stops.
+4. A ``delay`` step writes a timer row and parks the execution (``waiting``) in the same
+   transaction, and the run returns: no worker slot is held while waiting. When the timer
+   fires, the next run continues after the delay step.
+5. A cancelled execution stops at the next step boundary (the step write sees ``cancelled``).
+
+Statuses: ``queued → running → (waiting ↔ running) → succeeded | failed | cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, TypeVar
+
+from conveyor.engine._outcome import OutcomeKind, RunOutcome
+from conveyor.engine._plan import Encoded, Plan, PlanCache, describe_error, encode
+from conveyor.errors import (
+    DatabaseUnavailable,
+    LeaseLost,
+    NotFound,
+    PermanentStepError,
+    RetryableStepError,
+    WorkflowInvalid,
+)
+from conveyor.settings import Settings
+from conveyor.store import Store
+from conveyor.store._runs import Claim, ExecutionWrite, RunStore, StepWrite, TimerWrite
+from conveyor.store._types import dumps, new_id, utcnow
+from conveyor.workflows import SafeHttpClient, StepContext, StepResult, run_step
+from conveyor.workflows.definition import RetryPolicy
+from conveyor.workflows.steps import AnyStep
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "StepRunner"]
+
+StepRunner = Callable[[AnyStep, StepContext], Awaitable[StepResult]]
+T = TypeVar("T")
+
+_NO_RETRY = RetryPolicy()
+_RELEASE_TIMEOUT_S = 2.0
+
+
+class _Abandoned(Exception):
+    """The caller's abandon event was set while a step ran."""
+
+
+@dataclass(slots=True)
+class _StepDone:
+    """A step's final attempt: a result, or the error that ended it."""
+
+    attempts: int
+    started_at: datetime
+    finished_at: datetime
+    result: StepResult | None = None
+    error: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Progress:
+    index: int
+    seq: int
+    ran: int = 0
+
+
+@dataclass(slots=True)
+class _Run:
+    """State of one run of one execution."""
+
+    runs: RunStore
+    claim: Claim
+    plan: Plan
+    outputs: dict[str, Any]
+    abandon: asyncio.Event | None
+    index: int
+    seq: int
+    ran: int = 0
+    last_output: Encoded | None = None
+
+
+class Engine:
+    """Runs executions. One per process; ``async with`` opens the shared HTTP client.
+
+    ``step_runner`` replaces :func:`conveyor.workflows.run_step` (tests); ``lease_ttl_s`` is
+    how long a claim lasts without renewal (a slow step renews it every third of that; keep it
+    at or below the queue's job lock duration); ``clock`` returns aware UTC datetimes.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        step_runner: StepRunner | None = None,
+        lease_ttl_s: float = 30.0,
+        default_step_timeout_s: float = 300.0,
+        clock: Callable[[], datetime] = utcnow,
+        http: SafeHttpClient | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.lease_ttl = timedelta(seconds=lease_ttl_s)
+        self.renew_every_s = lease_ttl_s / 3.0
+        self.default_step_timeout_s = default_step_timeout_s
+        self._runner: StepRunner = step_runner or run_step
+        self._clock = clock
+        self._http = http
+        self._owned_http: SafeHttpClient | None = None
+        self._plans = PlanCache()
+        self._max_output = settings.step_output_max_bytes
+
+    async def __aenter__(self) -> Engine:
+        if self._http is None:
+            self._owned_http = SafeHttpClient(self.settings)
+            self._http = await self._owned_http.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        owned, self._owned_http = self._owned_http, None
+        if owned is not None:
+            self._http = None
+            await owned.__aexit__(exc_type, exc, tb)
+
+    # --- the run ------------------------------------------------------------------------------
+
+    async def run(self, execution_id: str, *, abandon: asyncio.Event | None = None) -> RunOutcome:
+        """Run ``execution_id`` from its cursor until it finishes, parks on a timer, is
+        cancelled, or this runner loses its lease. Safe to call any number of times, from any
+        number of processes, concurrently: at most one runner makes progress.
+
+        ``abandon``: set it (e.g. when the queue job's lock is lost) to cancel the step in
+        progress without writing anything; the lease is released for the next runner.
+        Raises ``DatabaseUnavailable`` / ``StoreError`` when the database fails.
+        """
+        async with self.store.runs.session() as runs:
+            now = self._clock()
+            claim = await runs.claim(execution_id, now, now + self.lease_ttl)
+            if claim is None:
+                return await self._not_claimed(runs, execution_id, now)
+            try:
+                return await self._drive(runs, claim, abandon)
+            except LeaseLost:
+                log.warning(
+                    "engine.lease_lost", extra={"execution_id": execution_id, "lease": claim.lease}
+                )
+                return RunOutcome(
+                    execution_id, OutcomeKind.LEASE_LOST, "running", tenant_id=claim.tenant_id
+                )
+            except _Abandoned:
+                await self._release(runs, claim)
+                log.info("engine.abandoned", extra={"execution_id": execution_id})
+                return RunOutcome(
+                    execution_id, OutcomeKind.ABANDONED, "running", tenant_id=claim.tenant_id
+                )
+            except asyncio.CancelledError:
+                await asyncio.shield(self._release_after_cancel(runs, claim))
+                raise
+
+    async def _not_claimed(self, runs: RunStore, execution_id: str, now: datetime) -> RunOutcome:
+        why = await runs.unclaimed(execution_id)
+        if why.status is None:
+            return RunOutcome(execution_id, OutcomeKind.MISSING, None)
+        if why.status == "running" and why.lease_expires_at is not None:
+            wait = max((why.lease_expires_at - now).total_seconds(), 0.0)
+            return RunOutcome(execution_id, OutcomeKind.BUSY, why.status, retry_after_s=wait)
+        if why.status == "waiting" and why.wake_at is not None:
+            wait = max((why.wake_at - now).total_seconds(), 0.0)
+            return RunOutcome(
+                execution_id,
+                OutcomeKind.NOT_DUE,
+                why.status,
+                retry_after_s=wait,
+                wake_at=why.wake_at,
+            )
+        if why.status in ("queued", "running", "waiting"):  # changed under us: try again
+            return RunOutcome(execution_id, OutcomeKind.BUSY, why.status, retry_after_s=0.0)
+        return RunOutcome(execution_id, OutcomeKind.SKIPPED, why.status)
+
+    async def _release_after_cancel(self, runs: RunStore, claim: Claim) -> None:
+        # Give the session's connection back first (it may be finishing a cancelled query),
+        # then release on a connection of its own.
+        try:
+            await runs.idle()
+        finally:
+            await self._release(self.store.runs, claim)
+
+    async def _release(self, runs: RunStore, claim: Claim) -> None:
+        """Best effort: let the next runner claim at once (bounded; never raises)."""
+        try:
+            async with asyncio.timeout(_RELEASE_TIMEOUT_S):
+                await runs.release(claim, self._clock())
+        except Exception as exc:
+            log.warning(
+                "engine.release_failed",
+                extra={"execution_id": claim.execution_id, "error": repr(exc)},
+            )
+
+    async def _plan(self, claim: Claim) -> Plan:
+        key = (claim.tenant_id, claim.workflow_id, claim.workflow_version)
+        plan = self._plans.get(key)
+        if plan is None:
+            definition = await self.store.workflows.get_definition(*key)
+            plan = Plan.build(definition)
+            self._plans.put(key, plan)
+        return plan
+
+    async def _drive(
+        self, runs: RunStore, claim: Claim, abandon: asyncio.Event | None
+    ) -> RunOutcome:
+        try:
+            plan = await self._plan(claim)
+        except (NotFound, WorkflowInvalid) as exc:
+            error = {"type": type(exc).__name__, "message": str(exc)}
+            return await self._finish(
+                runs, claim, _Progress(claim.next_step, claim.steps_run), "failed", error=error
+            )
+        outputs: dict[str, Any] = {}
+        if claim.next_step > 0:
+            outputs = await runs.completed_outputs(claim.tenant_id, claim.execution_id)
+        run = _Run(runs, claim, plan, outputs, abandon, claim.next_step, claim.steps_run)
+        while True:
+            if run.index >= len(plan.steps):
+                output = run.last_output or encode(
+                    next(reversed(outputs.values()), None), self._max_output
+                )
+                return await self._finish(
+                    runs, claim, _Progress(run.index, run.seq, run.ran), "succeeded", output=output
+                )
+            if abandon is not None and abandon.is_set():
+                raise _Abandoned
+            outcome = await self._step(run)
+            if outcome is not None:
+                return outcome
+
+    async def _finish(
+        self,
+        runs: RunStore,
+        claim: Claim,
+        at: _Progress,
+        status: str,
+        *,
+        output: Encoded | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> RunOutcome:
+        now = self._clock()
+        write = ExecutionWrite(
+            status=status,
+            next_step=at.index,
+            steps_run=at.seq,
+            now=now,
+            lease_expires_at=None,
+            output=output.value if output else None,
+            output_json=output.text if output else None,
+            error=error,
+            error_json=dumps(error) if error is not None else None,
+            finished_at=now,
+        )
+        final = await runs.write(claim, write, None)
+        return self._outcome(claim, final, at.ran)
+
+    def _outcome(
+        self, claim: Claim, status: str, ran: int, *, wake_at: datetime | None = None
+    ) -> RunOutcome:
+        latency = None
+        if claim.attempts == 1:
+            latency = (claim.started_at - claim.queued_at).total_seconds() * 1000.0
+        return RunOutcome(
+            claim.execution_id,
+            OutcomeKind(status),
+            status,
+            steps_run=ran,
+            wake_at=wake_at if status == "waiting" else None,
+            tenant_id=claim.tenant_id,
+            queue_latency_ms=latency,
+        )
+
+    async def _step(self, run: _Run) -> RunOutcome | None:
+        """Run the step at the cursor and persist it; an outcome when the run ends here."""
+        plan, index = run.plan, run.index
+        step = plan.steps[index]
+        if plan.local[index] and (step.retry is None or step.retry.attempts == 1):
+            done = await self._attempts(run, step)
+        else:
+            await run.runs.idle()  # hold no connection while the step waits
+            done = await self._guarded(run, self._attempts(run, step))
+        now = self._clock()
+        result = done.result
+        if result is None:
+            return await self._write_step(run, step, done, "failed", now)
+        if result.suspend_until is not None and result.suspend_until > now:
+            return await self._write_step(
+                run, step, done, "waiting", now, wake_at=result.suspend_until
+            )
+        next_index = plan.next_index(index, result.next)
+        status = "succeeded" if next_index >= len(plan.steps) else "running"
+        return await self._write_step(run, step, done, status, now, next_index=next_index)
+
+    async def _write_step(
+        self,
+        run: _Run,
+        step: AnyStep,
+        done: _StepDone,
+        status: str,
+        now: datetime,
+        *,
+        next_index: int | None = None,
+        wake_at: datetime | None = None,
+    ) -> RunOutcome | None:
+        claim, index = run.claim, run.index
+        output = encode(done.result.output if done.result else None, self._max_output)
+        error = done.error
+        if error is not None and done.history:
+            error = {**error, "attempts": done.history}
+        step_write = StepWrite(
+            seq=run.seq,
+            step_id=step.id,
+            step_type=step.type,
+            status="failed" if done.result is None else "succeeded",
+            attempts=done.attempts,
+            input=run.plan.inputs[index],
+            input_json=run.plan.inputs_json[index],
+            output=output.value,
+            output_json=output.text,
+            output_truncated=output.truncated,
+            error=error,
+            error_json=dumps(error) if error is not None else None,
+            started_at=done.started_at,
+            finished_at=done.finished_at,
+        )
+        terminal = status in ("succeeded", "failed")
+        exec_error = None if done.error is None else {"step": step.id, **done.error}
+        write = ExecutionWrite(
+            status=status,
+            next_step=index + 1 if next_index is None else next_index,
+            steps_run=run.seq + 1,
+            now=now,
+            lease_expires_at=None if terminal or status == "waiting" else now + self.lease_ttl,
+            output=output.value if status == "succeeded" else None,
+            output_json=output.text if status == "succeeded" else None,
+            error=exec_error,
+            error_json=dumps(exec_error) if exec_error is not None else None,
+            finished_at=now if terminal else None,
+            wake_at=wake_at,
+        )
+        timer = None
+        if wake_at is not None:
+            timer = TimerWrite(
+                id=new_id(),
+                workflow_id=claim.workflow_id,
+                region=claim.region,
+                seq=run.seq,
+                due_at=wake_at,
+            )
+        final = await run.runs.write(claim, write, step_write, timer)
+        run.ran += 1
+        if final != "running":
+            return self._outcome(claim, final, run.ran, wake_at=wake_at)
+        run.outputs[step.id] = output.value
+        run.last_output = output
+        run.index = write.next_step
+        run.seq += 1
+        return None
+
+    # --- one step: attempts, timeout, retries, lease renewal -------------------------------
+
+    async def _attempts(self, run: _Run, step: AnyStep) -> _StepDone:
+        policy = step.retry or _NO_RETRY
+        timeout = step.timeout_s
+        if timeout is None and not run.plan.local[run.index]:
+            timeout = self.default_step_timeout_s
+        started = self._clock()
+        history: list[dict[str, Any]] = []
+        attempt = 0
+        while True:
+            attempt += 1
+            ctx = StepContext(
+                input=run.claim.input,
+                steps=run.outputs,
+                execution_id=run.claim.execution_id,
+                workflow_id=run.claim.workflow_id,
+                tenant_id=run.claim.tenant_id,
+                settings=self.settings,
+                http=self._http,
+                now=self._clock(),
+                attempt=attempt,
+            )
+            result, error, retryable = await self._attempt(step, ctx, timeout)
+            if error is None:
+                return _StepDone(attempt, started, self._clock(), result=result)
+            if policy.attempts > 1:
+                history.append({"attempt": attempt, **error})
+            if not retryable or attempt >= policy.attempts:
+                log.info(
+                    "engine.step_failed",
+                    extra={
+                        "execution_id": run.claim.execution_id,
+                        "step": step.id,
+                        "attempts": attempt,
+                        "error": error["type"],
+                    },
+                )
+                return _StepDone(attempt, started, self._clock(), error=error, history=history)
+            await asyncio.sleep(policy.delay_after(attempt))
+
+    async def _attempt(
+        self, step: AnyStep, ctx: StepContext, limit_s: float | None
+    ) -> tuple[StepResult | None, dict[str, Any] | None, bool]:
+        """One try: ``(result, None, _)`` or ``(None, error, retryable)``."""
+        try:
+            if limit_s is None:
+                result = await self._runner(step, ctx)
+            else:
+                async with asyncio.timeout(limit_s):
+                    result = await self._runner(step, ctx)
+        except TimeoutError:
+            return (
+                None,
+                {"type": "StepTimeout", "message": f"step timed out after {limit_s}s"},
+                True,
+            )
+        except RetryableStepError as exc:
+            return None, describe_error(exc), True
+        except PermanentStepError as exc:
+            return None, describe_error(exc), False
+        except Exception as exc:
+            log.exception(
+                "engine.step_crashed", extra={"execution_id": ctx.execution_id, "step": step.id}
+            )
+            message = f"{type(exc).__name__}: {exc}"[:2000]
+            return None, {"type": "InternalError", "message": message}, False
+        return result, None, False
+
+    async def _renew(self, run: _Run) -> None:
+        """Extend the lease; LeaseLost stops the step. A database blip only logs: the lease
+        may then expire, and the fenced write decides."""
+        try:
+            await run.runs.renew(run.claim, self._clock() + self.lease_ttl)
+        except DatabaseUnavailable as exc:
+            log.warning(
+                "engine.renew_failed",
+                extra={"execution_id": run.claim.execution_id, "error": exc.message},
+            )
+        finally:
+            await run.runs.idle()
+
+    async def _guarded(self, run: _Run, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` while renewing the lease; stop it if the lease is lost or the
+        caller abandons the run."""
+        task: asyncio.Task[T] = asyncio.ensure_future(work)
+        abandon = asyncio.ensure_future(run.abandon.wait()) if run.abandon is not None else None
+        waiting: set[asyncio.Future[Any]] = {task} if abandon is None else {task, abandon}
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    waiting, timeout=self.renew_every_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if task in done:
+                    return task.result()
+                if abandon is not None and abandon in done:
+                    raise _Abandoned
+                await self._renew(run)
+        finally:
+            for pending in (task, abandon):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+            if not task.done():
+                await asyncio.wait({task}, timeout=_RELEASE_TIMEOUT_S)

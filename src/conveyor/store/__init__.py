@@ -1,0 +1,77 @@
+"""Conveyor's persistence layer: the database is the source of truth.
+
+``async with Store(settings) as store:`` opens the engine (``DATABASE_URL``: Postgres via
+asyncpg, or SQLite via aiosqlite) and exposes the services::
+
+    store.tenants       create / get / list tenants
+    store.api_keys      issue / list / revoke / verify API keys (hashed at rest)
+    store.workflows     create / update (new version) / get / list / enable-disable / delete,
+                        webhook secrets, cached parsed versions
+    store.executions    create (idempotency keys) / get (+ step runs) / list (filters, cursor
+                        pagination) / cancel / retry; reconciler queries
+    store.schedules     CRUD, due schedules, exactly-once ticks
+    store.timers        claim / mark fired / release timers (timer dispatcher)
+    store.runs          the engine's hot path (claim with a lease, fenced step writes)
+
+Every tenant-data query takes ``tenant_id`` and filters on it in SQL; another tenant's object
+is :class:`~conveyor.errors.NotFound`. ``conveyor migrate`` applies the Alembic migrations
+shipped in ``conveyor/store/migrations``; ``await store.check_schema()`` raises
+:class:`~conveyor.errors.SchemaOutOfDate` otherwise.
+"""
+
+from conveyor.store._db import asyncpg_dsn, sqlalchemy_url, sqlite_path
+from conveyor.store._migrate import head_revisions
+from conveyor.store._runs import Claim, RunStore
+from conveyor.store._store import Store, migrate
+from conveyor.store._types import new_id, utcnow
+from conveyor.store.records import (
+    ApiKey,
+    CursorInvalid,
+    Execution,
+    FiredTick,
+    InvalidValue,
+    IssuedApiKey,
+    Page,
+    Schedule,
+    ScheduleInvalid,
+    StepRun,
+    Tenant,
+    Timer,
+    Workflow,
+    WorkflowVersion,
+)
+from conveyor.store.schedules import MISFIRE_POLICIES, next_fire_time, validate_schedule
+from conveyor.store.schema import ACTIVE_STATUSES, EXECUTION_STATUSES, TERMINAL_STATUSES
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "EXECUTION_STATUSES",
+    "MISFIRE_POLICIES",
+    "TERMINAL_STATUSES",
+    "ApiKey",
+    "Claim",
+    "CursorInvalid",
+    "Execution",
+    "FiredTick",
+    "InvalidValue",
+    "IssuedApiKey",
+    "Page",
+    "RunStore",
+    "Schedule",
+    "ScheduleInvalid",
+    "StepRun",
+    "Store",
+    "Tenant",
+    "Timer",
+    "Workflow",
+    "WorkflowVersion",
+    "asyncpg_dsn",
+    "head_revisions",
+    "migrate",
+    "new_id",
+    "next_fire_time",
+    "sqlalchemy_url",
+    "sqlite_path",
+    "utcnow",
+    "validate_schedule",
+]

@@ -1,0 +1,105 @@
+"""Running the Alembic migrations shipped inside the package, and checking the schema version.
+
+``conveyor migrate`` calls :func:`upgrade`; every other process calls :func:`check_schema`
+(through :meth:`conveyor.store.Store.check_schema`) and refuses to start unless the database is
+exactly at the head revision of the migrations this code ships.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.errors import SchemaOutOfDate
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "alembic_config",
+    "check_schema",
+    "current_revisions",
+    "head_revisions",
+    "upgrade",
+]
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_MIGRATE_LOCK = 7_318_204_511  # pg_advisory_xact_lock key: one `conveyor migrate` at a time
+
+
+def alembic_config() -> Config:
+    """An Alembic config pointing at the packaged migrations (no ini file needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+@lru_cache(maxsize=1)
+def head_revisions() -> tuple[str, ...]:
+    """The head revision(s) of the migrations this code ships."""
+    return tuple(sorted(ScriptDirectory.from_config(alembic_config()).get_heads()))
+
+
+def _current(connection: Connection) -> tuple[str, ...]:
+    return tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
+
+
+async def current_revisions(engine: AsyncEngine) -> tuple[str, ...]:
+    """The revision(s) the database is at (empty for a database never migrated)."""
+    async with engine.connect() as connection:
+        return await connection.run_sync(_current)
+
+
+def _upgrade(connection: Connection) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATE_LOCK})"))
+    before = _current(connection)
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+    return before, _current(connection)
+
+
+async def upgrade(engine: AsyncEngine) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Apply every pending migration in one transaction; return (revisions before, after)."""
+    async with engine.begin() as connection:
+        before, after = await connection.run_sync(_upgrade)
+    log.debug("store.migrated", extra={"from": ",".join(before) or None, "to": ",".join(after)})
+    return before, after
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    """Raise :class:`SchemaOutOfDate` unless the database is at the head revision."""
+    current = await current_revisions(engine)
+    heads = head_revisions()
+    if current == heads:
+        return
+    known = set(_all_revisions())
+    if current and not set(current) <= known:
+        message = (
+            f"database schema is at revision {','.join(current)}, which this version of Conveyor "
+            f"does not know (newer code migrated it?); expected {','.join(heads)}"
+        )
+    elif not current:
+        message = "database schema is missing: run `conveyor migrate`"
+    else:
+        message = (
+            f"database schema is at revision {','.join(current)}, expected {','.join(heads)}: "
+            "run `conveyor migrate`"
+        )
+    raise SchemaOutOfDate(message, current=list(current), expected=list(heads))
+
+
+@lru_cache(maxsize=1)
+def _all_revisions() -> tuple[str, ...]:
+    script = ScriptDirectory.from_config(alembic_config())
+    return tuple(rev.revision for rev in script.walk_revisions())

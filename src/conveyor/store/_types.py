@@ -1,0 +1,107 @@
+"""Column types and small helpers shared by the schema, the services and the engine.
+
+* :class:`UTCDateTime` stores timezone-aware datetimes as UTC on both backends: ``timestamptz``
+  on Postgres; on SQLite (which has no time zone type) a naive UTC text value that is made
+  aware again when read, so values round-trip and compare correctly on both.
+* :data:`JSONType` is ``JSONB`` on Postgres and ``JSON`` (text) on SQLite; Python ``None`` is
+  stored as SQL ``NULL``.
+* :func:`new_id` makes time-ordered 32-hex-digit ids (UUIDv7 layout): new rows land at the
+  right-hand edge of the primary-key index, and ids sort roughly by creation time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+__all__ = [
+    "JSONType",
+    "UTCDateTime",
+    "check_storable",
+    "dumps",
+    "has_nul",
+    "new_id",
+    "utcnow",
+    "without_nul",
+]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware datetime stored as UTC (naive datetimes are refused)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: Conveyor stores only aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+JSONType: TypeEngine[Any] = JSON(none_as_null=True).with_variant(
+    JSONB(none_as_null=True), "postgresql"
+)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A time-ordered random id: 48-bit milliseconds + 80 random bits, as 32 hex digits."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | rand
+    # Set the UUID version (7) and variant bits so the value is also a valid UUIDv7.
+    value = (value & ~(0xF << 76)) | (0x7 << 76)
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)
+    return f"{value:032x}"
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text (what both backends store)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+# A JSON escape of NUL (not an escaped backslash followed by "u0000"): Postgres jsonb refuses it.
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def has_nul(text: str) -> bool:
+    """Whether JSON ``text`` encodes a NUL character (which Postgres cannot store)."""
+    return "\\u0000" in text and _NUL_ESCAPE.search(text) is not None
+
+
+def without_nul(text: str) -> str:
+    """JSON ``text`` with every encoded NUL replaced by U+FFFD."""
+    return _NUL_ESCAPE.sub(lambda m: m.group(1) + "\\ufffd", text)
+
+
+def check_storable(value: Any, what: str = "value") -> None:
+    """Raise ``ValueError`` unless ``value`` is JSON both backends can store."""
+    try:
+        text = dumps(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} is not storable JSON: {exc}") from None
+    if has_nul(text):
+        raise ValueError(f"{what} contains a NUL character (\\u0000), which cannot be stored")

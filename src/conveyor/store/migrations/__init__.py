@@ -1,0 +1,1 @@
+"""Alembic migrations of Conveyor's schema (run by ``conveyor migrate``)."""

@@ -1,0 +1,254 @@
+"""The tables. Alembic migrations (``conveyor/store/migrations``) create exactly this schema;
+``tests/store/test_migrations.py`` checks that they agree.
+
+Every row that belongs to a tenant carries ``tenant_id``, and every service query that reads
+tenant data filters on it in SQL. Indexes serve the hot queries:
+
+* executions: list per tenant (newest first, optionally by status or workflow), idempotency
+  (``UNIQUE (tenant_id, idempotency_key)``), the reconciler's scan of active executions;
+* timers: pending timers by due time (partial index);
+* schedules: enabled schedules by next fire time (partial index);
+* schedule ticks: ``PRIMARY KEY (schedule_id, fire_time)`` makes each tick fire once.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    text,
+)
+
+from conveyor.store._types import JSONType, UTCDateTime
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "EXECUTION_STATUSES",
+    "TERMINAL_STATUSES",
+    "api_keys",
+    "executions",
+    "metadata",
+    "schedule_ticks",
+    "schedules",
+    "step_runs",
+    "tenants",
+    "timers",
+    "workflow_versions",
+    "workflows",
+]
+
+EXECUTION_STATUSES = ("queued", "running", "waiting", "succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("queued", "running", "waiting")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+ID = String(32)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", ID, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("prefix", String(24), nullable=False, unique=True),
+    Column("key_hash", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Index("ix_api_keys_tenant_id", "tenant_id"),
+)
+
+workflows = Table(
+    "workflows",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", ID, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("region", String(32), nullable=False),
+    Column("current_version", Integer, nullable=False),
+    Column("enabled", Boolean, nullable=False, server_default=text("true")),
+    Column("webhook_secret_hash", String(64), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime, nullable=True),
+    Index("ix_workflows_tenant_created", "tenant_id", "created_at", "id"),
+)
+
+workflow_versions = Table(
+    "workflow_versions",
+    metadata,
+    Column(
+        "workflow_id",
+        ID,
+        ForeignKey("workflows.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("version", Integer, primary_key=True),
+    Column("tenant_id", ID, nullable=False),
+    Column("definition", JSONType, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+executions = Table(
+    "executions",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", ID, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("workflow_id", ID, ForeignKey("workflows.id", ondelete="CASCADE"), nullable=False),
+    Column("workflow_version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("region", String(32), nullable=False),
+    Column("triggered_by", String(16), nullable=False),
+    Column("input", JSONType, nullable=True),
+    Column("output", JSONType, nullable=True),
+    Column("error", JSONType, nullable=True),
+    Column("next_step", Integer, nullable=False, server_default=text("0")),
+    Column("steps_run", Integer, nullable=False, server_default=text("0")),
+    Column("lease", Integer, nullable=False, server_default=text("0")),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("wake_at", UTCDateTime, nullable=True),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("schedule_id", ID, nullable=True),
+    Column("retry_of", ID, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("queued_at", UTCDateTime, nullable=False),
+    Column("enqueued_at", UTCDateTime, nullable=True),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+    # Partial: executions without a key (most) cost no entry in this index.
+    Index(
+        "uq_executions_idempotency",
+        "tenant_id",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+        sqlite_where=text("idempotency_key IS NOT NULL"),
+    ),
+    Index("ix_executions_tenant_created", "tenant_id", "created_at", "id"),
+    Index("ix_executions_tenant_status_created", "tenant_id", "status", "created_at", "id"),
+    Index("ix_executions_tenant_workflow_created", "tenant_id", "workflow_id", "created_at", "id"),
+    Index(
+        "ix_executions_active",
+        "status",
+        "queued_at",
+        postgresql_where=text("status IN ('queued', 'running', 'waiting')"),
+        sqlite_where=text("status IN ('queued', 'running', 'waiting')"),
+    ),
+)
+
+step_runs = Table(
+    "step_runs",
+    metadata,
+    Column(
+        "execution_id",
+        ID,
+        ForeignKey("executions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("seq", Integer, primary_key=True),
+    Column("tenant_id", ID, nullable=False),
+    Column("step_id", String(64), nullable=False),
+    Column("step_type", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("input", JSONType, nullable=True),
+    Column("output", JSONType, nullable=True),
+    Column("output_truncated", Boolean, nullable=False, server_default=text("false")),
+    Column("error", JSONType, nullable=True),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=False),
+)
+
+timers = Table(
+    "timers",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", ID, nullable=False),
+    Column(
+        "execution_id",
+        ID,
+        ForeignKey("executions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("workflow_id", ID, nullable=False),
+    Column("region", String(32), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("due_at", UTCDateTime, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("claimed_by", String(128), nullable=True),
+    Column("claimed_until", UTCDateTime, nullable=True),
+    Column("fired_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("execution_id", "seq", name="uq_timers_execution_seq"),
+    Index(
+        "ix_timers_pending_due",
+        "due_at",
+        postgresql_where=text("status = 'pending'"),
+        sqlite_where=text("status = 'pending'"),
+    ),
+)
+
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", ID, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("workflow_id", ID, ForeignKey("workflows.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=True),
+    Column("cron", String(200), nullable=False),
+    Column("timezone", String(64), nullable=False),
+    Column("enabled", Boolean, nullable=False, server_default=text("true")),
+    Column("input", JSONType, nullable=True),
+    Column("misfire_policy", String(16), nullable=True),
+    Column("next_fire_at", UTCDateTime, nullable=True),
+    Column("last_fired_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_schedules_tenant_created", "tenant_id", "created_at", "id"),
+    Index(
+        "ix_schedules_due",
+        "next_fire_at",
+        postgresql_where=text("enabled"),
+        sqlite_where=text("enabled"),
+    ),
+)
+
+schedule_ticks = Table(
+    "schedule_ticks",
+    metadata,
+    Column(
+        "schedule_id",
+        ID,
+        ForeignKey("schedules.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("fire_time", UTCDateTime, primary_key=True),
+    Column("tenant_id", ID, nullable=False),
+    Column("execution_id", ID, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)

@@ -1,0 +1,340 @@
+"""Workflows and their immutable versions.
+
+``create`` validates the definition with :func:`conveyor.workflows.parse_definition` and stores
+version 1; ``update`` stores the next version and makes it current (executions keep running the
+version they were triggered with). ``delete`` is a soft delete: the workflow disappears from
+reads and cannot be triggered, its executions stay readable. Parsed versions are cached in
+process (:class:`DefinitionCache`): a version never changes once written.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, cast
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.errors import NotFound, WorkflowInvalid
+from conveyor.settings import Settings
+from conveyor.store._base import ServiceBase, after_cursor, encode_cursor, page_limit
+from conveyor.store._types import check_storable, new_id, utcnow
+from conveyor.store.records import Page, Workflow, WorkflowVersion
+from conveyor.store.schema import schedules, tenants, workflow_versions, workflows
+from conveyor.store.tenants import hash_secret
+from conveyor.workflows.definition import WorkflowDefinition, parse_definition
+
+__all__ = ["DefinitionCache", "WorkflowService"]
+
+WEBHOOK_SECRET_PREFIX = "whs"
+_COLUMNS = (
+    workflows.c.id,
+    workflows.c.tenant_id,
+    workflows.c.name,
+    workflows.c.region,
+    workflows.c.current_version,
+    workflows.c.enabled,
+    workflows.c.created_at,
+    workflows.c.updated_at,
+    workflows.c.deleted_at,
+    workflows.c.webhook_secret_hash.is_not(None).label("has_webhook_secret"),
+)
+
+
+class DefinitionCache:
+    """LRU cache of parsed workflow versions keyed by (tenant_id, workflow_id, version)."""
+
+    def __init__(self, maxsize: int = 2048) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[tuple[str, str, int], WorkflowDefinition] = OrderedDict()
+
+    def get(self, key: tuple[str, str, int]) -> WorkflowDefinition | None:
+        found = self._items.get(key)
+        if found is not None:
+            self._items.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[str, str, int], definition: WorkflowDefinition) -> None:
+        self._items[key] = definition
+        self._items.move_to_end(key)
+        while len(self._items) > self.maxsize:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class WorkflowService(ServiceBase):
+    """Create, version, read, disable and delete workflows; verify webhook secrets."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings, cache: DefinitionCache) -> None:
+        super().__init__(engine, settings)
+        self.cache = cache
+
+    async def create(self, tenant_id: str, definition: Mapping[str, Any] | str | bytes) -> Workflow:
+        """Validate and store a new workflow (version 1). Raises ``WorkflowInvalid``.
+
+        The answer carries the workflow's webhook secret (shown once).
+        """
+        parsed, doc = _parse(definition)
+        now = utcnow()
+        workflow_id = new_id()
+        secret = _new_webhook_secret()
+        region = parsed.region or self._settings.default_region
+        async with self._tx() as conn:
+            exists = (
+                await conn.execute(select(tenants.c.id).where(tenants.c.id == tenant_id))
+            ).first()
+            if exists is None:
+                raise NotFound("tenant not found", tenant_id=tenant_id)
+            await conn.execute(
+                workflows.insert().values(
+                    id=workflow_id,
+                    tenant_id=tenant_id,
+                    name=parsed.name,
+                    region=region,
+                    current_version=1,
+                    enabled=True,
+                    webhook_secret_hash=hash_secret(secret),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await conn.execute(
+                workflow_versions.insert().values(
+                    workflow_id=workflow_id,
+                    version=1,
+                    tenant_id=tenant_id,
+                    definition=doc,
+                    created_at=now,
+                )
+            )
+        self.cache.put((tenant_id, workflow_id, 1), parsed)
+        return Workflow(
+            id=workflow_id,
+            tenant_id=tenant_id,
+            name=parsed.name,
+            region=region,
+            current_version=1,
+            enabled=True,
+            created_at=now,
+            updated_at=now,
+            deleted_at=None,
+            definition=doc,
+            has_webhook_secret=True,
+            webhook_secret=secret,
+        )
+
+    async def update(
+        self, tenant_id: str, workflow_id: str, definition: Mapping[str, Any] | str | bytes
+    ) -> Workflow:
+        """Store ``definition`` as the next version and make it current."""
+        parsed, doc = _parse(definition)
+        now = utcnow()
+        region = parsed.region or self._settings.default_region
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(
+                    update(workflows)
+                    .where(
+                        workflows.c.tenant_id == tenant_id,
+                        workflows.c.id == workflow_id,
+                        workflows.c.deleted_at.is_(None),
+                    )
+                    .values(
+                        current_version=workflows.c.current_version + 1,
+                        name=parsed.name,
+                        region=region,
+                        updated_at=now,
+                    )
+                    .returning(*_COLUMNS)
+                )
+            ).first()
+            if row is None:
+                raise NotFound("workflow not found", workflow_id=workflow_id)
+            version = row.current_version
+            await conn.execute(
+                workflow_versions.insert().values(
+                    workflow_id=workflow_id,
+                    version=version,
+                    tenant_id=tenant_id,
+                    definition=doc,
+                    created_at=now,
+                )
+            )
+        self.cache.put((tenant_id, workflow_id, version), parsed)
+        return Workflow.from_mapping(row._mapping, definition=doc)
+
+    async def get(self, tenant_id: str, workflow_id: str) -> Workflow:
+        """The workflow with its current definition; NotFound if absent, deleted or another
+        tenant's."""
+        query = (
+            select(*_COLUMNS, workflow_versions.c.definition)
+            .join(
+                workflow_versions,
+                (workflow_versions.c.workflow_id == workflows.c.id)
+                & (workflow_versions.c.version == workflows.c.current_version),
+            )
+            .where(
+                workflows.c.tenant_id == tenant_id,
+                workflows.c.id == workflow_id,
+                workflows.c.deleted_at.is_(None),
+            )
+        )
+        async with self._auto() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound("workflow not found", workflow_id=workflow_id)
+        return Workflow.from_mapping(row._mapping)
+
+    async def get_version(self, tenant_id: str, workflow_id: str, version: int) -> WorkflowVersion:
+        query = select(workflow_versions).where(
+            workflow_versions.c.tenant_id == tenant_id,
+            workflow_versions.c.workflow_id == workflow_id,
+            workflow_versions.c.version == version,
+        )
+        async with self._auto() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound("workflow version not found", workflow_id=workflow_id, version=version)
+        return WorkflowVersion.from_mapping(row._mapping)
+
+    async def get_definition(
+        self, tenant_id: str, workflow_id: str, version: int
+    ) -> WorkflowDefinition:
+        """The parsed definition of one version (cached in process; versions are immutable)."""
+        key = (tenant_id, workflow_id, version)
+        found = self.cache.get(key)
+        if found is None:
+            stored = await self.get_version(tenant_id, workflow_id, version)
+            found = parse_definition(stored.definition)
+            self.cache.put(key, found)
+        return found
+
+    async def list(
+        self,
+        tenant_id: str,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        enabled: bool | None = None,
+    ) -> Page[Workflow]:
+        """Workflows of ``tenant_id``, newest first (definitions not included)."""
+        limit = page_limit(limit)
+        query = (
+            select(*_COLUMNS)
+            .where(workflows.c.tenant_id == tenant_id, workflows.c.deleted_at.is_(None))
+            .order_by(workflows.c.created_at.desc(), workflows.c.id.desc())
+        )
+        if enabled is not None:
+            query = query.where(workflows.c.enabled.is_(enabled))
+        condition = after_cursor(workflows, cursor)
+        if condition is not None:
+            query = query.where(condition)
+        async with self._auto() as conn:
+            rows = (await conn.execute(query.limit(limit + 1))).all()
+        items = [Workflow.from_mapping(r._mapping) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+
+    async def set_enabled(self, tenant_id: str, workflow_id: str, enabled: bool) -> Workflow:
+        """Enable or disable (a disabled workflow cannot be triggered; schedules skip it)."""
+        async with self._auto() as conn:
+            row = (
+                await conn.execute(
+                    update(workflows)
+                    .where(
+                        workflows.c.tenant_id == tenant_id,
+                        workflows.c.id == workflow_id,
+                        workflows.c.deleted_at.is_(None),
+                    )
+                    .values(enabled=enabled, updated_at=utcnow())
+                    .returning(*_COLUMNS)
+                )
+            ).first()
+        if row is None:
+            raise NotFound("workflow not found", workflow_id=workflow_id)
+        return Workflow.from_mapping(row._mapping)
+
+    async def delete(self, tenant_id: str, workflow_id: str) -> None:
+        """Soft-delete the workflow and disable its schedules."""
+        now = utcnow()
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(
+                    update(workflows)
+                    .where(
+                        workflows.c.tenant_id == tenant_id,
+                        workflows.c.id == workflow_id,
+                        workflows.c.deleted_at.is_(None),
+                    )
+                    .values(deleted_at=now, enabled=False, updated_at=now)
+                    .returning(workflows.c.id)
+                )
+            ).first()
+            if row is None:
+                raise NotFound("workflow not found", workflow_id=workflow_id)
+            await conn.execute(
+                update(schedules)
+                .where(schedules.c.tenant_id == tenant_id, schedules.c.workflow_id == workflow_id)
+                .values(enabled=False, next_fire_at=None, updated_at=now)
+            )
+
+    async def rotate_webhook_secret(self, tenant_id: str, workflow_id: str) -> str:
+        """A new webhook secret (the old one stops working); returned once."""
+        secret = _new_webhook_secret()
+        async with self._auto() as conn:
+            row = (
+                await conn.execute(
+                    update(workflows)
+                    .where(
+                        workflows.c.tenant_id == tenant_id,
+                        workflows.c.id == workflow_id,
+                        workflows.c.deleted_at.is_(None),
+                    )
+                    .values(webhook_secret_hash=hash_secret(secret), updated_at=utcnow())
+                    .returning(workflows.c.id)
+                )
+            ).first()
+        if row is None:
+            raise NotFound("workflow not found", workflow_id=workflow_id)
+        return secret
+
+    async def verify_webhook(self, workflow_id: str, secret: str) -> Workflow | None:
+        """The workflow whose webhook ``secret`` this is, or ``None``.
+
+        The only tenant-less lookup: the secret authenticates the caller, and the answer
+        carries the workflow's tenant. Deleted workflows never match.
+        """
+        query = select(*_COLUMNS, workflows.c.webhook_secret_hash).where(
+            workflows.c.id == workflow_id, workflows.c.deleted_at.is_(None)
+        )
+        async with self._auto() as conn:
+            row: RowMapping | None = (await conn.execute(query)).mappings().first()
+        stored = row["webhook_secret_hash"] if row is not None else None
+        if not hmac.compare_digest(hash_secret(secret), stored or "0" * 64) or row is None:
+            return None
+        return Workflow.from_mapping(row)
+
+
+def _parse(
+    definition: Mapping[str, Any] | str | bytes,
+) -> tuple[WorkflowDefinition, dict[str, Any]]:
+    """Validate; the stored document is the normalised definition."""
+    parsed = parse_definition(definition)
+    doc = parsed.to_document()
+    try:
+        check_storable(doc, "definition")
+    except ValueError as exc:
+        error = WorkflowInvalid(str(exc))
+        error.details = cast(Any, [{"step": None, "index": None, "field": "", "message": str(exc)}])
+        raise error from None
+    return parsed, doc
+
+
+def _new_webhook_secret() -> str:
+    return f"{WEBHOOK_SECRET_PREFIX}_{secrets.token_urlsafe(32)}"
