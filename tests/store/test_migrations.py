@@ -40,11 +40,11 @@ async def _assert_refused(url: str) -> None:
         assert "conveyor migrate" in str(caught.value)
         await store.migrate()
         await store.check_schema()
-        # A revision this code does not know (a newer Conveyor migrated it): refused too.
+        # A revision this code does not know (a newer Conveyor migrated it during a rolling
+        # upgrade): accepted with a warning, so the running release keeps working.
         async with store.engine.begin() as conn:
             await conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
-        with pytest.raises(SchemaOutOfDate):
-            await store.check_schema()
+        await store.check_schema()
         async with store.engine.begin() as conn:
             await conn.execute(text("DELETE FROM alembic_version"))
         with pytest.raises(SchemaOutOfDate, match="conveyor migrate"):

@@ -78,18 +78,25 @@ async def upgrade(engine: AsyncEngine) -> tuple[tuple[str, ...], tuple[str, ...]
 
 
 async def check_schema(engine: AsyncEngine) -> None:
-    """Raise :class:`SchemaOutOfDate` unless the database is at the head revision."""
+    """Raise :class:`SchemaOutOfDate` unless the database is at this code's head revision.
+
+    A revision this code does not know was written by a *newer* Conveyor (a rolling upgrade
+    migrated the database first). Migrations are expand-then-contract, so the running release
+    keeps working against it: that is allowed, with a warning, so old pods that restart during
+    the rollout are not stuck. A missing schema or an older known revision is refused.
+    """
     current = await current_revisions(engine)
     heads = head_revisions()
     if current == heads:
         return
     known = set(_all_revisions())
     if current and not set(current) <= known:
-        message = (
-            f"database schema is at revision {','.join(current)}, which this version of Conveyor "
-            f"does not know (newer code migrated it?); expected {','.join(heads)}"
+        log.warning(
+            "store.schema_newer_than_code",
+            extra={"current": ",".join(current), "expected": ",".join(heads)},
         )
-    elif not current:
+        return
+    if not current:
         message = "database schema is missing: run `conveyor migrate`"
     else:
         message = (
