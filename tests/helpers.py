@@ -74,6 +74,7 @@ class RedisServer:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        log.close()  # the child has its own descriptor; keeping ours open leaks a ResourceWarning
         wait_for(lambda: self._ready(), timeout=timeout)
         return self
 

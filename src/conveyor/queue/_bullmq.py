@@ -1,0 +1,324 @@
+"""The ``bullmq`` driver: Queue and QueueEvents on the official ``bullmq`` package.
+
+The worker lives in :mod:`conveyor.queue._bullmq_worker`. What this module adds to
+``bullmq``: payload validation at enqueue, errors translated into Conveyor's tree, a
+deadline on every producer call (so a request handler fails in seconds when Redis is
+down), and a QueueEvents consumer that reconnects by itself instead of exiting silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import bullmq
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+
+from conveyor.queue import _redis
+from conveyor.queue._base import JOB_COUNT_STATES, EventHandler, QueueEvent
+from conveyor.queue._emitter import Emitter
+from conveyor.queue.payloads import PayloadSpec, check_job_id
+from conveyor.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_STATE_TO_BULL = {"waiting": "wait"}
+
+
+def job_options(spec: PayloadSpec, payload: BaseModel, opts: Mapping[str, Any]) -> dict[str, Any]:
+    """BullMQ per-job options from Conveyor's (job id, priority, delay)."""
+    out: dict[str, Any] = {}
+    job_id = opts.get("job_id")
+    if job_id is None and spec.default_job_id is not None:
+        job_id = spec.default_job_id(payload)
+    if job_id is not None:
+        out["jobId"] = check_job_id(job_id)
+    priority = opts.get("priority", 0)
+    if priority:
+        if not 0 < priority <= 2_097_152:
+            raise ValueError("priority must be between 1 and 2097152 (0 = none)")
+        out["priority"] = priority
+    delay_ms = opts.get("delay_ms", 0)
+    if delay_ms:
+        if delay_ms < 0:
+            raise ValueError("delay_ms must be >= 0")
+        out["delay"] = int(delay_ms)
+    return out
+
+
+class BullQueue:
+    """Producer handle on one BullMQ queue (shares the factory's fast-fail client)."""
+
+    def __init__(
+        self, name: str, spec: PayloadSpec, settings: Settings, client: aioredis.Redis
+    ) -> None:
+        self._name = name
+        self._spec = spec
+        self._settings = settings
+        self._deadline_s = settings.queue_redis_socket_timeout_ms / 1000.0
+        self._emitter = Emitter(f"queue[{name}]")
+        self._bull = bullmq.Queue(
+            name,
+            {
+                "connection": client,
+                "prefix": settings.queue_prefix,
+                "defaultJobOptions": dict(spec.job_options),
+                "skipVersionCheck": True,
+            },
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def on(self, event: str, handler: EventHandler) -> None:
+        """Local events: ``waiting`` for each job added through this handle."""
+        self._emitter.on(event, handler)
+
+    def off(self, event: str, handler: EventHandler) -> None:
+        self._emitter.off(event, handler)
+
+    def _added(self, job_ids: list[str]) -> None:
+        if self._emitter.has("waiting"):
+            for job_id in job_ids:
+                self._emitter.emit(
+                    QueueEvent("waiting", self._name, job_id, {"name": self._spec.base_name})
+                )
+
+    @property
+    def bullmq_queue(self) -> Any:
+        """The underlying ``bullmq.Queue`` (for benchmarks and diagnostics)."""
+        return self._bull
+
+    async def add(
+        self,
+        payload: BaseModel | Mapping[str, Any],
+        *,
+        job_id: str | None = None,
+        priority: int = 0,
+        delay_ms: int = 0,
+    ) -> str:
+        model, data = self._spec.dump(self._name, payload)
+        opts = job_options(
+            self._spec, model, {"job_id": job_id, "priority": priority, "delay_ms": delay_ms}
+        )
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                job = await self._bull.add(self._spec.base_name, data, opts)
+        except _redis.QUEUE_ERRORS as exc:
+            raise _redis.translate(exc, self._settings, "enqueue on") from exc
+        job_id = str(job.id)
+        self._added([job_id])
+        return job_id
+
+    async def add_bulk(
+        self, items: Sequence[tuple[BaseModel | Mapping[str, Any], Mapping[str, Any]]]
+    ) -> list[str]:
+        jobs = []
+        for payload, options in items:
+            model, data = self._spec.dump(self._name, payload)
+            jobs.append(
+                {
+                    "name": self._spec.base_name,
+                    "data": data,
+                    "opts": job_options(self._spec, model, options),
+                }
+            )
+        try:
+            async with asyncio.timeout(self._deadline_s + len(jobs) / 1000.0):
+                added = await self._bull.addBulk(jobs)
+        except _redis.QUEUE_ERRORS as exc:
+            raise _redis.translate(exc, self._settings, "enqueue on") from exc
+        job_ids = [str(job.id) for job in added]
+        self._added(job_ids)
+        return job_ids
+
+    async def get_job_counts(self, *states: str) -> dict[str, int]:
+        wanted = states or JOB_COUNT_STATES
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                values = await self._bull.backend.getCounts(
+                    [_STATE_TO_BULL.get(s, s) for s in wanted]
+                )
+        except _redis.QUEUE_ERRORS as exc:
+            raise _redis.translate(exc, self._settings, "count jobs on") from exc
+        return {state: int(value or 0) for state, value in zip(wanted, values, strict=True)}
+
+    async def get_job_state(self, job_id: str) -> str | None:
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                state = await self._bull.getJobState(job_id)
+        except _redis.QUEUE_ERRORS as exc:
+            raise _redis.translate(exc, self._settings, "read a job state on") from exc
+        return None if state in (None, "unknown") else str(state)
+
+    async def promote(self, job_id: str) -> bool:
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await self._bull.backend.promote(job_id)
+        except TypeError:
+            return False  # bullmq's "job is not in the delayed state" (a returned error code)
+        except _redis.QUEUE_ERRORS as exc:
+            raise _redis.translate(exc, self._settings, "promote a job on") from exc
+        return True
+
+    async def remove(self, job_id: str) -> bool:
+        """Remove a job that is not active; False if it is active or does not exist."""
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                if not await self._bull.client.exists(self._bull.toKey(job_id)):
+                    return False
+                result = await self._bull.remove(job_id)
+        except _redis.QUEUE_ERRORS as exc:
+            raise _redis.translate(exc, self._settings, "remove a job on") from exc
+        return bool(result == 1)
+
+    async def close(self) -> None:
+        """Nothing to release: the client belongs to the factory."""
+
+
+class _StreamConsumer(bullmq.QueueEvents):  # type: ignore[misc]
+    """``bullmq.QueueEvents`` that hands entries straight to Conveyor's emitter.
+
+    It remembers the last entry id so a reconnect resumes where the stream was left, and
+    builds event objects only for events someone listens to (the stream carries several
+    entries per job, so this keeps a busy queue cheap to watch).
+    """
+
+    def __init__(self, name: str, opts: dict[str, Any], sink: Emitter) -> None:
+        super().__init__(name, opts)
+        self.sink = sink
+        self.last_id: str = opts.get("lastEventId") or "$"
+
+    def _dispatch_entry(self, entry_id: str, args: dict[str, Any]) -> None:
+        self.last_id = entry_id
+        event = args.pop("event", None)
+        if not event or not self.sink.has(event):
+            return
+        if event == "completed" and "returnvalue" in args:
+            with contextlib.suppress(TypeError, ValueError):
+                args["returnvalue"] = json.loads(args["returnvalue"])
+        self.sink.emit(QueueEvent(event, self.name, args.get("jobId"), args))
+
+
+class BullQueueEvents:
+    """The global event stream of one queue, consumed by a loop that survives Redis errors."""
+
+    def __init__(self, name: str, settings: Settings, client: aioredis.Redis) -> None:
+        self._name = name
+        self._settings = settings
+        self._client = client
+        self._emitter = Emitter(f"queue_events[{name}]")
+        self._consumer: _StreamConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_id = "$"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def on(self, event: str, handler: EventHandler) -> None:
+        self._emitter.on(event, handler)
+
+    def off(self, event: str, handler: EventHandler) -> None:
+        self._emitter.off(event, handler)
+
+    def start(self) -> None:
+        """Start consuming; events published from now on are delivered (the first read starts
+        at this instant's stream id, so nothing is lost while the connection is set up)."""
+        if self._task is None and not self._closing:
+            self._last_id = f"{int(time.time() * 1000)}-0"
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=f"conveyor.queue_events[{self._name}]"
+            )
+            self._task.add_done_callback(self._watch)
+
+    async def run(self) -> None:
+        self.start()
+        task = self._task
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._closing and task.done():
+                return  # close() had to cancel the loop: that is a normal end
+            raise
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._closing:
+            return
+        exc = task.exception()
+        log.error("queue.events_loop_died", extra={"queue": self._name, "error": repr(exc)})
+
+    def _new_consumer(self) -> _StreamConsumer:
+        opts = {
+            "connection": self._client,
+            "prefix": self._settings.queue_prefix,
+            "autorun": False,
+            "skipVersionCheck": True,
+            "blockingTimeout": _redis.EVENTS_BLOCK_MS,
+            "lastEventId": self._last_id,
+        }
+        consumer = _StreamConsumer(self._name, opts, self._emitter)
+        consumer.on("error", self._on_error)
+        return consumer
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._emitter.emit(QueueEvent("error", self._name, error=exc))
+
+    async def _loop(self) -> None:
+        backoff = 0.25
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            consumer = self._consumer = self._new_consumer()
+            started = loop.time()
+            inner = loop.create_task(consumer.run(), name=f"bullmq.queue_events[{self._name}]")
+            await asyncio.wait({inner})
+            self._last_id = consumer.last_id
+            if self._closing:
+                return
+            error = None if inner.cancelled() else inner.exception()
+            if error is not None:
+                self._on_error(error)  # bullmq emits only the errors its read loop catches
+            if loop.time() - started > 30:
+                backoff = 0.25
+            log.warning(
+                "queue.events_reconnecting",
+                extra={"queue": self._name, "in_s": backoff, "error": repr(error)},
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        consumer, task = self._consumer, self._task
+        try:
+            async with asyncio.timeout(5):
+                if consumer is not None:
+                    await consumer.close()  # cancels its read and closes the client
+                else:
+                    await self._client.aclose()
+        except _redis.QUEUE_ERRORS as exc:  # includes TimeoutError
+            log.warning(
+                "queue.events_close_failed", extra={"queue": self._name, "error": repr(exc)}
+            )
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=2)
+            if not done:
+                task.cancel()
+                await asyncio.wait({task}, timeout=5)
+        self._emitter.clear()

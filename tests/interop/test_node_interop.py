@@ -1,0 +1,128 @@
+"""Conveyor's queues are plain BullMQ queues: Node.js BullMQ (npm ``bullmq``) reads and writes them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor.queue import JobContext, QueueFactory, WorkflowExecute, execution_queue_name
+from tests.conftest import REDIS_PORT
+from tests.queue.conftest import eventually, make_settings, running
+
+HERE = Path(__file__).resolve().parent
+QUEUE = execution_queue_name("us")
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The node binary, with this folder's npm dependencies installed."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("Node.js/npm are not installed")
+    if not (HERE / "node_modules" / "bullmq").is_dir():
+        subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=HERE,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return node
+
+
+async def run_node(node: str, script: str, *args: str) -> Any:
+    proc = await asyncio.create_subprocess_exec(
+        node,
+        script,
+        *args,
+        cwd=HERE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def test_node_producer_to_conveyor_worker_and_node_reads_counts(
+    node: str, redis_prefix: str
+) -> None:
+    data = {
+        "executionId": "exec-node-1",
+        "tenantId": "tenant-a",
+        "workflowId": "wf-a",
+        "region": "us",
+        "workflowVersion": 2,
+        "enqueuedAt": 1_700_000_000_000,
+        "somethingNewer": {"ignored": True},
+    }
+    added = await run_node(
+        node,
+        "producer.mjs",
+        str(REDIS_PORT),
+        redis_prefix,
+        QUEUE,
+        "workflow.execute",
+        "exec-node-1",
+        json.dumps(data),
+    )
+    assert added == {"id": "exec-node-1"}
+    received: list[tuple[WorkflowExecute, JobContext]] = []
+
+    async def process(payload: WorkflowExecute, ctx: JobContext) -> dict[str, str]:
+        received.append((payload, ctx))
+        return {"status": "succeeded"}
+
+    async with QueueFactory(make_settings(redis_prefix)) as qf:
+        queue = qf.create_queue(QUEUE)
+        async with running(qf.create_worker(QUEUE, process)):
+            await eventually(lambda: received, within=10)
+            await eventually(lambda: _completed(queue), within=5)
+    payload, ctx = received[0]
+    assert isinstance(payload, WorkflowExecute)
+    assert (payload.execution_id, payload.tenant_id, payload.workflow_id, payload.region) == (
+        "exec-node-1",
+        "tenant-a",
+        "wf-a",
+        "us",
+    )
+    assert payload.workflow_version == 2 and payload.reason is None
+    assert (ctx.id, ctx.name, ctx.queue_name) == ("exec-node-1", "workflow.execute", QUEUE)
+
+    seen = await run_node(node, "counts.mjs", str(REDIS_PORT), redis_prefix, QUEUE)
+    assert seen["counts"] == {"waiting": 0, "active": 0, "delayed": 0, "completed": 1, "failed": 0}
+    assert seen["completed"] == [{"id": "exec-node-1", "returnvalue": {"status": "succeeded"}}]
+
+
+async def _completed(queue: Any) -> bool:
+    return bool((await queue.get_job_counts("completed"))["completed"] == 1)
+
+
+async def test_node_worker_reads_a_conveyor_job(node: str, redis_prefix: str) -> None:
+    async with QueueFactory(make_settings(redis_prefix)) as qf:
+        job_id = await qf.create_queue(QUEUE).add(
+            WorkflowExecute(execution_id="exec-py-1", tenant_id="t", workflow_id="w", region="us")
+        )
+    assert job_id == "exec-py-1"
+    job = await run_node(node, "consumer.mjs", str(REDIS_PORT), redis_prefix, QUEUE)
+    assert job["id"] == "exec-py-1" and job["name"] == "workflow.execute" and job["attempts"] == 5
+    assert job["data"] == {
+        "executionId": "exec-py-1",
+        "tenantId": "t",
+        "workflowId": "w",
+        "region": "us",
+        "workflowVersion": None,
+        "enqueuedAt": None,
+        "reason": None,
+    }
