@@ -27,6 +27,13 @@ class Command:
 
 COMMANDS: list[Command] = [
     Command("check", "conveyor.check", "validate the settings and check that Redis is usable"),
+    Command("migrate", "conveyor.migrate", "bring the database schema up to date"),
+    Command("api", "conveyor.api.server", "run the HTTP API"),
+    Command("worker", "conveyor.workers.execution", "run the execution worker"),
+    Command("scheduler", "conveyor.workers.scheduler", "run the cron scheduler (leader-elected)"),
+    Command("timers", "conveyor.workers.timer_dispatcher", "run the durable timer dispatcher"),
+    Command("dev", "conveyor.dev", "run all processes locally (embedded Redis + SQLite)"),
+    Command("status", "conveyor.status", "show queue depths, live processes, scheduler and timers"),
 ]
 
 

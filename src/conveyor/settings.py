@@ -59,9 +59,16 @@ class Settings(BaseSettings):
     execution_worker_concurrency: PositiveInt = 2
     execution_tenant_concurrency: PositiveInt | None = None
     """Defaults to ``execution_worker_concurrency``, as the seed says."""
+    execution_lock_duration_ms: Annotated[int, Field(ge=1000)] = 30000
+    """BullMQ job lock of the execution worker; a crashed worker's jobs return after about this."""
+    execution_stalled_interval_ms: Annotated[int, Field(ge=1000)] = 30000
+    """How often the execution worker looks for stalled jobs (locks that expired)."""
 
     # --- Conveyor ----------------------------------------------------------------------------
     database_url: str = "sqlite:///./.conveyor/conveyor.db"
+    database_pool_size: PositiveInt = 10
+    """Most database connections one process opens (per pool; see ``conveyor.store``)."""
+    database_connect_timeout_ms: PositiveInt = 5000
     admin_token: SecretStr | None = None
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -75,6 +82,28 @@ class Settings(BaseSettings):
     """Hosts or CIDR ranges that ``http`` steps may reach although they are private/loopback."""
     step_output_max_bytes: PositiveInt = 256 * 1024
     heartbeat_interval_ms: PositiveInt = 5000
+
+    # --- scheduler, timer dispatcher, reconciler (docs/scheduling.md) -----------------------
+    scheduler_lock_strategy: Literal["auto", "postgres", "redis"] = "auto"
+    """``auto``: a Postgres session advisory lock when the database is Postgres, else Redis."""
+    scheduler_lock_ttl_ms: Annotated[int, Field(ge=300)] = 4000
+    """Redis lock expiry: a killed leader's lock frees itself after at most this long."""
+    scheduler_poll_interval_ms: PositiveInt = 500
+    """How often a standby tries the lock and the leader re-reads the schedules."""
+    scheduler_misfire_policy: Literal["fire_once", "skip"] = "fire_once"
+    """Ticks older than the grace: run once (the latest) or skip; per schedule if it says."""
+    scheduler_misfire_grace_ms: NonNegativeInt = 15000
+    """Ticks at most this late (a failover) are all fired; older ones are a misfire."""
+    reconcile_interval_ms: PositiveInt = 5000
+    """How often the leading scheduler re-enqueues executions whose queue job is missing."""
+    reconcile_min_age_ms: NonNegativeInt = 5000
+    """Only executions untouched for this long are checked (an enqueue may be in flight)."""
+    timer_lookahead_ms: PositiveInt = 3000
+    """Timers due within this window are held in memory and fired at their exact instant."""
+    timer_poll_interval_ms: PositiveInt = 250
+    """How often the timer dispatcher looks for newly due (or newly created) timers."""
+    timer_batch_size: PositiveInt = 500
+    """Most timers loaded or fired per database round trip."""
 
     @field_validator("queue_driver", mode="before")
     @classmethod

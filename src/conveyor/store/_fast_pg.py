@@ -1,13 +1,16 @@
 """The API's hot statements on Postgres, on the raw asyncpg pool (no SQLAlchemy overhead).
 
 Triggering an execution is the API's hottest path (≥ 1,000/s per process is the target):
-verifying the API key, loading the workflow's current version and inserting the execution are
-one prepared statement each here. The services fall back to SQLAlchemy Core on SQLite.
+verifying the API key is one prepared statement here, and so is the trigger itself —
+:data:`_TRIGGER` checks the workflow (tenant-scoped, live, enabled, still at the version the
+input was validated against) and inserts the execution (idempotency key honoured) in ONE round
+trip. The services fall back to SQLAlchemy Core on SQLite.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from conveyor.store._base import translate_errors
@@ -62,6 +65,28 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13, $14)
 ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
+# One round trip for a trigger whose input was validated against version $4: the execution is
+# inserted only if the tenant's workflow is live, enabled and still at version $4 (ON CONFLICT:
+# idempotency key already used → nothing inserted). The workflow row comes back in every case
+# (no row: no such workflow for this tenant), so the caller can tell why nothing was inserted.
+# Data-modifying CTEs always run to completion, whether or not the outer query reads them.
+_TRIGGER = """
+WITH wf AS (
+    SELECT current_version, region, enabled FROM workflows
+     WHERE tenant_id = $2 AND id = $3 AND deleted_at IS NULL
+), ins AS (
+    INSERT INTO executions (id, tenant_id, workflow_id, workflow_version, status, region,
+                            triggered_by, input, idempotency_key, created_at, queued_at,
+                            updated_at)
+    SELECT $1, $2, $3, wf.current_version, 'queued', wf.region, $5, $6::jsonb, $7,
+           $8::timestamptz, $8::timestamptz, $8::timestamptz
+      FROM wf
+     WHERE wf.enabled AND wf.current_version = $4::integer
+    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id
+)
+SELECT current_version, region, enabled, EXISTS (SELECT 1 FROM ins) AS inserted FROM wf
+"""
 _BY_ID = _SELECT_EXECUTION + " WHERE tenant_id = $1 AND id = $2"
 _BY_KEY = _SELECT_EXECUTION + " WHERE tenant_id = $1 AND idempotency_key = $2"
 
@@ -88,6 +113,33 @@ class PgFast:
 
     async def workflow_for_trigger(self, tenant_id: str, workflow_id: str) -> Any:
         return await self._fetchrow(_WORKFLOW, tenant_id, workflow_id)
+
+    async def trigger(
+        self,
+        execution_id: str,
+        tenant_id: str,
+        workflow_id: str,
+        version: int,
+        *,
+        triggered_by: str,
+        input_json: str | None,
+        idempotency_key: str | None,
+        now: datetime,
+    ) -> Any:
+        """Insert a ``queued`` execution of ``version`` if it is still the workflow's current
+        one (see :data:`_TRIGGER`). The workflow's ``(current_version, region, enabled,
+        inserted)``, or ``None`` when the tenant has no such live workflow."""
+        return await self._fetchrow(
+            _TRIGGER,
+            execution_id,
+            tenant_id,
+            workflow_id,
+            version,
+            triggered_by,
+            input_json,
+            idempotency_key,
+            now,
+        )
 
     async def insert_execution(self, e: Execution) -> bool:
         """Insert; False when the idempotency key was already used (nothing inserted)."""

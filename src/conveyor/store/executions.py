@@ -21,7 +21,7 @@ from conveyor.errors import Conflict, NotFound
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase, after_cursor, encode_cursor, page_limit
 from conveyor.store._fast_pg import PgFast
-from conveyor.store._types import check_storable, new_id, utcnow
+from conveyor.store._types import check_storable, dumps, new_id, utcnow
 from conveyor.store.records import Execution, Page, StepRun
 from conveyor.store.schema import ACTIVE_STATUSES, executions, step_runs, timers, workflows
 from conveyor.store.workflows import WorkflowService
@@ -30,6 +30,8 @@ from conveyor.workflows.definition import InputInvalid, validate_input
 __all__ = ["ExecutionService", "new_execution"]
 
 RETRYABLE_STATUSES = ("failed", "cancelled")
+VERSION_HINTS = 10_000
+"""Most (tenant, workflow) version hints kept for the one-statement trigger."""
 _TRIGGER_TARGET = select(
     workflows.c.current_version, workflows.c.region, workflows.c.enabled
 ).where(
@@ -112,6 +114,15 @@ def _check_input(value: Any) -> None:
         raise error from None
 
 
+def _input_json(value: Any) -> str | None:
+    """``value`` as the JSON text to store (``None`` for SQL NULL), checked like
+    :func:`_check_input`."""
+    if value is None:
+        return None
+    _check_input(value)
+    return dumps(value)
+
+
 class ExecutionService(ServiceBase):
     """Everything the API, the scheduler and the reconciler do with executions."""
 
@@ -125,6 +136,9 @@ class ExecutionService(ServiceBase):
     ) -> None:
         super().__init__(engine, settings, fast=fast)
         self._workflows = workflows
+        # (tenant, workflow) -> last current version seen: a hint only (the one-statement
+        # trigger re-checks it in SQL), so it may be stale or come from another tenant's miss.
+        self._versions: dict[tuple[str, str], int] = {}
 
     async def create(
         self,
@@ -141,7 +155,19 @@ class ExecutionService(ServiceBase):
         already used (the earlier execution is returned). Raises NotFound (no such workflow for
         this tenant), Conflict (workflow disabled; key used for another workflow) and
         ``InputInvalid`` (input does not match the workflow's input schema).
+
+        On Postgres, triggering a workflow whose current version this process has already seen
+        (and whose definition is cached) is ONE statement: the input is validated against that
+        version first and the row is inserted only if it is still current. Anything else (first
+        trigger, a new version, invalid input, an idempotent replay) takes the general path,
+        which raises the same errors in the same order.
         """
+        if self._fast is not None:
+            done = await self._create_fast(
+                tenant_id, workflow_id, input, idempotency_key, triggered_by
+            )
+            if done is not None:
+                return done
         found = await self._trigger_target(tenant_id, workflow_id)
         if found is None:
             raise NotFound("workflow not found", workflow_id=workflow_id)
@@ -164,6 +190,71 @@ class ExecutionService(ServiceBase):
         if await self._insert_new(execution):
             return execution, True
         assert idempotency_key is not None
+        return await self._replay(tenant_id, workflow_id, idempotency_key)
+
+    async def _create_fast(
+        self,
+        tenant_id: str,
+        workflow_id: str,
+        input: Any,
+        idempotency_key: str | None,
+        triggered_by: str,
+    ) -> tuple[Execution, bool] | None:
+        """The one-statement trigger; ``None`` when the general path must decide."""
+        assert self._fast is not None
+        target = (tenant_id, workflow_id)
+        version = self._versions.get(target)
+        if version is None:
+            return None
+        definition = self._workflows.cache.get((tenant_id, workflow_id, version))
+        if definition is None:
+            return None
+        try:
+            input_json = _input_json(input)
+            validate_input(definition, input)
+        except InputInvalid:
+            return None  # raised by the general path, after its NotFound/Conflict checks
+        now = utcnow()
+        execution_id = new_id()
+        row = await self._fast.trigger(
+            execution_id,
+            tenant_id,
+            workflow_id,
+            version,
+            triggered_by=triggered_by,
+            input_json=input_json,
+            idempotency_key=idempotency_key,
+            now=now,
+        )
+        if row is None:
+            self._versions.pop(target, None)
+            raise NotFound("workflow not found", workflow_id=workflow_id)
+        current, region = int(row["current_version"]), str(row["region"])
+        self._remember_version(target, current)
+        if not row["enabled"]:
+            raise Conflict("workflow is disabled", workflow_id=workflow_id)
+        if row["inserted"]:
+            execution = new_execution(
+                tenant_id=tenant_id,
+                workflow_id=workflow_id,
+                version=current,
+                region=region,
+                input=input,
+                triggered_by=triggered_by,
+                now=now,
+                idempotency_key=idempotency_key,
+                execution_id=execution_id,
+            )
+            return execution, True
+        if current != version:
+            return None  # a new version since: validate the input against it first
+        assert idempotency_key is not None
+        return await self._replay(tenant_id, workflow_id, idempotency_key)
+
+    async def _replay(
+        self, tenant_id: str, workflow_id: str, idempotency_key: str
+    ) -> tuple[Execution, bool]:
+        """The execution created earlier with ``idempotency_key`` (``created=False``)."""
         earlier = await self._by_key(tenant_id, idempotency_key)
         if earlier is None:  # deleted in between: extremely unlikely; let the caller retry
             raise Conflict("idempotency key race, try again", idempotency_key=idempotency_key)
@@ -174,6 +265,12 @@ class ExecutionService(ServiceBase):
                 execution_id=earlier.id,
             )
         return earlier, False
+
+    def _remember_version(self, target: tuple[str, str], version: int) -> None:
+        """Note a workflow's current version: the next trigger of it can be one statement."""
+        if target not in self._versions and len(self._versions) >= VERSION_HINTS:
+            self._versions.clear()
+        self._versions[target] = version
 
     async def _trigger_target(
         self, tenant_id: str, workflow_id: str
@@ -190,7 +287,9 @@ class ExecutionService(ServiceBase):
                 )
         if row is None:
             return None
-        return int(row["current_version"]), str(row["region"]), bool(row["enabled"])
+        version = int(row["current_version"])
+        self._remember_version((tenant_id, workflow_id), version)
+        return version, str(row["region"]), bool(row["enabled"])
 
     async def _insert_new(self, execution: Execution) -> bool:
         """Insert; False if its idempotency key was already used."""

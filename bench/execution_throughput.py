@@ -1,0 +1,108 @@
+"""End-to-end execution throughput of one ``conveyor worker`` process vs raw ``bullmq``.
+
+N executions (default 20,000) of a one-step ``noop`` workflow are inserted in a throwaway
+Postgres database and enqueued through the dispatcher (fairness priorities included); then one
+worker process (``EXECUTION_WORKER_CONCURRENCY``, default 50) drains them. The clock runs from
+the first execution's start to the last one's finish (read from the database), so process
+start-up is excluded. Peak RSS of the worker is sampled every 50 ms.
+
+Baseline in the same run: N no-op jobs through a raw ``bullmq.Worker`` process (same Redis,
+same concurrency, same job options, uvloop too), timed from the first job to the last.
+
+    .venv/bin/python bench/execution_throughput.py [--executions 20000] [--concurrency 50]
+
+Last line: JSON with ``executions_per_s``, ``raw_jobs_per_s``, ``ratio``, ``peak_rss_mb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+
+import uvloop
+
+from _exec_common import (
+    RssSampler,
+    bench_env,
+    conveyor_worker,
+    delete_prefix,
+    raw_job,
+    raw_queue,
+    raw_result,
+    raw_worker,
+    seeded,
+)
+
+
+async def run_raw(n: int, concurrency: int) -> float:
+    prefix = f"wbenchraw{uuid.uuid4().hex[:8]}"
+    queue = raw_queue(prefix)
+    try:
+        for i in range(0, n, 1000):
+            await queue.addBulk([raw_job(j) for j in range(i, min(i + 1000, n))])
+        async with raw_worker(prefix, concurrency, n) as proc:
+            with RssSampler(proc.pid) as usage:
+                result = await raw_result(prefix, proc, timeout_s=max(120.0, n / 100))
+        print(f"  raw worker CPU: {usage.cpu_s / n * 1e6:.0f} us/job", flush=True)
+        return float(result["n"]) / (result["last"] - result["first"])
+    finally:
+        await queue.close()
+        await delete_prefix(prefix)
+
+
+async def run_conveyor(n: int, concurrency: int) -> tuple[float, float]:
+    async with bench_env() as env, seeded(env) as seed:
+        tenant = await seed.tenant("bench")
+        ids = await seed.insert(tenant, n)
+        await seed.dispatch(tenant, ids)
+        extra = {
+            "EXECUTION_WORKER_CONCURRENCY": str(concurrency),
+            "DATABASE_POOL_SIZE": str(min(concurrency, 20)),
+        }
+        async with conveyor_worker(env, **extra) as proc:
+            with RssSampler(proc.pid) as rss:
+                await seed.wait_succeeded(n, timeout_s=max(180.0, n / 50), proc=proc)
+        print(
+            f"  conveyor worker CPU: {rss.cpu_s / n * 1e6:.0f} us/execution "
+            "(includes process start-up)",
+            flush=True,
+        )
+        first, last = await seed.span_s()
+        return n / (last - first), rss.peak_mb
+
+
+async def main(args: argparse.Namespace) -> dict[str, float]:
+    raw: list[float] = []
+    ours: list[tuple[float, float]] = []
+    for r in range(args.rounds):
+        raw.append(await run_raw(args.executions, args.concurrency))
+        print(f"[round {r + 1}] raw bullmq no-op jobs : {raw[-1]:8.0f} jobs/s", flush=True)
+        ours.append(await run_conveyor(args.executions, args.concurrency))
+        print(
+            f"[round {r + 1}] conveyor executions   : {ours[-1][0]:8.0f} executions/s, "
+            f"peak RSS {ours[-1][1]:.0f} MB",
+            flush=True,
+        )
+    best_raw = max(raw)
+    best, peak = max(ours)
+    ratio = best / best_raw
+    print(
+        f"{args.executions} noop executions, concurrency {args.concurrency}, best of "
+        f"{args.rounds}: conveyor {best:.0f}/s vs raw bullmq {best_raw:.0f}/s, ratio "
+        f"{ratio:.2f} (target >= 0.5 and >= 1500/s); peak RSS {peak:.0f} MB"
+    )
+    return {
+        "executions_per_s": round(best, 1),
+        "raw_jobs_per_s": round(best_raw, 1),
+        "ratio": round(ratio, 3),
+        "peak_rss_mb": round(max(p for _, p in ours), 1),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--executions", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=1)
+    print(json.dumps(uvloop.run(main(parser.parse_args()))))

@@ -1,0 +1,121 @@
+"""The ASGI application: ``create_app(settings)`` and its lifespan.
+
+The lifespan opens the store (refusing an out-of-date schema) and the queue factory and closes
+them on shutdown. Tests and the server may instead pass an already open :class:`ApiContext`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
+
+from conveyor.api.context import ApiContext, open_context
+from conveyor.api.errors import install_error_handlers
+from conveyor.api.fastlane import FastLane
+from conveyor.api.middleware import BodyLimitMiddleware, HttpMetrics, RequestMetricsMiddleware
+from conveyor.api.routes import admin, executions, health, metrics, schedules, webhooks, workflows
+from conveyor.metrics import ConveyorCollector
+from conveyor.settings import Settings
+from conveyor.workflows.definition import workflow_json_schema
+
+DESCRIPTION = """\
+Conveyor runs multi-tenant workflows durably on BullMQ/Redis and a database.
+
+**Authentication.** Tenant routes take `Authorization: Bearer <API key>` (keys are issued by
+the admin API). Admin routes under `/api/admin` take `Authorization: Bearer <ADMIN_TOKEN>`; when
+`ADMIN_TOKEN` is not configured they answer 503 `admin_disabled`. Inbound webhooks authenticate
+with the workflow's webhook secret.
+
+**Errors.** Every 4xx/5xx answer is `{"success": false, "error": {"code", "message",
+"details"}}`. Objects of another tenant answer 404, exactly as absent ones.
+
+**Probes.** `/api/health` (liveness; always answers) and `/api/health/ready` (readiness: 503
+unless Redis answers, the queue driver is durable and the database answers).
+"""
+
+TAGS = [
+    {"name": "health", "description": "Liveness and readiness probes."},
+    {"name": "admin", "description": "Operator endpoints (ADMIN_TOKEN)."},
+    {"name": "workflows", "description": "Workflow definitions and their versions."},
+    {"name": "executions", "description": "Trigger, inspect, cancel and retry executions."},
+    {"name": "schedules", "description": "Cron schedules that trigger workflows."},
+    {"name": "webhooks", "description": "Inbound webhooks that trigger workflows."},
+    {"name": "metrics", "description": "Prometheus metrics."},
+]
+
+
+def create_app(settings: Settings, *, context: ApiContext | None = None) -> FastAPI:
+    """Build the API application.
+
+    With ``context=None`` the lifespan opens (and closes) the store and queues itself;
+    otherwise the given, already open context is used and left open.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if context is not None:
+            app.state.ctx = context
+            yield
+            return
+        async with open_context(settings) as ctx:
+            app.state.ctx = ctx
+            yield
+
+    app = FastAPI(
+        title="Conveyor API",
+        version="0.1.0",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    registry = CollectorRegistry()
+    collector = ConveyorCollector()
+    registry.register(collector)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.collector = collector
+    install_error_handlers(app)
+    # Innermost first: FastLane runs inside the body limit and the request metrics.
+    app.add_middleware(FastLane, api=app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=HttpMetrics(registry))
+    for module in (health, admin, workflows, executions, schedules, webhooks, metrics):
+        app.include_router(module.router)
+    app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the workflow definition's own JSON Schema as a component
+    (``WorkflowDefinition``), which the workflow create/update bodies reference."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+        tags=app.openapi_tags,
+    )
+    text = json.dumps(workflow_json_schema()).replace('"#/$defs/', '"#/components/schemas/')
+    definition = json.loads(text)
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in definition.pop("$defs", {}).items():
+        if name in components:
+            raise RuntimeError(f"OpenAPI component name clash: {name}")
+        components[name] = schema
+    definition.pop("$schema", None)
+    definition.pop("$id", None)
+    components["WorkflowDefinition"] = definition
+    app.openapi_schema = doc
+    return doc

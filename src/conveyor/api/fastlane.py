@@ -1,0 +1,314 @@
+"""A fast lane in front of FastAPI's routing for the two hottest routes.
+
+``POST /api/workflows/{workflow_id}/executions`` (the trigger) and ``GET /api/health`` are what
+clients and probes call most. FastAPI's generic machinery (route matching over every route,
+dependency solving, parameter models) costs more CPU than the work of these routes, so
+:class:`FastLane` serves them directly — but only in the common, well-formed case, and with the
+SAME code: the route's own endpoint function and dependencies (:func:`require_tenant`),
+the same request model (:class:`TriggerIn`), the same response model and serialisation, the
+same exception handlers. Anything unusual — another content type, no ``Content-Length``, a
+body that is not a JSON object, a parameter that fails validation, a root path, duplicate
+headers — is handed to the FastAPI application untouched (the body already read is replayed),
+so every error answer still comes from FastAPI itself.
+
+It sits inside :class:`~conveyor.api.middleware.RequestMetricsMiddleware` and
+:class:`~conveyor.api.middleware.BodyLimitMiddleware` (so metrics, the body limit and the
+last-resort 500 apply unchanged) and sets ``scope["route"]`` to the matched route, as the router
+would. ``tests/api/test_fastlane.py`` checks that both paths give byte-identical answers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from conveyor.api.context import ApiContext
+from conveyor.api.deps import require_tenant
+from conveyor.api.routes import executions
+from conveyor.api.routes import health as health_routes
+from conveyor.api.routes.executions import trigger_execution
+from conveyor.api.routes.health import health
+from conveyor.api.schemas import Envelope, ExecutionOut, HealthData, TriggerIn
+
+__all__ = ["FastLane"]
+
+TRIGGER_PATH = "/api/workflows/{workflow_id}/executions"
+HEALTH_PATH = "/api/health"
+_TRIGGER_RE = re.compile(r"/api/workflows/([^/]+)/executions")
+_MAX_ID = 64
+"""``workflow_id`` path parameter: 1..64 characters (as declared on the route)."""
+_MAX_IDEMPOTENCY_KEY = 255
+
+_EXECUTION_OUT: TypeAdapter[Envelope[ExecutionOut]] = TypeAdapter(Envelope[ExecutionOut])
+_HEALTH_OUT: TypeAdapter[Envelope[HealthData]] = TypeAdapter(Envelope[HealthData])
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class _Fallback(Exception):
+    """Not the common case: let FastAPI handle the request."""
+
+
+class _Headers:
+    """The request headers the fast lane looks at (``None``: absent; duplicates → fallback)."""
+
+    __slots__ = ("authorization", "content_length", "content_type", "idempotency_key")
+
+    def __init__(self, scope: Scope) -> None:
+        self.authorization: bytes | None = None
+        self.content_type: bytes | None = None
+        self.content_length: bytes | None = None
+        self.idempotency_key: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                self._set("authorization", value)
+            elif name == b"content-type":
+                self._set("content_type", value)
+            elif name == b"content-length":
+                self._set("content_length", value)
+            elif name == b"idempotency-key":
+                self._set("idempotency_key", value)
+
+    def plain_json(self) -> bool:
+        """A non-empty body of declared length, ``Content-Type: application/json`` exactly."""
+        return (
+            self.content_type is not None
+            and self.content_type.lower() == b"application/json"
+            and self.content_length is not None
+            and self.content_length != b"0"
+        )
+
+    def _set(self, attr: str, value: bytes) -> None:
+        if getattr(self, attr) is not None:
+            raise _Fallback
+        setattr(self, attr, value)
+
+
+class FastLane:
+    """Pure ASGI middleware serving the trigger and health routes without FastAPI's routing
+    and dependency solving (see the module docstring for when it steps aside)."""
+
+    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
+        self.app = app
+        self.api = api
+        self._routes: dict[tuple[str, str], APIRoute] | None = None
+        self._handlers: dict[Any, Handler] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            method, path = scope["method"], scope["path"]
+            if method == "POST" and path.endswith("/executions"):
+                match = _TRIGGER_RE.fullmatch(path)
+                if match is not None:
+                    await self._trigger(scope, receive, send, match.group(1))
+                    return
+            elif method == "GET" and path == HEALTH_PATH:
+                await self._health(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    # --- the routes ------------------------------------------------------------------------
+    async def _trigger(self, scope: Scope, receive: Receive, send: Send, workflow_id: str) -> None:
+        ctx = self._ctx()
+        try:
+            headers = _Headers(scope)
+            if ctx is None or not headers.plain_json():
+                raise _Fallback
+        except _Fallback:
+            await self.app(scope, receive, send)
+            return
+        received: list[Message] = []
+        try:
+            document = await _read_json(receive, received)
+        except _Fallback:
+            await self.app(scope, _replay(received, receive), send)
+            return
+        receive = _replay(received, receive)
+        route = self._route("POST", TRIGGER_PATH)
+        path_params = {"workflow_id": workflow_id}
+        # FastAPI's order: the body is read first, then the dependencies run (authentication
+        # errors win over parameter errors), then the parameters are validated.
+        try:
+            auth = await require_tenant(ctx, _credentials(headers.authorization))
+        except Exception as exc:
+            await self._handle(exc, route, path_params, scope, receive, send)
+            return
+        try:
+            key = _idempotency_key(headers.idempotency_key)
+            if not 1 <= len(workflow_id) <= _MAX_ID:
+                raise _Fallback
+            body = TriggerIn.model_validate(document)
+        except (_Fallback, ValidationError):
+            await self.app(scope, receive, send)
+            return
+        _enter_route(scope, route, path_params)
+        sub = _sub_response()
+        try:
+            content = await trigger_execution(
+                ctx, auth, workflow_id, sub, body=body, idempotency_key=key
+            )
+        except Exception as exc:
+            await self._handle(exc, route, path_params, scope, receive, send)
+            return
+        payload = _EXECUTION_OUT.dump_json(_EXECUTION_OUT.validate_python(content), by_alias=True)
+        await _respond(scope, receive, send, payload, sub.status_code or route.status_code, sub)
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = self._ctx()
+        if ctx is None:
+            await self.app(scope, receive, send)
+            return
+        route = self._route("GET", HEALTH_PATH)
+        _enter_route(scope, route, {})
+        try:
+            content = await health(ctx)
+        except Exception as exc:
+            await self._handle(exc, route, {}, scope, receive, send)
+            return
+        payload = _HEALTH_OUT.dump_json(_HEALTH_OUT.validate_python(content), by_alias=True)
+        await _respond(scope, receive, send, payload, None, None)
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _ctx(self) -> ApiContext | None:
+        ctx: ApiContext | None = getattr(self.api.state, "ctx", None)
+        return ctx
+
+    def _route(self, method: str, path: str) -> APIRoute:
+        """The route object FastAPI would match (it labels the request metrics)."""
+        if self._routes is None:
+            self._routes = {
+                (m, r.path): r
+                for module in (executions, health_routes)
+                for r in module.router.routes
+                if isinstance(r, APIRoute)
+                for m in r.methods or ()
+            }
+        return self._routes[(method, path)]
+
+    async def _handle(
+        self,
+        exc: Exception,
+        route: APIRoute,
+        path_params: dict[str, str],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Answer ``exc`` with the application's exception handler, as FastAPI's
+        ``ExceptionMiddleware`` would; re-raise it when there is none (→ the last-resort 500
+        of :class:`~conveyor.api.middleware.RequestMetricsMiddleware`)."""
+        _enter_route(scope, route, path_params)
+        handler = self._handler_for(exc)
+        if handler is None:
+            raise exc
+        response = await handler(Request(scope, receive), exc)
+        await response(scope, receive, send)
+
+    def _handler_for(self, exc: Exception) -> Handler | None:
+        if self._handlers is None:
+            # FastAPI hands the 500/Exception handler to ServerErrorMiddleware, not to
+            # ExceptionMiddleware; mirror that.
+            self._handlers = {
+                key: handler
+                for key, handler in self.api.exception_handlers.items()
+                if key not in (500, Exception) and inspect.iscoroutinefunction(handler)
+            }
+        if isinstance(exc, HTTPException) and exc.status_code in self._handlers:
+            return self._handlers[exc.status_code]
+        for cls in type(exc).__mro__:
+            if cls in self._handlers:
+                return self._handlers[cls]
+        return None
+
+
+async def _read_json(receive: Receive, received: list[Message]) -> Any:
+    """The whole request body parsed as a JSON object; ``_Fallback`` for anything else."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        received.append(message)
+        if message["type"] != "http.request":
+            raise _Fallback
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    try:
+        document = json.loads(b"".join(chunks))
+    except ValueError:
+        raise _Fallback from None
+    if not isinstance(document, dict):
+        raise _Fallback
+    return document
+
+
+def _replay(received: list[Message], receive: Receive) -> Receive:
+    """``receive`` that first returns the messages already read."""
+    pending = list(received)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+def _credentials(header: bytes | None) -> HTTPAuthorizationCredentials | None:
+    """What ``HTTPBearer(auto_error=False)`` makes of the ``Authorization`` header."""
+    scheme, credentials = get_authorization_scheme_param(
+        None if header is None else header.decode("latin-1")
+    )
+    if not (scheme and credentials) or scheme.lower() != "bearer":
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials)
+
+
+def _idempotency_key(header: bytes | None) -> str | None:
+    if header is None:
+        return None
+    key = header.decode("latin-1")
+    if not 1 <= len(key) <= _MAX_IDEMPOTENCY_KEY:
+        raise _Fallback
+    return key
+
+
+def _enter_route(scope: Scope, route: APIRoute, path_params: dict[str, str]) -> None:
+    """What the router records in the scope for a matched route."""
+    scope["route"] = route
+    scope["endpoint"] = route.endpoint
+    scope["path_params"] = path_params
+
+
+def _sub_response() -> Response:
+    """The ``response: Response`` parameter FastAPI gives an endpoint (headers, status)."""
+    sub = Response()
+    del sub.headers["content-length"]
+    sub.status_code = None  # type: ignore[assignment]
+    return sub
+
+
+async def _respond(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    payload: bytes,
+    status: int | None,
+    sub: Response | None,
+) -> None:
+    response = Response(payload, status_code=status or 200, media_type="application/json")
+    if sub is not None:
+        response.headers.raw.extend(sub.headers.raw)
+    await response(scope, receive, send)

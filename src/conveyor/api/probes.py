@@ -1,0 +1,154 @@
+"""Bounded probes of Redis, the database and the regional queues (health, ready, status).
+
+Every probe has a timeout and turns failures into a status instead of raising, so health
+endpoints always answer within their budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from conveyor.api.context import ApiContext
+from conveyor.dispatch import execution_queue_name
+from conveyor.errors import ConveyorError
+from conveyor.heartbeat import list_processes
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 1.0
+"""Budget of each dependency probe; probes run concurrently, so a health answer takes at most
+about this long even with Redis and the database both hanging."""
+
+COUNT_STATES = ("waiting", "prioritized", "active", "delayed", "paused", "failed")
+
+ProbeErrors = (RedisError, OSError, ConveyorError, TimeoutError)
+"""What a Redis read may raise; callers turn these into an `unknown`/`unreachable` status."""
+
+
+def iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def probe_queue(ctx: ApiContext, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """``QueueFactory.health`` bounded by ``timeout_s`` (never raises); concurrent callers
+    share one probe."""
+    return dict(await ctx.single_flight("probe:queue", lambda: _probe_queue(ctx, timeout_s)))
+
+
+async def _probe_queue(ctx: ApiContext, timeout_s: float) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(timeout_s + 0.5):
+            return dict(await ctx.queues.health(timeout_s=timeout_s))
+    except Exception as exc:  # health must answer whatever went wrong
+        return {
+            "driver": ctx.queues.driver,
+            "status": "unreachable",
+            "latencyMs": None,
+            "durable": ctx.queues.durable,
+            "error": describe(exc),
+        }
+
+
+async def probe_database(ctx: ApiContext, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """One ``SELECT 1`` round trip bounded by ``timeout_s`` (never raises); concurrent callers
+    share one probe."""
+    return dict(await ctx.single_flight("probe:db", lambda: _probe_database(ctx, timeout_s)))
+
+
+async def _probe_database(ctx: ApiContext, timeout_s: float) -> dict[str, Any]:
+    dialect = ctx.store.dialect
+    try:
+        async with asyncio.timeout(timeout_s + 0.5):
+            latency = await ctx.store.ping(timeout_s)
+    except Exception as exc:  # health must answer whatever went wrong
+        return {"dialect": dialect, "status": "unreachable", "latencyMs": None,
+                "error": describe(exc)}  # fmt: skip
+    return {"dialect": dialect, "status": "ready", "latencyMs": round(latency, 3)}
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text[:300]
+
+
+def depth_of(counts: dict[str, int]) -> dict[str, int]:
+    """The seed's ``{waiting, active, total}`` plus detail.
+
+    ``waiting`` counts BullMQ's ``waiting`` and ``prioritized`` lists (both are ready to run:
+    Conveyor's fairness gives most jobs a priority); ``delayed`` (timers, tenant-cap
+    hold-backs, retries with backoff) is reported separately; ``total`` = waiting + active +
+    delayed.
+    """
+    waiting = int(counts.get("waiting", 0)) + int(counts.get("prioritized", 0))
+    active = int(counts.get("active", 0))
+    delayed = int(counts.get("delayed", 0))
+    return {
+        "waiting": waiting,
+        "active": active,
+        "delayed": delayed,
+        "paused": int(counts.get("paused", 0)),
+        "failed": int(counts.get("failed", 0)),
+        "total": waiting + active + delayed,
+    }
+
+
+async def queue_counts(
+    ctx: ApiContext, regions: list[str], timeout_s: float = PROBE_TIMEOUT_S
+) -> dict[str, dict[str, int]]:
+    """Raw BullMQ job counts per ``workflow.execute.<region>`` queue, read live from Redis.
+
+    Raises on Redis errors (bounded by ``timeout_s``).
+    """
+    async with asyncio.timeout(timeout_s):
+        results = await asyncio.gather(
+            *(ctx.execution_queue(r).get_job_counts(*COUNT_STATES) for r in regions)
+        )
+    return {execution_queue_name(r): dict(c) for r, c in zip(regions, results, strict=True)}
+
+
+async def live_processes(
+    ctx: ApiContext, timeout_s: float = PROBE_TIMEOUT_S
+) -> list[dict[str, Any]]:
+    """Heartbeats of live processes (raises on Redis errors, bounded)."""
+    async with asyncio.timeout(timeout_s):
+        return await list_processes(ctx.queues)
+
+
+def worker_regions(processes: list[dict[str, Any]]) -> dict[str, int]:
+    """Live worker processes per region they consume."""
+    out: dict[str, int] = {}
+    for proc in processes:
+        if proc.get("role") != "worker":
+            continue
+        for region in proc.get("regions") or ():
+            out[str(region)] = out.get(str(region), 0) + 1
+    return out
+
+
+def consumption(
+    regions: list[str],
+    workers: dict[str, int] | None,
+    counts: dict[str, dict[str, int]] | None,
+) -> list[dict[str, Any]]:
+    """Per regional queue: is anybody consuming it? (``None`` inputs: Redis unreadable.)"""
+    out: list[dict[str, Any]] = []
+    for region in regions:
+        name = execution_queue_name(region)
+        if workers is None or counts is None:
+            out.append({"queue": name, "region": region, "status": "unknown", "workers": 0,
+                        "waiting": None})  # fmt: skip
+            continue
+        n = workers.get(region, 0)
+        waiting = depth_of(counts.get(name, {}))["waiting"]
+        status = "consumed" if n else ("unconsumed" if waiting else "idle")
+        out.append(
+            {"queue": name, "region": region, "status": status, "workers": n, "waiting": waiting}
+        )
+    return out

@@ -1,0 +1,150 @@
+"""``/api/admin``: the workers status document, tenants and their API keys (ADMIN_TOKEN)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Query
+
+from conveyor.api.deps import AdminDep, CtxDep
+from conveyor.api.schemas import (
+    ApiKeyIn,
+    ApiKeyOut,
+    Envelope,
+    IssuedApiKeyOut,
+    Page,
+    StatusData,
+    TenantIn,
+    TenantOut,
+    error_responses,
+)
+from conveyor.api.status import status_document
+from conveyor.store import ApiKey, Tenant
+
+router = APIRouter(
+    prefix="/api/admin",
+    tags=["admin"],
+    dependencies=[AdminDep],
+    responses=error_responses(400, 401, 413, 422, 503),
+)
+
+Id = Annotated[str, Path(min_length=1, max_length=64, description="Object id.")]
+Limit = Annotated[int, Query(ge=1, le=200, description="Page size (max 200).")]
+Cursor = Annotated[
+    str | None, Query(max_length=512, description="`nextCursor` of the previous page.")
+]
+
+
+def tenant_out(tenant: Tenant) -> dict[str, Any]:
+    return {"id": tenant.id, "name": tenant.name, "created_at": tenant.created_at}
+
+
+def key_out(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "tenant_id": key.tenant_id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "created_at": key.created_at,
+        "revoked_at": key.revoked_at,
+        "active": key.active,
+    }
+
+
+@router.get(
+    "/workers/status",
+    response_model=Envelope[StatusData],
+    summary="Execution infrastructure status (incident polling)",
+    description=(
+        "The seed's incident-response document, read live: queue depths per "
+        "`workflow.execute.<region>` queue straight from BullMQ (also when no worker runs; "
+        "`waiting` = waiting + prioritized, `delayed` separate, `total` = waiting + active + "
+        "delayed), whether an execution worker is started, the scheduler's preferred lock "
+        "strategy, lock holder and last tick, the timer dispatcher's next due timer, and "
+        "every live process heartbeat. Answers 200 also when Redis is down (with "
+        "`scheduler.redis.status` = `unreachable` and the reason in `errors`)."
+    ),
+)
+async def workers_status(ctx: CtxDep) -> dict[str, Any]:
+    return {"success": True, "data": await status_document(ctx)}
+
+
+@router.post(
+    "/tenants",
+    status_code=201,
+    response_model=Envelope[TenantOut],
+    summary="Create a tenant",
+    description="Creates a tenant (organization). Issue it an API key next.",
+)
+async def create_tenant(ctx: CtxDep, body: TenantIn) -> dict[str, Any]:
+    tenant = await ctx.store.tenants.create(body.name)
+    return {"success": True, "data": tenant_out(tenant)}
+
+
+@router.get(
+    "/tenants",
+    response_model=Envelope[Page[TenantOut]],
+    summary="List tenants",
+    description="Newest first, cursor-paginated.",
+)
+async def list_tenants(ctx: CtxDep, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
+    page = await ctx.store.tenants.list(limit=limit, cursor=cursor)
+    items = [tenant_out(t) for t in page.items]
+    return {"success": True, "data": {"items": items, "next_cursor": page.next_cursor}}
+
+
+@router.get(
+    "/tenants/{tenant_id}",
+    response_model=Envelope[TenantOut],
+    summary="Get a tenant",
+    responses=error_responses(404),
+)
+async def get_tenant(ctx: CtxDep, tenant_id: Id) -> dict[str, Any]:
+    return {"success": True, "data": tenant_out(await ctx.store.tenants.get(tenant_id))}
+
+
+@router.post(
+    "/tenants/{tenant_id}/api-keys",
+    status_code=201,
+    response_model=Envelope[IssuedApiKeyOut],
+    summary="Issue an API key",
+    description=(
+        "Issues a new API key for the tenant. The token (`key`) is in this answer only: it "
+        "is stored hashed and cannot be read back."
+    ),
+    responses=error_responses(404),
+)
+async def issue_key(
+    ctx: CtxDep, tenant_id: Id, body: Annotated[ApiKeyIn | None, Body()] = None
+) -> dict[str, Any]:
+    issued = await ctx.store.api_keys.issue(tenant_id, (body or ApiKeyIn()).name)
+    return {"success": True, "data": {**key_out(issued.key), "key": issued.token}}
+
+
+@router.get(
+    "/tenants/{tenant_id}/api-keys",
+    response_model=Envelope[list[ApiKeyOut]],
+    summary="List a tenant's API keys",
+    description="Public parts only (id, name, prefix, revocation).",
+    responses=error_responses(404),
+)
+async def list_keys(ctx: CtxDep, tenant_id: Id) -> dict[str, Any]:
+    await ctx.store.tenants.get(tenant_id)
+    keys = await ctx.store.api_keys.list(tenant_id)
+    return {"success": True, "data": [key_out(k) for k in keys]}
+
+
+@router.delete(
+    "/tenants/{tenant_id}/api-keys/{key_id}",
+    response_model=Envelope[ApiKeyOut],
+    summary="Revoke an API key",
+    description=(
+        "Revokes the key (idempotent). Requests with it are refused at once by this API "
+        "process and within 5 seconds by the others (their verification cache)."
+    ),
+    responses=error_responses(404),
+)
+async def revoke_key(ctx: CtxDep, tenant_id: Id, key_id: Id) -> dict[str, Any]:
+    key = await ctx.store.api_keys.revoke(tenant_id, key_id)
+    ctx.forget_key(key.id)
+    return {"success": True, "data": key_out(key)}

@@ -1,0 +1,182 @@
+"""Executions: trigger, read (with step runs), list, cancel, retry."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Path, Query, Response
+
+from conveyor.api.deps import CtxDep, TenantDep
+from conveyor.api.schemas import (
+    Envelope,
+    ExecutionOut,
+    ExecutionStatus,
+    Page,
+    TriggerIn,
+    error_responses,
+)
+from conveyor.api.trigger import enqueue, trigger
+from conveyor.store import Execution, StepRun
+
+router = APIRouter(tags=["executions"], responses=error_responses(400, 401, 404, 413, 422, 503))
+
+ExecutionId = Annotated[str, Path(min_length=1, max_length=64, description="Execution id.")]
+WorkflowId = Annotated[str, Path(min_length=1, max_length=64, description="Workflow id.")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Same key (per tenant) → same execution; safe retries of the trigger.",
+    ),
+]
+
+
+def step_out(step: StepRun) -> dict[str, Any]:
+    return {
+        "seq": step.seq,
+        "step_id": step.step_id,
+        "type": step.step_type,
+        "status": step.status,
+        "attempts": step.attempts,
+        "input": step.input,
+        "output": step.output,
+        "output_truncated": step.output_truncated,
+        "error": step.error,
+        "started_at": step.started_at,
+        "finished_at": step.finished_at,
+        "duration_ms": round(step.duration_ms, 3),
+    }
+
+
+def execution_out(execution: Execution, *, with_steps: bool = False) -> dict[str, Any]:
+    out = {
+        name: getattr(execution, name)
+        for name in (
+            "id", "workflow_id", "workflow_version", "status", "region", "triggered_by",
+            "input", "output", "error", "attempts", "steps_run", "idempotency_key",
+            "schedule_id", "retry_of", "created_at", "queued_at", "started_at", "finished_at",
+            "updated_at",
+        )
+    }  # fmt: skip
+    if with_steps:
+        out["steps"] = [step_out(s) for s in execution.steps]
+    return out
+
+
+TRIGGER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Idempotent replay: the execution created earlier with this key.",
+          "model": Envelope[ExecutionOut]},
+    **error_responses(409, 413, 503),
+}  # fmt: skip
+
+
+@router.post(
+    "/api/workflows/{workflow_id}/executions",
+    status_code=202,
+    response_model=Envelope[ExecutionOut],
+    summary="Trigger an execution",
+    description=(
+        "Creates a `queued` execution of the workflow's current version with `input` and puts "
+        "it on its region's queue (202). With `Idempotency-Key`, a repeated request returns "
+        "the same execution (200, header `Idempotent-Replayed: true`). The execution row is "
+        "committed before the job is added; if Redis is unavailable the answer is 503 "
+        "`queue_unavailable` within seconds, the execution stays `queued` (id in "
+        "`error.details.executionId`) and is enqueued by the reconciler once Redis is back. "
+        "409 when the workflow is disabled or the key was used for another workflow."
+    ),
+    responses=TRIGGER_RESPONSES,
+)
+async def trigger_execution(
+    ctx: CtxDep,
+    auth: TenantDep,
+    workflow_id: WorkflowId,
+    response: Response,
+    body: Annotated[TriggerIn | None, Body()] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    execution, created = await trigger(
+        ctx,
+        auth.tenant_id,
+        workflow_id,
+        body.input if body is not None else None,
+        idempotency_key=idempotency_key,
+        triggered_by="api",
+    )
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return {"success": True, "data": execution_out(execution)}
+
+
+@router.get(
+    "/api/executions",
+    response_model=Envelope[Page[ExecutionOut]],
+    summary="List executions",
+    description=(
+        "Newest first, cursor-paginated (stable under concurrent inserts). Filter by one or "
+        "more `status` values and/or `workflowId`."
+    ),
+)
+async def list_executions(
+    ctx: CtxDep,
+    auth: TenantDep,
+    status: Annotated[list[ExecutionStatus] | None, Query(description="Repeatable.")] = None,
+    workflow_id: Annotated[str | None, Query(alias="workflowId", max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> dict[str, Any]:
+    page = await ctx.store.executions.list(
+        auth.tenant_id, status=status, workflow_id=workflow_id, limit=limit, cursor=cursor
+    )
+    items = [execution_out(e) for e in page.items]
+    return {"success": True, "data": {"items": items, "next_cursor": page.next_cursor}}
+
+
+@router.get(
+    "/api/executions/{execution_id}",
+    response_model=Envelope[ExecutionOut],
+    summary="Get an execution with its step runs",
+    description="Status, input, output, error and every step's input/output/error/attempts.",
+)
+async def get_execution(ctx: CtxDep, auth: TenantDep, execution_id: ExecutionId) -> dict[str, Any]:
+    execution = await ctx.store.executions.get(auth.tenant_id, execution_id, with_steps=True)
+    return {"success": True, "data": execution_out(execution, with_steps=True)}
+
+
+@router.post(
+    "/api/executions/{execution_id}/cancel",
+    response_model=Envelope[ExecutionOut],
+    summary="Cancel an execution",
+    description=(
+        "Cancels a queued, running or waiting execution (idempotent). A running one stops at "
+        "its next step boundary. 409 if it already succeeded or failed."
+    ),
+    responses=error_responses(409),
+)
+async def cancel_execution(
+    ctx: CtxDep, auth: TenantDep, execution_id: ExecutionId
+) -> dict[str, Any]:
+    execution = await ctx.store.executions.cancel(auth.tenant_id, execution_id)
+    return {"success": True, "data": execution_out(execution)}
+
+
+@router.post(
+    "/api/executions/{execution_id}/retry",
+    status_code=202,
+    response_model=Envelope[ExecutionOut],
+    summary="Retry a failed execution",
+    description=(
+        "Creates and enqueues a new execution of the same workflow version with the same "
+        "input (`retryOf` = the original). Only failed or cancelled executions (409 "
+        "otherwise). Enqueue failures answer 503 as for a trigger."
+    ),
+    responses=error_responses(409, 503),
+)
+async def retry_execution(
+    ctx: CtxDep, auth: TenantDep, execution_id: ExecutionId
+) -> dict[str, Any]:
+    execution = await ctx.store.executions.retry(auth.tenant_id, execution_id)
+    await enqueue(ctx, execution, reason="retry")
+    return {"success": True, "data": execution_out(execution)}

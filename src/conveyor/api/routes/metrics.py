@@ -1,0 +1,70 @@
+"""``GET /metrics``: Prometheus text exposition.
+
+Renders, from the app's own registry: HTTP request metrics of this API process, live queue
+depths per ``workflow.execute.<region>`` queue and state (read from BullMQ), live processes per
+role (heartbeats), and what workers, scheduler and timer dispatcher published through Redis
+with :class:`conveyor.metrics.MetricsPublisher` (executions finished by status, execution
+duration, enqueue-to-start latency, scheduler and timer lag). When Redis is unreachable the
+Redis-backed families are empty and ``conveyor_metrics_redis_up`` is 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from conveyor.api import probes
+from conveyor.api.deps import CtxDep
+from conveyor.metrics import ConveyorCollector, MetricsSnapshot, read_metrics
+
+router = APIRouter(tags=["metrics"])
+
+EXAMPLE = """\
+# HELP conveyor_queue_jobs Jobs in each BullMQ queue by state.
+# TYPE conveyor_queue_jobs gauge
+conveyor_queue_jobs{queue="workflow.execute.us",state="waiting"} 2.0
+# HELP conveyor_executions_finished_total Execution runs finished by workers, by final status.
+# TYPE conveyor_executions_finished_total counter
+conveyor_executions_finished_total{status="succeeded"} 1042.0
+"""
+
+
+async def _snapshot(ctx: CtxDep) -> MetricsSnapshot:
+    async with asyncio.timeout(probes.PROBE_TIMEOUT_S * 2):
+        snapshot = await read_metrics(ctx.queues)
+        processes = await probes.live_processes(ctx)
+        workers = probes.worker_regions(processes)
+        counts = await probes.queue_counts(ctx, ctx.known_regions(*workers))
+    for name, raw in counts.items():
+        snapshot.queue_depths[name] = {state: int(raw.get(state, 0)) for state in raw}
+    for proc in processes:
+        role = str(proc.get("role"))
+        snapshot.processes[role] = snapshot.processes.get(role, 0) + 1
+    snapshot.redis_up = True
+    return snapshot
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description=(
+        "Prometheus text format. Queue depths are read live from Redis on each scrape; "
+        "execution, latency and lag metrics are the totals every worker, scheduler and timer "
+        "process published to Redis, so any API process renders the same values."
+    ),
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}, "example": EXAMPLE}}}
+    },
+)
+async def metrics(request: Request, ctx: CtxDep) -> Response:
+    try:
+        snapshot = await _snapshot(ctx)
+    except (*probes.ProbeErrors, ValueError):
+        snapshot = MetricsSnapshot()
+    registry: CollectorRegistry = request.app.state.registry
+    collector: ConveyorCollector = request.app.state.collector
+    collector.update(snapshot)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,195 @@
+"""``/api/workflows``: create, read, list, version, enable/disable and delete workflows."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Query, Response
+
+from conveyor.api.deps import CtxDep, TenantDep
+from conveyor.api.schemas import (
+    Envelope,
+    Page,
+    WebhookSecretOut,
+    WorkflowOut,
+    WorkflowPatch,
+    WorkflowVersionOut,
+    error_responses,
+)
+from conveyor.store import Workflow
+
+router = APIRouter(
+    prefix="/api/workflows",
+    tags=["workflows"],
+    responses=error_responses(400, 401, 404, 413, 422, 503),
+)
+
+WorkflowId = Annotated[str, Path(min_length=1, max_length=64, description="Workflow id.")]
+Limit = Annotated[int, Query(ge=1, le=200, description="Page size (max 200).")]
+Cursor = Annotated[
+    str | None, Query(max_length=512, description="`nextCursor` of the previous page.")
+]
+Definition = Annotated[
+    dict[str, Any],
+    Body(description="The workflow definition (JSON Schema: `WorkflowDefinition`)."),
+]
+
+DEFINITION_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/WorkflowDefinition"}}
+        },
+    }
+}
+"""``openapi_extra`` documenting the body with the definition's own JSON Schema."""
+
+
+def webhook_url(workflow_id: str) -> str:
+    return f"/api/webhooks/{workflow_id}"
+
+
+def workflow_out(workflow: Workflow) -> dict[str, Any]:
+    return {
+        "id": workflow.id,
+        "name": workflow.name,
+        "region": workflow.region,
+        "version": workflow.current_version,
+        "enabled": workflow.enabled,
+        "created_at": workflow.created_at,
+        "updated_at": workflow.updated_at,
+        "definition": workflow.definition,
+        "webhook": {"url": webhook_url(workflow.id), "has_secret": workflow.has_webhook_secret},
+        "webhook_secret": workflow.webhook_secret,
+    }
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Envelope[WorkflowOut],
+    response_model_exclude_none=True,
+    summary="Create a workflow",
+    description=(
+        "Validates the definition (errors name the step id and field) and stores it as "
+        "version 1. The answer includes the workflow's webhook secret, shown only once."
+    ),
+    openapi_extra=DEFINITION_BODY,
+)
+async def create_workflow(ctx: CtxDep, auth: TenantDep, body: Definition) -> dict[str, Any]:
+    workflow = await ctx.store.workflows.create(auth.tenant_id, body)
+    return {"success": True, "data": workflow_out(workflow)}
+
+
+@router.get(
+    "",
+    response_model=Envelope[Page[WorkflowOut]],
+    response_model_exclude_none=True,
+    summary="List workflows",
+    description="Newest first, cursor-paginated; definitions are omitted.",
+)
+async def list_workflows(
+    ctx: CtxDep,
+    auth: TenantDep,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    enabled: Annotated[bool | None, Query(description="Only enabled/disabled ones.")] = None,
+) -> dict[str, Any]:
+    page = await ctx.store.workflows.list(
+        auth.tenant_id, limit=limit, cursor=cursor, enabled=enabled
+    )
+    items = [workflow_out(w) for w in page.items]
+    return {"success": True, "data": {"items": items, "next_cursor": page.next_cursor}}
+
+
+@router.get(
+    "/{workflow_id}",
+    response_model=Envelope[WorkflowOut],
+    response_model_exclude_none=True,
+    summary="Get a workflow",
+    description="The workflow with its current definition.",
+)
+async def get_workflow(ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId) -> dict[str, Any]:
+    workflow = await ctx.store.workflows.get(auth.tenant_id, workflow_id)
+    return {"success": True, "data": workflow_out(workflow)}
+
+
+@router.put(
+    "/{workflow_id}",
+    response_model=Envelope[WorkflowOut],
+    response_model_exclude_none=True,
+    summary="Update a workflow (new version)",
+    description=(
+        "Stores the definition as the next version and makes it current. Executions already "
+        "triggered keep running the version they were triggered with."
+    ),
+    openapi_extra=DEFINITION_BODY,
+)
+async def update_workflow(
+    ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId, body: Definition
+) -> dict[str, Any]:
+    workflow = await ctx.store.workflows.update(auth.tenant_id, workflow_id, body)
+    return {"success": True, "data": workflow_out(workflow)}
+
+
+@router.patch(
+    "/{workflow_id}",
+    response_model=Envelope[WorkflowOut],
+    response_model_exclude_none=True,
+    summary="Enable or disable a workflow",
+    description="A disabled workflow cannot be triggered (409) and its schedules skip.",
+)
+async def patch_workflow(
+    ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId, body: WorkflowPatch
+) -> dict[str, Any]:
+    workflow = await ctx.store.workflows.set_enabled(auth.tenant_id, workflow_id, body.enabled)
+    return {"success": True, "data": workflow_out(workflow)}
+
+
+@router.delete(
+    "/{workflow_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a workflow",
+    description=(
+        "Soft delete: the workflow disappears from reads, cannot be triggered, its schedules "
+        "are disabled; its executions stay readable."
+    ),
+)
+async def delete_workflow(ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId) -> Response:
+    await ctx.store.workflows.delete(auth.tenant_id, workflow_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{workflow_id}/versions/{version}",
+    response_model=Envelope[WorkflowVersionOut],
+    summary="Get one version of a workflow",
+)
+async def get_version(
+    ctx: CtxDep,
+    auth: TenantDep,
+    workflow_id: WorkflowId,
+    version: Annotated[int, Path(ge=1, le=2**31 - 1)],
+) -> dict[str, Any]:
+    found = await ctx.store.workflows.get_version(auth.tenant_id, workflow_id, version)
+    data = {
+        "workflow_id": found.workflow_id,
+        "version": found.version,
+        "definition": found.definition,
+        "created_at": found.created_at,
+    }
+    return {"success": True, "data": data}
+
+
+@router.post(
+    "/{workflow_id}/webhook/rotate",
+    response_model=Envelope[WebhookSecretOut],
+    summary="Rotate the webhook secret",
+    description="Issues a new webhook secret (shown only in this answer); the old one stops "
+    "working at once.",
+)
+async def rotate_webhook(ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId) -> dict[str, Any]:
+    secret = await ctx.store.workflows.rotate_webhook_secret(auth.tenant_id, workflow_id)
+    data = {"url": webhook_url(workflow_id), "has_secret": True, "secret": secret}
+    return {"success": True, "data": data}

@@ -1,0 +1,81 @@
+"""Request and response models (camelCase on the wire).
+
+Every successful answer is an envelope ``{"success": true, "data": ...}``; every error is
+:class:`ErrorResponse`. Models carry examples so that ``/openapi.json`` documents each route.
+"""
+
+from conveyor.api.schemas._common import (
+    ApiModel,
+    Envelope,
+    ErrorBody,
+    ErrorResponse,
+    Page,
+    error_responses,
+)
+from conveyor.api.schemas._ops import (
+    ApiKeyIn,
+    ApiKeyOut,
+    DatabaseHealth,
+    HealthData,
+    IssuedApiKeyOut,
+    QueueDepth,
+    QueueHealth,
+    ReadyData,
+    RegionQueue,
+    SchedulerStatus,
+    StatusData,
+    TenantIn,
+    TenantOut,
+    TimerStatus,
+    WorkerStatus,
+)
+from conveyor.api.schemas._tenant import (
+    ExecutionOut,
+    ExecutionStatus,
+    ScheduleIn,
+    ScheduleOut,
+    SchedulePatch,
+    StepRunOut,
+    TriggerIn,
+    WebhookInfo,
+    WebhookSecretOut,
+    WorkflowOut,
+    WorkflowPatch,
+    WorkflowVersionOut,
+)
+
+__all__ = [
+    "ApiKeyIn",
+    "ApiKeyOut",
+    "ApiModel",
+    "DatabaseHealth",
+    "Envelope",
+    "ErrorBody",
+    "ErrorResponse",
+    "ExecutionOut",
+    "ExecutionStatus",
+    "HealthData",
+    "IssuedApiKeyOut",
+    "Page",
+    "QueueDepth",
+    "QueueHealth",
+    "ReadyData",
+    "RegionQueue",
+    "ScheduleIn",
+    "ScheduleOut",
+    "SchedulePatch",
+    "SchedulerStatus",
+    "StatusData",
+    "StepRunOut",
+    "TenantIn",
+    "TenantOut",
+    "TimerStatus",
+    "TriggerIn",
+    "WebhookInfo",
+    "WebhookSecretOut",
+    "WorkerStatus",
+    "WorkflowOut",
+    "WorkflowPatch",
+    "WorkflowVersionOut",
+    "error_responses",
+]

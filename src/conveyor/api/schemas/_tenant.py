@@ -1,0 +1,211 @@
+"""Models of the tenant API: workflows, executions, schedules, webhooks."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from conveyor.api.schemas._common import ApiModel
+
+ExecutionStatus = Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled"]
+
+EXAMPLE_WORKFLOW: dict[str, Any] = {
+    "name": "order-sync",
+    "steps": [
+        {"id": "fetch", "type": "http", "method": "GET",
+         "url": "https://api.example.com/orders/{{ input.orderId }}"},
+        {"id": "shape", "type": "transform",
+         "expression": "{id: steps.fetch.body.id, total: steps.fetch.body.total}"},
+        {"id": "big", "type": "condition", "expression": "steps.shape.total > `100`",
+         "then": "continue", "else": "end"},
+        {"id": "notify", "type": "noop"},
+    ],
+}  # fmt: skip
+
+
+# --- workflows ------------------------------------------------------------------------------
+class WebhookInfo(ApiModel):
+    url: str = Field(
+        description="Path of the workflow's inbound webhook (POST, secret required).",
+        examples=["/api/webhooks/0190a1b2c3d47e8f9a0b1c2d3e4f5a6b"],
+    )
+    has_secret: bool
+
+
+class WebhookSecretOut(WebhookInfo):
+    secret: str = Field(
+        description="The webhook secret. Shown only in this answer.", examples=["whs_3q2..."]
+    )
+
+
+class WorkflowOut(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0190a1b2c3d47e8f9a0b1c2d3e4f5a6b",
+                    "name": "order-sync",
+                    "region": "us",
+                    "version": 1,
+                    "enabled": True,
+                    "createdAt": "2024-05-15T18:19:00Z",
+                    "updatedAt": "2024-05-15T18:19:00Z",
+                    "definition": EXAMPLE_WORKFLOW,
+                    "webhook": {"url": "/api/webhooks/0190a1b2c3d47e8f9a0b1c2d3e4f5a6b",
+                                "hasSecret": True},
+                }
+            ]
+        }
+    )  # fmt: skip
+    id: str
+    name: str
+    region: str
+    version: int = Field(description="The current version (executions pin theirs).")
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+    definition: dict[str, Any] | None = Field(
+        None, description="The current version's definition (omitted in lists)."
+    )
+    webhook: WebhookInfo
+    webhook_secret: str | None = Field(
+        None, description="Only in the answer to create: the webhook secret, shown once."
+    )
+
+
+class WorkflowPatch(ApiModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"enabled": False}]})
+    enabled: bool = Field(description="A disabled workflow cannot be triggered.")
+
+
+class WorkflowVersionOut(ApiModel):
+    workflow_id: str
+    version: int
+    definition: dict[str, Any]
+    created_at: datetime
+
+
+# --- executions -----------------------------------------------------------------------------
+class TriggerIn(ApiModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"input": {"orderId": 42}}]}
+    )
+    input: Any = Field(
+        None, description="The trigger input (any JSON), checked against the input schema."
+    )
+
+
+class StepRunOut(ApiModel):
+    seq: int
+    step_id: str
+    type: str
+    status: str
+    attempts: int
+    input: Any = None
+    output: Any = None
+    output_truncated: bool = False
+    error: Any = None
+    started_at: datetime
+    finished_at: datetime
+    duration_ms: float
+
+
+class ExecutionOut(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0190a1b2c3d47e8f9a0b1c2d3e4f5a6c",
+                    "workflowId": "0190a1b2c3d47e8f9a0b1c2d3e4f5a6b",
+                    "workflowVersion": 1,
+                    "status": "queued",
+                    "region": "us",
+                    "triggeredBy": "api",
+                    "input": {"orderId": 42},
+                    "output": None,
+                    "error": None,
+                    "attempts": 0,
+                    "stepsRun": 0,
+                    "createdAt": "2024-05-15T18:19:00Z",
+                }
+            ]
+        }
+    )
+    id: str
+    workflow_id: str
+    workflow_version: int
+    status: ExecutionStatus
+    region: str
+    triggered_by: str = Field(description="`api`, `webhook`, `schedule` or `retry`.")
+    input: Any = None
+    output: Any = None
+    error: Any = None
+    attempts: int = Field(description="How many times a worker claimed it (redeliveries).")
+    steps_run: int
+    idempotency_key: str | None = None
+    schedule_id: str | None = None
+    retry_of: str | None = None
+    created_at: datetime
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+    steps: list[StepRunOut] | None = Field(
+        None, description="Step runs in order (single-execution reads only)."
+    )
+
+
+# --- schedules ------------------------------------------------------------------------------
+class ScheduleIn(ApiModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "workflowId": "0190a1b2c3d47e8f9a0b1c2d3e4f5a6b",
+                    "cron": "0 9 * * 1-5",
+                    "timezone": "Europe/Berlin",
+                    "input": {"report": "daily"},
+                }
+            ]
+        },
+    )
+    workflow_id: str = Field(min_length=1, max_length=64)
+    cron: str = Field(
+        min_length=1, max_length=200, description="5 fields (or 6 with seconds last)."
+    )
+    timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA time zone.")
+    name: str | None = Field(None, max_length=200)
+    input: Any = None
+    enabled: bool = True
+    misfire_policy: Literal["fire_once", "skip"] | None = None
+
+
+class SchedulePatch(ApiModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"cron": "*/5 * * * *", "enabled": False}]},
+    )
+    cron: str | None = Field(None, min_length=1, max_length=200)
+    timezone: str | None = Field(None, min_length=1, max_length=64)
+    name: str | None = Field(None, max_length=200)
+    input: Any = None
+    enabled: bool | None = None
+    misfire_policy: Literal["fire_once", "skip"] | None = None
+
+
+class ScheduleOut(ApiModel):
+    id: str
+    workflow_id: str
+    name: str | None = None
+    cron: str = Field(examples=["0 9 * * 1-5"])
+    timezone: str = Field(examples=["Europe/Berlin"])
+    enabled: bool
+    input: Any = None
+    misfire_policy: str | None = None
+    next_fire_at: datetime | None = Field(None, description="Next fire instant (UTC).")
+    last_fired_at: datetime | None = None
+    created_at: datetime
+    updated_at: datetime

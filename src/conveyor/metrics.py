@@ -1,0 +1,361 @@
+"""Execution metrics shared across processes through Redis, rendered by the API's ``/metrics``.
+
+Worker, scheduler and timer processes do not expose their own metrics port: they aggregate
+observations in memory with a :class:`MetricsPublisher` and flush them every few seconds in one
+pipelined batch of ``HINCRBY``/``HINCRBYFLOAT``/``HSET`` into three kinds of hash::
+
+    {prefix}:conveyor:metrics:counters           field "<name>|<labels>"       -> int
+    {prefix}:conveyor:metrics:hist:<name>        field "<labels>|le=<bound>"   -> int (per bucket)
+                                                 field "<labels>|sum"          -> float
+                                                 field "<labels>|count"        -> int
+    {prefix}:conveyor:metrics:gauges             field "<name>"                -> float (last value)
+
+``<labels>`` is ``key=value`` pairs joined by ``,`` (empty for none). Bucket counts are stored
+per bucket (not cumulative) so that writers with the same bucket list merge by addition; the
+reader (:func:`read_metrics`) makes them cumulative. Every API process renders the same totals,
+so Prometheus may scrape any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from conveyor.queue import QueueFactory
+
+log = logging.getLogger(__name__)
+
+#: Histogram bucket upper bounds (seconds) per metric. Writers and readers share this table.
+BUCKETS: dict[str, tuple[float, ...]] = {
+    "execution_duration_seconds": (
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+        3600.0,
+    ),
+    "start_latency_seconds": (
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ),
+    "scheduler_lag_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+    "timer_lag_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+}  # fmt: skip
+
+_HELP: dict[str, str] = {
+    "execution_duration_seconds": "Wall time of one execution run (claim to final state).",
+    "start_latency_seconds": "Time from enqueue to the worker starting the execution.",
+    "scheduler_lag_seconds": "Delay between a schedule's due time and its enqueue.",
+    "timer_lag_seconds": "Delay between a durable timer's due time and its enqueue.",
+    "executions_finished_total": "Execution runs finished by workers, by final status.",
+}
+
+DEFAULT_FLUSH_INTERVAL_S = 5.0
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else format(bound, "g")
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    if not text:
+        return {}
+    return dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+
+
+@dataclass
+class _Hist:
+    buckets: list[int]
+    sum: float = 0.0
+    count: int = 0
+
+    def observe(self, bounds: tuple[float, ...], value: float) -> None:
+        index = len(bounds)  # +Inf
+        for i, bound in enumerate(bounds):
+            if value <= bound:
+                index = i
+                break
+        self.buckets[index] += 1
+        self.sum += value
+        self.count += 1
+
+    def merge(self, other: _Hist) -> None:
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.sum += other.sum
+        self.count += other.count
+
+
+@dataclass
+class _Pending:
+    counters: dict[tuple[str, str], int] = field(default_factory=dict)
+    hists: dict[tuple[str, str], _Hist] = field(default_factory=dict)
+    gauges: dict[str, float] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.counters or self.hists or self.gauges)
+
+    def merge(self, newer: _Pending) -> None:
+        for key, n in newer.counters.items():
+            self.counters[key] = self.counters.get(key, 0) + n
+        for key, hist in newer.hists.items():
+            if key in self.hists:
+                self.hists[key].merge(hist)
+            else:
+                self.hists[key] = hist
+        self.gauges.update(newer.gauges)
+
+
+class MetricsPublisher:
+    """Aggregates observations in memory; :meth:`flush` writes them to Redis in one batch.
+
+    Observing is synchronous and never touches the network. Run :meth:`run` as a supervised
+    loop and call :meth:`flush` once more on shutdown. If Redis is unavailable the pending
+    observations are kept and sent with the next successful flush.
+    """
+
+    def __init__(
+        self, queues: QueueFactory, *, flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
+    ) -> None:
+        self._queues = queues
+        self._interval = flush_interval_s
+        self._pending = _Pending()
+
+    # --- observations (called from hot paths; cheap and synchronous) ------------------------
+    def observe_execution(self, duration_s: float, status: str) -> None:
+        """One execution run ended in ``status`` after ``duration_s`` seconds."""
+        labels = _labels({"status": status})
+        key = ("executions_finished_total", labels)
+        self._pending.counters[key] = self._pending.counters.get(key, 0) + 1
+        self._observe("execution_duration_seconds", duration_s, labels)
+
+    def observe_start_latency(self, seconds: float) -> None:
+        """Enqueue-to-start latency of one execution job."""
+        self._observe("start_latency_seconds", seconds)
+
+    def observe_scheduler_lag(self, seconds: float) -> None:
+        """How late a schedule tick was enqueued."""
+        self._observe("scheduler_lag_seconds", seconds)
+        self._pending.gauges["scheduler_lag_seconds"] = seconds
+
+    def observe_timer_lag(self, seconds: float) -> None:
+        """How late a durable timer was enqueued."""
+        self._observe("timer_lag_seconds", seconds)
+        self._pending.gauges["timer_lag_seconds"] = seconds
+
+    def _observe(self, name: str, value: float, labels: str = "") -> None:
+        bounds = BUCKETS[name]
+        hist = self._pending.hists.get((name, labels))
+        if hist is None:
+            hist = self._pending.hists[(name, labels)] = _Hist([0] * (len(bounds) + 1))
+        hist.observe(bounds, max(0.0, float(value)))
+
+    # --- flushing ----------------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Write pending observations to Redis in one pipelined round trip.
+
+        On failure the observations are put back (merged with any made meanwhile) and the
+        Redis error propagates.
+        """
+        batch, self._pending = self._pending, _Pending()
+        if batch.empty():
+            return
+        try:
+            await self._write(batch)
+        except BaseException:
+            batch.merge(self._pending)
+            self._pending = batch
+            raise
+
+    async def _write(self, batch: _Pending) -> None:
+        q = self._queues
+        pipe = q.redis.pipeline(transaction=False)
+        counters_key = q.key("metrics", "counters")
+        for (name, labels), n in batch.counters.items():
+            pipe.hincrby(counters_key, f"{name}|{labels}", n)
+        for (name, labels), hist in batch.hists.items():
+            key = q.key("metrics", "hist", name)
+            bounds = (*BUCKETS[name], math.inf)
+            for bound, n in zip(bounds, hist.buckets, strict=True):
+                if n:
+                    pipe.hincrby(key, f"{labels}|le={_le(bound)}", n)
+            pipe.hincrbyfloat(key, f"{labels}|sum", hist.sum)
+            pipe.hincrby(key, f"{labels}|count", hist.count)
+        if batch.gauges:
+            gauges_key = q.key("metrics", "gauges")
+            for name, value in batch.gauges.items():
+                pipe.hset(gauges_key, name, repr(value))
+            pipe.hset(gauges_key, "updated_at", repr(time.time()))
+        await pipe.execute()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Flush every interval until ``stop`` is set (or cancelled); then flush once more."""
+        stop = stop or asyncio.Event()
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self._interval)
+                await self._flush_logged()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush_logged(), timeout=2.0)
+
+    async def _flush_logged(self) -> None:
+        try:
+            await self.flush()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("metrics.flush_failed", extra={"error": repr(exc)})
+
+
+# --- reading --------------------------------------------------------------------------------
+@dataclass
+class HistogramData:
+    """One labelled histogram series: cumulative ``(le, count)`` buckets ending in ``+Inf``."""
+
+    labels: dict[str, str]
+    buckets: list[tuple[str, float]]
+    sum: float
+    count: int
+
+
+@dataclass
+class MetricsSnapshot:
+    """What the publishers wrote, plus live queue depths read by the API."""
+
+    counters: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+    histograms: dict[str, list[HistogramData]] = field(default_factory=dict)
+    gauges: dict[str, float] = field(default_factory=dict)
+    queue_depths: dict[str, dict[str, int]] = field(default_factory=dict)
+    processes: dict[str, int] = field(default_factory=dict)
+    redis_up: bool = False
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def read_metrics(queues: QueueFactory) -> MetricsSnapshot:
+    """Read every published metric with one pipelined round trip."""
+    names = list(BUCKETS)
+    pipe = queues.redis.pipeline(transaction=False)
+    pipe.hgetall(queues.key("metrics", "counters"))
+    pipe.hgetall(queues.key("metrics", "gauges"))
+    for name in names:
+        pipe.hgetall(queues.key("metrics", "hist", name))
+    counters_raw, gauges_raw, *hists_raw = await pipe.execute()
+    snap = MetricsSnapshot()
+    for raw_field, raw_value in counters_raw.items():
+        name, _, labels = _text(raw_field).partition("|")
+        snap.counters.setdefault(name, []).append((_parse_labels(labels), float(_text(raw_value))))
+    for raw_field, raw_value in gauges_raw.items():
+        with contextlib.suppress(ValueError):
+            snap.gauges[_text(raw_field)] = float(_text(raw_value))
+    for name, raw in zip(names, hists_raw, strict=True):
+        snap.histograms[name] = _histograms(name, raw)
+    return snap
+
+
+def _histograms(name: str, raw: Mapping[Any, Any]) -> list[HistogramData]:
+    series: dict[str, dict[str, float]] = {}
+    for raw_field, raw_value in raw.items():
+        labels, _, part = _text(raw_field).rpartition("|")
+        series.setdefault(labels, {})[part] = float(_text(raw_value))
+    out: list[HistogramData] = []
+    for labels, parts in sorted(series.items()):
+        running = 0.0
+        buckets: list[tuple[str, float]] = []
+        for bound in (*BUCKETS[name], math.inf):
+            le = _le(bound)
+            running += parts.get(f"le={le}", 0.0)
+            buckets.append((le, running))
+        out.append(
+            HistogramData(
+                labels=_parse_labels(labels),
+                buckets=buckets,
+                sum=parts.get("sum", 0.0),
+                count=int(parts.get("count", running)),
+            )
+        )
+    return out
+
+
+class ConveyorCollector(Collector):
+    """A prometheus_client collector rendering the latest :class:`MetricsSnapshot`.
+
+    ``collect()`` is synchronous, so the API reads Redis first (``update``) and renders right
+    after, with no ``await`` in between.
+    """
+
+    def __init__(self, namespace: str = "conveyor") -> None:
+        self.namespace = namespace
+        self.snapshot = MetricsSnapshot()
+
+    def update(self, snapshot: MetricsSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap, ns = self.snapshot, self.namespace
+        yield GaugeMetricFamily(
+            f"{ns}_metrics_redis_up",
+            "1 if Redis answered while collecting this scrape, else 0.",
+            value=1.0 if snap.redis_up else 0.0,
+        )
+        depth = GaugeMetricFamily(
+            f"{ns}_queue_jobs", "Jobs in each BullMQ queue by state.", labels=["queue", "state"]
+        )
+        for queue, counts in sorted(snap.queue_depths.items()):
+            for state, n in sorted(counts.items()):
+                depth.add_metric([queue, state], n)
+        yield depth
+        procs = GaugeMetricFamily(
+            f"{ns}_processes", "Live Conveyor processes (heartbeats) by role.", labels=["role"]
+        )
+        for role, n in sorted(snap.processes.items()):
+            procs.add_metric([role], n)
+        yield procs
+        yield from self._counters(snap)
+        yield from self._histograms(snap)
+        for gauge in ("scheduler_lag_seconds", "timer_lag_seconds"):
+            if gauge in snap.gauges:
+                yield GaugeMetricFamily(
+                    f"{ns}_{gauge.replace('_seconds', '_last_seconds')}",
+                    f"Last observed value of {gauge}.",
+                    value=snap.gauges[gauge],
+                )
+
+    def _counters(self, snap: MetricsSnapshot) -> Iterable[Metric]:
+        name = "executions_finished_total"
+        family = CounterMetricFamily(
+            f"{self.namespace}_{name.removesuffix('_total')}", _HELP[name], labels=["status"]
+        )
+        for labels, value in snap.counters.get(name, []):
+            family.add_metric([labels.get("status", "")], value)
+        yield family
+
+    def _histograms(self, snap: MetricsSnapshot) -> Iterable[Metric]:
+        for name in BUCKETS:
+            label_names = ["status"] if name == "execution_duration_seconds" else []
+            family = HistogramMetricFamily(
+                f"{self.namespace}_{name}", _HELP[name], labels=label_names
+            )
+            for series in snap.histograms.get(name, []):
+                family.add_metric(
+                    [series.labels.get(n, "") for n in label_names], series.buckets, series.sum
+                )
+            yield family

@@ -1,0 +1,140 @@
+"""The worker's half of tenant fairness (the enqueue half is :mod:`conveyor.dispatch`).
+
+When a job *starts* (it passed the tenant cap) its tenant's pending counter is decremented.
+Decrements are batched in memory and flushed every ~50 ms in one pipeline (one Lua call per
+queue, clamped at 0, zero entries deleted). Every ``clamp_interval_s`` each counter is clamped
+to the queue's real backlog (wait + paused + prioritized + delayed), and the hash is deleted
+when the queue is empty: drift from duplicates, lost decrements (a crash between start and
+flush) or producers that bypass the dispatcher cannot grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from conveyor.dispatch import _DECREMENT_SCRIPT, fair_key
+
+if TYPE_CHECKING:
+    from conveyor.queue import QueueFactory
+    from conveyor.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] fairness hash, KEYS[2] wait, KEYS[3] paused, KEYS[4] prioritized, KEYS[5] delayed.
+# Clamp every tenant's counter to the queue's backlog; returns the backlog.
+_CLAMP_SCRIPT = """
+local pending = redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])
+  + redis.call('ZCARD', KEYS[4]) + redis.call('ZCARD', KEYS[5])
+if pending == 0 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local v = tonumber(all[i + 1])
+  if v <= 0 then
+    redis.call('HDEL', KEYS[1], all[i])
+  elseif v > pending then
+    redis.call('HSET', KEYS[1], all[i], pending)
+  end
+end
+return pending
+"""
+
+
+class FairnessLedger:
+    """Batches "job started" decrements and bounds the counters' drift."""
+
+    def __init__(
+        self,
+        queues: QueueFactory,
+        settings: Settings,
+        queue_names: Sequence[str],
+        *,
+        flush_interval_s: float = 0.05,
+        clamp_interval_s: float = 30.0,
+    ) -> None:
+        self._queues = queues
+        self._prefix = settings.queue_prefix
+        self.queue_names = list(queue_names)
+        self.flush_interval_s = flush_interval_s
+        self.clamp_interval_s = clamp_interval_s
+        self._pending: dict[str, dict[str, int]] = {}
+        self._dirty = asyncio.Event()
+        self._decrement: Any = None
+        self._clamp: Any = None
+        self.flushes = 0
+
+    def started(self, queue_name: str, tenant: str) -> None:
+        """A job of ``tenant`` started on ``queue_name`` (no I/O)."""
+        per = self._pending.get(queue_name)
+        if per is None:
+            per = self._pending[queue_name] = {}
+        per[tenant] = per.get(tenant, 0) + 1
+        self._dirty.set()
+
+    def _scripts(self) -> tuple[Any, Any]:
+        if self._decrement is None:
+            self._decrement = self._queues.redis.register_script(_DECREMENT_SCRIPT)
+            self._clamp = self._queues.redis.register_script(_CLAMP_SCRIPT)
+        return self._decrement, self._clamp
+
+    async def flush(self) -> None:
+        """Send the batched decrements in one pipeline; on failure they are kept for later."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        self._dirty.clear()
+        decrement, _clamp = self._scripts()
+        pipe = self._queues.redis.pipeline(transaction=False)
+        for queue_name, per in batch.items():
+            args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
+            await decrement(keys=[fair_key(self._queues, queue_name)], args=args, client=pipe)
+        try:
+            await pipe.execute()
+        except BaseException:
+            for queue_name, per in batch.items():
+                for tenant, n in per.items():
+                    for _ in range(n):
+                        self.started(queue_name, tenant)
+            raise
+        self.flushes += 1
+
+    async def clamp(self) -> dict[str, int]:
+        """Clamp every counter to its queue's backlog; returns the backlog per queue."""
+        _decrement, clamp = self._scripts()
+        out: dict[str, int] = {}
+        for name in self.queue_names:
+            base = f"{self._prefix}:{name}"
+            keys = [
+                fair_key(self._queues, name),
+                f"{base}:wait",
+                f"{base}:paused",
+                f"{base}:prioritized",
+                f"{base}:delayed",
+            ]
+            out[name] = int(await clamp(keys=keys, args=[]))
+        return out
+
+    async def run(self) -> None:
+        """Flush while there is something to flush; clamp now and then. Never ends by itself."""
+        next_clamp = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout=self.clamp_interval_s)
+            await asyncio.sleep(self.flush_interval_s)
+            try:
+                await self.flush()
+                if time.monotonic() >= next_clamp:
+                    await self.clamp()
+                    next_clamp = time.monotonic() + self.clamp_interval_s
+            except (RedisError, OSError) as exc:
+                log.warning("fairness.flush_failed", extra={"error": repr(exc)})
+                await asyncio.sleep(1.0)

@@ -1,0 +1,122 @@
+"""The reconciler: the database is the source of truth, the queue is rebuilt from it.
+
+Runs inside the leading scheduler (one active instance cluster-wide), every
+``RECONCILE_INTERVAL_MS``. Each pass asks the store for *stranded* executions
+(:meth:`ExecutionService.stranded`): ``queued`` and not (re-)enqueued for
+``RECONCILE_MIN_AGE_MS``, ``running`` with an expired lease, ``waiting`` whose wake time passed.
+For each, it looks for a live job in Redis — the execution's own job (job id = execution id)
+and, for waiting/running ones, the job of its latest timer (``timer:<id>``). If none is
+waiting, delayed or active, it enqueues the execution again through the
+:class:`~conveyor.dispatch.ExecutionDispatcher` with job id = execution id (a finished job
+under that id is removed first, since BullMQ ignores an add whose id exists). The engine's
+lease fencing makes a redundant run harmless. Checked executions get ``enqueued_at = now`` so
+they are looked at again only after the minimum age.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from conveyor.dispatch import ExecutionDispatcher, execution_queue_name
+from conveyor.queue import Queue, QueueFactory, WorkflowExecute
+
+if TYPE_CHECKING:
+    from conveyor.settings import Settings
+    from conveyor.store import Execution, Store
+
+log = logging.getLogger(__name__)
+
+FINISHED_STATES = frozenset({"completed", "failed"})
+_CONCURRENCY = 32
+
+
+class Reconciler:
+    """Re-enqueues executions whose queue job is missing."""
+
+    def __init__(
+        self,
+        store: Store,
+        queues: QueueFactory,
+        dispatcher: ExecutionDispatcher,
+        settings: Settings,
+        *,
+        limit: int = 500,
+    ) -> None:
+        self.store = store
+        self.queues = queues
+        self.dispatcher = dispatcher
+        self.min_age_s = settings.reconcile_min_age_ms / 1000
+        self.limit = limit
+        self._queues: dict[str, Queue] = {}
+        self.recovered = 0
+        self.passes = 0
+
+    def _queue(self, region: str) -> Queue:
+        name = execution_queue_name(region)
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = self.queues.create_queue(name)
+        return queue
+
+    async def run_once(self, now: datetime | None = None) -> list[str]:
+        """One pass; returns the ids of the executions enqueued again."""
+        now = now or datetime.now(UTC)
+        stranded = await self.store.executions.stranded(
+            now, min_age_s=self.min_age_s, limit=self.limit
+        )
+        self.passes += 1
+        if not stranded:
+            return []
+        gate = asyncio.Semaphore(_CONCURRENCY)
+
+        async def check(execution: Execution) -> bool:
+            async with gate:
+                return await self._recover(execution)
+
+        results = await asyncio.gather(*(check(e) for e in stranded))
+        recovered = [e.id for e, done in zip(stranded, results, strict=True) if done]
+        await self.store.executions.mark_enqueued([e.id for e in stranded], now)
+        if recovered:
+            self.recovered += len(recovered)
+            log.warning(
+                "reconcile.recovered",
+                extra={"executions": len(recovered), "checked": len(stranded)},
+            )
+        return recovered
+
+    async def _job_ids(self, execution: Execution) -> list[str]:
+        ids = [execution.id]
+        if execution.status in ("waiting", "running"):
+            timers = await self.store.timers.for_execution(execution.tenant_id, execution.id)
+            if timers:
+                ids.append(timers[-1].job_id)
+        return ids
+
+    async def _recover(self, execution: Execution) -> bool:
+        queue = self._queue(execution.region)
+        own_state: str | None = None
+        for job_id in await self._job_ids(execution):
+            state = await queue.get_job_state(job_id)
+            if job_id == execution.id:
+                own_state = state
+            if state is not None and state not in FINISHED_STATES:
+                return False  # a live job will run it
+        if own_state in FINISHED_STATES:
+            await queue.remove(execution.id)
+        payload = WorkflowExecute(
+            execution_id=execution.id,
+            tenant_id=execution.tenant_id,
+            workflow_id=execution.workflow_id,
+            region=execution.region,
+            workflow_version=execution.workflow_version,
+            reason="recovery",
+        )
+        await self.dispatcher.enqueue(payload)
+        log.info(
+            "reconcile.enqueued",
+            extra={"executionId": execution.id, "status": execution.status, "job": own_state},
+        )
+        return True

@@ -1,0 +1,235 @@
+"""The execution processor: limits, fairness, the engine, lock loss, outcomes, metrics.
+
+One :class:`ExecutionRunner` serves every region's BullMQ worker of the process.
+
+* A job first takes a slot of the process-wide budget, then one of its tenant's; a tenant at its
+  cap gets its job parked (``JobDeferred``), see :mod:`conveyor.workers._limits`.
+* The engine gets ``JobContext.lock_lost`` as its ``abandon`` event: if the job's lock cannot be
+  renewed, the step in progress is abandoned (nothing of it is written, the lease is released;
+  a stale runner's writes are fenced off by the lease) and the job is deferred, never failed.
+* Cut off by the end of the shutdown grace period, a job is handed back (delayed, due now) for
+  another worker, not failed; the engine releases its lease on cancellation.
+* The database is the source of truth: an execution already terminal is "done" (the job
+  completes); an execution failed by its workflow completes the job too (the job's work, running
+  the execution, was done); the job fails only when it can never be run (unknown execution).
+  Database outages defer the job instead of failing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from conveyor.engine import OutcomeKind, RunOutcome
+from conveyor.errors import DatabaseUnavailable, PayloadInvalid
+from conveyor.queue import JobDeferred
+from conveyor.workers._limits import ConcurrencyLimits
+
+if TYPE_CHECKING:
+    from conveyor.metrics import MetricsPublisher
+    from conveyor.queue import JobContext, Queue
+    from conveyor.queue.payloads import WorkflowExecute
+    from conveyor.workers._fairness import FairnessLedger
+
+log = logging.getLogger(__name__)
+
+LOCK_LOST_DEFER_MS = 1_000
+"""A job whose lock was lost goes back to delayed for this long (if we still hold it)."""
+DB_DOWN_DEFER_MS = 5_000
+"""A job that met a database outage is retried after this long."""
+LEASE_BUSY_DEFER_MS = 2_000
+"""A job whose execution is leased by another runner is retried after this long (at least)."""
+NOT_DUE_DEFER_MAX_S = 300.0
+"""An execution whose timer is due within this long is retried then; later ones are left to
+the timer dispatcher."""
+_PROMOTE_RETRIES = 40
+_RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "error"))
+"""Outcomes of runs that really executed something (observed in the metrics)."""
+
+
+class EngineLike(Protocol):
+    def run(
+        self, execution_id: str, *, abandon: asyncio.Event | None = None
+    ) -> Awaitable[RunOutcome]: ...
+
+
+@dataclass
+class Counters:
+    done: int = 0
+    failed: int = 0
+    parked: int = 0
+    deferred: int = 0
+    lock_lost: int = 0
+
+
+def _defer_ms(seconds: float | None, floor_ms: int) -> int:
+    """A deferral a little after ``seconds`` (at least ``floor_ms``, at least 50 ms)."""
+    ms = int((seconds or 0.0) * 1000) + 50
+    return max(ms, floor_ms, 50)
+
+
+class ExecutionRunner:
+    """The processor of ``workflow.execute.<region>`` jobs (one per process)."""
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        limits: ConcurrencyLimits,
+        ledger: FairnessLedger,
+        queue_for: Callable[[str], Queue],
+        metrics: MetricsPublisher | None = None,
+    ) -> None:
+        self._engine = engine
+        self.limits = limits
+        self._ledger = ledger
+        self._queue_for = queue_for
+        self._metrics = metrics
+        self.counters = Counters()
+        self.draining = False
+        """Set when the process stops: a job cancelled now is handed back, not failed."""
+        self._promotions: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
+
+    # --- the processor ----------------------------------------------------------------------
+    async def process(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
+        limits = self.limits
+        await limits.acquire_slot()
+        try:
+            tenant = payload.tenant_id
+            if not limits.try_start(tenant, ctx.id):
+                self.counters.parked += 1
+                raise JobDeferred(limits.park(tenant, ctx.queue_name, ctx.id))
+            return await self._started(payload, ctx)
+        finally:
+            limits.release_slot()
+
+    async def _started(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
+        tenant = payload.tenant_id
+        self._ledger.started(ctx.queue_name, tenant)
+        started = time.monotonic()
+        latency_s = time.time() - payload.enqueued_at / 1000 if payload.enqueued_at else None
+        status = "error"
+        try:
+            status = await self._run(payload, ctx)
+            self.counters.done += 1
+            return {"executionId": payload.execution_id, "status": status}
+        except JobDeferred:
+            status = "deferred"
+            self.counters.deferred += 1
+            raise
+        except asyncio.CancelledError:
+            if not self.draining:
+                raise
+            # Cut off by the end of the shutdown grace period: hand the job back to the queue
+            # (delayed, due now) so another worker resumes it; never count it as failed.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            status = "deferred"
+            self.counters.deferred += 1
+            log.warning("execution.handed_back", extra={"executionId": payload.execution_id})
+            raise JobDeferred(0, "worker shutting down") from None
+        except BaseException:
+            self.counters.failed += 1
+            raise
+        finally:
+            duration = time.monotonic() - started
+            promote = self.limits.finish(tenant, duration)
+            if promote is not None:
+                self._promotions.put_nowait((tenant, *promote))
+            if self._metrics is not None and status in _RAN:
+                self._metrics.observe_execution(duration, status)
+                if latency_s is not None:
+                    self._metrics.observe_start_latency(max(0.0, latency_s))
+
+    async def _run(self, payload: WorkflowExecute, ctx: JobContext) -> str:
+        """Run the engine under the job's lock; returns the outcome's name."""
+        execution_id = payload.execution_id
+        if ctx.lock_lost.is_set():
+            raise JobDeferred(LOCK_LOST_DEFER_MS, "job lock lost")
+        try:
+            outcome = await self._engine.run(execution_id, abandon=ctx.lock_lost)
+        except DatabaseUnavailable as exc:
+            log.warning(
+                "execution.db_unavailable", extra={"executionId": execution_id, "error": str(exc)}
+            )
+            raise JobDeferred(DB_DOWN_DEFER_MS, "database unavailable") from exc
+        return self._settle(execution_id, outcome)
+
+    def _settle(self, execution_id: str, outcome: RunOutcome) -> str:
+        """Turn an engine outcome into the job's fate: return (complete), defer or fail."""
+        kind = outcome.kind
+        if kind is OutcomeKind.MISSING:
+            raise PayloadInvalid(f"execution {execution_id} does not exist")
+        if kind is OutcomeKind.BUSY:
+            # Another runner holds a live lease: it finishes the execution, or it died and its
+            # lease expires; either way try again then. Never fail the job for this.
+            raise JobDeferred(
+                _defer_ms(outcome.retry_after_s, LEASE_BUSY_DEFER_MS),
+                "execution leased by another runner",
+            )
+        if kind is OutcomeKind.NOT_DUE:
+            wait = outcome.retry_after_s
+            if wait is not None and wait <= NOT_DUE_DEFER_MAX_S:
+                raise JobDeferred(_defer_ms(wait, 0), "execution timer not due yet")
+        elif kind is OutcomeKind.ABANDONED:
+            self.counters.lock_lost += 1
+            log.warning("execution.lock_lost", extra={"executionId": execution_id})
+            raise JobDeferred(LOCK_LOST_DEFER_MS, "job lock lost; step abandoned")
+        # SUCCEEDED / FAILED / CANCELLED / WAITING: the database holds the result.
+        # SKIPPED: already finished (duplicate delivery). LEASE_LOST: a newer runner has it.
+        return str(kind.value)
+
+    # --- promoting parked jobs --------------------------------------------------------------
+    async def run_promoter(self) -> None:
+        """Promote the oldest parked job of a tenant whose slot freed. Never ends by itself."""
+        while True:
+            tenant, queue_name, job_id = await self._promotions.get()
+            try:
+                await self._promote(tenant, queue_name, job_id)
+            except Exception as exc:
+                log.warning("worker.promote_failed", extra={"jobId": job_id, "error": repr(exc)})
+                self.limits.unpark_front(tenant, queue_name, job_id)
+                await asyncio.sleep(1.0)
+                nxt = self.limits.take_parked(tenant)
+                if nxt is not None:
+                    self._promotions.put_nowait((tenant, *nxt))
+
+    async def _promote(self, tenant: str, queue_name: str, job_id: str) -> None:
+        item: tuple[str, str] | None = (queue_name, job_id)
+        while item is not None:
+            if await self._promote_one(*item):
+                return
+            item = self.limits.take_parked(tenant)
+
+    async def _promote_one(self, queue_name: str, job_id: str) -> bool:
+        """Promote one parked job; False if it is no longer parked (try the next one)."""
+        queue = self._queue_for(queue_name)
+        for _ in range(_PROMOTE_RETRIES):
+            if await queue.promote(job_id):
+                log.debug("worker.promoted", extra={"jobId": job_id})
+                return True
+            state = await queue.get_job_state(job_id)
+            if state != "active":  # "active": still on its way to delayed; try again shortly
+                return False
+            await asyncio.sleep(0.005)
+        return False
+
+    async def hand_back_parked(self, timeout_s: float = 2.0) -> int:
+        """Shutdown: promote every parked job so other workers run it now. Returns the count."""
+        parked = self.limits.drain_parked()
+        done = 0
+
+        async def promote_all() -> None:
+            nonlocal done
+            for queue_name, job_id in parked:
+                if await self._queue_for(queue_name).promote(job_id):
+                    done += 1
+
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(promote_all(), timeout=timeout_s)
+        return done

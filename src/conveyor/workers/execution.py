@@ -1,0 +1,240 @@
+"""``conveyor worker``: the execution worker process.
+
+Start-up, in order: settings (given), the database schema (``SchemaOutOfDate`` -> "run
+`conveyor migrate`", exit 1), ``assert_queue_is_ready`` (one clear line, exit 1 within seconds),
+then one BullMQ worker per ``workflow.execute.<region>`` of ``EXECUTION_REGIONS``, all sharing
+one process-wide budget of ``EXECUTION_WORKER_CONCURRENCY`` slots and the per-tenant cap.
+
+Supervised loops: each region's BullMQ worker, the heartbeat, the fairness ledger, the parked-job
+promoter and the metrics publisher. If one dies the process logs why and exits 1.
+
+Shutdown on SIGTERM/SIGINT: stop fetching; active jobs get ``SHUTDOWN_GRACE_MS`` to finish;
+jobs cut off after that are handed back to the queue (not failed) for another worker; parked
+jobs are promoted for the other workers; metrics and fairness counters are flushed; the
+heartbeat key is removed; exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+from conveyor.dispatch import execution_queue_name
+from conveyor.engine import Engine
+from conveyor.errors import ConveyorError, DatabaseUnavailable, QueueError, SchemaOutOfDate
+from conveyor.heartbeat import Heartbeat
+from conveyor.metrics import MetricsPublisher
+from conveyor.queue import Queue, QueueFactory, Worker
+from conveyor.runtime import Supervisor
+from conveyor.settings import Settings
+from conveyor.store import Store
+from conveyor.workers._fairness import FairnessLedger
+from conveyor.workers._limits import ConcurrencyLimits
+from conveyor.workers._runner import ExecutionRunner
+
+log = logging.getLogger("conveyor.workers.execution")  # also when run with -m
+
+MAX_STALLED_COUNT = 2
+"""A job may be recovered from a crashed worker twice before BullMQ fails it."""
+_CLOSE_MARGIN_S = 5.0
+
+
+class ExecutionWorker:
+    """The running process: everything that exists once start-up checks have passed."""
+
+    def __init__(
+        self, settings: Settings, engine: Engine, queues: QueueFactory, supervisor: Supervisor
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.queues = queues
+        self.supervisor = supervisor
+        self.queue_names = [execution_queue_name(r) for r in settings.execution_regions]
+        self._queues: dict[str, Queue] = {}
+        self.workers: list[Worker] = []
+        self.started = False
+
+    def queue(self, name: str) -> Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = self.queues.create_queue(name)
+        return queue
+
+    def _build(self) -> None:
+        s = self.settings
+        self.limits = ConcurrencyLimits(s.execution_worker_concurrency, s.tenant_concurrency)
+        self.ledger = FairnessLedger(self.queues, s, self.queue_names)
+        self.metrics = MetricsPublisher(self.queues)
+        self.runner = ExecutionRunner(
+            self.engine, self.limits, self.ledger, self.queue, metrics=self.metrics
+        )
+        self.heartbeat = Heartbeat(self.queues, role="worker", settings=s, info_fn=self.info)
+        self.workers = [
+            self.queues.create_worker(
+                name,
+                self.runner.process,
+                concurrency=s.execution_worker_concurrency,
+                lock_duration_ms=s.execution_lock_duration_ms,
+                stalled_interval_ms=s.execution_stalled_interval_ms,
+                max_stalled_count=MAX_STALLED_COUNT,
+            )
+            for name in self.queue_names
+        ]
+
+    async def info(self) -> dict[str, Any]:
+        """The worker's part of its heartbeat document."""
+        c = self.runner.counters
+        return {
+            "started": self.started,
+            "queueDriver": self.queues.driver,
+            "queues": self.queue_names,
+            "concurrency": self.limits.concurrency,
+            "tenantConcurrency": self.limits.tenant_concurrency,
+            "activeJobs": self.limits.active,
+            "activeByTenant": self.limits.active_by_tenant(),
+            "parkedJobs": self.limits.parked_count,
+            "jobsDone": c.done,
+            "jobsFailed": c.failed,
+            "jobsParked": c.parked,
+            "jobsDeferred": c.deferred,
+            "queueDepths": await self._depths(),
+        }
+
+    async def _depths(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name in self.queue_names:
+            try:
+                counts = await self.queue(name).get_job_counts(
+                    "waiting", "prioritized", "active", "delayed"
+                )
+            except (ConveyorError, OSError):
+                continue
+            waiting = counts.get("waiting", 0) + counts.get("prioritized", 0)
+            active, delayed = counts.get("active", 0), counts.get("delayed", 0)
+            out[name] = {
+                "waiting": waiting,
+                "active": active,
+                "delayed": delayed,
+                "total": waiting + active + delayed,
+            }
+        return out
+
+    async def serve(self) -> int:
+        """Run until a signal or a loop death; drain; 0 on a clean stop, 1 otherwise."""
+        self._build()
+        sup = self.supervisor
+        for name, worker in zip(self.queue_names, self.workers, strict=True):
+            sup.spawn(f"consume.{name}", worker.run())
+        sup.spawn("heartbeat", self.heartbeat.run())
+        sup.spawn("fairness", self.ledger.run())
+        sup.spawn("promoter", self.runner.run_promoter())
+        sup.spawn("metrics", self.metrics.run())
+        self.started = True
+        # Everything loaded so far (modules, settings, pools) lives as long as the process:
+        # keep it out of the collector's scans so full collections do not stall the loop.
+        gc.collect()
+        gc.freeze()
+        log.info(
+            "worker.started",
+            extra={
+                "queues": self.queue_names,
+                "concurrency": self.limits.concurrency,
+                "tenantConcurrency": self.limits.tenant_concurrency,
+                "id": self.heartbeat.process_id,
+            },
+        )
+        with contextlib.suppress(Exception):
+            await self.heartbeat.beat()
+        await sup.wait()
+        await self.drain()
+        if sup.failure is not None:
+            log.error("worker.exit_failed", extra={"error": repr(sup.failure)})
+            return 1
+        return 0
+
+    async def drain(self) -> None:
+        """Two-phase drain: stop fetching and wait the grace period, then hand work back."""
+        grace = self.settings.shutdown_grace_s
+        started = time.monotonic()
+        log.info("worker.draining", extra={"activeJobs": self.limits.active, "graceS": grace})
+        self.runner.draining = True
+        closes = [w.close(timeout_s=grace) for w in self.workers]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.gather(*closes, return_exceptions=True), timeout=grace + _CLOSE_MARGIN_S
+            )
+        handed = await self.runner.hand_back_parked()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ledger.flush(), timeout=2.0)
+        await self.supervisor.cancel_all(5.0)  # metrics.run flushes on cancel
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.heartbeat.remove(), timeout=2.0)
+        c = self.runner.counters
+        log.info(
+            "worker.stopped",
+            extra={
+                "drainS": round(time.monotonic() - started, 3),
+                "activeLeft": self.limits.active,
+                "parkedHandedBack": handed,
+                "jobsDone": c.done,
+                "jobsFailed": c.failed,
+            },
+        )
+
+
+async def serve(settings: Settings, supervisor: Supervisor | None = None) -> int:
+    """Check, start, serve, drain. Returns the process exit code.
+
+    ``supervisor`` lets an embedding caller (tests, ``conveyor dev``) stop the worker with
+    ``supervisor.stop()``; SIGTERM/SIGINT stop it either way.
+    """
+    supervisor = supervisor or Supervisor("worker")
+    supervisor.install_signal_handlers()
+    try:
+        async with AsyncExitStack() as stack:
+            try:
+                store = await stack.enter_async_context(Store(settings))
+                await store.check_schema()
+            except (SchemaOutOfDate, DatabaseUnavailable) as exc:
+                log.error("worker.database_not_ready: %s", exc, extra={"error": type(exc).__name__})
+                return 1
+            queues = await stack.enter_async_context(QueueFactory(settings))
+            try:
+                await queues.assert_queue_is_ready()
+            except QueueError as exc:
+                log.error("worker.queue_not_ready: %s", exc, extra={"error": type(exc).__name__})
+                return 1
+            if supervisor.stopping:
+                return 0
+            engine = await stack.enter_async_context(
+                Engine(store, settings, lease_ttl_s=settings.execution_lock_duration_ms / 1000)
+            )
+            return await ExecutionWorker(settings, engine, queues, supervisor).serve()
+    finally:
+        supervisor.remove_signal_handlers()
+
+
+def _run_loop(settings: Settings) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        return asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(settings))
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """``conveyor worker``."""
+    return _run_loop(settings)
+
+
+if __name__ == "__main__":
+    from conveyor.cli import entry
+
+    entry(run, "worker")

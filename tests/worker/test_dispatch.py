@@ -1,0 +1,101 @@
+"""The dispatcher's fairness priorities and the worker's ledger, against the real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from conveyor.dispatch import ExecutionDispatcher, fair_key
+from conveyor.errors import QueueUnavailable
+from conveyor.queue import QueueFactory
+from conveyor.workers._fairness import FairnessLedger
+from tests.helpers import free_port
+from tests.worker._support import make_settings, payload
+
+QUEUE = "workflow.execute.us"
+
+
+@pytest.fixture
+async def qf(redis_prefix: str) -> AsyncIterator[QueueFactory]:
+    async with QueueFactory(make_settings(redis_prefix)) as factory:
+        yield factory
+
+
+async def _order(client: aioredis.Redis, prefix: str) -> list[str]:
+    """Job ids in the order BullMQ will hand them out (prioritized set)."""
+    return list(await client.zrange(f"{prefix}:{QUEUE}:prioritized", 0, -1))
+
+
+async def test_priorities_round_robin_tenants(
+    qf: QueueFactory, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    dispatcher = ExecutionDispatcher(qf, qf.settings)
+    a_ids = [await dispatcher.enqueue(payload("tenant-a", f"a-{i}")) for i in range(5)]
+    b_id = await dispatcher.enqueue(payload("tenant-b", "b-0"))
+    assert a_ids == [f"a-{i}" for i in range(5)] and b_id == "b-0"
+    order = await _order(redis_client, redis_prefix)
+    assert order[:3] == ["a-0", "b-0", "a-1"]  # B's first job goes right behind A's first
+    assert await redis_client.hget(f"{redis_prefix}:{QUEUE}:a-4", "priority") == "5"
+    counts = await redis_client.hgetall(fair_key(qf, QUEUE))
+    assert counts == {"tenant-a": "5", "tenant-b": "1"}
+    job = await redis_client.hget(f"{redis_prefix}:{QUEUE}:b-0", "data")
+    assert job is not None and '"enqueuedAt"' in job and '"enqueuedAt": null' not in job
+
+
+async def test_duplicate_dispatch_is_not_counted(
+    qf: QueueFactory, redis_client: aioredis.Redis
+) -> None:
+    dispatcher = ExecutionDispatcher(qf, qf.settings)
+    p = payload("tenant-a", "same-1")
+    assert await dispatcher.enqueue(p) == "same-1"
+    assert await dispatcher.enqueue(p) == "same-1"
+    assert await dispatcher.enqueue_many([p, p]) == ["same-1", "same-1"]
+    assert await redis_client.hget(fair_key(qf, QUEUE), "tenant-a") == "1"
+
+
+async def test_enqueue_many_counts_per_tenant(
+    qf: QueueFactory, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    dispatcher = ExecutionDispatcher(qf, qf.settings)
+    await dispatcher.enqueue(payload("tenant-a", "first-a"))
+    batch = [payload("tenant-a", f"a-{i}") for i in range(3)] + [payload("tenant-b", "b-0")]
+    ids = await dispatcher.enqueue_many(batch)
+    assert ids == ["a-0", "a-1", "a-2", "b-0"]
+    prios = {i: await redis_client.hget(f"{redis_prefix}:{QUEUE}:{i}", "priority") for i in ids}
+    assert prios == {"a-0": "2", "a-1": "3", "a-2": "4", "b-0": "1"}
+    assert (await _order(redis_client, redis_prefix))[:2] == ["first-a", "b-0"]
+
+
+async def test_ledger_decrements_in_batches_and_clamps(
+    qf: QueueFactory, redis_client: aioredis.Redis
+) -> None:
+    dispatcher = ExecutionDispatcher(qf, qf.settings)
+    await dispatcher.enqueue_many([payload("tenant-a", f"a-{i}") for i in range(4)])
+    ledger = FairnessLedger(qf, qf.settings, [QUEUE])
+    for _ in range(3):
+        ledger.started(QUEUE, "tenant-a")
+    ledger.started(QUEUE, "tenant-x")  # never counted (e.g. an external producer): floor at 0
+    await ledger.flush()
+    key = fair_key(qf, QUEUE)
+    assert await redis_client.hgetall(key) == {"tenant-a": "1"}
+    await redis_client.hset(key, mapping={"tenant-a": 1000, "ghost": 7})  # drift
+    backlog = await ledger.clamp()
+    assert backlog == {QUEUE: 4}
+    assert await redis_client.hgetall(key) == {"tenant-a": "4", "ghost": "4"}
+    # an empty queue resets the counters
+    await redis_client.delete(f"{qf.settings.queue_prefix}:{QUEUE}:prioritized")
+    assert await ledger.clamp() == {QUEUE: 0}
+    assert await redis_client.exists(key) == 0
+
+
+async def test_enqueue_fails_fast_when_redis_is_down(redis_prefix: str) -> None:
+    settings = make_settings(redis_prefix, QUEUE_REDIS_PORT=str(free_port()))
+    async with QueueFactory(settings) as factory:
+        dispatcher = ExecutionDispatcher(factory, settings)
+        started = time.monotonic()
+        with pytest.raises(QueueUnavailable):
+            await dispatcher.enqueue(payload("tenant-a"))
+        assert time.monotonic() - started < 5

@@ -1,0 +1,156 @@
+"""The execution processor in-process (real Postgres and Redis, no BullMQ loop): how engine
+outcomes become the job's fate, lock loss, redelivery of finished executions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from conveyor.engine import Engine
+from conveyor.errors import PayloadInvalid
+from conveyor.queue import JobContext, JobDeferred, WorkflowExecute
+from conveyor.settings import Settings
+from conveyor.workers._fairness import FairnessLedger
+from conveyor.workers._limits import ConcurrencyLimits
+from conveyor.workers._runner import ExecutionRunner
+from tests.worker._support import eventually, http_recorder
+from tests.worker.conftest import Seeder, seeder
+
+QUEUE = "workflow.execute.us"
+
+
+@asynccontextmanager
+async def runner_for(settings: Settings) -> AsyncIterator[tuple[ExecutionRunner, Seeder]]:
+    async with seeder(settings) as s, Engine(s.store, settings, lease_ttl_s=5) as engine:
+        limits = ConcurrencyLimits(4, 4)
+        ledger = FairnessLedger(s.queues, settings, [QUEUE])
+        yield ExecutionRunner(engine, limits, ledger, s.queues.create_queue), s
+
+
+def job(execution_id: str, tenant: str) -> tuple[WorkflowExecute, JobContext]:
+    payload = WorkflowExecute(
+        execution_id=execution_id,
+        tenant_id=tenant,
+        workflow_id="wf",
+        region="us",
+        enqueued_at=int(time.time() * 1000),
+    )
+    return payload, JobContext(execution_id, "workflow.execute", QUEUE, 0, payload.enqueued_at or 0)
+
+
+@pytest.fixture
+def allow_local(wsettings: Settings) -> Settings:
+    return wsettings.model_copy(update={"http_allowlist": ("127.0.0.1",)})
+
+
+async def test_redelivered_finished_execution_completes_without_rerunning(
+    allow_local: Settings,
+) -> None:
+    with http_recorder() as rec:
+        async with runner_for(allow_local) as (runner, s):
+            t = await s.tenant()
+            wf = await s.workflow(t, [{"id": "call", "type": "http", "url": rec.url("/once")}])
+            (ex,) = await s.executions(t, wf, [None], dispatch=False)
+            first = await runner.process(*job(ex, t))
+            # BullMQ lost the completion (e.g. Redis dropped): the job is delivered again.
+            again = await runner.process(*job(ex, t))
+            assert (await s.statuses([ex]))[ex] == "succeeded"
+    assert first == {"executionId": ex, "status": "succeeded"}
+    assert again == {"executionId": ex, "status": "skipped"}  # the database state wins
+    assert rec.count("/once") == 1
+    assert runner.counters.done == 2 and runner.counters.failed == 0
+
+
+async def test_unknown_execution_fails_without_retry(wsettings: Settings) -> None:
+    async with runner_for(wsettings) as (runner, s):
+        with pytest.raises(PayloadInvalid):
+            await runner.process(*job("no-such-execution", await s.tenant()))
+    assert runner.limits.active == 0
+
+
+async def test_lock_lost_abandons_the_step_and_defers(allow_local: Settings) -> None:
+    with http_recorder() as rec:
+        async with runner_for(allow_local) as (runner, s):
+            t = await s.tenant()
+            steps = [
+                {"id": "a", "type": "noop"},
+                {"id": "b", "type": "http", "url": rec.url("/block", max_s=5)},
+            ]
+            (ex,) = await s.executions(t, await s.workflow(t, steps), [None], dispatch=False)
+            payload, ctx = job(ex, t)
+            task = asyncio.create_task(runner.process(payload, ctx))
+
+            async def blocked() -> bool:
+                return rec.count("/block") > 0
+
+            await eventually(blocked, 10, "step b starts")
+            ctx.lock_lost.set()  # the queue could not renew the job's lock
+            with pytest.raises(JobDeferred):
+                await asyncio.wait_for(task, 10)
+            steps_run = await s.store.executions.step_runs(t, ex)
+            assert [r.step_id for r in steps_run] == ["a"]  # nothing of "b" was written
+            rec.release.set()
+            # the lease was released: the next delivery resumes at once, after step "a"
+            result = await runner.process(*job(ex, t))
+            steps_run = await s.store.executions.step_runs(t, ex)
+    assert result["status"] == "succeeded"
+    assert [r.step_id for r in steps_run] == ["a", "b"]
+    assert runner.counters.lock_lost == 1
+
+
+async def test_busy_execution_is_deferred_not_failed(wsettings: Settings) -> None:
+    async with runner_for(wsettings) as (runner, s):
+        t = await s.tenant()
+        (ex,) = await s.executions(
+            t, await s.workflow(t, [{"id": "n", "type": "noop"}]), [None], dispatch=False
+        )
+        now = time.time()
+        from datetime import UTC, datetime, timedelta
+
+        claimed = await s.store.runs.claim(
+            ex, datetime.now(UTC), datetime.now(UTC) + timedelta(seconds=3)
+        )
+        assert claimed is not None  # another runner (say, a crashed worker) holds the lease
+        with pytest.raises(JobDeferred) as deferred:
+            await runner.process(*job(ex, t))
+    assert 2000 <= deferred.value.delay_ms <= 3500
+    assert runner.counters.failed == 0 and time.time() - now < 3
+
+
+async def test_tenant_at_cap_is_parked_and_promoted_in_order(wsettings: Settings) -> None:
+    async with runner_for(wsettings) as (runner, s):
+        runner.limits = ConcurrencyLimits(4, 1)
+        gate = asyncio.Event()
+        t = await s.tenant()
+        ids = await s.executions(
+            t, await s.workflow(t, [{"id": "n", "type": "noop"}]), [None] * 3, dispatch=False
+        )
+
+        class Held:
+            async def run(self, execution_id: str, *, abandon: asyncio.Event | None = None):  # type: ignore[no-untyped-def]
+                await gate.wait()
+                return await engine.run(execution_id, abandon=abandon)
+
+        engine = runner._engine
+        runner._engine = Held()  # type: ignore[assignment]
+        first = asyncio.create_task(runner.process(*job(ids[0], t)))
+        await asyncio.sleep(0.05)
+        for parked in ids[1:]:
+            with pytest.raises(JobDeferred) as deferred:
+                await runner.process(*job(parked, t))
+            assert deferred.value.delay_ms >= 5000  # fallback only
+        assert runner.limits.parked_count == 2 and runner.limits.active == 1
+        promoter = asyncio.create_task(runner.run_promoter())
+        try:
+            gate.set()
+            assert (await first)["status"] == "succeeded"
+            # ids[1] is handed to the promoter (it is not a delayed BullMQ job here, so the
+            # promotion is skipped and the next parked one is tried), oldest first
+            await asyncio.sleep(0.2)
+            assert runner.limits.parked_count == 0
+        finally:
+            promoter.cancel()
