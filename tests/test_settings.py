@@ -110,3 +110,15 @@ def test_cli_exits_2_with_one_line(name: str, value: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert f"{name}={value}" in lines[0]
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    import re
+    from pathlib import Path
+
+    from conveyor.settings import Settings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", readme))
+    missing = [name.upper() for name in Settings.model_fields if name.upper() not in documented]
+    assert missing == [], f"README configuration table lacks {missing}"
