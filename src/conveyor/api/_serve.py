@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Iterator
@@ -69,11 +70,20 @@ def _signals_stop(server: uvicorn.Server) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
+def freeze_startup_heap() -> None:
+    """Move everything allocated at start-up (modules, the app, pydantic and SQLAlchemy
+    structures: ~150k objects) out of the collector's reach. A full collection otherwise
+    walks them all — tens of milliseconds, paid by whichever request triggers it (p99)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(settings: Settings) -> int:
     """Run the API until a signal; the process exit code."""
     try:
         async with open_context(settings) as ctx:
             server = _Server(uvicorn_config(create_app(settings, context=ctx), settings))
+            freeze_startup_heap()
             with _signals_stop(server):
                 try:
                     await server.serve()

@@ -27,18 +27,33 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 64
 """Most payloads sent in one batch."""
+MAX_IN_FLIGHT = 1
+"""Most batches on their way to Redis at once."""
 
 _Item = tuple["WorkflowExecute", "asyncio.Future[None]"]
 
 
 class EnqueueBatcher:
-    """Coalesces concurrent :meth:`enqueue` calls into dispatcher batches (no I/O until used)."""
+    """Coalesces concurrent :meth:`enqueue` calls into dispatcher batches (no I/O until used).
 
-    def __init__(self, dispatcher: ExecutionDispatcher, *, max_batch: int = MAX_BATCH) -> None:
+    At most ``max_in_flight`` batches are on their way to Redis at once; a request arriving
+    while all of them are busy waits for the next free one, together with the others that
+    arrive meanwhile.
+    """
+
+    def __init__(
+        self,
+        dispatcher: ExecutionDispatcher,
+        *,
+        max_batch: int = MAX_BATCH,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
         self._dispatcher = dispatcher
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
         self._pending: list[_Item] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._senders: set[asyncio.Task[None]] = set()
+        self._starting = False  # a sender was started and has not taken its batch yet
 
     async def enqueue(self, payload: WorkflowExecute) -> None:
         """Add ``payload``'s job (job id = execution id); raises what the dispatcher raises.
@@ -47,19 +62,38 @@ class EnqueueBatcher:
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((payload, future))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_all(), name="api.enqueue_batch")
+        if not self._starting and len(self._senders) < self._max_in_flight:
+            self._starting = True
+            sender = asyncio.create_task(self._send_all(), name="api.enqueue_batch")
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
         await future
 
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Let the batches on their way finish (at most ``timeout_s``), then cancel them."""
+        senders = list(self._senders)
+        if not senders:
+            return
+        _done, late = await asyncio.wait(senders, timeout=timeout_s)
+        for sender in late:
+            sender.cancel()
+        if late:
+            log.warning("api.enqueue_batches_cancelled", extra={"batches": len(late)})
+            await asyncio.wait(late)
+
     async def _send_all(self) -> None:
+        started = False
         try:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
+                if not started:
+                    started, self._starting = True, False
                 await self._send(batch)
         finally:
-            self._sender = None
-            if self._pending:  # cancelled: nobody will send these
+            if not started:
+                self._starting = False
+            if self._pending and len(self._senders) <= 1:  # cancelled, nobody else sends
                 _settle(self._pending, asyncio.CancelledError())
                 self._pending.clear()
 

@@ -140,6 +140,7 @@ async def open_context(settings: Settings, *, heartbeat: bool = True) -> AsyncIt
         try:
             yield ctx
         finally:
+            await ctx.enqueuer.close(2.0)
             await cancel_tasks(tasks, 2.0)
             if beat is not None:
                 with contextlib.suppress(TimeoutError):

@@ -129,6 +129,22 @@ class HttpMetrics:
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
+        # Labelled children per (method, route, status): ``labels()`` takes a lock and builds
+        # keys on every call; the label sets are bounded (route templates), so keep them.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, route: str, status: str, seconds: float) -> None:
+        """Count one answered request and record its duration."""
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(method, route, status),
+                self.duration.labels(method, route),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class RequestMetricsMiddleware:
@@ -173,5 +189,4 @@ class RequestMetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = str(scope.get("method", ""))
-            self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.duration.labels(method, template).observe(time.perf_counter() - start)
+            self.metrics.observe(method, template, str(status), time.perf_counter() - start)

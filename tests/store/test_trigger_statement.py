@@ -1,0 +1,109 @@
+"""The one-statement trigger (Postgres): a stale version hint never lets an execution through
+that the general path would refuse. A second ``Store`` plays another API process changing the
+workflow behind this one's back (its hint and definition cache go stale)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from conveyor.errors import Conflict, NotFound
+from conveyor.settings import Settings
+from conveyor.store import Store
+from conveyor.store._fast_pg import PgFast
+from conveyor.workflows import InputInvalid
+
+NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
+NEEDS_ORDER = {**NOOP, "input_schema": {"type": "object", "required": ["orderId"]}}
+
+
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many one-statement triggers ran (Postgres only; SQLite takes the general path)."""
+    calls: list[int] = []
+    original = PgFast.trigger
+
+    async def counted(self: PgFast, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PgFast, "trigger", counted)
+    return calls
+
+
+async def test_repeat_triggers_and_idempotency(store: Store, statements: list[int]) -> None:
+    tenant = (await store.tenants.create("acme")).id
+    wf = (await store.workflows.create(tenant, NOOP)).id
+    first, created = await store.executions.create(tenant, wf, {"n": 1})
+    second, created_again = await store.executions.create(tenant, wf, None)
+    assert created and created_again and first.id != second.id
+    got = await store.executions.get(tenant, second.id)
+    assert got.input is None and got.workflow_version == 1 and got.region == "us"
+    assert got.created_at == second.created_at and got.status == "queued"
+
+    keyed, made = await store.executions.create(tenant, wf, {"n": 2}, idempotency_key="k")
+    replay, made_again = await store.executions.create(tenant, wf, {"n": 3}, idempotency_key="k")
+    assert made and not made_again and replay.id == keyed.id and replay.input == {"n": 2}
+    racing = await asyncio.gather(
+        *(store.executions.create(tenant, wf, idempotency_key="race") for _ in range(6))
+    )
+    assert len({e.id for e, _ in racing}) == 1 and sum(c for _, c in racing) == 1
+
+    other = (await store.workflows.create(tenant, NOOP)).id
+    await store.executions.create(tenant, other)
+    with pytest.raises(Conflict):
+        await store.executions.create(tenant, other, idempotency_key="k")
+    assert len(statements) >= (8 if store.is_postgres else 0)
+
+
+async def test_other_tenant_gets_not_found(store: Store) -> None:
+    a = (await store.tenants.create("a")).id
+    b = (await store.tenants.create("b")).id
+    wf = (await store.workflows.create(a, NOOP)).id
+    await store.executions.create(a, wf)
+    await store.executions.create(a, wf)
+    with pytest.raises(NotFound):
+        await store.executions.create(b, wf)
+
+
+async def test_changes_made_elsewhere_are_honoured(
+    store: Store, settings: Settings, statements: list[int]
+) -> None:
+    tenant = (await store.tenants.create("acme")).id
+    wf = (await store.workflows.create(tenant, NOOP)).id
+    await store.executions.create(tenant, wf, {"x": 1})  # this process now knows version 1
+    async with Store(settings, pool_size=2) as elsewhere:
+        await elsewhere.workflows.update(tenant, wf, NEEDS_ORDER)
+        with pytest.raises(InputInvalid):
+            await store.executions.create(tenant, wf, {"x": 2})
+        ok, _ = await store.executions.create(tenant, wf, {"orderId": 1})
+        assert ok.workflow_version == 2
+        again, _ = await store.executions.create(tenant, wf, {"orderId": 2})
+        assert again.workflow_version == 2
+        with pytest.raises(InputInvalid):  # the hint is now version 2: still validated
+            await store.executions.create(tenant, wf, {"x": 3})
+
+        await elsewhere.workflows.set_enabled(tenant, wf, False)
+        with pytest.raises(Conflict):
+            await store.executions.create(tenant, wf, {"orderId": 3})
+        await elsewhere.workflows.set_enabled(tenant, wf, True)
+        await store.executions.create(tenant, wf, {"orderId": 4})
+        await elsewhere.workflows.delete(tenant, wf)
+        with pytest.raises(NotFound):
+            await store.executions.create(tenant, wf, {"orderId": 5})
+    assert len(statements) >= (6 if store.is_postgres else 0)
+    listed = await store.executions.list(tenant, workflow_id=wf)
+    assert [e.input for e in listed.items] == [{"orderId": 4}, {"orderId": 2}, {"orderId": 1},
+                                               {"x": 1}]  # fmt: skip
+
+
+async def test_unstorable_input_is_refused_after_the_hint(store: Store) -> None:
+    tenant = (await store.tenants.create("acme")).id
+    wf = (await store.workflows.create(tenant, NOOP)).id
+    await store.executions.create(tenant, wf)
+    with pytest.raises(InputInvalid):
+        await store.executions.create(tenant, wf, {"s": "a\u0000b"})
+    with pytest.raises(InputInvalid):
+        await store.executions.create(tenant, wf, {"f": float("nan")})
