@@ -8,9 +8,9 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Table, and_, or_
+from sqlalchemy import Select, Table, and_, or_
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -19,12 +19,15 @@ from sqlalchemy.sql.elements import ColumnElement
 from conveyor.errors import Conflict, DatabaseUnavailable, StoreError
 from conveyor.settings import Settings
 from conveyor.store._db import autocommit
-from conveyor.store.records import CursorInvalid, InvalidValue
+from conveyor.store.records import CursorInvalid, InvalidValue, Page, _Record
 
 if TYPE_CHECKING:
     from conveyor.store._fast_pg import PgFast
 
 MAX_PAGE = 200
+
+
+R = TypeVar("R", bound=_Record)
 
 
 class ServiceBase:
@@ -53,6 +56,23 @@ class ServiceBase:
         with translate_errors():
             async with self._autocommit.connect() as conn:
                 yield conn
+
+    async def _page(
+        self, query: Select[Any], table: Table, record: type[R], *, limit: int, cursor: str | None
+    ) -> Page[R]:
+        """One page of ``query`` (already filtered), newest first, after ``cursor``."""
+        limit = page_limit(limit)
+        query = query.order_by(table.c.created_at.desc(), table.c.id.desc())
+        condition = after_cursor(table, cursor)
+        if condition is not None:
+            query = query.where(condition)
+        async with self._auto() as conn:
+            rows = (await conn.execute(query.limit(limit + 1))).all()
+        items = [record.from_mapping(r._mapping) for r in rows[:limit]]
+        if len(rows) <= limit:
+            return Page(items, None)
+        last: Any = items[-1]  # every paged record has ``created_at`` and ``id``
+        return Page(items, encode_cursor(last.created_at, last.id))
 
     def _insert(self, table: Table) -> Any:
         """A dialect-specific INSERT (supports ``on_conflict_do_nothing``)."""

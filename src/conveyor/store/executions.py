@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conveyor.errors import Conflict, NotFound
 from conveyor.settings import Settings
-from conveyor.store._base import ServiceBase, after_cursor, encode_cursor, page_limit
+from conveyor.store._base import ServiceBase
 from conveyor.store._fast_pg import PgFast
 from conveyor.store._types import check_storable, dumps, new_id, utcnow
 from conveyor.store.records import Execution, Page, StepRun
@@ -372,26 +372,14 @@ class ExecutionService(ServiceBase):
     ) -> Page[Execution]:
         """Executions of ``tenant_id``, newest first; ``next_cursor`` continues the list
         (stable under concurrent inserts: the cursor is the last row's (created_at, id))."""
-        limit = page_limit(limit)
-        query = (
-            select(executions)
-            .where(executions.c.tenant_id == tenant_id)
-            .order_by(executions.c.created_at.desc(), executions.c.id.desc())
-        )
+        query = select(executions).where(executions.c.tenant_id == tenant_id)
         if isinstance(status, str):
             query = query.where(executions.c.status == status)
         elif status:
             query = query.where(executions.c.status.in_(list(status)))
         if workflow_id is not None:
             query = query.where(executions.c.workflow_id == workflow_id)
-        condition = after_cursor(executions, cursor)
-        if condition is not None:
-            query = query.where(condition)
-        async with self._auto() as conn:
-            rows = (await conn.execute(query.limit(limit + 1))).all()
-        items = [Execution.from_mapping(r._mapping) for r in rows[:limit]]
-        more = len(rows) > limit
-        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+        return await self._page(query, executions, Execution, limit=limit, cursor=cursor)
 
     async def cancel(self, tenant_id: str, execution_id: str) -> Execution:
         """Cancel a queued, running or waiting execution (idempotent for cancelled ones).

@@ -27,7 +27,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.errors import NotFound
-from conveyor.store._base import ServiceBase, after_cursor, encode_cursor, page_limit
+from conveyor.store._base import ServiceBase, page_limit
 from conveyor.store._types import check_storable, new_id, utcnow
 from conveyor.store.executions import insert_values, new_execution
 from conveyor.store.records import Execution, FiredTick, Page, Schedule, ScheduleInvalid
@@ -163,22 +163,10 @@ class ScheduleService(ServiceBase):
         limit: int = 50,
         cursor: str | None = None,
     ) -> Page[Schedule]:
-        limit = page_limit(limit)
-        query = (
-            select(schedules)
-            .where(schedules.c.tenant_id == tenant_id)
-            .order_by(schedules.c.created_at.desc(), schedules.c.id.desc())
-        )
+        query = select(schedules).where(schedules.c.tenant_id == tenant_id)
         if workflow_id is not None:
             query = query.where(schedules.c.workflow_id == workflow_id)
-        condition = after_cursor(schedules, cursor)
-        if condition is not None:
-            query = query.where(condition)
-        async with self._auto() as conn:
-            rows = (await conn.execute(query.limit(limit + 1))).all()
-        items = [Schedule.from_mapping(r._mapping) for r in rows[:limit]]
-        more = len(rows) > limit
-        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+        return await self._page(query, schedules, Schedule, limit=limit, cursor=cursor)
 
     async def update(
         self, tenant_id: str, schedule_id: str, changes: Mapping[str, Any]

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 
 from conveyor.errors import NotFound
-from conveyor.store._base import ServiceBase, after_cursor, encode_cursor, page_limit
+from conveyor.store._base import ServiceBase
 from conveyor.store._types import new_id, utcnow
 from conveyor.store.records import ApiKey, IssuedApiKey, Page, Tenant
 from conveyor.store.schema import api_keys, tenants
@@ -61,16 +61,8 @@ class TenantService(ServiceBase):
         return Tenant.from_mapping(row._mapping)
 
     async def list(self, *, limit: int = 50, cursor: str | None = None) -> Page[Tenant]:
-        limit = page_limit(limit)
-        query = select(tenants).order_by(tenants.c.created_at.desc(), tenants.c.id.desc())
-        condition = after_cursor(tenants, cursor)
-        if condition is not None:
-            query = query.where(condition)
-        async with self._auto() as conn:
-            rows = (await conn.execute(query.limit(limit + 1))).all()
-        items = [Tenant.from_mapping(r._mapping) for r in rows[:limit]]
-        more = len(rows) > limit
-        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+        query = select(tenants)
+        return await self._page(query, tenants, Tenant, limit=limit, cursor=cursor)
 
 
 class ApiKeyService(ServiceBase):

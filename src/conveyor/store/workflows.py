@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.errors import NotFound, WorkflowInvalid
 from conveyor.settings import Settings
-from conveyor.store._base import ServiceBase, after_cursor, encode_cursor, page_limit
+from conveyor.store._base import ServiceBase
 from conveyor.store._types import check_storable, new_id, utcnow
 from conveyor.store.records import Page, Workflow, WorkflowVersion
 from conveyor.store.schema import schedules, tenants, workflow_versions, workflows
@@ -224,22 +224,12 @@ class WorkflowService(ServiceBase):
         enabled: bool | None = None,
     ) -> Page[Workflow]:
         """Workflows of ``tenant_id``, newest first (definitions not included)."""
-        limit = page_limit(limit)
-        query = (
-            select(*_COLUMNS)
-            .where(workflows.c.tenant_id == tenant_id, workflows.c.deleted_at.is_(None))
-            .order_by(workflows.c.created_at.desc(), workflows.c.id.desc())
+        query = select(*_COLUMNS).where(
+            workflows.c.tenant_id == tenant_id, workflows.c.deleted_at.is_(None)
         )
         if enabled is not None:
             query = query.where(workflows.c.enabled.is_(enabled))
-        condition = after_cursor(workflows, cursor)
-        if condition is not None:
-            query = query.where(condition)
-        async with self._auto() as conn:
-            rows = (await conn.execute(query.limit(limit + 1))).all()
-        items = [Workflow.from_mapping(r._mapping) for r in rows[:limit]]
-        more = len(rows) > limit
-        return Page(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
+        return await self._page(query, workflows, Workflow, limit=limit, cursor=cursor)
 
     async def set_enabled(self, tenant_id: str, workflow_id: str, enabled: bool) -> Workflow:
         """Enable or disable (a disabled workflow cannot be triggered; schedules skip it)."""
