@@ -6,11 +6,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from conveyor.errors import DatabaseUnavailable, QueueError, SchemaOutOfDate
 from conveyor.heartbeat import Heartbeat
+from conveyor.queue import QueueFactory
+from conveyor.settings import Settings
+
+if TYPE_CHECKING:
+    from conveyor.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +41,28 @@ async def heartbeat_loop(heartbeat: Heartbeat, stop: asyncio.Event) -> None:
             log.warning("heartbeat.failed", extra={"role": heartbeat.role, "error": repr(exc)})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=heartbeat.interval_s)
+
+
+async def open_checked(
+    stack: AsyncExitStack, settings: Settings, role: str, *, pool_size: int | None = None
+) -> tuple[Store, QueueFactory] | None:
+    """Open the store and the queue factory on ``stack`` and run the start-up checks.
+
+    Returns ``None`` after ONE error line (``<role>.database_not_ready`` — schema out of date or
+    database unreachable — or ``<role>.queue_not_ready``); the caller then exits 1.
+    """
+    from conveyor.store import Store
+
+    try:
+        store = await stack.enter_async_context(Store(settings, pool_size=pool_size))
+        await store.check_schema()
+    except (SchemaOutOfDate, DatabaseUnavailable) as exc:
+        log.error("%s.database_not_ready: %s", role, exc, extra={"error": type(exc).__name__})
+        return None
+    queues = await stack.enter_async_context(QueueFactory(settings))
+    try:
+        await queues.assert_queue_is_ready()
+    except QueueError as exc:
+        log.error("%s.queue_not_ready: %s", role, exc, extra={"error": type(exc).__name__})
+        return None
+    return store, queues

@@ -27,14 +27,14 @@ from typing import Any
 
 from conveyor.dispatch import execution_queue_name
 from conveyor.engine import Engine
-from conveyor.errors import ConveyorError, DatabaseUnavailable, QueueError, SchemaOutOfDate
+from conveyor.errors import ConveyorError
 from conveyor.heartbeat import Heartbeat
 from conveyor.metrics import MetricsPublisher
 from conveyor.queue import Queue, QueueFactory, Worker
 from conveyor.runtime import Supervisor
 from conveyor.settings import Settings
-from conveyor.store import Store
 from conveyor.workers._fairness import FairnessLedger
+from conveyor.workers._lifecycle import open_checked
 from conveyor.workers._limits import ConcurrencyLimits
 from conveyor.workers._runner import ExecutionRunner
 
@@ -198,18 +198,10 @@ async def serve(settings: Settings, supervisor: Supervisor | None = None) -> int
     supervisor.install_signal_handlers()
     try:
         async with AsyncExitStack() as stack:
-            try:
-                store = await stack.enter_async_context(Store(settings))
-                await store.check_schema()
-            except (SchemaOutOfDate, DatabaseUnavailable) as exc:
-                log.error("worker.database_not_ready: %s", exc, extra={"error": type(exc).__name__})
+            opened = await open_checked(stack, settings, "worker")
+            if opened is None:
                 return 1
-            queues = await stack.enter_async_context(QueueFactory(settings))
-            try:
-                await queues.assert_queue_is_ready()
-            except QueueError as exc:
-                log.error("worker.queue_not_ready: %s", exc, extra={"error": type(exc).__name__})
-                return 1
+            store, queues = opened
             if supervisor.stopping:
                 return 0
             engine = await stack.enter_async_context(

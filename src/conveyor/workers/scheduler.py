@@ -34,9 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.dispatch import ExecutionDispatcher
 from conveyor.errors import (
-    DatabaseUnavailable,
     QueueError,
-    SchemaOutOfDate,
     StoreError,
 )
 from conveyor.heartbeat import Heartbeat
@@ -52,7 +50,7 @@ from conveyor.workers._leader import (
     RedisLock,
     asyncpg_dsn,
 )
-from conveyor.workers._lifecycle import heartbeat_loop, run_loop
+from conveyor.workers._lifecycle import heartbeat_loop, open_checked, run_loop
 from conveyor.workers._reconcile import Reconciler
 from conveyor.workers._timers import sleep_until
 
@@ -281,26 +279,15 @@ class Scheduler:
 
 async def serve(settings: Settings) -> int:
     """Check, start, serve, drain. Returns the process exit code."""
-    from conveyor.store import Store
 
     supervisor = Supervisor(ROLE)
     supervisor.install_signal_handlers()
     try:
         async with AsyncExitStack() as stack:
-            try:
-                store = await stack.enter_async_context(Store(settings, pool_size=4))
-                await store.check_schema()
-            except (SchemaOutOfDate, DatabaseUnavailable) as exc:
-                log.error("scheduler.database_not_ready: %s", exc,
-                          extra={"error": type(exc).__name__})  # fmt: skip
+            opened = await open_checked(stack, settings, ROLE, pool_size=4)
+            if opened is None:
                 return 1
-            queues = await stack.enter_async_context(QueueFactory(settings))
-            try:
-                await queues.assert_queue_is_ready()
-            except QueueError as exc:
-                log.error("scheduler.queue_not_ready: %s", exc,
-                          extra={"error": type(exc).__name__})  # fmt: skip
-                return 1
+            store, queues = opened
             if supervisor.stopping:
                 return 0
             try:

@@ -30,14 +30,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from conveyor.dispatch import ExecutionDispatcher, execution_queue_name
-from conveyor.errors import DatabaseUnavailable, QueueError, SchemaOutOfDate, StoreError
+from conveyor.errors import QueueError, StoreError
 from conveyor.heartbeat import Heartbeat
 from conveyor.metrics import MetricsPublisher
 from conveyor.queue import Queue, QueueFactory, WorkflowExecute
 from conveyor.runtime import Supervisor
 from conveyor.settings import Settings
 from conveyor.workers._leader import LeaderElection, RedisLock
-from conveyor.workers._lifecycle import heartbeat_loop, run_loop
+from conveyor.workers._lifecycle import heartbeat_loop, open_checked, run_loop
 from conveyor.workers._timers import CLAIM_MARGIN_S, TimerWheel
 
 if TYPE_CHECKING:
@@ -282,24 +282,15 @@ class TimerDispatcher:
 
 async def serve(settings: Settings) -> int:
     """Check, start, serve, drain. Returns the process exit code."""
-    from conveyor.store import Store
 
     supervisor = Supervisor(ROLE)
     supervisor.install_signal_handlers()
     try:
         async with AsyncExitStack() as stack:
-            try:
-                store = await stack.enter_async_context(Store(settings, pool_size=4))
-                await store.check_schema()
-            except (SchemaOutOfDate, DatabaseUnavailable) as exc:
-                log.error("timers.database_not_ready: %s", exc, extra={"error": type(exc).__name__})
+            opened = await open_checked(stack, settings, ROLE, pool_size=4)
+            if opened is None:
                 return 1
-            queues = await stack.enter_async_context(QueueFactory(settings))
-            try:
-                await queues.assert_queue_is_ready()
-            except QueueError as exc:
-                log.error("timers.queue_not_ready: %s", exc, extra={"error": type(exc).__name__})
-                return 1
+            store, queues = opened
             if supervisor.stopping:
                 return 0
             return await TimerDispatcher(settings, store, queues, supervisor).serve()
