@@ -7,11 +7,10 @@ import socket
 import time
 from typing import Any
 
-import bullmq.worker
 import pytest
 
 from conveyor.errors import QueueError, QueueUnavailable
-from conveyor.queue import JobContext, QueueFactory
+from conveyor.queue import JobContext, QueueFactory, _bullmq_loop
 from conveyor.queue._redis import BLOCKING_MAX_S, make_client
 from tests.conftest import REDIS_HOST, REDIS_PORT
 from tests.helpers import free_port, redis_server
@@ -19,21 +18,34 @@ from tests.queue.conftest import TEST_QUEUE, eventually, make_settings, running
 from tests.queue.payload import Probe
 
 
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [("extract_result", "crashed: RuntimeError"), ("run", "stopped on its own")],
+)
 async def test_run_raises_when_bullmqs_loop_dies(
-    bull_qf: QueueFactory, monkeypatch: pytest.MonkeyPatch
+    bull_qf: QueueFactory, monkeypatch: pytest.MonkeyPatch, target: str, message: str
 ) -> None:
-    """bullmq's run() prints a traceback and returns on an unexpected error; ours raises."""
+    """The consuming loop raising, or returning without being asked to, ends ``run()`` with
+    an error (bullmq's own loop printed a traceback and returned quietly)."""
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    await queue.add(Probe(n=1))
 
-    async def broken(*args: Any) -> Any:
-        raise RuntimeError("boom inside bullmq")
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("boom inside the loop")
 
-    monkeypatch.setattr(bullmq.worker, "getCompleted", broken)
+    async def returns(self: Any) -> None:
+        return None
+
+    if target == "run":
+        monkeypatch.setattr(_bullmq_loop.FetchingWorker, "run", returns)
+    else:
+        monkeypatch.setattr(_bullmq_loop, target, broken)
 
     async def process(payload: Probe, ctx: JobContext) -> None:
         return None
 
     worker = bull_qf.create_worker(TEST_QUEUE, process)
-    with pytest.raises(QueueError, match="stopped on its own"):
+    with pytest.raises(QueueError, match=message):
         await asyncio.wait_for(worker.run(), 5)
     await worker.close(timeout_s=1)
 

@@ -1,5 +1,7 @@
 """The ``bullmq`` driver's worker: ``bullmq.Worker`` wrapped so its weaknesses cannot hurt.
 
+* Fetches like Node BullMQ (one at a time; completing a job fetches the next in the same
+  call), see :mod:`conveyor.queue._bullmq_loop`.
 * Built with ``autorun=False``; :meth:`BullWorker.run` runs bullmq's loop in a task it
   watches and **raises** if that loop ends on its own (bullmq's ``run()`` returns silently
   after ``traceback.print_exc()`` on an unexpected error).
@@ -25,7 +27,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import bullmq
 import redis.asyncio as aioredis
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 from bullmq.redis_connection import RedisConnection
@@ -35,6 +36,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from conveyor.errors import PayloadInvalid, QueueError, QueueUnavailable
 from conveyor.queue import _redis
 from conveyor.queue._base import EventHandler, JobContext, JobDeferred, Processor, QueueEvent
+from conveyor.queue._bullmq_loop import FetchingWorker
 from conveyor.queue._emitter import Emitter
 from conveyor.queue.health import parse_version
 from conveyor.queue.payloads import PayloadSpec, payload_invalid
@@ -95,14 +97,15 @@ class BullWorker:
         for key in ("removeOnComplete", "removeOnFail"):
             if key in spec.job_options:  # also bounds jobs added by producers that set none
                 opts[key] = spec.job_options[key]
-        bull = self._bull = bullmq.Worker(name, self._process, opts)
+        bull: Any = FetchingWorker(name, self._process, opts)
+        self._bull = bull
         # A dedicated blocking connection (bullmq would reuse the client we passed).
         blocking = RedisConnection(blocking_client, skipVersionCheck=True)
         bull.backend.blocking_connection = blocking
         bull.blockingRedisConnection = blocking
         bull.bclient = blocking_client
         bull.backend.extendLocks = self._observe_lock_renewals(bull.backend.extendLocks)
-        bull.getNextJob = self._observe_fetches(bull.getNextJob)
+        bull.fetch_next = self._observe_fetches(bull.fetch_next)
         bull.on("error", self._on_bull_error)
 
     # -- public API -------------------------------------------------------------------------
@@ -275,11 +278,11 @@ class BullWorker:
             log.warning("queue.worker_error", extra={"queue": self._name, "error": repr(err)})
 
     def _observe_fetches(
-        self, fetch: Callable[[str], Awaitable[Any]]
-    ) -> Callable[[str], Awaitable[Any]]:
-        async def get_next_job(token: str) -> Any:
+        self, fetch: Callable[[str, bool], Awaitable[Any]]
+    ) -> Callable[[str, bool], Awaitable[Any]]:
+        async def fetch_next(token: str, block: bool) -> Any:
             try:
-                job = await fetch(token)
+                job = await fetch(token, block)
             except Exception as exc:
                 if _redis.is_connection_error(exc) and not self._closing:
                     self._on_fetch_error(exc)
@@ -292,7 +295,7 @@ class BullWorker:
                 )
             return job
 
-        return get_next_job
+        return fetch_next
 
     def _on_fetch_error(self, exc: BaseException) -> None:
         now = time.monotonic()

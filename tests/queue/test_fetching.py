@@ -1,0 +1,158 @@
+"""How the bullmq worker fetches: one fetch at a time, and the next job with each completion.
+
+bullmq's Python port started ``concurrency`` fetches whenever a slot freed, ~25 ``moveToActive``
+calls per job at a low rate with concurrency 10; these tests count the calls on a real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from conveyor.queue import JobContext, QueueFactory
+from tests.helpers import redis_server
+from tests.queue.conftest import TEST_QUEUE, eventually, make_settings, running
+from tests.queue.payload import Probe
+
+
+def count_fetches(worker: Any) -> list[int]:
+    """Count ``moveToActive`` calls (empty or not) made by ``worker``'s bullmq backend."""
+    backend = worker.bullmq_worker.backend
+    calls = [0]
+    move = backend.moveToActive
+
+    async def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return await move(*args)
+
+    backend.moveToActive = counted
+    return calls
+
+
+async def test_an_idle_worker_fetches_one_job_at_a_time(bull_qf: QueueFactory) -> None:
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    seen: Counter[int] = Counter()
+
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        seen[payload.n] += 1
+
+    worker = bull_qf.create_worker(TEST_QUEUE, process, concurrency=10)
+    fetches = count_fetches(worker)
+    async with running(worker):
+        await asyncio.sleep(0.2)
+        for n in range(20):
+            await queue.add(Probe(n=n))
+            await asyncio.sleep(0.03)
+        await eventually(lambda: len(seen) == 20)
+    assert set(seen.values()) == {1}
+    # Per job: the fetch woken by its marker; one that finds the queue empty; one woken by the
+    # marker that taking a job leaves for other workers. (bullmq's own loop: ~25.)
+    assert fetches[0] <= 3 * 20 + 6, fetches[0]
+
+
+async def test_a_busy_worker_gets_the_next_job_with_each_completion(
+    bull_qf: QueueFactory,
+) -> None:
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    seen: Counter[int] = Counter()
+    in_flight = peak = 0
+
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.001)
+        seen[payload.n] += 1
+        in_flight -= 1
+
+    await queue.add_bulk([(Probe(n=n), {}) for n in range(300)])
+    worker = bull_qf.create_worker(TEST_QUEUE, process, concurrency=4)
+    fetches = count_fetches(worker)
+    async with running(worker):
+        await eventually(lambda: len(seen) == 300, within=20)
+    assert set(seen.values()) == {1}
+    assert peak == 4
+    # Filling the 4 slots, and finding the queue empty at the end; every other job arrived
+    # with its predecessor's completion.
+    assert fetches[0] <= 12, fetches[0]
+
+
+async def test_jobs_added_while_busy_are_not_left_waiting(bull_qf: QueueFactory) -> None:
+    """A job that arrives while every slot is busy starts when one frees, not at the next
+    blocking wait's timeout."""
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    release = asyncio.Event()
+    started: dict[int, float] = {}
+
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        started[payload.n] = time.monotonic()
+        if payload.n < 2:
+            await release.wait()
+
+    worker = bull_qf.create_worker(TEST_QUEUE, process, concurrency=2)
+    async with running(worker):
+        await queue.add(Probe(n=0))
+        await queue.add(Probe(n=1))
+        await eventually(lambda: len(started) == 2)
+        await queue.add(Probe(n=2))
+        await asyncio.sleep(0.1)
+        assert 2 not in started  # both slots are taken
+        freed = time.monotonic()
+        release.set()
+        await eventually(lambda: 2 in started, within=3)
+    assert started[2] - freed < 1.0
+
+
+async def test_an_idle_worker_closes_at_once(bull_qf: QueueFactory) -> None:
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        return None
+
+    worker = bull_qf.create_worker(TEST_QUEUE, process, concurrency=5)
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.3)  # blocked in BZPOPMIN
+    begin = time.monotonic()
+    await worker.close(timeout_s=5)
+    await asyncio.wait_for(task, 5)
+    assert time.monotonic() - begin < 1.0
+
+
+@pytest.mark.slow
+async def test_a_worker_closes_promptly_while_redis_is_down(redis_prefix: str) -> None:
+    """A fetch that keeps failing is retried after ``runRetryDelay``, and not at all once the
+    worker closes (bullmq would retry at once, in a tight loop, while closing)."""
+    with redis_server() as server:
+        settings = make_settings(redis_prefix, QUEUE_REDIS_PORT=str(server.port))
+        async with QueueFactory(settings) as qf:
+            seen: list[int] = []
+
+            async def process(payload: Probe, ctx: JobContext) -> None:
+                seen.append(payload.n)
+
+            worker = qf.create_worker(TEST_QUEUE, process, concurrency=3)
+            bull = worker.bullmq_worker  # type: ignore[attr-defined]
+            fetch, fetches = bull.fetch_next, [0]
+
+            async def counted(*args: Any) -> Any:
+                fetches[0] += 1
+                return await fetch(*args)
+
+            bull.fetch_next = counted
+            task = asyncio.create_task(worker.run())
+            await qf.create_queue(TEST_QUEUE).add(Probe(n=1))
+            await eventually(lambda: seen == [1])
+            server.stop()
+            await asyncio.sleep(2.5)
+            during = fetches[0]
+            begin = time.monotonic()
+            await worker.close(timeout_s=2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 5)
+            assert time.monotonic() - begin < 4
+            await asyncio.sleep(0.5)
+            assert fetches[0] - during <= 2  # nothing after the close
+            assert during < 20  # retried about once a second, not spinning
