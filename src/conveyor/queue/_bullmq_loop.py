@@ -44,6 +44,11 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         self.running: bool = False
         self._blocked = False
         """A blocking fetch is in flight (at most one at a time)."""
+        self._woken = False
+        """The last blocking fetch got a job: the next fetch blocks too. Taking a job leaves
+        a marker (for other workers) that ends the next wait at once, so a non-blocking fetch
+        here would find the queue empty and be followed by that same wait and fetch anyway:
+        one ``moveToActive`` per job saved at low rates."""
         self._tokens = 0
 
     # -- the loop ---------------------------------------------------------------------------
@@ -107,7 +112,8 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         ):
             self._tokens += 1
             token = f"{self.id}:{self._tokens}"
-            if self.drained:
+            if self.drained or self._woken:
+                self._woken = False
                 self._blocked = True
                 self.processing.add(asyncio.ensure_future(self._fetch(token, block=True)))
                 return
@@ -151,6 +157,7 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
                 return None  # woken for a delayed job that is not due yet: wait again
         job = await self.moveToActive(token)
         if job is not None:
+            self._woken = block
             self.emit("active", job, "waiting")
         return job
 
