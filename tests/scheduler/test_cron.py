@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conveyor.workers._cron import (
+from conveyor.cron import (
     CronInvalid,
     fire_times,
     latest_fire,

@@ -20,14 +20,23 @@ def test_next_fire_time_time_zones_and_dst() -> None:
     )
     # croniter: the optional 6th field is seconds.
     assert next_fire_time("* * * * * */10", "UTC", after) == after.replace(second=10)
-    # Spring forward in Berlin (2025-03-30 02:00 → 03:00): 02:30 does not exist, fires at
-    # 03:30 local; the next day is 02:30 CEST again.
+    # Spring forward in Berlin (2025-03-30 02:00 → 03:00): 02:30 does not exist, fires at the
+    # transition (03:00 CEST = 01:00 UTC); the next day is 02:30 CEST again.
     spring = datetime(2025, 3, 29, 23, 0, tzinfo=UTC)
     first = next_fire_time("30 2 * * *", "Europe/Berlin", spring)
-    assert first == datetime(2025, 3, 30, 1, 30, tzinfo=UTC)
+    assert first == datetime(2025, 3, 30, 1, 0, tzinfo=UTC)
     assert next_fire_time("30 2 * * *", "Europe/Berlin", first) == datetime(
         2025, 3, 31, 0, 30, tzinfo=UTC
     )
+    # Several missing wall times collapse into the one firing at the transition.
+    assert next_fire_time("*/20 2 * * *", "Europe/Berlin", spring) == datetime(
+        2025, 3, 30, 1, 0, tzinfo=UTC
+    )
+    # An interval-like schedule (hour wildcard) keeps firing through the repeated hour.
+    repeated = datetime(2025, 10, 26, 0, 45, tzinfo=UTC)  # 02:45 CEST, first pass
+    assert next_fire_time("0 * * * *", "Europe/Berlin", repeated) == datetime(
+        2025, 10, 26, 1, 0, tzinfo=UTC
+    )  # 02:00 CET, the second pass
     # Fall back (2025-10-26 03:00 → 02:00): 02:30 exists twice and fires once.
     fall = datetime(2025, 10, 25, 22, 0, tzinfo=UTC)
     once = next_fire_time("30 2 * * *", "Europe/Berlin", fall)

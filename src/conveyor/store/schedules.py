@@ -3,10 +3,11 @@
 A schedule is a cron expression (5 fields, or 6 with seconds last — croniter's syntax) in an
 IANA time zone, validated on save. ``next_fire_at`` is always the next fire instant in UTC.
 
-Time zones and DST (:func:`next_fire_time`): cron fields are matched against the local wall
-clock. A wall time that does not exist (spring forward) fires at the same offset from the
-transition (02:30 in a skipped hour fires at 03:30); a wall time that exists twice (fall back)
-fires once, at its first occurrence.
+Time zones and DST (:func:`next_fire_time`): the scheduler's rules (:mod:`conveyor.cron`). Cron
+fields are matched against the local wall clock; a wall time that does not exist (spring
+forward) fires at the transition instant (02:30 in a skipped hour fires at 03:00); a wall time
+that exists twice (fall back) fires once, at its first occurrence, unless the hour field is a
+wildcard.
 
 Exactly once per tick: :meth:`ScheduleService.fire` records ``(schedule_id, fire_time)`` under
 the primary key of ``schedule_ticks`` **in the same transaction** that creates the execution, so
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -26,6 +27,7 @@ from croniter import croniter
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from conveyor.cron import CronInvalid, next_fire, parse_cron
 from conveyor.errors import NotFound
 from conveyor.store._base import ServiceBase, page_limit
 from conveyor.store._types import check_storable, new_id, utcnow
@@ -36,7 +38,6 @@ from conveyor.store.schema import executions, schedule_ticks, schedules, workflo
 __all__ = ["MISFIRE_POLICIES", "ScheduleService", "next_fire_time", "validate_schedule"]
 
 MISFIRE_POLICIES = ("fire_once", "skip")
-_MAX_CANDIDATES = 10_000
 _UPDATABLE = frozenset({"name", "cron", "timezone", "enabled", "input", "misfire_policy"})
 
 
@@ -56,16 +57,14 @@ def validate_schedule(cron: str, timezone: str, misfire_policy: str | None = Non
 
 
 def next_fire_time(cron: str, timezone: str, after: datetime) -> datetime:
-    """The first fire instant strictly after ``after`` (aware), in UTC, exact to the second."""
-    zone = validate_schedule(cron, timezone)
-    wall = after.astimezone(zone).replace(tzinfo=None)
-    candidates = croniter(cron, wall)
-    for _ in range(_MAX_CANDIDATES):
-        local: datetime = candidates.get_next(datetime)
-        instant = local.replace(tzinfo=zone, fold=0).astimezone(UTC)
-        if instant > after:
-            return instant
-    raise ScheduleInvalid(f"cron expression {cron!r} never fires", field="cron")
+    """The first fire instant strictly after ``after`` (aware), in UTC, exact to the second:
+    :func:`conveyor.cron.next_fire`, the scheduler's own rule, so the ``next_fire_at`` saved
+    here is the tick the scheduler fires."""
+    validate_schedule(cron, timezone)
+    try:
+        return next_fire(parse_cron(cron, timezone), after)
+    except CronInvalid as exc:
+        raise ScheduleInvalid(str(exc), field="cron") from None
 
 
 def _check_input(value: Any) -> None:

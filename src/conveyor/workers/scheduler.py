@@ -8,7 +8,7 @@ interval, sleeps until each tick's instant and fires it with
 ``(schedule_id, fire_time)`` (primary key) and its execution are written in one transaction,
 so a tick fires once even if two processes both believe they lead. The execution is then
 enqueued with job id = its execution id (the id recorded with the tick; the reconciler uses
-the same one). Which missed ticks fire is the misfire policy (:func:`~._cron.plan_ticks`).
+the same one). Which missed ticks fire is the misfire policy (:func:`conveyor.cron.plan_ticks`).
 The leader also runs the reconciler (:mod:`conveyor.workers._reconcile`).
 
 Supervised loops: election, leader loop, heartbeat (``role: scheduler`` with ``strategy``,
@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
+from conveyor.cron import CronInvalid, CronSpec, MisfirePolicy, parse_cron, plan_ticks
 from conveyor.dispatch import ExecutionDispatcher
 from conveyor.errors import (
     QueueError,
@@ -42,7 +43,6 @@ from conveyor.metrics import MetricsPublisher
 from conveyor.queue import QueueFactory, WorkflowExecute
 from conveyor.runtime import Supervisor
 from conveyor.settings import Settings
-from conveyor.workers._cron import CronInvalid, CronSpec, MisfirePolicy, parse_cron, plan_ticks
 from conveyor.workers._leader import (
     LeaderElection,
     LeaderLock,
