@@ -156,3 +156,28 @@ async def test_a_worker_closes_promptly_while_redis_is_down(redis_prefix: str) -
             await asyncio.sleep(0.5)
             assert fetches[0] - during <= 2  # nothing after the close
             assert during < 20  # retried about once a second, not spinning
+
+
+async def test_a_graceful_close_finishes_every_job_it_fetched(bull_qf: QueueFactory) -> None:
+    """Jobs that arrive with a completion just as the worker closes are run to the end too,
+    not left active (to be found stalled and run again after ``stalledInterval``)."""
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    started: Counter[int] = Counter()
+    finished: Counter[int] = Counter()
+
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        started[payload.n] += 1
+        await asyncio.sleep(0.02)
+        finished[payload.n] += 1
+
+    await queue.add_bulk([(Probe(n=n), {}) for n in range(200)])
+    worker = bull_qf.create_worker(TEST_QUEUE, process, concurrency=8)
+    task = asyncio.create_task(worker.run())
+    await eventually(lambda: len(finished) >= 40)
+    await worker.close(timeout_s=5)
+    await asyncio.wait_for(task, 5)
+    assert started == finished
+    counts = await queue.get_job_counts("active", "waiting", "prioritized", "completed")
+    assert counts["active"] == 0
+    assert counts["completed"] == len(finished)
+    assert counts["waiting"] + counts["prioritized"] == 200 - len(finished)
