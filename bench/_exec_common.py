@@ -64,6 +64,34 @@ def summary(values: Sequence[float]) -> str:
     )
 
 
+class Steal:
+    """Share of the machine's CPU time the hypervisor took from this VM (``steal`` in
+    ``/proc/stat``) over a block: the noise every figure here is exposed to. ``pct`` is
+    ``None`` where ``/proc/stat`` has no steal column."""
+
+    def __init__(self) -> None:
+        self.pct: float | None = None
+        self._start: tuple[int, int] | None = None
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return (fields[7], sum(fields)) if len(fields) > 7 else None
+
+    def __enter__(self) -> Steal:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        end = self._read()
+        if self._start is not None and end is not None and end[1] > self._start[1]:
+            self.pct = round(100 * (end[0] - self._start[0]) / (end[1] - self._start[1]), 2)
+
+
 @dataclass
 class Env:
     """One benchmark run's database and Redis prefix."""

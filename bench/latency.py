@@ -10,7 +10,9 @@ Baseline in the same run: raw ``bullmq`` — the same schedule of ``Queue.add`` 
 
     .venv/bin/python bench/latency.py [--rate 100] [--seconds 10] [--concurrency 10]
 
-Last line: JSON with ``p50_ms``, ``p99_ms`` (Conveyor) and ``raw_p50_ms``, ``raw_p99_ms``.
+Last line: JSON with ``p50_ms``, ``p99_ms`` (Conveyor) and ``raw_p50_ms``, ``raw_p99_ms``, and
+``steal_pct``: the CPU time the hypervisor took from this VM during Conveyor's run (tails follow
+it; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Awaitable, Callable
 import uvloop
 
 from _exec_common import (
+    Steal,
     bench_env,
     conveyor_worker,
     delete_prefix,
@@ -101,10 +104,12 @@ async def run_conveyor(n: int, rate: float, concurrency: int) -> list[float]:
 
 async def main(args: argparse.Namespace) -> dict[str, float]:
     n = int(args.rate * args.seconds)
-    raw = await run_raw(n, args.rate, args.concurrency)
-    print(f"raw bullmq : {summary(raw)}", flush=True)
-    ours = await run_conveyor(n, args.rate, args.concurrency)
-    print(f"conveyor   : {summary(ours)}", flush=True)
+    with Steal() as raw_steal:
+        raw = await run_raw(n, args.rate, args.concurrency)
+    print(f"raw bullmq : {summary(raw)}; CPU steal {raw_steal.pct}%", flush=True)
+    with Steal() as steal:
+        ours = await run_conveyor(n, args.rate, args.concurrency)
+    print(f"conveyor   : {summary(ours)}; CPU steal {steal.pct}%", flush=True)
     p50, p99 = percentile(ours, 50), percentile(ours, 99)
     raw50, raw99 = percentile(raw, 50), percentile(raw, 99)
     print(
@@ -116,6 +121,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
         "p99_ms": round(p99, 3),
         "raw_p50_ms": round(raw50, 3),
         "raw_p99_ms": round(raw99, 3),
+        "steal_pct": steal.pct,
     }
 
 
