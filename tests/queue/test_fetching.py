@@ -181,3 +181,115 @@ async def test_a_graceful_close_finishes_every_job_it_fetched(bull_qf: QueueFact
     assert counts["active"] == 0
     assert counts["completed"] == len(finished)
     assert counts["waiting"] + counts["prioritized"] == 200 - len(finished)
+
+
+def slow_completion(worker: Any, n: int, delay_s: float) -> asyncio.Event:
+    """Delay the Redis call that completes job ``n`` (and fetches the next one); the event is
+    set when that call starts."""
+    backend = worker.bullmq_worker.backend
+    complete = backend.moveToCompleted
+    started = asyncio.Event()
+
+    async def slow(job: Any, *args: Any, **kwargs: Any) -> Any:
+        if job.data.get("n") == n:
+            started.set()
+            await asyncio.sleep(delay_s)
+        return await complete(job, *args, **kwargs)
+
+    backend.moveToCompleted = slow
+    return started
+
+
+async def test_a_graceful_close_waits_for_a_job_its_last_completion_brought(
+    bull_qf: QueueFactory,
+) -> None:
+    """Job 0's completion is in flight (it will bring job 1, already locked to this worker)
+    when the worker closes: the close waits for job 1, whose lock keeps being renewed (it runs
+    longer than the lock lasts), and job 1 completes."""
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    events: list[tuple[str, int]] = []
+
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        events.append(("start", payload.n))
+        await asyncio.sleep(0.01 if payload.n == 0 else 1.6)
+        events.append(("end", payload.n))
+
+    worker = bull_qf.create_worker(TEST_QUEUE, process, concurrency=1, lock_duration_ms=1000)
+    completing = slow_completion(worker, 0, 0.3)
+    await queue.add(Probe(n=0))
+    await queue.add(Probe(n=1))
+    task = asyncio.create_task(worker.run())
+    await completing.wait()
+    await worker.close(timeout_s=10)
+    assert events == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+    await asyncio.wait_for(task, 5)
+    counts = await queue.get_job_counts("active", "completed")
+    assert counts == {"active": 0, "completed": 2}
+
+
+async def test_a_job_fetched_before_a_pause_runs_once(bull_qf: QueueFactory) -> None:
+    """Jobs a completion brings back after ``pause()`` are started (tracked, lock renewed),
+    not left untracked to be found stalled and run twice."""
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    starts: Counter[int] = Counter()
+    stalled: list[str | None] = []
+
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        starts[payload.n] += 1
+        await asyncio.sleep(0.15 if payload.n == 1 else 0.01)
+
+    worker = bull_qf.create_worker(
+        TEST_QUEUE, process, concurrency=2, lock_duration_ms=1000, stalled_interval_ms=500
+    )
+    worker.on("stalled", lambda event: stalled.append(event.job_id))
+    bull = worker.bullmq_worker  # type: ignore[attr-defined]
+    completing = slow_completion(worker, 0, 0.3)
+    for n in range(3):
+        await queue.add(Probe(n=n))
+    async with running(worker):
+        await completing.wait()
+        await bull.pause()
+        await eventually(lambda: starts[2] == 1)  # brought by job 0's completion
+        await asyncio.sleep(2.0)  # several lock lengths and stalled checks
+        bull.resume()
+        await asyncio.sleep(0.3)
+    assert starts == Counter({0: 1, 1: 1, 2: 1})
+    assert stalled == []
+
+
+async def test_a_failure_after_a_job_completed_does_not_fail_it(bull_qf: QueueFactory) -> None:
+    """If taking the job that came back with a completion fails, the completed job stays
+    completed (bullmq would call moveToFailed on it); the worker carries on."""
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    done: Counter[int] = Counter()
+    failed: list[str | None] = []
+    errors: list[BaseException | None] = []
+
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        done[payload.n] += 1
+
+    worker = bull_qf.create_worker(
+        TEST_QUEUE, process, concurrency=1, lock_duration_ms=1000, stalled_interval_ms=500
+    )
+    worker.on("failed", lambda event: failed.append(event.job_id))
+    worker.on("error", lambda event: errors.append(event.error))
+    bull = worker.bullmq_worker  # type: ignore[attr-defined]
+    take = bull._next_from
+    calls = 0
+
+    async def broken_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("could not take the next job")
+        return await take(*args)
+
+    bull._next_from = broken_once
+    await queue.add_bulk([(Probe(n=n), {}) for n in range(3)])
+    async with running(worker):
+        # the job stranded by the failure is recovered by the stalled-job check
+        await eventually(lambda: len(done) == 3, within=8)
+    assert failed == []
+    assert any(isinstance(e, RuntimeError) for e in errors)
+    counts = await queue.get_job_counts("completed", "failed", "active")
+    assert counts == {"completed": 3, "failed": 0, "active": 0}

@@ -50,6 +50,8 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         here would find the queue empty and be followed by that same wait and fetch anyway:
         one ``moveToActive`` per job saved at low rates."""
         self._tokens = 0
+        self._loop_done = asyncio.Event()
+        """Set when :meth:`run` has returned (every job it started has ended)."""
 
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -63,8 +65,8 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         self.running = True
         try:
             while not self.closed:
-                if self.paused and not self.closing:
-                    await self.resume_event.wait()
+                if self.paused and not self.closing and not self.processing:
+                    await self.resume_event.wait()  # jobs fetched before the pause have started
                     continue
                 await self._fill()
                 if not self.processing:
@@ -85,9 +87,23 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         finally:
             await self._stopped()
 
+    async def close(self, force: bool = False) -> None:
+        """bullmq's ``close``; a graceful one first waits for :meth:`run` to end. bullmq's waits
+        only for the tasks in progress when it is called, not for a job that a completion or
+        fetch then in flight brings back (already active and locked to this worker)."""
+        if not force and self.running:
+            self.closing = True
+            self.paused = False
+            self.resume_event.set()
+            if self.waiting is not None:
+                self.waiting.cancel()
+            await asyncio.shield(self._loop_done.wait())
+        await super().close(force=force)
+
     async def _stopped(self) -> None:
         """Release what ``run`` started, also when it ends by cancellation or an error
-        (a ``close()`` in progress waits for the jobs itself)."""
+        (a graceful ``close()`` has waited for the jobs; a forced one cancelled them)."""
+        self._loop_done.set()
         self.running = False
         if not self.closing:
             for task in self.processing:
@@ -122,6 +138,8 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
                 self._start(job)
 
     def _start(self, job: Any) -> None:
+        if self.forceClosing:
+            return  # like the jobs just cancelled: its lock expires, it is recovered as stalled
         self.processing.add(asyncio.ensure_future(self.processJob(job, job.token)))
 
     async def _fetch(self, token: str, *, block: bool) -> Any:
@@ -130,7 +148,8 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
 
         async def attempt() -> Any:
             # bullmq retries a connection error at once (no delay) while closing: stop instead.
-            return None if self.closing else await self.fetch_next(token, block)
+            stopped = self.closing or self.paused
+            return None if stopped else await self.fetch_next(token, block)
 
         try:
             return await self.retryIfFailed(
@@ -185,7 +204,7 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
                 result = await self.processor(job, token, controller.signal)
             else:
                 result = await self.processor(job, token)
-            nxt = None
+            fetched = None
             if not self.forceClosing:
                 fetch = (
                     not self.closing
@@ -198,9 +217,7 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
                 job.returnvalue = result
                 job.attemptsMade = job.attemptsMade + 1
                 if fetch:
-                    nxt = await self._next_from(done["result"], token)
-            self.emit("completed", job, result)
-            return nxt
+                    fetched = done["result"]
         except (DelayedError, WaitingChildrenError):
             return None
         except Exception as err:
@@ -214,6 +231,13 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         finally:
             self.jobs.discard((job, token))
             self.lockManager.untrack_job(job.id)
+        # The job is completed: whatever fails from here on must not fail it.
+        try:
+            self.emit("completed", job, result)
+            return None if fetched is None else await self._next_from(fetched, token)
+        except Exception as err:
+            self.emit("error", err, job)
+            return None  # a fetched job left active is recovered as stalled
 
     async def _next_from(self, result: Any, token: str) -> Any:
         """The job ``moveToFinished`` fetched (``None`` when the queue was empty)."""
