@@ -1,6 +1,8 @@
 """Workflow definitions and step runners.
 
-* :mod:`conveyor.workflows.definition` — pydantic models, ``parse_definition``, JSON Schema.
+* :mod:`conveyor.workflows.definition` — the workflow model, ``parse_definition``, JSON Schema.
+* :mod:`conveyor.workflows.step_models` — the step models, retry policies and actions
+  (re-exported by ``definition``).
 * :mod:`conveyor.workflows.expressions` — the safe JMESPath expression language and templates.
 * :mod:`conveyor.workflows.http` — the SSRF-guarded HTTP client used by ``http`` steps.
 * :mod:`conveyor.workflows.steps` — ``run_step(step, ctx) -> StepResult``.

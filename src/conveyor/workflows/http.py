@@ -48,7 +48,7 @@ from conveyor.workflows.expressions import render_template
 from conveyor.workflows.netguard import AllowList, address_refusal, parse_ip_literal
 
 if TYPE_CHECKING:
-    from conveyor.workflows.definition import HttpStep
+    from conveyor.workflows.step_models import HttpStep
 
 __all__ = [
     "DEFAULT_HTTP_TIMEOUT_S",

@@ -23,7 +23,9 @@ from typing import Any, Literal
 
 from conveyor.errors import PermanentStepError
 from conveyor.settings import Settings
-from conveyor.workflows.definition import (
+from conveyor.workflows.expressions import build_context, evaluate, render_template, truthy
+from conveyor.workflows.http import SafeHttpClient, execute_http
+from conveyor.workflows.step_models import (
     Action,
     ConditionStep,
     DelayStep,
@@ -33,8 +35,6 @@ from conveyor.workflows.definition import (
     TransformStep,
     parse_until,
 )
-from conveyor.workflows.expressions import build_context, evaluate, render_template, truthy
-from conveyor.workflows.http import SafeHttpClient, execute_http
 
 __all__ = ["AnyStep", "StepContext", "StepResult", "run_step"]
 

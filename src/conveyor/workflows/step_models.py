@@ -1,0 +1,317 @@
+"""The steps of a workflow definition: the five step models, retry policies, actions, limits.
+
+Split from :mod:`conveyor.workflows.definition` (which re-exports everything here and holds the
+workflow model, parsing with useful errors, and the JSON Schema); see its docstring for the
+document format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal, cast
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+
+from conveyor.workflows.expressions import check_expression, check_template, is_template
+
+STEP_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+STEP_TYPES = ("http", "transform", "condition", "delay", "noop")
+MAX_JSON_DEPTH = 32
+MAX_HEADERS = 50
+MAX_URL_CHARS = 8192
+MAX_BODY_BYTES = 64 * 1024
+MAX_RESPONSE_BYTES = 10 * 1024 * 1024
+DEFAULT_RESPONSE_BYTES = 1024 * 1024
+MAX_TIMEOUT_S = 3600.0
+DEFAULT_HTTP_TIMEOUT_S = 30.0
+MAX_DELAY_S = 366 * 24 * 3600.0
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+_FORBIDDEN_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "expect",
+    }
+)
+
+StepId = Annotated[str, StringConstraints(pattern=STEP_ID_PATTERN)]
+Expression = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+
+
+class RetryPolicy(_Model):
+    """How the engine retries a failed step (``attempts`` counts every try, the first too)."""
+
+    attempts: int = Field(default=1, ge=1, le=50)
+    backoff: Literal["fixed", "exponential"] = "exponential"
+    delay_s: float = Field(default=1.0, ge=0, le=86400)
+    max_delay_s: float = Field(default=300.0, ge=0, le=86400)
+
+    def delay_after(self, failed_attempts: int) -> float:
+        """Seconds to wait before the next try, after ``failed_attempts`` (≥ 1) failed tries."""
+        if self.backoff == "fixed":
+            return min(self.delay_s, self.max_delay_s)
+        exponent = min(max(failed_attempts - 1, 0), 60)
+        return float(min(self.delay_s * (2**exponent), self.max_delay_s))
+
+
+class GotoAction(_Model):
+    """Jump to a later step."""
+
+    goto: StepId
+
+
+def _validate_action(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    if isinstance(value, dict):
+        try:
+            return GotoAction.model_validate(value)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in error["loc"]) or "goto"
+            raise ValueError(f"{where}: {error['msg']}") from None
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError('must be "continue", "end" or {"goto": "<id of a later step>"}') from None
+
+
+Action = Annotated[Literal["continue", "end"] | GotoAction, WrapValidator(_validate_action)]
+
+
+class _StepBase(_Model):
+    id: StepId
+    name: Annotated[str, StringConstraints(max_length=200)] | None = None
+    retry: RetryPolicy | None = None
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
+
+
+class HttpStep(_StepBase):
+    """Call an HTTP(S) URL. ``url``, header values and string leaves of ``body`` are templates.
+
+    The step succeeds when the final status is in ``expect_status`` (default: any 2xx).
+    Otherwise 408/429/5xx are retryable failures and every other status is permanent.
+    """
+
+    type: Literal["http"]
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] = "GET"
+    url: Annotated[str, StringConstraints(min_length=1, max_length=MAX_URL_CHARS)]
+    headers: dict[str, Annotated[str, StringConstraints(max_length=8192)]] = Field(
+        default_factory=dict
+    )
+    body: Any = None
+    """JSON; strings are sent as text, anything else as ``application/json``."""
+    expect_status: list[Annotated[int, Field(ge=100, le=599)]] | None = Field(
+        default=None, min_length=1, max_length=100
+    )
+    follow_redirects: bool = True
+    max_redirects: int = Field(default=5, ge=0, le=10)
+    max_response_bytes: int = Field(default=DEFAULT_RESPONSE_BYTES, ge=1, le=MAX_RESPONSE_BYTES)
+    response_headers: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
+        default_factory=list, max_length=50
+    )
+    """Extra response header names to include in the output (a default subset is always kept)."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        check_template(value)
+        head = value.split("://", 1)[0] if "://" in value else value
+        if not is_template(head) and ("://" not in value or head.lower() not in ("http", "https")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_HEADERS:
+            raise ValueError(f"at most {MAX_HEADERS} headers")
+        for name, header_value in value.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _FORBIDDEN_HEADERS:
+                raise ValueError(f"header {name!r} is set by Conveyor and cannot be given")
+            if "\r" in header_value or "\n" in header_value:
+                raise ValueError(f"header {name!r} contains a line break")
+            check_template(header_value)
+        return value
+
+    @field_validator("body")
+    @classmethod
+    def _check_body(cls, value: Any) -> Any:
+        check_json(value, MAX_BODY_BYTES)
+        return check_template(value)
+
+    @field_validator("response_headers")
+    @classmethod
+    def _check_response_headers(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+        return [name.lower() for name in value]
+
+
+class TransformStep(_StepBase):
+    """Output the value of a JMESPath ``expression`` over the evaluation context."""
+
+    type: Literal["transform"]
+    expression: Expression
+
+    @field_validator("expression")
+    @classmethod
+    def _check_expression(cls, value: str) -> str:
+        return check_expression(value)
+
+
+class Case(_Model):
+    when: Expression
+    then: Action
+
+    @field_validator("when")
+    @classmethod
+    def _check_when(cls, value: str) -> str:
+        return check_expression(value)
+
+
+class ConditionStep(_StepBase):
+    """Choose what runs next: ``expression`` + ``then``/``else``, or ``cases`` + ``else``."""
+
+    type: Literal["condition"]
+    expression: Expression | None = None
+    then: Action | None = None
+    cases: list[Case] | None = Field(default=None, min_length=1, max_length=50)
+    otherwise: Action | None = Field(default=None, alias="else")
+
+    @field_validator("expression")
+    @classmethod
+    def _check_expression(cls, value: str | None) -> str | None:
+        return None if value is None else check_expression(value)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ConditionStep:
+        if (self.expression is None) == (self.cases is None):
+            raise ValueError("give exactly one of 'expression' or 'cases'")
+        if self.cases is not None and self.then is not None:
+            raise ValueError("'then' goes inside each case when 'cases' is used")
+        return self
+
+    @property
+    def then_action(self) -> Action:
+        return self.then if self.then is not None else "continue"
+
+    @property
+    def else_action(self) -> Action:
+        if self.otherwise is not None:
+            return self.otherwise
+        return "end" if self.cases is None else "continue"
+
+    def actions(self) -> list[tuple[str, Action]]:
+        """Every ``(field path, action)`` of this step."""
+        found: list[tuple[str, Action]] = [("else", self.else_action)]
+        if self.cases is None:
+            found.insert(0, ("then", self.then_action))
+        else:
+            found[:0] = [(f"cases.{i}.then", case.then) for i, case in enumerate(self.cases)]
+        return found
+
+
+class DelayStep(_StepBase):
+    """Suspend the execution for ``seconds``, or until ``until`` (exactly one).
+
+    ``until`` is ISO-8601 with a UTC offset (``2030-01-01T09:00:00+01:00``) or a template
+    (``{{ input.sendAt }}``) evaluated when the step runs.
+    """
+
+    type: Literal["delay"]
+    seconds: float | None = Field(default=None, gt=0, le=MAX_DELAY_S)
+    until: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+
+    @field_validator("until")
+    @classmethod
+    def _check_until(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if is_template(value):
+            return cast(str, check_template(value))
+        parse_until(value)
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DelayStep:
+        if (self.seconds is None) == (self.until is None):
+            raise ValueError("give exactly one of 'seconds' or 'until'")
+        return self
+
+
+class NoopStep(_StepBase):
+    """Do nothing (output ``null``)."""
+
+    type: Literal["noop"]
+
+
+Step = Annotated[
+    HttpStep | TransformStep | ConditionStep | DelayStep | NoopStep, Field(discriminator="type")
+]
+
+_AWARE = TypeAdapter(AwareDatetime)
+
+
+def parse_until(value: str) -> datetime:
+    """Parse an ISO-8601 timestamp that carries a UTC offset. Raises ``ValueError``."""
+    try:
+        return _AWARE.validate_python(value)
+    except ValidationError:
+        raise ValueError(
+            "must be an ISO-8601 timestamp with a UTC offset, e.g. 2030-01-01T09:00:00Z"
+        ) from None
+
+
+def check_json(value: Any, max_bytes: int) -> None:
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"must be JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if len(text.encode()) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def json_depth(value: Any) -> int:
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend(
+                (v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
