@@ -12,8 +12,10 @@ BullMQ priority derived from its tenant's backlog:
   periodically clamps every counter to the queue's real backlog (see
   :mod:`conveyor.workers._fairness`). ``docs/fairness.md`` has the design and its limits.
 
-The increment and the duplicate check run in one Lua script (one round trip): a job id that
-already exists (the same execution dispatched twice) is neither counted nor added again.
+The increment and the duplicate check run in one Lua script: a job id that already exists (the
+same execution dispatched twice) is neither counted nor added again. :meth:`enqueue` sends that
+script and the add in one ``MULTI`` (one round trip), the add with a guessed priority that is
+corrected (``changePriority``) when the count differs — see :meth:`ExecutionDispatcher._guess`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from conveyor.errors import QueueUnavailable
+from conveyor.queue._base import ScriptCall
 
 if TYPE_CHECKING:
     from conveyor.queue import Queue, QueueFactory
@@ -36,6 +39,12 @@ log = logging.getLogger(__name__)
 
 MAX_PRIORITY = 2**21 - 1
 """BullMQ's largest priority; deeper backlogs share it (FIFO among themselves)."""
+
+GUESS_TTL_S = 1.0
+"""A tenant's last count is a guess for its next one for this long (the worker's ledger
+decrements counts within ~50 ms, so older counts are mostly stale)."""
+
+_SEEN_MAX = 10_000
 
 FAIR_TTL_MS = 24 * 3600 * 1000
 """The fairness hash expires after a day without enqueues (garbage collection only)."""
@@ -95,6 +104,8 @@ class ExecutionDispatcher:
         self._settings = settings
         self._by_name: dict[str, Queue] = {}
         self._count_script: Any = None
+        self._seen: dict[tuple[str, str], tuple[int, float]] = {}
+        """``(queue, tenant) -> (last count, when)``: where :meth:`_guess` starts from."""
         self._decrement_script: Any = None
 
     def _queue(self, region: str) -> Queue:
@@ -107,15 +118,20 @@ class ExecutionDispatcher:
     def _job_key(self, queue_name: str, job_id: str) -> str:
         return f"{self._settings.queue_prefix}:{queue_name}:{job_id}"
 
-    async def _count(self, queue_name: str, items: Sequence[tuple[str, str]]) -> list[int]:
-        """Count ``(tenant, job_id)`` items as pending; 0 for job ids that already exist."""
+    def _count_call(self, queue_name: str, items: Sequence[tuple[str, str]]) -> ScriptCall:
+        """The count script's call for ``(tenant, job_id)`` items (see :data:`_COUNT_SCRIPT`)."""
         if self._count_script is None:
             self._count_script = self._queues.redis.register_script(_COUNT_SCRIPT)
         keys = [fair_key(self._queues, queue_name)]
         keys += [self._job_key(queue_name, job_id) for _tenant, job_id in items]
         args: list[Any] = [FAIR_TTL_MS, *(tenant for tenant, _job_id in items)]
+        return ScriptCall(self._count_script, keys, args)
+
+    async def _count(self, queue_name: str, items: Sequence[tuple[str, str]]) -> list[int]:
+        """Count ``(tenant, job_id)`` items as pending; 0 for job ids that already exist."""
+        call = self._count_call(queue_name, items)
         try:
-            result = await self._count_script(keys=keys, args=args)
+            result = await call.script(keys=call.keys, args=call.args)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"cannot enqueue on {queue_name}: {exc}") from exc
         return [int(n) for n in result]
@@ -151,20 +167,53 @@ class ExecutionDispatcher:
         """
         job_id = job_id or payload.execution_id
         queue = self._queue(payload.region)
-        (pending,) = await self._count(queue.name, [(payload.tenant_id, job_id)])
-        if pending == 0:
+        tenant = payload.tenant_id
+        if delay_ms:  # staged ahead of time: nothing waits on it, keep the exact two steps
+            (pending,) = await self._count(queue.name, [(tenant, job_id)])
+            if pending == 0:
+                log.debug("dispatch.duplicate", extra={"queue": queue.name, "jobId": job_id})
+                return job_id
+            try:
+                return await queue.add(
+                    self._stamp(payload),
+                    job_id=job_id,
+                    priority=priority_for(pending),
+                    delay_ms=delay_ms,
+                )
+            except BaseException:
+                await self._uncount(queue.name, [tenant])
+                raise
+        # One round trip: count and add in one MULTI (atomic: both happen or neither), the
+        # add with the priority the count most likely gives; re-rank when it gave another.
+        guess = self._guess(queue.name, tenant)
+        result, job_id = await queue.add_after(
+            self._count_call(queue.name, [(tenant, job_id)]),
+            self._stamp(payload),
+            job_id=job_id,
+            priority=guess,
+        )
+        pending = int(result[0])
+        if pending == 0:  # the job existed: the add was a no-op too
             log.debug("dispatch.duplicate", extra={"queue": queue.name, "jobId": job_id})
             return job_id
-        try:
-            return await queue.add(
-                self._stamp(payload),
-                job_id=job_id,
-                priority=priority_for(pending),
-                delay_ms=delay_ms,
-            )
-        except BaseException:
-            await self._uncount(queue.name, [payload.tenant_id])
-            raise
+        self._remember(queue.name, tenant, pending)
+        if priority_for(pending) != guess:
+            await queue.change_priority(job_id, priority_for(pending))
+        return job_id
+
+    def _remember(self, queue_name: str, tenant: str, pending: int) -> None:
+        now = time.monotonic()
+        if len(self._seen) >= _SEEN_MAX:  # forget what is too old to guess from anyway
+            self._seen = {k: v for k, v in self._seen.items() if now - v[1] <= GUESS_TTL_S}
+        self._seen[(queue_name, tenant)] = (pending, now)
+
+    def _guess(self, queue_name: str, tenant: str) -> int:
+        """The priority the next count will most likely give ``tenant``: 1 (no backlog) unless
+        this process counted it recently, then one more than that count."""
+        seen = self._seen.get((queue_name, tenant))
+        if seen is None or time.monotonic() - seen[1] > GUESS_TTL_S:
+            return 1
+        return priority_for(seen[0] + 1)
 
     async def enqueue_many(self, payloads: Sequence[WorkflowExecute]) -> list[str]:
         """Put many executions on their queues (one script call and one bulk add per region).

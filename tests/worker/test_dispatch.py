@@ -12,7 +12,7 @@ from conveyor.dispatch import ExecutionDispatcher, fair_key
 from conveyor.errors import QueueUnavailable
 from conveyor.queue import QueueFactory
 from conveyor.workers._fairness import FairnessLedger
-from tests.helpers import free_port
+from tests.helpers import free_port, redis_server
 from tests.worker._support import make_settings, payload
 
 QUEUE = "workflow.execute.us"
@@ -99,3 +99,47 @@ async def test_enqueue_fails_fast_when_redis_is_down(redis_prefix: str) -> None:
         with pytest.raises(QueueUnavailable):
             await dispatcher.enqueue(payload("tenant-a"))
         assert time.monotonic() - started < 5
+
+
+async def _calls(client: aioredis.Redis) -> dict[str, int]:
+    stats = await client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+async def test_an_enqueue_is_one_round_trip_and_a_wrong_guess_is_corrected(
+    redis_prefix: str,
+) -> None:
+    """Count and add go in one MULTI; the add's priority is a guess (1 for a tenant without
+    backlog, else one more than this process last counted), re-ranked when the count differs."""
+    with redis_server() as server:
+        settings = make_settings(redis_prefix, QUEUE_REDIS_PORT=str(server.port))
+        client = aioredis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+        async with QueueFactory(settings) as factory:
+            here = ExecutionDispatcher(factory, settings)
+            elsewhere = ExecutionDispatcher(factory, settings)  # another producer process
+            await elsewhere.enqueue(payload("warm-up", "w-0"))
+            await here.enqueue(payload("warm-up", "w-1"))  # scripts loaded (re-rank's too)
+            before = await _calls(client)
+            await here.enqueue(payload("tenant-b", "b-0"))  # no backlog: guessed 1, right
+            await here.enqueue(payload("tenant-b", "b-1"))  # this process counted 1: guess 2
+            after = await _calls(client)
+            assert after["exec"] - before["exec"] == 2
+            assert after["evalsha"] - before["evalsha"] == 4  # count + add, twice; no re-rank
+            assert after.get("script|exists") == before.get("script|exists")  # no extra trip
+            for i in range(3):
+                await elsewhere.enqueue(payload("tenant-a", f"a-{i}"))
+            before = await _calls(client)
+            await here.enqueue(payload("tenant-a", "a-3"))  # guessed 1; the count says 4
+            after = await _calls(client)
+            assert after["evalsha"] - before["evalsha"] == 3  # count + add + re-rank
+            job = f"{redis_prefix}:{QUEUE}:"
+            assert await client.hget(job + "a-3", "priority") == "4"
+            assert await client.hget(job + "b-1", "priority") == "2"
+            order = await client.zrange(job + "prioritized", 0, -1)
+            assert order == ["w-0", "b-0", "a-0", "w-1", "b-1", "a-1", "a-2", "a-3"]
+            # Redis loses its scripts (a restart, SCRIPT FLUSH): loaded again, sent again.
+            await client.script_flush()
+            await here.enqueue(payload("tenant-c", "c-0"))
+            assert await client.hget(job + "c-0", "priority") == "1"
+            assert await client.hget(fair_key(factory, QUEUE), "tenant-c") == "1"
+        await client.aclose()

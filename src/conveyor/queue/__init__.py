@@ -29,6 +29,7 @@ from conveyor.queue._base import (
     Queue,
     QueueEvent,
     QueueEvents,
+    ScriptCall,
     Worker,
 )
 from conveyor.queue._factory import QueueFactory
@@ -62,6 +63,7 @@ __all__ = [
     "QueueEvent",
     "QueueEvents",
     "QueueFactory",
+    "ScriptCall",
     "Worker",
     "WorkflowExecute",
     "assert_queue_is_ready",

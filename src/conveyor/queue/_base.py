@@ -120,6 +120,16 @@ class AddOptions(TypedDict, total=False):
     """Run no earlier than this many milliseconds from now."""
 
 
+@dataclass(frozen=True)
+class ScriptCall:
+    """A Lua script registered on a Redis client (``redis.register_script``) with its keys and
+    arguments: see :meth:`Queue.add_after`."""
+
+    script: Any
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+
 class Queue(Protocol):
     """A producer handle on one queue."""
 
@@ -144,6 +154,22 @@ class Queue(Protocol):
         self, items: Sequence[tuple[BaseModel | Mapping[str, Any], Mapping[str, Any]]]
     ) -> list[str]:
         """Add many jobs in one round trip; each item is ``(payload, AddOptions-like dict)``."""
+        ...
+
+    async def add_after(
+        self,
+        call: ScriptCall,
+        payload: BaseModel | Mapping[str, Any],
+        *,
+        job_id: str,
+        priority: int = 0,
+    ) -> tuple[Any, str]:
+        """Run ``call`` and then add the job, atomically and in one round trip (one
+        ``MULTI``/``EXEC``). Returns the script's result and the job id."""
+        ...
+
+    async def change_priority(self, job_id: str, priority: int) -> None:
+        """Re-rank a job that is still waiting; no-op for a job already started or gone."""
         ...
 
     async def get_job_counts(self, *states: str) -> dict[str, int]: ...

@@ -19,9 +19,11 @@ from typing import Any
 import bullmq
 import redis.asyncio as aioredis
 from pydantic import BaseModel
+from redis.exceptions import NoScriptError
 
+from conveyor.errors import QueueError
 from conveyor.queue import _redis
-from conveyor.queue._base import JOB_COUNT_STATES, EventHandler, QueueEvent
+from conveyor.queue._base import JOB_COUNT_STATES, EventHandler, QueueEvent, ScriptCall
 from conveyor.queue._emitter import Emitter
 from conveyor.queue.payloads import PayloadSpec, check_job_id
 from conveyor.settings import Settings
@@ -63,6 +65,7 @@ class BullQueue:
         self._settings = settings
         self._deadline_s = settings.queue_redis_socket_timeout_ms / 1000.0
         self._emitter = Emitter(f"queue[{name}]")
+        self._scripts_loaded = False
         self._bull = bullmq.Queue(
             name,
             {
@@ -120,6 +123,64 @@ class BullQueue:
         job_id = str(job.id)
         self._added([job_id])
         return job_id
+
+    async def add_after(
+        self,
+        call: ScriptCall,
+        payload: BaseModel | Mapping[str, Any],
+        *,
+        job_id: str,
+        priority: int = 0,
+    ) -> tuple[Any, str]:
+        model, data = self._spec.dump(self._name, payload)
+        opts = job_options(self._spec, model, {"job_id": job_id, "priority": priority})
+        bull = self._bull
+        job = bullmq.Job(bull, self._spec.base_name, data, {**bull.jobsOpts, **opts})
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                result, added = await self._count_and_add(call, job)
+        except _redis.QUEUE_ERRORS as exc:
+            raise _redis.translate(exc, self._settings, "enqueue on") from exc
+        if isinstance(added, int) and added < 0:
+            raise QueueError(f"BullMQ refused job {job_id} on {self._name} (code {added})")
+        job_id = str(added)
+        self._added([job_id])
+        return result, job_id
+
+    async def _count_and_add(self, call: ScriptCall, job: Any) -> list[Any]:
+        """``MULTI; EVALSHA call; EVALSHA add; EXEC`` in one write. redis-py would first ask
+        ``SCRIPT EXISTS`` (a round trip of its own) on every call; the scripts are loaded once
+        instead, and again if Redis lost them (restart, ``SCRIPT FLUSH``): then the whole
+        transaction is sent again. (If only one of the two scripts was lost, the other ran:
+        a count without its job, or the reverse — drift the fairness ledger's clamp repairs.)"""
+        conn = self._bull.backend.connection.conn
+        for attempt in (1, 2):
+            async with conn.pipeline(transaction=True) as pipe:
+                await call.script(keys=list(call.keys), args=list(call.args), client=pipe)
+                await self._bull.backend.scripts.addJob(job, pipe)
+                scripts = list(pipe.scripts)
+                if self._scripts_loaded:
+                    pipe.scripts.clear()
+                try:
+                    results: list[Any] = await pipe.execute()
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    for script in scripts:
+                        await conn.script_load(script.script)
+                    continue
+            self._scripts_loaded = True
+            return results
+        raise AssertionError("unreachable")
+
+    async def change_priority(self, job_id: str, priority: int) -> None:
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await self._bull.backend.changePriority(job_id, priority)
+        except _redis.QUEUE_ERRORS as exc:
+            raise _redis.translate(exc, self._settings, "re-rank a job on") from exc
+        except Exception as exc:  # bullmq raises on a job that is gone: nothing to re-rank
+            log.debug("queue.change_priority_skipped", extra={"jobId": job_id, "error": repr(exc)})
 
     async def add_bulk(
         self, items: Sequence[tuple[BaseModel | Mapping[str, Any], Mapping[str, Any]]]

@@ -11,6 +11,7 @@ it reports itself as not durable and readiness fails with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import json
@@ -32,6 +33,7 @@ from conveyor.queue._base import (
     JobDeferred,
     Processor,
     QueueEvent,
+    ScriptCall,
 )
 from conveyor.queue._bullmq import job_options
 from conveyor.queue._emitter import Emitter
@@ -126,10 +128,22 @@ class _QueueState:
             if job is not None and job.state == "waiting":
                 return job
         while self.prioritized:
-            job = self.jobs.get(heapq.heappop(self.prioritized)[2])
-            if job is not None and job.state == "prioritized":
-                return job
+            priority, _, job_id = heapq.heappop(self.prioritized)
+            job = self.jobs.get(job_id)
+            if job is not None and job.state == "prioritized" and job.priority == priority:
+                return job  # (an entry left behind by change_priority has the old priority)
         return None
+
+    def change_priority(self, job_id: str, priority: int) -> None:
+        """Re-rank a waiting job (as BullMQ does: it goes behind its new equals)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state not in ("waiting", "prioritized"):
+            return
+        if job.state == "waiting":
+            with contextlib.suppress(ValueError):
+                self.wait.remove(job_id)
+        job.priority = priority
+        self.enqueue(job)
 
     def finish(self, job: _Job, state: str, keep: Any) -> None:
         self.set_state(job, state)
@@ -209,6 +223,21 @@ class MemoryQueue:
         self, items: Sequence[tuple[BaseModel | Mapping[str, Any], Mapping[str, Any]]]
     ) -> list[str]:
         return [self._add(payload, options) for payload, options in items]
+
+    async def add_after(
+        self,
+        call: ScriptCall,
+        payload: BaseModel | Mapping[str, Any],
+        *,
+        job_id: str,
+        priority: int = 0,
+    ) -> tuple[Any, str]:
+        """The script runs where it was registered (a Redis); then the job is added here."""
+        result = await call.script(keys=list(call.keys), args=list(call.args))
+        return result, self._add(payload, {"job_id": job_id, "priority": priority})
+
+    async def change_priority(self, job_id: str, priority: int) -> None:
+        self._state.change_priority(job_id, priority)
 
     def add_raw(self, data: Any, job_id: str | None = None) -> str:
         """Enqueue ``data`` without validation, as a foreign producer could (for tests)."""
