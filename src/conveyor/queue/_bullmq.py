@@ -149,29 +149,25 @@ class BullQueue:
 
     async def _count_and_add(self, call: ScriptCall, job: Any) -> list[Any]:
         """``MULTI; EVALSHA call; EVALSHA add; EXEC`` in one write. redis-py would first ask
-        ``SCRIPT EXISTS`` (a round trip of its own) on every call; the scripts are loaded once
-        instead, and again if Redis lost them (restart, ``SCRIPT FLUSH``): then the whole
-        transaction is sent again. (If only one of the two scripts was lost, the other ran:
-        a count without its job, or the reverse — drift the fairness ledger's clamp repairs.)"""
-        conn = self._bull.backend.connection.conn
-        for attempt in (1, 2):
-            async with conn.pipeline(transaction=True) as pipe:
-                await call.script(keys=list(call.keys), args=list(call.args), client=pipe)
-                await self._bull.backend.scripts.addJob(job, pipe)
-                scripts = list(pipe.scripts)
-                if self._scripts_loaded:
-                    pipe.scripts.clear()
-                try:
-                    results: list[Any] = await pipe.execute()
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-                    for script in scripts:
-                        await conn.script_load(script.script)
-                    continue
-            self._scripts_loaded = True
+        ``SCRIPT EXISTS`` (a round trip of its own) on every call; that check is made once,
+        and again when Redis lost the scripts (restart, ``SCRIPT FLUSH``) before the
+        transaction is sent again. (If only one of the two scripts was lost, the other ran: a
+        count without its job, or the reverse — drift the fairness ledger's clamp repairs.)"""
+        try:
+            results = await self._transaction(call, job, check_scripts=not self._scripts_loaded)
+        except NoScriptError:
+            results = await self._transaction(call, job, check_scripts=True)
+        self._scripts_loaded = True
+        return results
+
+    async def _transaction(self, call: ScriptCall, job: Any, *, check_scripts: bool) -> list[Any]:
+        async with self._bull.backend.connection.conn.pipeline(transaction=True) as pipe:
+            await call.script(keys=list(call.keys), args=list(call.args), client=pipe)
+            await self._bull.backend.scripts.addJob(job, pipe)
+            if not check_scripts:
+                pipe.scripts.clear()
+            results: list[Any] = await pipe.execute()
             return results
-        raise AssertionError("unreachable")
 
     async def change_priority(self, job_id: str, priority: int) -> None:
         try:
