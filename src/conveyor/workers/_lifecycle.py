@@ -1,11 +1,11 @@
-"""Process plumbing shared by ``conveyor scheduler`` and ``conveyor timers``."""
+"""Process plumbing shared by ``conveyor worker``, ``conveyor scheduler`` and ``conveyor timers``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from conveyor.queue import QueueFactory
 from conveyor.settings import Settings
 
 if TYPE_CHECKING:
+    from conveyor.runtime import Supervisor
     from conveyor.store import Store
 
 log = logging.getLogger(__name__)
@@ -66,3 +67,27 @@ async def open_checked(
         log.error("%s.queue_not_ready: %s", role, exc, extra={"error": type(exc).__name__})
         return None
     return store, queues
+
+
+async def serve_checked(
+    settings: Settings,
+    role: str,
+    supervisor: Supervisor,
+    start: Callable[[AsyncExitStack, Store, QueueFactory], Awaitable[int]],
+    *,
+    pool_size: int | None = None,
+) -> int:
+    """A process's life: signal handlers, :func:`open_checked` (exit 1 on failure), then
+    ``start(stack, store, queues)`` unless a signal came first (exit 0). Returns the exit code;
+    everything opened on the stack is closed on the way out."""
+    supervisor.install_signal_handlers()
+    try:
+        async with AsyncExitStack() as stack:
+            opened = await open_checked(stack, settings, role, pool_size=pool_size)
+            if opened is None:
+                return 1
+            if supervisor.stopping:
+                return 0
+            return await start(stack, *opened)
+    finally:
+        supervisor.remove_signal_handlers()

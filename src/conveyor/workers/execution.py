@@ -23,7 +23,7 @@ import gc
 import logging
 import time
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor.dispatch import execution_queue_name
 from conveyor.engine import Engine
@@ -34,9 +34,12 @@ from conveyor.queue import Queue, QueueFactory, Worker
 from conveyor.runtime import Supervisor
 from conveyor.settings import Settings
 from conveyor.workers._fairness import FairnessLedger
-from conveyor.workers._lifecycle import open_checked
+from conveyor.workers._lifecycle import serve_checked
 from conveyor.workers._limits import ConcurrencyLimits
 from conveyor.workers._runner import ExecutionRunner
+
+if TYPE_CHECKING:
+    from conveyor.store import Store
 
 log = logging.getLogger("conveyor.workers.execution")  # also when run with -m
 
@@ -194,22 +197,15 @@ async def serve(settings: Settings, supervisor: Supervisor | None = None) -> int
     ``supervisor`` lets an embedding caller (tests, ``conveyor dev``) stop the worker with
     ``supervisor.stop()``; SIGTERM/SIGINT stop it either way.
     """
-    supervisor = supervisor or Supervisor("worker")
-    supervisor.install_signal_handlers()
-    try:
-        async with AsyncExitStack() as stack:
-            opened = await open_checked(stack, settings, "worker")
-            if opened is None:
-                return 1
-            store, queues = opened
-            if supervisor.stopping:
-                return 0
-            engine = await stack.enter_async_context(
-                Engine(store, settings, lease_ttl_s=settings.execution_lock_duration_ms / 1000)
-            )
-            return await ExecutionWorker(settings, engine, queues, supervisor).serve()
-    finally:
-        supervisor.remove_signal_handlers()
+    sup = supervisor or Supervisor("worker")
+
+    async def start(stack: AsyncExitStack, store: Store, queues: QueueFactory) -> int:
+        engine = await stack.enter_async_context(
+            Engine(store, settings, lease_ttl_s=settings.execution_lock_duration_ms / 1000)
+        )
+        return await ExecutionWorker(settings, engine, queues, sup).serve()
+
+    return await serve_checked(settings, "worker", sup, start)
 
 
 def _run_loop(settings: Settings) -> int:

@@ -50,7 +50,7 @@ from conveyor.workers._leader import (
     RedisLock,
     asyncpg_dsn,
 )
-from conveyor.workers._lifecycle import heartbeat_loop, open_checked, run_loop
+from conveyor.workers._lifecycle import heartbeat_loop, run_loop, serve_checked
 from conveyor.workers._reconcile import Reconciler
 from conveyor.workers._timers import sleep_until
 
@@ -281,23 +281,16 @@ async def serve(settings: Settings) -> int:
     """Check, start, serve, drain. Returns the process exit code."""
 
     supervisor = Supervisor(ROLE)
-    supervisor.install_signal_handlers()
-    try:
-        async with AsyncExitStack() as stack:
-            opened = await open_checked(stack, settings, ROLE, pool_size=4)
-            if opened is None:
-                return 1
-            store, queues = opened
-            if supervisor.stopping:
-                return 0
-            try:
-                scheduler = Scheduler(settings, store, queues, supervisor)
-            except ValueError as exc:
-                log.error("scheduler.config_invalid: %s", exc)
-                return 2
-            return await scheduler.serve()
-    finally:
-        supervisor.remove_signal_handlers()
+
+    async def start(stack: AsyncExitStack, store: Store, queues: QueueFactory) -> int:
+        try:
+            scheduler = Scheduler(settings, store, queues, supervisor)
+        except ValueError as exc:
+            log.error("scheduler.config_invalid: %s", exc)
+            return 2
+        return await scheduler.serve()
+
+    return await serve_checked(settings, ROLE, supervisor, start, pool_size=4)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

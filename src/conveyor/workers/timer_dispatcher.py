@@ -37,7 +37,7 @@ from conveyor.queue import Queue, QueueFactory, WorkflowExecute
 from conveyor.runtime import Supervisor
 from conveyor.settings import Settings
 from conveyor.workers._leader import LeaderElection, RedisLock
-from conveyor.workers._lifecycle import heartbeat_loop, open_checked, run_loop
+from conveyor.workers._lifecycle import heartbeat_loop, run_loop, serve_checked
 from conveyor.workers._timers import CLAIM_MARGIN_S, TimerWheel
 
 if TYPE_CHECKING:
@@ -284,18 +284,11 @@ async def serve(settings: Settings) -> int:
     """Check, start, serve, drain. Returns the process exit code."""
 
     supervisor = Supervisor(ROLE)
-    supervisor.install_signal_handlers()
-    try:
-        async with AsyncExitStack() as stack:
-            opened = await open_checked(stack, settings, ROLE, pool_size=4)
-            if opened is None:
-                return 1
-            store, queues = opened
-            if supervisor.stopping:
-                return 0
-            return await TimerDispatcher(settings, store, queues, supervisor).serve()
-    finally:
-        supervisor.remove_signal_handlers()
+
+    async def start(stack: AsyncExitStack, store: Store, queues: QueueFactory) -> int:
+        return await TimerDispatcher(settings, store, queues, supervisor).serve()
+
+    return await serve_checked(settings, ROLE, supervisor, start, pool_size=4)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
