@@ -9,11 +9,17 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Coroutine
+import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+from conveyor.errors import ConfigError
+from conveyor.logs import configure_logging
+from conveyor.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +104,15 @@ async def cancel_tasks(tasks: list[asyncio.Task[Any]], grace_s: float = 5.0) -> 
         _done, still = await asyncio.wait(pending, timeout=grace_s)
         for task in still:
             log.warning("process.task_stuck", extra={"task": task.get_name()})
+
+
+def entry(module_main: Callable[[argparse.Namespace, Settings], int], name: str) -> None:
+    """``python -m conveyor.<process>``: the settings handling of the ``conveyor`` command
+    (a malformed setting exits 2 with one line naming it), then ``module_main``."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"conveyor {name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings)
+    raise SystemExit(module_main(argparse.Namespace(command=name), settings))

@@ -235,3 +235,12 @@ def _describe(exc: ValidationError, env: Mapping[str, str]) -> str:
     if name in {"QUEUE_REDIS_PASSWORD", "ADMIN_TOKEN"}:
         raw = "***"
     return f"invalid setting {name}={raw}: {reason}"
+
+
+def client_url(host: str, port: int) -> str:
+    """The URL a local client uses to reach a server listening on ``host:port``."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"

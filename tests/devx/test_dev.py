@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conveyor._dev_demo import SAMPLE_INPUT, SAMPLE_WORKFLOW
+from conveyor.cli.dev.demo import SAMPLE_INPUT, SAMPLE_WORKFLOW
 from tests.conftest import REDIS_HOST, REDIS_PORT
 from tests.devx._proc import CliProcess, alive, descendants, wait_gone
 from tests.helpers import env_for, free_port, port_open

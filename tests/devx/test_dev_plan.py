@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conveyor import dev
-from conveyor._embedded_redis import redis_server_argv, redis_server_binary
+from conveyor.cli.dev import session as dev
+from conveyor.cli.dev.embedded_redis import redis_server_argv, redis_server_binary
 from conveyor.errors import ConfigError
-from conveyor.settings import load_settings
+from conveyor.settings import client_url, load_settings
 
 
 def _args(tmp_path: Path, *argv: str) -> argparse.Namespace:
@@ -58,20 +58,20 @@ def test_inmemory_driver_is_refused(tmp_path: Path) -> None:
 
 
 def test_client_url() -> None:
-    assert dev.client_url("::", 80) == "http://127.0.0.1:80"
-    assert dev.client_url("::1", 80) == "http://[::1]:80"
-    assert dev.client_url("api.local", 8000) == "http://api.local:8000"
+    assert client_url("::", 80) == "http://127.0.0.1:80"
+    assert client_url("::1", 80) == "http://[::1]:80"
+    assert client_url("api.local", 8000) == "http://api.local:8000"
 
 
 def test_one_dev_per_data_directory(tmp_path: Path) -> None:
-    with dev._data_dir_lock(tmp_path / "d"):
+    with dev.data_dir_lock(tmp_path / "d"):
         assert (tmp_path / "d" / "redis").is_dir()
         with (
             pytest.raises(dev.DevFailed, match="already using"),
-            dev._data_dir_lock(tmp_path / "d"),
+            dev.data_dir_lock(tmp_path / "d"),
         ):
             pass
-    with dev._data_dir_lock(tmp_path / "d"):  # released on exit
+    with dev.data_dir_lock(tmp_path / "d"):  # released on exit
         pass
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conveyor import status
+from conveyor.cli import status
 from conveyor.settings import load_settings
 from tests.conftest import REDIS_HOST, REDIS_PORT
 from tests.devx._proc import CliProcess

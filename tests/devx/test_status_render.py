@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from conveyor import status
-from conveyor._status_render import age, parse_time, queue_rows, render, table
+from conveyor.cli import status
+from conveyor.cli.tables import age, parse_time, queue_rows, render, table
 from conveyor.settings import load_settings
 
 SEED_SAMPLE: dict[str, Any] = {

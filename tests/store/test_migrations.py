@@ -61,7 +61,7 @@ async def test_check_refuses_out_of_date_schema_postgres(fresh_pg_url: str) -> N
 
 def _migrate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "conveyor.migrate", *args],
+        [sys.executable, "-m", "conveyor.cli.migrate", *args],
         env=env_for(DATABASE_URL=url),
         capture_output=True,
         text=True,
@@ -110,7 +110,7 @@ def test_conveyor_cli_migrate(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     unreachable = subprocess.run(
-        [sys.executable, "-m", "conveyor.migrate"],
+        [sys.executable, "-m", "conveyor.cli.migrate"],
         env=env_for(DATABASE_URL="postgresql://postgres@127.0.0.1:1/nope"),
         capture_output=True,
         text=True,

@@ -1,7 +1,7 @@
 """``python -m conveyor.api``: the same as ``conveyor api``."""
 
 from conveyor.api.server import run
-from conveyor.cli import entry
+from conveyor.runtime import entry
 
 if __name__ == "__main__":
     entry(run, "api")

@@ -223,6 +223,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 if __name__ == "__main__":
-    from conveyor.cli import entry
+    from conveyor.runtime import entry
 
     entry(run, "worker")

@@ -299,6 +299,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 if __name__ == "__main__":
-    from conveyor.cli import entry
+    from conveyor.runtime import entry
 
     entry(run, "scheduler")

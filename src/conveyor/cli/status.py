@@ -19,10 +19,9 @@ from typing import Any, TextIO
 
 import httpx
 
-from conveyor._status_render import render
-from conveyor.dev import client_url
+from conveyor.cli.tables import render
 from conveyor.errors import ConveyorError
-from conveyor.settings import Settings
+from conveyor.settings import Settings, client_url
 
 STATUS_PATH = "/api/admin/workers/status"
 DEFAULT_WATCH_S = 30.0

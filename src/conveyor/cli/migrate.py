@@ -51,9 +51,9 @@ async def _run(check_only: bool, settings: Settings) -> int:
 
 
 if __name__ == "__main__":
-    from conveyor.cli import entry
+    from conveyor.runtime import entry
 
-    _parser = argparse.ArgumentParser(prog="python -m conveyor.migrate")
+    _parser = argparse.ArgumentParser(prog="python -m conveyor.cli.migrate")
     add_arguments(_parser)
     _parsed = _parser.parse_args()
     entry(lambda _args, settings: run(_parsed, settings), "migrate")

@@ -29,11 +29,11 @@ from typing import IO, TypeVar
 
 import httpx
 
-from conveyor import _embedded_redis
-from conveyor._children import Child, Console, describe_exit
-from conveyor._dev_demo import DemoFailed, seed_demo, try_it_text
+from conveyor.cli.dev import embedded_redis
+from conveyor.cli.dev.children import Child, Console, describe_exit
+from conveyor.cli.dev.demo import DemoFailed, seed_demo, try_it_text
 from conveyor.errors import ConfigError, ConveyorError
-from conveyor.settings import Settings
+from conveyor.settings import Settings, client_url
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ PROCESSES: tuple[tuple[str, str], ...] = (
     ("scheduler", "conveyor.workers.scheduler"),
     ("timers", "conveyor.workers.timer_dispatcher"),
 )
-MIGRATE_MODULE = "conveyor.migrate"
+MIGRATE_MODULE = "conveyor.cli.migrate"
 _REDIS_STOP_S = 10.0
 _MIGRATE_TIMEOUT_S = 600.0
 
@@ -115,15 +115,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def client_url(host: str, port: int) -> str:
-    """The URL a local client uses to reach a server listening on ``host:port``."""
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        host = "127.0.0.1"
-    elif ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
 def plan_dev(args: argparse.Namespace, settings: Settings, environ: Mapping[str, str]) -> DevPlan:
     """Resolve the children's environment: embedded defaults unless configured otherwise."""
     if settings.driver == "inmemory":
@@ -183,7 +174,7 @@ def _check_port_free(host: str, port: int, what: str, fix: str) -> None:
 
 
 @contextlib.contextmanager
-def _data_dir_lock(data_dir: Path) -> Iterator[None]:
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
     """One ``conveyor dev`` per data directory (two Redis servers on one AOF would corrupt it)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "redis").mkdir(exist_ok=True)
@@ -290,13 +281,13 @@ class DevSession:
     async def _start_all(self) -> None:
         plan = self.plan
         if plan.redis_port is not None:
-            binary = _embedded_redis.redis_server_binary()
-            argv = _embedded_redis.redis_server_argv(
+            binary = embedded_redis.redis_server_binary()
+            argv = embedded_redis.redis_server_argv(
                 binary, plan.redis_port, plan.data_dir / "redis"
             )
             await self._start("redis", argv)
             try:
-                await self._until(_embedded_redis.wait_until_ready(plan.redis_port))
+                await self._until(embedded_redis.wait_until_ready(plan.redis_port))
             except ConveyorError as exc:
                 raise DevFailed(exc.message) from exc
         migrate = await self._start("migrate", self._argv(MIGRATE_MODULE), watch=False)
@@ -380,7 +371,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # The children inherit this process's environment plus the resolved settings.
     try:
         plan = plan_dev(args, settings, os.environ)
-        with _data_dir_lock(plan.data_dir):
+        with data_dir_lock(plan.data_dir):
             _check_port_free(plan.api_host, plan.api_port, "the API address", "set API_PORT")
             if plan.redis_port is not None:
                 _check_port_free(

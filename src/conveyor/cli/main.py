@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from conveyor.errors import ConfigError
@@ -26,14 +26,16 @@ class Command:
 
 
 COMMANDS: list[Command] = [
-    Command("check", "conveyor.check", "validate the settings and check that Redis is usable"),
-    Command("migrate", "conveyor.migrate", "bring the database schema up to date"),
+    Command("check", "conveyor.cli.check", "validate the settings and check that Redis is usable"),
+    Command("migrate", "conveyor.cli.migrate", "bring the database schema up to date"),
     Command("api", "conveyor.api.server", "run the HTTP API"),
     Command("worker", "conveyor.workers.execution", "run the execution worker"),
     Command("scheduler", "conveyor.workers.scheduler", "run the cron scheduler (leader-elected)"),
     Command("timers", "conveyor.workers.timer_dispatcher", "run the durable timer dispatcher"),
-    Command("dev", "conveyor.dev", "run all processes locally (embedded Redis + SQLite)"),
-    Command("status", "conveyor.status", "show queue depths, live processes, scheduler and timers"),
+    Command("dev", "conveyor.cli.dev", "run all processes locally (embedded Redis + SQLite)"),
+    Command(
+        "status", "conveyor.cli.status", "show queue depths, live processes, scheduler and timers"
+    ),
 ]
 
 
@@ -68,18 +70,3 @@ def run_command(name: str, args: argparse.Namespace, settings: Settings) -> int:
     module = importlib.import_module(command.module)
     result: int = module.run(args, settings)
     return result
-
-
-def entry(module_main: Callable[[argparse.Namespace, Settings], int], name: str) -> None:
-    """``python -m conveyor.<process>`` entry: same settings handling as the CLI."""
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"conveyor {name}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(settings)
-    raise SystemExit(module_main(argparse.Namespace(command=name), settings))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
