@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from conveyor.errors import QueueError, QueueUnavailable
-from conveyor.queue import JobContext, QueueFactory, _bullmq_loop
-from conveyor.queue._redis import BLOCKING_MAX_S, make_client
+from conveyor.queue import JobContext, QueueFactory
+from conveyor.queue.bullmq import compat
+from conveyor.queue.connection import BLOCKING_MAX_S, make_client
 from tests.conftest import REDIS_HOST, REDIS_PORT
 from tests.helpers import free_port, redis_server
 from tests.queue.conftest import TEST_QUEUE, eventually, make_settings, running
@@ -37,9 +38,9 @@ async def test_run_raises_when_bullmqs_loop_dies(
         return None
 
     if target == "run":
-        monkeypatch.setattr(_bullmq_loop.FetchingWorker, "run", returns)
+        monkeypatch.setattr(compat.FetchingWorker, "run", returns)
     else:
-        monkeypatch.setattr(_bullmq_loop, target, broken)
+        monkeypatch.setattr(compat, target, broken)
 
     async def process(payload: Probe, ctx: JobContext) -> None:
         return None

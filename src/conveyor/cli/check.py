@@ -13,7 +13,7 @@ from typing import Any
 
 from conveyor.errors import QueueError
 from conveyor.queue import QueueFactory
-from conveyor.queue._redis import location
+from conveyor.queue.connection import location
 from conveyor.settings import Settings
 
 

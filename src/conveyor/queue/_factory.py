@@ -16,7 +16,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 
 from conveyor.errors import QueueNotReady
-from conveyor.queue import _redis, health
+from conveyor.queue import connection, health
 from conveyor.queue._base import (
     Detach,
     EventHandler,
@@ -66,10 +66,10 @@ class QueueFactory:
         await self.aclose()
 
     # -- clients ----------------------------------------------------------------------------
-    def _client(self, role: _redis.ClientRole) -> aioredis.Redis:
+    def _client(self, role: connection.ClientRole) -> aioredis.Redis:
         if self._closed:
             raise RuntimeError("QueueFactory is closed")
-        client = _redis.make_client(self.settings, role)
+        client = connection.make_client(self.settings, role)
         self._clients.append(client)
         return client
 
@@ -86,7 +86,7 @@ class QueueFactory:
 
     def _memory_broker(self) -> Any:
         if self._broker is None:
-            from conveyor.queue._inmemory import Broker
+            from conveyor.queue.inmemory import Broker
 
             self._broker = Broker()
         return self._broker
@@ -99,11 +99,11 @@ class QueueFactory:
             return queue
         spec = payload_spec(name)
         if self.driver == "inmemory":
-            from conveyor.queue._inmemory import MemoryQueue
+            from conveyor.queue.inmemory import MemoryQueue
 
             queue = MemoryQueue(name, spec, self.settings, self._memory_broker())
         else:
-            from conveyor.queue._bullmq import BullQueue
+            from conveyor.queue.bullmq import BullQueue
 
             queue = BullQueue(name, spec, self.settings, self.redis)
         self._queues[name] = queue
@@ -123,7 +123,7 @@ class QueueFactory:
         spec = payload_spec(name)
         worker: Worker
         if self.driver == "inmemory":
-            from conveyor.queue._inmemory import MemoryWorker
+            from conveyor.queue.inmemory import MemoryWorker
 
             worker = MemoryWorker(
                 name,
@@ -134,7 +134,7 @@ class QueueFactory:
                 concurrency=concurrency,
             )
         else:
-            from conveyor.queue._bullmq_worker import BullWorker
+            from conveyor.queue.bullmq import BullWorker
 
             worker = BullWorker(
                 name,
@@ -155,11 +155,11 @@ class QueueFactory:
         """The global event stream of ``name``; ``start()``/``run()`` it, or let telemetry do it."""
         events: QueueEvents
         if self.driver == "inmemory":
-            from conveyor.queue._inmemory import MemoryQueueEvents
+            from conveyor.queue.inmemory import MemoryQueueEvents
 
             events = MemoryQueueEvents(name, self._memory_broker())
         else:
-            from conveyor.queue._bullmq import BullQueueEvents
+            from conveyor.queue.bullmq import BullQueueEvents
 
             events = BullQueueEvents(name, self.settings, self._client("events"))
         self._events.append(events)

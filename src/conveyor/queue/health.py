@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from conveyor.errors import QueueNotReady, QueueUnavailable
-from conveyor.queue import _redis
+from conveyor.queue import connection
 from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,15 @@ def readiness_deadline_s(settings: Settings) -> float:
 async def assert_ready(client: aioredis.Redis, settings: Settings) -> ServerFacts:
     """Raise :class:`QueueUnavailable` / :class:`QueueNotReady` unless BullMQ can use Redis."""
     deadline = readiness_deadline_s(settings)
-    where = _redis.location(settings)
+    where = connection.location(settings)
     try:
         async with asyncio.timeout(deadline):
             await client.ping()
             facts = await server_facts(client)
     except TimeoutError as exc:
         raise QueueUnavailable(f"Redis at {where} did not answer within {deadline:g} s") from exc
-    except _redis.QUEUE_ERRORS as exc:
-        raise _redis.translate(exc, settings, "connect to") from exc
+    except connection.QUEUE_ERRORS as exc:
+        raise connection.translate(exc, settings, "connect to") from exc
     check_facts(facts, where)
     log.info(
         "queue.ready",
@@ -175,13 +175,13 @@ async def probe(
         task.cancel()
         _background.add(task)
         task.add_done_callback(_reap)
-        where = _redis.location(settings)
+        where = connection.location(settings)
         return _unreachable("bullmq", f"Redis at {where} did not answer within {timeout_s:g} s")
     exc = task.exception()
     if exc is not None:
-        if not isinstance(exc, _redis.QUEUE_ERRORS):
+        if not isinstance(exc, connection.QUEUE_ERRORS):
             raise exc
-        return _unreachable("bullmq", _redis.translate(exc, settings, "probe").message)
+        return _unreachable("bullmq", connection.translate(exc, settings, "probe").message)
     latency_ms, facts = task.result()
     warnings = []
     if facts["evictionPolicy"] not in (None, "noeviction"):

@@ -185,3 +185,24 @@ register_payload(
     WorkflowExecute,
     default_job_id=lambda payload: payload.execution_id,
 )
+
+
+def job_options(spec: PayloadSpec, payload: BaseModel, opts: Mapping[str, Any]) -> dict[str, Any]:
+    """BullMQ per-job options from Conveyor's (job id, priority, delay)."""
+    out: dict[str, Any] = {}
+    job_id = opts.get("job_id")
+    if job_id is None and spec.default_job_id is not None:
+        job_id = spec.default_job_id(payload)
+    if job_id is not None:
+        out["jobId"] = check_job_id(job_id)
+    priority = opts.get("priority", 0)
+    if priority:
+        if not 0 < priority <= 2_097_152:
+            raise ValueError("priority must be between 1 and 2097152 (0 = none)")
+        out["priority"] = priority
+    delay_ms = opts.get("delay_ms", 0)
+    if delay_ms:
+        if delay_ms < 0:
+            raise ValueError("delay_ms must be >= 0")
+        out["delay"] = int(delay_ms)
+    return out

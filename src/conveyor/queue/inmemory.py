@@ -35,9 +35,8 @@ from conveyor.queue._base import (
     QueueEvent,
     ScriptCall,
 )
-from conveyor.queue._bullmq import job_options
 from conveyor.queue._emitter import Emitter
-from conveyor.queue.payloads import PayloadSpec
+from conveyor.queue.payloads import PayloadSpec, job_options
 from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)

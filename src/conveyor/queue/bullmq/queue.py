@@ -1,6 +1,6 @@
-"""The ``bullmq`` driver: Queue and QueueEvents on the official ``bullmq`` package.
+"""The ``bullmq`` driver's producer side: Queue and QueueEvents on the official ``bullmq`` package.
 
-The worker lives in :mod:`conveyor.queue._bullmq_worker`. What this module adds to
+The worker lives in :mod:`conveyor.queue.bullmq.worker`. What this module adds to
 ``bullmq``: payload validation at enqueue, errors translated into Conveyor's tree, a
 deadline on every producer call (so a request handler fails in seconds when Redis is
 down), and a QueueEvents consumer that reconnects by itself instead of exiting silently.
@@ -9,8 +9,6 @@ down), and a QueueEvents consumer that reconnects by itself instead of exiting s
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -22,36 +20,16 @@ from pydantic import BaseModel
 from redis.exceptions import NoScriptError
 
 from conveyor.errors import QueueError
-from conveyor.queue import _redis
+from conveyor.queue import connection
 from conveyor.queue._base import JOB_COUNT_STATES, EventHandler, QueueEvent, ScriptCall
 from conveyor.queue._emitter import Emitter
-from conveyor.queue.payloads import PayloadSpec, check_job_id
+from conveyor.queue.bullmq import compat
+from conveyor.queue.payloads import PayloadSpec, job_options
 from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _STATE_TO_BULL = {"waiting": "wait"}
-
-
-def job_options(spec: PayloadSpec, payload: BaseModel, opts: Mapping[str, Any]) -> dict[str, Any]:
-    """BullMQ per-job options from Conveyor's (job id, priority, delay)."""
-    out: dict[str, Any] = {}
-    job_id = opts.get("job_id")
-    if job_id is None and spec.default_job_id is not None:
-        job_id = spec.default_job_id(payload)
-    if job_id is not None:
-        out["jobId"] = check_job_id(job_id)
-    priority = opts.get("priority", 0)
-    if priority:
-        if not 0 < priority <= 2_097_152:
-            raise ValueError("priority must be between 1 and 2097152 (0 = none)")
-        out["priority"] = priority
-    delay_ms = opts.get("delay_ms", 0)
-    if delay_ms:
-        if delay_ms < 0:
-            raise ValueError("delay_ms must be >= 0")
-        out["delay"] = int(delay_ms)
-    return out
 
 
 class BullQueue:
@@ -118,8 +96,8 @@ class BullQueue:
         try:
             async with asyncio.timeout(self._deadline_s):
                 job = await self._bull.add(self._spec.base_name, data, opts)
-        except _redis.QUEUE_ERRORS as exc:
-            raise _redis.translate(exc, self._settings, "enqueue on") from exc
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "enqueue on") from exc
         job_id = str(job.id)
         self._added([job_id])
         return job_id
@@ -135,12 +113,12 @@ class BullQueue:
         model, data = self._spec.dump(self._name, payload)
         opts = job_options(self._spec, model, {"job_id": job_id, "priority": priority})
         bull = self._bull
-        job = bullmq.Job(bull, self._spec.base_name, data, {**bull.jobsOpts, **opts})
+        job = compat.new_job(bull, self._spec.base_name, data, opts)
         try:
             async with asyncio.timeout(self._deadline_s):
                 result, added = await self._count_and_add(call, job)
-        except _redis.QUEUE_ERRORS as exc:
-            raise _redis.translate(exc, self._settings, "enqueue on") from exc
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "enqueue on") from exc
         if isinstance(added, int) and added < 0:
             raise QueueError(f"BullMQ refused job {job_id} on {self._name} (code {added})")
         job_id = str(added)
@@ -153,28 +131,22 @@ class BullQueue:
         and again when Redis lost the scripts (restart, ``SCRIPT FLUSH``) before the
         transaction is sent again. (If only one of the two scripts was lost, the other ran: a
         count without its job, or the reverse — drift the fairness ledger's clamp repairs.)"""
+        bull = self._bull
         try:
-            results = await self._transaction(call, job, check_scripts=not self._scripts_loaded)
+            results = await compat.add_in_transaction(
+                bull, call, job, check_scripts=not self._scripts_loaded
+            )
         except NoScriptError:
-            results = await self._transaction(call, job, check_scripts=True)
+            results = await compat.add_in_transaction(bull, call, job, check_scripts=True)
         self._scripts_loaded = True
         return results
-
-    async def _transaction(self, call: ScriptCall, job: Any, *, check_scripts: bool) -> list[Any]:
-        async with self._bull.backend.connection.conn.pipeline(transaction=True) as pipe:
-            await call.script(keys=list(call.keys), args=list(call.args), client=pipe)
-            await self._bull.backend.scripts.addJob(job, pipe)
-            if not check_scripts:
-                pipe.scripts.clear()
-            results: list[Any] = await pipe.execute()
-            return results
 
     async def change_priority(self, job_id: str, priority: int) -> None:
         try:
             async with asyncio.timeout(self._deadline_s):
-                await self._bull.backend.changePriority(job_id, priority)
-        except _redis.QUEUE_ERRORS as exc:
-            raise _redis.translate(exc, self._settings, "re-rank a job on") from exc
+                await compat.change_priority(self._bull, job_id, priority)
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "re-rank a job on") from exc
         except Exception as exc:  # bullmq raises on a job that is gone: nothing to re-rank
             log.debug("queue.change_priority_skipped", extra={"jobId": job_id, "error": repr(exc)})
 
@@ -194,8 +166,8 @@ class BullQueue:
         try:
             async with asyncio.timeout(self._deadline_s + len(jobs) / 1000.0):
                 added = await self._bull.addBulk(jobs)
-        except _redis.QUEUE_ERRORS as exc:
-            raise _redis.translate(exc, self._settings, "enqueue on") from exc
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "enqueue on") from exc
         job_ids = [str(job.id) for job in added]
         self._added(job_ids)
         return job_ids
@@ -204,68 +176,44 @@ class BullQueue:
         wanted = states or JOB_COUNT_STATES
         try:
             async with asyncio.timeout(self._deadline_s):
-                values = await self._bull.backend.getCounts(
-                    [_STATE_TO_BULL.get(s, s) for s in wanted]
+                values = await compat.get_counts(
+                    self._bull, [_STATE_TO_BULL.get(s, s) for s in wanted]
                 )
-        except _redis.QUEUE_ERRORS as exc:
-            raise _redis.translate(exc, self._settings, "count jobs on") from exc
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "count jobs on") from exc
         return {state: int(value or 0) for state, value in zip(wanted, values, strict=True)}
 
     async def get_job_state(self, job_id: str) -> str | None:
         try:
             async with asyncio.timeout(self._deadline_s):
                 state = await self._bull.getJobState(job_id)
-        except _redis.QUEUE_ERRORS as exc:
-            raise _redis.translate(exc, self._settings, "read a job state on") from exc
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "read a job state on") from exc
         return None if state in (None, "unknown") else str(state)
 
     async def promote(self, job_id: str) -> bool:
         try:
             async with asyncio.timeout(self._deadline_s):
-                await self._bull.backend.promote(job_id)
+                await compat.promote(self._bull, job_id)
         except TypeError:
             return False  # bullmq's "job is not in the delayed state" (a returned error code)
-        except _redis.QUEUE_ERRORS as exc:
-            raise _redis.translate(exc, self._settings, "promote a job on") from exc
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "promote a job on") from exc
         return True
 
     async def remove(self, job_id: str) -> bool:
         """Remove a job that is not active; False if it is active or does not exist."""
         try:
             async with asyncio.timeout(self._deadline_s):
-                if not await self._bull.client.exists(self._bull.toKey(job_id)):
+                if not await compat.job_exists(self._bull, job_id):
                     return False
                 result = await self._bull.remove(job_id)
-        except _redis.QUEUE_ERRORS as exc:
-            raise _redis.translate(exc, self._settings, "remove a job on") from exc
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "remove a job on") from exc
         return bool(result == 1)
 
     async def close(self) -> None:
         """Nothing to release: the client belongs to the factory."""
-
-
-class _StreamConsumer(bullmq.QueueEvents):  # type: ignore[misc]
-    """``bullmq.QueueEvents`` that hands entries straight to Conveyor's emitter.
-
-    It remembers the last entry id so a reconnect resumes where the stream was left, and
-    builds event objects only for events someone listens to (the stream carries several
-    entries per job, so this keeps a busy queue cheap to watch).
-    """
-
-    def __init__(self, name: str, opts: dict[str, Any], sink: Emitter) -> None:
-        super().__init__(name, opts)
-        self.sink = sink
-        self.last_id: str = opts.get("lastEventId") or "$"
-
-    def _dispatch_entry(self, entry_id: str, args: dict[str, Any]) -> None:
-        self.last_id = entry_id
-        event = args.pop("event", None)
-        if not event or not self.sink.has(event):
-            return
-        if event == "completed" and "returnvalue" in args:
-            with contextlib.suppress(TypeError, ValueError):
-                args["returnvalue"] = json.loads(args["returnvalue"])
-        self.sink.emit(QueueEvent(event, self.name, args.get("jobId"), args))
 
 
 class BullQueueEvents:
@@ -276,7 +224,7 @@ class BullQueueEvents:
         self._settings = settings
         self._client = client
         self._emitter = Emitter(f"queue_events[{name}]")
-        self._consumer: _StreamConsumer | None = None
+        self._consumer: compat.StreamConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_id = "$"
@@ -319,16 +267,16 @@ class BullQueueEvents:
         exc = task.exception()
         log.error("queue.events_loop_died", extra={"queue": self._name, "error": repr(exc)})
 
-    def _new_consumer(self) -> _StreamConsumer:
+    def _new_consumer(self) -> compat.StreamConsumer:
         opts = {
             "connection": self._client,
             "prefix": self._settings.queue_prefix,
             "autorun": False,
             "skipVersionCheck": True,
-            "blockingTimeout": _redis.EVENTS_BLOCK_MS,
+            "blockingTimeout": connection.EVENTS_BLOCK_MS,
             "lastEventId": self._last_id,
         }
-        consumer = _StreamConsumer(self._name, opts, self._emitter)
+        consumer = compat.StreamConsumer(self._name, opts, self._emitter)
         consumer.on("error", self._on_error)
         return consumer
 
@@ -369,7 +317,7 @@ class BullQueueEvents:
                     await consumer.close()  # cancels its read and closes the client
                 else:
                     await self._client.aclose()
-        except _redis.QUEUE_ERRORS as exc:  # includes TimeoutError
+        except connection.QUEUE_ERRORS as exc:  # includes TimeoutError
             log.warning(
                 "queue.events_close_failed", extra={"queue": self._name, "error": repr(exc)}
             )

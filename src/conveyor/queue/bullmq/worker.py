@@ -1,7 +1,7 @@
 """The ``bullmq`` driver's worker: ``bullmq.Worker`` wrapped so its weaknesses cannot hurt.
 
 * Fetches like Node BullMQ (one at a time; completing a job fetches the next in the same
-  call), see :mod:`conveyor.queue._bullmq_loop`.
+  call), see :mod:`conveyor.queue.bullmq.compat`.
 * Built with ``autorun=False``; :meth:`BullWorker.run` runs bullmq's loop in a task it
   watches and **raises** if that loop ends on its own (bullmq's ``run()`` returns silently
   after ``traceback.print_exc()`` on an unexpected error).
@@ -29,15 +29,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from bullmq.custom_errors import DelayedError, UnrecoverableError
-from bullmq.redis_connection import RedisConnection
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import NoPermissionError, ResponseError
 
 from conveyor.errors import PayloadInvalid, QueueError, QueueUnavailable
-from conveyor.queue import _redis
+from conveyor.queue import connection
 from conveyor.queue._base import EventHandler, JobContext, JobDeferred, Processor, QueueEvent
-from conveyor.queue._bullmq_loop import FetchingWorker
 from conveyor.queue._emitter import Emitter
+from conveyor.queue.bullmq import compat
 from conveyor.queue.health import parse_version
 from conveyor.queue.payloads import PayloadSpec, payload_invalid
 from conveyor.settings import Settings
@@ -74,6 +73,7 @@ class BullWorker:
         self._model = spec.model
         self._processor = processor
         self._settings = settings
+        self._client = client
         self._lock_duration_s = lock_duration_ms / 1000.0
         self._contexts: dict[str, JobContext] = {}
         self._emitter = Emitter(f"worker[{name}]")
@@ -97,15 +97,11 @@ class BullWorker:
         for key in ("removeOnComplete", "removeOnFail"):
             if key in spec.job_options:  # also bounds jobs added by producers that set none
                 opts[key] = spec.job_options[key]
-        bull: Any = FetchingWorker(name, self._process, opts)
+        bull: Any = compat.FetchingWorker(name, self._process, opts)
         self._bull = bull
-        # A dedicated blocking connection (bullmq would reuse the client we passed).
-        blocking = RedisConnection(blocking_client, skipVersionCheck=True)
-        bull.backend.blocking_connection = blocking
-        bull.blockingRedisConnection = blocking
-        bull.bclient = blocking_client
-        bull.backend.extendLocks = self._observe_lock_renewals(bull.backend.extendLocks)
-        bull.fetch_next = self._observe_fetches(bull.fetch_next)
+        compat.use_blocking_client(bull, blocking_client)
+        compat.observe_lock_renewals(bull, self._observe_lock_renewals)
+        compat.observe_fetches(bull, self._observe_fetches)
         bull.on("error", self._on_bull_error)
 
     # -- public API -------------------------------------------------------------------------
@@ -115,7 +111,7 @@ class BullWorker:
 
     @property
     def active_count(self) -> int:
-        return len(self._bull.jobs)
+        return compat.active_job_count(self._bull)
 
     @property
     def bullmq_worker(self) -> Any:
@@ -146,7 +142,7 @@ class BullWorker:
         )
         log.info(
             "queue.worker_started",
-            extra={"queue": self._name, "concurrency": self._bull.opts["concurrency"]},
+            extra={"queue": self._name, "concurrency": compat.concurrency(self._bull)},
         )
         task = self._run_task
         try:
@@ -162,9 +158,9 @@ class BullWorker:
             raise QueueError(
                 f"worker loop for {self._name} stopped on its own (bullmq printed the cause above)"
             )
-        if _redis.is_connection_error(exc):
+        if connection.is_connection_error(exc):
             raise QueueUnavailable(
-                f"worker for {self._name} lost Redis: {_redis.translate(exc, self._settings)}"
+                f"worker for {self._name} lost Redis: {connection.translate(exc, self._settings)}"
             ) from exc
         raise QueueError(f"worker loop for {self._name} crashed: {exc!r}") from exc
 
@@ -205,23 +201,16 @@ class BullWorker:
         )
 
     async def _detect_capabilities(self) -> None:
-        """Tell bullmq what the server can do (it assumes Redis 5 when the version check is
-        skipped, and then rounds every block up to whole seconds: delayed jobs run late)."""
+        """Tell bullmq what the server can do (see :func:`compat.set_server_capabilities`)."""
         try:
-            info = await self._bull.client.info("server")
+            info = await self._client.info("server")
         except (NoPermissionError, ResponseError):
             return  # INFO denied by ACL: keep bullmq's conservative defaults
-        except _redis.QUEUE_ERRORS as exc:
-            raise _redis.translate(exc, self._settings, "start a worker on") from exc
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "start a worker on") from exc
         version = parse_version(str(info.get("redis_version", "")))
-        if version is None:
-            return
-        capabilities = {
-            "canBlockFor1Ms": version >= (7, 0, 8),
-            "canDoubleTimeout": version >= (6, 0, 0),
-        }
-        self._bull.backend.connection.capabilities = capabilities
-        self._bull.backend.blocking_connection.capabilities = capabilities
+        if version is not None:
+            compat.set_server_capabilities(self._bull, version)
 
     # -- the processor bullmq calls ---------------------------------------------------------
     async def _process(self, job: Any, token: str) -> Any:
@@ -284,7 +273,7 @@ class BullWorker:
             try:
                 job = await fetch(token, block)
             except Exception as exc:
-                if _redis.is_connection_error(exc) and not self._closing:
+                if connection.is_connection_error(exc) and not self._closing:
                     self._on_fetch_error(exc)
                 raise
             if self._fetch_failing_since is not None:
@@ -303,7 +292,7 @@ class BullWorker:
             self._fetch_failing_since = now
         if now - self._last_error_log >= _ERROR_LOG_EVERY_S:
             self._last_error_log = now
-            error = _redis.translate(exc, self._settings, "fetch jobs from")
+            error = connection.translate(exc, self._settings, "fetch jobs from")
             log.error(
                 "queue.worker_redis_unavailable",
                 extra={"queue": self._name, "error": error.message},

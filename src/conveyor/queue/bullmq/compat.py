@@ -1,0 +1,564 @@
+"""The one module that reaches inside ``bullmq`` (the Python port, pinned in ``pyproject.toml``).
+
+Everything else in Conveyor uses bullmq's public surface only (``Queue``/``Worker``/
+``QueueEvents`` constructors, ``add``, ``addBulk``, ``getJobState``, ``remove``, ``on``, ``run``,
+``close``, ``pause``/``resume``, ``Job`` data). What Conveyor needs beyond it is here, so a bullmq
+upgrade breaks in one place:
+
+* :class:`FetchingWorker` — ``bullmq.Worker`` with Node BullMQ's fetch discipline (below).
+* :class:`StreamConsumer` — ``bullmq.QueueEvents`` that hands stream entries to our emitter.
+* small functions for what the worker and queue wrappers do to bullmq objects: a dedicated
+  blocking connection, observers on lock renewals and fetches, server capabilities, the
+  count-and-add transaction, counts, priorities and promotion through bullmq's scripts.
+
+:data:`RELIED_ON` lists every internal attribute used here and :func:`missing_internals`
+checks them against the installed bullmq (``tests/queue/test_bullmq_compat.py`` runs it), so an
+upgrade that renames or reshapes one fails with a message naming it. ``docs/bullmq-notes.md``
+describes the bullmq bugs worked around here, with reproductions.
+
+The fetch loop
+--------------
+The Python port's ``Worker.run`` starts up to ``concurrency`` fetches *at once* whenever a slot
+frees, and most of them run ``moveToActive`` against an empty queue: at 100 jobs/s with
+concurrency 10 that is ~25 Lua calls per job, which costs the worker ~5 ms of CPU per job and
+puts every new job behind a queue of useless round trips (a p99 enqueue-to-start latency of
+15+ ms instead of a few). It also completes a job and fetches the next one in two calls.
+
+:class:`FetchingWorker` replaces the loop with Node BullMQ's (``Worker.mainLoop``):
+
+* Fetches run **one at a time**: a non-blocking ``moveToActive`` while jobs keep coming, and
+  when the queue is drained exactly one blocking wait (``BZPOPMIN`` on the marker) alongside
+  the jobs in progress.
+* A finishing job **fetches the next one in the same call** (``moveToFinished`` with
+  ``fetchNext``) as long as the worker is not over its concurrency, so a busy worker makes one
+  round trip per job.
+
+Everything else (locks, stalled-job checks, events, pause and close) is bullmq's own; only
+``run`` and ``processJob`` are replaced, and both keep bullmq's bookkeeping (``processing``,
+``jobs``, ``waiting``, the lock manager) so ``close()``/``pause()`` work unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import bullmq
+import redis.asyncio as aioredis
+from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildrenError
+from bullmq.redis_connection import RedisConnection
+from bullmq.timer import Timer
+from bullmq.utils import extract_result
+
+from conveyor.queue._base import QueueEvent, ScriptCall
+from conveyor.queue._emitter import Emitter
+
+__all__ = [
+    "RELIED_ON",
+    "FetchingWorker",
+    "Internal",
+    "StreamConsumer",
+    "active_job_count",
+    "add_in_transaction",
+    "change_priority",
+    "concurrency",
+    "get_counts",
+    "job_exists",
+    "missing_internals",
+    "new_job",
+    "observe_fetches",
+    "observe_lock_renewals",
+    "promote",
+    "set_server_capabilities",
+    "use_blocking_client",
+]
+
+
+class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
+    """See the module docstring. Construct with ``autorun=False`` and await :meth:`run`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.processing: set[asyncio.Future[Any]] = set()
+        """Fetches and jobs in progress (bullmq's own ``close``/``pause`` wait for them)."""
+        self.running: bool = False
+        self._blocked = False
+        """A blocking fetch is in flight (at most one at a time)."""
+        self._woken = False
+        """The last blocking fetch got a job: the next fetch blocks too. Taking a job leaves
+        a marker (for other workers) that ends the next wait at once, so a non-blocking fetch
+        here would find the queue empty and be followed by that same wait and fetch anyway:
+        one ``moveToActive`` per job saved at low rates."""
+        self._tokens = 0
+        self._loop_done = asyncio.Event()
+        """Set when :meth:`run` has returned (every job it started has ended)."""
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        if self.running:
+            raise RuntimeError("Worker is already running")
+        await self._ensure_client_names()
+        self.lockManager.start()
+        self.stalledCheckTimer = Timer(
+            self.opts["stalledInterval"] / 1000, self.runStalledJobsCheck, self.emit
+        )
+        self.running = True
+        try:
+            while not self.closed:
+                if self.paused and not self.closing and not self.processing:
+                    await self.resume_event.wait()  # jobs fetched before the pause have started
+                    continue
+                await self._fill()
+                if not self.processing:
+                    if self.closing:
+                        break
+                    continue
+                done, self.processing = await asyncio.wait(
+                    self.processing, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    if task.cancelled():  # close(force=True) cancelled it
+                        continue
+                    job = extract_result(task, self.emit)
+                    if job is not None:
+                        self._start(job)
+                if self.closing and not self.processing:
+                    break
+        finally:
+            await self._stopped()
+
+    async def close(self, force: bool = False) -> None:
+        """bullmq's ``close``; a graceful one first waits for :meth:`run` to end. bullmq's waits
+        only for the tasks in progress when it is called, not for a job that a completion or
+        fetch then in flight brings back (already active and locked to this worker)."""
+        if not force and self.running:
+            self.closing = True
+            self.paused = False
+            self.resume_event.set()
+            if self.waiting is not None:
+                self.waiting.cancel()
+            await asyncio.shield(self._loop_done.wait())
+        await super().close(force=force)
+
+    async def _stopped(self) -> None:
+        """Release what ``run`` started, also when it ends by cancellation or an error
+        (a graceful ``close()`` has waited for the jobs; a forced one cancelled them)."""
+        self._loop_done.set()
+        self.running = False
+        if not self.closing:
+            for task in self.processing:
+                task.cancel()
+            if self.waiting is not None and not self.waiting.done():
+                self.waiting.cancel()
+            if self.processing:
+                await asyncio.gather(*self.processing, return_exceptions=True)
+            self.processing.clear()
+        self.stalledCheckTimer.stop()
+        await self.lockManager.close()
+
+    async def _fill(self) -> None:
+        """Fetch until every slot is taken, the queue is drained (then leave one blocking
+        fetch running) or the worker is closing/paused. One fetch at a time."""
+        concurrency = self.opts["concurrency"]
+        while (
+            not self._blocked
+            and len(self.processing) < concurrency
+            and not self.closing
+            and not self.paused
+        ):
+            self._tokens += 1
+            token = f"{self.id}:{self._tokens}"
+            if self.drained or self._woken:
+                self._woken = False
+                self._blocked = True
+                self.processing.add(asyncio.ensure_future(self._fetch(token, block=True)))
+                return
+            job = await self._fetch(token, block=False)
+            if job is not None:
+                self._start(job)
+
+    def _start(self, job: Any) -> None:
+        if self.forceClosing:
+            return  # like the jobs just cancelled: its lock expires, it is recovered as stalled
+        self.processing.add(asyncio.ensure_future(self.processJob(job, job.token)))
+
+    async def _fetch(self, token: str, *, block: bool) -> Any:
+        """One fetch with bullmq's retry policy (connection errors: retried after
+        ``runRetryDelay``, until the worker closes; other errors: emitted, ``None``)."""
+
+        async def attempt() -> Any:
+            # bullmq retries a connection error at once (no delay) while closing: stop instead.
+            stopped = self.closing or self.paused
+            return None if stopped else await self.fetch_next(token, block)
+
+        try:
+            return await self.retryIfFailed(
+                attempt, {"delay_in_ms": self.opts["runRetryDelay"], "only_emit_error": True}
+            )
+        finally:
+            if block:
+                self._blocked = False
+
+    async def fetch_next(self, token: str, block: bool) -> Any:
+        """The next job, or ``None``. ``block``: wait for one first (``BZPOPMIN`` on the
+        queue's marker, up to ``drainDelay`` or the next delayed job's due time)."""
+        if block:
+            self.waiting = asyncio.ensure_future(self.waitForJob())
+            try:
+                self.blockUntil = await self.waiting
+            except asyncio.CancelledError:
+                if not self.paused and not self.closing:
+                    raise
+                return None  # pause()/close() cancelled the wait
+            finally:
+                self.waiting = None
+            if self.blockUntil > 0 and self.blockUntil > int(time.time() * 1000):
+                return None  # woken for a delayed job that is not due yet: wait again
+        job = await self.moveToActive(token)
+        if job is not None:
+            self._woken = block
+            self.emit("active", job, "waiting")
+        return job
+
+    # -- one job ----------------------------------------------------------------------------
+    async def processJob(self, job: Any, token: str) -> Any:
+        """bullmq's ``processJob``, except that completing a job also fetches the next one
+        (returned, to be started by the loop) while the worker is within its concurrency."""
+        opts = self.opts
+        for key in ("removeOnComplete", "removeOnFail"):
+            if key not in job.opts and key in opts:
+                job.opts[key] = opts[key]
+        self.jobs.add((job, token))
+        controller = self.lockManager.track_job(
+            job.id,
+            token,
+            int(time.time() * 1000),
+            should_create_controller=self._processor_wants_signal,
+        )
+        try:
+            if job.deferredFailure:
+                await job.moveToFailed(UnrecoverableError(job.deferredFailure), token)
+                self.emit("failed", job, UnrecoverableError(job.deferredFailure))
+                return None
+            if controller is not None:
+                result = await self.processor(job, token, controller.signal)
+            else:
+                result = await self.processor(job, token)
+            fetched = None
+            if not self.forceClosing:
+                fetch = (
+                    not self.closing
+                    and not self.paused
+                    and len(self.processing) <= opts["concurrency"]
+                )
+                done = await self.backend.moveToCompleted(
+                    job, result, job.opts.get("removeOnComplete", False), token, fetch_next=fetch
+                )
+                job.returnvalue = result
+                job.attemptsMade = job.attemptsMade + 1
+                if fetch:
+                    fetched = done["result"]
+        except (DelayedError, WaitingChildrenError):
+            return None
+        except Exception as err:
+            try:
+                if not self.forceClosing:
+                    await job.moveToFailed(err, token)
+                self.emit("failed", job, err)
+            except Exception as failure:
+                self.emit("error", failure, job)
+            return None
+        finally:
+            self.jobs.discard((job, token))
+            self.lockManager.untrack_job(job.id)
+        # The job is completed: whatever fails from here on must not fail it.
+        try:
+            self.emit("completed", job, result)
+            return None if fetched is None else await self._next_from(fetched, token)
+        except Exception as err:
+            self.emit("error", err, job)
+            return None  # a fetched job left active is recovered as stalled
+
+    async def _next_from(self, result: Any, token: str) -> Any:
+        """The job ``moveToFinished`` fetched (``None`` when the queue was empty)."""
+        job_data, job_id, limit_until, delay_until = result or (None, None, 0, 0)
+        job = await self.nextJobFromJobData(
+            job_data, job_id, int(limit_until or 0), int(delay_until or 0), token
+        )
+        if job is not None:
+            self.emit("active", job, "waiting")
+        return job
+
+
+class StreamConsumer(bullmq.QueueEvents):  # type: ignore[misc]  # bullmq is untyped
+    """``bullmq.QueueEvents`` that hands entries straight to Conveyor's emitter.
+
+    It remembers the last entry id so a reconnect resumes where the stream was left, and
+    builds event objects only for events someone listens to (the stream carries several
+    entries per job, so this keeps a busy queue cheap to watch). Overrides bullmq's private
+    ``_dispatch_entry``.
+    """
+
+    def __init__(self, name: str, opts: dict[str, Any], sink: Emitter) -> None:
+        super().__init__(name, opts)
+        self.sink = sink
+        self.last_id: str = opts.get("lastEventId") or "$"
+
+    def _dispatch_entry(self, entry_id: str, args: dict[str, Any]) -> None:
+        self.last_id = entry_id
+        event = args.pop("event", None)
+        if not event or not self.sink.has(event):
+            return
+        if event == "completed" and "returnvalue" in args:
+            with contextlib.suppress(TypeError, ValueError):
+                args["returnvalue"] = json.loads(args["returnvalue"])
+        self.sink.emit(QueueEvent(event, self.name, args.get("jobId"), args))
+
+
+# -- what the worker wrapper does to a FetchingWorker -------------------------------------------
+def use_blocking_client(worker: Any, client: aioredis.Redis) -> None:
+    """Give ``worker`` its own connection for the blocking ``BZPOPMIN`` (bullmq would reuse the
+    command client, whose read timeout is shorter than the block)."""
+    blocking = RedisConnection(client, skipVersionCheck=True)
+    worker.backend.blocking_connection = blocking
+    worker.blockingRedisConnection = blocking
+    worker.bclient = client
+
+
+def observe_lock_renewals(
+    worker: Any,
+    wrap: Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]],
+) -> None:
+    """Route bullmq's lock renewals (``extendLocks(job_ids, tokens, duration)``, returning the
+    ids it could not renew) through ``wrap(original)``."""
+    worker.backend.extendLocks = wrap(worker.backend.extendLocks)
+
+
+def observe_fetches(
+    worker: Any,
+    wrap: Callable[[Callable[[str, bool], Awaitable[Any]]], Callable[[str, bool], Awaitable[Any]]],
+) -> None:
+    """Route :meth:`FetchingWorker.fetch_next` through ``wrap(original)``."""
+    worker.fetch_next = wrap(worker.fetch_next)
+
+
+def set_server_capabilities(worker: Any, version: tuple[int, ...]) -> None:
+    """Tell bullmq what the server can do (it assumes Redis 5 when the version check is
+    skipped, and then rounds every block up to whole seconds: delayed jobs run late)."""
+    capabilities = {
+        "canBlockFor1Ms": version >= (7, 0, 8),
+        "canDoubleTimeout": version >= (6, 0, 0),
+    }
+    worker.backend.connection.capabilities = capabilities
+    worker.backend.blocking_connection.capabilities = capabilities
+
+
+def active_job_count(worker: Any) -> int:
+    """Jobs the worker is running now."""
+    return len(worker.jobs)
+
+
+def concurrency(worker: Any) -> int:
+    return int(worker.opts["concurrency"])
+
+
+# -- what the queue wrapper does through bullmq's scripts ---------------------------------------
+async def add_in_transaction(
+    queue: Any, call: ScriptCall, job: Any, *, check_scripts: bool
+) -> list[Any]:
+    """``MULTI; EVALSHA call; EVALSHA addJob; EXEC`` in one write. With ``check_scripts`` false
+    redis-py's ``SCRIPT EXISTS`` check before the transaction is skipped (the caller knows the
+    scripts are loaded; on ``NoScriptError`` it calls again with the check)."""
+    async with queue.backend.connection.conn.pipeline(transaction=True) as pipe:
+        await call.script(keys=list(call.keys), args=list(call.args), client=pipe)
+        await queue.backend.scripts.addJob(job, pipe)
+        if not check_scripts:
+            pipe.scripts.clear()
+        results: list[Any] = await pipe.execute()
+        return results
+
+
+def new_job(queue: Any, name: str, data: Any, opts: dict[str, Any]) -> Any:
+    """A ``bullmq.Job`` of ``queue`` with the queue's default options under ``opts``, as
+    ``Queue.add`` builds it (for :func:`add_in_transaction`)."""
+    return bullmq.Job(queue, name, data, {**queue.jobsOpts, **opts})
+
+
+async def job_exists(queue: Any, job_id: str) -> bool:
+    return bool(await queue.client.exists(queue.toKey(job_id)))
+
+
+async def change_priority(queue: Any, job_id: str, priority: int) -> None:
+    await queue.backend.changePriority(job_id, priority)
+
+
+async def get_counts(queue: Any, states: Sequence[str]) -> list[Any]:
+    """Job counts in bullmq's state names (``wait``, ``active``, ...), in order."""
+    return list(await queue.backend.getCounts(list(states)))
+
+
+async def promote(queue: Any, job_id: str) -> None:
+    """Move a delayed job to waiting now; ``TypeError`` when it is not delayed (bullmq's
+    returned error code)."""
+    await queue.backend.promote(job_id)
+
+
+# -- the internals relied on ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Internal:
+    """One bullmq internal Conveyor relies on: ``owner.name``, and for methods the parameter
+    names it must still take (in order, after ``self``)."""
+
+    owner: str
+    name: str
+    params: tuple[str, ...] | None = None
+    """``None``: an attribute set by the owner's ``__init__`` (checked on an instance)."""
+
+
+RELIED_ON: tuple[Internal, ...] = (
+    # FetchingWorker: bullmq.Worker's loop state and helpers
+    Internal("Worker", "moveToActive", ("token",)),
+    Internal("Worker", "waitForJob", ()),
+    Internal(
+        "Worker",
+        "nextJobFromJobData",
+        ("job_data", "job_id", "limit_until", "delay_until", "token"),
+    ),
+    Internal("Worker", "retryIfFailed", ("fn", "opts")),
+    Internal("Worker", "runStalledJobsCheck", ()),
+    Internal("Worker", "_ensure_client_names", ()),
+    Internal("Worker", "emit", ("event_name",)),
+    Internal("Worker", "lockManager"),
+    Internal("Worker", "jobs"),
+    Internal("Worker", "waiting"),
+    Internal("Worker", "drained"),
+    Internal("Worker", "closing"),
+    Internal("Worker", "closed"),
+    Internal("Worker", "paused"),
+    Internal("Worker", "forceClosing"),
+    Internal("Worker", "resume_event"),
+    Internal("Worker", "blockUntil"),
+    Internal("Worker", "opts"),
+    Internal("Worker", "processor"),
+    Internal("Worker", "_processor_wants_signal"),
+    Internal("Worker", "backend"),
+    Internal("Worker", "blockingRedisConnection"),
+    Internal("Worker", "bclient"),
+    Internal("Worker", "id"),
+    Internal("LockManager", "start", ()),
+    Internal("LockManager", "close", ()),
+    Internal("LockManager", "track_job", ("job_id", "token", "ts", "should_create_controller")),
+    Internal("LockManager", "untrack_job", ("job_id",)),
+    Internal(
+        "RedisBackend",
+        "moveToCompleted",
+        ("job", "return_value", "remove_on_complete", "token", "fetch_next"),
+    ),
+    Internal("RedisBackend", "extendLocks", ("job_ids", "tokens", "duration")),
+    Internal("RedisBackend", "changePriority", ("job_id", "priority")),
+    Internal("RedisBackend", "getCounts", ("types",)),
+    Internal("RedisBackend", "promote", ("job_id",)),
+    Internal("RedisBackend", "connection"),
+    Internal("RedisBackend", "blocking_connection"),
+    Internal("RedisBackend", "scripts"),
+    Internal("RedisConnection", "conn"),
+    Internal("RedisConnection", "capabilities"),
+    Internal("Scripts", "addJob", ("job", "pipe")),
+    Internal("Timer", "stop", ()),
+    Internal("Job", "deferredFailure"),
+    # BullQueue: the count-and-add transaction and bullmq's own job options
+    Internal("Queue", "backend"),
+    Internal("Queue", "client"),
+    Internal("Queue", "jobsOpts"),
+    # StreamConsumer
+    Internal("QueueEvents", "_dispatch_entry", ("entry_id", "args")),
+)
+
+
+def missing_internals() -> list[str]:
+    """What of :data:`RELIED_ON` the installed bullmq lacks or has reshaped (empty: all there).
+
+    Methods are checked by their parameter names; attributes on a real (unstarted) instance.
+    """
+    classes = _owners()
+    problems: list[str] = []
+    instances: dict[str, Any] = {}
+    for item in RELIED_ON:
+        cls = classes.get(item.owner)
+        if cls is None:
+            problems.append(f"bullmq.{item.owner} is gone")
+            continue
+        where = f"bullmq {bullmq_version()}: {item.owner}.{item.name}"
+        if item.params is not None:
+            problems.extend(_check_method(cls, item, where))
+            continue
+        if item.owner not in instances:
+            instances[item.owner] = _instance(item.owner)
+        instance = instances[item.owner]
+        if instance is not None and not hasattr(instance, item.name):
+            problems.append(f"{where} is no longer set on a new instance")
+    return problems
+
+
+def _check_method(cls: type, item: Internal, where: str) -> list[str]:
+    method = getattr(cls, item.name, None)
+    if method is None or not callable(method):
+        return [f"{where} is gone"]
+    names = [n for n in inspect.signature(method).parameters if n != "self"]
+    wanted = list(item.params or ())
+    if names[: len(wanted)] != wanted:
+        return [f"{where} takes ({', '.join(names)}), Conveyor calls it with ({', '.join(wanted)})"]
+    return []
+
+
+def _owners() -> dict[str, type]:
+    from bullmq.backends.redis_backend import RedisBackend
+    from bullmq.job import Job
+    from bullmq.lock_manager import LockManager
+    from bullmq.scripts import Scripts
+
+    return {
+        "Worker": bullmq.Worker,
+        "Queue": bullmq.Queue,
+        "RedisBackend": RedisBackend,
+        "RedisConnection": RedisConnection,
+        "QueueEvents": bullmq.QueueEvents,
+        "LockManager": LockManager,
+        "Scripts": Scripts,
+        "Timer": Timer,
+        "Job": Job,
+    }
+
+
+def _instance(owner: str) -> Any:
+    """An instance to look for attributes on, built without I/O (a client that never
+    connects); ``None`` for owners checked by class only."""
+    client = aioredis.Redis(host="127.0.0.1", port=1)  # never used: nothing is sent
+    opts = {"connection": client, "autorun": False, "skipVersionCheck": True}
+    if owner in ("Worker", "RedisBackend", "RedisConnection"):
+        worker = bullmq.Worker("conveyor-compat-check", _noop, opts)
+        if owner == "Worker":
+            return worker
+        return worker.backend if owner == "RedisBackend" else worker.backend.connection
+    queue = bullmq.Queue("conveyor-compat-check", opts)
+    if owner == "Queue":
+        return queue
+    if owner == "Job":
+        return bullmq.Job(queue, "check", {}, {})
+    return None
+
+
+async def _noop(job: Any, token: str) -> None:
+    return None
+
+
+def bullmq_version() -> str:
+    from importlib.metadata import version
+
+    return version("bullmq")
