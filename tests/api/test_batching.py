@@ -58,6 +58,21 @@ async def test_lone_and_concurrent_enqueues() -> None:
     assert recorder.calls[1:] == [["e1", "e2", "e3", "e4", "e5"]]
 
 
+async def test_an_enqueue_made_as_the_sender_finishes_is_sent() -> None:
+    """A caller woken by the end of a batch that enqueues again at once (before the finished
+    sender's task is cleaned up) is sent, not left waiting for a sender that has gone.
+    (Seen as a 3 s wait and a 503 for 1 in ~12 bursts of concurrent triggers.)"""
+    recorder = Recorder()
+    batcher = _batcher(recorder)
+
+    async def two_in_a_row() -> None:
+        await batcher.enqueue(_payload(0))
+        await batcher.enqueue(_payload(1))
+
+    await asyncio.wait_for(two_in_a_row(), 2)
+    assert recorder.calls == [["e0"], ["e1"]]
+
+
 async def test_arrivals_during_a_send_go_together_next() -> None:
     recorder = Recorder()
     recorder.gate = asyncio.Event()

@@ -66,7 +66,6 @@ class EnqueueBatcher:
             self._starting = True
             sender = asyncio.create_task(self._send_all(), name="api.enqueue_batch")
             self._senders.add(sender)
-            sender.add_done_callback(self._senders.discard)
         await future
 
     async def close(self, timeout_s: float = 2.0) -> None:
@@ -82,6 +81,10 @@ class EnqueueBatcher:
             await asyncio.wait(late)
 
     async def _send_all(self) -> None:
+        # The sender leaves ``_senders`` in the same step in which it finds nothing more to
+        # send (not in a done-callback, which runs later): a caller woken by its last batch
+        # that enqueues again at once must see a free slot and start a sender of its own.
+        me = asyncio.current_task()
         started = False
         try:
             while self._pending:
@@ -91,9 +94,10 @@ class EnqueueBatcher:
                     started, self._starting = True, False
                 await self._send(batch)
         finally:
+            self._senders.discard(me)
             if not started:
                 self._starting = False
-            if self._pending and len(self._senders) <= 1:  # cancelled, nobody else sends
+            if self._pending and not self._senders:  # cancelled, nobody else sends
                 _settle(self._pending, asyncio.CancelledError())
                 self._pending.clear()
 
