@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from conveyor.dispatch import keys
+
 if TYPE_CHECKING:
     from conveyor.queue import QueueFactory
     from conveyor.settings import Settings
@@ -38,8 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 InfoFn = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
-
-INDEX = "processes"
 
 
 def _iso(ms: int) -> str:
@@ -91,7 +91,7 @@ class Heartbeat:
 
     @property
     def key(self) -> str:
-        return self._queues.key("process", self.process_id)
+        return keys.process(self._queues.settings.queue_prefix, self.process_id)
 
     async def document(self) -> dict[str, Any]:
         """The JSON document of one beat."""
@@ -117,8 +117,10 @@ class Heartbeat:
         now = _now_ms()
         pipe = self._queues.redis.pipeline(transaction=False)
         pipe.set(self.key, json.dumps(doc, default=str), px=self.ttl_ms)
-        pipe.zadd(self._queues.key(INDEX), {self.process_id: now})
-        pipe.zremrangebyscore(self._queues.key(INDEX), "-inf", now - self.ttl_ms)
+        pipe.zadd(keys.processes(self._queues.settings.queue_prefix), {self.process_id: now})
+        pipe.zremrangebyscore(
+            keys.processes(self._queues.settings.queue_prefix), "-inf", now - self.ttl_ms
+        )
         await pipe.execute()
         self.beats += 1
 
@@ -136,7 +138,7 @@ class Heartbeat:
         try:
             pipe = self._queues.redis.pipeline(transaction=False)
             pipe.delete(self.key)
-            pipe.zrem(self._queues.key(INDEX), self.process_id)
+            pipe.zrem(keys.processes(self._queues.settings.queue_prefix), self.process_id)
             await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("heartbeat.remove_failed", extra={"role": self.role, "error": repr(exc)})
@@ -147,11 +149,11 @@ async def list_processes(queues: QueueFactory, *, role: str | None = None) -> li
 
     Index members whose key has expired are pruned. Sorted by role, then id.
     """
-    index = queues.key(INDEX)
+    index = keys.processes(queues.settings.queue_prefix)
     ids = [_text(m) for m in await queues.redis.zrange(index, 0, -1)]
     if not ids:
         return []
-    raw = await queues.redis.mget([queues.key("process", pid) for pid in ids])
+    raw = await queues.redis.mget([keys.process(queues.settings.queue_prefix, p) for p in ids])
     live: list[dict[str, Any]] = []
     dead: list[str] = []
     for pid, value in zip(ids, raw, strict=True):

@@ -35,6 +35,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from conveyor.dispatch import keys
+
 if TYPE_CHECKING:
     from conveyor.queue import QueueFactory
 
@@ -184,11 +186,11 @@ class MetricsPublisher:
     async def _write(self, batch: _Pending) -> None:
         q = self._queues
         pipe = q.redis.pipeline(transaction=False)
-        counters_key = q.key("metrics", "counters")
+        counters_key = keys.metrics_counters(q.settings.queue_prefix)
         for (name, labels), n in batch.counters.items():
             pipe.hincrby(counters_key, f"{name}|{labels}", n)
         for (name, labels), hist in batch.hists.items():
-            key = q.key("metrics", "hist", name)
+            key = keys.metrics_histogram(q.settings.queue_prefix, name)
             bounds = (*BUCKETS[name], math.inf)
             for bound, n in zip(bounds, hist.buckets, strict=True):
                 if n:
@@ -196,7 +198,7 @@ class MetricsPublisher:
             pipe.hincrbyfloat(key, f"{labels}|sum", hist.sum)
             pipe.hincrby(key, f"{labels}|count", hist.count)
         if batch.gauges:
-            gauges_key = q.key("metrics", "gauges")
+            gauges_key = keys.metrics_gauges(q.settings.queue_prefix)
             for name, value in batch.gauges.items():
                 pipe.hset(gauges_key, name, repr(value))
             pipe.hset(gauges_key, "updated_at", repr(time.time()))
@@ -254,10 +256,10 @@ async def read_metrics(queues: QueueFactory) -> MetricsSnapshot:
     """Read every published metric with one pipelined round trip."""
     names = list(BUCKETS)
     pipe = queues.redis.pipeline(transaction=False)
-    pipe.hgetall(queues.key("metrics", "counters"))
-    pipe.hgetall(queues.key("metrics", "gauges"))
+    pipe.hgetall(keys.metrics_counters(queues.settings.queue_prefix))
+    pipe.hgetall(keys.metrics_gauges(queues.settings.queue_prefix))
     for name in names:
-        pipe.hgetall(queues.key("metrics", "hist", name))
+        pipe.hgetall(keys.metrics_histogram(queues.settings.queue_prefix, name))
     counters_raw, gauges_raw, *hists_raw = await pipe.execute()
     snap = MetricsSnapshot()
     for raw_field, raw_value in counters_raw.items():

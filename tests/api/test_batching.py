@@ -4,11 +4,12 @@ plus concurrent triggers through the API landing on the real queue."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from conveyor.api.batching import EnqueueBatcher
+from conveyor.dispatch import EnqueueBatcher
 from conveyor.errors import QueueUnavailable
 from conveyor.queue import WorkflowExecute
 from tests.api.conftest import Api
@@ -32,11 +33,11 @@ class Recorder:
         await self._record([payload])
         return payload.execution_id
 
-    async def enqueue_many(self, payloads: list[WorkflowExecute]) -> list[str]:
+    async def enqueue_many(self, payloads: Sequence[WorkflowExecute]) -> list[str]:
         await self._record(payloads)
         return [p.execution_id for p in payloads]
 
-    async def _record(self, payloads: list[WorkflowExecute]) -> None:
+    async def _record(self, payloads: Sequence[WorkflowExecute]) -> None:
         self.calls.append([p.execution_id for p in payloads])
         if self.gate is not None:
             await self.gate.wait()
@@ -46,7 +47,7 @@ class Recorder:
 
 
 def _batcher(recorder: Recorder, **kwargs: Any) -> EnqueueBatcher:
-    return EnqueueBatcher(recorder, **kwargs)  # type: ignore[arg-type]
+    return EnqueueBatcher(recorder.enqueue, recorder.enqueue_many, **kwargs)
 
 
 async def test_lone_and_concurrent_enqueues() -> None:

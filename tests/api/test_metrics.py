@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conveyor.dispatch import keys
 from conveyor.metrics import MetricsPublisher
 from conveyor.queue import QueueFactory, WorkflowExecute
 from tests.api._support import restartable_redis
@@ -82,7 +83,9 @@ async def test_publisher_keeps_observations_while_redis_is_down(api_env: dict[st
             await asyncio.sleep(0.5)
             stop.set()
             await asyncio.wait_for(task, 5)
-            counters = await queues.redis.hgetall(queues.key("metrics", "counters"))
+            counters = await queues.redis.hgetall(
+                keys.metrics_counters(queues.settings.queue_prefix)
+            )
             decoded = {
                 (k.decode() if isinstance(k, bytes) else k): int(v) for k, v in counters.items()
             }

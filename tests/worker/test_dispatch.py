@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from conveyor.dispatch import ExecutionDispatcher, fair_key
+from conveyor.dispatch import ExecutionDispatcher, FairnessLedger, keys
 from conveyor.errors import QueueUnavailable
 from conveyor.queue import QueueFactory
-from conveyor.workers._fairness import FairnessLedger
 from tests.helpers import free_port, redis_server
 from tests.worker._support import make_settings, payload
 
@@ -39,7 +38,7 @@ async def test_priorities_round_robin_tenants(
     order = await _order(redis_client, redis_prefix)
     assert order[:3] == ["a-0", "b-0", "a-1"]  # B's first job goes right behind A's first
     assert await redis_client.hget(f"{redis_prefix}:{QUEUE}:a-4", "priority") == "5"
-    counts = await redis_client.hgetall(fair_key(qf, QUEUE))
+    counts = await redis_client.hgetall(keys.fair(qf.settings.queue_prefix, QUEUE))
     assert counts == {"tenant-a": "5", "tenant-b": "1"}
     job = await redis_client.hget(f"{redis_prefix}:{QUEUE}:b-0", "data")
     assert job is not None and '"enqueuedAt"' in job and '"enqueuedAt": null' not in job
@@ -53,7 +52,7 @@ async def test_duplicate_dispatch_is_not_counted(
     assert await dispatcher.enqueue(p) == "same-1"
     assert await dispatcher.enqueue(p) == "same-1"
     assert await dispatcher.enqueue_many([p, p]) == ["same-1", "same-1"]
-    assert await redis_client.hget(fair_key(qf, QUEUE), "tenant-a") == "1"
+    assert await redis_client.hget(keys.fair(qf.settings.queue_prefix, QUEUE), "tenant-a") == "1"
 
 
 async def test_enqueue_many_counts_per_tenant(
@@ -79,7 +78,7 @@ async def test_ledger_decrements_in_batches_and_clamps(
         ledger.started(QUEUE, "tenant-a")
     ledger.started(QUEUE, "tenant-x")  # never counted (e.g. an external producer): floor at 0
     await ledger.flush()
-    key = fair_key(qf, QUEUE)
+    key = keys.fair(qf.settings.queue_prefix, QUEUE)
     assert await redis_client.hgetall(key) == {"tenant-a": "1"}
     await redis_client.hset(key, mapping={"tenant-a": 1000, "ghost": 7})  # drift
     backlog = await ledger.clamp()
@@ -141,5 +140,8 @@ async def test_an_enqueue_is_one_round_trip_and_a_wrong_guess_is_corrected(
             await client.script_flush()
             await here.enqueue(payload("tenant-c", "c-0"))
             assert await client.hget(job + "c-0", "priority") == "1"
-            assert await client.hget(fair_key(factory, QUEUE), "tenant-c") == "1"
+            assert (
+                await client.hget(keys.fair(factory.settings.queue_prefix, QUEUE), "tenant-c")
+                == "1"
+            )
         await client.aclose()

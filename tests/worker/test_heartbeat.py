@@ -6,6 +6,7 @@ import json
 
 import redis.asyncio as aioredis
 
+from conveyor.dispatch import keys
 from conveyor.heartbeat import Heartbeat, list_processes
 from conveyor.queue import QueueFactory
 from tests.worker._support import make_settings
@@ -40,7 +41,10 @@ async def test_heartbeat_lifecycle(redis_prefix: str, redis_client: aioredis.Red
         # a process whose key expired (it died) disappears and is pruned from the index
         await redis_client.delete(other.key)
         assert [p["role"] for p in await list_processes(qf)] == ["worker"]
-        assert await redis_client.zscore(qf.key("processes"), other.process_id) is None
+        assert (
+            await redis_client.zscore(keys.processes(qf.settings.queue_prefix), other.process_id)
+            is None
+        )
 
         await beat.remove()
         assert await list_processes(qf) == []

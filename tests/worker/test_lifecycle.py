@@ -7,11 +7,11 @@ import logging
 
 import pytest
 
+from conveyor.dispatch import FairnessLedger
 from conveyor.heartbeat import list_processes
 from conveyor.runtime import Supervisor
 from conveyor.settings import Settings
 from conveyor.workers import execution
-from conveyor.workers._fairness import FairnessLedger
 from tests.worker._support import eventually, make_settings
 from tests.worker.conftest import seeder
 

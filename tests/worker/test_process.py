@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conveyor.dispatch import keys
 from conveyor.heartbeat import list_processes
 from conveyor.settings import Settings
 from tests.helpers import free_port
@@ -155,7 +156,7 @@ async def test_sigterm_lets_the_active_job_finish(wsettings: Settings, tmp_path:
                 assert wp.wait(timeout=15) == 0
                 out = wp.output()
             assert (await s.statuses([ex]))[ex] == "succeeded"
-            assert await s.queues.redis.zcard(s.queues.key("processes")) == 0
+            assert await s.queues.redis.zcard(keys.processes(s.queues.settings.queue_prefix)) == 0
     assert rec.finished() and "worker.stopped" in out
 
 

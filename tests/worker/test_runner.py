@@ -10,11 +10,11 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from conveyor.dispatch import FairnessLedger
 from conveyor.engine import Engine
 from conveyor.errors import PayloadInvalid
 from conveyor.queue import JobContext, JobDeferred, WorkflowExecute
 from conveyor.settings import Settings
-from conveyor.workers._fairness import FairnessLedger
 from conveyor.workers._limits import ConcurrencyLimits
 from conveyor.workers._runner import ExecutionRunner
 from tests.worker._support import eventually, http_recorder

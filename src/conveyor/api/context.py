@@ -17,8 +17,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from conveyor.api.batching import EnqueueBatcher
-from conveyor.dispatch import ExecutionDispatcher, execution_queue_name
+from conveyor.dispatch import ExecutionDispatcher
 from conveyor.heartbeat import Heartbeat
 from conveyor.queue import QueueFactory
 from conveyor.runtime import cancel_tasks
@@ -46,8 +45,6 @@ class ApiContext:
     store: Store
     queues: QueueFactory
     dispatcher: ExecutionDispatcher
-    enqueuer: EnqueueBatcher
-    _by_name: dict[str, Queue] = field(default_factory=dict)
     _auth_cache: dict[str, tuple[str, str, float]] = field(default_factory=dict)
     _inflight: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
 
@@ -70,12 +67,8 @@ class ApiContext:
             del self._inflight[key]
 
     def execution_queue(self, region: str) -> Queue:
-        """The (cached) queue object of ``workflow.execute.<region>``."""
-        name = execution_queue_name(region)
-        queue = self._by_name.get(name)
-        if queue is None:
-            queue = self._by_name[name] = self.queues.create_queue(name)
-        return queue
+        """The queue object of ``workflow.execute.<region>``."""
+        return self.dispatcher.queue(region)
 
     async def authenticate(self, token: str) -> tuple[str, str] | None:
         """``(tenant_id, key_id)`` of an active API key, or ``None``.
@@ -128,7 +121,7 @@ async def open_context(settings: Settings, *, heartbeat: bool = True) -> AsyncIt
         await store.check_schema()
         queues = await stack.enter_async_context(QueueFactory(settings))
         dispatcher = ExecutionDispatcher(queues, settings)
-        ctx = ApiContext(settings, store, queues, dispatcher, EnqueueBatcher(dispatcher))
+        ctx = ApiContext(settings, store, queues, dispatcher)
         tasks: list[asyncio.Task[Any]] = []
         beat: Heartbeat | None = None
         if heartbeat:
@@ -140,7 +133,7 @@ async def open_context(settings: Settings, *, heartbeat: bool = True) -> AsyncIt
         try:
             yield ctx
         finally:
-            await ctx.enqueuer.close(2.0)
+            await dispatcher.aclose(2.0)
             await cancel_tasks(tasks, 2.0)
             if beat is not None:
                 with contextlib.suppress(TimeoutError):

@@ -14,9 +14,9 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from conveyor.api.context import ApiContext
-from conveyor.dispatch import execution_queue_name
 from conveyor.errors import ConveyorError
 from conveyor.heartbeat import list_processes
+from conveyor.queue import execution_queue_name
 
 log = logging.getLogger(__name__)
 

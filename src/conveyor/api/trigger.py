@@ -4,7 +4,7 @@
    worker never receives a job whose execution is not visible yet.
 2. The job is added through :class:`~conveyor.dispatch.ExecutionDispatcher` with job id =
    execution id: adding it twice is harmless. Concurrent requests share the Redis round trips
-   (:class:`~conveyor.api.batching.EnqueueBatcher`); each still answers only once its own job
+   (:class:`~conveyor.dispatch.EnqueueBatcher`); each still answers only once its own job
    was added.
 3. If Redis is unavailable the enqueue fails within :data:`ENQUEUE_TIMEOUT_S` and the request
    answers **503** ``queue_unavailable`` with the execution id in ``details``. The execution is
@@ -23,8 +23,8 @@ from redis.exceptions import RedisError
 
 from conveyor.api.context import ApiContext
 from conveyor.api.errors import ApiError
+from conveyor.dispatch import payload_for
 from conveyor.errors import QueueError
-from conveyor.queue import WorkflowExecute
 from conveyor.store import Execution
 
 log = logging.getLogger(__name__)
@@ -35,17 +35,10 @@ ENQUEUE_TIMEOUT_S = 3.0
 
 async def enqueue(ctx: ApiContext, execution: Execution, *, reason: str) -> None:
     """Put ``execution`` on its region's queue or raise a 503 :class:`ApiError`."""
-    payload = WorkflowExecute(
-        execution_id=execution.id,
-        tenant_id=execution.tenant_id,
-        workflow_id=execution.workflow_id,
-        region=execution.region,
-        workflow_version=execution.workflow_version,
-        reason=reason,
-    )
+    payload = payload_for(execution, reason=reason)
     try:
         async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
-            await ctx.enqueuer.enqueue(payload)
+            await ctx.dispatcher.enqueue(payload)
     except (QueueError, RedisError, OSError, TimeoutError) as exc:
         log.warning(
             "api.enqueue_failed",

@@ -75,14 +75,10 @@ class QueueFactory:
 
     @property
     def redis(self) -> aioredis.Redis:
-        """Shared fast-fail client for Conveyor's own keys (see :meth:`key`)."""
+        """Shared fast-fail client for Conveyor's own keys (:mod:`conveyor.dispatch.keys`)."""
         if self._redis is None:
             self._redis = self._client("command")
         return self._redis
-
-    def key(self, *parts: str) -> str:
-        """``{prefix}:conveyor:{parts...}``: where Conveyor keeps its own Redis keys."""
-        return ":".join((self.settings.queue_prefix, "conveyor", *parts))
 
     def _memory_broker(self) -> Any:
         if self._broker is None:

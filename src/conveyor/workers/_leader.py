@@ -32,27 +32,14 @@ import asyncpg  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from conveyor.dispatch import keys
+
 log = logging.getLogger(__name__)
 
 Strategy = Literal["postgres", "redis"]
 
 LOCK_NAMESPACE = 0x43564C4B
 """First key of every Conveyor advisory lock (``pg_locks.classid``)."""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 
 _PG_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
@@ -269,7 +256,7 @@ class RedisLock:
             self._lose()
             return False
         if self._renew is None:
-            self._renew = self.redis.register_script(_RENEW)
+            self._renew = self.redis.register_script(keys.RENEW_LOCK_SCRIPT)
         started = time.monotonic()
         try:
             ok = await self._renew(keys=[self.key], args=[self.holder_id, self.ttl_ms])
@@ -293,7 +280,7 @@ class RedisLock:
         if not was:
             return
         if self._release is None:
-            self._release = self.redis.register_script(_RELEASE)
+            self._release = self.redis.register_script(keys.RELEASE_LOCK_SCRIPT)
         try:
             await asyncio.wait_for(self._release(keys=[self.key], args=[self.holder_id]), 2.0)
         except (RedisError, OSError, TimeoutError) as exc:

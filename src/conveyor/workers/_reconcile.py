@@ -20,8 +20,8 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from conveyor.dispatch import ExecutionDispatcher, execution_queue_name
-from conveyor.queue import Queue, QueueFactory, WorkflowExecute
+from conveyor.dispatch import ExecutionDispatcher, payload_for
+from conveyor.queue import Queue, QueueFactory
 
 if TYPE_CHECKING:
     from conveyor.settings import Settings
@@ -50,16 +50,11 @@ class Reconciler:
         self.dispatcher = dispatcher
         self.min_age_s = settings.reconcile_min_age_ms / 1000
         self.limit = limit
-        self._queues: dict[str, Queue] = {}
         self.recovered = 0
         self.passes = 0
 
     def _queue(self, region: str) -> Queue:
-        name = execution_queue_name(region)
-        queue = self._queues.get(name)
-        if queue is None:
-            queue = self._queues[name] = self.queues.create_queue(name)
-        return queue
+        return self.dispatcher.queue(region)
 
     async def run_once(self, now: datetime | None = None) -> list[str]:
         """One pass; returns the ids of the executions enqueued again."""
@@ -106,15 +101,7 @@ class Reconciler:
                 return False  # a live job will run it
         if own_state in FINISHED_STATES:
             await queue.remove(execution.id)
-        payload = WorkflowExecute(
-            execution_id=execution.id,
-            tenant_id=execution.tenant_id,
-            workflow_id=execution.workflow_id,
-            region=execution.region,
-            workflow_version=execution.workflow_version,
-            reason="recovery",
-        )
-        await self.dispatcher.enqueue(payload)
+        await self.dispatcher.enqueue(payload_for(execution, reason="recovery"))
         log.info(
             "reconcile.enqueued",
             extra={"executionId": execution.id, "status": execution.status, "job": own_state},

@@ -31,10 +31,10 @@ from conveyor.queue import JobDeferred
 from conveyor.workers._limits import ConcurrencyLimits
 
 if TYPE_CHECKING:
+    from conveyor.dispatch import FairnessLedger
     from conveyor.metrics import MetricsPublisher
     from conveyor.queue import JobContext, Queue
     from conveyor.queue.payloads import WorkflowExecute
-    from conveyor.workers._fairness import FairnessLedger
 
 log = logging.getLogger(__name__)
 

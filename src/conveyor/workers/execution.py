@@ -25,15 +25,14 @@ import time
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from conveyor.dispatch import execution_queue_name
+from conveyor.dispatch import FairnessLedger
 from conveyor.engine import Engine
 from conveyor.errors import ConveyorError
 from conveyor.heartbeat import Heartbeat
 from conveyor.metrics import MetricsPublisher
-from conveyor.queue import Queue, QueueFactory, Worker
+from conveyor.queue import Queue, QueueFactory, Worker, execution_queue_name
 from conveyor.runtime import Supervisor
 from conveyor.settings import Settings
-from conveyor.workers._fairness import FairnessLedger
 from conveyor.workers._lifecycle import serve_checked
 from conveyor.workers._limits import ConcurrencyLimits
 from conveyor.workers._runner import ExecutionRunner
@@ -59,15 +58,11 @@ class ExecutionWorker:
         self.queues = queues
         self.supervisor = supervisor
         self.queue_names = [execution_queue_name(r) for r in settings.execution_regions]
-        self._queues: dict[str, Queue] = {}
         self.workers: list[Worker] = []
         self.started = False
 
     def queue(self, name: str) -> Queue:
-        queue = self._queues.get(name)
-        if queue is None:
-            queue = self._queues[name] = self.queues.create_queue(name)
-        return queue
+        return self.queues.create_queue(name)
 
     def _build(self) -> None:
         s = self.settings

@@ -33,14 +33,14 @@ from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
 from conveyor.cron import CronInvalid, CronSpec, MisfirePolicy, parse_cron, plan_ticks
-from conveyor.dispatch import ExecutionDispatcher
+from conveyor.dispatch import ExecutionDispatcher, keys, payload_for
 from conveyor.errors import (
     QueueError,
     StoreError,
 )
 from conveyor.heartbeat import Heartbeat
 from conveyor.metrics import MetricsPublisher
-from conveyor.queue import QueueFactory, WorkflowExecute
+from conveyor.queue import QueueFactory
 from conveyor.runtime import Supervisor
 from conveyor.settings import Settings
 from conveyor.workers._leader import (
@@ -85,7 +85,7 @@ def make_lock(
         if not postgres:
             raise ValueError("SCHEDULER_LOCK_STRATEGY=postgres needs a PostgreSQL DATABASE_URL")
         return PostgresAdvisoryLock(asyncpg_dsn(settings.database_url), LOCK_NAME, holder)
-    key = queues.key(ROLE, "leader")
+    key = keys.leader(settings.queue_prefix, ROLE)
     return RedisLock(queues.redis, key, holder, ttl_ms=settings.scheduler_lock_ttl_ms)
 
 
@@ -209,16 +209,8 @@ class Scheduler:
         return fired
 
     async def _enqueue(self, execution: Execution) -> None:
-        payload = WorkflowExecute(
-            execution_id=execution.id,
-            tenant_id=execution.tenant_id,
-            workflow_id=execution.workflow_id,
-            region=execution.region,
-            workflow_version=execution.workflow_version,
-            reason="schedule",
-        )
         try:
-            await self.dispatcher.enqueue(payload)
+            await self.dispatcher.enqueue(payload_for(execution, reason="schedule"))
         except QueueError as exc:  # the execution is committed: the reconciler enqueues it
             log.warning("scheduler.enqueue_failed", extra={"executionId": execution.id,
                                                           "error": repr(exc)})  # fmt: skip

@@ -29,11 +29,11 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from conveyor.dispatch import ExecutionDispatcher, execution_queue_name
+from conveyor.dispatch import ExecutionDispatcher, keys, payload_for
 from conveyor.errors import QueueError, StoreError
 from conveyor.heartbeat import Heartbeat
 from conveyor.metrics import MetricsPublisher
-from conveyor.queue import Queue, QueueFactory, WorkflowExecute
+from conveyor.queue import Queue, QueueFactory
 from conveyor.runtime import Supervisor
 from conveyor.settings import Settings
 from conveyor.workers._leader import LeaderElection, RedisLock
@@ -84,13 +84,13 @@ class TimerDispatcher:
         self.election: LeaderElection | None = None
         if not store.is_postgres:  # SQLite: one active dispatcher, chosen by the Redis lock
             ttl = settings.scheduler_lock_ttl_ms
-            lock = RedisLock(queues.redis, queues.key(ROLE, "leader"), self.owner, ttl_ms=ttl)
+            lock_key = keys.leader(settings.queue_prefix, ROLE)
+            lock = RedisLock(queues.redis, lock_key, self.owner, ttl_ms=ttl)
             self.election = LeaderElection(
                 lock, poll_s=settings.scheduler_poll_interval_ms / 1000, renew_s=ttl / 4000
             )
         self._marks: list[str] = []
         self._staged: set[str] = set()
-        self._queues: dict[str, Queue] = {}
         self._marked = asyncio.Event()
         self.last_lag_ms: float | None = None
         self.last_fired_at: float | None = None
@@ -126,16 +126,6 @@ class TimerDispatcher:
             if got < limit:  # a full batch means a backlog: claim again at once
                 await asyncio.sleep(poll)
 
-    @staticmethod
-    def _payload(timer: Timer) -> WorkflowExecute:
-        return WorkflowExecute(
-            execution_id=timer.execution_id,
-            tenant_id=timer.tenant_id,
-            workflow_id=timer.workflow_id,
-            region=timer.region,
-            reason="timer",
-        )
-
     async def _stage(self, timers: list[Timer]) -> None:
         """Put soon-due timers on the queue ahead of time as delayed jobs (``timer:<id>``).
 
@@ -155,7 +145,7 @@ class TimerDispatcher:
             async with gate:
                 try:
                     await self.dispatcher.enqueue(
-                        self._payload(timer), job_id=timer.job_id, delay_ms=delay_ms
+                        payload_for(timer, reason="timer"), job_id=timer.job_id, delay_ms=delay_ms
                     )
                 except QueueError as exc:
                     log.warning("timers.stage_failed", extra={"timerId": timer.id,
@@ -171,7 +161,7 @@ class TimerDispatcher:
         if timer.id in self._staged:
             promoted = await self.queue(timer.region).promote(timer.job_id)
         if not promoted:  # not staged, or already run by BullMQ: a duplicate add is a no-op
-            await self.dispatcher.enqueue(self._payload(timer), job_id=timer.job_id)
+            await self.dispatcher.enqueue(payload_for(timer, reason="timer"), job_id=timer.job_id)
         self._staged.discard(timer.id)
         now = time.time()
         lag = max(0.0, now - timer.due_at.timestamp())
@@ -182,11 +172,7 @@ class TimerDispatcher:
         self._marked.set()
 
     def queue(self, region: str) -> Queue:
-        name = execution_queue_name(region)
-        queue = self._queues.get(name)
-        if queue is None:
-            queue = self._queues[name] = self.queues.create_queue(name)
-        return queue
+        return self.dispatcher.queue(region)
 
     async def mark_loop(self) -> None:
         """Mark fired timers in batches (off the firing path)."""

@@ -1,4 +1,4 @@
-"""The worker's half of tenant fairness (the enqueue half is :mod:`conveyor.dispatch`).
+"""The worker's half of tenant fairness (the enqueue half is the dispatcher's count).
 
 When a job *starts* (it passed the tenant cap) its tenant's pending counter is decremented.
 Decrements are batched in memory and flushed every ~50 ms in one pipeline (one Lua call per
@@ -19,34 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from conveyor.dispatch import _DECREMENT_SCRIPT, fair_key
+from conveyor.dispatch import keys
 
 if TYPE_CHECKING:
     from conveyor.queue import QueueFactory
     from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# KEYS[1] fairness hash, KEYS[2] wait, KEYS[3] paused, KEYS[4] prioritized, KEYS[5] delayed.
-# Clamp every tenant's counter to the queue's backlog; returns the backlog.
-_CLAMP_SCRIPT = """
-local pending = redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])
-  + redis.call('ZCARD', KEYS[4]) + redis.call('ZCARD', KEYS[5])
-if pending == 0 then
-  redis.call('DEL', KEYS[1])
-  return 0
-end
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  local v = tonumber(all[i + 1])
-  if v <= 0 then
-    redis.call('HDEL', KEYS[1], all[i])
-  elseif v > pending then
-    redis.call('HSET', KEYS[1], all[i], pending)
-  end
-end
-return pending
-"""
 
 
 class FairnessLedger:
@@ -82,8 +61,8 @@ class FairnessLedger:
 
     def _scripts(self) -> tuple[Any, Any]:
         if self._decrement is None:
-            self._decrement = self._queues.redis.register_script(_DECREMENT_SCRIPT)
-            self._clamp = self._queues.redis.register_script(_CLAMP_SCRIPT)
+            self._decrement = self._queues.redis.register_script(keys.DECREMENT_SCRIPT)
+            self._clamp = self._queues.redis.register_script(keys.CLAMP_SCRIPT)
         return self._decrement, self._clamp
 
     async def flush(self) -> None:
@@ -96,7 +75,7 @@ class FairnessLedger:
         pipe = self._queues.redis.pipeline(transaction=False)
         for queue_name, per in batch.items():
             args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
-            await decrement(keys=[fair_key(self._queues, queue_name)], args=args, client=pipe)
+            await decrement(keys=[keys.fair(self._prefix, queue_name)], args=args, client=pipe)
         try:
             await pipe.execute()
         except BaseException:
@@ -112,15 +91,8 @@ class FairnessLedger:
         _decrement, clamp = self._scripts()
         out: dict[str, int] = {}
         for name in self.queue_names:
-            base = f"{self._prefix}:{name}"
-            keys = [
-                fair_key(self._queues, name),
-                f"{base}:wait",
-                f"{base}:paused",
-                f"{base}:prioritized",
-                f"{base}:delayed",
-            ]
-            out[name] = int(await clamp(keys=keys, args=[]))
+            names = [keys.fair(self._prefix, name), *keys.backlog(self._prefix, name)]
+            out[name] = int(await clamp(keys=names, args=[]))
         return out
 
     async def run(self) -> None:

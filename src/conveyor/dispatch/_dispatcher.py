@@ -4,18 +4,22 @@ Every producer of ``workflow.execute.<region>`` jobs (the API trigger, the sched
 dispatcher, the reconciler) goes through :class:`ExecutionDispatcher`, so every job carries a
 BullMQ priority derived from its tenant's backlog:
 
-* ``{prefix}:conveyor:fair:<queue>`` is a hash ``tenant -> pending jobs`` (approximate).
+* :func:`conveyor.dispatch.keys.fair` is a hash ``tenant -> pending jobs`` (approximate).
 * Enqueueing increments the tenant's counter and adds the job with ``priority = n`` (lower runs
   sooner), so the k-th pending job of every tenant gets priority k: round-robin across tenants,
   FIFO within one (BullMQ breaks ties in insertion order).
 * The execution worker decrements the counter when a job *starts* (batched, clamped at 0) and
   periodically clamps every counter to the queue's real backlog (see
-  :mod:`conveyor.workers._fairness`). ``docs/fairness.md`` has the design and its limits.
+  :class:`~conveyor.dispatch.FairnessLedger`). ``docs/fairness.md`` has the design and limits.
 
 The increment and the duplicate check run in one Lua script: a job id that already exists (the
 same execution dispatched twice) is neither counted nor added again. :meth:`enqueue` sends that
 script and the add in one ``MULTI`` (one round trip), the add with a guessed priority that is
 corrected (``changePriority``) when the count differs — see :meth:`ExecutionDispatcher._guess`.
+
+Concurrent :meth:`~ExecutionDispatcher.enqueue` calls share their Redis round trips through an
+:class:`~conveyor.dispatch.EnqueueBatcher` (each still returns only once its own job was added),
+so the API, the scheduler, the timer dispatcher and the reconciler all batch alike.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from conveyor.dispatch import keys
+from conveyor.dispatch._batching import EnqueueBatcher
 from conveyor.errors import QueueUnavailable
-from conveyor.queue._base import ScriptCall
+from conveyor.queue import ScriptCall, WorkflowExecute, execution_queue_name
+from conveyor.store import Execution, Timer
 
 if TYPE_CHECKING:
     from conveyor.queue import Queue, QueueFactory
-    from conveyor.queue.payloads import WorkflowExecute
     from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,42 +52,25 @@ decrements counts within ~50 ms, so older counts are mostly stale)."""
 
 _SEEN_MAX = 10_000
 
-FAIR_TTL_MS = 24 * 3600 * 1000
-"""The fairness hash expires after a day without enqueues (garbage collection only)."""
 
-# KEYS[1] fairness hash, KEYS[2..n+1] BullMQ job hashes; ARGV[1] ttl ms, ARGV[2..n+1] tenants.
-# Returns, per job, the tenant's new pending count, or 0 when the job id already exists.
-_COUNT_SCRIPT = """
-local out = {}
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    out[i - 1] = 0
-  else
-    out[i - 1] = redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
-  end
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return out
-"""
-
-# KEYS[1] fairness hash; ARGV: tenant, count, tenant, count, ... Undo or consume counts.
-_DECREMENT_SCRIPT = """
-for i = 1, #ARGV, 2 do
-  local v = redis.call('HINCRBY', KEYS[1], ARGV[i], -tonumber(ARGV[i + 1]))
-  if v <= 0 then redis.call('HDEL', KEYS[1], ARGV[i]) end
-end
-return 0
-"""
-
-
-def execution_queue_name(region: str) -> str:
-    """``workflow.execute.<region>`` (same as :func:`conveyor.queue.execution_queue_name`)."""
-    return f"workflow.execute.{region}"
-
-
-def fair_key(queues: QueueFactory, queue_name: str) -> str:
-    """The fairness hash of one execution queue."""
-    return queues.key("fair", queue_name)
+def payload_for(source: Execution | Timer, *, reason: str) -> WorkflowExecute:
+    """The ``workflow.execute`` job of an execution (or of the execution a timer resumes)."""
+    if isinstance(source, Timer):
+        return WorkflowExecute(
+            execution_id=source.execution_id,
+            tenant_id=source.tenant_id,
+            workflow_id=source.workflow_id,
+            region=source.region,
+            reason=reason,
+        )
+    return WorkflowExecute(
+        execution_id=source.id,
+        tenant_id=source.tenant_id,
+        workflow_id=source.workflow_id,
+        region=source.region,
+        workflow_version=source.workflow_version,
+        reason=reason,
+    )
 
 
 def priority_for(pending: int) -> int:
@@ -97,35 +86,35 @@ class ExecutionDispatcher:
     """Enqueues ``workflow.execute.<region>`` jobs with fairness priorities.
 
     Cheap to build (no I/O); one per process is enough. Queues are created on first use.
+    :meth:`aclose` lets enqueues on their way finish (bounded) at shutdown.
     """
 
     def __init__(self, queues: QueueFactory, settings: Settings) -> None:
         self._queues = queues
         self._settings = settings
-        self._by_name: dict[str, Queue] = {}
+        self._prefix = settings.queue_prefix
+        self._batcher = EnqueueBatcher(self._enqueue_one, self.enqueue_many)
         self._count_script: Any = None
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}
         """``(queue, tenant) -> (last count, when)``: where :meth:`_guess` starts from."""
         self._decrement_script: Any = None
 
-    def _queue(self, region: str) -> Queue:
-        name = execution_queue_name(region)
-        queue = self._by_name.get(name)
-        if queue is None:
-            queue = self._by_name[name] = self._queues.create_queue(name)
-        return queue
+    def queue(self, region: str) -> Queue:
+        """The execution queue of ``region`` (one handle per name, kept by the factory)."""
+        return self._queues.create_queue(execution_queue_name(region))
 
-    def _job_key(self, queue_name: str, job_id: str) -> str:
-        return f"{self._settings.queue_prefix}:{queue_name}:{job_id}"
+    async def aclose(self, timeout_s: float = 2.0) -> None:
+        """Let batched enqueues on their way finish (at most ``timeout_s``), then cancel them."""
+        await self._batcher.close(timeout_s)
 
     def _count_call(self, queue_name: str, items: Sequence[tuple[str, str]]) -> ScriptCall:
-        """The count script's call for ``(tenant, job_id)`` items (see :data:`_COUNT_SCRIPT`)."""
+        """The count script's call for ``(tenant, job_id)`` items (see ``keys.COUNT_SCRIPT``)."""
         if self._count_script is None:
-            self._count_script = self._queues.redis.register_script(_COUNT_SCRIPT)
-        keys = [fair_key(self._queues, queue_name)]
-        keys += [self._job_key(queue_name, job_id) for _tenant, job_id in items]
-        args: list[Any] = [FAIR_TTL_MS, *(tenant for tenant, _job_id in items)]
-        return ScriptCall(self._count_script, keys, args)
+            self._count_script = self._queues.redis.register_script(keys.COUNT_SCRIPT)
+        names = [keys.fair(self._prefix, queue_name)]
+        names += [keys.job(self._prefix, queue_name, job_id) for _tenant, job_id in items]
+        args: list[Any] = [keys.FAIR_TTL_MS, *(tenant for tenant, _job_id in items)]
+        return ScriptCall(self._count_script, names, args)
 
     async def _count(self, queue_name: str, items: Sequence[tuple[str, str]]) -> list[int]:
         """Count ``(tenant, job_id)`` items as pending; 0 for job ids that already exist."""
@@ -142,10 +131,10 @@ class ExecutionDispatcher:
         for tenant in tenants:
             per[tenant] = per.get(tenant, 0) + 1
         if self._decrement_script is None:
-            self._decrement_script = self._queues.redis.register_script(_DECREMENT_SCRIPT)
+            self._decrement_script = self._queues.redis.register_script(keys.DECREMENT_SCRIPT)
         args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
         try:
-            await self._decrement_script(keys=[fair_key(self._queues, queue_name)], args=args)
+            await self._decrement_script(keys=[keys.fair(self._prefix, queue_name)], args=args)
         except (RedisError, OSError):
             log.warning(
                 "dispatch.uncount_failed", extra={"queue": queue_name, "jobs": len(tenants)}
@@ -163,10 +152,19 @@ class ExecutionDispatcher:
         """Put one execution on its region's queue; returns the job id.
 
         The job id defaults to the execution id; dispatching the same one twice is harmless.
+        Concurrent calls with the default job id and no delay share round trips (batched).
         Raises :class:`~conveyor.errors.QueueUnavailable` fast when Redis is down.
         """
+        if job_id is None and not delay_ms:
+            await self._batcher.enqueue(payload)
+            return payload.execution_id
+        return await self._enqueue_one(payload, job_id=job_id, delay_ms=delay_ms)
+
+    async def _enqueue_one(
+        self, payload: WorkflowExecute, *, job_id: str | None = None, delay_ms: int = 0
+    ) -> str:
         job_id = job_id or payload.execution_id
-        queue = self._queue(payload.region)
+        queue = self.queue(payload.region)
         tenant = payload.tenant_id
         if delay_ms:  # staged ahead of time: nothing waits on it, keep the exact two steps
             (pending,) = await self._count(queue.name, [(tenant, job_id)])
@@ -224,7 +222,7 @@ class ExecutionDispatcher:
         for payload in payloads:
             by_region.setdefault(payload.region, {}).setdefault(payload.execution_id, payload)
         for region, unique in by_region.items():
-            queue = self._queue(region)
+            queue = self.queue(region)
             items = list(unique.values())
             counts = await self._count(queue.name, [(p.tenant_id, p.execution_id) for p in items])
             fresh = [(p, n) for p, n in zip(items, counts, strict=True) if n > 0]

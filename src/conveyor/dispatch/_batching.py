@@ -1,26 +1,26 @@
-"""Group commit for enqueues: concurrent requests share Redis round trips.
+"""Group commit for enqueues: concurrent callers share Redis round trips.
 
-Each trigger must add its job before it answers, and one :meth:`ExecutionDispatcher.enqueue`
-costs two Redis round trips (the fairness count script, then BullMQ's add script) — most of a
-trigger's CPU. :class:`EnqueueBatcher` lets concurrent requests share them: a request hands its
-payload over and waits; while one batch is on its way to Redis, the payloads that arrive meanwhile
-gather and go together as the next batch with :meth:`ExecutionDispatcher.enqueue_many` (one
-count script call and one bulk add for the whole batch). A lone request is sent at once with
-:meth:`~ExecutionDispatcher.enqueue`, so an idle API adds no latency.
+Each producer (a trigger request, a cron tick, a fired timer, a recovered execution) must know
+its job was added before it moves on, and one enqueue is a round trip to Redis (the fairness
+count and BullMQ's add in one ``MULTI``) — most of a trigger's CPU. :class:`EnqueueBatcher` lets
+concurrent callers share it: a caller hands its payload over and waits; while one batch is on
+its way to Redis, the payloads that arrive meanwhile gather and go together as the next batch
+(one count script call and one bulk add for the whole batch). A lone caller is sent at once
+on its own, so an idle process adds no latency.
 
 Nothing is weakened: every caller still returns only after ITS job was added (or raises the
-dispatcher's error — a Redis failure fails the whole batch, and each of its callers answers
-503); job id = execution id, so a job that was added although its caller gave up is harmless.
+dispatcher's error — a Redis failure fails the whole batch, and each of its callers sees it);
+job id = execution id, so a job that was added although its caller gave up is harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from conveyor.dispatch import ExecutionDispatcher
     from conveyor.queue import WorkflowExecute
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ _Item = tuple["WorkflowExecute", "asyncio.Future[None]"]
 
 
 class EnqueueBatcher:
-    """Coalesces concurrent :meth:`enqueue` calls into dispatcher batches (no I/O until used).
+    """Coalesces concurrent :meth:`enqueue` calls into batches (no I/O until used): a batch of
+    one goes to ``send_one``, a larger one to ``send_many``.
 
     At most ``max_in_flight`` batches are on their way to Redis at once; a request arriving
     while all of them are busy waits for the next free one, together with the others that
@@ -43,12 +44,14 @@ class EnqueueBatcher:
 
     def __init__(
         self,
-        dispatcher: ExecutionDispatcher,
+        send_one: Callable[[WorkflowExecute], Awaitable[Any]],
+        send_many: Callable[[Sequence[WorkflowExecute]], Awaitable[Any]],
         *,
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
-        self._dispatcher = dispatcher
+        self._send_one = send_one
+        self._send_many = send_many
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._pending: list[_Item] = []
@@ -64,7 +67,7 @@ class EnqueueBatcher:
         self._pending.append((payload, future))
         if not self._starting and len(self._senders) < self._max_in_flight:
             self._starting = True
-            sender = asyncio.create_task(self._send_all(), name="api.enqueue_batch")
+            sender = asyncio.create_task(self._send_all(), name="dispatch.enqueue_batch")
             self._senders.add(sender)
         await future
 
@@ -77,7 +80,7 @@ class EnqueueBatcher:
         for sender in late:
             sender.cancel()
         if late:
-            log.warning("api.enqueue_batches_cancelled", extra={"batches": len(late)})
+            log.warning("dispatch.enqueue_batches_cancelled", extra={"batches": len(late)})
             await asyncio.wait(late)
 
     async def _send_all(self) -> None:
@@ -104,9 +107,9 @@ class EnqueueBatcher:
     async def _send(self, batch: list[_Item]) -> None:
         try:
             if len(batch) == 1:
-                await self._dispatcher.enqueue(batch[0][0])
+                await self._send_one(batch[0][0])
             else:
-                await self._dispatcher.enqueue_many([payload for payload, _future in batch])
+                await self._send_many([payload for payload, _future in batch])
         except BaseException as exc:
             _settle(batch, exc)
             if not isinstance(exc, Exception):
