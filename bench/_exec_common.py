@@ -38,8 +38,8 @@ from conveyor.queue import QueueFactory, WorkflowExecute
 from conveyor.queue.payloads import DEFAULT_JOB_OPTIONS
 from conveyor.settings import Settings, load_settings
 from conveyor.store import Store, migrate, utcnow
-from conveyor.store.executions import insert_values, new_execution
 from conveyor.store.schema import executions
+from conveyor.store.triggers import insert_values, new_execution
 
 ADMIN_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_HOST = os.environ.get("QUEUE_REDIS_HOST", "127.0.0.1")

@@ -1,5 +1,5 @@
-"""The one-statement trigger (Postgres): a stale version hint never lets an execution through
-that the general path would refuse. A second ``Store`` plays another API process changing the
+"""The known-version trigger (one statement on Postgres, one transaction on SQLite): a stale
+version hint never lets an execution through that the general path would refuse. A second ``Store`` plays another API process changing the
 workflow behind this one's back (its hint and definition cache go stale)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from conveyor.errors import Conflict, NotFound
 from conveyor.settings import Settings
 from conveyor.store import Store
-from conveyor.store._fast_pg import PgFast
+from conveyor.store.pg import PgStatements
+from conveyor.store.sql import SqlStatements
 from conveyor.workflows import InputInvalid
 
 NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
@@ -21,15 +22,16 @@ NEEDS_ORDER = {**NOOP, "input_schema": {"type": "object", "required": ["orderId"
 
 @pytest.fixture
 def statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many one-statement triggers ran (Postgres only; SQLite takes the general path)."""
+    """How many known-version triggers ran (either driver)."""
     calls: list[int] = []
-    original = PgFast.trigger
+    for driver in (PgStatements, SqlStatements):
+        original = driver.trigger
 
-    async def counted(self: PgFast, *args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return await original(self, *args, **kwargs)
+        async def counted(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            calls.append(1)
+            return await _original(self, *args, **kwargs)
 
-    monkeypatch.setattr(PgFast, "trigger", counted)
+        monkeypatch.setattr(driver, "trigger", counted)
     return calls
 
 
@@ -55,7 +57,7 @@ async def test_repeat_triggers_and_idempotency(store: Store, statements: list[in
     await store.executions.create(tenant, other)
     with pytest.raises(Conflict):
         await store.executions.create(tenant, other, idempotency_key="k")
-    assert len(statements) >= (8 if store.is_postgres else 0)
+    assert len(statements) >= 8
 
 
 async def test_other_tenant_gets_not_found(store: Store) -> None:
@@ -93,7 +95,7 @@ async def test_changes_made_elsewhere_are_honoured(
         await elsewhere.workflows.delete(tenant, wf)
         with pytest.raises(NotFound):
             await store.executions.create(tenant, wf, {"orderId": 5})
-    assert len(statements) >= (6 if store.is_postgres else 0)
+    assert len(statements) >= 6
     listed = await store.executions.list(tenant, workflow_id=wf)
     assert [e.input for e in listed.items] == [{"orderId": 4}, {"orderId": 2}, {"orderId": 1},
                                                {"x": 1}]  # fmt: skip

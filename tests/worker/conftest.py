@@ -15,8 +15,8 @@ from conveyor.dispatch import ExecutionDispatcher
 from conveyor.queue import QueueFactory, WorkflowExecute
 from conveyor.settings import Settings
 from conveyor.store import Store, migrate, utcnow
-from conveyor.store.executions import insert_values, new_execution
 from conveyor.store.schema import executions
+from conveyor.store.triggers import insert_values, new_execution
 from tests.conftest import PG_ADMIN_DSN, _pg_admin
 from tests.worker._support import make_settings
 

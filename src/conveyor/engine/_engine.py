@@ -40,9 +40,17 @@ from conveyor.errors import (
     WorkflowInvalid,
 )
 from conveyor.settings import Settings
-from conveyor.store import Store
-from conveyor.store._runs import Claim, ExecutionWrite, RunStore, StepWrite, TimerWrite
-from conveyor.store._types import dumps, new_id, utcnow
+from conveyor.store import (
+    Claim,
+    ExecutionWrite,
+    RunStore,
+    StepWrite,
+    Store,
+    TimerWrite,
+    dumps,
+    new_id,
+    utcnow,
+)
 from conveyor.workflows import SafeHttpClient, StepContext, StepResult, run_step
 from conveyor.workflows.definition import RetryPolicy
 from conveyor.workflows.steps import AnyStep

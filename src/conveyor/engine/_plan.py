@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.errors import ConveyorError
-from conveyor.store._types import dumps, has_nul, without_nul
+from conveyor.store import dumps, has_nul, without_nul
 from conveyor.workflows import (
     ConditionStep,
     DelayStep,

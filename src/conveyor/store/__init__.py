@@ -11,7 +11,12 @@ asyncpg, or SQLite via aiosqlite) and exposes the services::
                         pagination) / cancel / retry; reconciler queries
     store.schedules     CRUD, due schedules, exactly-once ticks
     store.timers        claim / mark fired / release timers (timer dispatcher)
-    store.runs          the engine's hot path (claim with a lease, fenced step writes)
+    store.runs          the engine's hot path (claim with a lease, fenced step writes):
+                        the :class:`RunStore` contract in :mod:`conveyor.store.runs`
+
+The drivers are chosen once when the store opens: SQLAlchemy Core everywhere
+(:mod:`conveyor.store.sql`), and on Postgres the hot paths on a raw asyncpg pool
+(:mod:`conveyor.store.pg`).
 
 Every tenant-data query takes ``tenant_id`` and filters on it in SQL; another tenant's object
 is :class:`~conveyor.errors.NotFound`. ``conveyor migrate`` applies the Alembic migrations
@@ -21,9 +26,8 @@ shipped in ``conveyor/store/migrations``; ``await store.check_schema()`` raises
 
 from conveyor.store._db import asyncpg_dsn, sqlalchemy_url, sqlite_path
 from conveyor.store._migrate import head_revisions
-from conveyor.store._runs import Claim, RunStore
 from conveyor.store._store import Store, migrate
-from conveyor.store._types import new_id, utcnow
+from conveyor.store._types import dumps, has_nul, new_id, utcnow, without_nul
 from conveyor.store.records import (
     ApiKey,
     CursorInvalid,
@@ -40,8 +44,10 @@ from conveyor.store.records import (
     Workflow,
     WorkflowVersion,
 )
+from conveyor.store.runs import Claim, ExecutionWrite, RunStore, StepWrite, TimerWrite, Unclaimed
 from conveyor.store.schedules import MISFIRE_POLICIES, next_fire_time, validate_schedule
 from conveyor.store.schema import ACTIVE_STATUSES, EXECUTION_STATUSES, TERMINAL_STATUSES
+from conveyor.store.statements import Statements
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -52,6 +58,7 @@ __all__ = [
     "Claim",
     "CursorInvalid",
     "Execution",
+    "ExecutionWrite",
     "FiredTick",
     "InvalidValue",
     "IssuedApiKey",
@@ -59,13 +66,19 @@ __all__ = [
     "RunStore",
     "Schedule",
     "ScheduleInvalid",
+    "Statements",
     "StepRun",
+    "StepWrite",
     "Store",
     "Tenant",
     "Timer",
+    "TimerWrite",
+    "Unclaimed",
     "Workflow",
     "WorkflowVersion",
     "asyncpg_dsn",
+    "dumps",
+    "has_nul",
     "head_revisions",
     "migrate",
     "new_id",
@@ -74,4 +87,5 @@ __all__ = [
     "sqlite_path",
     "utcnow",
     "validate_schedule",
+    "without_nul",
 ]

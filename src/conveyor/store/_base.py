@@ -1,4 +1,6 @@
-"""What every service shares: connections, error translation, dialect-specific inserts."""
+"""What every service shares: connections, dialect-specific inserts, cursor pagination.
+
+Driver errors are translated where they enter (:func:`~conveyor.store._errors.translate_errors`)."""
 
 from __future__ import annotations
 
@@ -11,18 +13,17 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Select, Table, and_, or_
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from conveyor.errors import Conflict, DatabaseUnavailable, StoreError
 from conveyor.settings import Settings
 from conveyor.store._db import autocommit
-from conveyor.store.records import CursorInvalid, InvalidValue, Page, _Record
+from conveyor.store._errors import translate_errors
+from conveyor.store.records import CursorInvalid, Page, _Record
 
 if TYPE_CHECKING:
-    from conveyor.store._fast_pg import PgFast
+    from conveyor.store.statements import Statements
 
 MAX_PAGE = 200
 
@@ -33,12 +34,11 @@ R = TypeVar("R", bound=_Record)
 class ServiceBase:
     """Holds the engine; subclasses are the tenant/workflow/execution/... services."""
 
-    def __init__(
-        self, engine: AsyncEngine, settings: Settings, *, fast: PgFast | None = None
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, settings: Settings, statements: Statements) -> None:
         self._engine = engine
         self._settings = settings
-        self._fast = fast
+        self._statements = statements
+        """The hot per-request statements, on the driver the :class:`Store` chose."""
         self._dialect = engine.dialect.name
         self._autocommit = autocommit(engine)
 
@@ -79,73 +79,6 @@ class ServiceBase:
         if self._dialect == "postgresql":
             return postgresql.insert(table)
         return sqlite.insert(table)
-
-
-class translate_errors:
-    """Turn driver errors into Conveyor's: lost connections → DatabaseUnavailable,
-    integrity errors → Conflict, anything else from the database → StoreError."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: Any
-    ) -> None:
-        if exc is None or isinstance(exc, StoreError):
-            return
-        if isinstance(exc, sa_exc.DataError) or _sqlstate(exc).startswith("22"):
-            raise InvalidValue(f"value cannot be stored: {_short(exc)}") from exc
-        if isinstance(exc, sa_exc.IntegrityError):
-            raise Conflict("the change conflicts with existing data", reason=str(exc.orig)) from exc
-        if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError)) or (
-            isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
-        ):
-            raise DatabaseUnavailable(f"database unavailable: {_short(exc)}") from exc
-        if isinstance(exc, sa_exc.SQLAlchemyError):
-            raise StoreError(f"database error: {_short(exc)}") from exc
-        if type(exc).__module__.startswith("asyncpg"):
-            _raise_asyncpg(exc)
-
-
-_ASYNCPG_UNAVAILABLE = (
-    "Connection",
-    "CannotConnectNow",
-    "TooManyConnections",
-    "AdminShutdown",
-    "CrashShutdown",
-    "InterfaceError",
-    "ConnectionFailure",
-)
-
-
-def _sqlstate(exc: BaseException) -> str:
-    """The SQLSTATE of a driver error (Postgres), wrapped or not; ``""`` if none."""
-    for candidate in (
-        exc,
-        getattr(exc, "orig", None),
-        getattr(getattr(exc, "orig", None), "__cause__", None),
-    ):
-        state = getattr(candidate, "sqlstate", None)
-        if state:
-            return str(state)
-    return ""
-
-
-def _raise_asyncpg(exc: BaseException) -> None:
-    name = type(exc).__name__
-    if any(part in name for part in _ASYNCPG_UNAVAILABLE):
-        raise DatabaseUnavailable(f"database unavailable: {_short(exc)}") from exc
-    sqlstate = _sqlstate(exc)
-    if sqlstate.startswith("22"):
-        raise InvalidValue(f"value cannot be stored: {_short(exc)}") from exc
-    if sqlstate.startswith("23"):
-        raise Conflict("the change conflicts with existing data", reason=str(exc)) from exc
-    raise StoreError(f"database error: {_short(exc)}") from exc
-
-
-def _short(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 # --- cursor pagination ---------------------------------------------------------------------

@@ -14,13 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.errors import DatabaseUnavailable
 from conveyor.settings import Settings
 from conveyor.store import _migrate
-from conveyor.store._base import translate_errors
 from conveyor.store._db import close_pg_pool, create_engine, create_pg_pool, dialect_of
-from conveyor.store._fast_pg import PgFast
-from conveyor.store._runs import CoreRunStore, RunStore
-from conveyor.store._runs_pg import PgRunStore
+from conveyor.store._errors import translate_errors
 from conveyor.store.executions import ExecutionService
+from conveyor.store.pg import PgRunStore, PgStatements
+from conveyor.store.runs import RunStore
 from conveyor.store.schedules import ScheduleService
+from conveyor.store.sql import SqlRunStore, SqlStatements
+from conveyor.store.statements import Statements
 from conveyor.store.tenants import ApiKeyService, TenantService
 from conveyor.store.timers import TimerService
 from conveyor.store.workflows import DefinitionCache, WorkflowService
@@ -38,10 +39,12 @@ class Store:
     :meth:`migrate`. Services: :attr:`tenants`, :attr:`api_keys`, :attr:`workflows`,
     :attr:`executions`, :attr:`schedules`, :attr:`timers`; the engine's hot path: :attr:`runs`.
 
-    Postgres: services run on SQLAlchemy Core (asyncpg driver); the engine's hot path and the
-    API's hottest statements (API key lookup, trigger, get) run on a raw asyncpg pool. Each
-    pool opens connections on demand, up to ``DATABASE_POOL_SIZE``. ``fast_path=False`` uses
-    SQLAlchemy Core for everything (benchmark baseline); SQLite always does.
+    The drivers are chosen here, once: on Postgres the engine's hot path (:attr:`runs`) and
+    the API's hottest statements (API key lookup, trigger, get) run on a raw asyncpg pool
+    (:mod:`conveyor.store.pg`), everything else on SQLAlchemy Core (asyncpg driver). Each pool
+    opens connections on demand, up to ``DATABASE_POOL_SIZE``. ``fast_path=False`` uses
+    SQLAlchemy Core for everything (:mod:`conveyor.store.sql`; the benchmark baseline); SQLite
+    always does.
     """
 
     engine: AsyncEngine
@@ -76,17 +79,17 @@ class Store:
                 await self.engine.dispose()
                 raise
             self.runs = PgRunStore(self._pg_pool)
-            fast: PgFast | None = PgFast(self._pg_pool)
+            statements: Statements = PgStatements(self._pg_pool)
         else:
-            self.runs = CoreRunStore(self.engine)
-            fast = None
-        s = self.settings
-        self.tenants = TenantService(self.engine, s)
-        self.api_keys = ApiKeyService(self.engine, s, fast=fast)
-        self.workflows = WorkflowService(self.engine, s, self.definitions)
-        self.executions = ExecutionService(self.engine, s, self.workflows, fast=fast)
-        self.schedules = ScheduleService(self.engine, s)
-        self.timers = TimerService(self.engine, s)
+            self.runs = SqlRunStore(self.engine)
+            statements = SqlStatements(self.engine)
+        s, engine = self.settings, self.engine
+        self.tenants = TenantService(engine, s, statements)
+        self.api_keys = ApiKeyService(engine, s, statements)
+        self.workflows = WorkflowService(engine, s, statements, self.definitions)
+        self.executions = ExecutionService(engine, s, statements, self.workflows)
+        self.schedules = ScheduleService(engine, s, statements)
+        self.timers = TimerService(engine, s, statements)
         return self
 
     async def __aexit__(

@@ -31,9 +31,9 @@ from conveyor.cron import CronInvalid, next_fire, parse_cron
 from conveyor.errors import NotFound
 from conveyor.store._base import ServiceBase, page_limit
 from conveyor.store._types import check_storable, new_id, utcnow
-from conveyor.store.executions import insert_values, new_execution
 from conveyor.store.records import Execution, FiredTick, Page, Schedule, ScheduleInvalid
 from conveyor.store.schema import executions, schedule_ticks, schedules, workflows
+from conveyor.store.triggers import insert_values, new_execution
 
 __all__ = ["MISFIRE_POLICIES", "ScheduleService", "next_fire_time", "validate_schedule"]
 

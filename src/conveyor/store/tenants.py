@@ -11,9 +11,8 @@ import builtins
 import hashlib
 import hmac
 import secrets
-from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import select, update
 
 from conveyor.errors import NotFound
 from conveyor.store._base import ServiceBase
@@ -32,7 +31,6 @@ _KEY_COLUMNS = (
     api_keys.c.created_at,
     api_keys.c.revoked_at,
 )
-_VERIFY = select(*_KEY_COLUMNS, api_keys.c.key_hash).where(api_keys.c.prefix == bindparam("prefix"))
 
 
 def hash_secret(secret: str) -> str:
@@ -137,12 +135,7 @@ class ApiKeyService(ServiceBase):
         parts = token.split("_", 2)
         if len(parts) != 3 or parts[0] != TOKEN_PREFIX or len(parts[1]) != 12:
             return None
-        row: Any
-        if self._fast is not None:
-            row = await self._fast.api_key(parts[1])
-        else:
-            async with self._auto() as conn:
-                row = (await conn.execute(_VERIFY, {"prefix": parts[1]})).mappings().first()
+        row = await self._statements.api_key(parts[1])
         if row is None:
             # Spend the same work as a real comparison so timing does not reveal prefixes.
             hmac.compare_digest(hash_secret(token), "0" * 64)

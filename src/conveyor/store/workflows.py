@@ -25,6 +25,7 @@ from conveyor.store._base import ServiceBase
 from conveyor.store._types import check_storable, new_id, utcnow
 from conveyor.store.records import Page, Workflow, WorkflowVersion
 from conveyor.store.schema import schedules, tenants, workflow_versions, workflows
+from conveyor.store.statements import Statements
 from conveyor.store.tenants import hash_secret
 from conveyor.workflows.definition import WorkflowDefinition, parse_definition
 
@@ -71,8 +72,14 @@ class DefinitionCache:
 class WorkflowService(ServiceBase):
     """Create, version, read, disable and delete workflows; verify webhook secrets."""
 
-    def __init__(self, engine: AsyncEngine, settings: Settings, cache: DefinitionCache) -> None:
-        super().__init__(engine, settings)
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        statements: Statements,
+        cache: DefinitionCache,
+    ) -> None:
+        super().__init__(engine, settings, statements)
         self.cache = cache
 
     async def create(self, tenant_id: str, definition: Mapping[str, Any] | str | bytes) -> Workflow:

@@ -17,8 +17,8 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.errors import LeaseLost
-from conveyor.store._base import translate_errors
-from conveyor.store._runs import Claim, ExecutionWrite, StepWrite, TimerWrite, Unclaimed
+from conveyor.store._errors import translate_errors
+from conveyor.store.runs import Claim, ExecutionWrite, StepWrite, TimerWrite, Unclaimed
 
 __all__ = ["PgRunStore"]
 

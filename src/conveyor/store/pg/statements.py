@@ -1,10 +1,11 @@
-"""The API's hot statements on Postgres, on the raw asyncpg pool (no SQLAlchemy overhead).
+"""The hot per-request statements on Postgres, on the raw asyncpg pool (no SQLAlchemy overhead).
 
 Triggering an execution is the API's hottest path (≥ 1,000/s per process is the target):
 verifying the API key is one prepared statement here, and so is the trigger itself —
 :data:`_TRIGGER` checks the workflow (tenant-scoped, live, enabled, still at the version the
 input was validated against) and inserts the execution (idempotency key honoured) in ONE round
-trip. The services fall back to SQLAlchemy Core on SQLite.
+trip. The contract is :class:`conveyor.store.statements.Statements`; on SQLite the same
+statements run on SQLAlchemy Core (:mod:`conveyor.store.sql`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import json
 from datetime import datetime
 from typing import Any
 
-from conveyor.store._base import translate_errors
+from conveyor.store._errors import translate_errors
 from conveyor.store._types import dumps
 from conveyor.store.records import Execution
 
-__all__ = ["PgFast"]
+__all__ = ["PgStatements", "execution_from_record"]
 
 _EXECUTION_COLUMNS = (
     "id",
@@ -99,7 +100,9 @@ def execution_from_record(row: Any) -> Execution:
     return Execution(**values)
 
 
-class PgFast:
+class PgStatements:
+    """:class:`~conveyor.store.statements.Statements` on the raw asyncpg pool."""
+
     def __init__(self, pool: Any) -> None:
         self._pool = pool
 
@@ -111,7 +114,7 @@ class PgFast:
     async def api_key(self, prefix: str) -> Any:
         return await self._fetchrow(_KEY, prefix)
 
-    async def workflow_for_trigger(self, tenant_id: str, workflow_id: str) -> Any:
+    async def trigger_target(self, tenant_id: str, workflow_id: str) -> Any:
         return await self._fetchrow(_WORKFLOW, tenant_id, workflow_id)
 
     async def trigger(
@@ -122,13 +125,15 @@ class PgFast:
         version: int,
         *,
         triggered_by: str,
+        input: Any,
         input_json: str | None,
         idempotency_key: str | None,
         now: datetime,
     ) -> Any:
         """Insert a ``queued`` execution of ``version`` if it is still the workflow's current
         one (see :data:`_TRIGGER`). The workflow's ``(current_version, region, enabled,
-        inserted)``, or ``None`` when the tenant has no such live workflow."""
+        inserted)``, or ``None`` when the tenant has no such live workflow. (``input`` is
+        sent as ``input_json``, already serialised and checked.)"""
         return await self._fetchrow(
             _TRIGGER,
             execution_id,

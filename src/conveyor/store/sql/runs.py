@@ -1,153 +1,26 @@
-"""The engine's hot path: claim an execution, persist a step, park on a timer.
+"""The engine's hot path on SQLAlchemy Core (SQLite; any backend): one transaction per write.
 
-:class:`RunStore` is the interface the engine uses; there are two implementations:
-
-* :class:`CoreRunStore` — SQLAlchemy Core, one transaction per write (SQLite; any backend);
-* :class:`~conveyor.store._runs_pg.PgRunStore` — raw asyncpg prepared statements on Postgres,
-  one round trip per claim and one per step (the step run insert, the execution update and a
-  timer insert are one statement with data-modifying CTEs).
-
-Fencing: :meth:`RunStore.claim` increments ``lease`` with a compare-and-set (only a queued
-execution, a running one whose lease expired, or a waiting one whose wake time passed can be
-claimed) and returns the new number; every later write says ``WHERE lease = :mine`` and raises
-:class:`~conveyor.errors.LeaseLost` when no row matched. A write never overrides a
-``cancelled`` status: it returns ``cancelled`` and the engine stops (step boundary).
+See :mod:`conveyor.store.runs` for the contract (fencing by lease number, cancellation kept).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import bindparam, case, func, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.errors import LeaseLost
-from conveyor.store._base import translate_errors
 from conveyor.store._db import autocommit
+from conveyor.store._errors import translate_errors
 from conveyor.store._types import JSONType
+from conveyor.store.runs import Claim, ExecutionWrite, StepWrite, TimerWrite, Unclaimed
 from conveyor.store.schema import executions, step_runs, timers
 
-__all__ = [
-    "Claim",
-    "CoreRunStore",
-    "ExecutionWrite",
-    "RunStore",
-    "StepWrite",
-    "TimerWrite",
-    "Unclaimed",
-]
-
-
-@dataclass(slots=True)
-class Claim:
-    """An execution this runner holds, with what the engine needs to run it."""
-
-    execution_id: str
-    tenant_id: str
-    workflow_id: str
-    workflow_version: int
-    region: str
-    input: Any
-    next_step: int
-    steps_run: int
-    lease: int
-    attempts: int
-    queued_at: datetime
-    started_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Unclaimed:
-    """Why a claim did not succeed (``status`` is ``None`` when the execution is missing)."""
-
-    status: str | None
-    lease_expires_at: datetime | None = None
-    wake_at: datetime | None = None
-
-
-@dataclass(slots=True)
-class StepWrite:
-    """One finished step (its last attempt), as stored in ``step_runs``."""
-
-    seq: int
-    step_id: str
-    step_type: str
-    status: str
-    attempts: int
-    input: Any
-    input_json: str | None
-    output: Any
-    output_json: str | None
-    output_truncated: bool
-    error: Any
-    error_json: str | None
-    started_at: datetime
-    finished_at: datetime
-
-
-@dataclass(slots=True)
-class ExecutionWrite:
-    """The execution's new state after a step (or without one)."""
-
-    status: str
-    next_step: int
-    steps_run: int
-    now: datetime
-    lease_expires_at: datetime | None
-    output: Any = None
-    output_json: str | None = None
-    error: Any = None
-    error_json: str | None = None
-    finished_at: datetime | None = None
-    wake_at: datetime | None = None
-
-
-@dataclass(slots=True)
-class TimerWrite:
-    """A durable timer that wakes the execution (written only if it is really parked)."""
-
-    id: str
-    workflow_id: str
-    region: str
-    seq: int
-    due_at: datetime
-
-
-class RunStore(Protocol):
-    def session(self) -> AbstractAsyncContextManager[RunStore]:
-        """A view of this store for one run (may hold a connection between calls)."""
-        ...
-
-    async def idle(self) -> None:
-        """Give back anything a session holds (before a step waits on I/O)."""
-        ...
-
-    async def claim(
-        self, execution_id: str, now: datetime, lease_until: datetime
-    ) -> Claim | None: ...
-
-    async def unclaimed(self, execution_id: str) -> Unclaimed: ...
-
-    async def completed_outputs(self, tenant_id: str, execution_id: str) -> dict[str, Any]: ...
-
-    async def write(
-        self,
-        claim: Claim,
-        execution: ExecutionWrite,
-        step: StepWrite | None,
-        timer: TimerWrite | None = None,
-    ) -> str:
-        """Persist atomically; return the execution's status afterwards (``cancelled`` if it
-        was cancelled meanwhile). Raises LeaseLost if ``claim.lease`` is no longer current."""
-        ...
-
-    async def renew(self, claim: Claim, lease_until: datetime) -> None: ...
-
-    async def release(self, claim: Claim, now: datetime) -> None: ...
+__all__ = ["SqlRunStore"]
 
 
 _CLAIM_RETURNS = (
@@ -242,7 +115,7 @@ def _build_statements() -> dict[str, Any]:
 _SQL = _build_statements()
 
 
-class CoreRunStore:
+class SqlRunStore:
     """:class:`RunStore` on SQLAlchemy Core (used for SQLite, and as the Postgres baseline)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -250,7 +123,7 @@ class CoreRunStore:
         self._single = autocommit(engine)  # for single statements: atomic on their own
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[CoreRunStore]:
+    async def session(self) -> AsyncIterator[SqlRunStore]:
         yield self
 
     async def idle(self) -> None:

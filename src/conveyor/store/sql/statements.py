@@ -1,0 +1,131 @@
+"""The hot per-request statements on SQLAlchemy Core (SQLite; the Postgres baseline).
+
+The trigger is two statements in one transaction here (the workflow check, then the insert);
+its contract is :meth:`conveyor.store.statements.Statements.trigger`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.store._db import autocommit
+from conveyor.store._errors import translate_errors
+from conveyor.store.records import Execution
+from conveyor.store.schema import api_keys, executions, workflows
+from conveyor.store.triggers import insert_values, new_execution
+
+__all__ = ["SqlStatements"]
+
+_API_KEY = select(
+    api_keys.c.id,
+    api_keys.c.tenant_id,
+    api_keys.c.name,
+    api_keys.c.prefix,
+    api_keys.c.created_at,
+    api_keys.c.revoked_at,
+    api_keys.c.key_hash,
+).where(api_keys.c.prefix == bindparam("prefix"))
+_TRIGGER_TARGET = select(
+    workflows.c.current_version, workflows.c.region, workflows.c.enabled
+).where(
+    workflows.c.tenant_id == bindparam("tid"),
+    workflows.c.id == bindparam("wid"),
+    workflows.c.deleted_at.is_(None),
+)
+
+
+class SqlStatements:
+    """:class:`~conveyor.store.statements.Statements` on SQLAlchemy Core."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._autocommit = autocommit(engine)
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        self._insert = dialect.insert
+
+    async def _first(self, statement: Any, params: Mapping[str, Any] | None = None) -> Any:
+        with translate_errors():
+            async with self._autocommit.connect() as conn:
+                return (await conn.execute(statement, params or {})).mappings().first()
+
+    async def api_key(self, prefix: str) -> Mapping[str, Any] | None:
+        row: Mapping[str, Any] | None = await self._first(_API_KEY, {"prefix": prefix})
+        return row
+
+    async def trigger_target(self, tenant_id: str, workflow_id: str) -> Mapping[str, Any] | None:
+        row: Mapping[str, Any] | None = await self._first(
+            _TRIGGER_TARGET, {"tid": tenant_id, "wid": workflow_id}
+        )
+        return row
+
+    def _insert_statement(self, execution: Execution) -> Any:
+        return (
+            self._insert(executions)
+            .values(insert_values(execution))
+            .on_conflict_do_nothing(
+                index_elements=["tenant_id", "idempotency_key"],
+                index_where=executions.c.idempotency_key.is_not(None),
+            )
+            .returning(executions.c.id)
+        )
+
+    async def trigger(
+        self,
+        execution_id: str,
+        tenant_id: str,
+        workflow_id: str,
+        version: int,
+        *,
+        triggered_by: str,
+        input: Any,
+        input_json: str | None,
+        idempotency_key: str | None,
+        now: datetime,
+    ) -> Mapping[str, Any] | None:
+        with translate_errors():
+            async with self._engine.begin() as conn:
+                params = {"tid": tenant_id, "wid": workflow_id}
+                found = (await conn.execute(_TRIGGER_TARGET, params)).mappings().first()
+                if found is None:
+                    return None
+                row = dict(found)
+                row["inserted"] = False
+                if row["enabled"] and int(row["current_version"]) == version:
+                    execution = new_execution(
+                        tenant_id=tenant_id,
+                        workflow_id=workflow_id,
+                        version=version,
+                        region=str(row["region"]),
+                        input=input,
+                        triggered_by=triggered_by,
+                        now=now,
+                        idempotency_key=idempotency_key,
+                        execution_id=execution_id,
+                    )
+                    inserted = await conn.execute(self._insert_statement(execution))
+                    row["inserted"] = inserted.first() is not None
+                return row
+
+    async def insert_execution(self, execution: Execution) -> bool:
+        with translate_errors():
+            async with self._autocommit.connect() as conn:
+                return (await conn.execute(self._insert_statement(execution))).first() is not None
+
+    async def execution(self, tenant_id: str, execution_id: str) -> Execution | None:
+        return await self._one(executions.c.id == execution_id, tenant_id)
+
+    async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None:
+        return await self._one(executions.c.idempotency_key == key, tenant_id)
+
+    async def _one(self, condition: Any, tenant_id: str) -> Execution | None:
+        statement = select(executions).where(executions.c.tenant_id == tenant_id, condition)
+        with translate_errors():
+            async with self._autocommit.connect() as conn:
+                row = (await conn.execute(statement)).first()
+        return None if row is None else Execution.from_mapping(row._mapping)

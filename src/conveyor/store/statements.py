@@ -1,0 +1,57 @@
+"""The hot per-request statements (API key check, trigger, execution by id or key), behind one
+interface with two implementations chosen once when the :class:`~conveyor.store.Store` opens:
+
+* :class:`~conveyor.store.sql.SqlStatements` — SQLAlchemy Core (SQLite; the Postgres baseline);
+* :class:`~conveyor.store.pg.PgStatements` — prepared statements on the raw asyncpg pool, where
+  the trigger is ONE round trip (workflow check and insert in one statement).
+
+The services call them without knowing which is in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from conveyor.store.records import Execution
+
+__all__ = ["Statements"]
+
+
+class Statements(Protocol):
+    async def api_key(self, prefix: str) -> Mapping[str, Any] | None:
+        """The API key row with ``prefix`` (``id, tenant_id, name, prefix, created_at,
+        revoked_at, key_hash``), revoked or not; ``None`` if there is none."""
+        ...
+
+    async def trigger_target(self, tenant_id: str, workflow_id: str) -> Mapping[str, Any] | None:
+        """``current_version, region, enabled`` of the tenant's live workflow, or ``None``."""
+        ...
+
+    async def trigger(
+        self,
+        execution_id: str,
+        tenant_id: str,
+        workflow_id: str,
+        version: int,
+        *,
+        triggered_by: str,
+        input: Any,
+        input_json: str | None,
+        idempotency_key: str | None,
+        now: datetime,
+    ) -> Mapping[str, Any] | None:
+        """Insert a ``queued`` execution of ``version`` only if the workflow is live, enabled
+        and still at ``version`` (an idempotency key already used inserts nothing). Returns the
+        workflow's ``current_version, region, enabled`` and whether the row was ``inserted``;
+        ``None`` when the tenant has no such live workflow."""
+        ...
+
+    async def insert_execution(self, execution: Execution) -> bool:
+        """Insert; False when its idempotency key was already used (nothing inserted)."""
+        ...
+
+    async def execution(self, tenant_id: str, execution_id: str) -> Execution | None: ...
+
+    async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None: ...
