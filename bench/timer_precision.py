@@ -41,6 +41,7 @@ import asyncpg
 import bullmq
 import redis.asyncio as aioredis
 
+from conveyor.dispatch import keys
 from conveyor.queue import JobContext, QueueFactory, WorkflowExecute
 from conveyor.settings import Settings, load_settings
 
@@ -171,7 +172,7 @@ async def conveyor_phase(
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    hist = await redis.hgetall(f"{settings.queue_prefix}:conveyor:metrics:hist:timer_lag_seconds")
+    hist = await redis.hgetall(keys.metrics_histogram(settings.queue_prefix, "timer_lag_seconds"))
     fields = {k.decode(): float(v) for k, v in hist.items()}
     total = fields.get("|count", 0.0) or 1.0
     within = {le: fields.get(f"|le={le}", 0.0) / total for le in ("0.01", "0.05")}

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from conveyor.heartbeat import Heartbeat
 from conveyor.queue import WorkflowExecute
+from conveyor.runtime import Heartbeat
 from tests.api.conftest import ADMIN, Api, make_settings, running_api
 
 

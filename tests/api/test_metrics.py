@@ -8,8 +8,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.dispatch import keys
-from conveyor.metrics import MetricsPublisher
 from conveyor.queue import QueueFactory, WorkflowExecute
+from conveyor.runtime import MetricsPublisher
 from tests.api._support import restartable_redis
 from tests.api.conftest import Api, make_settings
 

@@ -7,8 +7,8 @@ import json
 import redis.asyncio as aioredis
 
 from conveyor.dispatch import keys
-from conveyor.heartbeat import Heartbeat, list_processes
 from conveyor.queue import QueueFactory
+from conveyor.runtime import Heartbeat, list_processes
 from tests.worker._support import make_settings
 
 

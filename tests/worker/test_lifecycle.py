@@ -8,8 +8,7 @@ import logging
 import pytest
 
 from conveyor.dispatch import FairnessLedger
-from conveyor.heartbeat import list_processes
-from conveyor.runtime import Supervisor
+from conveyor.runtime import Supervisor, list_processes
 from conveyor.settings import Settings
 from conveyor.workers import execution
 from tests.worker._support import eventually, make_settings

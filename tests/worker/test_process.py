@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.dispatch import keys
-from conveyor.heartbeat import list_processes
+from conveyor.runtime import list_processes
 from conveyor.settings import Settings
 from tests.helpers import free_port
 from tests.worker._support import (

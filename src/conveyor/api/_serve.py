@@ -9,11 +9,8 @@ from starting: it answers ``/api/health`` and reports not-ready until Redis is b
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 import logging
-import signal
 from collections.abc import Iterator
 
 import uvicorn
@@ -21,14 +18,16 @@ import uvicorn
 from conveyor.api.app import create_app
 from conveyor.api.context import open_context
 from conveyor.errors import ConveyorError
+from conveyor.runtime import Supervisor, freeze_startup_heap, run_loop
 from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: :func:`serve` installs the handlers, since
-    uvicorn would re-raise the captured SIGTERM after shutting down (exit -15 instead of 0)."""
+    """uvicorn without its own signal handling: the process runtime's :class:`Supervisor`
+    handles signals (uvicorn would re-raise the captured SIGTERM after shutting down: exit -15
+    instead of 0)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -49,58 +48,40 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     )
 
 
-@contextlib.contextmanager
-def _signals_stop(server: uvicorn.Server) -> Iterator[None]:
-    """SIGTERM/SIGINT: stop accepting, drain in-flight requests (bounded), then exit."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if server.should_exit:
-            log.warning("api.signal_ignored", extra={"signal": sig.name, "why": "draining"})
-            return
-        log.info("api.stopping", extra={"signal": sig.name})
-        server.should_exit = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        yield
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-
-
-def freeze_startup_heap() -> None:
-    """Move everything allocated at start-up (modules, the app, pydantic and SQLAlchemy
-    structures: ~150k objects) out of the collector's reach. A full collection otherwise
-    walks them all — tens of milliseconds, paid by whichever request triggers it (p99)."""
-    gc.collect()
-    gc.freeze()
+async def _stop_on(supervisor: Supervisor, server: uvicorn.Server) -> None:
+    """When the process is asked to stop: stop accepting, drain in-flight requests (bounded by
+    uvicorn's graceful-shutdown timeout), then let :func:`serve` return."""
+    await supervisor.wait()
+    server.should_exit = True
 
 
 async def serve(settings: Settings) -> int:
     """Run the API until a signal; the process exit code."""
+    supervisor = Supervisor("api")
+    supervisor.install_signal_handlers()
     try:
         async with open_context(settings) as ctx:
             server = _Server(uvicorn_config(create_app(settings, context=ctx), settings))
             freeze_startup_heap()
-            with _signals_stop(server):
-                try:
-                    await server.serve()
-                except SystemExit as exc:  # uvicorn exits on bind errors
-                    log.error("api.serve_failed", extra={"exit": exc.code})
-                    return 1
+            supervisor.spawn("stop", _stop_on(supervisor, server))
+            try:
+                await server.serve()
+            except SystemExit as exc:  # uvicorn exits on bind errors
+                log.error("api.serve_failed", extra={"exit": exc.code})
+                return 1
+            finally:
+                await supervisor.cancel_all()
             if not server.started:
                 return 1
     except ConveyorError as exc:
         log.error("api.startup_failed: %s", exc.message, extra={"error": type(exc).__name__})
         return 1
+    finally:
+        supervisor.remove_signal_handlers()
     log.info("api.stopped")
     return 0
 
 
 def main(settings: Settings) -> int:
     """Serve until a signal; the process exit code."""
-    loop_factory = uvicorn.Config(app=None, log_config=None).get_loop_factory()  # type: ignore[arg-type]
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(settings))
+    return run_loop(serve(settings))

@@ -21,7 +21,7 @@ from conveyor.api.errors import install_error_handlers
 from conveyor.api.fastlane import FastLane
 from conveyor.api.middleware import BodyLimitMiddleware, HttpMetrics, RequestMetricsMiddleware
 from conveyor.api.routes import admin, executions, health, metrics, schedules, webhooks, workflows
-from conveyor.metrics import ConveyorCollector
+from conveyor.runtime import ConveyorCollector
 from conveyor.settings import Settings
 from conveyor.workflows.definition import workflow_json_schema
 

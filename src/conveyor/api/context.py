@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from conveyor.dispatch import ExecutionDispatcher
-from conveyor.heartbeat import Heartbeat
 from conveyor.queue import QueueFactory
-from conveyor.runtime import cancel_tasks
+from conveyor.runtime import Heartbeat, cancel_tasks, heartbeat_loop
 from conveyor.settings import Settings
 from conveyor.store import Store
 from conveyor.store.tenants import hash_secret
@@ -126,7 +125,7 @@ async def open_context(settings: Settings, *, heartbeat: bool = True) -> AsyncIt
         beat: Heartbeat | None = None
         if heartbeat:
             beat = Heartbeat(queues, role="api", settings=settings, regions=[])
-            task = asyncio.create_task(beat.run(), name="api.heartbeat")
+            task = asyncio.create_task(heartbeat_loop(beat), name="api.heartbeat")
             task.add_done_callback(_log_death)
             tasks.append(task)
         log.info("api.context_open", extra={"driver": queues.driver})

@@ -15,8 +15,8 @@ from redis.exceptions import RedisError
 
 from conveyor.api.context import ApiContext
 from conveyor.errors import ConveyorError
-from conveyor.heartbeat import list_processes
 from conveyor.queue import execution_queue_name
+from conveyor.runtime import list_processes
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from conveyor.workers._limits import ConcurrencyLimits
 
 if TYPE_CHECKING:
     from conveyor.dispatch import FairnessLedger
-    from conveyor.metrics import MetricsPublisher
     from conveyor.queue import JobContext, Queue
     from conveyor.queue.payloads import WorkflowExecute
+    from conveyor.runtime import MetricsPublisher
 
 log = logging.getLogger(__name__)
 

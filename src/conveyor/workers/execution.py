@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -28,12 +27,16 @@ from typing import TYPE_CHECKING, Any
 from conveyor.dispatch import FairnessLedger
 from conveyor.engine import Engine
 from conveyor.errors import ConveyorError
-from conveyor.heartbeat import Heartbeat
-from conveyor.metrics import MetricsPublisher
 from conveyor.queue import Queue, QueueFactory, Worker, execution_queue_name
-from conveyor.runtime import Supervisor
+from conveyor.runtime import (
+    Heartbeat,
+    MetricsPublisher,
+    Supervisor,
+    freeze_startup_heap,
+    heartbeat_loop,
+    serve_checked,
+)
 from conveyor.settings import Settings
-from conveyor.workers._lifecycle import serve_checked
 from conveyor.workers._limits import ConcurrencyLimits
 from conveyor.workers._runner import ExecutionRunner
 
@@ -129,15 +132,14 @@ class ExecutionWorker:
         sup = self.supervisor
         for name, worker in zip(self.queue_names, self.workers, strict=True):
             sup.spawn(f"consume.{name}", worker.run())
-        sup.spawn("heartbeat", self.heartbeat.run())
+        sup.spawn("heartbeat", heartbeat_loop(self.heartbeat))
         sup.spawn("fairness", self.ledger.run())
         sup.spawn("promoter", self.runner.run_promoter())
         sup.spawn("metrics", self.metrics.run())
         self.started = True
         # Everything loaded so far (modules, settings, pools) lives as long as the process:
         # keep it out of the collector's scans so full collections do not stall the loop.
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()
         log.info(
             "worker.started",
             extra={

@@ -38,10 +38,15 @@ from conveyor.errors import (
     QueueError,
     StoreError,
 )
-from conveyor.heartbeat import Heartbeat
-from conveyor.metrics import MetricsPublisher
 from conveyor.queue import QueueFactory
-from conveyor.runtime import Supervisor
+from conveyor.runtime import (
+    Heartbeat,
+    MetricsPublisher,
+    Supervisor,
+    heartbeat_loop,
+    run_loop,
+    serve_checked,
+)
 from conveyor.settings import Settings
 from conveyor.workers._leader import (
     LeaderElection,
@@ -50,7 +55,6 @@ from conveyor.workers._leader import (
     RedisLock,
     asyncpg_dsn,
 )
-from conveyor.workers._lifecycle import heartbeat_loop, run_loop, serve_checked
 from conveyor.workers._reconcile import Reconciler
 from conveyor.workers._timers import sleep_until
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import math
 import os
@@ -31,13 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.dispatch import ExecutionDispatcher, keys, payload_for
 from conveyor.errors import QueueError, StoreError
-from conveyor.heartbeat import Heartbeat
-from conveyor.metrics import MetricsPublisher
 from conveyor.queue import Queue, QueueFactory
-from conveyor.runtime import Supervisor
+from conveyor.runtime import (
+    Heartbeat,
+    MetricsPublisher,
+    Supervisor,
+    freeze_startup_heap,
+    heartbeat_loop,
+    run_loop,
+    serve_checked,
+)
 from conveyor.settings import Settings
 from conveyor.workers._leader import LeaderElection, RedisLock
-from conveyor.workers._lifecycle import heartbeat_loop, run_loop, serve_checked
 from conveyor.workers._timers import CLAIM_MARGIN_S, TimerWheel
 
 if TYPE_CHECKING:
@@ -220,8 +224,7 @@ class TimerDispatcher:
         sup = self.supervisor
         # Everything allocated at start-up (modules, pools) is long-lived: keep it out of the
         # collector's way so a full collection cannot stall a due timer.
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()
         if self.election is not None:
             sup.spawn("election", self.election.run())
         sup.spawn("claim", self.claim_loop())

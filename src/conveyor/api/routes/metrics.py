@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from conveyor.api import probes
 from conveyor.api.deps import CtxDep
-from conveyor.metrics import ConveyorCollector, MetricsSnapshot, read_metrics
+from conveyor.runtime import ConveyorCollector, MetricsSnapshot, read_metrics
 
 router = APIRouter(tags=["metrics"])
 

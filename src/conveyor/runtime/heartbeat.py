@@ -17,7 +17,6 @@ jobsDone, jobsFailed, ...``; scheduler: ``strategy, lockHeld, lastTick, lagMs``;
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import logging
@@ -123,15 +122,6 @@ class Heartbeat:
         )
         await pipe.execute()
         self.beats += 1
-
-    async def run(self) -> None:
-        """Beat every interval until cancelled."""
-        while True:
-            try:
-                await self.beat()
-            except (RedisError, OSError) as exc:
-                log.warning("heartbeat.failed", extra={"role": self.role, "error": repr(exc)})
-            await asyncio.sleep(self.interval_s)
 
     async def remove(self) -> None:
         """Delete this process's key and index entry (clean shutdown); never raises."""

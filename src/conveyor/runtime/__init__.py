@@ -1,0 +1,42 @@
+"""What every Conveyor process runs on: the process life (:mod:`~conveyor.runtime.process`:
+entry, event loop, signals, supervised loops, checked start, heartbeat loop, heap freeze), and
+the status it publishes through Redis for the API and operators —
+:mod:`~conveyor.runtime.heartbeat` (live processes) and :mod:`~conveyor.runtime.metrics`
+(counters and histograms behind ``/metrics``)."""
+
+from conveyor.runtime.heartbeat import Heartbeat, list_processes
+from conveyor.runtime.metrics import (
+    ConveyorCollector,
+    MetricsPublisher,
+    MetricsSnapshot,
+    read_metrics,
+)
+from conveyor.runtime.process import (
+    LoopDied,
+    Supervisor,
+    cancel_tasks,
+    entry,
+    freeze_startup_heap,
+    heartbeat_loop,
+    open_checked,
+    run_loop,
+    serve_checked,
+)
+
+__all__ = [
+    "ConveyorCollector",
+    "Heartbeat",
+    "LoopDied",
+    "MetricsPublisher",
+    "MetricsSnapshot",
+    "Supervisor",
+    "cancel_tasks",
+    "entry",
+    "freeze_startup_heap",
+    "heartbeat_loop",
+    "list_processes",
+    "open_checked",
+    "read_metrics",
+    "run_loop",
+    "serve_checked",
+]
