@@ -47,7 +47,7 @@ async def redis_client() -> AsyncIterator[aioredis.Redis]:
 
 
 async def _pg_admin(sql: str) -> None:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     conn = await asyncpg.connect(PG_ADMIN_DSN)
     try:

@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import CronInvalid
 
 MisfirePolicy = Literal["fire_once", "skip"]
 MISFIRE_POLICIES: tuple[MisfirePolicy, ...] = ("fire_once", "skip")
@@ -55,10 +55,6 @@ _LOOKBACK = (
     timedelta(days=400),
     timedelta(days=3000),
 )
-
-
-class CronInvalid(ConveyorError):
-    """The cron expression or time zone is invalid."""
 
 
 @dataclass(frozen=True)

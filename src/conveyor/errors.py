@@ -16,6 +16,11 @@ errors (redis, SQLAlchemy, httpx) are translated where they enter with ``raise .
     │   ├── Conflict             a uniqueness or state rule forbids the change
     │   └── LeaseLost            another runner owns the execution now (fencing)
     ├── WorkflowInvalid          a workflow definition does not validate
+    ├── InputInvalid             a trigger's input does not match the workflow's input schema
+    ├── ScheduleInvalid          a schedule's cron expression or time zone is invalid
+    ├── CronInvalid              a cron expression or time zone is invalid (the parser's error)
+    ├── CursorInvalid            a pagination cursor is malformed
+    ├── InvalidValue             a value cannot be stored (too long, out of range, NUL)
     └── StepError
         ├── RetryableStepError   the step may succeed if tried again (5xx, timeout)
         └── PermanentStepError   trying again cannot help (4xx, bad expression, SSRF refusal)
@@ -81,6 +86,26 @@ class LeaseLost(StoreError):
 
 class WorkflowInvalid(ConveyorError):
     """The workflow definition is invalid."""
+
+
+class InputInvalid(ConveyorError):
+    """The trigger input does not match the workflow's input schema."""
+
+
+class ScheduleInvalid(ConveyorError):
+    """The schedule is invalid (cron expression or time zone)."""
+
+
+class CronInvalid(ConveyorError):
+    """The cron expression or time zone is invalid."""
+
+
+class CursorInvalid(ConveyorError):
+    """The pagination cursor is malformed."""
+
+
+class InvalidValue(ConveyorError):
+    """A value cannot be stored (too long, out of range, or contains a NUL character)."""
 
 
 class StepError(ConveyorError):

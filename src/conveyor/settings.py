@@ -39,7 +39,7 @@ class Settings(BaseSettings):
         case_sensitive=False, extra="ignore", frozen=True, validate_default=True
     )
 
-    # --- Redis / BullMQ (the seed's variables, names and defaults) -------------------------
+    # --- Redis / BullMQ ------------------------------------------------------------------------
     queue_redis_host: str = "127.0.0.1"
     queue_redis_port: Annotated[int, Field(ge=1, le=65535)] = 6379
     queue_redis_db: NonNegativeInt = 0
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     queue_driver: Literal["", "bullmq", "inmemory"] = ""
     execution_worker_concurrency: PositiveInt = 2
     execution_tenant_concurrency: PositiveInt | None = None
-    """Defaults to ``execution_worker_concurrency``, as the seed says."""
+    """Defaults to ``execution_worker_concurrency`` (no per-tenant cap below the worker's)."""
     execution_lock_duration_ms: Annotated[int, Field(ge=1000)] = 30000
     """BullMQ job lock of the execution worker; a crashed worker's jobs return after about this."""
     execution_stalled_interval_ms: Annotated[int, Field(ge=1000)] = 30000

@@ -8,19 +8,19 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from conveyor.cron import (
-    CronInvalid,
     fire_times,
     latest_fire,
     next_fire,
     parse_cron,
     plan_ticks,
 )
+from conveyor.errors import CronInvalid
 
 NY = "America/New_York"
 
 
 def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+    return datetime(*args, tzinfo=UTC)  # type: ignore[misc,arg-type]
 
 
 def take(expr: str, tz: str, after: datetime, n: int) -> list[datetime]:

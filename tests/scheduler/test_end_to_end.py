@@ -82,7 +82,7 @@ async def test_durable_delay_resumes_across_worker_and_dispatcher_restart(
 
 
 async def _is(coro: Any, eid: str, status: str) -> bool:
-    return (await coro).get(eid) == status
+    return bool((await coro).get(eid) == status)
 
 
 async def test_reconciler_requeues_executions_after_flushdb(

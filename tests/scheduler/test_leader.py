@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 
-from conveyor.workers._leader import (
+from conveyor.store import asyncpg_dsn
+from conveyor.workers.leader import (
     LeaderElection,
     PostgresAdvisoryLock,
     RedisLock,
-    asyncpg_dsn,
 )
 from tests.conftest import REDIS_HOST, REDIS_PORT
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from tests.scheduler._support import (
@@ -44,7 +44,7 @@ def assert_each_tick_once(ticks: list[tuple[Any, ...]], executions: list[str]) -
 def first_tick_after(ticks: list[tuple[Any, ...]], instant: float) -> float:
     """Seconds from ``instant`` to the recording of the first tick due after it."""
     created = min(c.timestamp() for f, c, _e in ticks if f.timestamp() > instant)
-    return created - instant
+    return float(created - instant)
 
 
 async def failover_run(env: dict[str, str], prefix: str, count: int) -> dict[str, float]:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from conveyor.workers._timers import TimerWheel, sleep_until
+from conveyor.workers.timer_wheel import TimerWheel, sleep_until
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from conveyor.errors import Conflict, NotFound
-from conveyor.store import CursorInvalid, InvalidValue, Store, utcnow
-from conveyor.workflows import InputInvalid
+from conveyor.errors import Conflict, CursorInvalid, InputInvalid, InvalidValue, NotFound
+from conveyor.store import Store, utcnow
 
 NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
 

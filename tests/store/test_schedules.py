@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conveyor.errors import NotFound
-from conveyor.store import ScheduleInvalid, Store, next_fire_time, utcnow
+from conveyor.errors import NotFound, ScheduleInvalid
+from conveyor.store import Store, next_fire_time, utcnow
 
 NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
 

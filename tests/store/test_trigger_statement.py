@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 
-from conveyor.errors import Conflict, NotFound
+from conveyor.errors import Conflict, InputInvalid, NotFound
 from conveyor.settings import Settings
 from conveyor.store import Store
 from conveyor.store.pg import PgStatements
 from conveyor.store.sql import SqlStatements
-from conveyor.workflows import InputInvalid
 
 NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
 NEEDS_ORDER = {**NOOP, "input_schema": {"type": "object", "required": ["orderId"]}}

@@ -25,7 +25,8 @@ async def qf(redis_prefix: str) -> AsyncIterator[QueueFactory]:
 
 async def _order(client: aioredis.Redis, prefix: str) -> list[str]:
     """Job ids in the order BullMQ will hand them out (prioritized set)."""
-    return list(await client.zrange(f"{prefix}:{QUEUE}:prioritized", 0, -1))
+    ids = await client.zrange(f"{prefix}:{QUEUE}:prioritized", 0, -1)
+    return [str(i) for i in ids]
 
 
 async def test_priorities_round_robin_tenants(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conveyor.workers._limits import PARK_BASE_MS, PARK_MAX_MS, ConcurrencyLimits
+from conveyor.workers.limits import PARK_BASE_MS, PARK_MAX_MS, ConcurrencyLimits
 
 
 def test_tenant_cap_and_parking_order() -> None:

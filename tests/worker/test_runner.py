@@ -15,8 +15,8 @@ from conveyor.engine import Engine
 from conveyor.errors import PayloadInvalid
 from conveyor.queue import JobContext, JobDeferred, WorkflowExecute
 from conveyor.settings import Settings
-from conveyor.workers._limits import ConcurrencyLimits
-from conveyor.workers._runner import ExecutionRunner
+from conveyor.workers.limits import ConcurrencyLimits
+from conveyor.workers.runner import ExecutionRunner
 from tests.worker._support import eventually, http_recorder
 from tests.worker.conftest import Seeder, seeder
 
@@ -136,7 +136,7 @@ async def test_tenant_at_cap_is_parked_and_promoted_in_order(wsettings: Settings
                 return await engine.run(execution_id, abandon=abandon)
 
         engine = runner._engine
-        runner._engine = Held()  # type: ignore[assignment]
+        runner._engine = Held()
         first = asyncio.create_task(runner.process(*job(ids[0], t)))
         await asyncio.sleep(0.05)
         for parked in ids[1:]:

@@ -8,13 +8,12 @@ from typing import Any
 import jsonschema  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
-from conveyor.errors import WorkflowInvalid
+from conveyor.errors import InputInvalid, WorkflowInvalid
 from conveyor.workflows.definition import (
     ConditionStep,
     DelayStep,
     GotoAction,
     HttpStep,
-    InputInvalid,
     RetryPolicy,
     WorkflowDefinition,
     parse_definition,

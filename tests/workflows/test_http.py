@@ -10,8 +10,8 @@ import httpcore
 import pytest
 
 from conveyor.errors import PermanentStepError, RetryableStepError
-from conveyor.workflows import _transport
 from conveyor.workflows import http as http_module
+from conveyor.workflows import transport
 from conveyor.workflows.definition import HttpStep, parse_definition
 from conveyor.workflows.http import SafeHttpClient, address_refusal, parse_ip_literal
 from conveyor.workflows.steps import StepContext, run_step
@@ -132,7 +132,7 @@ async def test_templated_url_is_checked_at_run_time(no_dns: list[str]) -> None:
 
 
 async def test_unpinned_connections_are_refused() -> None:
-    backend = _transport._PinnedBackend()
+    backend = transport.PinnedBackend()
     with pytest.raises(httpcore.ConnectError, match="unchecked host"):
         await backend.connect_tcp("127.0.0.1", 80)
 
@@ -246,7 +246,7 @@ async def test_connects_only_to_the_resolved_public_address(
         raise httpcore.ConnectError("no internet in tests")
 
     monkeypatch.setattr(http_module, "_resolve", resolve)
-    monkeypatch.setattr(_transport, "_open_tcp", open_tcp)
+    monkeypatch.setattr(transport, "open_tcp", open_tcp)
     step = http_step(url=f"http://public.example:{local_server.port}/json")
     with pytest.raises(RetryableStepError, match="ConnectError"):
         await run_step(step, ctx())

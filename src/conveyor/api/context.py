@@ -1,5 +1,5 @@
-"""What one API process holds open: the store, the queue factory and the dispatcher (with
-its request-batching front, :class:`~conveyor.api.batching.EnqueueBatcher`).
+"""What one API process holds open: the store, the queue factory and the dispatcher (whose
+enqueues concurrent requests share, :class:`~conveyor.dispatch.EnqueueBatcher`).
 
 :func:`open_context` opens everything in order (database first, refusing an out-of-date schema;
 then Redis) and closes it in reverse. It never fails because Redis is down: the API starts,

@@ -19,8 +19,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor import errors
-from conveyor.store.records import CursorInvalid, InvalidValue, ScheduleInvalid
-from conveyor.workflows.definition import InputInvalid
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +51,10 @@ _MESSAGES: dict[int, str] = {
 #: Conveyor exception → (HTTP status, error code). Most specific first.
 _CONVEYOR_ERRORS: Sequence[tuple[type[errors.ConveyorError], int, str]] = (
     (errors.NotFound, 404, "not_found"),
-    (CursorInvalid, 400, "invalid_cursor"),
-    (ScheduleInvalid, 422, "schedule_invalid"),
-    (InputInvalid, 422, "input_invalid"),
-    (InvalidValue, 422, "invalid_value"),
+    (errors.CursorInvalid, 400, "invalid_cursor"),
+    (errors.ScheduleInvalid, 422, "schedule_invalid"),
+    (errors.InputInvalid, 422, "input_invalid"),
+    (errors.InvalidValue, 422, "invalid_value"),
     (errors.Conflict, 409, "conflict"),
     (errors.WorkflowInvalid, 422, "workflow_invalid"),
     (errors.PayloadInvalid, 422, "validation_error"),

@@ -79,7 +79,7 @@ def describe(exc: BaseException) -> str:
 
 
 def depth_of(counts: dict[str, int]) -> dict[str, int]:
-    """The seed's ``{waiting, active, total}`` plus detail.
+    """A queue's depth for operators: ``{waiting, active, total}`` plus detail.
 
     ``waiting`` counts BullMQ's ``waiting`` and ``prioritized`` lists (both are ready to run:
     Conveyor's fairness gives most jobs a priority); ``delayed`` (timers, tenant-cap

@@ -1,7 +1,7 @@
-"""The admin status document (the seed's "Incident response polling"), built live from Redis.
+"""The admin status document operators poll during an incident, built live from Redis.
 
 Queue depths are read from BullMQ itself, so they are right also when no worker runs; the
-processes come from their heartbeats (:mod:`conveyor.heartbeat`). Every Redis read is bounded;
+processes come from their heartbeats (:mod:`conveyor.runtime.heartbeat`). Every Redis read is bounded;
 when Redis is unreachable the document still answers, with ``redis.status: "unreachable"``,
 empty depths and the reason in ``errors``.
 """
@@ -12,8 +12,7 @@ from typing import Any
 
 from conveyor.api import probes
 from conveyor.api.context import ApiContext
-
-TIMER_ROLES = ("timers", "timer_dispatcher", "timer-dispatcher")
+from conveyor.runtime import TIMER_ROLES
 
 
 def _sum(processes: list[dict[str, Any]], key: str) -> int:

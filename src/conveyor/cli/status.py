@@ -1,9 +1,9 @@
-"""``conveyor status [--watch SECONDS]``: the seed's incident polling, as tables in a terminal.
+"""``conveyor status [--watch SECONDS]``: the admin status document, as tables in a terminal.
 
 Reads ``GET /api/admin/workers/status`` (address from ``API_HOST``/``API_PORT`` or ``--url``,
 admin token from ``ADMIN_TOKEN`` or ``--token``) and renders queue depths per region, the live
 processes and their heartbeats, the scheduler's lock holder and last tick and the timer backlog.
-``--watch`` refreshes in place (default every 30 s, the seed's low cadence); ``--json`` prints
+``--watch`` refreshes in place (default every 30 s, light enough to leave running); ``--json`` prints
 the raw document. Exit 1 with one clear line when the API is unreachable, refuses the token or
 has its admin API disabled.
 """

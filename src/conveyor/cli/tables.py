@@ -11,10 +11,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from conveyor.runtime import TIMER_ROLES
+
 _QUEUE_PREFIX = "workflow.execute."
 _FIRST_COUNTS = ("waiting", "active")
 _LAST_COUNTS = ("total",)
-_TIMER_ROLES = ("timers", "timer_dispatcher", "timer-dispatcher", "timerDispatcher")
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -132,7 +133,7 @@ def _role_detail(proc: Mapping[str, Any], now: datetime | None) -> str:
         parts.append("lock holder" if held else "standby" if held is not None else "")
         if proc.get("lastTick") is not None:
             parts.append(f"last tick {age(proc['lastTick'], now)}")
-    elif role in _TIMER_ROLES:
+    elif role in TIMER_ROLES:
         if proc.get("nextDueAt") is not None:
             parts.append(f"next due {age(proc['nextDueAt'], now)}")
         if proc.get("backlog") is not None:
@@ -199,7 +200,7 @@ def _scheduler_lines(data: Mapping[str, Any], now: datetime | None) -> list[str]
 def _timer_lines(data: Mapping[str, Any], now: datetime | None) -> list[str]:
     timers = _dict(_first(data, "timers", "timerDispatcher"))
     if not timers:  # fall back on a timer dispatcher's heartbeat
-        timers = next((p for p in _processes(data) if p.get("role") in _TIMER_ROLES), {})
+        timers = next((p for p in _processes(data) if p.get("role") in TIMER_ROLES), {})
     if not timers:
         return ["TIMERS", "  -"]
     rows = [

@@ -1,20 +1,21 @@
-"""Conveyor's queue module (the seed's ``server/queue/index.ts``).
+"""Conveyor's queues: the one place that builds BullMQ queues, workers and event streams.
 
-Prefer one :class:`QueueFactory` per process::
+One :class:`QueueFactory` per process builds them all with the same connection settings
+(socket timeouts, keepalive, bounded retries), key prefix, telemetry and job defaults::
 
     async with QueueFactory(settings) as qf:
         await qf.assert_queue_is_ready()
         queue = qf.create_queue(execution_queue_name("us"))
         await queue.add(WorkflowExecute(...))
 
-The module-level functions with the seed's names (``create_queue``, ``create_worker``,
-``create_queue_events``, ``assert_queue_is_ready``, ``health_probe``) use one default factory per
-settings object; ``await close_default_factories()`` closes them at shutdown.
+Each queue name maps to a typed payload (:mod:`~conveyor.queue.payloads`): what is enqueued is
+validated, what a worker receives is the typed object, and a job whose data does not validate
+fails without retry. Drivers: :mod:`conveyor.queue.bullmq` (Redis, the default; plain BullMQ
+queues that Node.js producers and BullMQ dashboards share) and :mod:`conveyor.queue.inmemory`
+(``QUEUE_DRIVER=inmemory``, for isolated unit tests only; not durable, never ready).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from conveyor.queue._base import (
     JOB_COUNT_STATES,
@@ -44,7 +45,6 @@ from conveyor.queue.payloads import (
     unregister_payload,
 )
 from conveyor.queue.telemetry import register_queue_telemetry
-from conveyor.settings import Settings
 
 __all__ = [
     "EXECUTION_QUEUE",
@@ -66,56 +66,9 @@ __all__ = [
     "ScriptCall",
     "Worker",
     "WorkflowExecute",
-    "assert_queue_is_ready",
-    "close_default_factories",
-    "create_queue",
-    "create_queue_events",
-    "create_worker",
-    "default_factory",
     "execution_queue_name",
-    "health_probe",
     "payload_spec",
     "register_payload",
     "register_queue_telemetry",
     "unregister_payload",
 ]
-
-_defaults: dict[int, tuple[Settings, QueueFactory]] = {}
-
-
-def default_factory(settings: Settings) -> QueueFactory:
-    """The process's shared factory for ``settings`` (created on first use, no I/O)."""
-    entry = _defaults.get(id(settings))
-    if entry is None or entry[0] is not settings:
-        entry = _defaults[id(settings)] = (settings, QueueFactory(settings))
-    return entry[1]
-
-
-async def close_default_factories() -> None:
-    """Close every factory the module-level functions created."""
-    entries = list(_defaults.values())
-    _defaults.clear()
-    for _, factory in entries:
-        await factory.aclose()
-
-
-def create_queue(name: str, *, settings: Settings) -> Queue:
-    return default_factory(settings).create_queue(name)
-
-
-def create_worker(name: str, processor: Processor, *, settings: Settings, **options: Any) -> Worker:
-    return default_factory(settings).create_worker(name, processor, **options)
-
-
-def create_queue_events(name: str, *, settings: Settings) -> QueueEvents:
-    return default_factory(settings).create_queue_events(name)
-
-
-async def assert_queue_is_ready(*, settings: Settings) -> None:
-    async with QueueFactory(settings) as factory:
-        await factory.assert_queue_is_ready()
-
-
-async def health_probe(*, settings: Settings, timeout_s: float = 2.0) -> dict[str, Any]:
-    async with QueueFactory(settings) as factory:
-        return await factory.health(timeout_s)

@@ -28,7 +28,7 @@ JOB_COUNT_STATES: tuple[str, ...] = (
 """The states :meth:`Queue.get_job_counts` reports when called without arguments."""
 
 TELEMETRY_EVENTS: tuple[str, ...] = ("completed", "failed", "stalled", "waiting", "error")
-"""The events :func:`register_queue_telemetry` wires, as the seed names them."""
+"""The events :func:`register_queue_telemetry` wires (BullMQ's names for them)."""
 
 
 @dataclass(frozen=True, slots=True)

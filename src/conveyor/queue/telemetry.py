@@ -1,4 +1,4 @@
-"""Queue telemetry, as the seed's ``registerQueueTelemetry`` describes.
+"""Queue telemetry: a queue's events logged (or routed to handlers) and its counts sampled.
 
 BullMQ spreads its events over several objects, so the sources depend on the process:
 

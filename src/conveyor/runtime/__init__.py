@@ -4,7 +4,7 @@ the status it publishes through Redis for the API and operators —
 :mod:`~conveyor.runtime.heartbeat` (live processes) and :mod:`~conveyor.runtime.metrics`
 (counters and histograms behind ``/metrics``)."""
 
-from conveyor.runtime.heartbeat import Heartbeat, list_processes
+from conveyor.runtime.heartbeat import TIMER_ROLES, Heartbeat, list_processes
 from conveyor.runtime.metrics import (
     ConveyorCollector,
     MetricsPublisher,
@@ -24,6 +24,7 @@ from conveyor.runtime.process import (
 )
 
 __all__ = [
+    "TIMER_ROLES",
     "ConveyorCollector",
     "Heartbeat",
     "LoopDied",

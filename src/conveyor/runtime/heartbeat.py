@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 InfoFn = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
 
 
+TIMER_ROLES = ("timers", "timer_dispatcher", "timer-dispatcher", "timerDispatcher")
+"""Roles a timer dispatcher may publish under (Conveyor's ``timers``; the others are
+spellings of other producers of the status document, accepted when reading it)."""
+
+
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 

@@ -17,10 +17,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from conveyor.errors import CursorInvalid
 from conveyor.settings import Settings
 from conveyor.store._db import autocommit
 from conveyor.store._errors import translate_errors
-from conveyor.store.records import CursorInvalid, Page, _Record
+from conveyor.store.records import Page, _Record
 
 if TYPE_CHECKING:
     from conveyor.store.statements import Statements

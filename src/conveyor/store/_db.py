@@ -2,7 +2,7 @@
 
 ``DATABASE_URL`` is what operators write (``postgresql://…`` or ``sqlite:///path``); this module
 turns it into a SQLAlchemy async engine (asyncpg / aiosqlite) and, on Postgres, the raw asyncpg
-pool the engine's hot path uses (:mod:`conveyor.store._runs_pg`).
+pool the engine's hot path uses (:mod:`conveyor.store.pg`).
 
 SQLite is opened in WAL mode with a busy timeout, foreign keys on and ``synchronous=FULL``;
 every transaction starts with ``BEGIN IMMEDIATE`` so concurrent writers queue on the busy

@@ -12,8 +12,7 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
-from conveyor.errors import Conflict, DatabaseUnavailable, StoreError
-from conveyor.store.records import InvalidValue
+from conveyor.errors import Conflict, DatabaseUnavailable, InvalidValue, StoreError
 
 __all__ = ["translate_errors"]
 

@@ -10,18 +10,13 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Generic, Self, TypeVar
 
-from conveyor.errors import ConveyorError
-
 __all__ = [
     "ApiKey",
-    "CursorInvalid",
     "Execution",
     "FiredTick",
-    "InvalidValue",
     "IssuedApiKey",
     "Page",
     "Schedule",
-    "ScheduleInvalid",
     "StepRun",
     "Tenant",
     "Timer",
@@ -30,18 +25,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-class ScheduleInvalid(ConveyorError):
-    """The schedule is invalid (cron expression or time zone)."""
-
-
-class CursorInvalid(ConveyorError):
-    """The pagination cursor is malformed."""
-
-
-class InvalidValue(ConveyorError):
-    """A value cannot be stored (too long, out of range, or contains a NUL character)."""
 
 
 class _Record:

@@ -27,11 +27,11 @@ from croniter import croniter
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor.cron import CronInvalid, next_fire, parse_cron
-from conveyor.errors import NotFound
+from conveyor.cron import next_fire, parse_cron
+from conveyor.errors import CronInvalid, NotFound, ScheduleInvalid
 from conveyor.store._base import ServiceBase, page_limit
 from conveyor.store._types import check_storable, new_id, utcnow
-from conveyor.store.records import Execution, FiredTick, Page, Schedule, ScheduleInvalid
+from conveyor.store.records import Execution, FiredTick, Page, Schedule
 from conveyor.store.schema import executions, schedule_ticks, schedules, workflows
 from conveyor.store.triggers import insert_values, new_execution
 

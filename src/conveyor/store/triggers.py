@@ -18,14 +18,14 @@ from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.errors import Conflict, NotFound
+from conveyor.errors import Conflict, InputInvalid, NotFound
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase
 from conveyor.store._types import check_storable, dumps, new_id, utcnow
 from conveyor.store.records import Execution
 from conveyor.store.statements import Statements
 from conveyor.store.workflows import WorkflowService
-from conveyor.workflows.definition import InputInvalid, validate_input
+from conveyor.workflows.definition import validate_input
 
 __all__ = ["TriggerService", "insert_values", "new_execution"]
 

@@ -37,8 +37,8 @@ from conveyor.runtime import (
     serve_checked,
 )
 from conveyor.settings import Settings
-from conveyor.workers._limits import ConcurrencyLimits
-from conveyor.workers._runner import ExecutionRunner
+from conveyor.workers.limits import ConcurrencyLimits
+from conveyor.workers.runner import ExecutionRunner
 
 if TYPE_CHECKING:
     from conveyor.store import Store

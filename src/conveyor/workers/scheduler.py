@@ -1,6 +1,6 @@
 """``conveyor scheduler``: promotes due cron schedules onto ``workflow.execute.<region>``.
 
-Any number of schedulers may run; one leads (:mod:`conveyor.workers._leader`: a Postgres
+Any number of schedulers may run; one leads (:mod:`conveyor.workers.leader`: a Postgres
 session advisory lock when the database is Postgres, else a Redis lock with an owner token).
 The leader, every ``SCHEDULER_POLL_INTERVAL_MS``, loads the schedules due within the next
 interval, sleeps until each tick's instant and fires it with
@@ -9,7 +9,7 @@ interval, sleeps until each tick's instant and fires it with
 so a tick fires once even if two processes both believe they lead. The execution is then
 enqueued with job id = its execution id (the id recorded with the tick; the reconciler uses
 the same one). Which missed ticks fire is the misfire policy (:func:`conveyor.cron.plan_ticks`).
-The leader also runs the reconciler (:mod:`conveyor.workers._reconcile`).
+The leader also runs the reconciler (:mod:`conveyor.workers.reconcile`).
 
 Supervised loops: election, leader loop, heartbeat (``role: scheduler`` with ``strategy``,
 ``lockHeld``, ``holderId``, ``lastTick``, ``lagMs``), metrics. SIGTERM/SIGINT: stop, release
@@ -32,9 +32,10 @@ from datetime import UTC, datetime, timedelta
 from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
-from conveyor.cron import CronInvalid, CronSpec, MisfirePolicy, parse_cron, plan_ticks
+from conveyor.cron import CronSpec, MisfirePolicy, parse_cron, plan_ticks
 from conveyor.dispatch import ExecutionDispatcher, keys, payload_for
 from conveyor.errors import (
+    CronInvalid,
     QueueError,
     StoreError,
 )
@@ -48,15 +49,15 @@ from conveyor.runtime import (
     serve_checked,
 )
 from conveyor.settings import Settings
-from conveyor.workers._leader import (
+from conveyor.store import asyncpg_dsn
+from conveyor.workers.leader import (
     LeaderElection,
     LeaderLock,
     PostgresAdvisoryLock,
     RedisLock,
-    asyncpg_dsn,
 )
-from conveyor.workers._reconcile import Reconciler
-from conveyor.workers._timers import sleep_until
+from conveyor.workers.reconcile import Reconciler
+from conveyor.workers.timer_wheel import sleep_until
 
 if TYPE_CHECKING:
     from conveyor.store import Execution, Schedule, Store

@@ -4,7 +4,7 @@ Timers live in the database (``timers`` table). Every ``TIMER_POLL_INTERVAL_MS``
 claims the pending timers due within ``TIMER_LOOKAHEAD_MS`` (:meth:`TimerService.claim`:
 Postgres ``FOR UPDATE SKIP LOCKED``, so any number of dispatchers share the work), holds them
 in memory and enqueues each on ``workflow.execute.<region>`` with job id ``timer:<id>`` at its
-due instant — never before it (see :mod:`conveyor.workers._timers`) — then marks it fired.
+due instant — never before it (see :mod:`conveyor.workers.timer_wheel`) — then marks it fired.
 On SQLite the dispatchers elect one active instance with the Redis lock.
 
 Supervised loops: claim, fire, mark, heartbeat (``role: timers`` with ``nextDueAt``,
@@ -41,8 +41,8 @@ from conveyor.runtime import (
     serve_checked,
 )
 from conveyor.settings import Settings
-from conveyor.workers._leader import LeaderElection, RedisLock
-from conveyor.workers._timers import CLAIM_MARGIN_S, TimerWheel
+from conveyor.workers.leader import LeaderElection, RedisLock
+from conveyor.workers.timer_wheel import CLAIM_MARGIN_S, TimerWheel
 
 if TYPE_CHECKING:
     from conveyor.store import Store, Timer

@@ -50,7 +50,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from conveyor.errors import ConveyorError, WorkflowInvalid
+from conveyor.errors import InputInvalid, WorkflowInvalid
 from conveyor.workflows.step_models import (
     MAX_BODY_BYTES,
     STEP_ID_PATTERN,
@@ -79,7 +79,6 @@ __all__ = [
     "DelayStep",
     "GotoAction",
     "HttpStep",
-    "InputInvalid",
     "NoopStep",
     "RetryPolicy",
     "Step",
@@ -93,10 +92,6 @@ __all__ = [
 REGION_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
 MAX_STEPS = 100
 MAX_DEFINITION_BYTES = 256 * 1024
-
-
-class InputInvalid(ConveyorError):
-    """The trigger input does not match the workflow's input schema."""
 
 
 class WorkflowDefinition(_Model):

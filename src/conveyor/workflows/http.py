@@ -12,7 +12,7 @@ For every hop (the first request and each redirect, followed by hand):
    (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible, NAT64 ``64:ff9b::/96``, 6to4) — unless
    ``settings.http_allowlist`` names the host (``name``, ``*.suffix``) or an address/CIDR
    containing the address. If any address of a host is refused, the host is refused.
-4. The connection goes to the checked addresses only (:mod:`conveyor.workflows._transport`):
+4. The connection goes to the checked addresses only (:mod:`conveyor.workflows.transport`):
    the network backend looks the host up in a per-request pin table and never resolves names
    itself, so there is no DNS-rebinding window. Host header, TLS SNI and certificate
    verification still use the original host name. A connection for a host with no pin is
@@ -43,9 +43,9 @@ import httpx
 
 from conveyor.errors import PermanentStepError, RetryableStepError
 from conveyor.settings import Settings
-from conveyor.workflows._transport import PINS, PinnedTransport
 from conveyor.workflows.expressions import render_template
 from conveyor.workflows.netguard import AllowList, address_refusal, parse_ip_literal
+from conveyor.workflows.transport import PINS, PinnedTransport
 
 if TYPE_CHECKING:
     from conveyor.workflows.step_models import HttpStep

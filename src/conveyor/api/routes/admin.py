@@ -56,7 +56,7 @@ def key_out(key: ApiKey) -> dict[str, Any]:
     response_model=Envelope[StatusData],
     summary="Execution infrastructure status (incident polling)",
     description=(
-        "The seed's incident-response document, read live: queue depths per "
+        "What operators poll during an incident, read live: queue depths per "
         "`workflow.execute.<region>` queue straight from BullMQ (also when no worker runs; "
         "`waiting` = waiting + prioritized, `delayed` separate, `total` = waiting + active + "
         "delayed), whether an execution worker is started, the scheduler's preferred lock "

@@ -3,7 +3,7 @@
 Renders, from the app's own registry: HTTP request metrics of this API process, live queue
 depths per ``workflow.execute.<region>`` queue and state (read from BullMQ), live processes per
 role (heartbeats), and what workers, scheduler and timer dispatcher published through Redis
-with :class:`conveyor.metrics.MetricsPublisher` (executions finished by status, execution
+with :class:`conveyor.runtime.MetricsPublisher` (executions finished by status, execution
 duration, enqueue-to-start latency, scheduler and timer lag). When Redis is unreachable the
 Redis-backed families are empty and ``conveyor_metrics_redis_up`` is 0.
 """

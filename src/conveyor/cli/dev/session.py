@@ -37,7 +37,7 @@ from conveyor.settings import Settings, client_url
 
 T = TypeVar("T")
 
-#: The long-running processes, by name, and the module ``python -m`` runs for each (SPEC §1).
+#: The long-running processes, by name, and the module ``python -m`` runs for each.
 PROCESSES: tuple[tuple[str, str], ...] = (
     ("api", "conveyor.api"),
     ("worker", "conveyor.workers.execution"),

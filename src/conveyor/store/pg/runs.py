@@ -107,7 +107,7 @@ _WRITES = {(s, t): _write_sql(s, t) for s in (False, True) for t in (False, True
 
 
 class PgRunStore:
-    """:class:`~conveyor.store._runs.RunStore` on a raw asyncpg pool.
+    """:class:`~conveyor.store.runs.RunStore` on a raw asyncpg pool.
 
     :meth:`session` binds one pooled connection to a run (acquired on first use, given back
     by :meth:`_PgSession.idle` before a step waits on I/O), saving a pool round per statement.

@@ -17,14 +17,14 @@ from typing import Any
 import httpcore
 import httpx
 
-__all__ = ["PINS", "PinnedTransport"]
+__all__ = ["PINS", "PinnedBackend", "PinnedTransport", "open_tcp"]
 
 PINS: ContextVar[Mapping[str, tuple[str, ...]] | None] = ContextVar(
     "conveyor_http_pins", default=None
 )
 
 
-async def _open_tcp(
+async def open_tcp(
     backend: httpcore.AsyncNetworkBackend,
     address: str,
     port: int,
@@ -38,7 +38,7 @@ async def _open_tcp(
     )
 
 
-class _PinnedBackend(httpcore.AsyncNetworkBackend):
+class PinnedBackend(httpcore.AsyncNetworkBackend):
     """Connects only to the addresses pinned for the current request's host."""
 
     def __init__(self) -> None:
@@ -59,7 +59,7 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         last: Exception | None = None
         for address in addresses:
             try:
-                return await _open_tcp(
+                return await open_tcp(
                     self._inner, address, port, timeout, local_address, socket_options
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout, OSError) as exc:
@@ -124,7 +124,7 @@ class _ResponseStream(httpx.AsyncByteStream):
 
 
 class PinnedTransport(httpx.AsyncBaseTransport):
-    """httpx transport over an httpcore pool whose network backend is :class:`_PinnedBackend`."""
+    """httpx transport over an httpcore pool whose network backend is :class:`PinnedBackend`."""
 
     def __init__(self, max_connections: int) -> None:
         self._pool = httpcore.AsyncConnectionPool(
@@ -132,7 +132,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
             max_connections=max_connections,
             max_keepalive_connections=max_connections,
             keepalive_expiry=30.0,
-            network_backend=_PinnedBackend(),
+            network_backend=PinnedBackend(),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -69,14 +69,6 @@ class LeaderLock(Protocol):
         """The holder id of whoever holds the lock now, if known."""
 
 
-def asyncpg_dsn(database_url: str) -> str:
-    """``postgresql+asyncpg://…`` / ``postgres://…`` → the plain DSN asyncpg accepts."""
-    scheme, sep, rest = database_url.partition("://")
-    if not sep or not scheme.startswith("postgres"):
-        raise ValueError("not a PostgreSQL URL")
-    return f"postgresql://{rest}"
-
-
 def lock_key(name: str) -> int:
     """The second advisory-lock key of ``name``: a stable non-negative 31-bit hash."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF

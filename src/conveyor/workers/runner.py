@@ -3,7 +3,7 @@
 One :class:`ExecutionRunner` serves every region's BullMQ worker of the process.
 
 * A job first takes a slot of the process-wide budget, then one of its tenant's; a tenant at its
-  cap gets its job parked (``JobDeferred``), see :mod:`conveyor.workers._limits`.
+  cap gets its job parked (``JobDeferred``), see :mod:`conveyor.workers.limits`.
 * The engine gets ``JobContext.lock_lost`` as its ``abandon`` event: if the job's lock cannot be
   renewed, the step in progress is abandoned (nothing of it is written, the lease is released;
   a stale runner's writes are fenced off by the lease) and the job is deferred, never failed.
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from conveyor.engine import OutcomeKind, RunOutcome
 from conveyor.errors import DatabaseUnavailable, PayloadInvalid
 from conveyor.queue import JobDeferred
-from conveyor.workers._limits import ConcurrencyLimits
+from conveyor.workers.limits import ConcurrencyLimits
 
 if TYPE_CHECKING:
     from conveyor.dispatch import FairnessLedger
