@@ -109,18 +109,18 @@ class ExecutionDispatcher:
 
     def _count_call(self, queue_name: str, items: Sequence[tuple[str, str]]) -> ScriptCall:
         """The count script's call for ``(tenant, job_id)`` items (see ``keys.COUNT_SCRIPT``)."""
-        if self._count_script is None:
-            self._count_script = self._queues.redis.register_script(keys.COUNT_SCRIPT)
         names = [keys.fair(self._prefix, queue_name)]
         names += [keys.job(self._prefix, queue_name, job_id) for _tenant, job_id in items]
         args: list[Any] = [keys.FAIR_TTL_MS, *(tenant for tenant, _job_id in items)]
-        return ScriptCall(self._count_script, names, args)
+        return ScriptCall(keys.COUNT_SCRIPT, names, args)
 
     async def _count(self, queue_name: str, items: Sequence[tuple[str, str]]) -> list[int]:
         """Count ``(tenant, job_id)`` items as pending; 0 for job ids that already exist."""
         call = self._count_call(queue_name, items)
+        if self._count_script is None:
+            self._count_script = self._queues.redis.register_script(keys.COUNT_SCRIPT)
         try:
-            result = await call.script(keys=call.keys, args=call.args)
+            result = await self._count_script(keys=call.keys, args=call.args)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"cannot enqueue on {queue_name}: {exc}") from exc
         return [int(n) for n in result]

@@ -122,10 +122,10 @@ class AddOptions(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class ScriptCall:
-    """A Lua script registered on a Redis client (``redis.register_script``) with its keys and
-    arguments: see :meth:`Queue.add_after`."""
+    """A Lua script to run just before an add, as data: its source, keys and arguments. The
+    driver runs it on its own connection, in the add's transaction (:meth:`Queue.add_after`)."""
 
-    script: Any
+    source: str
     keys: Sequence[str]
     args: Sequence[Any]
 

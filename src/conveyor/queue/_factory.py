@@ -97,7 +97,9 @@ class QueueFactory:
         if self.driver == "inmemory":
             from conveyor.queue.inmemory import MemoryQueue
 
-            queue = MemoryQueue(name, spec, self.settings, self._memory_broker())
+            queue = MemoryQueue(
+                name, spec, self.settings, self._memory_broker(), redis=lambda: self.redis
+            )
         else:
             from conveyor.queue.bullmq import BullQueue
 

@@ -18,10 +18,11 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
 from bullmq.custom_errors import UnrecoverableError
 from pydantic import BaseModel
 
@@ -186,12 +187,22 @@ class Broker:
 
 
 class MemoryQueue:
-    def __init__(self, name: str, spec: PayloadSpec, settings: Settings, broker: Broker) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: PayloadSpec,
+        settings: Settings,
+        broker: Broker,
+        redis: Callable[[], aioredis.Redis] | None = None,
+    ) -> None:
         self._name = name
         self._spec = spec
         self._settings = settings
         self._state = broker.state(name)
         self._emitter = Emitter(f"queue[{name}]")
+        self._redis = redis
+        """Where :meth:`add_after` runs its script (the factory's client: Conveyor's own keys
+        live in Redis also when the queue itself is in memory)."""
 
     @property
     def name(self) -> str:
@@ -231,8 +242,11 @@ class MemoryQueue:
         job_id: str,
         priority: int = 0,
     ) -> tuple[Any, str]:
-        """The script runs where it was registered (a Redis); then the job is added here."""
-        result = await call.script(keys=list(call.keys), args=list(call.args))
+        """The script runs on the factory's Redis; then the job is added here."""
+        if self._redis is None:
+            raise RuntimeError("this in-memory queue has no Redis to run scripts on")
+        script = self._redis().register_script(call.source)
+        result = await script(keys=list(call.keys), args=list(call.args))
         return result, self._add(payload, {"job_id": job_id, "priority": priority})
 
     async def change_priority(self, job_id: str, priority: int) -> None:

@@ -370,13 +370,14 @@ def concurrency(worker: Any) -> int:
 
 # -- what the queue wrapper does through bullmq's scripts ---------------------------------------
 async def add_in_transaction(
-    queue: Any, call: ScriptCall, job: Any, *, check_scripts: bool
+    queue: Any, script: Any, call: ScriptCall, job: Any, *, check_scripts: bool
 ) -> list[Any]:
-    """``MULTI; EVALSHA call; EVALSHA addJob; EXEC`` in one write. With ``check_scripts`` false
+    """``MULTI; EVALSHA call; EVALSHA addJob; EXEC`` in one write (``script`` is ``call``'s
+    source registered on the queue's client). With ``check_scripts`` false
     redis-py's ``SCRIPT EXISTS`` check before the transaction is skipped (the caller knows the
     scripts are loaded; on ``NoScriptError`` it calls again with the check)."""
     async with queue.backend.connection.conn.pipeline(transaction=True) as pipe:
-        await call.script(keys=list(call.keys), args=list(call.args), client=pipe)
+        await script(keys=list(call.keys), args=list(call.args), client=pipe)
         await queue.backend.scripts.addJob(job, pipe)
         if not check_scripts:
             pipe.scripts.clear()

@@ -43,6 +43,9 @@ class BullQueue:
         self._settings = settings
         self._deadline_s = settings.queue_redis_socket_timeout_ms / 1000.0
         self._emitter = Emitter(f"queue[{name}]")
+        self._client = client
+        self._scripts: dict[str, Any] = {}
+        """Lua sources run before adds (:class:`ScriptCall`), registered on the client once."""
         self._scripts_loaded = False
         self._bull = bullmq.Queue(
             name,
@@ -132,12 +135,15 @@ class BullQueue:
         transaction is sent again. (If only one of the two scripts was lost, the other ran: a
         count without its job, or the reverse — drift the fairness ledger's clamp repairs.)"""
         bull = self._bull
+        script = self._scripts.get(call.source)
+        if script is None:
+            script = self._scripts[call.source] = self._client.register_script(call.source)
         try:
             results = await compat.add_in_transaction(
-                bull, call, job, check_scripts=not self._scripts_loaded
+                bull, script, call, job, check_scripts=not self._scripts_loaded
             )
         except NoScriptError:
-            results = await compat.add_in_transaction(bull, call, job, check_scripts=True)
+            results = await compat.add_in_transaction(bull, script, call, job, check_scripts=True)
         self._scripts_loaded = True
         return results
 
