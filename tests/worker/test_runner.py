@@ -60,7 +60,11 @@ async def test_redelivered_finished_execution_completes_without_rerunning(
             again = await runner.process(*job(ex, t))
             assert (await s.statuses([ex]))[ex] == "succeeded"
     assert first == {"executionId": ex, "status": "succeeded"}
-    assert again == {"executionId": ex, "status": "skipped"}  # the database state wins
+    assert again == {  # the database state wins, and the job says so plainly
+        "executionId": ex,
+        "status": "skipped",
+        "says": "nothing to do: the execution had already finished",
+    }
     assert rec.count("/once") == 1
     assert runner.counters.done == 2 and runner.counters.failed == 0
 

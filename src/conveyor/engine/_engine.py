@@ -290,7 +290,13 @@ class Engine:
         return self._outcome(claim, final, at.ran)
 
     def _outcome(
-        self, claim: Claim, status: str, ran: int, *, wake_at: datetime | None = None
+        self,
+        claim: Claim,
+        status: str,
+        ran: int,
+        *,
+        wake_at: datetime | None = None,
+        timer_id: str | None = None,
     ) -> RunOutcome:
         latency = None
         if claim.attempts == 1:
@@ -301,6 +307,7 @@ class Engine:
             status,
             steps_run=ran,
             wake_at=wake_at if status == "waiting" else None,
+            timer_id=timer_id if status == "waiting" else None,
             tenant_id=claim.tenant_id,
             queue_latency_ms=latency,
         )
@@ -385,7 +392,8 @@ class Engine:
         final = await run.runs.write(claim, write, step_write, timer)
         run.ran += 1
         if final != "running":
-            return self._outcome(claim, final, run.ran, wake_at=wake_at)
+            timer_id = timer.id if timer is not None else None
+            return self._outcome(claim, final, run.ran, wake_at=wake_at, timer_id=timer_id)
         run.outputs[step.id] = output.value
         run.last_output = output
         run.index = write.next_step

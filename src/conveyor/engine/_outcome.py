@@ -45,6 +45,8 @@ class RunOutcome:
     """For BUSY / NOT_DUE: when another attempt makes sense."""
     wake_at: datetime | None = None
     """For WAITING / NOT_DUE: when the timer is due."""
+    timer_id: str | None = None
+    """For WAITING: the timer that resumes the execution."""
     tenant_id: str | None = None
     queue_latency_ms: float | None = None
     """Queued → first start, on the run that started the execution."""

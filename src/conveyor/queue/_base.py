@@ -60,15 +60,25 @@ Detach = Callable[[], None]
 class JobDeferred(Exception):
     """Raised by a processor to put its job back to ``delayed`` for ``delay_ms``.
 
-    The job is neither completed nor failed and no attempt is used up.
+    The job is neither completed nor failed and no attempt is used up. With a ``reason``, the
+    job's data says why, for whoever reads it in a BullMQ dashboard: ``parked: <reason>``
+    (``parked=True``: held back by a limit until a slot frees) or ``deferred: <reason>``.
     """
 
-    def __init__(self, delay_ms: int, reason: str | None = None) -> None:
+    def __init__(self, delay_ms: int, reason: str | None = None, *, parked: bool = False) -> None:
         if delay_ms < 0:
             raise ValueError("delay_ms must be >= 0")
         self.delay_ms = int(delay_ms)
         self.reason = reason
+        self.parked = parked
         super().__init__(reason or f"deferred by {self.delay_ms} ms")
+
+    @property
+    def note(self) -> dict[str, str]:
+        """What the job's data gains (empty without a reason)."""
+        if not self.reason:
+            return {}
+        return {"parked" if self.parked else "deferred": self.reason}
 
 
 class JobContext:
@@ -179,6 +189,19 @@ class Queue(Protocol):
     async def promote(self, job_id: str) -> bool: ...
 
     async def remove(self, job_id: str) -> bool: ...
+
+    async def is_paused(self) -> bool:
+        """Whether the queue is paused (BullMQ's ``paused`` flag in the queue's meta hash, which
+        any BullMQ client or dashboard may set): workers take no new jobs from it."""
+        ...
+
+    async def pause(self) -> None:
+        """Pause the queue for every worker (jobs in progress finish; waiting jobs stay)."""
+        ...
+
+    async def resume(self) -> None:
+        """Undo :meth:`pause`: workers take jobs again."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -74,6 +74,7 @@ class _QueueState:
     seq: itertools.count[int] = field(default_factory=itertools.count)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     signal: asyncio.Event = field(default_factory=asyncio.Event)
+    paused: bool = False
     listeners: set[MemoryQueueEvents] = field(default_factory=set)
 
     def publish(self, event: str, job_id: str | None = None, **data: Any) -> None:
@@ -123,6 +124,8 @@ class _QueueState:
         return None
 
     def take(self) -> _Job | None:
+        if self.paused:
+            return None
         while self.wait:
             job = self.jobs.get(self.wait.popleft())
             if job is not None and job.state == "waiting":
@@ -251,6 +254,18 @@ class MemoryQueue:
 
     async def change_priority(self, job_id: str, priority: int) -> None:
         self._state.change_priority(job_id, priority)
+
+    async def is_paused(self) -> bool:
+        return self._state.paused
+
+    async def pause(self) -> None:
+        self._state.paused = True
+        self._state.publish("paused")
+
+    async def resume(self) -> None:
+        self._state.paused = False
+        self._state.publish("resumed")
+        self._state.notify()
 
     def add_raw(self, data: Any, job_id: str | None = None) -> str:
         """Enqueue ``data`` without validation, as a foreign producer could (for tests)."""
@@ -393,6 +408,8 @@ class MemoryWorker:
             payload = self._spec.validate(self._name, job.data)
             result = await self._processor(payload, ctx)
         except JobDeferred as deferred:
+            if deferred.note and isinstance(job.data, dict):
+                job.data = {**job.data, **deferred.note}
             st.delay(job, deferred.delay_ms)
         except (PayloadInvalid, UnrecoverableError) as exc:
             self._fail(job, exc, final=True)

@@ -55,6 +55,11 @@ class ConcurrencyLimits:
             state = self._tenants[tenant] = TenantState()
         return state
 
+    def running(self, tenant: str) -> int:
+        """Executions of ``tenant`` running in this process now."""
+        state = self._tenants.get(tenant)
+        return 0 if state is None else state.active
+
     def try_start(self, tenant: str, job_id: str) -> bool:
         """Take one of ``tenant``'s slots for ``job_id`` if it has one free."""
         state = self._tenant(tenant)

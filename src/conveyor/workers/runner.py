@@ -67,6 +67,31 @@ class Counters:
     lock_lost: int = 0
 
 
+_SAYS = {
+    OutcomeKind.SKIPPED: "nothing to do: the execution had already finished",
+    OutcomeKind.LEASE_LOST: "another runner took the execution over; it continues there",
+    OutcomeKind.NOT_DUE: "execution waits on a timer; the timer dispatcher resumes it",
+}
+
+
+def job_result(outcome: RunOutcome) -> dict[str, Any]:
+    """The job's return value: the outcome in words a BullMQ dashboard reader understands.
+
+    A job *completes* whenever this run is over, also when the execution is not: an execution
+    suspended on a ``delay`` step completes its job (``status: waiting``) and is resumed later
+    by a new job (``timer:<id>``) the timer dispatcher adds when the timer is due.
+    """
+    result: dict[str, Any] = {"executionId": outcome.execution_id, "status": outcome.kind.value}
+    if outcome.kind is OutcomeKind.WAITING:
+        due = outcome.wake_at.isoformat() if outcome.wake_at is not None else "unknown"
+        result["suspended"] = (
+            f"timer {outcome.timer_id} due {due}; resumed by job timer:{outcome.timer_id}"
+        )
+    elif outcome.kind in _SAYS:
+        result["says"] = _SAYS[outcome.kind]
+    return result
+
+
 def _defer_ms(seconds: float | None, floor_ms: int) -> int:
     """A deferral a little after ``seconds`` (at least ``floor_ms``, at least 50 ms)."""
     ms = int((seconds or 0.0) * 1000) + 50
@@ -102,7 +127,12 @@ class ExecutionRunner:
             tenant = payload.tenant_id
             if not limits.try_start(tenant, ctx.id):
                 self.counters.parked += 1
-                raise JobDeferred(limits.park(tenant, ctx.queue_name, ctx.id))
+                delay_ms = limits.park(tenant, ctx.queue_name, ctx.id)
+                reason = (
+                    f"tenant limit ({limits.running(tenant)} of {limits.tenant_concurrency} "
+                    "running); starts when one of them finishes"
+                )
+                raise JobDeferred(delay_ms, reason, parked=True)
             return await self._started(payload, ctx)
         finally:
             limits.release_slot()
@@ -114,9 +144,10 @@ class ExecutionRunner:
         latency_s = time.time() - payload.enqueued_at / 1000 if payload.enqueued_at else None
         status = "error"
         try:
-            status = await self._run(payload, ctx)
+            outcome = await self._run(payload, ctx)
+            status = str(outcome.kind.value)
             self.counters.done += 1
-            return {"executionId": payload.execution_id, "status": status}
+            return job_result(outcome)
         except JobDeferred:
             status = "deferred"
             self.counters.deferred += 1
@@ -146,8 +177,8 @@ class ExecutionRunner:
                 if latency_s is not None:
                     self._metrics.observe_start_latency(max(0.0, latency_s))
 
-    async def _run(self, payload: WorkflowExecute, ctx: JobContext) -> str:
-        """Run the engine under the job's lock; returns the outcome's name."""
+    async def _run(self, payload: WorkflowExecute, ctx: JobContext) -> RunOutcome:
+        """Run the engine under the job's lock; the outcome the job completes with."""
         execution_id = payload.execution_id
         if ctx.lock_lost.is_set():
             raise JobDeferred(LOCK_LOST_DEFER_MS, "job lock lost")
@@ -160,7 +191,7 @@ class ExecutionRunner:
             raise JobDeferred(DB_DOWN_DEFER_MS, "database unavailable") from exc
         return self._settle(execution_id, outcome)
 
-    def _settle(self, execution_id: str, outcome: RunOutcome) -> str:
+    def _settle(self, execution_id: str, outcome: RunOutcome) -> RunOutcome:
         """Turn an engine outcome into the job's fate: return (complete), defer or fail."""
         kind = outcome.kind
         if kind is OutcomeKind.MISSING:
@@ -182,7 +213,7 @@ class ExecutionRunner:
             raise JobDeferred(LOCK_LOST_DEFER_MS, "job lock lost; step abandoned")
         # SUCCEEDED / FAILED / CANCELLED / WAITING: the database holds the result.
         # SKIPPED: already finished (duplicate delivery). LEASE_LOST: a newer runner has it.
-        return str(kind.value)
+        return outcome
 
     # --- promoting parked jobs --------------------------------------------------------------
     async def run_promoter(self) -> None:

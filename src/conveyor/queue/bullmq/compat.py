@@ -41,6 +41,7 @@ Everything else (locks, stalled-job checks, events, pause and close) is bullmq's
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import json
@@ -72,6 +73,7 @@ __all__ = [
     "job_exists",
     "missing_internals",
     "new_job",
+    "node_worker_client_name",
     "observe_fetches",
     "observe_lock_renewals",
     "promote",
@@ -88,6 +90,7 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         self.processing: set[asyncio.Future[Any]] = set()
         """Fetches and jobs in progress (bullmq's own ``close``/``pause`` wait for them)."""
         self.running: bool = False
+        self._client_name_set: bool = False
         self._blocked = False
         """A blocking fetch is in flight (at most one at a time)."""
         self._woken = False
@@ -98,6 +101,23 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         self._tokens = 0
         self._loop_done = asyncio.Event()
         """Set when :meth:`run` has returned (every job it started has ended)."""
+
+    # -- connection names ---------------------------------------------------------------------
+    async def _ensure_client_names(self) -> None:
+        """Name the connections as Node BullMQ does, so BullMQ dashboards see this worker.
+
+        Node's ``Queue.getWorkers()`` (Bull Board's "workers" view) lists the clients named
+        ``<prefix>:<base64(queue)>:w:<worker name>``; bullmq-python names its connections
+        ``<prefix>:<queue>:w:<name>``, which Node never matches. The blocking connection (one
+        per worker, like Node's) gets Node's name; the command connections keep bullmq's, so the
+        worker is listed once."""
+        if self._client_name_set:
+            return
+        await self.backend.connection.set_client_name(self.clientName)
+        blocking = self.backend.blocking_connection
+        if blocking is not None:
+            await blocking.set_client_name(node_worker_client_name(self))
+        self._client_name_set = True
 
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -296,6 +316,13 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         return job
 
 
+def node_worker_client_name(worker: Any) -> str:
+    """The Redis client name Node BullMQ gives a worker of ``worker``'s queue."""
+    queue64 = base64.b64encode(str(worker.name).encode()).decode()
+    suffix = f":w:{worker.workerName}" if worker.workerName else ""
+    return f"{worker.opts['prefix']}:{queue64}{suffix}"
+
+
 class StreamConsumer(bullmq.QueueEvents):  # type: ignore[misc]  # bullmq is untyped
     """``bullmq.QueueEvents`` that hands entries straight to Conveyor's emitter.
 
@@ -434,6 +461,10 @@ RELIED_ON: tuple[Internal, ...] = (
     Internal("Worker", "retryIfFailed", ("fn", "opts")),
     Internal("Worker", "runStalledJobsCheck", ()),
     Internal("Worker", "_ensure_client_names", ()),
+    Internal("Worker", "_client_name_set"),
+    Internal("Worker", "clientName"),
+    Internal("Worker", "workerName"),
+    Internal("Worker", "name"),
     Internal("Worker", "emit", ("event_name",)),
     Internal("Worker", "lockManager"),
     Internal("Worker", "jobs"),
@@ -470,6 +501,7 @@ RELIED_ON: tuple[Internal, ...] = (
     Internal("RedisBackend", "scripts"),
     Internal("RedisConnection", "conn"),
     Internal("RedisConnection", "capabilities"),
+    Internal("RedisConnection", "set_client_name", ("name",)),
     Internal("Scripts", "addJob", ("job", "pipe")),
     Internal("Timer", "stop", ()),
     Internal("Job", "deferredFailure"),

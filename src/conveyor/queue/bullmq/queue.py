@@ -207,6 +207,28 @@ class BullQueue:
             raise connection.translate(exc, self._settings, "promote a job on") from exc
         return True
 
+    async def is_paused(self) -> bool:
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                return bool(await self._bull.isPaused())
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "read the paused flag of") from exc
+
+    async def pause(self) -> None:
+        await self._set_paused(True)
+
+    async def resume(self) -> None:
+        await self._set_paused(False)
+
+    async def _set_paused(self, paused: bool) -> None:
+        action = "pause" if paused else "resume"
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await (self._bull.pause() if paused else self._bull.resume())
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, action) from exc
+        log.info(f"queue.{action}d", extra={"queue": self._name})
+
     async def remove(self, job_id: str) -> bool:
         """Remove a job that is not active; False if it is active or does not exist."""
         try:

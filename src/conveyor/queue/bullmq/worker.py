@@ -12,7 +12,8 @@
   and ``runRetryDelay`` is 1 s instead of 15 s, so a Redis blip stalls consumption briefly.
 * Payloads are validated: data that does not fit the queue's model fails the job with
   ``UnrecoverableError`` (no retry) and a reason naming the bad field.
-* :class:`~conveyor.queue.JobDeferred` moves the job back to delayed without using an attempt.
+* :class:`~conveyor.queue.JobDeferred` moves the job back to delayed without using an attempt,
+  its data saying why (``parked: …`` / ``deferred: …``) for readers of BullMQ dashboards.
 * Lock renewals are observed (by wrapping the backend's ``extendLocks``) so
   ``JobContext.lock_lost`` is set when a lock could not be renewed.
 """
@@ -230,6 +231,7 @@ class BullWorker:
         try:
             result = await self._processor(payload, ctx)
         except JobDeferred as deferred:
+            await self._note(job, deferred.note)
             await job.moveToDelayed(int(time.time() * 1000) + deferred.delay_ms, token)
             raise DelayedError(str(deferred)) from None
         except PayloadInvalid as exc:
@@ -239,6 +241,18 @@ class BullWorker:
         if isinstance(result, BaseModel):
             return result.model_dump(mode="json", by_alias=True)
         return result
+
+    async def _note(self, job: Any, note: dict[str, str]) -> None:
+        """Say in the job's data why it waits (best effort: a failure leaves the data as it
+        was; the job is deferred all the same)."""
+        data = job.data
+        if not note or not isinstance(data, dict) or all(data.get(k) == v for k, v in note.items()):
+            return
+        try:
+            await job.updateData({**data, **note})
+        except Exception as exc:
+            log.warning("queue.note_failed", extra={"queue": self._name, "jobId": job.id,
+                                                    "error": repr(exc)})  # fmt: skip
 
     # -- hooks into bullmq ------------------------------------------------------------------
     def _relay(self, event: str) -> Callable[..., None]:
