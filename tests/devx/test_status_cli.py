@@ -123,3 +123,39 @@ def test_status_unreachable_api_exits_1(capsys: pytest.CaptureFixture[str]) -> N
     settings = load_settings(env_for(API_PORT=str(free_port()), ADMIN_TOKEN="x"))
     assert status.run(_parse(), settings) == 1
     assert "cannot reach the Conveyor API at http://127.0.0.1:" in capsys.readouterr().err
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "conveyor.cli", *args],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_pause_and_resume_a_region_from_the_command_line(api_env: dict[str, str]) -> None:
+    asyncio.run(_enqueue(api_env))
+    paused = _cli(api_env, "pause", "us")
+    assert paused.returncode == 0, paused.stderr
+    assert paused.stdout.strip() == "workflow.execute.us: paused"
+    shown = _status(api_env)
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("workflow.execute.us"))
+    assert "us (PAUSED)" in row, shown.stdout
+    out = io.StringIO()
+    assert status.run(_parse("--json"), load_settings(api_env), out=out) == 0
+    depth = json.loads(out.getvalue())["data"]["executionWorker"]["metrics"]["queueDepths"]
+    assert depth["workflow.execute.us"]["isPaused"] is True
+    assert depth["workflow.execute.us"]["paused"] == 1  # the waiting job it holds back
+
+    resumed = _cli(api_env, "resume", "us")
+    assert resumed.returncode == 0 and resumed.stdout.strip() == "workflow.execute.us: consuming"
+    assert "(PAUSED)" not in _status(api_env).stdout
+
+    unknown = _cli(api_env, "pause", "mars")
+    assert unknown.returncode == 1 and "unknown region 'mars'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    no_token = _cli({k: v for k, v in api_env.items() if k != "ADMIN_TOKEN"}, "resume", "us")
+    assert no_token.returncode == 1
+    assert (
+        no_token.stderr.strip()
+        == "conveyor resume: no admin token: set ADMIN_TOKEN or pass --token"
+    )

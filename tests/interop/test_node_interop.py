@@ -2,57 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conveyor.queue import JobContext, QueueFactory, WorkflowExecute, execution_queue_name
 from tests.conftest import REDIS_PORT
+from tests.interop.node import node_binary, run_node
 from tests.queue.conftest import eventually, make_settings, running
 
-HERE = Path(__file__).resolve().parent
 QUEUE = execution_queue_name("us")
 
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    """The node binary, with this folder's npm dependencies installed."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("Node.js/npm are not installed")
-    if not (HERE / "node_modules" / "bullmq").is_dir():
-        subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=HERE,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    return node
-
-
-async def run_node(node: str, script: str, *args: str) -> Any:
-    proc = await asyncio.create_subprocess_exec(
-        node,
-        script,
-        *args,
-        cwd=HERE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()
-    return json.loads(out.decode().strip().splitlines()[-1])
+    return node_binary()
 
 
 async def test_node_producer_to_conveyor_worker_and_node_reads_counts(

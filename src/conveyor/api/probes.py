@@ -27,6 +27,10 @@ about this long even with Redis and the database both hanging."""
 COUNT_STATES = ("waiting", "prioritized", "active", "delayed", "paused", "failed")
 
 ProbeErrors = (RedisError, OSError, ConveyorError, TimeoutError)
+
+PAUSED_FLAG = "isPaused"
+"""Key of :func:`queue_counts`' entries that is not a job state: 1 when the queue is paused
+(BullMQ's flag, set by our admin API or by any BullMQ client or dashboard), else 0."""
 """What a Redis read may raise; callers turn these into an `unknown`/`unreachable` status."""
 
 
@@ -84,16 +88,19 @@ def depth_of(counts: dict[str, int]) -> dict[str, int]:
     ``waiting`` counts BullMQ's ``waiting`` and ``prioritized`` lists (both are ready to run:
     Conveyor's fairness gives most jobs a priority); ``delayed`` (timers, tenant-cap
     hold-backs, retries with backoff) is reported separately; ``total`` = waiting + active +
-    delayed.
+    delayed. ``isPaused``: the queue is paused; ``paused`` is then how many of the waiting jobs
+    the pause holds back (BullMQ 5+ leaves them in the waiting lists and only sets a flag).
     """
     waiting = int(counts.get("waiting", 0)) + int(counts.get("prioritized", 0))
     active = int(counts.get("active", 0))
     delayed = int(counts.get("delayed", 0))
+    is_paused = bool(counts.get(PAUSED_FLAG, 0))
     return {
         "waiting": waiting,
         "active": active,
         "delayed": delayed,
-        "paused": int(counts.get("paused", 0)),
+        "paused": int(counts.get("paused", 0)) + (waiting if is_paused else 0),
+        "isPaused": is_paused,
         "failed": int(counts.get("failed", 0)),
         "total": waiting + active + delayed,
     }
@@ -102,15 +109,22 @@ def depth_of(counts: dict[str, int]) -> dict[str, int]:
 async def queue_counts(
     ctx: ApiContext, regions: list[str], timeout_s: float = PROBE_TIMEOUT_S
 ) -> dict[str, dict[str, int]]:
-    """Raw BullMQ job counts per ``workflow.execute.<region>`` queue, read live from Redis.
+    """Raw BullMQ job counts per ``workflow.execute.<region>`` queue, read live from Redis, and
+    whether the queue is paused (:data:`PAUSED_FLAG`).
 
     Raises on Redis errors (bounded by ``timeout_s``).
     """
-    async with asyncio.timeout(timeout_s):
-        results = await asyncio.gather(
-            *(ctx.execution_queue(r).get_job_counts(*COUNT_STATES) for r in regions)
+
+    async def one(region: str) -> dict[str, int]:
+        queue = ctx.execution_queue(region)
+        counts, paused = await asyncio.gather(
+            queue.get_job_counts(*COUNT_STATES), queue.is_paused()
         )
-    return {execution_queue_name(r): dict(c) for r, c in zip(regions, results, strict=True)}
+        return {**counts, PAUSED_FLAG: int(paused)}
+
+    async with asyncio.timeout(timeout_s):
+        results = await asyncio.gather(*(one(r) for r in regions))
+    return {execution_queue_name(r): c for r, c in zip(regions, results, strict=True)}
 
 
 async def live_processes(
@@ -137,7 +151,9 @@ def consumption(
     workers: dict[str, int] | None,
     counts: dict[str, dict[str, int]] | None,
 ) -> list[dict[str, Any]]:
-    """Per regional queue: is anybody consuming it? (``None`` inputs: Redis unreadable.)"""
+    """Per regional queue: is anybody consuming it? (``None`` inputs: Redis unreadable.)
+
+    A paused queue is ``paused`` whoever listens to it: its workers take no jobs from it."""
     out: list[dict[str, Any]] = []
     for region in regions:
         name = execution_queue_name(region)
@@ -146,8 +162,11 @@ def consumption(
                         "waiting": None})  # fmt: skip
             continue
         n = workers.get(region, 0)
-        waiting = depth_of(counts.get(name, {}))["waiting"]
+        depth = depth_of(counts.get(name, {}))
+        waiting = depth["waiting"]
         status = "consumed" if n else ("unconsumed" if waiting else "idle")
+        if depth["isPaused"]:
+            status = "paused"
         out.append(
             {"queue": name, "region": region, "status": status, "workers": n, "waiting": waiting}
         )

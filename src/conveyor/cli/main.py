@@ -36,6 +36,8 @@ COMMANDS: list[Command] = [
     Command(
         "status", "conveyor.cli.status", "show queue depths, live processes, scheduler and timers"
     ),
+    Command("pause", "conveyor.cli.queues", "pause a region's execution queue (no jobs are taken)"),
+    Command("resume", "conveyor.cli.queues", "resume a paused region's execution queue"),
 ]
 
 

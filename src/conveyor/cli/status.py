@@ -78,9 +78,19 @@ def _error_message(response: httpx.Response) -> str:
 
 def fetch(client: httpx.Client, url: str, token: str) -> dict[str, Any]:
     """The status document; raises :class:`ApiUnreachable` or :class:`ApiRefused`."""
-    endpoint = url.rstrip("/") + STATUS_PATH
+    return call_admin(client, "GET", url, STATUS_PATH, token)
+
+
+def call_admin(
+    client: httpx.Client, method: str, url: str, path: str, token: str
+) -> dict[str, Any]:
+    """One admin API call (``Authorization: Bearer token``); the JSON document it answered.
+
+    Raises :class:`ApiUnreachable` (no answer) or :class:`ApiRefused` (an error answer, with the
+    API's message and what to check)."""
+    endpoint = url.rstrip("/") + path
     try:
-        response = client.get(endpoint, headers={"Authorization": f"Bearer {token}"})
+        response = client.request(method, endpoint, headers={"Authorization": f"Bearer {token}"})
     except httpx.HTTPError as exc:
         reason = str(exc) or type(exc).__name__
         raise ApiUnreachable(
@@ -100,14 +110,28 @@ def fetch(client: httpx.Client, url: str, token: str) -> dict[str, Any]:
             "start `conveyor api` with ADMIN_TOKEN set"
         )
     if code >= 400:
-        raise ApiRefused(f"GET {endpoint} answered HTTP {code}: {detail or response.reason_phrase}")
+        raise ApiRefused(
+            f"{method} {endpoint} answered HTTP {code}: {detail or response.reason_phrase}"
+        )
     try:
         doc = response.json()
     except ValueError as exc:
-        raise ApiRefused(f"GET {endpoint} did not answer JSON: {response.text[:200]!r}") from exc
+        raise ApiRefused(
+            f"{method} {endpoint} did not answer JSON: {response.text[:200]!r}"
+        ) from exc
     if not isinstance(doc, dict) or doc.get("success") is False:
-        raise ApiRefused(f"GET {endpoint} answered an unexpected document: {response.text[:200]!r}")
+        raise ApiRefused(
+            f"{method} {endpoint} answered an unexpected document: {response.text[:200]!r}"
+        )
     return doc
+
+
+def admin_target(args: argparse.Namespace, settings: Settings) -> tuple[str, str]:
+    """``(API base URL, admin token)`` from ``--url``/``--token`` or the settings; the token
+    is empty when neither gives one."""
+    url = (args.url or client_url(settings.api_host, settings.api_port)).rstrip("/")
+    token = args.token or (settings.admin_token.get_secret_value() if settings.admin_token else "")
+    return url, token
 
 
 class _Screen:
@@ -161,8 +185,7 @@ def _watch(
 
 
 def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | None = None) -> int:
-    url = (args.url or client_url(settings.api_host, settings.api_port)).rstrip("/")
-    token = args.token or (settings.admin_token.get_secret_value() if settings.admin_token else "")
+    url, token = admin_target(args, settings)
     if not token:
         print("conveyor status: no admin token: set ADMIN_TOKEN or pass --token", file=sys.stderr)
         return 1

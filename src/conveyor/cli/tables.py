@@ -16,6 +16,8 @@ from conveyor.runtime import TIMER_ROLES
 _QUEUE_PREFIX = "workflow.execute."
 _FIRST_COUNTS = ("waiting", "active")
 _LAST_COUNTS = ("total",)
+_FLAGS = ("isPaused",)
+"""Entries of a queue's depth that are not counts (shown in the REGION cell instead)."""
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -103,10 +105,12 @@ def queue_rows(
 
     ``consumers`` is the document's ``regions`` list (``{queue, workers, status}`` per queue):
     when present, two columns say how many live workers consume each queue and whether it is
-    ``consumed``, ``idle`` or ``unconsumed`` (jobs waiting, nobody consuming).
+    ``consumed``, ``idle``, ``unconsumed`` (jobs waiting, nobody consuming) or ``paused``; a
+    paused queue says ``(PAUSED)`` after its region.
     """
     extra = sorted(
-        {k for counts in depths.values() for k in _dict(counts)} - {*_FIRST_COUNTS, *_LAST_COUNTS}
+        {k for counts in depths.values() for k in _dict(counts)}
+        - {*_FIRST_COUNTS, *_LAST_COUNTS, *_FLAGS}
     )
     columns = [*_FIRST_COUNTS, *extra, *_LAST_COUNTS]
     by_queue = {str(c.get("queue")): c for c in consumers if isinstance(c, dict)}
@@ -117,6 +121,8 @@ def queue_rows(
     for name in sorted(set(depths) | set(by_queue)):
         counts = _dict(depths.get(name))
         region = name.removeprefix(_QUEUE_PREFIX) if name.startswith(_QUEUE_PREFIX) else "-"
+        if counts.get("isPaused"):
+            region += " (PAUSED)"
         row = [name, region, *(counts.get(c) for c in columns)]
         if by_queue:
             consumer = _dict(by_queue.get(name))

@@ -244,6 +244,8 @@ class MetricsSnapshot:
     histograms: dict[str, list[HistogramData]] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
     queue_depths: dict[str, dict[str, int]] = field(default_factory=dict)
+    queue_paused: dict[str, bool] = field(default_factory=dict)
+    """Per queue: paused (BullMQ's flag)."""
     processes: dict[str, int] = field(default_factory=dict)
     redis_up: bool = False
 
@@ -325,6 +327,14 @@ class ConveyorCollector(Collector):
             for state, n in sorted(counts.items()):
                 depth.add_metric([queue, state], n)
         yield depth
+        paused = GaugeMetricFamily(
+            f"{ns}_queue_paused",
+            "1 while the queue is paused (workers take no jobs from it), else 0.",
+            labels=["queue"],
+        )
+        for queue, flag in sorted(snap.queue_paused.items()):
+            paused.add_metric([queue], 1.0 if flag else 0.0)
+        yield paused
         procs = GaugeMetricFamily(
             f"{ns}_processes", "Live Conveyor processes (heartbeats) by role.", labels=["role"]
         )

@@ -1,4 +1,5 @@
-"""``/api/admin``: the workers status document, tenants and their API keys (ADMIN_TOKEN)."""
+"""``/api/admin``: the workers status document, pausing and resuming regional queues, tenants
+and their API keys (ADMIN_TOKEN)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,24 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 
+from conveyor.api import probes
 from conveyor.api.deps import AdminDep, CtxDep
+from conveyor.api.errors import ApiError
 from conveyor.api.schemas import (
     ApiKeyIn,
     ApiKeyOut,
     Envelope,
     IssuedApiKeyOut,
     Page,
+    QueueStateOut,
     StatusData,
     TenantIn,
     TenantOut,
     error_responses,
 )
 from conveyor.api.status import status_document
+from conveyor.errors import QueueUnavailable
+from conveyor.queue import execution_queue_name
 from conveyor.store import ApiKey, Tenant
 
 router = APIRouter(
@@ -29,6 +35,14 @@ router = APIRouter(
 )
 
 Id = Annotated[str, Path(min_length=1, max_length=64, description="Object id.")]
+Region = Annotated[
+    str,
+    Path(
+        pattern=r"^[a-z0-9][a-z0-9-]{0,31}$",
+        description="A region (its queue is `workflow.execute.<region>`).",
+        examples=["us"],
+    ),
+]
 Limit = Annotated[int, Query(ge=1, le=200, description="Page size (max 200).")]
 Cursor = Annotated[
     str | None, Query(max_length=512, description="`nextCursor` of the previous page.")
@@ -67,6 +81,53 @@ def key_out(key: ApiKey) -> dict[str, Any]:
 )
 async def workers_status(ctx: CtxDep) -> dict[str, Any]:
     return {"success": True, "data": await status_document(ctx)}
+
+
+async def _set_paused(ctx: CtxDep, region: str, paused: bool) -> dict[str, Any]:
+    try:
+        workers = probes.worker_regions(await probes.live_processes(ctx))
+    except probes.ProbeErrors as exc:
+        raise QueueUnavailable(f"cannot read the live workers: {probes.describe(exc)}") from exc
+    if region not in ctx.known_regions(*workers):
+        raise ApiError(
+            404,
+            "not_found",
+            f"unknown region {region!r}: not in EXECUTION_REGIONS or DEFAULT_REGION, and no live "
+            "worker consumes it",
+            {"region": region},
+        )
+    queue = ctx.execution_queue(region)
+    await (queue.pause() if paused else queue.resume())
+    data = {"queue": execution_queue_name(region), "region": region, "paused": paused}
+    return {"success": True, "data": data}
+
+
+@router.post(
+    "/queues/{region}/pause",
+    response_model=Envelope[QueueStateOut],
+    summary="Pause a region's execution queue",
+    description=(
+        "Sets BullMQ's `paused` flag on `workflow.execute.<region>` (the flag BullMQ dashboards "
+        "set): every worker stops taking jobs from it; jobs in progress finish, waiting jobs "
+        "stay waiting and triggers keep being accepted. The status document, readiness, "
+        "`/metrics` (`conveyor_queue_paused`) and `conveyor status` show the queue as paused. "
+        "Idempotent."
+    ),
+    responses=error_responses(404),
+)
+async def pause_queue(ctx: CtxDep, region: Region) -> dict[str, Any]:
+    return await _set_paused(ctx, region, True)
+
+
+@router.post(
+    "/queues/{region}/resume",
+    response_model=Envelope[QueueStateOut],
+    summary="Resume a paused region's execution queue",
+    description="Clears BullMQ's `paused` flag: workers take jobs again at once. Idempotent.",
+    responses=error_responses(404),
+)
+async def resume_queue(ctx: CtxDep, region: Region) -> dict[str, Any]:
+    return await _set_paused(ctx, region, False)
 
 
 @router.post(

@@ -38,7 +38,11 @@ async def _snapshot(ctx: CtxDep) -> MetricsSnapshot:
         workers = probes.worker_regions(processes)
         counts = await probes.queue_counts(ctx, ctx.known_regions(*workers))
     for name, raw in counts.items():
-        snapshot.queue_depths[name] = {state: int(raw.get(state, 0)) for state in raw}
+        depth = probes.depth_of(raw)
+        states = {s: int(n) for s, n in raw.items() if s != probes.PAUSED_FLAG}
+        states["paused"] = depth["paused"]  # waiting jobs a pause holds back
+        snapshot.queue_depths[name] = states
+        snapshot.queue_paused[name] = bool(depth["isPaused"])
     for proc in processes:
         role = str(proc.get("role"))
         snapshot.processes[role] = snapshot.processes.get(role, 0) + 1

@@ -62,11 +62,12 @@ class HealthData(ApiModel):
 class RegionQueue(ApiModel):
     queue: str = Field(examples=["workflow.execute.us"])
     region: str = Field(examples=["us"])
-    status: Literal["consumed", "idle", "unconsumed", "unknown"] = Field(
+    status: Literal["consumed", "idle", "unconsumed", "paused", "unknown"] = Field(
         description=(
             "`consumed`: a live worker heartbeat covers the region; `idle`: no worker and no "
             "waiting jobs; `unconsumed`: jobs are waiting and no worker consumes them; "
-            "`unknown`: Redis could not be read."
+            "`paused`: the queue is paused (by the admin API or any BullMQ client): workers "
+            "take nothing from it; `unknown`: Redis could not be read."
         )
     )
     workers: int = Field(description="Live worker processes consuming this region.")
@@ -107,9 +108,23 @@ class QueueDepth(ApiModel):
     waiting: int = Field(description="Ready to run: BullMQ `waiting` + `prioritized`.")
     active: int = Field(description="Being processed by a worker.")
     delayed: int = Field(0, description="Deferred: timers, tenant-cap hold-backs, backoff.")
-    paused: int = 0
+    paused: int = Field(
+        0, description="Waiting jobs the pause holds back (0 unless the queue is paused)."
+    )
+    is_paused: bool = Field(False, description="The queue is paused: workers take no jobs.")
     failed: int = Field(0, description="Jobs BullMQ keeps as failed (not a counter).")
     total: int = Field(description="waiting + active + delayed.")
+
+
+class QueueStateOut(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"queue": "workflow.execute.us", "region": "us", "paused": True}]
+        }
+    )
+    queue: str = Field(examples=["workflow.execute.us"])
+    region: str = Field(examples=["us"])
+    paused: bool = Field(description="Workers take no jobs from the queue while it is paused.")
 
 
 class WorkerStatus(ApiModel):
