@@ -213,3 +213,25 @@ def test_environment_is_valid_for_the_settings_loader(services: dict[str, Any], 
     assert settings.queue_redis_host == "redis"
     assert settings.is_postgres and "@postgres:5432/" in settings.database_url
     assert settings.driver == "bullmq"
+
+
+def test_bull_board_profile_shows_conveyors_queues(
+    raw: dict[str, Any], services: dict[str, Any]
+) -> None:
+    """``docker compose --profile bullboard up`` adds Bull Board on the same Redis, prefix and
+    regions as the Conveyor processes, published on the host's loopback only (no sign-in)."""
+    board = services["bullboard"]
+    assert board["profiles"] == ["bullboard"], "only with --profile bullboard"
+    conveyor = services["worker"]["environment"]
+    env = board["environment"]
+    for name in ("QUEUE_REDIS_HOST", "QUEUE_REDIS_PORT", "QUEUE_REDIS_DB", "QUEUE_PREFIX",
+                 "EXECUTION_REGIONS"):  # fmt: skip
+        assert env[name] == conveyor[name], name
+    assert raw["services"]["bullboard"]["environment"]["QUEUE_PREFIX"] == "${QUEUE_PREFIX:-bull}"
+    assert board["ports"] == [f"127.0.0.1:{env['BULLBOARD_PORT']}:{env['BULLBOARD_PORT']}"]
+    assert board["depends_on"]["redis"]["condition"] == "service_healthy"
+    context = ROOT / board["build"]["context"]
+    assert (context / "server.mjs").is_file() and (context / "package-lock.json").is_file()
+    for service, spec in services.items():
+        if service != "bullboard":
+            assert "profiles" not in spec, f"{service} must run without a profile"
