@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -389,7 +390,7 @@ class Engine:
                 seq=run.seq,
                 due_at=wake_at,
             )
-        final = await run.runs.write(claim, write, step_write, timer)
+        final = await self._persist(run, write, step_write, timer)
         run.ran += 1
         if final != "running":
             timer_id = timer.id if timer is not None else None
@@ -399,6 +400,42 @@ class Engine:
         run.index = write.next_step
         run.seq += 1
         return None
+
+    async def _persist(
+        self,
+        run: _Run,
+        write: ExecutionWrite,
+        step: StepWrite | None,
+        timer: TimerWrite | None,
+    ) -> str:
+        """The fenced write of a finished step; the execution's status after it.
+
+        The step's side effects already happened: if the database is briefly unavailable, the
+        result stays in memory and the write is retried (backoff 0.1 s doubling to 2 s) for up
+        to half the lease — which the last renewal guarantees for at least two thirds — instead
+        of giving the job up, which would run the step again. A retry first asks whether the
+        earlier attempt committed after all (its answer was lost with the connection)."""
+        claim = run.claim
+        deadline = time.monotonic() + self.lease_ttl.total_seconds() / 2
+        delay, tries = 0.1, 0
+        while True:
+            try:
+                if tries and step is not None:
+                    status = await run.runs.written(claim, step.seq)
+                    if status is not None:
+                        return status
+                return await run.runs.write(claim, write, step, timer)
+            except DatabaseUnavailable as exc:
+                tries += 1
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "engine.write_retry",
+                    extra={"executionId": claim.execution_id, "seq": run.seq, "try": tries,
+                           "error": str(exc)[:200]},
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     # --- one step: attempts, timeout, retries, lease renewal -------------------------------
 

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from conveyor.settings import Settings
+from conveyor.store._errors import is_connection_error
 from conveyor.store._types import dumps
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,17 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
     size = pool_size or settings.database_pool_size
     timeout_s = settings.database_connect_timeout_ms / 1000.0
     if dialect_of(url) == "postgresql":
-        return create_async_engine(
+        pg = create_async_engine(
             url,
             pool_size=size,
             max_overflow=0,
             pool_timeout=30,
+            pool_pre_ping=True,  # a connection killed while idle is replaced, not used
             json_serializer=dumps,
             connect_args={"timeout": timeout_s, "command_timeout": 60},
         )
+        _discard_broken_connections(pg)
+        return pg
     path = sqlite_path(url)
     kwargs: dict[str, Any] = {"json_serializer": dumps}
     if path is None:
@@ -111,6 +115,18 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
     engine = create_async_engine(url, **kwargs)
     _configure_sqlite(engine)
     return engine
+
+
+def _discard_broken_connections(engine: AsyncEngine) -> None:
+    """Treat every connection-level driver error as a disconnect, so SQLAlchemy invalidates the
+    connection (and the pool's others, killed alike) instead of handing it out again: asyncpg
+    reports a backend killed mid-idle as ``InternalClientError``, which SQLAlchemy does not
+    recognise as one."""
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        if not context.is_disconnect and is_connection_error(context.original_exception):
+            context.is_disconnect = True
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import exc as sa_exc
 
 from conveyor.errors import Conflict, DatabaseUnavailable, InvalidValue, StoreError
 
-__all__ = ["translate_errors"]
+__all__ = ["is_connection_error", "never_sent", "translate_errors"]
 
 
 class translate_errors:
@@ -33,8 +34,8 @@ class translate_errors:
             raise InvalidValue(f"value cannot be stored: {_short(exc)}") from exc
         if isinstance(exc, sa_exc.IntegrityError):
             raise Conflict("the change conflicts with existing data", reason=str(exc.orig)) from exc
-        if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError)) or (
-            isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+        if is_connection_error(exc) or isinstance(
+            exc, (sa_exc.OperationalError, sa_exc.InterfaceError)
         ):
             raise DatabaseUnavailable(f"database unavailable: {_short(exc)}") from exc
         if isinstance(exc, sa_exc.SQLAlchemyError):
@@ -43,15 +44,59 @@ class translate_errors:
             _raise_asyncpg(exc)
 
 
-_ASYNCPG_UNAVAILABLE = (
-    "Connection",
-    "CannotConnectNow",
-    "TooManyConnections",
-    "AdminShutdown",
-    "CrashShutdown",
-    "InterfaceError",
-    "ConnectionFailure",
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+"""SQLSTATEs of a lost or refused connection: class 08 (connection exception), admin/crash
+shutdown, cannot connect now, too many connections."""
+
+_ASYNCPG_CONNECTION_ERRORS = (
+    asyncpg.InterfaceError,  # includes ConnectionDoesNotExistError ("closed in the middle")
+    asyncpg.exceptions.InternalClientError,  # "cannot switch to state …": the backend died
+    asyncpg.PostgresConnectionError,
 )
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (a driver error, wrapped by SQLAlchemy or not) means the connection is
+    unusable: lost, killed (``pg_terminate_backend``), refused, or left mid-operation. Such a
+    connection must be discarded, never handed out again, and the error is "database
+    unavailable" (retry later), not a failure of the statement."""
+    for candidate in _chain(exc):
+        if isinstance(candidate, (*_ASYNCPG_CONNECTION_ERRORS, OSError, ConnectionError)):
+            return True
+        if isinstance(candidate, sa_exc.DBAPIError) and candidate.connection_invalidated:
+            return True
+        state = str(getattr(candidate, "sqlstate", "") or "")
+        if state and state.startswith(_CONNECTION_SQLSTATES):
+            return True
+    return False
+
+
+def never_sent(exc: BaseException) -> bool:
+    """Whether ``exc`` proves the statement never reached the server: asyncpg refused to start
+    it because the connection was already broken (``cannot switch to state …``), or the
+    connection was closed before use. Such a statement is safe to send again on a fresh
+    connection, whatever it does."""
+    for candidate in _chain(exc):
+        if isinstance(candidate, asyncpg.exceptions.InternalClientError):
+            return "cannot switch to state" in str(candidate)
+        if isinstance(candidate, asyncpg.InterfaceError) and "connection is closed" in str(
+            candidate
+        ):
+            return True
+    return False
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, what SQLAlchemy wrapped (``.orig``) and the causes, without cycles."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or any(current is s for s in seen) or len(seen) > 8:
+            continue
+        seen.append(current)
+        todo.extend([getattr(current, "orig", None), current.__cause__, current.__context__])
+    return seen
 
 
 def _sqlstate(exc: BaseException) -> str:
@@ -68,8 +113,7 @@ def _sqlstate(exc: BaseException) -> str:
 
 
 def _raise_asyncpg(exc: BaseException) -> None:
-    name = type(exc).__name__
-    if any(part in name for part in _ASYNCPG_UNAVAILABLE):
+    if is_connection_error(exc):
         raise DatabaseUnavailable(f"database unavailable: {_short(exc)}") from exc
     sqlstate = _sqlstate(exc)
     if sqlstate.startswith("22"):

@@ -140,3 +140,9 @@ class RunStore(Protocol):
     async def renew(self, claim: Claim, lease_until: datetime) -> None: ...
 
     async def release(self, claim: Claim, now: datetime) -> None: ...
+
+    async def written(self, claim: Claim, seq: int) -> str | None:
+        """If the write of step ``seq`` under ``claim``'s lease is in the database (an earlier
+        :meth:`write` committed although its answer was lost), the execution's status now;
+        else ``None``."""
+        ...

@@ -16,8 +16,9 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from conveyor.errors import LeaseLost
-from conveyor.store._errors import translate_errors
+from conveyor.errors import DatabaseUnavailable, LeaseLost
+from conveyor.store._errors import never_sent, translate_errors
+from conveyor.store.pg._conn import discard
 from conveyor.store.runs import Claim, ExecutionWrite, StepWrite, TimerWrite, Unclaimed
 
 __all__ = ["PgRunStore"]
@@ -56,6 +57,11 @@ SELECT step_id, output FROM step_runs
  WHERE tenant_id = $1 AND execution_id = $2 AND status = 'succeeded' ORDER BY seq
 """
 
+_WRITTEN = """
+SELECT e.status FROM executions e
+  JOIN step_runs s ON s.execution_id = e.id AND s.seq = $2
+ WHERE e.id = $1 AND e.lease = $3
+"""
 _RENEW = "UPDATE executions SET lease_expires_at = $3 WHERE id = $1 AND lease = $2 RETURNING 1"
 _RELEASE = """
 UPDATE executions SET lease_expires_at = $3
@@ -157,6 +163,10 @@ class PgRunStore:
         async with self.session() as session:
             await session.release(claim, now)
 
+    async def written(self, claim: Claim, seq: int) -> str | None:
+        async with self.session() as session:
+            return await session.written(claim, seq)
+
 
 class _PgSession:
     """The statements, on one connection held between calls until :meth:`idle`."""
@@ -177,14 +187,30 @@ class _PgSession:
         if con is not None:
             await self._pool.release(con)
 
+    async def _call(self, method: str, sql: str, *args: Any) -> Any:
+        """``con.<method>(sql, *args)`` on the held connection. A broken connection is
+        discarded (never reused); a statement that provably never reached the server is sent
+        once more on a fresh one (see :mod:`conveyor.store.pg._conn`)."""
+        retried = False
+        while True:
+            con = await self._connection()
+            try:
+                with translate_errors():
+                    return await getattr(con, method)(sql, *args)
+            except DatabaseUnavailable as exc:
+                self._con = None
+                await discard(self._pool, con)
+                if retried or not never_sent(exc):
+                    raise
+                await self._pool.expire_connections()
+                retried = True
+
     @asynccontextmanager
     async def session(self) -> AsyncIterator[_PgSession]:
         yield self
 
     async def claim(self, execution_id: str, now: datetime, lease_until: datetime) -> Claim | None:
-        con = await self._connection()
-        with translate_errors():
-            row = await con.fetchrow(_CLAIM, execution_id, now, lease_until)
+        row = await self._call("fetchrow", _CLAIM, execution_id, now, lease_until)
         if row is None:
             return None
         raw_input = row["input"]
@@ -204,17 +230,13 @@ class _PgSession:
         )
 
     async def unclaimed(self, execution_id: str) -> Unclaimed:
-        con = await self._connection()
-        with translate_errors():
-            row = await con.fetchrow(_UNCLAIMED, execution_id)
+        row = await self._call("fetchrow", _UNCLAIMED, execution_id)
         if row is None:
             return Unclaimed(None)
         return Unclaimed(row["status"], row["lease_expires_at"], row["wake_at"])
 
     async def completed_outputs(self, tenant_id: str, execution_id: str) -> dict[str, Any]:
-        con = await self._connection()
-        with translate_errors():
-            rows = await con.fetch(_OUTPUTS, tenant_id, execution_id)
+        rows = await self._call("fetch", _OUTPUTS, tenant_id, execution_id)
         return {
             r["step_id"]: None if r["output"] is None else json.loads(r["output"]) for r in rows
         }
@@ -263,21 +285,19 @@ class _PgSession:
                 timer_seq=timer.seq,
                 timer_due=timer.due_at,
             )
-        con = await self._connection()
-        with translate_errors():
-            status = await con.fetchval(sql, *[values[name] for name in order])
+        status = await self._call("fetchval", sql, *[values[name] for name in order])
         if status is None:
             raise LeaseLost(execution_id=claim.execution_id, lease=claim.lease)
         return str(status)
 
     async def renew(self, claim: Claim, lease_until: datetime) -> None:
-        con = await self._connection()
-        with translate_errors():
-            found = await con.fetchval(_RENEW, claim.execution_id, claim.lease, lease_until)
+        found = await self._call("fetchval", _RENEW, claim.execution_id, claim.lease, lease_until)
         if found is None:
             raise LeaseLost(execution_id=claim.execution_id, lease=claim.lease)
 
     async def release(self, claim: Claim, now: datetime) -> None:
-        con = await self._connection()
-        with translate_errors():
-            await con.execute(_RELEASE, claim.execution_id, claim.lease, now)
+        await self._call("execute", _RELEASE, claim.execution_id, claim.lease, now)
+
+    async def written(self, claim: Claim, seq: int) -> str | None:
+        status = await self._call("fetchval", _WRITTEN, claim.execution_id, seq, claim.lease)
+        return None if status is None else str(status)

@@ -14,8 +14,8 @@ import json
 from datetime import datetime
 from typing import Any
 
-from conveyor.store._errors import translate_errors
 from conveyor.store._types import dumps
+from conveyor.store.pg._conn import call
 from conveyor.store.records import Execution
 
 __all__ = ["PgStatements", "execution_from_record"]
@@ -107,9 +107,7 @@ class PgStatements:
         self._pool = pool
 
     async def _fetchrow(self, sql: str, *args: Any) -> Any:
-        with translate_errors():
-            async with self._pool.acquire() as con:
-                return await con.fetchrow(sql, *args)
+        return await call(self._pool, "fetchrow", sql, *args)
 
     async def api_key(self, prefix: str) -> Any:
         return await self._fetchrow(_KEY, prefix)

@@ -197,6 +197,20 @@ class SqlRunStore:
             async with self._single.connect() as conn:
                 await conn.execute(_SQL["release"], params)
 
+    async def written(self, claim: Claim, seq: int) -> str | None:
+        statement = (
+            select(executions.c.status)
+            .join(
+                step_runs,
+                (step_runs.c.execution_id == executions.c.id) & (step_runs.c.seq == seq),
+            )
+            .where(executions.c.id == claim.execution_id, executions.c.lease == claim.lease)
+        )
+        with translate_errors():
+            async with self._single.connect() as conn:
+                status = (await conn.execute(statement)).scalar()
+        return None if status is None else str(status)
+
 
 def _step_params(claim: Claim, step: StepWrite) -> dict[str, Any]:
     return {
