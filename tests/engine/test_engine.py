@@ -1,4 +1,7 @@
-"""The engine on both backends: step types, persistence, retries, timeouts, truncation."""
+"""The engine on both backends: step types, persistence, retries, timeouts, attempts.
+
+Output limits and ``select``: test_output_limits.py.
+"""
 
 from __future__ import annotations
 
@@ -88,6 +91,7 @@ async def test_delay_parks_on_a_timer_and_continues_after_it(
     engine = Engine(store, settings, step_runner=recorder)
     parked = await engine.run(execution_id)
     assert parked.kind is OutcomeKind.WAITING and parked.wake_at is not None
+    assert parked.queue_latency_ms is not None
     waiting = await store.executions.get(tenant, execution_id, with_steps=True)
     assert waiting.status == "waiting" and waiting.wake_at == parked.wake_at
     assert waiting.next_step == 2 and [s.step_id for s in waiting.steps] == ["a", "wait"]
@@ -100,9 +104,39 @@ async def test_delay_parks_on_a_timer_and_continues_after_it(
     await asyncio.sleep(max(early.retry_after_s, 0) + 0.05)
     resumed = await engine.run(execution_id)
     assert resumed.kind is OutcomeKind.SUCCEEDED and resumed.steps_run == 1
+    assert resumed.queue_latency_ms is None  # measured once, on the run that started it
     assert recorder.calls == {"a": 1, "wait": 1, "b": 1}
     done = await store.executions.get(tenant, execution_id, with_steps=True)
-    assert done.output == done.steps[1].output["until"] and done.attempts == 2
+    assert done.output == done.steps[1].output["until"]
+    assert done.attempts == 1  # resuming after a delay is not another attempt
+
+
+async def test_attempts_count_deliveries_that_ran_work_not_resumptions(
+    store: Store, settings: Settings
+) -> None:
+    tenant, execution_id = await start(
+        store,
+        [
+            {"id": "wait", "type": "delay", "seconds": 0.1},
+            {"id": "again", "type": "delay", "seconds": 0.1},
+            {"id": "b", "type": "noop"},
+        ],
+    )
+    engine = Engine(store, settings)
+    assert (await engine.run(execution_id)).kind is OutcomeKind.WAITING
+    await asyncio.sleep(0.15)
+    # a runner resumes after the timer and dies at once (its lease expires immediately)
+    now = utcnow()
+    resumed = await store.runs.claim(execution_id, now, now)
+    assert resumed is not None and resumed.attempts == 1
+    assert (await store.executions.get(tenant, execution_id)).attempts == 1
+    # the redelivery that recovers it ran work again: that is an attempt
+    assert (await engine.run(execution_id)).kind is OutcomeKind.WAITING
+    assert (await store.executions.get(tenant, execution_id)).attempts == 2
+    await asyncio.sleep(0.15)
+    assert (await engine.run(execution_id)).kind is OutcomeKind.SUCCEEDED
+    done = await store.executions.get(tenant, execution_id)
+    assert done.status == "succeeded" and done.attempts == 2
 
 
 async def test_retries_with_backoff(store: Store, settings: Settings) -> None:
@@ -207,26 +241,6 @@ async def test_a_runner_bug_fails_the_step_not_the_engine(store: Store, settings
     assert outcome.kind is OutcomeKind.FAILED
     failed = await store.executions.get(tenant, execution_id)
     assert failed.error["type"] == "InternalError"
-
-
-async def test_outputs_above_the_limit_are_truncated(store: Store, settings: Settings) -> None:
-    assert settings.step_output_max_bytes == 4096
-    tenant, execution_id = await start(
-        store,
-        [
-            {"id": "big", "type": "transform", "expression": "input.blob"},
-            {"id": "sees", "type": "transform", "expression": "steps.big.truncated"},
-        ],
-        {"blob": "é" * 5000},
-    )
-    outcome = await Engine(store, settings).run(execution_id)
-    assert outcome.kind is OutcomeKind.SUCCEEDED
-    done = await store.executions.get(tenant, execution_id, with_steps=True)
-    big = done.steps[0]
-    assert big.output_truncated and big.output["truncated"] is True
-    assert big.output["size_bytes"] > 4096 and len(big.output["preview"].encode()) <= 2048
-    assert done.steps[1].output is True  # later steps see the stored (truncated) value
-    assert not done.steps[1].output_truncated
 
 
 async def test_missing_and_already_finished(store: Store, settings: Settings) -> None:

@@ -15,6 +15,7 @@ from conveyor.workflows.definition import (
     GotoAction,
     HttpStep,
     RetryPolicy,
+    TransformStep,
     WorkflowDefinition,
     parse_definition,
     validate_input,
@@ -187,6 +188,19 @@ def test_condition_defaults() -> None:
         ({"id": "n", "type": "noop", "retry": {"attempts": 0}}, "retry.attempts", "greater"),
         ({"id": "n", "type": "noop", "retry": {"backoff": "linear"}}, "retry.backoff", "fixed"),
         ({"id": "n", "type": "noop", "retry": {"attemps": 2}}, "retry.attemps", "Extra inputs"),
+        (
+            {"id": "t", "type": "transform", "expression": "@", "select": "items[["},
+            "select",
+            "invalid expression",
+        ),
+        (
+            {"id": "f", "type": "http", "url": "https://x", "select": "eval(body)"},
+            "select",
+            "unknown function 'eval'",
+        ),
+        ({"id": "f", "type": "http", "url": "https://x", "select": ""}, "select", "at least 1"),
+        ({"id": "n", "type": "noop", "select": "a"}, "select", "Extra inputs"),
+        ({"id": "d", "type": "delay", "seconds": 1, "select": "a"}, "select", "Extra inputs"),
         ({"id": "n", "type": "teleport"}, "type", "'type' must be one of: http, transform"),
         ({"id": "n"}, "type", "'type' must be one of"),
         ({"id": "1st", "type": "noop"}, "id", "should match pattern"),
@@ -296,6 +310,22 @@ def test_message_summarises_first_problem() -> None:
     )
 
 
+def test_select_is_kept_and_checked_like_other_expressions() -> None:
+    doc = with_steps(
+        {"id": "f", "type": "http", "url": "https://x", "select": "body.items[*].id"},
+        {"id": "t", "type": "transform", "expression": "input", "select": "{n: n}"},
+    )
+    schema = workflow_json_schema()
+    jsonschema.validate(doc, schema)
+    definition = parse_definition(doc)
+    fetch, shape = definition.steps
+    assert isinstance(fetch, HttpStep) and fetch.select == "body.items[*].id"
+    assert isinstance(shape, TransformStep) and shape.select == "{n: n}"
+    assert parse_definition(definition.to_document()) == definition
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(with_steps({"id": "n", "type": "noop", "select": "a"}), schema)
+
+
 def test_retry_policy_delays() -> None:
     exponential = RetryPolicy(attempts=5, backoff="exponential", delay_s=1, max_delay_s=5)
     assert [exponential.delay_after(n) for n in range(1, 6)] == [1, 2, 4, 5, 5]
@@ -324,6 +354,11 @@ def test_json_schema_accepts_good_and_describes_steps() -> None:
         "RetryPolicy",
     }
     assert "else" in schema["$defs"]["ConditionStep"]["properties"]
+    for name in ("HttpStep", "TransformStep"):
+        select = schema["$defs"][name]["properties"]["select"]
+        assert "JMESPath" in select["description"]
+    for name in ("ConditionStep", "DelayStep", "NoopStep"):
+        assert "select" not in schema["$defs"][name]["properties"]
     schema["title"] = "changed"
     assert workflow_json_schema()["title"] != "changed"
 

@@ -144,3 +144,24 @@ async def test_http_step_with_shared_and_temporary_client(local_server: LocalSer
         again = await run_step(call, ctx({"x": 2}, http=client))
     assert again.output["body"]["hello"] == "world"
     assert [seen.path for seen in local_server.requests] == ["/json?x=1", "/json?x=2"]
+
+
+async def test_select_keeps_part_of_the_output(local_server: LocalServer) -> None:
+    transform = step(type="transform", expression="input", select="items[?n > `1`].n")
+    result = await run_step(transform, ctx({"items": [{"n": 1}, {"n": 2}, {"n": 3}]}))
+    assert result.output == [2, 3]
+    call = step(
+        type="http", url=local_server.url("/json", "localhost"), select="{s: status, h: body.hello}"
+    )
+    async with SafeHttpClient(make_settings("localhost")) as client:
+        fetched = await run_step(call, ctx(http=client))
+    assert fetched.output == {"s": 200, "h": "world"}
+
+
+async def test_select_sees_only_the_output_and_its_failure_is_permanent() -> None:
+    transform = step(type="transform", expression="input.a", select="input")
+    assert (await run_step(transform, ctx({"a": {"b": 1}}))).output is None
+    picky = step(type="transform", expression="input", select="sum(@)")
+    with pytest.raises(ExpressionError, match=r"^select: expression failed") as info:
+        await run_step(picky, ctx("text"))
+    assert isinstance(info.value, PermanentStepError)

@@ -10,7 +10,9 @@
 3. For each step from the cursor: run it (retry policy, timeout, lease renewal while a slow
    step runs), then persist the step run and the execution's new cursor/status in ONE
    transaction fenced by ``WHERE lease = :mine`` — committed before the next step starts. A
-   stale runner's write matches no row: :class:`~conveyor.errors.LeaseLost`, it stops.
+   stale runner's write matches no row: :class:`~conveyor.errors.LeaseLost`, it stops. An
+   output (after the step's ``select``) above ``STEP_OUTPUT_MAX_BYTES``, or not JSON, fails
+   the step for good (``output_too_large`` / ``output_not_json``): nothing is truncated.
 4. A ``delay`` step writes a timer row and parks the execution (``waiting``) in the same
    transaction, and the run returns: no worker slot is held while waiting. When the timer
    fires, the next run continues after the delay step.
@@ -31,7 +33,15 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from conveyor.engine._outcome import OutcomeKind, RunOutcome
-from conveyor.engine._plan import Encoded, Plan, PlanCache, describe_error, encode
+from conveyor.engine._plan import (
+    NO_OUTPUT,
+    Encoded,
+    OutputRejected,
+    Plan,
+    PlanCache,
+    describe_error,
+    encode_output,
+)
 from conveyor.errors import (
     DatabaseUnavailable,
     LeaseLost,
@@ -79,6 +89,8 @@ class _StepDone:
     started_at: datetime
     finished_at: datetime
     result: StepResult | None = None
+    output: Encoded = NO_OUTPUT
+    """The result's output as stored (checked against the limit)."""
     error: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -252,17 +264,27 @@ class Engine:
         run = _Run(runs, claim, plan, outputs, abandon, claim.next_step, claim.steps_run)
         while True:
             if run.index >= len(plan.steps):
-                output = run.last_output or encode(
-                    next(reversed(outputs.values()), None), self._max_output
-                )
-                return await self._finish(
-                    runs, claim, _Progress(run.index, run.seq, run.ran), "succeeded", output=output
-                )
+                return await self._finish_at_end(run)
             if abandon is not None and abandon.is_set():
                 raise _Abandoned
             outcome = await self._step(run)
             if outcome is not None:
                 return outcome
+
+    async def _finish_at_end(self, run: _Run) -> RunOutcome:
+        """Succeed with the last completed step's output (a run that resumes at the end, after
+        a final ``delay``). That output is checked against this runner's limit like any other:
+        one that no longer fits fails the execution rather than being cut."""
+        at = _Progress(run.index, run.seq, run.ran)
+        output = run.last_output
+        if output is None and run.outputs:
+            step_id, value = next(reversed(run.outputs.items()))
+            try:
+                output = encode_output(run.plan.by_id(step_id), value, self._max_output)
+            except OutputRejected as exc:
+                error = {"step": step_id, **describe_error(exc)}
+                return await self._finish(run.runs, run.claim, at, "failed", error=error)
+        return await self._finish(run.runs, run.claim, at, "succeeded", output=output)
 
     async def _finish(
         self,
@@ -300,7 +322,9 @@ class Engine:
         timer_id: str | None = None,
     ) -> RunOutcome:
         latency = None
-        if claim.attempts == 1:
+        # the run that started the execution (resuming after a delay is no new attempt, but
+        # it has steps behind it)
+        if claim.attempts == 1 and claim.steps_run == 0:
             latency = (claim.started_at - claim.queued_at).total_seconds() * 1000.0
         return RunOutcome(
             claim.execution_id,
@@ -346,7 +370,7 @@ class Engine:
         wake_at: datetime | None = None,
     ) -> RunOutcome | None:
         claim, index = run.claim, run.index
-        output = encode(done.result.output if done.result else None, self._max_output)
+        output = done.output
         error = done.error
         if error is not None and done.history:
             error = {**error, "attempts": done.history}
@@ -360,7 +384,7 @@ class Engine:
             input_json=run.plan.inputs_json[index],
             output=output.value,
             output_json=output.text,
-            output_truncated=output.truncated,
+            output_truncated=False,  # never: an output that does not fit fails its step
             error=error,
             error_json=dumps(error) if error is not None else None,
             started_at=done.started_at,
@@ -462,7 +486,13 @@ class Engine:
             )
             result, error, retryable = await self._attempt(step, ctx, timeout)
             if error is None:
-                return _StepDone(attempt, started, self._clock(), result=result)
+                assert result is not None
+                try:  # an output that cannot be stored fails the try, for good (not retryable)
+                    output = encode_output(step, result.output, self._max_output)
+                except OutputRejected as exc:
+                    error = describe_error(exc)
+                else:
+                    return _StepDone(attempt, started, self._clock(), result=result, output=output)
             if policy.attempts > 1:
                 history.append({"attempt": attempt, **error})
             if not retryable or attempt >= policy.attempts:

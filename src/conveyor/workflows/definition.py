@@ -17,6 +17,11 @@ Step types (discriminated by ``type``): ``http``, ``transform``, ``condition``, 
 ``noop``. Every step has an ``id`` (``^[A-Za-z][A-Za-z0-9_-]{0,63}$``, unique), an optional
 ``retry`` policy and an optional ``timeout_s``. Unknown keys are errors (typos are caught).
 
+``http`` and ``transform`` steps take an optional ``select``: a JMESPath expression over the
+step's output (``"select": "body.items[*].id"``) whose value replaces the output — it is what
+is stored and what later steps see as ``steps.<id>``. An output (selected or not) larger than
+``STEP_OUTPUT_MAX_BYTES`` fails the step with ``output_too_large``: nothing is truncated.
+
 ``condition`` steps come in two forms (exactly one):
 
 * ``{"expression": E, "then": A, "else": A}`` — ``then`` when ``E`` is truthy (JMESPath

@@ -111,7 +111,25 @@ class _StepBase(_Model):
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
 
 
-class HttpStep(_StepBase):
+class _OutputStep(_StepBase):
+    """A step whose output is data that later steps read (``http``, ``transform``)."""
+
+    select: Expression | None = Field(
+        default=None,
+        description=(
+            "A JMESPath expression over this step's output (its root is the output, e.g. "
+            "`body.items[*].id`): only its value is kept, checked against "
+            "STEP_OUTPUT_MAX_BYTES and stored, and later steps see it as `steps.<id>`."
+        ),
+    )
+
+    @field_validator("select")
+    @classmethod
+    def _check_select(cls, value: str | None) -> str | None:
+        return None if value is None else check_expression(value)
+
+
+class HttpStep(_OutputStep):
     """Call an HTTP(S) URL. ``url``, header values and string leaves of ``body`` are templates.
 
     The step succeeds when the final status is in ``expect_status`` (default: any 2xx).
@@ -176,7 +194,7 @@ class HttpStep(_StepBase):
         return [name.lower() for name in value]
 
 
-class TransformStep(_StepBase):
+class TransformStep(_OutputStep):
     """Output the value of a JMESPath ``expression`` over the evaluation context."""
 
     type: Literal["transform"]

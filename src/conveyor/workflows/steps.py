@@ -3,7 +3,8 @@
 The engine owns everything around a step: retries (``step.retry``), the overall timeout
 (``step.timeout_s``), persistence, timers and the cursor. ``run_step`` only runs the step:
 
-* returns a :class:`StepResult` — the step's JSON ``output``, what runs ``next``
+* returns a :class:`StepResult` — the step's JSON ``output`` (only its ``select``-ed part when
+  the step has a ``select``), what runs ``next``
   (``"continue"``, ``"end"`` or a :class:`~conveyor.workflows.definition.GotoAction`), and for
   ``delay`` steps ``suspend_until`` (the engine creates a timer row and parks the execution);
 * raises :class:`~conveyor.errors.RetryableStepError` (another try may succeed: network error,
@@ -23,7 +24,14 @@ from typing import Any, Literal
 
 from conveyor.errors import PermanentStepError
 from conveyor.settings import Settings
-from conveyor.workflows.expressions import build_context, evaluate, render_template, truthy
+from conveyor.workflows.expressions import (
+    MAX_VALUE_SIZE,
+    ExpressionError,
+    build_context,
+    evaluate,
+    render_template,
+    truthy,
+)
 from conveyor.workflows.http import SafeHttpClient, execute_http
 from conveyor.workflows.step_models import (
     Action,
@@ -96,14 +104,31 @@ async def run_step(step: AnyStep, ctx: StepContext) -> StepResult:
     if isinstance(step, NoopStep):
         return StepResult()
     if isinstance(step, TransformStep):
-        return StepResult(output=evaluate(step.expression, ctx.expression_context()))
+        output = evaluate(step.expression, ctx.expression_context())
+        return StepResult(output=_select_output(step, output))
     if isinstance(step, ConditionStep):
         return _run_condition(step, ctx)
     if isinstance(step, DelayStep):
         return _run_delay(step, ctx)
     if isinstance(step, HttpStep):
-        return StepResult(output=await _run_http(step, ctx))
+        return StepResult(output=_select_output(step, await _run_http(step, ctx)))
     raise PermanentStepError(f"unknown step type {type(step).__name__}")
+
+
+def _select_output(step: HttpStep | TransformStep, output: Any) -> Any:
+    """``output`` reduced by the step's ``select`` (``output`` itself without one).
+
+    The expression sees only the output (its root, ``@``). Its result may be as large as an
+    evaluation may build (:data:`~conveyor.workflows.expressions.MAX_VALUE_SIZE`): the engine
+    then checks it against ``STEP_OUTPUT_MAX_BYTES`` exactly, with a message that says so.
+    Raises :class:`~conveyor.workflows.expressions.ExpressionError` (permanent).
+    """
+    if step.select is None:
+        return output
+    try:
+        return evaluate(step.select, output, max_size=MAX_VALUE_SIZE)
+    except ExpressionError as exc:
+        raise ExpressionError(f"select: {exc.message}") from exc
 
 
 async def _run_http(step: HttpStep, ctx: StepContext) -> dict[str, Any]:

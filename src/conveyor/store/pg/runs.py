@@ -39,7 +39,9 @@ def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
 
 _CLAIM = """
 UPDATE executions
-   SET lease = lease + 1, status = 'running', attempts = attempts + 1,
+   SET lease = lease + 1, status = 'running',
+       -- a delivery that runs work is an attempt; resuming when a delay timer is due is not
+       attempts = attempts + CASE WHEN status = 'waiting' THEN 0 ELSE 1 END,
        started_at = COALESCE(started_at, $2), lease_expires_at = $3, wake_at = NULL,
        updated_at = $2
  WHERE id = $1

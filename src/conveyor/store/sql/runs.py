@@ -61,7 +61,8 @@ def _build_statements() -> dict[str, Any]:
         .values(
             lease=e.lease + 1,
             status="running",
-            attempts=e.attempts + 1,
+            # a delivery that runs work is an attempt; resuming when a delay timer is due is not
+            attempts=e.attempts + case((e.status == "waiting", 0), else_=1),
             started_at=func.coalesce(e.started_at, now),
             lease_expires_at=bindparam("until", type_=when),
             wake_at=None,
