@@ -122,3 +122,47 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", readme))
     missing = [name.upper() for name in Settings.model_fields if name.upper() not in documented]
     assert missing == [], f"README configuration table lacks {missing}"
+
+
+def test_allowlist_entries_may_name_a_port() -> None:
+    s = load_settings(
+        {"HTTP_ALLOWLIST": "127.0.0.1:45663, [::1]:8080,10.0.0.0/8:5432,*.Internal:443"}
+    )
+    assert s.http_allowlist == (
+        "127.0.0.1:45663",
+        "[::1]:8080",
+        "10.0.0.0/8:5432",
+        "*.internal:443",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "entry"),
+    [
+        ("localhost,127.0.0.1:99999", "127.0.0.1:99999"),
+        ("127.0.0.1:redis", "127.0.0.1:redis"),
+        ("[::1", "[::1"),
+        ("::1,127.1", "127.1"),
+        ("http://hooks.internal/", "http://hooks.internal/"),
+    ],
+)
+def test_malformed_allowlist_entry_is_named(value: str, entry: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"HTTP_ALLOWLIST": value})
+    message = str(info.value)
+    assert message.startswith(f"invalid setting HTTP_ALLOWLIST={value}: entry {entry!r}: ")
+    assert "\n" not in message
+
+
+def test_cli_exits_2_on_a_malformed_allowlist_entry() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor.cli", "check"],
+        env=env_for(HTTP_ALLOWLIST="localhost,127.0.0.1:99999"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "HTTP_ALLOWLIST=" in lines[0] and "entry '127.0.0.1:99999'" in lines[0]

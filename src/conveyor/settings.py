@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -79,7 +81,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     http_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
-    """Hosts or CIDR ranges that ``http`` steps may reach although they are private/loopback."""
+    """Destinations ``http`` steps may reach although private/loopback: ``host``, ``host:port``,
+    ``cidr``, ``cidr:port`` (see :func:`parse_allowlist_entry`); without a port, any port."""
     step_output_max_bytes: PositiveInt = 256 * 1024
     heartbeat_interval_ms: PositiveInt = 5000
 
@@ -150,16 +153,12 @@ class Settings(BaseSettings):
     @field_validator("http_allowlist", mode="before")
     @classmethod
     def _split_allowlist(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = tuple(part.strip().lower() for part in value.split(",") if part.strip())
-        entries = tuple(value)
+        """A comma list becomes lower-case entries; a malformed entry is named in the error."""
+        parts = value.split(",") if isinstance(value, str) else value
+        entries = tuple(str(part).strip().lower() for part in parts if str(part).strip())
         for entry in entries:
-            if "/" in entry:
-                try:
-                    ipaddress.ip_network(entry, strict=False)
-                except ValueError:
-                    raise ValueError(f"{entry!r} is not a valid CIDR range") from None
-        return entries
+            parse_allowlist_entry(entry)
+        return tuple(dict.fromkeys(entries))
 
     @field_validator("database_url")
     @classmethod
@@ -207,6 +206,94 @@ def _check_region(value: str) -> str:
     if not _REGION_RE.match(value):
         raise ValueError(f"region {value!r} must be lower-case letters, digits and '-'")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class AllowlistEntry:
+    """One ``HTTP_ALLOWLIST`` entry, parsed: what it lets ``http`` steps reach, and on which port.
+
+    ``target`` is a host name (``api.internal``), a domain suffix with its leading dot
+    (``.internal``, written ``*.internal``) or an address range (a single address is a /32 or
+    /128 range). ``port`` is the one destination port the entry opens; ``None`` opens every
+    port of the target.
+    """
+
+    target: str | ipaddress.IPv4Network | ipaddress.IPv6Network
+    port: int | None = None
+
+
+_HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+
+
+def parse_allowlist_entry(text: str) -> AllowlistEntry:
+    """Read one ``HTTP_ALLOWLIST`` entry: ``host``, ``host:port``, ``cidr`` or ``cidr:port``.
+
+    A host is a name, ``*.suffix``, an IPv4 address or an IPv6 address; with a port, an IPv6
+    address or range goes in brackets (``[::1]:8080``, ``[fd00::/8]:443``). Raises
+    :class:`ValueError` whose message names the entry and what is wrong with it.
+    """
+    entry = text.strip().lower()
+    try:
+        where, port = _split_port(entry)
+        return AllowlistEntry(_allowlist_target(where, bracketed=entry.startswith("[")), port)
+    except ValueError as exc:
+        raise ValueError(f"entry {entry!r}: {exc}") from None
+
+
+def _split_port(entry: str) -> tuple[str, int | None]:
+    """``(host or range, port or None)``; an IPv6 literal with a port is in brackets."""
+    if "://" in entry:
+        raise ValueError("write host, host:port, cidr or cidr:port, not a URL")
+    if entry.startswith("["):
+        inside, closed, rest = entry[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError("write an IPv6 address with a port as [address]:port")
+        return inside, _allowlist_port(rest[1:]) if rest else None
+    if entry.count(":") == 1:
+        where, _, port = entry.partition(":")
+        return where, _allowlist_port(port)
+    return entry, None  # a name, an IPv4 address/range, or an IPv6 one without a port
+
+
+def _allowlist_port(text: str) -> int:
+    if not _PORT.match(text) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+def _allowlist_target(
+    where: str, *, bracketed: bool
+) -> str | ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if "/" in where:
+        try:
+            network = ipaddress.ip_network(where, strict=False)
+        except ValueError:
+            raise ValueError("not a valid CIDR range") from None
+    else:
+        try:
+            network = ipaddress.ip_network(ipaddress.ip_address(where))
+        except ValueError:
+            if bracketed or ":" in where:
+                raise ValueError("not a valid IPv6 address") from None
+            return _allowlist_host_name(where)
+    if bracketed and network.version != 6:
+        raise ValueError("brackets are only for IPv6 addresses")
+    return network
+
+
+def _allowlist_host_name(where: str) -> str:
+    """``name`` or ``.suffix`` (from ``*.suffix``); numeric forms other than dotted-decimal
+    IPv4 (``127.1``, ``0x7f000001``) are refused rather than read as names."""
+    wildcard = where.startswith(("*.", "."))
+    name = where.removeprefix("*").removeprefix(".").removesuffix(".")
+    if not name or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+        raise ValueError("not a host name, IP address or CIDR range")
+    try:
+        socket.inet_aton(name)
+    except OSError:
+        return f".{name}" if wildcard else name
+    raise ValueError("write an IPv4 address as four decimal numbers, e.g. 127.0.0.1")
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

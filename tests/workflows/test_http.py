@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import select
+import socket
+import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
 
 import httpcore
 import pytest
@@ -376,3 +380,160 @@ async def test_userinfo_does_not_hide_the_real_host(local_server: LocalServer) -
     url = f"http://localhost@127.0.0.2:{local_server.port}/json"
     with pytest.raises(PermanentStepError, match=r"refused to connect to '127\.0\.0\.2'"):
         await run_step(http_step(url=url), ctx("localhost"))
+
+
+# --- stale kept-alive connections -----------------------------------------------------------------
+
+Ending = Literal["reset", "eof", "unanswered", "partial"]
+
+
+class KeepAliveServer:
+    """A raw HTTP/1.1 server whose connections end badly, counting the requests it reads.
+
+    Each connection answers its first request as if keeping the connection alive, then:
+
+    * ``reset`` — closes it when the next request arrives, without reading it (the peer sees a
+      reset), as a server whose idle timeout fires just as the request comes in;
+    * ``eof`` — the same, but the bytes are taken off the socket (never parsed as a request)
+      before the close, so the peer sees a clean end of stream: "Server disconnected without
+      sending a response";
+    * ``partial`` — reads the next request, sends half a status line and closes;
+    * ``unanswered`` — does not answer even the first request: reads it and closes.
+    """
+
+    def __init__(self, ending: Ending) -> None:
+        self.ending = ending
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, name="keepalive-server", daemon=True).start()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            if not self._read_request(conn) or self.ending == "unanswered":
+                return
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+            )
+            select.select([conn], [], [], 10)  # the client's next request is here
+            if self.ending == "eof":
+                conn.recv(65536)
+            elif self.ending == "partial" and self._read_request(conn):
+                conn.sendall(b"HTTP/1.1 2")
+
+    def _read_request(self, conn: socket.socket) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        while len(body) < length:
+            body += conn.recv(65536)
+        self.requests.append(head.split(b"\r\n", 1)[0])
+        return True
+
+
+@pytest.fixture
+def keepalive_server(request: pytest.FixtureRequest) -> Iterator[KeepAliveServer]:
+    server = KeepAliveServer(request.param)
+    yield server
+    server.close()
+
+
+def post_step(server: KeepAliveServer, n: int) -> HttpStep:
+    return http_step(url=server.url(f"/hook/{n}"), method="POST", body={"n": n})
+
+
+def keyed_post_step(server: KeepAliveServer, n: int) -> HttpStep:
+    return http_step(
+        url=server.url(f"/hook/{n}"), method="POST", body={"n": n},
+        headers={"Idempotency-Key": f"k{n}"},
+    )  # fmt: skip
+
+
+def get_step(server: KeepAliveServer, n: int) -> HttpStep:
+    return http_step(url=server.url(f"/hook/{n}"))
+
+
+@pytest.mark.parametrize("keepalive_server", ["reset", "eof"], indirect=True)
+@pytest.mark.parametrize(("make_step", "method"), [(get_step, "GET"), (keyed_post_step, "POST")])
+async def test_a_request_on_a_connection_the_server_closed_is_sent_again(
+    keepalive_server: KeepAliveServer,
+    caplog: pytest.LogCaptureFixture,
+    make_step: Any,
+    method: str,
+) -> None:
+    """A request that may arrive twice (idempotent method, or an Idempotency-Key) is sent once
+    more on a fresh connection when the kept-alive one turns out closed."""
+    caplog.set_level(logging.INFO, logger=transport.__name__)
+    async with SafeHttpClient(make_settings(f"127.0.0.1:{keepalive_server.port}")) as client:
+        for n in range(3):
+            result = await run_step(make_step(keepalive_server, n), ctx(http=client))
+            assert result.output["status"] == 200
+    # one request per step call reached the server: no duplicate side effect
+    assert keepalive_server.requests == [f"{method} /hook/{n} HTTP/1.1".encode() for n in range(3)]
+    assert keepalive_server.connections == 3
+    resent = [r for r in caplog.records if r.msg == "http.stale_connection"]
+    assert len(resent) == 2
+
+
+@pytest.mark.parametrize("keepalive_server", ["eof"], indirect=True)
+async def test_a_post_without_an_idempotency_key_is_never_sent_twice(
+    keepalive_server: KeepAliveServer,
+) -> None:
+    """A plain POST on a stale connection fails (retryable) rather than risk arriving twice:
+    the server may have read it before closing."""
+    async with SafeHttpClient(make_settings(f"127.0.0.1:{keepalive_server.port}")) as client:
+        await run_step(post_step(keepalive_server, 0), ctx(http=client))
+        with pytest.raises(RetryableStepError):
+            await run_step(post_step(keepalive_server, 1), ctx(http=client))
+    assert keepalive_server.requests == [b"POST /hook/0 HTTP/1.1"]
+
+
+@pytest.mark.parametrize("keepalive_server", ["unanswered"], indirect=True)
+async def test_a_request_the_server_read_is_not_sent_again(
+    keepalive_server: KeepAliveServer,
+) -> None:
+    async with SafeHttpClient(make_settings(f"127.0.0.1:{keepalive_server.port}")) as client:
+        with pytest.raises(RetryableStepError, match="RemoteProtocolError"):
+            await run_step(post_step(keepalive_server, 0), ctx(http=client))
+    assert keepalive_server.requests == [b"POST /hook/0 HTTP/1.1"]
+    assert keepalive_server.connections == 1
+
+
+@pytest.mark.parametrize("keepalive_server", ["partial"], indirect=True)
+async def test_a_request_with_part_of_an_answer_is_not_sent_again(
+    keepalive_server: KeepAliveServer,
+) -> None:
+    async with SafeHttpClient(make_settings(f"127.0.0.1:{keepalive_server.port}")) as client:
+        await run_step(post_step(keepalive_server, 0), ctx(http=client))
+        with pytest.raises(RetryableStepError, match="RemoteProtocolError"):
+            await run_step(post_step(keepalive_server, 1), ctx(http=client))
+    assert keepalive_server.requests == [b"POST /hook/0 HTTP/1.1", b"POST /hook/1 HTTP/1.1"]
+    assert keepalive_server.connections == 1

@@ -2,7 +2,8 @@
 
 For every hop (the first request and each redirect, followed by hand):
 
-1. Only ``http``/``https`` URLs are accepted.
+1. Only ``http``/``https`` URLs are accepted. The destination port is the URL's, or 80/443
+   from its scheme.
 2. The host is resolved **once**, in this module (:func:`_resolve`); IP literals — also the
    legacy forms ``connect()`` accepts, such as ``127.1``, ``0x7f000001``, ``2130706433``,
    ``0177.0.0.1`` — are parsed as addresses without any lookup.
@@ -10,16 +11,21 @@ For every hop (the first request and each redirect, followed by hand):
    link-local (169.254/16 with the cloud metadata address, fe80::/10), unspecified,
    multicast, reserved and other non-global ranges are refused — also when embedded in IPv6
    (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible, NAT64 ``64:ff9b::/96``, 6to4) — unless
-   ``settings.http_allowlist`` names the host (``name``, ``*.suffix``) or an address/CIDR
-   containing the address. If any address of a host is refused, the host is refused.
-4. The connection goes to the checked addresses only (:mod:`conveyor.workflows.transport`):
-   the network backend looks the host up in a per-request pin table and never resolves names
-   itself, so there is no DNS-rebinding window. Host header, TLS SNI and certificate
+   ``settings.http_allowlist`` has an entry for the destination port (or for any port) that
+   names the host (``name``, ``*.suffix``) or an address/CIDR containing the address. If any
+   address of a host is refused, the host is refused.
+4. The connection goes to the checked addresses and port only
+   (:mod:`conveyor.workflows.transport`): the network backend looks ``(host, port)`` up in a
+   per-request pin table and never resolves names itself, so there is no DNS-rebinding window
+   and no connection to a port that was not checked. Host header, TLS SNI and certificate
    verification still use the original host name. A connection for a host with no pin is
    refused (fail closed). Proxies from the environment are ignored; cookies are never kept.
 
 Bodies are streamed and the request fails as soon as more than ``max_response_bytes`` (after
 content decoding) arrive; the whole call — lookups, redirects, body — runs under one timeout.
+
+The transport sends a request a second time only when a kept-alive connection that the server
+had closed failed it before any byte of answer (see :mod:`conveyor.workflows.transport`).
 
 Errors: network errors, timeouts, 408/425/429 and 5xx → :class:`RetryableStepError`; refusals,
 bad URLs, oversize responses and other 4xx → :class:`PermanentStepError`.
@@ -52,6 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HTTP_TIMEOUT_S",
+    "CheckedDestination",
     "HttpResponse",
     "SafeHttpClient",
     "address_refusal",
@@ -88,6 +95,23 @@ async def _resolve(host: str, port: int) -> list[str]:
 
 
 # --- client ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedDestination:
+    """Where one hop may connect after the SSRF check: the pin a connection must match."""
+
+    host: str
+    """The URL's host as httpcore sees it (lower-case, trailing dot kept): the pin key."""
+    port: int
+    """The destination port: the URL's, or 80/443 from its scheme."""
+    addresses: tuple[str, ...]
+    """The checked addresses, tried in this order."""
+
+    @property
+    def pins(self) -> dict[tuple[str, int], tuple[str, ...]]:
+        """The pin table for :data:`~conveyor.workflows.transport.PINS`."""
+        return {(self.host, self.port): self.addresses}
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +159,8 @@ class SafeHttpClient:
         if client is not None:
             await client.aclose()
 
-    async def check_url(self, url: httpx.URL) -> tuple[str, tuple[str, ...]]:
-        """Resolve and check ``url``'s host; returns ``(pin key, checked addresses)``.
+    async def check_url(self, url: httpx.URL) -> CheckedDestination:
+        """Resolve and check ``url``'s host for its destination port.
 
         Raises :class:`PermanentStepError` for a refused URL, :class:`RetryableStepError` when
         the name cannot be resolved.
@@ -150,34 +174,43 @@ class SafeHttpClient:
         if not host:
             raise PermanentStepError("refused URL without a host", url=str(url))
         port = url.port or (443 if url.scheme == "https" else 80)
+        addresses = await self._addresses(url, host, port)
+        if not self._allow.names_host(host, port):
+            for address in addresses:
+                self._check_address(host, address, port)
+        return CheckedDestination(key, port, addresses)
+
+    async def _addresses(self, url: httpx.URL, host: str, port: int) -> tuple[str, ...]:
+        """The addresses ``host`` denotes: an IP literal itself, else one DNS lookup."""
         literal = parse_ip_literal(host)
         if literal is not None:
-            addresses = [str(literal)]
-        else:
-            try:
-                addresses = await _resolve(host, port)
-            except (OSError, UnicodeError) as exc:
-                raise RetryableStepError(
-                    f"could not resolve host {host!r}: {exc}", url=str(url)
-                ) from exc
+            return (str(literal),)
+        try:
+            addresses = await _resolve(host, port)
+        except (OSError, UnicodeError) as exc:
+            raise RetryableStepError(
+                f"could not resolve host {host!r}: {exc}", url=str(url)
+            ) from exc
         if not addresses:
             raise RetryableStepError(f"host {host!r} has no addresses", url=str(url))
-        if not self._allow.names_host(host):
-            for address in addresses:
-                self._check_address(host, address)
-        return key, tuple(addresses)
+        return tuple(addresses)
 
-    def _check_address(self, host: str, address: str) -> None:
+    def _check_address(self, host: str, address: str, port: int) -> None:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
         reason = address_refusal(ip)
-        if reason is None or self._allow.contains(ip):
+        if reason is None or self._allow.contains(ip, port):
             return
-        logger.warning("http.refused", extra={"host": host, "address": address, "reason": reason})
+        logger.warning(
+            "http.refused",
+            extra={"host": host, "address": address, "port": port, "reason": reason},
+        )
+        entry = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
         raise PermanentStepError(
             f"refused to connect to {host!r}: {address} is {reason} "
-            "(add it to HTTP_ALLOWLIST to allow it)",
+            f"(to allow it, add {entry} to HTTP_ALLOWLIST)",
             host=host,
             address=address,
+            port=port,
         )
 
     async def request(
@@ -237,11 +270,11 @@ class SafeHttpClient:
     ) -> HttpResponse:
         assert self._client is not None
         for hop in range(max_redirects + 1):
-            key, addresses = await self.check_url(url)
+            destination = await self.check_url(url)
             request = self._client.build_request(
                 method, url, headers=headers, content=content, timeout=timeout_s
             )
-            token = PINS.set({key: addresses})
+            token = PINS.set(destination.pins)
             started = time.monotonic()
             try:
                 response = await self._client.send(request, stream=True)

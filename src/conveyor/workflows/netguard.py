@@ -8,7 +8,8 @@
   addresses, unspecified, multicast, reserved, anything not globally routable — also when an
   IPv4 address is embedded in IPv6 (IPv4-mapped, IPv4-compatible, NAT64 64:ff9b::/96, 6to4).
 * :class:`AllowList` holds ``settings.http_allowlist``: host names (``name`` or
-  ``*.suffix``), single addresses, and CIDR ranges.
+  ``*.suffix``), single addresses and CIDR ranges, each for one destination port or for any
+  (:func:`conveyor.settings.parse_allowlist_entry` reads the entries).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from conveyor.settings import AllowlistEntry, parse_allowlist_entry
 
 __all__ = ["AllowList", "IPAddress", "address_refusal", "parse_ip_literal"]
 
@@ -88,35 +91,44 @@ def address_refusal(ip: IPAddress) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class AllowList:
-    names: frozenset[str]
-    suffixes: tuple[str, ...]
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    """The destinations that ``http`` steps may reach although they are not public.
+
+    Every question names the destination port (the URL's, or 80/443 from its scheme): an entry
+    with a port opens only that port, an entry without one opens them all.
+    """
+
+    entries: tuple[AllowlistEntry, ...]
 
     @classmethod
     def from_entries(cls, entries: Iterable[str]) -> AllowList:
-        names: set[str] = set()
-        suffixes: list[str] = []
-        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for raw in entries:
-            entry = raw.strip().lower().rstrip(".")
-            literal = parse_ip_literal(entry) if "/" not in entry else None
-            if "/" in entry:
-                networks.append(ipaddress.ip_network(entry, strict=False))
-            elif literal is not None:
-                networks.append(ipaddress.ip_network(literal))
-            elif entry.startswith(("*.", ".")):
-                suffixes.append("." + entry.lstrip("*."))
-            elif entry:
-                names.add(entry)
-        return cls(frozenset(names), tuple(suffixes), tuple(networks))
+        """Parse ``settings.http_allowlist`` (already validated when the settings were loaded)."""
+        return cls(tuple(parse_allowlist_entry(entry) for entry in entries))
 
-    def names_host(self, host: str) -> bool:
-        return host in self.names or any(host.endswith(s) for s in self.suffixes)
+    def names_host(self, host: str, port: int) -> bool:
+        """Whether an entry names ``host`` (exactly or by ``*.suffix``) on ``port``."""
+        return any(
+            _opens(entry, port) and _names(entry.target, host)
+            for entry in self.entries
+            if isinstance(entry.target, str)
+        )
 
-    def contains(self, ip: IPAddress) -> bool:
+    def contains(self, ip: IPAddress, port: int) -> bool:
+        """Whether an entry's address range holds ``ip`` (or the IPv4 address it embeds) on
+        ``port``."""
         candidates: list[IPAddress] = [ip]
         if isinstance(ip, ipaddress.IPv6Address) and (embedded := _embedded_ipv4(ip)):
             candidates.append(embedded)
         return any(
-            c in net for c in candidates for net in self.networks if c.version == net.version
+            _opens(entry, port) and c.version == entry.target.version and c in entry.target
+            for entry in self.entries
+            if not isinstance(entry.target, str)
+            for c in candidates
         )
+
+
+def _opens(entry: AllowlistEntry, port: int) -> bool:
+    return entry.port is None or entry.port == port
+
+
+def _names(target: str, host: str) -> bool:
+    return host.endswith(target) if target.startswith(".") else host == target

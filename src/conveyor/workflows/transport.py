@@ -1,27 +1,149 @@
 """An httpx transport that connects only to addresses checked beforehand (no DNS of its own).
 
-The caller resolves and checks a host, then sets :data:`PINS` (a context variable mapping the
-URL's host to its checked addresses) around ``client.send``. The network backend looks the
-host up there and connects to those addresses in order; a host without a pin is refused
-(fail closed). Host header, TLS SNI and certificate checks keep using the host name, because
-httpcore still sees the original URL. The pool keys connections by host, so a kept-alive
-connection was itself made to a checked address.
+The caller resolves and checks a host for a port, then sets :data:`PINS` (a context variable
+mapping ``(host, port)`` of the URL to its checked addresses) around ``client.send``. The
+network backend looks each connection's host and port up there and connects to those
+addresses in order; a host or port without a pin is refused (fail closed). Host header, TLS
+SNI and certificate checks keep using the host name, because httpcore still sees the original
+URL. The pool keys connections by scheme, host and port, so a kept-alive connection was itself
+made to a checked address and port.
+
+**Stale kept-alive connections.** A server may close an idle connection just as a request is
+sent on it; the request then fails although the server never saw it. Idle connections are
+therefore kept only :data:`KEEPALIVE_EXPIRY_S`, and a request is sent once more, on another
+connection, when its first attempt failed the way such a request fails: the connection had
+already carried an earlier request (it came from the pool), and it ended — end of stream,
+reset, failed write — before a single byte of answer arrived. A timeout, a fresh connection
+or any byte of answer means the server may have acted on the request: no second attempt.
+
+A server that reads a request from a kept-alive connection and then closes it without a byte
+of answer looks the same on the wire, so — as RFC 9110 §9.2.2 says of automatic retries — the
+second attempt is made only for a request that may safely arrive twice: an idempotent method
+(GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or one carrying an ``Idempotency-Key`` header. A
+``POST`` without one relies on the short keep-alive alone (and on the step's retry policy).
 """
 
 from __future__ import annotations
 
+import logging
+import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import httpcore
 import httpx
 
-__all__ = ["PINS", "PinnedBackend", "PinnedTransport", "open_tcp"]
+__all__ = [
+    "KEEPALIVE_EXPIRY_S",
+    "PINS",
+    "RESENDABLE_METHODS",
+    "PinnedBackend",
+    "PinnedTransport",
+    "open_tcp",
+]
 
-PINS: ContextVar[Mapping[str, tuple[str, ...]] | None] = ContextVar(
+logger = logging.getLogger(__name__)
+
+PINS: ContextVar[Mapping[tuple[str, int], tuple[str, ...]] | None] = ContextVar(
     "conveyor_http_pins", default=None
 )
+
+RESENDABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+"""Methods a request may be sent twice with (idempotent, RFC 9110 §9.2.2)."""
+
+KEEPALIVE_EXPIRY_S = 5.0
+"""How long an idle connection stays in the pool: no longer than most servers keep one (5 s for
+Node.js, uvicorn and Apache httpd; 60-75 s for nginx and cloud load balancers), so a connection
+is seldom reused just as its server drops it; the one resend covers the rest."""
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One attempt to send a request, as its connection saw it: whether the server can have
+    received it."""
+
+    reused: bool = False
+    """The connection had carried an earlier request: it came from the pool, kept alive."""
+    received: int = 0
+    """Bytes of answer read from the connection during this attempt."""
+    dropped: bool = False
+    """The connection ended under the attempt: end of stream, reset, or a failed write."""
+
+    @property
+    def unseen_by_server(self) -> bool:
+        """A kept-alive connection the server had closed, ending before any byte of answer."""
+        return self.reused and self.received == 0 and self.dropped
+
+
+_EXCHANGE: ContextVar[_Exchange | None] = ContextVar("conveyor_http_exchange", default=None)
+
+
+class _WatchedStream(httpcore.AsyncNetworkStream):
+    """A connection's stream that tells the current :class:`_Exchange` what happens on it."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._carried = 0
+        self._current: _Exchange | None = None
+
+    def _exchange(self) -> _Exchange | None:
+        """The attempt this I/O belongs to (``None`` outside one, e.g. reading a body)."""
+        exchange = _EXCHANGE.get()
+        if exchange is not None and exchange is not self._current:
+            self._current = exchange
+            self._carried += 1
+            exchange.reused = self._carried > 1
+        return exchange
+
+    async def read(
+        self,
+        max_bytes: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's stream signature
+    ) -> bytes:
+        exchange = self._exchange()
+        try:
+            data = await self._inner.read(max_bytes, timeout)
+        except httpcore.ReadError:
+            _dropped(exchange)
+            raise
+        if exchange is not None:
+            exchange.received += len(data)
+        if not data:
+            _dropped(exchange)
+        return data
+
+    async def write(
+        self,
+        buffer: bytes,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's stream signature
+    ) -> None:
+        exchange = self._exchange()
+        try:
+            await self._inner.write(buffer, timeout)
+        except httpcore.WriteError:
+            _dropped(exchange)
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's stream signature
+    ) -> httpcore.AsyncNetworkStream:
+        return _WatchedStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+def _dropped(exchange: _Exchange | None) -> None:
+    if exchange is not None:
+        exchange.dropped = True
 
 
 async def open_tcp(
@@ -53,17 +175,21 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         pins = PINS.get() or {}
-        addresses = pins.get(host.lower())
+        addresses = pins.get((host.lower(), port))
         if not addresses:
-            raise httpcore.ConnectError(f"refusing to connect to unchecked host {host!r}")
+            raise httpcore.ConnectError(
+                f"refusing to connect to unchecked host {host!r} port {port}"
+            )
         last: Exception | None = None
         for address in addresses:
             try:
-                return await open_tcp(
+                stream = await open_tcp(
                     self._inner, address, port, timeout, local_address, socket_options
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout, OSError) as exc:
                 last = exc
+            else:
+                return _WatchedStream(stream)
         assert last is not None
         if isinstance(last, httpcore.ConnectTimeout | httpcore.ConnectError):
             raise last
@@ -124,36 +250,32 @@ class _ResponseStream(httpx.AsyncByteStream):
 
 
 class PinnedTransport(httpx.AsyncBaseTransport):
-    """httpx transport over an httpcore pool whose network backend is :class:`PinnedBackend`."""
+    """httpx transport over an httpcore pool whose network backend is :class:`PinnedBackend`.
 
-    def __init__(self, max_connections: int) -> None:
+    Sends a request a second time only when its first attempt failed on a kept-alive
+    connection that the server had closed (see the module's docstring).
+    """
+
+    def __init__(
+        self, max_connections: int, *, keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S
+    ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(),
             max_connections=max_connections,
             max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
+            keepalive_expiry=keepalive_expiry_s,
             network_backend=PinnedBackend(),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        assert isinstance(request.stream, httpx.AsyncByteStream)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
         try:
-            response = await self._pool.handle_async_request(core_request)
-        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as exc:
-            raise _translate(exc) from exc
-        except httpcore.UnsupportedProtocol as exc:
+            response = await self._send_again_if_unseen(request)
+        except (
+            httpcore.TimeoutException,
+            httpcore.NetworkError,
+            httpcore.ProtocolError,
+            httpcore.UnsupportedProtocol,
+        ) as exc:
             raise _translate(exc) from exc
         return httpx.Response(
             status_code=response.status,
@@ -162,5 +284,51 @@ class PinnedTransport(httpx.AsyncBaseTransport):
             extensions=response.extensions,
         )
 
+    async def _send_again_if_unseen(self, request: httpx.Request) -> httpcore.Response:
+        """Send ``request``; once more if the first attempt never reached the server."""
+        first = _Exchange()
+        try:
+            return await self._send(request, first)
+        except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
+            if not (
+                first.unseen_by_server
+                and isinstance(request.stream, httpx.ByteStream)
+                and _may_arrive_twice(request)
+            ):
+                raise
+            logger.info(
+                "http.stale_connection",
+                extra={"host": request.url.host, "error": f"{type(exc).__name__}: {exc}"},
+            )
+        return await self._send(request, _Exchange())
+
+    async def _send(self, request: httpx.Request, exchange: _Exchange) -> httpcore.Response:
+        token = _EXCHANGE.set(exchange)
+        try:
+            return await self._pool.handle_async_request(_core_request(request))
+        finally:
+            _EXCHANGE.reset(token)
+
     async def aclose(self) -> None:
         await self._pool.aclose()
+
+
+def _may_arrive_twice(request: httpx.Request) -> bool:
+    """Whether the target may safely receive ``request`` twice (see the module docstring)."""
+    return request.method in RESENDABLE_METHODS or "idempotency-key" in request.headers
+
+
+def _core_request(request: httpx.Request) -> httpcore.Request:
+    assert isinstance(request.stream, httpx.AsyncByteStream)
+    return httpcore.Request(
+        method=request.method,
+        url=httpcore.URL(
+            scheme=request.url.raw_scheme,
+            host=request.url.raw_host,
+            port=request.url.port,
+            target=request.url.raw_path,
+        ),
+        headers=request.headers.raw,
+        content=request.stream,
+        extensions=request.extensions,
+    )
