@@ -1,9 +1,13 @@
 """Cron arithmetic: next fire times in a time zone, DST-correct and exact to the second.
 
-Expressions use croniter's syntax, as the store validates it: 5 fields
-(``min hour dom mon dow``) or 6 with **seconds last** (``min hour dom mon dow sec``), or an
-alias (``@hourly``, ``@daily``, ...). Fields are matched against the wall clock of the schedule's
-IANA time zone (``zoneinfo``); fire times are returned as aware UTC datetimes.
+Expressions are written as the BullMQ ecosystem writes them (cron-parser, Quartz, Spring): 5
+fields (``min hour dom mon dow``) or 6 with **seconds first** (``sec min hour dom mon dow``), or
+an alias (``@hourly``, ``@daily``, ...); field syntax is croniter's, which does the arithmetic
+(it reads seconds last, so :func:`parse_cron` moves the seconds field for it). A six-field
+expression that is only valid with seconds last is refused with the reordered expression as a
+hint, and one that matches no date (``0 0 30 2 *``) is refused as never firing. Fields are
+matched against the wall clock of the schedule's IANA time zone (``zoneinfo``); fire times are
+returned as aware UTC datetimes.
 
 Daylight-saving rules (those of Vixie cron):
 
@@ -21,13 +25,13 @@ the latest missed tick and ``skip`` fires none; either way the schedule then con
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from conveyor.errors import CronInvalid
 
@@ -44,6 +48,7 @@ _ALIASES = {
     "@hourly": "0 * * * *",
 }
 _SECOND = timedelta(seconds=1)
+_PROBE = datetime(2001, 1, 1)  # naive wall time: where parse_cron looks for a first match
 _DAY = timedelta(days=1)
 _MAX_STEPS = 100_000
 _LOOKBACK = (
@@ -62,38 +67,73 @@ class CronSpec:
     """A parsed schedule: the expression and its time zone."""
 
     expression: str
+    """As written (whitespace normalised, alias expanded): six fields are seconds first."""
     timezone: str
     tz: ZoneInfo = field(repr=False, compare=False)
     hour_wildcard: bool
     seconds: bool
+    croniter_expression: str = field(repr=False, compare=False)
+    """The same expression in croniter's order (six fields: seconds last)."""
+
+
+def _seconds_last(fields: Sequence[str]) -> list[str]:
+    """Six fields written seconds first, in croniter's order (seconds last)."""
+    return [*fields[1:], fields[0]]
+
+
+def _seconds_first(fields: Sequence[str]) -> list[str]:
+    """Six fields written seconds last (croniter), in Conveyor's order (seconds first)."""
+    return [fields[-1], *fields[:-1]]
+
+
+def _croniter_valid(expression: str) -> bool:
+    try:
+        return bool(croniter.is_valid(expression))
+    except Exception:  # croniter raises assorted errors on odd input
+        return False
+
+
+def _invalid(expression: str, fields: list[str]) -> CronInvalid:
+    """The error for an expression croniter refuses; names the seconds-first order when the
+    expression is valid with seconds last (as croniter, and Conveyor before, read it)."""
+    if len(fields) == 6 and _croniter_valid(" ".join(fields)):
+        hint = " ".join(_seconds_first(fields))
+        return CronInvalid(
+            f"cron expression {expression!r} is invalid: six fields are read seconds first "
+            f"(sec min hour day month weekday); did you mean {hint!r}?"
+        )
+    return CronInvalid(f"cron expression {expression!r} is invalid")
 
 
 def parse_cron(expression: str, timezone: str = "UTC") -> CronSpec:
-    """Validate ``expression`` in ``timezone``; raises :class:`CronInvalid`."""
+    """Validate ``expression`` in ``timezone``; raises :class:`CronInvalid` when it is malformed,
+    the time zone is unknown, or it never fires (no date matches it, e.g. ``0 0 30 2 *``)."""
     expr = " ".join(expression.split())
     expr = _ALIASES.get(expr.lower(), expr)
     fields = expr.split(" ")
     if len(fields) not in (5, 6):
         raise CronInvalid(f"cron expression {expression!r} must have 5 or 6 fields")
     seconds = len(fields) == 6
-    try:
-        ok = croniter.is_valid(expr)
-    except Exception:  # croniter raises assorted errors on odd input
-        ok = False
-    if not ok:
-        raise CronInvalid(f"cron expression {expression!r} is invalid")
+    native = " ".join(_seconds_last(fields)) if seconds else expr
+    if not _croniter_valid(native):
+        raise _invalid(expression, fields)
     try:
         tz = ZoneInfo(timezone or "UTC")
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise CronInvalid(f"unknown time zone {timezone!r}") from exc
-    hour = fields[1]
-    return CronSpec(
+    spec = CronSpec(
         expression=expr,
         timezone=timezone or "UTC",
         tz=tz,
-        hour_wildcard=hour.startswith("*"),
+        hour_wildcard=fields[2 if seconds else 1].startswith("*"),
         seconds=seconds,
+        croniter_expression=native,
     )
+    # Whether a day matches does not depend on the zone, and every expression that matches
+    # some day matches one within croniter's search window (50 years; the calendar repeats
+    # after 28, Feb 29 returns within 8): so one probe tells "never fires".
+    _cron_after(spec, _PROBE)
+    return spec
 
 
 def _utc(value: datetime) -> datetime:
@@ -147,8 +187,16 @@ def _repeat_end(spec: CronSpec, at: datetime) -> datetime | None:
 
 
 def _cron_after(spec: CronSpec, wall: datetime) -> datetime:
-    it = croniter(spec.expression, wall, ret_type=datetime)
-    value: datetime = it.get_next(datetime)
+    """The first wall time matching ``spec`` after the naive wall time ``wall``."""
+    try:
+        value: datetime = croniter(spec.croniter_expression, wall, ret_type=datetime).get_next(
+            datetime
+        )
+    except CroniterBadDateError:
+        raise CronInvalid(
+            f"cron expression {spec.expression!r} never fires: no date matches its day, "
+            "month and weekday fields"
+        ) from None
     return value
 
 

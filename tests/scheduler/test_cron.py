@@ -1,4 +1,5 @@
-"""Cron arithmetic: seconds, time zones, DST gaps and folds, misfire policy."""
+"""Cron arithmetic: seconds (first of six fields), time zones, DST gaps and folds, misfire
+policy, expressions that never fire."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def take(expr: str, tz: str, after: datetime, n: int) -> list[datetime]:
     return out
 
 
-def test_seconds_field_last_and_exact_to_the_second() -> None:
-    got = take("* * * * * */15", "UTC", datetime(2025, 1, 1, 0, 0, 7, 500000, tzinfo=UTC), 3)
+def test_seconds_field_first_and_exact_to_the_second() -> None:
+    got = take("*/15 * * * * *", "UTC", datetime(2025, 1, 1, 0, 0, 7, 500000, tzinfo=UTC), 3)
     assert got == [utc(2025, 1, 1, 0, 0, 15), utc(2025, 1, 1, 0, 0, 30), utc(2025, 1, 1, 0, 0, 45)]
     assert take("@hourly", "UTC", utc(2025, 1, 1, 0, 0, 0), 1) == [utc(2025, 1, 1, 1)]
 
@@ -66,12 +67,12 @@ def test_fall_back_fixed_hour_fires_once_interval_fires_by_real_clock() -> None:
 
 
 def test_intervals_follow_the_real_clock_daily_follows_the_wall_clock() -> None:
-    spec = parse_cron("*/20 * * * * 0", "Europe/Berlin")
+    spec = parse_cron("0 */20 * * * *", "Europe/Berlin")
     times = list(fire_times(spec, utc(2024, 3, 30), utc(2024, 4, 1)))
     # a wildcard hour keeps the real-clock interval through the skipped hour
     assert {b - a for a, b in itertools.pairwise(times)} == {timedelta(minutes=20)}
     assert len(times) == 3 * 48
-    daily = parse_cron("0 9 * * * 0", "Europe/Berlin")
+    daily = parse_cron("0 0 9 * * *", "Europe/Berlin")
     assert [t.hour for t in fire_times(daily, utc(2024, 3, 30), utc(2024, 4, 1))] == [8, 7]
 
 
@@ -117,3 +118,47 @@ def test_invalid_expressions(expr: str) -> None:
 def test_invalid_time_zone() -> None:
     with pytest.raises(CronInvalid):
         parse_cron("* * * * *", "Mars/Olympus_Mons")
+
+
+def test_six_fields_read_seconds_first_as_bullmq_writes_them() -> None:
+    # cron-parser / Quartz / Spring: sec min hour day month weekday
+    assert take("30 */5 * * * *", "UTC", utc(2025, 1, 1), 3) == [
+        utc(2025, 1, 1, 0, 0, 30), utc(2025, 1, 1, 0, 5, 30), utc(2025, 1, 1, 0, 10, 30)]  # fmt: skip
+    assert take("0 0 9 * * 1-5", "UTC", utc(2025, 1, 3, 10), 1) == [utc(2025, 1, 6, 9)]
+    assert parse_cron("  30  */5 * * * * ").expression == "30 */5 * * * *"
+
+
+def test_six_field_dst_rules_read_the_hour_in_the_third_field() -> None:
+    # 2024-11-03 02:00 EDT -> 01:00 EST (06:00Z): 01:xx happens twice.
+    # A fixed hour (third field) fires once, in the first pass ...
+    assert take("0 */30 1 * * *", NY, utc(2024, 11, 3, 4, 50), 3) == [
+        utc(2024, 11, 3, 5), utc(2024, 11, 3, 5, 30), utc(2024, 11, 4, 6)]  # fmt: skip
+    # ... a wildcard hour follows the real clock through both passes.
+    assert take("0 0 * * * *", NY, utc(2024, 11, 3, 4, 50), 3) == [
+        utc(2024, 11, 3, 5), utc(2024, 11, 3, 6), utc(2024, 11, 3, 7)]  # fmt: skip
+    # Spring forward (2024-03-10 02:00 EST -> 03:00 EDT, 07:00Z): 02:30:15 fires at 03:00.
+    assert take("15 30 2 * * *", NY, utc(2024, 3, 9, 12), 2) == [
+        utc(2024, 3, 10, 7), utc(2024, 3, 11, 6, 30, 15)]  # fmt: skip
+
+
+def test_seconds_last_expression_is_refused_with_the_reordered_expression() -> None:
+    with pytest.raises(CronInvalid) as caught:
+        parse_cron("*/5 * * * * 30")  # every 5 minutes at second 30, croniter's old order
+    assert str(caught.value) == (
+        "cron expression '*/5 * * * * 30' is invalid: six fields are read seconds first "
+        "(sec min hour day month weekday); did you mean '30 */5 * * * *'?"
+    )
+    assert parse_cron("30 */5 * * * *").seconds
+    with pytest.raises(CronInvalid) as neither:  # invalid in either order: no suggestion
+        parse_cron("61 * * * * 99")
+    assert "did you mean" not in str(neither.value)
+
+
+@pytest.mark.parametrize("expr", ["0 0 30 2 *", "0 0 0 31 4 *", "0 0 31 2,4,6,9,11 *"])
+def test_an_expression_that_never_fires_is_invalid(expr: str) -> None:
+    with pytest.raises(CronInvalid, match="never fires"):
+        parse_cron(expr, NY)
+
+
+def test_rare_dates_are_valid() -> None:
+    assert take("0 0 29 2 *", "UTC", utc(2025, 1, 1), 2) == [utc(2028, 2, 29), utc(2032, 2, 29)]

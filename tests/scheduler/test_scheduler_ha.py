@@ -1,6 +1,6 @@
 """Schedulers as subprocesses on real Postgres/Redis: one leads, each tick fires once, failover.
 
-A per-second schedule (croniter's 6th field) gives a run of ticks in a few seconds. Leaders
+A per-second schedule (six fields, seconds first) gives a run of ticks in a few seconds. Leaders
 are found through the heartbeat registry; kills are SIGKILL (no clean-up runs).
 """
 
@@ -153,8 +153,8 @@ async def test_misfire_after_long_downtime_fires_once_or_skips(
 
     env = base_env(settings_env, f"sqlite:///{tmp_path / 'c.db'}")
     await migrate(env)
-    _t, once = await seed_schedule(env, "* * * * * */10", misfire_policy="fire_once")
-    _t, skip = await seed_schedule(env, "* * * * * */10", misfire_policy="skip")
+    _t, once = await seed_schedule(env, "*/10 * * * * *", misfire_policy="fire_once")
+    _t, skip = await seed_schedule(env, "*/10 * * * * *", misfire_policy="skip")
     down_since = (time.time() // 10) * 10 - 3600  # the scheduler was down for an hour
     async with Store(settings_for(env), pool_size=1) as store, store.engine.begin() as conn:
         from datetime import UTC, datetime

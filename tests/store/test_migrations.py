@@ -1,23 +1,29 @@
 """Migrations: they build exactly the declared schema; out-of-date schemas are refused;
-``conveyor migrate`` works as a command (subprocess) and is idempotent."""
+``conveyor migrate`` works as a command (subprocess) and is idempotent; 0002 rewrites six-field
+cron expressions seconds first (and back on downgrade) and adds ``executions.scheduled_for``."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection
 
+import conveyor.store.migrations
+from conveyor.cron import next_fire, parse_cron
 from conveyor.errors import SchemaOutOfDate
 from conveyor.settings import load_settings
 from conveyor.store import Store, head_revisions
-from conveyor.store.schema import metadata
+from conveyor.store.schema import executions, metadata, schedules, tenants, workflows
 from tests.helpers import env_for
 
 
@@ -82,7 +88,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0001",)
+    assert head_revisions() == ("0002",)
     asyncio.run(_check(url))
 
 
@@ -118,3 +124,100 @@ def test_conveyor_cli_migrate(tmp_path: Path) -> None:
         check=False,
     )
     assert unreachable.returncode == 1 and "database unavailable" in unreachable.stderr
+
+
+MIGRATIONS = Path(conveyor.store.migrations.__file__).resolve().parent
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+# (as stored before 0002, as stored after): only six-field expressions move their seconds.
+CRONS = [
+    ("* * * * * */10", "*/10 * * * * *"),
+    ("*/5 * * * * 30", "30 */5 * * * *"),
+    ("  0  9 * *  1-5   15 ", "15 0 9 * * 1-5"),
+    ("* * * * * *", "* * * * * *"),
+    ("0 9 * * 1-5", "0 9 * * 1-5"),
+    ("@hourly", "@hourly"),
+]
+
+
+def _alembic(connection: Connection, action: str, revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    getattr(command, action)(config, revision)
+
+
+async def _at(store: Store, action: str, revision: str) -> None:
+    async with store.engine.begin() as conn:
+        await conn.run_sync(_alembic, action, revision)
+
+
+def _columns(connection: Connection, table: str) -> set[str]:
+    return {c["name"] for c in inspect(connection).get_columns(table)}
+
+
+async def _seed_0001(store: Store) -> list[str]:
+    """A tenant, a workflow, an execution and one schedule per ``CRONS`` (0001's columns)."""
+    ids = [f"s{i}" for i in range(len(CRONS))]
+    async with store.engine.begin() as conn:
+        await conn.execute(tenants.insert().values(id="t", name="t", created_at=T0))
+        await conn.execute(workflows.insert().values(
+            id="w", tenant_id="t", name="w", region="us", current_version=1, created_at=T0,
+            updated_at=T0))  # fmt: skip
+        await conn.execute(executions.insert().values(
+            id="e", tenant_id="t", workflow_id="w", workflow_version=1, status="queued",
+            region="us", triggered_by="api", created_at=T0, queued_at=T0, updated_at=T0))  # fmt: skip
+        await conn.execute(schedules.insert(), [
+            dict(id=sid, tenant_id="t", workflow_id="w", cron=old, timezone="UTC",
+                 next_fire_at=T0, created_at=T0, updated_at=T0)
+            for sid, (old, _new) in zip(ids, CRONS, strict=True)
+        ])  # fmt: skip
+    return ids
+
+
+async def _crons(store: Store) -> list[str]:
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(select(schedules.c.cron).order_by(schedules.c.id))).all()
+    return [r.cron for r in rows]
+
+
+async def _assert_0002_reorders_cron(url: str) -> None:
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        await _at(store, "upgrade", "0001")
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0002"):
+            await store.check_schema()
+        await _seed_0001(store)
+
+        await store.migrate()  # 0001 -> head, as `conveyor migrate` does
+        await store.check_schema()  # the new head is accepted
+        assert await _crons(store) == [new for _old, new in CRONS]
+        for old, new in CRONS:  # the same instants as croniter read the old expression
+            assert next_fire(parse_cron(new), T0) == _croniter_next(old), (old, new)
+        execution = await store.executions.get("t", "e")
+        assert execution.scheduled_for is None
+
+        await _at(store, "downgrade", "0001")
+        assert await _crons(store) == [" ".join(old.split()) for old, _new in CRONS]
+        async with store.engine.connect() as conn:
+            columns = await conn.run_sync(_columns, "executions")
+        assert "scheduled_for" not in columns and "updated_at" in columns
+        async with store.engine.connect() as conn:  # step runs etc. untouched: the row is kept
+            assert (await conn.execute(text("SELECT count(*) FROM executions"))).scalar() == 1
+        await store.migrate()
+        assert await _crons(store) == [new for _old, new in CRONS]
+
+
+def _croniter_next(expression: str) -> datetime:
+    """Croniter's own reading (seconds last) of a pre-0002 expression."""
+    from croniter import croniter
+
+    expression = {"@hourly": "0 * * * *"}.get(expression, expression)
+    naive: datetime = croniter(expression, T0.replace(tzinfo=None)).get_next(datetime)
+    return naive.replace(tzinfo=UTC)
+
+
+async def test_0002_reorders_six_field_cron_sqlite(tmp_path: Path) -> None:
+    await _assert_0002_reorders_cron(f"sqlite:///{tmp_path}/upgrade.db")
+
+
+async def test_0002_reorders_six_field_cron_postgres(fresh_pg_url: str) -> None:
+    await _assert_0002_reorders_cron(fresh_pg_url)

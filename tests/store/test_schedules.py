@@ -1,4 +1,5 @@
-"""Schedules: validation, next fire times (time zones, DST), exactly-once ticks, scoping."""
+"""Schedules: validation (on every save), next fire times (time zones, DST), exactly-once
+ticks and the tick instant on their executions, scoping."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import update
 
 from conveyor.errors import NotFound, ScheduleInvalid
 from conveyor.store import Store, next_fire_time, utcnow
+from conveyor.store.schema import schedules
 
 NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
 
@@ -18,8 +21,9 @@ def test_next_fire_time_time_zones_and_dst() -> None:
     assert next_fire_time("0 9 * * *", "Europe/Berlin", after) == datetime(
         2025, 1, 2, 8, 0, tzinfo=UTC
     )
-    # croniter: the optional 6th field is seconds.
-    assert next_fire_time("* * * * * */10", "UTC", after) == after.replace(second=10)
+    # Six fields: seconds first, as BullMQ's cron-parser (and Quartz, Spring) read them.
+    assert next_fire_time("*/10 * * * * *", "UTC", after) == after.replace(second=10)
+    assert next_fire_time("30 */5 * * * *", "UTC", after) == after.replace(second=30)
     # Spring forward in Berlin (2025-03-30 02:00 → 03:00): 02:30 does not exist, fires at the
     # transition (03:00 CEST = 01:00 UTC); the next day is 02:30 CEST again.
     spring = datetime(2025, 3, 29, 23, 0, tzinfo=UTC)
@@ -111,9 +115,17 @@ async def test_each_tick_fires_exactly_once(store: Store) -> None:
     assert len(winners) == 1 and winners[0].execution is not None
     execution = winners[0].execution
     assert execution.triggered_by == "schedule" and execution.schedule_id == schedule.id
-    assert execution.input == {"k": 1}
+    assert execution.input == {"k": 1} and execution.scheduled_for == tick
     listed = await store.executions.list(tenant.id)
     assert [e.id for e in listed.items] == [execution.id]
+    # stored: read back by every path (the asyncpg fast path on Postgres, SQLAlchemy)
+    assert listed.items[0].scheduled_for == tick
+    assert (await store.executions.get(tenant.id, execution.id)).scheduled_for == tick
+    stored = await store.executions.get(tenant.id, execution.id, with_steps=True)
+    assert stored.scheduled_for == tick
+    triggered, _created = await store.executions.create(tenant.id, wf.id)
+    assert triggered.scheduled_for is None
+    assert (await store.executions.get(tenant.id, triggered.id)).scheduled_for is None
     assert await store.schedules.ticks(tenant.id, schedule.id) == [(tick, execution.id)]
     current = await store.schedules.get(tenant.id, schedule.id)
     assert current.last_fired_at == tick and current.next_fire_at == following
@@ -128,3 +140,41 @@ async def test_each_tick_fires_exactly_once(store: Store) -> None:
     # Deleting the workflow disables its schedules.
     await store.workflows.delete(tenant.id, wf.id)
     assert await store.schedules.due(later + timedelta(days=1)) == []
+
+
+async def test_a_cron_that_never_fires_is_refused_on_every_save(store: Store) -> None:
+    tenant = await store.tenants.create("acme")
+    wf = await store.workflows.create(tenant.id, NOOP)
+    for enabled in (True, False):  # validated even when nothing is computed from it
+        with pytest.raises(ScheduleInvalid, match="never fires") as caught:
+            await store.schedules.create(tenant.id, wf.id, "0 0 30 2 *", enabled=enabled)
+        assert caught.value.details["field"] == "cron"
+    schedule = await store.schedules.create(tenant.id, wf.id, "0 9 * * *", enabled=False)
+    for changes in ({"cron": "0 0 30 2 *"}, {"cron": "0 0 0 31 4 *", "enabled": True}):
+        with pytest.raises(ScheduleInvalid, match="never fires"):
+            await store.schedules.update(tenant.id, schedule.id, changes)
+    # A row saved before this validation existed: enabling it is refused, not a crash.
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            update(schedules).where(schedules.c.id == schedule.id).values(cron="0 0 30 2 *")
+        )
+    with pytest.raises(ScheduleInvalid, match="never fires") as enabling:
+        await store.schedules.update(tenant.id, schedule.id, {"enabled": True})
+    assert enabling.value.details["field"] == "cron"
+    fixed = await store.schedules.update(
+        tenant.id, schedule.id, {"enabled": True, "cron": "0 0 29 2 *"}
+    )
+    assert fixed.next_fire_at is not None and (
+        fixed.next_fire_at.month,
+        fixed.next_fire_at.day,
+    ) == (2, 29)
+
+
+async def test_seconds_last_cron_is_refused_with_the_seconds_first_spelling(store: Store) -> None:
+    tenant = await store.tenants.create("acme")
+    wf = await store.workflows.create(tenant.id, NOOP)
+    with pytest.raises(ScheduleInvalid, match=r"did you mean '30 \*/5 \* \* \* \*'\?") as caught:
+        await store.schedules.create(tenant.id, wf.id, "*/5 * * * * 30")
+    assert caught.value.details["field"] == "cron"
+    schedule = await store.schedules.create(tenant.id, wf.id, "30 */5 * * * *")
+    assert schedule.next_fire_at is not None and schedule.next_fire_at.second == 30

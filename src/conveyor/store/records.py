@@ -157,6 +157,8 @@ class Execution(_Record):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    scheduled_for: datetime | None = None
+    """The tick instant (UTC) a schedule's execution fires for; ``None`` unless scheduled."""
     steps: tuple[StepRun, ...] = ()
     """Filled by ``ExecutionService.get(..., with_steps=True)``."""
 

@@ -1,7 +1,10 @@
 """Cron schedules and their ticks.
 
-A schedule is a cron expression (5 fields, or 6 with seconds last — croniter's syntax) in an
-IANA time zone, validated on save. ``next_fire_at`` is always the next fire instant in UTC.
+A schedule is a cron expression (5 fields, or 6 with seconds first — as BullMQ's cron-parser,
+Quartz and Spring write it; see :mod:`conveyor.cron`) in an IANA time zone, validated on every
+save, enabled or not: a malformed expression, an unknown zone, or an expression that never fires
+(``0 0 30 2 *``) is :class:`ScheduleInvalid` naming the field. ``next_fire_at`` is always the
+next fire instant in UTC.
 
 Time zones and DST (:func:`next_fire_time`): the scheduler's rules (:mod:`conveyor.cron`). Cron
 fields are matched against the local wall clock; a wall time that does not exist (spring
@@ -11,8 +14,9 @@ wildcard.
 
 Exactly once per tick: :meth:`ScheduleService.fire` records ``(schedule_id, fire_time)`` under
 the primary key of ``schedule_ticks`` **in the same transaction** that creates the execution, so
-two schedulers that both believe they lead cannot fire one tick twice. The misfire policy
-(which missed ticks to fire) is the scheduler's decision; this module only records.
+two schedulers that both believe they lead cannot fire one tick twice; that execution carries
+the tick instant as ``scheduled_for``. The misfire policy (which missed ticks to fire) is the
+scheduler's decision; this module only records.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -42,9 +45,14 @@ _UPDATABLE = frozenset({"name", "cron", "timezone", "enabled", "input", "misfire
 
 
 def validate_schedule(cron: str, timezone: str, misfire_policy: str | None = None) -> ZoneInfo:
-    """Raise :class:`ScheduleInvalid` (details name the field) unless all three are valid."""
-    if not isinstance(cron, str) or not croniter.is_valid(cron) or len(cron) > 200:
+    """Raise :class:`ScheduleInvalid` (details name the field) unless all three are valid; a
+    cron expression must also fire at least once (:func:`conveyor.cron.parse_cron`)."""
+    if not isinstance(cron, str) or len(cron) > 200:
         raise ScheduleInvalid(f"invalid cron expression {cron!r:.100}", field="cron")
+    try:
+        parse_cron(cron)  # the zone does not change whether (or how) the fields are valid
+    except CronInvalid as exc:
+        raise ScheduleInvalid(str(exc), field="cron") from None
     try:
         zone = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError, TypeError):
@@ -253,7 +261,7 @@ class ScheduleService(ServiceBase):
         """
         now = utcnow()
         async with self._tx() as conn:
-            execution = await self._tick_execution(conn, schedule, now)
+            execution = await self._tick_execution(conn, schedule, fire_time, now)
             inserted = (
                 await conn.execute(
                     self._insert(schedule_ticks)
@@ -295,10 +303,10 @@ class ScheduleService(ServiceBase):
 
     @staticmethod
     async def _tick_execution(
-        conn: AsyncConnection, schedule: Schedule, now: datetime
+        conn: AsyncConnection, schedule: Schedule, fire_time: datetime, now: datetime
     ) -> Execution | None:
-        """The execution a tick of ``schedule`` creates (not stored), or ``None`` if the
-        workflow is disabled or deleted."""
+        """The execution the tick ``fire_time`` of ``schedule`` creates (not stored), or
+        ``None`` if the workflow is disabled or deleted."""
         found = (
             await conn.execute(
                 select(workflows.c.current_version, workflows.c.region).where(
@@ -320,6 +328,7 @@ class ScheduleService(ServiceBase):
             triggered_by="schedule",
             now=now,
             schedule_id=schedule.id,
+            scheduled_for=fire_time,
         )
 
     async def ticks(

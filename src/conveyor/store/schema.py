@@ -140,6 +140,8 @@ executions = Table(
     Column("started_at", UTCDateTime, nullable=True),
     Column("finished_at", UTCDateTime, nullable=True),
     Column("updated_at", UTCDateTime, nullable=False),
+    # The tick instant of an execution created by a schedule (migration 0002).
+    Column("scheduled_for", UTCDateTime, nullable=True),
     # Partial: executions without a key (most) cost no entry in this index.
     Index(
         "uq_executions_idempotency",

@@ -46,8 +46,10 @@ def new_execution(
     schedule_id: str | None = None,
     retry_of: str | None = None,
     execution_id: str | None = None,
+    scheduled_for: datetime | None = None,
 ) -> Execution:
-    """A fresh ``queued`` execution record (not yet stored)."""
+    """A fresh ``queued`` execution record (not yet stored); ``scheduled_for`` is the tick
+    instant of a schedule's execution."""
     return Execution(
         id=execution_id or new_id(),
         tenant_id=tenant_id,
@@ -74,6 +76,7 @@ def new_execution(
         started_at=None,
         finished_at=None,
         updated_at=now,
+        scheduled_for=scheduled_for,
     )
 
 
@@ -90,6 +93,7 @@ def insert_values(execution: Execution) -> dict[str, Any]:
         "idempotency_key": execution.idempotency_key,
         "schedule_id": execution.schedule_id,
         "retry_of": execution.retry_of,
+        "scheduled_for": execution.scheduled_for,
         "created_at": execution.created_at,
         "queued_at": execution.queued_at,
         "updated_at": execution.updated_at,

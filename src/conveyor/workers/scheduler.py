@@ -9,6 +9,8 @@ interval, sleeps until each tick's instant and fires it with
 so a tick fires once even if two processes both believe they lead. The execution is then
 enqueued with job id = its execution id (the id recorded with the tick; the reconciler uses
 the same one). Which missed ticks fire is the misfire policy (:func:`conveyor.cron.plan_ticks`).
+A schedule whose expression cannot be evaluated (saved before validation refused it, e.g. one
+that never fires) is parked with a ``scheduler.schedule_invalid`` warning; the round goes on.
 The leader also runs the reconciler (:mod:`conveyor.workers.reconcile`).
 
 Supervised loops: election, leader loop, heartbeat (``role: scheduler`` with ``strategy``,
@@ -172,16 +174,17 @@ class Scheduler:
         assert schedule.next_fire_at is not None
         try:
             spec = _spec(schedule.cron, schedule.timezone)
+            plan = plan_ticks(
+                spec, schedule.next_fire_at - _SECOND, datetime.now(UTC),
+                policy=self._policy(schedule), grace=self.grace,
+            )  # fmt: skip
         except CronInvalid as exc:
-            log.error("scheduler.schedule_invalid", extra={"scheduleId": schedule.id,
-                                                           "error": str(exc)})  # fmt: skip
+            # Saved before validation refused it (an impossible date such as Feb 30): park
+            # it (no next fire time) so no round loads it again; saving a valid cron revives it.
+            log.warning("scheduler.schedule_invalid", extra={"scheduleId": schedule.id,
+                                                             "error": str(exc)})  # fmt: skip
             await self.store.schedules.skip(schedule, next_fire_at=None)
             return 0
-        now = datetime.now(UTC)
-        plan = plan_ticks(
-            spec, schedule.next_fire_at - _SECOND, now, policy=self._policy(schedule),
-            grace=self.grace,
-        )  # fmt: skip
         if plan.misfired:
             self.misfires += 1
             log.warning("scheduler.misfire", extra={

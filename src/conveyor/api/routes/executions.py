@@ -56,8 +56,8 @@ def execution_out(execution: Execution, *, with_steps: bool = False) -> dict[str
         for name in (
             "id", "workflow_id", "workflow_version", "status", "region", "triggered_by",
             "input", "output", "error", "attempts", "steps_run", "idempotency_key",
-            "schedule_id", "retry_of", "created_at", "queued_at", "started_at", "finished_at",
-            "updated_at",
+            "schedule_id", "retry_of", "scheduled_for", "created_at", "queued_at", "started_at",
+            "finished_at", "updated_at",
         )
     }  # fmt: skip
     if with_steps:

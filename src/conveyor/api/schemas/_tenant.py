@@ -147,6 +147,11 @@ class ExecutionOut(ApiModel):
     idempotency_key: str | None = None
     schedule_id: str | None = None
     retry_of: str | None = None
+    scheduled_for: datetime | None = Field(
+        None,
+        description="The tick instant (UTC) a schedule's execution fires for; null unless "
+        "`triggeredBy` is `schedule`.",
+    )
     created_at: datetime
     queued_at: datetime | None = None
     started_at: datetime | None = None
@@ -158,6 +163,15 @@ class ExecutionOut(ApiModel):
 
 
 # --- schedules ------------------------------------------------------------------------------
+_CRON_DESCRIPTION = (
+    "5 fields (`min hour day month weekday`), or 6 with **seconds first** "
+    "(`sec min hour day month weekday`, as BullMQ, Quartz and Spring write it), "
+    "or an alias such as `@hourly`. Matched against the wall clock of `timezone`. "
+    "Validated on every save: an expression that never fires (`0 0 30 2 *`) is "
+    "refused."
+)
+
+
 class ScheduleIn(ApiModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -174,7 +188,10 @@ class ScheduleIn(ApiModel):
     )
     workflow_id: str = Field(min_length=1, max_length=64)
     cron: str = Field(
-        min_length=1, max_length=200, description="5 fields (or 6 with seconds last)."
+        min_length=1,
+        max_length=200,
+        description=_CRON_DESCRIPTION,
+        examples=["0 9 * * 1-5", "30 */5 * * * *"],
     )
     timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA time zone.")
     name: str | None = Field(None, max_length=200)
@@ -188,7 +205,13 @@ class SchedulePatch(ApiModel):
         extra="forbid",
         json_schema_extra={"examples": [{"cron": "*/5 * * * *", "enabled": False}]},
     )
-    cron: str | None = Field(None, min_length=1, max_length=200)
+    cron: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description=_CRON_DESCRIPTION,
+        examples=["*/5 * * * *", "*/10 * * * * *"],
+    )
     timezone: str | None = Field(None, min_length=1, max_length=64)
     name: str | None = Field(None, max_length=200)
     input: Any = None

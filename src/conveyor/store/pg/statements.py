@@ -46,6 +46,7 @@ _EXECUTION_COLUMNS = (
     "started_at",
     "finished_at",
     "updated_at",
+    "scheduled_for",
 )
 _JSON = ("input", "output", "error")
 _SELECT_EXECUTION = f"SELECT {', '.join(_EXECUTION_COLUMNS)} FROM executions"
