@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from conveyor.errors import ConfigError, DatabaseUnavailable, QueueError, SchemaOutOfDate
+from conveyor.errors import ConfigError, QueueError, StoreError
 from conveyor.logs import configure_logging
 from conveyor.queue import QueueFactory
 from conveyor.settings import Settings, load_settings
@@ -172,15 +172,16 @@ async def open_checked(
 ) -> tuple[Store, QueueFactory] | None:
     """Open the store and the queue factory on ``stack`` and run the start-up checks.
 
-    Returns ``None`` after ONE error line (``<role>.database_not_ready`` — schema out of date or
-    database unreachable — or ``<role>.queue_not_ready``); the caller then exits 1.
+    Returns ``None`` after ONE error line (``<role>.database_not_ready`` — schema out of date,
+    database unreachable, missing or refusing the credentials — or ``<role>.queue_not_ready``);
+    the caller then exits 1.
     """
     from conveyor.store import Store
 
     try:
         store = await stack.enter_async_context(Store(settings, pool_size=pool_size))
         await store.check_schema()
-    except (SchemaOutOfDate, DatabaseUnavailable) as exc:
+    except StoreError as exc:  # SchemaOutOfDate, DatabaseUnavailable, anything the store says
         log.error("%s.database_not_ready: %s", role, exc, extra={"error": type(exc).__name__})
         return None
     queues = await stack.enter_async_context(QueueFactory(settings))

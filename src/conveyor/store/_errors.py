@@ -34,6 +34,10 @@ class translate_errors:
             raise InvalidValue(f"value cannot be stored: {_short(exc)}") from exc
         if isinstance(exc, sa_exc.IntegrityError):
             raise Conflict("the change conflicts with existing data", reason=str(exc.orig)) from exc
+        if _sqlstate(exc).startswith(_MISCONFIGURED_SQLSTATES):
+            raise DatabaseUnavailable(
+                f"database unavailable: {_short(exc)} (check DATABASE_URL)"
+            ) from exc
         if is_connection_error(exc) or isinstance(
             exc, (sa_exc.OperationalError, sa_exc.InterfaceError)
         ):
@@ -47,6 +51,10 @@ class translate_errors:
 _CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
 """SQLSTATEs of a lost or refused connection: class 08 (connection exception), admin/crash
 shutdown, cannot connect now, too many connections."""
+
+_MISCONFIGURED_SQLSTATES = ("3D000", "28000", "28P01")
+"""The database named in DATABASE_URL does not exist, or refuses the role or its password:
+nothing works until the setting is fixed."""
 
 _ASYNCPG_CONNECTION_ERRORS = (
     asyncpg.InterfaceError,  # includes ConnectionDoesNotExistError ("closed in the middle")
@@ -116,6 +124,10 @@ def _raise_asyncpg(exc: BaseException) -> None:
     if is_connection_error(exc):
         raise DatabaseUnavailable(f"database unavailable: {_short(exc)}") from exc
     sqlstate = _sqlstate(exc)
+    if sqlstate.startswith(_MISCONFIGURED_SQLSTATES):
+        raise DatabaseUnavailable(
+            f"database unavailable: {_short(exc)} (check DATABASE_URL)"
+        ) from exc
     if sqlstate.startswith("22"):
         raise InvalidValue(f"value cannot be stored: {_short(exc)}") from exc
     if sqlstate.startswith("23"):
