@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.dispatch import keys
-from conveyor.runtime import list_processes
+from conveyor.runtime import list_processes, read_metrics
 from conveyor.settings import Settings
 from tests.helpers import free_port
 from tests.worker._support import (
@@ -126,13 +126,18 @@ async def test_sigkill_mid_execution_second_worker_finishes(
                     await s.wait_status([ex], within=30)
                     second.signal(signal.SIGTERM)
                     assert second.wait(timeout=15) == 0
+                    recovered = second.output()
             state = await s.queues.create_queue("workflow.execute.us").get_job_state(ex)
             steps_run = await s.store.executions.step_runs(t, ex)
+            stalled = (await read_metrics(s.queues)).counters.get("jobs_stalled_total", [])
     assert rec.count("/one") == 1  # completed before the crash: never run again
     assert rec.count("/three") == 1
     assert rec.count("/block") == 2  # the step in flight at the crash ran again
     assert [r.step_id for r in steps_run] == ["one", "two", "three"]
     assert state == "completed"
+    # the recovery is logged and counted by the worker whose stalled-job check took the job back
+    assert "worker.job_stalled" in recovered and ex in recovered.split("worker.job_stalled")[1]
+    assert stalled == [({"queue": "workflow.execute.us"}, 1.0)]
 
 
 async def test_sigterm_lets_the_active_job_finish(wsettings: Settings, tmp_path: Path) -> None:

@@ -61,6 +61,10 @@ _HELP: dict[str, str] = {
     "scheduler_lag_seconds": "Delay between a schedule's due time and its enqueue.",
     "timer_lag_seconds": "Delay between a durable timer's due time and its enqueue.",
     "executions_finished_total": "Execution runs finished by workers, by final status.",
+    "jobs_stalled_total": (
+        "Jobs taken back from a worker that stopped renewing their lock (crashed, frozen or cut "
+        "off from Redis) by a stalled-job check, to run again."
+    ),
 }
 
 DEFAULT_FLUSH_INTERVAL_S = 5.0
@@ -144,6 +148,12 @@ class MetricsPublisher:
         key = ("executions_finished_total", labels)
         self._pending.counters[key] = self._pending.counters.get(key, 0) + 1
         self._observe("execution_duration_seconds", duration_s, labels)
+
+    def count_stalled(self, queue: str) -> None:
+        """A job of ``queue`` whose worker stopped renewing its lock (crashed, frozen, cut off)
+        was taken back by a stalled-job check, to run again."""
+        key = ("jobs_stalled_total", _labels({"queue": queue}))
+        self._pending.counters[key] = self._pending.counters.get(key, 0) + 1
 
     def observe_start_latency(self, seconds: float) -> None:
         """Enqueue-to-start latency of one execution job."""
@@ -352,13 +362,16 @@ class ConveyorCollector(Collector):
                 )
 
     def _counters(self, snap: MetricsSnapshot) -> Iterable[Metric]:
-        name = "executions_finished_total"
-        family = CounterMetricFamily(
-            f"{self.namespace}_{name.removesuffix('_total')}", _HELP[name], labels=["status"]
-        )
-        for labels, value in snap.counters.get(name, []):
-            family.add_metric([labels.get("status", "")], value)
-        yield family
+        for name, label in (
+            ("executions_finished_total", "status"),
+            ("jobs_stalled_total", "queue"),
+        ):
+            family = CounterMetricFamily(
+                f"{self.namespace}_{name.removesuffix('_total')}", _HELP[name], labels=[label]
+            )
+            for labels, value in snap.counters.get(name, []):
+                family.add_metric([labels.get(label, "")], value)
+            yield family
 
     def _histograms(self, snap: MetricsSnapshot) -> Iterable[Metric]:
         for name in BUCKETS:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from conveyor.dispatch import FairnessLedger
 from conveyor.engine import Engine
 from conveyor.errors import ConveyorError
-from conveyor.queue import Queue, QueueFactory, Worker, execution_queue_name
+from conveyor.queue import Queue, QueueEvent, QueueFactory, Worker, execution_queue_name
 from conveyor.runtime import (
     Heartbeat,
     MetricsPublisher,
@@ -63,6 +63,7 @@ class ExecutionWorker:
         self.queue_names = [execution_queue_name(r) for r in settings.execution_regions]
         self.workers: list[Worker] = []
         self.started = False
+        self.stalled = 0
 
     def queue(self, name: str) -> Queue:
         return self.queues.create_queue(name)
@@ -87,6 +88,16 @@ class ExecutionWorker:
             )
             for name in self.queue_names
         ]
+        for worker in self.workers:
+            worker.on("stalled", self._on_stalled)
+
+    def _on_stalled(self, event: QueueEvent) -> None:
+        """This worker's stalled-job check took back a job whose lock had expired (its worker
+        crashed, froze or lost Redis): the job runs again, resuming after its last completed
+        step. Logged and counted (``conveyor_jobs_stalled_total``)."""
+        self.stalled += 1
+        self.metrics.count_stalled(event.queue)
+        log.warning("worker.job_stalled", extra={"queue": event.queue, "jobId": event.job_id})
 
     async def info(self) -> dict[str, Any]:
         """The worker's part of its heartbeat document."""
@@ -104,6 +115,7 @@ class ExecutionWorker:
             "jobsFailed": c.failed,
             "jobsParked": c.parked,
             "jobsDeferred": c.deferred,
+            "jobsStalled": self.stalled,
             "queueDepths": await self._depths(),
         }
 
