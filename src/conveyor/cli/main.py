@@ -41,9 +41,18 @@ COMMANDS: list[Command] = [
 ]
 
 
+SETTINGS_NOTE = (
+    "Settings are read from the environment (QUEUE_REDIS_HOST, QUEUE_PREFIX, DATABASE_URL, "
+    "ADMIN_TOKEN, ...; the README's configuration table lists them all). A malformed value "
+    "stops the command with exit code 2 and one line naming the variable."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="conveyor", description="Conveyor: durable, fair workflow execution on BullMQ/Redis."
+        prog="conveyor",
+        description="Conveyor: durable, fair workflow execution on BullMQ/Redis.",
+        epilog=SETTINGS_NOTE,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
@@ -52,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         add = getattr(module, "add_arguments", None)
         if add is not None:
             add(p)
+        p.epilog = f"{p.epilog}\n\n{SETTINGS_NOTE}" if p.epilog else SETTINGS_NOTE
     return parser
 
 
