@@ -1,4 +1,4 @@
-"""One error shape everywhere; body limits; enqueue failures answer 503 and keep the row."""
+"""One error shape everywhere; body limits; an enqueue that fails still answers 202 and keeps the row."""
 
 from __future__ import annotations
 
@@ -120,9 +120,11 @@ async def test_bad_content_length_is_400(length: bytes) -> None:
     assert sent[0]["status"] == 400
 
 
-async def test_enqueue_failure_is_a_fast_503_and_keeps_the_execution(
+async def test_enqueue_failure_is_a_fast_202_and_keeps_the_execution(
     api_env: dict[str, str],
 ) -> None:
+    """Redis down: the committed execution is the successful trigger (202, queued) — see
+    tests/api/test_trigger_without_redis.py for the reconciler picking it up."""
     with restartable_redis() as server:
         settings = make_settings(**{**api_env, "QUEUE_REDIS_PORT": str(server.port)})
         async with running_api(settings) as api:
@@ -134,9 +136,8 @@ async def test_enqueue_failure_is_a_fast_503_and_keeps_the_execution(
             r = await api.client.post(f"/api/workflows/{wf}/executions", json={"input": 5},
                                       headers=headers)  # fmt: skip
             assert time.monotonic() - started < 4.0
-            err = _shape(r, 503, "queue_unavailable")
-            assert r.headers["retry-after"] == "5"
-            execution_id = err["details"]["executionId"]
+            assert r.status_code == 202, r.text
+            execution_id = r.json()["data"]["id"]
             got = await api.client.get(f"/api/executions/{execution_id}", headers=auth)
             assert got.json()["data"]["status"] == "queued", "kept for the reconciler"
 

@@ -6,11 +6,13 @@
    execution id: adding it twice is harmless. Concurrent requests share the Redis round trips
    (:class:`~conveyor.dispatch.EnqueueBatcher`); each still answers only once its own job
    was added.
-3. If Redis is unavailable the enqueue fails within :data:`ENQUEUE_TIMEOUT_S` and the request
-   answers **503** ``queue_unavailable`` with the execution id in ``details``. The execution is
-   *not* rolled back: it stays ``queued`` and the scheduler's reconciler enqueues it once Redis
-   is back. Retrying the request with the same ``Idempotency-Key`` returns the same execution
-   and enqueues it again (harmless) instead of creating a second one.
+3. The database is the source of truth: once the row is committed the trigger **has
+   succeeded**. If Redis is unavailable the enqueue gives up within :data:`ENQUEUE_TIMEOUT_S`
+   and the request still answers 202 with the execution (``queued``): the scheduler's
+   reconciler enqueues it within seconds of Redis being back. (Answering 503 would make clients
+   that retry 5xx — most HTTP libraries — create a second execution.) Replaying the request with
+   the same ``Idempotency-Key`` returns the same execution and tries the enqueue again
+   (harmless). Only a database failure answers 503.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from conveyor.api.context import ApiContext
-from conveyor.api.errors import ApiError
 from conveyor.dispatch import payload_for
 from conveyor.errors import QueueError
 from conveyor.store import Execution
@@ -33,25 +34,20 @@ ENQUEUE_TIMEOUT_S = 3.0
 """Longest an enqueue may take before the request answers 503 (the row stays ``queued``)."""
 
 
-async def enqueue(ctx: ApiContext, execution: Execution, *, reason: str) -> None:
-    """Put ``execution`` on its region's queue or raise a 503 :class:`ApiError`."""
+async def enqueue(ctx: ApiContext, execution: Execution, *, reason: str) -> bool:
+    """Put ``execution`` on its region's queue; False when Redis is unavailable (the stored,
+    ``queued`` execution is then enqueued by the reconciler once Redis is back)."""
     payload = payload_for(execution, reason=reason)
     try:
         async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
             await ctx.dispatcher.enqueue(payload)
     except (QueueError, RedisError, OSError, TimeoutError) as exc:
         log.warning(
-            "api.enqueue_failed",
+            "api.enqueue_deferred",
             extra={"executionId": execution.id, "error": repr(exc)[:300]},
         )
-        raise ApiError(
-            503,
-            "queue_unavailable",
-            "The execution is stored but the queue is unavailable; it stays queued and will "
-            "be enqueued automatically when the queue is back.",
-            {"executionId": execution.id, "status": execution.status},
-            headers={"Retry-After": "5"},
-        ) from exc
+        return False
+    return True
 
 
 async def trigger(

@@ -81,10 +81,12 @@ TRIGGER_RESPONSES: dict[int | str, dict[str, Any]] = {
         "Creates a `queued` execution of the workflow's current version with `input` and puts "
         "it on its region's queue (202). With `Idempotency-Key`, a repeated request returns "
         "the same execution (200, header `Idempotent-Replayed: true`). The execution row is "
-        "committed before the job is added; if Redis is unavailable the answer is 503 "
-        "`queue_unavailable` within seconds, the execution stays `queued` (id in "
-        "`error.details.executionId`) and is enqueued by the reconciler once Redis is back. "
-        "409 when the workflow is disabled or the key was used for another workflow."
+        "committed before the job is added, and once it is the trigger has succeeded: if "
+        "Redis is unavailable the answer is still 202 (the execution stays `queued` and the "
+        "reconciler enqueues it within seconds of Redis being back), so clients that retry "
+        "failures never create a second execution. 503 `database_unavailable` only when the "
+        "database is down. 409 when the workflow is disabled or the key was used for another "
+        "workflow."
     ),
     responses=TRIGGER_RESPONSES,
 )
@@ -170,7 +172,8 @@ async def cancel_execution(
     description=(
         "Creates and enqueues a new execution of the same workflow version with the same "
         "input (`retryOf` = the original). Only failed or cancelled executions (409 "
-        "otherwise). Enqueue failures answer 503 as for a trigger."
+        "otherwise). As for a trigger, Redis being unavailable still answers 202: the new "
+        "execution is stored and the reconciler enqueues it."
     ),
     responses=error_responses(409, 503),
 )
