@@ -13,8 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
+from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from conveyor.api.context import ApiContext, open_context
 from conveyor.api.errors import install_error_handlers
@@ -75,9 +79,10 @@ def create_app(settings: Settings, *, context: ApiContext | None = None) -> Fast
         openapi_tags=TAGS,
         lifespan=lifespan,
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # served below from packaged assets: works offline and air-gapped
         redoc_url=None,
     )
+    _serve_docs(app)
     registry = CollectorRegistry()
     collector = ConveyorCollector()
     registry.register(collector)
@@ -93,6 +98,26 @@ def create_app(settings: Settings, *, context: ApiContext | None = None) -> Fast
         app.include_router(module.router)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
+
+
+DOCS_ASSETS = "/docs/assets"
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """Swagger UI at ``/docs`` with its scripts and styles served by this process from the
+    ``swagger-ui-bundle`` package — no CDN, so the page works offline and in air-gapped
+    installs."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} — docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

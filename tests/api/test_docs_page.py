@@ -1,0 +1,23 @@
+"""``/docs`` works offline: Swagger UI's assets are served by the API itself, never a CDN."""
+
+from __future__ import annotations
+
+import re
+
+from tests.api.conftest import Api
+
+
+async def test_docs_page_and_its_assets_are_served_locally(api: Api) -> None:
+    page = await api.client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sources, page.text
+    assert all(s.startswith("/docs/assets/") for s in sources), sources
+    assert "cdn" not in page.text.lower() and "https://" not in page.text.replace(
+        "https://swagger.io", ""
+    )
+    for source in sources:
+        asset = await api.client.get(source)
+        assert asset.status_code == 200, source
+        assert len(asset.content) > 500, source
+    assert "'/openapi.json'" in page.text or '"/openapi.json"' in page.text
