@@ -62,5 +62,6 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
-    for noisy in ("httpx", "httpcore", "asyncio", "aiosqlite", "alembic.runtime.migration"):
+    # alembic: its migration and plugin set-up lines ("setup plugin …") at INFO on every start
+    for noisy in ("httpx", "httpcore", "asyncio", "aiosqlite", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
