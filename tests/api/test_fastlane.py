@@ -17,11 +17,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.api.app import create_app
 from conveyor.api.context import ApiContext, open_context
 from conveyor.api.fastlane import FastLane
+from conveyor.api.middleware import MAX_JSON_DEPTH
 from tests.api.conftest import NOOP_WORKFLOW, Api, make_settings
 
 TRIGGER_ROUTE = "/api/workflows/{workflow_id}/executions"
@@ -175,6 +177,124 @@ async def test_health_and_metrics(pair: Pair) -> None:
     line = f'conveyor_http_requests_total{{method="POST",route="{TRIGGER_ROUTE}",status="202"}}'
     assert f"{line} 3.0" in text
     assert 'route="/api/health",status="200"} 2.0' in text  # the fixture's and this one
+
+
+async def test_deep_json_answers_as_fastapi_does(pair: Pair) -> None:
+    """10,000 levels were a ``RecursionError`` in the lane (500; FastAPI: 400), and 256 to
+    about 930 levels a 500 on both paths (the execution stored, then pydantic refused to
+    serialise its input). Every depth past the limit is now one 400, from the lane itself."""
+    auth = await pair.api.tenant()
+    wf = await pair.api.workflow(auth)
+    url = f"/api/workflows/{wf}/executions"
+    prefix = b'{"input":'  # the body's object is the first level
+    for depth in (10_000, 1_000, 300, 256, MAX_JSON_DEPTH):
+        body = prefix + b"[" * depth + b"]" * depth + b"}"
+        r = await pair.both("POST", url, content=body, headers=_json(auth))
+        assert r.status_code == 400, (depth, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "malformed_json"
+        column = len(prefix) + MAX_JSON_DEPTH  # the first "[" at level MAX_JSON_DEPTH + 1
+        assert error["details"] == [
+            {
+                "line": 1,
+                "column": column,
+                "message": f"Arrays and objects are nested deeper than {MAX_JSON_DEPTH} levels.",
+            }
+        ]
+    depth = MAX_JSON_DEPTH - 1
+    body = prefix + b"[" * depth + b"]" * depth + b"}"
+    r = await pair.both("POST", url, content=body, headers=_json(auth))
+    assert r.status_code == 202, r.text
+    assert pair.handed_over == [], "the lane answered all of them"
+
+
+async def test_metrics_label_lane_requests_with_their_route(pair: Pair) -> None:
+    """What the lane answers (or hands over) counts under the route template, exactly as the
+    same requests through FastAPI do — ``unmatched`` was the label of a lane answer given
+    before the route was entered (the 500 of a ``RecursionError``)."""
+    auth = await pair.api.tenant()
+    wf = await pair.api.workflow(auth)
+    url = f"/api/workflows/{wf}/executions"
+    requests: list[dict[str, Any]] = [
+        {"json": {}, "headers": auth},  # served: 202
+        {"json": {}},  # served: 401
+        {"json": {"input": 1, "extra": 2}, "headers": auth},  # handed over: 422
+        {"content": b"{nope", "headers": _json(auth)},  # handed over: 400
+        {"content": b"[" * 10_000, "headers": _json(auth)},  # the depth limit: 400
+    ]
+    for kwargs in requests:
+        await pair.both("POST", url, **kwargs)
+    lane, plain = await _trigger_counts(pair.lane), await _trigger_counts(pair.plain)
+    assert lane == plain
+    assert lane == {
+        (TRIGGER_ROUTE, "202"): 1.0,
+        (TRIGGER_ROUTE, "401"): 1.0,
+        (TRIGGER_ROUTE, "422"): 1.0,
+        (TRIGGER_ROUTE, "400"): 2.0,
+    }
+
+
+async def test_a_body_limit_hit_inside_the_lane_answers_as_fastapi_does(
+    api_env: dict[str, str],
+) -> None:
+    """A body longer than its ``Content-Length`` crosses the body limit while the lane reads
+    it: the lane answers the 413 with FastAPI's handler (the same bytes) under the route."""
+    settings = make_settings(**{**api_env, "API_MAX_BODY_BYTES": "1000"})
+    async with open_context(settings, heartbeat=False) as ctx:
+        lane_app = create_app(settings, context=ctx)
+        plain_app = _without_lane(settings, ctx)
+        async with _client(lane_app) as lane, _client(plain_app) as plain:
+            answers = [
+                await _raw_post(app, b"{" + b" " * 2000 + b"}") for app in (lane_app, plain_app)
+            ]
+            assert answers[0] == answers[1]
+            assert answers[0][0]["status"] == 413
+            assert json.loads(answers[0][1]["body"])["error"]["code"] == "payload_too_large"
+            assert await _trigger_counts(lane) == {(TRIGGER_ROUTE, "413"): 1.0}
+            assert await _trigger_counts(plain) == {(TRIGGER_ROUTE, "413"): 1.0}
+
+
+async def _raw_post(app: FastAPI, body: bytes) -> list[Message]:
+    """POST ``body`` to the trigger route claiming a 2-byte ``Content-Length``."""
+    path = "/api/workflows/w/executions"
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")],
+        "client": ("127.0.0.1", 1234),
+        "server": ("api", 80),
+    }
+    sent: list[Message] = []
+    messages: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def _trigger_counts(client: httpx.AsyncClient) -> dict[tuple[str, str], float]:
+    """``conveyor_http_requests_total`` of POST requests, by (route, status)."""
+    text = (await client.get("/metrics")).text
+    return {
+        (sample.labels["route"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "conveyor_http_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["method"] == "POST"
+        if sample.labels["route"] in (TRIGGER_ROUTE, "unmatched")
+    }
 
 
 def _json(headers: dict[str, str]) -> dict[str, str]:

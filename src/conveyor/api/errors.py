@@ -4,23 +4,43 @@ Every 4xx/5xx answer is ``{"success": false, "error": {"code", "message", "detai
 routing 404/405, request validation (422, with the offending field), malformed JSON (400),
 oversized bodies (413), Conveyor's own exceptions (mapped below) and, as a last resort, any
 unexpected exception (500, logged with its traceback, details withheld from the client).
+
+Two request problems have one code on every route, whoever detects them:
+
+* a body that cannot be parsed (bad syntax, bytes that are not UTF-8, nesting too deep) is
+  400 ``malformed_json`` with ``details = [{"line", "column", "message"}]`` (1-based; the
+  column counts characters; ``{"message"}`` alone where the parser gives no position) —
+  whether FastAPI, a route (webhooks), the fast lane or the body middleware finds it;
+* an unknown top-level field of a body is 422 ``validation_error`` with a detail of type
+  ``extra_forbidden`` (FastAPI's answer for its request models), also for the workflow
+  definition, which the store validates.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic_core import PydanticKnownError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor import errors
 
 log = logging.getLogger(__name__)
+
+MALFORMED_JSON = "malformed_json"
+"""The code of every body that cannot be parsed as JSON (400)."""
+NOT_JSON = "The request body is not valid JSON."
+VALIDATION_ERROR = "validation_error"
+"""The code of request validation errors (422), unknown top-level body fields included."""
+_EXTRA_FORBIDDEN: Final = "extra_forbidden"
+_EXTRA_MESSAGE = PydanticKnownError(_EXTRA_FORBIDDEN).message()
 
 _STATUS_CODES: dict[int, str] = {
     400: "bad_request",
@@ -100,6 +120,45 @@ def error_response(
     )
 
 
+def text_position(text: str | bytes, offset: int) -> tuple[int, int]:
+    """The 1-based line and column (in characters) of ``offset`` in ``text``; ``bytes`` are
+    read as UTF-8 the way :func:`json.loads` reads them (encoded surrogates included;
+    undecodable bytes, which it would refuse, count as one character each)."""
+    if isinstance(text, bytes):
+        raw = text[:offset]
+        try:
+            prefix = raw.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            prefix = raw.decode("utf-8", "replace")
+    else:
+        prefix = text[:offset]
+    line_start = prefix.rfind("\n") + 1
+    return prefix.count("\n") + 1, len(prefix) - line_start + 1
+
+
+def parse_error_details(exc: BaseException | None) -> list[dict[str, Any]] | None:
+    """``[{"line", "column", "message"}]`` for an exception of :func:`json.loads`, ``None``
+    if ``exc`` is not one.
+
+    The parser gives no position for a number of more than 4,300 digits (a ``ValueError`` of
+    ``int()``) or, should it ever get that far past the depth limit of the body middleware,
+    for a ``RecursionError``: their detail is ``{"message"}`` alone.
+    """
+    if isinstance(exc, json.JSONDecodeError):
+        return [{"line": exc.lineno, "column": exc.colno, "message": exc.msg}]
+    if isinstance(exc, UnicodeDecodeError):
+        prefix = exc.object[: exc.start].decode(exc.encoding, "replace")
+        line, column = text_position(prefix, len(prefix))
+        message = f"Not valid {exc.encoding.upper()}: {exc.reason}"
+        return [{"line": line, "column": column, "message": message}]
+    if isinstance(exc, ValueError):
+        # "Exceeds the limit (4300 digits) ...: value has 5000 digits; use sys.set_int_..."
+        return [{"message": str(exc).partition(";")[0] or NOT_JSON}]
+    if isinstance(exc, RecursionError):
+        return [{"message": "Arrays and objects are nested too deeply."}]
+    return None
+
+
 def _field(loc: Sequence[int | str]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] == "body":
@@ -127,8 +186,14 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     headers = getattr(exc, "headers", None)
     if isinstance(exc, ApiError):
-        return error_response(exc.status_code, exc.code, exc.message, exc.details, headers)
+        details = exc.details
+        if details is None and exc.code == MALFORMED_JSON:  # e.g. the webhooks' own parse
+            details = parse_error_details(exc.__cause__)
+        return error_response(exc.status_code, exc.code, exc.message, details, headers)
     status = exc.status_code
+    if status == 400 and (details := parse_error_details(exc.__cause__)) is not None:
+        # FastAPI's "There was an error parsing the body": not UTF-8, a number too long.
+        return error_response(400, MALFORMED_JSON, NOT_JSON, details, headers)
     code = _STATUS_CODES.get(status, "error")
     detail = exc.detail if isinstance(exc.detail, str) else None
     message = _MESSAGES.get(status) if detail is None or detail == _reason(status) else detail
@@ -145,16 +210,51 @@ def _reason(status: int) -> str:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     raw = list(exc.errors())
+    invalid = [err for err in raw if err.get("type") == "json_invalid"]
+    if invalid:
+        return error_response(400, MALFORMED_JSON, NOT_JSON, _json_invalid_details(invalid, exc))
     details = validation_details(raw)
-    if any(d["type"] == "json_invalid" for d in details):
-        return error_response(400, "malformed_json", "The request body is not valid JSON.", details)
+    return _validation_response(details)
+
+
+def _validation_response(details: list[dict[str, Any]]) -> JSONResponse:
     first = details[0] if details else {"field": "body", "message": "invalid"}
     message = f"{first['field']}: {first['message']}"
-    return error_response(422, "validation_error", message, details)
+    return error_response(422, VALIDATION_ERROR, message, details)
+
+
+def _json_invalid_details(raw: list[Any], exc: RequestValidationError) -> list[dict[str, Any]]:
+    """FastAPI's ``json_invalid`` errors (``loc = ("body", offset)``, the text in ``body``)
+    with a line and column instead of the offset."""
+    out: list[dict[str, Any]] = []
+    for err in raw:
+        loc = tuple(err.get("loc", ()))
+        offset = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+        text = exc.body if isinstance(exc.body, str | bytes) else ""
+        line, column = text_position(text, offset)
+        message = str((err.get("ctx") or {}).get("error") or err.get("msg", "invalid JSON"))
+        out.append({"line": line, "column": column, "message": message})
+    return out
+
+
+def _unknown_top_level_fields(exc: errors.WorkflowInvalid) -> list[dict[str, Any]]:
+    """The unknown top-level fields of a workflow definition, as validation details."""
+    problems = exc.details if isinstance(exc.details, list) else []
+    return [
+        {"field": p["field"], "location": "body", "message": p["message"], "type": _EXTRA_FORBIDDEN}
+        for p in problems
+        if isinstance(p, dict)
+        and p.get("step") is None
+        and p.get("index") is None
+        and p.get("field")
+        and p.get("message") == _EXTRA_MESSAGE
+    ]
 
 
 async def _conveyor_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.ConveyorError)
+    if isinstance(exc, errors.WorkflowInvalid) and (extra := _unknown_top_level_fields(exc)):
+        return _validation_response(extra)
     for kind, status, code in _CONVEYOR_ERRORS:
         if isinstance(exc, kind):
             headers = {"Retry-After": "5"} if status == 503 else None

@@ -12,9 +12,13 @@ headers — is handed to the FastAPI application untouched (the body already rea
 so every error answer still comes from FastAPI itself.
 
 It sits inside :class:`~conveyor.api.middleware.RequestMetricsMiddleware` and
-:class:`~conveyor.api.middleware.BodyLimitMiddleware` (so metrics, the body limit and the
-last-resort 500 apply unchanged) and sets ``scope["route"]`` to the matched route, as the router
-would. ``tests/api/test_fastlane.py`` checks that both paths give byte-identical answers.
+:class:`~conveyor.api.middleware.BodyLimitMiddleware` (so metrics, the body limits and the
+last-resort 500 apply unchanged) and, as soon as the path matches, sets ``scope["route"]`` to
+the route, as the router would: the metrics label every request it sees with the route's
+template. A body the parser refuses (``ValueError``, ``RecursionError``) is handed over like
+any other, and the body limits raised by ``receive()`` are answered by the same exception
+handler FastAPI would use. ``tests/api/test_fastlane.py`` checks that both paths give
+byte-identical answers; ``tests/api/test_fastlane_property.py`` does so for generated bodies.
 """
 
 from __future__ import annotations
@@ -113,15 +117,24 @@ class FastLane:
             if method == "POST" and path.endswith("/executions"):
                 match = _TRIGGER_RE.fullmatch(path)
                 if match is not None:
-                    await self._trigger(scope, receive, send, match.group(1))
+                    workflow_id = match.group(1)
+                    route = self._route("POST", TRIGGER_PATH)
+                    _enter_route(scope, route, {"workflow_id": workflow_id})
+                    await self._trigger(scope, receive, send, route, workflow_id)
                     return
             elif method == "GET" and path == HEALTH_PATH:
+                _enter_route(scope, self._route("GET", HEALTH_PATH), {})
                 await self._health(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
     # --- the routes ------------------------------------------------------------------------
-    async def _trigger(self, scope: Scope, receive: Receive, send: Send, workflow_id: str) -> None:
+    # The route is entered in the scope as soon as the path matches, as the router does before
+    # it reads the body: whatever answers (this lane, an exception handler, FastAPI after a
+    # hand-over, the last-resort 500), the metrics label it with the route's template.
+    async def _trigger(
+        self, scope: Scope, receive: Receive, send: Send, route: APIRoute, workflow_id: str
+    ) -> None:
         ctx = self._ctx()
         try:
             headers = _Headers(scope)
@@ -136,15 +149,16 @@ class FastLane:
         except _Fallback:
             await self.app(scope, _replay(received, receive), send)
             return
+        except HTTPException as exc:  # from ``receive()``: the body limits of the middleware
+            await self._handle(exc, scope, receive, send)
+            return
         receive = _replay(received, receive)
-        route = self._route("POST", TRIGGER_PATH)
-        path_params = {"workflow_id": workflow_id}
         # FastAPI's order: the body is read first, then the dependencies run (authentication
         # errors win over parameter errors), then the parameters are validated.
         try:
             auth = await require_tenant(ctx, _credentials(headers.authorization))
         except Exception as exc:
-            await self._handle(exc, route, path_params, scope, receive, send)
+            await self._handle(exc, scope, receive, send)
             return
         try:
             key = _idempotency_key(headers.idempotency_key)
@@ -154,14 +168,13 @@ class FastLane:
         except (_Fallback, ValidationError):
             await self.app(scope, receive, send)
             return
-        _enter_route(scope, route, path_params)
         sub = _sub_response()
         try:
             content = await trigger_execution(
                 ctx, auth, workflow_id, sub, body=body, idempotency_key=key
             )
         except Exception as exc:
-            await self._handle(exc, route, path_params, scope, receive, send)
+            await self._handle(exc, scope, receive, send)
             return
         payload = _EXECUTION_OUT.dump_json(_EXECUTION_OUT.validate_python(content), by_alias=True)
         await _respond(scope, receive, send, payload, sub.status_code or route.status_code, sub)
@@ -171,12 +184,10 @@ class FastLane:
         if ctx is None:
             await self.app(scope, receive, send)
             return
-        route = self._route("GET", HEALTH_PATH)
-        _enter_route(scope, route, {})
         try:
             content = await health(ctx)
         except Exception as exc:
-            await self._handle(exc, route, {}, scope, receive, send)
+            await self._handle(exc, scope, receive, send)
             return
         payload = _HEALTH_OUT.dump_json(_HEALTH_OUT.validate_python(content), by_alias=True)
         await _respond(scope, receive, send, payload, None, None)
@@ -198,19 +209,10 @@ class FastLane:
             }
         return self._routes[(method, path)]
 
-    async def _handle(
-        self,
-        exc: Exception,
-        route: APIRoute,
-        path_params: dict[str, str],
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
+    async def _handle(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer ``exc`` with the application's exception handler, as FastAPI's
         ``ExceptionMiddleware`` would; re-raise it when there is none (→ the last-resort 500
         of :class:`~conveyor.api.middleware.RequestMetricsMiddleware`)."""
-        _enter_route(scope, route, path_params)
         handler = self._handler_for(exc)
         if handler is None:
             raise exc
@@ -247,7 +249,7 @@ async def _read_json(receive: Receive, received: list[Message]) -> Any:
             break
     try:
         document = json.loads(b"".join(chunks))
-    except ValueError:
+    except (ValueError, RecursionError):  # FastAPI parses it again and answers
         raise _Fallback from None
     if not isinstance(document, dict):
         raise _Fallback

@@ -1,20 +1,23 @@
-"""Pure ASGI middleware: request body limit, HTTP metrics, last-resort error shape.
+"""Pure ASGI middleware: request body limits, HTTP metrics, last-resort error shape.
 
 Both are plain ASGI callables (no ``BaseHTTPMiddleware``): they add no task per request and
-never buffer the body.
+never copy the body (a JSON body with more than one chunk aside, joined once to check its
+depth).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from conveyor.api.errors import ApiError, error_body
+from conveyor.api.errors import MALFORMED_JSON, ApiError, error_body, text_position
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,81 @@ class BodyTooLarge(ApiError):
             f"The request body exceeds the limit of {limit} bytes.",
             {"limitBytes": limit},
         )
+
+
+MAX_JSON_DEPTH = 128
+"""The deepest nesting of arrays and objects accepted in a JSON request body.
+
+Python's parser fails at a depth that depends on the call stack (``RecursionError``, so the
+fast lane and FastAPI would disagree near it) and pydantic refuses to serialise beyond 255
+levels (an accepted trigger would answer 500); one fixed, lower limit checked before any
+parser runs gives every route and both paths the same answer."""
+
+
+class JsonTooDeep(ApiError):
+    """Raised from ``receive()`` when the whole body is read and nests deeper than allowed."""
+
+    def __init__(self, limit: int, line: int, column: int) -> None:
+        message = f"Arrays and objects are nested deeper than {limit} levels."
+        super().__init__(
+            400,
+            MALFORMED_JSON,
+            "The request body is nested too deeply.",
+            [{"line": line, "column": column, "message": message}],
+        )
+
+
+_STRING = rb'"[^"\\]*+(?:\\.?[^"\\]*+)*+(?:"|\Z)'
+"""A JSON string; an unterminated one runs to the end of the body."""
+_NEUTRAL = rb"(?:" + _STRING + rb'|[^"\[\]{}]++)'
+"""A string or a run of bytes that are neither brackets nor quotes."""
+
+
+@functools.cache
+def _depth_pattern(limit: int) -> re.Pattern[bytes]:
+    r"""Matches a whole body, setting group ``deep`` at the first ``[`` or ``{`` (outside
+    strings) nested deeper than ``limit``.
+
+    One level of the pattern per level of nesting, ``A(0) = N*+ (?:(?=[[{]) (?P<deep>) .*)?``
+    and ``A(j) = (?:N | [[{] A(j-1) (?:[]}] | \Z))*+``, where ``N`` is a string or plain
+    bytes: every quantifier is possessive and each byte decides the branch, so the match is
+    one pass in C, without backtracking. At the first opener too deep, ``A(0)`` records its
+    offset and consumes the rest, so every enclosing level ends at once. A closer without an
+    opener is ignored, and so is everything after an unterminated string: the parser refuses
+    such bodies anyway, before it nests deeper than this pattern looked.
+    """
+    level = _NEUTRAL + rb"*+(?:(?=[\[{])(?P<deep>).*)?"
+    for _ in range(limit - 1):
+        level = rb"(?:" + _NEUTRAL + rb"|[\[{]" + level + rb"(?:[\]}]|\Z))*+"
+    top = rb"(?:" + _NEUTRAL + rb"|[\]}]|[\[{]" + level + rb"(?:[\]}]|\Z))*+"
+    return re.compile(top, re.DOTALL)
+
+
+def too_deep_at(body: bytes, limit: int) -> int | None:
+    """The offset of the first ``[`` or ``{`` outside strings nested deeper than ``limit``
+    (``limit >= 1``) in UTF-8 ``body``; ``None`` if there is none. Linear in its size."""
+    match = _depth_pattern(limit).match(body)
+    if match is None or match.group("deep") is None:
+        return None
+    return match.start("deep")
+
+
+def json_too_deep(body: bytes, limit: int) -> JsonTooDeep | None:
+    """The error for a body :func:`json.loads` would read nested deeper than ``limit``.
+
+    Like the parser, a body in UTF-16 or UTF-32 is decoded first (its multi-byte characters
+    could otherwise hide brackets); a body it cannot decode never reaches the parser.
+    """
+    encoding = json.detect_encoding(body)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        try:
+            body = body.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+        except UnicodeError:
+            return None
+    offset = too_deep_at(body, limit)
+    if offset is None:
+        return None
+    return JsonTooDeep(limit, *text_position(body, offset))
 
 
 async def send_error(send: Send, status: int, code: str, message: str, details: Any = None) -> None:
@@ -47,36 +125,54 @@ async def send_error(send: Send, status: int, code: str, message: str, details: 
     await send({"type": "http.response.body", "body": body})
 
 
-def _declared_length(scope: Scope) -> int | None:
-    """The request's Content-Length; ``None`` if absent, -1 if malformed."""
+def _body_headers(scope: Scope) -> tuple[int | None, bool]:
+    """The request's Content-Length (``None`` if absent, -1 if malformed), and whether some
+    route may parse its body as JSON: FastAPI parses ``application/json`` and
+    ``application/*+json``, the webhooks any ``…json…`` type and a body without one."""
+    declared: int | None = None
+    content_types = 0
+    json_type = False
     for name, value in scope.get("headers", ()):
-        if name == b"content-length":
+        if name == b"content-length" and declared is None:
             try:
                 declared = int(value)
             except ValueError:
-                return -1
-            return declared if declared >= 0 else -1
-    return None
+                declared = -1
+            if declared < 0:
+                declared = -1
+        elif name == b"content-type":
+            content_types += 1
+            json_type = json_type or b"json" in value or b"json" in value.lower()
+    return declared, json_type or not content_types
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies larger than ``max_bytes`` with 413, without buffering them.
+    """Refuse request bodies larger than ``max_bytes`` (413) or JSON bodies nested deeper
+    than ``max_depth`` (400 ``malformed_json``), without buffering them.
 
     A ``Content-Length`` above the limit is refused before the application runs; a body sent
     without one (chunked) is counted as it is received and the read that crosses the limit
     raises :class:`BodyTooLarge`, which the error handlers render as 413.
+
+    The depth of a body some route may parse as JSON is checked when its last chunk arrives,
+    before any parser runs: that read raises :class:`JsonTooDeep`. Earlier chunks are kept by
+    reference (the application reads the whole body anyway). A body of at most ``max_depth``
+    bytes costs nothing more; a longer one is joined and its ``[`` and ``{`` counted; only one
+    with more of them than ``max_depth`` is scanned (:func:`json_too_deep`).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_depth = max_depth
+        _depth_pattern(max_depth)  # compiled now (tens of ms), not during a request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        declared = _declared_length(scope)
+        declared, json_body = _body_headers(scope)
         if declared == -1:
             await send_error(send, 400, "bad_request", "Content-Length is not a number.")
             return
@@ -85,17 +181,7 @@ class BodyLimitMiddleware:
             await send_error(send, 413, exc.code, exc.message, exc.details)
             return
 
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(limit)
-            return message
-
+        limited_receive = _limited(receive, limit, self.max_depth if json_body else None)
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -106,10 +192,47 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge as exc:
+        except (BodyTooLarge, JsonTooDeep) as exc:
             if started:
                 raise
-            await send_error(send, 413, exc.code, exc.message, exc.details)
+            await send_error(send, exc.status_code, exc.code, exc.message, exc.details)
+
+
+def _limited(receive: Receive, max_bytes: int, max_depth: int | None) -> Receive:
+    """``receive`` that raises :class:`BodyTooLarge` past ``max_bytes`` and, unless
+    ``max_depth`` is ``None``, :class:`JsonTooDeep` with the last chunk of a body too deep."""
+    received = 0
+    chunks: list[bytes] = []
+
+    async def limited_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > max_bytes:
+                raise BodyTooLarge(max_bytes)
+            if max_depth is not None:
+                if message.get("more_body", False):
+                    chunks.append(chunk)
+                elif received > max_depth:  # a shorter body cannot nest deeper
+                    _check_depth((*chunks, chunk), max_depth)
+        return message
+
+    return limited_receive
+
+
+def _check_depth(chunks: tuple[bytes, ...], max_depth: int) -> None:
+    """Raise :class:`JsonTooDeep` if the body of ``chunks`` nests deeper than ``max_depth``.
+
+    A body with no more ``[`` and ``{`` than levels allowed (nearly every body) cannot:
+    counting them is all it costs. Only the others are scanned (:func:`json_too_deep`).
+    """
+    body = b"".join(chunks)  # one chunk: that chunk, not a copy
+    if body.count(b"[") + body.count(b"{") > max_depth:
+        error = json_too_deep(body, max_depth)
+        if error is not None:
+            raise error
 
 
 class HttpMetrics:
@@ -151,7 +274,9 @@ class RequestMetricsMiddleware:
     """Count and time every HTTP request; turn an escaped exception into the 500 error shape.
 
     The route label is the matched route template (``/api/executions/{execution_id}``), or
-    ``unmatched``, so that label cardinality stays bounded.
+    ``unmatched``, so that label cardinality stays bounded. It is read from ``scope["route"]``,
+    which FastAPI's router sets — and the fast lane, for the routes it serves, as soon as their
+    path matches (so its answers, errors included, carry the same template).
     """
 
     def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
