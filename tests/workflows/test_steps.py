@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from conveyor.errors import PermanentStepError
+from conveyor.errors import PermanentStepError, StepError
 from conveyor.workflows import (
     GotoAction,
     SafeHttpClient,
@@ -17,6 +18,7 @@ from conveyor.workflows import (
     run_step,
 )
 from conveyor.workflows.expressions import ExpressionError
+from conveyor.workflows.http import redact_headers, redact_url
 from conveyor.workflows.steps import AnyStep
 from tests.workflows.conftest import LocalServer, make_settings
 
@@ -45,6 +47,7 @@ def ctx(input: Any = None, steps: dict[str, Any] | None = None, **kw: Any) -> St
 async def test_noop() -> None:
     result = await run_step(step(type="noop"), ctx())
     assert result == StepResult(output=None, next="continue", suspend_until=None)
+    assert result.rendered_input is None  # the engine records the definition
 
 
 async def test_transform_builds_json_from_input_and_steps() -> None:
@@ -57,6 +60,15 @@ async def test_transform_builds_json_from_input_and_steps() -> None:
     )
     assert result.output == {"user": "ada", "total": 5, "run": "e1"}
     assert result.next == "continue" and result.suspend_until is None
+    assert result.rendered_input == {"expression": transform.expression}  # type: ignore[union-attr]
+
+
+async def test_transform_records_its_expression_and_select_even_when_it_fails() -> None:
+    picky = step(type="transform", expression="input", select="sum(@)")
+    context = ctx("text")
+    with pytest.raises(ExpressionError):
+        await run_step(picky, context)
+    assert context.rendered.value == {"expression": "input", "select": "sum(@)"}
 
 
 @pytest.mark.parametrize(
@@ -91,6 +103,7 @@ async def test_condition_expression(value: Any, branch: str, action: Any) -> Non
     assert result.next == action
     assert result.output["branch"] == branch
     assert result.goto == ("later" if branch == "then" else None)
+    assert result.rendered_input == {"expression": "input.flag", "branch": branch}
 
 
 async def test_condition_cases() -> None:
@@ -105,13 +118,18 @@ async def test_condition_cases() -> None:
     result = await run_step(condition, ctx({"n": 6}))
     assert result.next == GotoAction(goto="later")
     assert result.output == {"branch": 1, "action": {"goto": "later"}}
-    assert (await run_step(condition, ctx({"n": 1}))).next == "continue"
+    whens = ["input.n > `10`", "input.n > `5`"]
+    assert result.rendered_input == {"cases": whens, "branch": 1}
+    fallthrough = await run_step(condition, ctx({"n": 1}))
+    assert fallthrough.next == "continue"
+    assert fallthrough.rendered_input == {"cases": whens, "branch": "else"}
 
 
 async def test_delay_seconds() -> None:
     result = await run_step(step(type="delay", seconds=90), ctx())
     assert result.suspend_until == NOW + timedelta(seconds=90)
     assert result.output == {"until": "2026-03-01T12:01:30Z"}
+    assert result.rendered_input == {"seconds": 90, "until": "2026-03-01T12:01:30Z"}
 
 
 async def test_delay_until_absolute_with_offset() -> None:
@@ -124,9 +142,12 @@ async def test_delay_until_template() -> None:
     delay = step(type="delay", until="{{ input.at }}")
     result = await run_step(delay, ctx({"at": "2026-03-05T00:00:00-05:00"}))
     assert result.suspend_until == datetime(2026, 3, 5, 0, 0, tzinfo=timezone(timedelta(hours=-5)))
+    assert result.rendered_input == {"until": "2026-03-05T05:00:00Z"}  # the wake time, UTC
     for bad in ({"at": "soon"}, {"at": 5}, {}):
+        context = ctx(bad)
         with pytest.raises(PermanentStepError, match="until"):
-            await run_step(delay, ctx(bad))
+            await run_step(delay, context)
+        assert context.rendered.value == {"until": bad.get("at")}  # what it rendered
 
 
 async def test_delay_in_the_past_or_resumed_does_not_suspend() -> None:
@@ -165,3 +186,146 @@ async def test_select_sees_only_the_output_and_its_failure_is_permanent() -> Non
     with pytest.raises(ExpressionError, match=r"^select: expression failed") as info:
         await run_step(picky, ctx("text"))
     assert isinstance(info.value, PermanentStepError)
+
+
+async def test_http_step_records_the_request_it_sent_with_credentials_redacted(
+    local_server: LocalServer,
+) -> None:
+    headers = {
+        "Authorization": "Bearer {{ input.token }}",
+        "Cookie": "sid={{ input.token }}",
+        "Set-Cookie": "sid=1",
+        "X-Api-Key": "k1",
+        "X-Auth-Token": "t1",
+        "X-Client-Secret": "c1",
+        "X-Password": "p1",
+        "Api-KEY-Id": "k2",
+        "Accept": "application/json",
+        "X-Order": "{{ input.order }}",
+    }
+    call = step(
+        type="http",
+        method="PATCH",
+        url=local_server.url("/echo?o={{ input.order }}", "localhost").replace(
+            "//", "//ada:{{ input.token }}@", 1
+        ),
+        headers=headers,
+        body={"order": "{{ input.order }}", "items": "{{ input.items }}"},
+    )
+    secrets = {"token": "s3cr3t", "order": "A/1", "items": [1, 2]}
+    result = await run_step(call, ctx(secrets))
+
+    assert result.output["status"] == 200
+    port = local_server.port
+    assert result.rendered_input == {
+        "method": "PATCH",
+        "url": f"http://[redacted]@localhost:{port}/echo?o=A%2F1",
+        "headers": {
+            **{name: "[redacted]" for name in list(headers)[:8]},
+            "Accept": "application/json",
+            "X-Order": "A/1",
+            "content-type": "application/json",
+        },
+        "body": {"order": "A/1", "items": [1, 2]},
+    }
+    assert "s3cr3t" not in json.dumps(result.rendered_input)
+    (seen,) = local_server.requests
+    assert json.loads(seen.body) == result.rendered_input["body"]  # the JSON actually sent
+    assert seen.path == "/echo?o=A%2F1" and seen.headers["x-api-key"] == "k1"
+
+
+async def test_a_text_body_is_recorded_as_sent(local_server: LocalServer) -> None:
+    call = step(
+        type="http",
+        method="POST",
+        url=local_server.url("/echo", "localhost"),
+        headers={"Content-Type": "text/csv"},
+        body="id,name\n{{ input.id }},{{ input.name }}",
+    )
+    result = await run_step(call, ctx({"id": 3, "name": "Ada"}))
+    assert result.rendered_input["headers"] == {"Content-Type": "text/csv"}
+    assert result.rendered_input["body"] == "id,name\n3,Ada"
+    assert local_server.requests[0].body == b"id,name\n3,Ada"
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("https://ada:pw@127.0.0.1:{{ input.port }}/in", "refused to connect"),  # SSRF guard
+        ("{{ input.scheme }}://ada:pw@example.com:{{ input.port }}/in", "refused URL scheme"),
+        ("http://ada:pw@[::1:{{ input.port }}/in", "invalid URL"),
+    ],
+)
+async def test_a_refused_request_leaves_the_rendered_request_in_the_context(
+    url: str, error: str
+) -> None:
+    call = step(type="http", url=url, headers={"X-Api-Key": "{{ input.key }}"})
+    context = ctx({"port": 8443, "key": "k1", "scheme": "ftp"})
+    with pytest.raises(StepError, match=error):
+        await run_step(call, context)
+    rendered = url.replace("ada:pw", "[redacted]").replace("{{ input.port }}", "8443")
+    rendered = rendered.replace("{{ input.scheme }}", "ftp")
+    assert context.rendered.value == {
+        "method": "GET",
+        "url": rendered,
+        "headers": {"X-Api-Key": "[redacted]"},
+        "body": None,
+    }
+
+
+async def test_what_is_rendered_before_a_template_fails_is_kept() -> None:
+    bad_url = step(type="http", url="http://example.com/{{ sum(input) }}")
+    context = ctx("text")
+    with pytest.raises(ExpressionError):
+        await run_step(bad_url, context)
+    assert context.rendered.value is None  # nothing rendered: the definition is recorded
+
+    bad_header = step(
+        type="http", url="http://example.com/{{ input.a }}", headers={"X-A": "{{ input.b }}"}
+    )
+    context = ctx({"a": "x", "b": "1\r\n2"})
+    with pytest.raises(PermanentStepError, match="line break"):
+        await run_step(bad_header, context)
+    assert context.rendered.value == {"method": "GET", "url": "http://example.com/x"}
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("https://user:pass@example.com/a", "https://[redacted]@example.com/a"),
+        ("https://token@example.com", "https://[redacted]@example.com"),
+        ("http://a:b@c:d@example.com:81/x?y=z@w", "http://[redacted]@example.com:81/x?y=z@w"),
+        ("https://example.com/users/ada@example.com", "https://example.com/users/ada@example.com"),
+        ("https://example.com?to=ada@example.com", "https://example.com?to=ada@example.com"),
+        ("https://example.com#ada@x", "https://example.com#ada@x"),
+        ("//user:pw@example.com/a", "//[redacted]@example.com/a"),
+        ("user:pw@example.com/a//b", "[redacted]@example.com/a//b"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_redact_url(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
+
+
+def test_redact_headers() -> None:
+    headers = {
+        "authorization": "a",
+        "PROXY-AUTHORIZATION": "b",
+        "cookie": "c",
+        "Set-Cookie": "d",
+        "x-api-key": "e",
+        "Keystone": "f",
+        "X-GitHub-Token": "g",
+        "Client-Secret": "h",
+        "X-Password-Hash": "i",
+        "Accept": "j",
+        "X-Request-Id": "k",
+        "Content-Type": "l",
+    }
+    shown = redact_headers(headers)
+    assert list(shown) == list(headers)
+    assert [name for name, value in shown.items() if value != "[redacted]"] == [
+        "Accept",
+        "X-Request-Id",
+        "Content-Type",
+    ]

@@ -13,6 +13,11 @@
    stale runner's write matches no row: :class:`~conveyor.errors.LeaseLost`, it stops. An
    output (after the step's ``select``) above ``STEP_OUTPUT_MAX_BYTES``, or not JSON, fails
    the step for good (``output_too_large`` / ``output_not_json``): nothing is truncated.
+   The step run's ``input`` is what its last try did, as the runner rendered it
+   (``StepResult.rendered_input``, or what it had rendered when it failed or timed out: an
+   ``http`` step's request with credentials redacted, a condition's branch, a delay's wake
+   time; a ``noop``'s definition). Diagnostic data: above the same limit it is cut, with a
+   ``[truncated]`` marker, and never fails the step.
 4. A ``delay`` step writes a timer row and parks the execution (``waiting``) in the same
    transaction, and the run returns: no worker slot is held while waiting. When the timer
    fires, the next run continues after the delay step.
@@ -40,6 +45,7 @@ from conveyor.engine._plan import (
     Plan,
     PlanCache,
     describe_error,
+    encode_input,
     encode_output,
 )
 from conveyor.errors import (
@@ -93,6 +99,8 @@ class _StepDone:
     """The result's output as stored (checked against the limit)."""
     error: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    input: Encoded | None = None
+    """What the last try did, as stored (cut to the limit); ``None``: the step's definition."""
 
 
 @dataclass(slots=True)
@@ -374,14 +382,15 @@ class Engine:
         error = done.error
         if error is not None and done.history:
             error = {**error, "attempts": done.history}
+        recorded = done.input
         step_write = StepWrite(
             seq=run.seq,
             step_id=step.id,
             step_type=step.type,
             status="failed" if done.result is None else "succeeded",
             attempts=done.attempts,
-            input=run.plan.inputs[index],
-            input_json=run.plan.inputs_json[index],
+            input=run.plan.inputs[index] if recorded is None else recorded.value,
+            input_json=run.plan.inputs_json[index] if recorded is None else recorded.text,
             output=output.value,
             output_json=output.text,
             output_truncated=False,  # never: an output that does not fit fails its step
@@ -492,7 +501,10 @@ class Engine:
                 except OutputRejected as exc:
                     error = describe_error(exc)
                 else:
-                    return _StepDone(attempt, started, self._clock(), result=result, output=output)
+                    did = self._recorded_input(result, ctx)
+                    return _StepDone(
+                        attempt, started, self._clock(), result=result, output=output, input=did
+                    )
             if policy.attempts > 1:
                 history.append({"attempt": attempt, **error})
             if not retryable or attempt >= policy.attempts:
@@ -505,8 +517,20 @@ class Engine:
                         "error": error["type"],
                     },
                 )
-                return _StepDone(attempt, started, self._clock(), error=error, history=history)
+                did = self._recorded_input(result, ctx)
+                return _StepDone(
+                    attempt, started, self._clock(), error=error, history=history, input=did
+                )
             await asyncio.sleep(policy.delay_after(attempt))
+
+    def _recorded_input(self, result: StepResult | None, ctx: StepContext) -> Encoded | None:
+        """What a try did, ready to store: the result's ``rendered_input``, else what the
+        runner had rendered into ``ctx.rendered`` (a try that failed or timed out half-way);
+        ``None`` when it reported nothing (the step's definition is recorded)."""
+        rendered = None if result is None else result.rendered_input
+        if rendered is None:
+            rendered = ctx.rendered.value
+        return None if rendered is None else encode_input(rendered, self._max_output)
 
     async def _attempt(
         self, step: AnyStep, ctx: StepContext, limit_s: float | None

@@ -1,4 +1,5 @@
-"""Per-version execution plans (cached) and JSON encoding of step results (with their limit)."""
+"""Per-version execution plans (cached) and JSON encoding of step results and of what each
+step did (its recorded input), both against ``STEP_OUTPUT_MAX_BYTES``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from conveyor.workflows import (
 from conveyor.workflows.steps import AnyStep
 
 __all__ = [
+    "NOT_JSON",
     "NO_OUTPUT",
+    "TRUNCATED",
     "Encoded",
     "OutputNotJson",
     "OutputRejected",
@@ -29,6 +32,7 @@ __all__ = [
     "Plan",
     "PlanCache",
     "describe_error",
+    "encode_input",
     "encode_output",
 ]
 
@@ -45,7 +49,9 @@ class Plan:
     steps: tuple[AnyStep, ...]
     index: dict[str, int]
     inputs: tuple[Any, ...]
-    """What a step run records as its ``input``: the step's definition document."""
+    """The steps' definition documents: what a step run records as its ``input`` when its
+    runner reports nothing it rendered (``noop``; a custom runner; a template that failed
+    before anything was rendered)."""
     inputs_json: tuple[str, ...]
     local: tuple[bool, ...]
     """Steps that never wait on I/O (run inline, no lease-renewal task)."""
@@ -151,6 +157,73 @@ def encode_output(step: AnyStep, value: Any, max_bytes: int) -> Encoded:
             _too_large(step, size, max_bytes), size_bytes=size, limit_bytes=max_bytes
         )
     return Encoded(value, text)
+
+
+TRUNCATED = "[truncated]"
+"""The key of the marker that stands in a recorded input for a value too large to keep:
+``{"[truncated]": {"size_bytes", "limit_bytes"}, "preview": <its start, as text>}``."""
+NOT_JSON = "[not JSON]"
+"""The key of what a recorded input that is not JSON (a custom runner's) is replaced by."""
+
+
+def encode_input(value: Any, max_bytes: int) -> Encoded:
+    """Serialise what a step did (its run's recorded ``input``) for storage. Never raises.
+
+    Diagnostic data, so unlike an output it is cut rather than refused when its JSON text is
+    above ``max_bytes``: the largest members of an object first, each replaced by a
+    :data:`TRUNCATED` marker with as long a preview as fits, then, if that is not enough, the
+    whole value. A value that is not JSON (a custom runner's) is recorded as
+    ``{"[not JSON]": <why>}``.
+    """
+    try:
+        text = dumps(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        value = {NOT_JSON: str(exc)[:300] or type(exc).__name__}
+        text = dumps(value)
+    if has_nul(text):
+        text = without_nul(text)
+        value = json.loads(text)
+    size = _size(text)
+    if size <= max_bytes:
+        return Encoded(value, text)
+    if isinstance(value, dict) and value:
+        texts = {key: dumps(member) for key, member in value.items()}
+        kept = dict(value)
+        for key in sorted(texts, key=lambda k: _size(texts[k]), reverse=True):
+            kept[key] = _marker(value[key], texts[key], kept, key, max_bytes)
+            kept_text = dumps(kept)
+            if _size(kept_text) <= max_bytes:
+                return Encoded(kept, kept_text)
+    whole = _marker(value, text, None, None, max_bytes)
+    return Encoded(whole, dumps(whole))
+
+
+def _marker(
+    value: Any, text: str, around: dict[Any, Any] | None, key: Any, max_bytes: int
+) -> dict[str, Any]:
+    """A :data:`TRUNCATED` marker for ``value`` (JSON ``text``) with the longest preview that
+    keeps the document — ``around`` with the marker at ``key``, or the marker alone — within
+    ``max_bytes`` (an empty one when nothing fits)."""
+    marker: dict[str, Any] = {
+        TRUNCATED: {"size_bytes": _size(text), "limit_bytes": max_bytes},
+        "preview": "",
+    }
+    document = marker if around is None else {**around, key: marker}
+    budget = max_bytes - _size(dumps(document))
+    source = value if isinstance(value, str) else text
+    length = min(len(source), max(budget, 0))
+    while length > 0:
+        cost = _size(dumps(source[:length])) - 2  # its quotes are already counted
+        if cost <= budget:
+            break
+        length = min(length - 1, length * budget // cost)
+    marker["preview"] = source[: max(length, 0)]
+    return marker
+
+
+def _size(text: str) -> int:
+    """UTF-8 bytes of ``text``."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def _too_large(step: AnyStep, size: int, limit: int) -> str:

@@ -5,7 +5,8 @@
   (re-exported by ``definition``).
 * :mod:`conveyor.workflows.expressions` — the safe JMESPath expression language and templates.
 * :mod:`conveyor.workflows.http` — the SSRF-guarded HTTP client used by ``http`` steps.
-* :mod:`conveyor.workflows.steps` — ``run_step(step, ctx) -> StepResult``.
+* :mod:`conveyor.workflows.steps` — ``run_step(step, ctx) -> StepResult`` (with what the step
+  did, its ``rendered_input``).
 """
 
 from conveyor.workflows.definition import (
@@ -25,7 +26,7 @@ from conveyor.workflows.definition import (
 )
 from conveyor.workflows.expressions import ExpressionError
 from conveyor.workflows.http import SafeHttpClient
-from conveyor.workflows.steps import AnyStep, StepContext, StepResult, run_step
+from conveyor.workflows.steps import AnyStep, RenderedInput, StepContext, StepResult, run_step
 
 __all__ = [
     "Action",
@@ -36,6 +37,7 @@ __all__ = [
     "GotoAction",
     "HttpStep",
     "NoopStep",
+    "RenderedInput",
     "RetryPolicy",
     "SafeHttpClient",
     "Step",

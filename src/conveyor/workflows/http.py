@@ -29,6 +29,10 @@ had closed failed it before any byte of answer (see :mod:`conveyor.workflows.tra
 
 Errors: network errors, timeouts, 408/425/429 and 5xx → :class:`RetryableStepError`; refusals,
 bad URLs, oversize responses and other 4xx → :class:`PermanentStepError`.
+
+:func:`execute_http` reports the request as rendered — method, URL, headers, body — with
+credentials redacted (:func:`redact_url`, :func:`redact_headers`) as each part is rendered, so
+a request that fails (refused, timed out) still shows what it was: a step run's ``input``.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ import http.cookiejar
 import ipaddress
 import json
 import logging
+import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -58,12 +63,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HTTP_TIMEOUT_S",
+    "REDACTED",
     "CheckedDestination",
     "HttpResponse",
     "SafeHttpClient",
     "address_refusal",
     "execute_http",
     "parse_ip_literal",
+    "redact_headers",
+    "redact_url",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,6 +93,14 @@ KEPT_RESPONSE_HEADERS = (
     "x-request-id",
 )
 _SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization")
+
+REDACTED = "[redacted]"
+"""What a recorded request shows instead of a credential."""
+_SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}
+)
+_SECRET_WORDS = ("token", "secret", "password", "key")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 
 
 async def _resolve(host: str, port: int) -> list[str]:
@@ -361,18 +377,32 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
 
 
 async def execute_http(
-    step: HttpStep, context: Mapping[str, Any], client: SafeHttpClient
+    step: HttpStep,
+    context: Mapping[str, Any],
+    client: SafeHttpClient,
+    *,
+    record: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Render ``step``'s templates, send it, and map the response to an output or an error.
 
     Output: ``{"status", "headers" (a subset, lower-case names), "body" (parsed JSON when the
     content type is JSON, else text; ``null`` when empty), "url" (after redirects)}``.
+
+    ``record`` is called with the request as rendered so far — ``{"method", "url"}`` once the
+    URL is rendered, then with ``"headers"`` (the content type added for a body included) and
+    ``"body"`` (the JSON value or text sent; ``null`` without one) — before it is sent, with
+    credentials redacted. Nothing is recorded when the URL itself cannot be rendered.
     """
     url = render_template(step.url, context, url=True)
     if not isinstance(url, str):
         raise PermanentStepError(f"url must evaluate to a string, got {type(url).__name__}")
+    sent: dict[str, Any] = {"method": step.method, "url": redact_url(url)}
+    if record is not None:
+        record(sent)
     headers = {name: _header_text(render_template(v, context)) for name, v in step.headers.items()}
-    content = _body_bytes(step, context, headers)
+    body, content = _body(step, context, headers)
+    if record is not None:
+        record({**sent, "headers": redact_headers(headers), "body": body})
     response = await client.request(
         step.method,
         url,
@@ -393,6 +423,40 @@ async def execute_http(
     return output
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its userinfo (``user:password@``) replaced by ``[redacted]``.
+
+    Works on the text, so that a URL the client refuses as invalid is redacted too: the
+    authority runs from after ``scheme://`` (or from the start, without one) to the first
+    ``/``, ``?`` or ``#``, and everything in it up to its last ``@`` is userinfo.
+    """
+    slashes = url.find("//")
+    scheme = slashes >= 0 and (slashes == 0 or _SCHEME.fullmatch(url[:slashes]) is not None)
+    start = slashes + 2 if scheme else 0
+    end = len(url)
+    for delimiter in "/?#":
+        found = url.find(delimiter, start)
+        if found >= 0:
+            end = min(end, found)
+    at = url.rfind("@", start, end)
+    return url if at < 0 else f"{url[:start]}{REDACTED}{url[at:]}"
+
+
+def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` with the values of credential headers replaced by ``[redacted]``.
+
+    Credential headers: ``Authorization``, ``Proxy-Authorization``, ``Cookie``, ``Set-Cookie``,
+    ``X-Api-Key`` and any whose name contains ``token``, ``secret``, ``password`` or ``key``
+    (case-insensitive).
+    """
+    return {name: REDACTED if _is_secret_header(name) else value for name, value in headers.items()}
+
+
+def _is_secret_header(name: str) -> bool:
+    lower = name.lower()
+    return lower in _SECRET_HEADERS or any(word in lower for word in _SECRET_WORDS)
+
+
 def _header_text(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     if "\r" in text or "\n" in text:
@@ -400,22 +464,24 @@ def _header_text(value: Any) -> str:
     return text
 
 
-def _body_bytes(
+def _body(
     step: HttpStep, context: Mapping[str, Any], headers: dict[str, str]
-) -> bytes | None:
+) -> tuple[Any, bytes | None]:
+    """The rendered body (text or a JSON value; ``None``: no body) and the bytes sent. Adds
+    a content type to ``headers`` unless the step gives one."""
     if step.body is None:
-        return None
+        return None, None
     body = render_template(step.body, context)
     if body is None:
-        return None
+        return None, None
     has_type = any(name.lower() == "content-type" for name in headers)
     if isinstance(body, str):
         if not has_type:
             headers["content-type"] = "text/plain; charset=utf-8"
-        return body.encode()
+        return body, body.encode()
     if not has_type:
         headers["content-type"] = "application/json"
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return body, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _kept_headers(headers: httpx.Headers, extra: list[str]) -> dict[str, str]:

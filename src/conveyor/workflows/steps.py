@@ -11,6 +11,20 @@ The engine owns everything around a step: retries (``step.retry``), the overall 
   timeout, 5xx, 429) or :class:`~conveyor.errors.PermanentStepError` (it cannot: 4xx, bad
   expression, SSRF refusal).
 
+What the step did — the step run's recorded ``input`` — comes from the rendering the runner
+does anyway, never from a second one. The runner writes it to ``ctx.rendered`` as it goes, so
+that a try that fails (or is cancelled by the engine's timeout) half-way still shows what it
+had rendered, and returns it as ``StepResult.rendered_input``:
+
+* ``http``: the request as sent — ``{"method", "url", "headers", "body"}`` after templating,
+  credentials redacted (see :func:`~conveyor.workflows.http.execute_http`);
+* ``transform``: ``{"expression", "select"?}`` as written (its value is the output);
+* ``condition``: ``{"expression"}`` or ``{"cases": [<when>, ...]}`` as written, and the
+  ``"branch"`` taken (``"then"``, ``"else"`` or the index of the matching case);
+* ``delay``: ``{"seconds"?, "until"}``, ``until`` the resolved wake time (UTC) — or, when it
+  does not parse, the value the template rendered;
+* ``noop``: nothing (``None``); the engine records the step's definition.
+
 When the engine re-enters a ``delay`` step whose timer fired it passes ``resuming=True`` and
 the step completes without suspending again.
 """
@@ -18,7 +32,7 @@ the step completes without suspending again.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -44,13 +58,21 @@ from conveyor.workflows.step_models import (
     parse_until,
 )
 
-__all__ = ["AnyStep", "StepContext", "StepResult", "run_step"]
+__all__ = ["AnyStep", "RenderedInput", "StepContext", "StepResult", "run_step"]
 
 AnyStep = HttpStep | TransformStep | ConditionStep | DelayStep | NoopStep
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(slots=True, eq=False)
+class RenderedInput:
+    """Where a step runner records what the step did, as it renders it (one per try)."""
+
+    value: Any = None
+    """The step run's ``input`` so far (JSON); ``None``: nothing rendered yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +95,8 @@ class StepContext:
     """Which try of this step this is (1-based)."""
     resuming: bool = False
     """True when the engine re-enters a suspended step (its timer fired)."""
+    rendered: RenderedInput = field(default_factory=RenderedInput, compare=False)
+    """Filled in by the runner while it renders: what the step did so far (see the module)."""
 
     def expression_context(self) -> dict[str, Any]:
         """The document expressions see: ``input``, ``steps``, ``execution``."""
@@ -93,6 +117,10 @@ class StepResult:
     next: Literal["continue", "end"] | GotoAction = "continue"
     suspend_until: datetime | None = None
     """Set by ``delay``: park the execution until then (aware UTC)."""
+    rendered_input: Any = None
+    """What the step did (JSON, credentials redacted): the step run's recorded ``input``.
+    ``None``: the engine records what the runner left in ``ctx.rendered``, else the step's
+    definition."""
 
     @property
     def goto(self) -> str | None:
@@ -100,10 +128,22 @@ class StepResult:
 
 
 async def run_step(step: AnyStep, ctx: StepContext) -> StepResult:
-    """Run ``step`` once. Raises ``RetryableStepError`` / ``PermanentStepError``."""
+    """Run ``step`` once. Raises ``RetryableStepError`` / ``PermanentStepError``.
+
+    What the step did is left in ``ctx.rendered`` as it is rendered and returned as the
+    result's ``rendered_input`` (see the module docstring).
+    """
+    result = await _run(step, ctx)
+    if ctx.rendered.value is None:
+        return result
+    return replace(result, rendered_input=ctx.rendered.value)
+
+
+async def _run(step: AnyStep, ctx: StepContext) -> StepResult:
     if isinstance(step, NoopStep):
         return StepResult()
     if isinstance(step, TransformStep):
+        ctx.rendered.value = _transform_input(step)
         output = evaluate(step.expression, ctx.expression_context())
         return StepResult(output=_select_output(step, output))
     if isinstance(step, ConditionStep):
@@ -113,6 +153,12 @@ async def run_step(step: AnyStep, ctx: StepContext) -> StepResult:
     if isinstance(step, HttpStep):
         return StepResult(output=_select_output(step, await _run_http(step, ctx)))
     raise PermanentStepError(f"unknown step type {type(step).__name__}")
+
+
+def _transform_input(step: TransformStep) -> dict[str, Any]:
+    if step.select is None:
+        return {"expression": step.expression}
+    return {"expression": step.expression, "select": step.select}
 
 
 def _select_output(step: HttpStep | TransformStep, output: Any) -> Any:
@@ -133,10 +179,14 @@ def _select_output(step: HttpStep | TransformStep, output: Any) -> Any:
 
 async def _run_http(step: HttpStep, ctx: StepContext) -> dict[str, Any]:
     context = ctx.expression_context()
+
+    def record(request: dict[str, Any]) -> None:
+        ctx.rendered.value = request
+
     if ctx.http is not None:
-        return await execute_http(step, context, ctx.http)
+        return await execute_http(step, context, ctx.http, record=record)
     async with SafeHttpClient(ctx.settings) as client:
-        return await execute_http(step, context, client)
+        return await execute_http(step, context, client, record=record)
 
 
 def _run_condition(step: ConditionStep, ctx: StepContext) -> StepResult:
@@ -145,14 +195,19 @@ def _run_condition(step: ConditionStep, ctx: StepContext) -> StepResult:
     action: Action
     if step.cases is None:
         assert step.expression is not None
+        evaluated: dict[str, Any] = {"expression": step.expression}
+        ctx.rendered.value = evaluated
         matched = truthy(evaluate(step.expression, context))
         branch, action = ("then", step.then_action) if matched else ("else", step.else_action)
     else:
+        evaluated = {"cases": [case.when for case in step.cases]}
+        ctx.rendered.value = evaluated
         branch, action = "else", step.else_action
         for index, case in enumerate(step.cases):
             if truthy(evaluate(case.when, context)):
                 branch, action = index, case.then
                 break
+    ctx.rendered.value = {**evaluated, "branch": branch}
     shown = action.model_dump() if isinstance(action, GotoAction) else action
     return StepResult(output={"branch": branch, "action": shown}, next=action)
 
@@ -166,6 +221,8 @@ def _run_delay(step: DelayStep, ctx: StepContext) -> StepResult:
         until = _resolve_until(step.until, ctx)
     until = until.astimezone(UTC)
     output = {"until": until.isoformat().replace("+00:00", "Z")}
+    given = {} if step.seconds is None else {"seconds": step.seconds}
+    ctx.rendered.value = {**given, **output}
     if ctx.resuming or until <= now:
         return StepResult(output=output)
     return StepResult(output=output, suspend_until=until)
@@ -173,6 +230,7 @@ def _run_delay(step: DelayStep, ctx: StepContext) -> StepResult:
 
 def _resolve_until(template: str, ctx: StepContext) -> datetime:
     value = render_template(template, ctx.expression_context())
+    ctx.rendered.value = {"until": value}  # replaced by the wake time once it parses
     if not isinstance(value, str):
         raise PermanentStepError(f"'until' must evaluate to an ISO-8601 string, got {value!r:.80}")
     try:
