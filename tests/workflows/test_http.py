@@ -322,6 +322,18 @@ async def test_permanent_statuses(local_server: LocalServer, status: int) -> Non
     assert info.value.details["body"] == f'{{"error": "status {status}"}}'
 
 
+async def test_userinfo_never_reaches_outputs_or_errors(local_server: LocalServer) -> None:
+    """A password in the URL is sent (httpx makes it Basic auth) but never stored: not in the
+    output's ``url``, not in an error's message or details."""
+    ok = local_server.url("/json", "localhost").replace("http://", "http://ada:hunter2@")
+    result = await run_step(http_step(url=ok), ctx("localhost"))
+    assert "hunter2" not in str(result.output) and "[redacted]@" in result.output["url"]
+    failing = local_server.url("/status/500", "localhost").replace("http://", "http://ada:hunter2@")
+    with pytest.raises(RetryableStepError) as info:
+        await run_step(http_step(url=failing), ctx("localhost"))
+    assert "hunter2" not in info.value.message and "hunter2" not in str(info.value.details)
+
+
 async def test_expected_status(local_server: LocalServer) -> None:
     step = http_step(url=local_server.url("/status/404", "localhost"), expect_status=[200, 404])
     result = await run_step(step, ctx("localhost"))

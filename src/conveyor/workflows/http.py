@@ -183,12 +183,13 @@ class SafeHttpClient:
         """
         if url.scheme not in ("http", "https"):
             raise PermanentStepError(
-                f"refused URL scheme {url.scheme!r}: only http and https are allowed", url=str(url)
+                f"refused URL scheme {url.scheme!r}: only http and https are allowed",
+                url=redact_url(str(url)),
             )
         key = url.raw_host.decode("ascii").lower()
         host = key.rstrip(".")
         if not host:
-            raise PermanentStepError("refused URL without a host", url=str(url))
+            raise PermanentStepError("refused URL without a host", url=redact_url(str(url)))
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses = await self._addresses(url, host, port)
         if not self._allow.names_host(host, port):
@@ -205,10 +206,10 @@ class SafeHttpClient:
             addresses = await _resolve(host, port)
         except (OSError, UnicodeError) as exc:
             raise RetryableStepError(
-                f"could not resolve host {host!r}: {exc}", url=str(url)
+                f"could not resolve host {host!r}: {exc}", url=redact_url(str(url))
             ) from exc
         if not addresses:
-            raise RetryableStepError(f"host {host!r} has no addresses", url=str(url))
+            raise RetryableStepError(f"host {host!r} has no addresses", url=redact_url(str(url)))
         return tuple(addresses)
 
     def _check_address(self, host: str, address: str, port: int) -> None:
@@ -247,7 +248,7 @@ class SafeHttpClient:
         try:
             target = httpx.URL(url)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            raise PermanentStepError(f"invalid URL {url!r:.200}: {exc}") from exc
+            raise PermanentStepError(f"invalid URL {redact_url(url)!r:.200}: {exc}") from exc
         try:
             async with asyncio.timeout(timeout_s):
                 return await self._follow(
@@ -261,16 +262,18 @@ class SafeHttpClient:
                     follow_redirects,
                 )
         except TimeoutError as exc:
-            raise RetryableStepError(f"request timed out after {timeout_s}s", url=url) from exc
+            raise RetryableStepError(
+                f"request timed out after {timeout_s}s", url=redact_url(url)
+            ) from exc
         except httpx.TimeoutException as exc:
-            raise RetryableStepError(f"request timed out: {exc}", url=url) from exc
+            raise RetryableStepError(f"request timed out: {exc}", url=redact_url(url)) from exc
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
-            raise PermanentStepError(f"request refused: {exc}", url=url) from exc
+            raise PermanentStepError(f"request refused: {exc}", url=redact_url(url)) from exc
         except httpx.DecodingError as exc:
-            raise PermanentStepError(f"undecodable response: {exc}", url=url) from exc
+            raise PermanentStepError(f"undecodable response: {exc}", url=redact_url(url)) from exc
         except httpx.HTTPError as exc:
             raise RetryableStepError(
-                f"request failed: {type(exc).__name__}: {exc}", url=url
+                f"request failed: {type(exc).__name__}: {exc}", url=redact_url(url)
             ) from exc
 
     async def _follow(
@@ -300,7 +303,7 @@ class SafeHttpClient:
                 logger.debug(
                     "http.response",
                     extra={
-                        "url": str(url),
+                        "url": redact_url(str(url)),
                         "status": response.status_code,
                         "hop": hop,
                         "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
@@ -309,7 +312,9 @@ class SafeHttpClient:
                 location = response.headers.get("location")
                 if not follow or response.status_code not in REDIRECT_STATUSES or not location:
                     body = await _read_capped(response, max_bytes)
-                    return HttpResponse(response.status_code, response.headers, body, str(url))
+                    return HttpResponse(
+                        response.status_code, response.headers, body, redact_url(str(url))
+                    )
             finally:
                 await response.aclose()
             next_url = _join(url, location)
@@ -317,7 +322,9 @@ class SafeHttpClient:
                 response.status_code, method, content, headers, url, next_url
             )
             url = next_url
-        raise PermanentStepError(f"too many redirects (more than {max_redirects})", url=str(url))
+        raise PermanentStepError(
+            f"too many redirects (more than {max_redirects})", url=redact_url(str(url))
+        )
 
 
 def _encode_headers(headers: Mapping[str, str]) -> httpx.Headers:
