@@ -144,7 +144,8 @@ class Execution(_Record):
     """Index of the next step to run (steps before it are done)."""
     steps_run: int
     attempts: int
-    """How many times a runner claimed this execution (more than 1 after redelivery)."""
+    """Deliveries that ran work: claims of a queued or abandoned execution (more than 1 after
+    a crash or lost lock); resuming after a delay step is not one."""
     lease: int
     lease_expires_at: datetime | None
     wake_at: datetime | None

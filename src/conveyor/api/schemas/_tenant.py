@@ -142,7 +142,12 @@ class ExecutionOut(ApiModel):
     input: Any = None
     output: Any = None
     error: Any = None
-    attempts: int = Field(description="How many times a worker claimed it (redeliveries).")
+    attempts: int = Field(
+        description=(
+            "Deliveries that ran work: the first run, and a run again after a crash or lost "
+            "lock. Resuming after a `delay` step does not count."
+        )
+    )
     steps_run: int
     idempotency_key: str | None = None
     schedule_id: str | None = None
