@@ -26,7 +26,7 @@ from conveyor.api.fastlane import FastLane
 from conveyor.api.middleware import MAX_JSON_DEPTH
 from tests.api.conftest import NOOP_WORKFLOW, Api, make_settings
 
-TRIGGER_ROUTE = "/api/workflows/{workflow_id}/executions"
+TRIGGER_ROUTE = "/api/workflows/{workflowId}/executions"
 _FRESH = re.compile(rb'"(id|createdAt|queuedAt|updatedAt)":"[^"]*"')
 
 

@@ -1,6 +1,6 @@
 """A fast lane in front of FastAPI's routing for the two hottest routes.
 
-``POST /api/workflows/{workflow_id}/executions`` (the trigger) and ``GET /api/health`` are what
+``POST /api/workflows/{workflowId}/executions`` (the trigger) and ``GET /api/health`` are what
 clients and probes call most. FastAPI's generic machinery (route matching over every route,
 dependency solving, parameter models) costs more CPU than the work of these routes, so
 :class:`FastLane` serves them directly — but only in the common, well-formed case, and with the
@@ -49,11 +49,11 @@ from conveyor.api.schemas import Envelope, ExecutionOut, HealthData, TriggerIn
 
 __all__ = ["FastLane"]
 
-TRIGGER_PATH = "/api/workflows/{workflow_id}/executions"
+TRIGGER_PATH = "/api/workflows/{workflowId}/executions"
 HEALTH_PATH = "/api/health"
 _TRIGGER_RE = re.compile(r"/api/workflows/([^/]+)/executions")
 _MAX_ID = 64
-"""``workflow_id`` path parameter: 1..64 characters (as declared on the route)."""
+"""``workflowId`` path parameter: 1..64 characters (as declared on the route)."""
 _MAX_IDEMPOTENCY_KEY = 255
 
 _EXECUTION_OUT: TypeAdapter[Envelope[ExecutionOut]] = TypeAdapter(Envelope[ExecutionOut])
@@ -119,7 +119,7 @@ class FastLane:
                 if match is not None:
                     workflow_id = match.group(1)
                     route = self._route("POST", TRIGGER_PATH)
-                    _enter_route(scope, route, {"workflow_id": workflow_id})
+                    _enter_route(scope, route, {"workflowId": workflow_id})
                     await self._trigger(scope, receive, send, route, workflow_id)
                     return
             elif method == "GET" and path == HEALTH_PATH:

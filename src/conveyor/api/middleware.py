@@ -273,7 +273,7 @@ class HttpMetrics:
 class RequestMetricsMiddleware:
     """Count and time every HTTP request; turn an escaped exception into the 500 error shape.
 
-    The route label is the matched route template (``/api/executions/{execution_id}``), or
+    The route label is the matched route template (``/api/executions/{executionId}``), or
     ``unmatched``, so that label cardinality stays bounded. It is read from ``scope["route"]``,
     which FastAPI's router sets — and the fast lane, for the routes it serves, as soon as their
     path matches (so its answers, errors included, carry the same template).

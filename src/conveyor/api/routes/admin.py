@@ -34,7 +34,10 @@ router = APIRouter(
     responses=error_responses(400, 401, 413, 422, 503),
 )
 
-Id = Annotated[str, Path(min_length=1, max_length=64, description="Object id.")]
+TenantId = Annotated[
+    str, Path(alias="tenantId", min_length=1, max_length=64, description="Tenant id.")
+]
+KeyId = Annotated[str, Path(alias="keyId", min_length=1, max_length=64, description="API key id.")]
 Region = Annotated[
     str,
     Path(
@@ -155,17 +158,17 @@ async def list_tenants(ctx: CtxDep, limit: Limit = 50, cursor: Cursor = None) ->
 
 
 @router.get(
-    "/tenants/{tenant_id}",
+    "/tenants/{tenantId}",
     response_model=Envelope[TenantOut],
     summary="Get a tenant",
     responses=error_responses(404),
 )
-async def get_tenant(ctx: CtxDep, tenant_id: Id) -> dict[str, Any]:
+async def get_tenant(ctx: CtxDep, tenant_id: TenantId) -> dict[str, Any]:
     return {"success": True, "data": tenant_out(await ctx.store.tenants.get(tenant_id))}
 
 
 @router.post(
-    "/tenants/{tenant_id}/api-keys",
+    "/tenants/{tenantId}/api-keys",
     status_code=201,
     response_model=Envelope[IssuedApiKeyOut],
     summary="Issue an API key",
@@ -176,27 +179,27 @@ async def get_tenant(ctx: CtxDep, tenant_id: Id) -> dict[str, Any]:
     responses=error_responses(404),
 )
 async def issue_key(
-    ctx: CtxDep, tenant_id: Id, body: Annotated[ApiKeyIn | None, Body()] = None
+    ctx: CtxDep, tenant_id: TenantId, body: Annotated[ApiKeyIn | None, Body()] = None
 ) -> dict[str, Any]:
     issued = await ctx.store.api_keys.issue(tenant_id, (body or ApiKeyIn()).name)
     return {"success": True, "data": {**key_out(issued.key), "key": issued.token}}
 
 
 @router.get(
-    "/tenants/{tenant_id}/api-keys",
+    "/tenants/{tenantId}/api-keys",
     response_model=Envelope[list[ApiKeyOut]],
     summary="List a tenant's API keys",
     description="Public parts only (id, name, prefix, revocation).",
     responses=error_responses(404),
 )
-async def list_keys(ctx: CtxDep, tenant_id: Id) -> dict[str, Any]:
+async def list_keys(ctx: CtxDep, tenant_id: TenantId) -> dict[str, Any]:
     await ctx.store.tenants.get(tenant_id)
     keys = await ctx.store.api_keys.list(tenant_id)
     return {"success": True, "data": [key_out(k) for k in keys]}
 
 
 @router.delete(
-    "/tenants/{tenant_id}/api-keys/{key_id}",
+    "/tenants/{tenantId}/api-keys/{keyId}",
     response_model=Envelope[ApiKeyOut],
     summary="Revoke an API key",
     description=(
@@ -205,7 +208,7 @@ async def list_keys(ctx: CtxDep, tenant_id: Id) -> dict[str, Any]:
     ),
     responses=error_responses(404),
 )
-async def revoke_key(ctx: CtxDep, tenant_id: Id, key_id: Id) -> dict[str, Any]:
+async def revoke_key(ctx: CtxDep, tenant_id: TenantId, key_id: KeyId) -> dict[str, Any]:
     key = await ctx.store.api_keys.revoke(tenant_id, key_id)
     ctx.forget_key(key.id)
     return {"success": True, "data": key_out(key)}

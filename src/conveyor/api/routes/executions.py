@@ -20,8 +20,12 @@ from conveyor.store import Execution, StepRun
 
 router = APIRouter(tags=["executions"], responses=error_responses(400, 401, 404, 413, 422, 503))
 
-ExecutionId = Annotated[str, Path(min_length=1, max_length=64, description="Execution id.")]
-WorkflowId = Annotated[str, Path(min_length=1, max_length=64, description="Workflow id.")]
+ExecutionId = Annotated[
+    str, Path(alias="executionId", min_length=1, max_length=64, description="Execution id.")
+]
+WorkflowId = Annotated[
+    str, Path(alias="workflowId", min_length=1, max_length=64, description="Workflow id.")
+]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -73,7 +77,7 @@ TRIGGER_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post(
-    "/api/workflows/{workflow_id}/executions",
+    "/api/workflows/{workflowId}/executions",
     status_code=202,
     response_model=Envelope[ExecutionOut],
     summary="Trigger an execution",
@@ -137,7 +141,7 @@ async def list_executions(
 
 
 @router.get(
-    "/api/executions/{execution_id}",
+    "/api/executions/{executionId}",
     response_model=Envelope[ExecutionOut],
     summary="Get an execution with its step runs",
     description="Status, input, output, error and every step's input/output/error/attempts.",
@@ -148,7 +152,7 @@ async def get_execution(ctx: CtxDep, auth: TenantDep, execution_id: ExecutionId)
 
 
 @router.post(
-    "/api/executions/{execution_id}/cancel",
+    "/api/executions/{executionId}/cancel",
     response_model=Envelope[ExecutionOut],
     summary="Cancel an execution",
     description=(
@@ -165,7 +169,7 @@ async def cancel_execution(
 
 
 @router.post(
-    "/api/executions/{execution_id}/retry",
+    "/api/executions/{executionId}/retry",
     status_code=202,
     response_model=Envelope[ExecutionOut],
     summary="Retry a failed execution",

@@ -23,7 +23,9 @@ router = APIRouter(
     responses=error_responses(400, 401, 404, 413, 422, 503),
 )
 
-ScheduleId = Annotated[str, Path(min_length=1, max_length=64, description="Schedule id.")]
+ScheduleId = Annotated[
+    str, Path(alias="scheduleId", min_length=1, max_length=64, description="Schedule id.")
+]
 
 
 def schedule_out(schedule: Schedule) -> dict[str, Any]:
@@ -81,14 +83,14 @@ async def list_schedules(
     return {"success": True, "data": {"items": items, "next_cursor": page.next_cursor}}
 
 
-@router.get("/{schedule_id}", response_model=Envelope[ScheduleOut], summary="Get a schedule")
+@router.get("/{scheduleId}", response_model=Envelope[ScheduleOut], summary="Get a schedule")
 async def get_schedule(ctx: CtxDep, auth: TenantDep, schedule_id: ScheduleId) -> dict[str, Any]:
     schedule = await ctx.store.schedules.get(auth.tenant_id, schedule_id)
     return {"success": True, "data": schedule_out(schedule)}
 
 
 @router.patch(
-    "/{schedule_id}",
+    "/{scheduleId}",
     response_model=Envelope[ScheduleOut],
     summary="Change a schedule",
     description=(
@@ -108,7 +110,7 @@ async def update_schedule(
 
 
 @router.delete(
-    "/{schedule_id}", status_code=204, response_class=Response, summary="Delete a schedule"
+    "/{scheduleId}", status_code=204, response_class=Response, summary="Delete a schedule"
 )
 async def delete_schedule(ctx: CtxDep, auth: TenantDep, schedule_id: ScheduleId) -> Response:
     await ctx.store.schedules.delete(auth.tenant_id, schedule_id)

@@ -1,4 +1,4 @@
-"""``/api/webhooks/{workflow_id}``: inbound webhooks that trigger a workflow.
+"""``/api/webhooks/{workflowId}``: inbound webhooks that trigger a workflow.
 
 Each workflow has its own webhook secret (issued on create, rotated with
 ``POST /api/workflows/{id}/webhook/rotate``), stored only as a SHA-256 digest and compared in
@@ -22,7 +22,9 @@ from conveyor.api.trigger import trigger
 
 router = APIRouter(prefix="/api/webhooks", tags=["webhooks"])
 
-WorkflowId = Annotated[str, Path(min_length=1, max_length=64, description="Workflow id.")]
+WorkflowId = Annotated[
+    str, Path(alias="workflowId", min_length=1, max_length=64, description="Workflow id.")
+]
 
 ANY_BODY = {
     "requestBody": {
@@ -92,7 +94,7 @@ async def _fire(
 
 
 @router.post(
-    "/{workflow_id}",
+    "/{workflowId}",
     status_code=202,
     response_model=Envelope[ExecutionOut],
     summary="Inbound webhook (secret in header)",
@@ -115,7 +117,7 @@ async def webhook(
 
 
 @router.post(
-    "/{workflow_id}/{secret}",
+    "/{workflowId}/{secret}",
     status_code=202,
     response_model=Envelope[ExecutionOut],
     summary="Inbound webhook (secret in the URL)",
