@@ -321,6 +321,7 @@ def test_redact_headers() -> None:
         "Accept": "j",
         "X-Request-Id": "k",
         "Content-Type": "l",
+        "Idempotency-Key": "m",
     }
     shown = redact_headers(headers)
     assert list(shown) == list(headers)
@@ -328,4 +329,5 @@ def test_redact_headers() -> None:
         "Accept",
         "X-Request-Id",
         "Content-Type",
+        "Idempotency-Key",  # a deduplication key operators need to see, not a credential
     ]

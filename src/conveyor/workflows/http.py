@@ -454,13 +454,18 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
     Credential headers: ``Authorization``, ``Proxy-Authorization``, ``Cookie``, ``Set-Cookie``,
     ``X-Api-Key`` and any whose name contains ``token``, ``secret``, ``password`` or ``key``
-    (case-insensitive).
+    (case-insensitive) — but not ``Idempotency-Key``, a deduplication key, not a credential.
     """
     return {name: REDACTED if _is_secret_header(name) else value for name, value in headers.items()}
 
 
+_NOT_SECRET_HEADERS = frozenset({"idempotency-key"})
+
+
 def _is_secret_header(name: str) -> bool:
     lower = name.lower()
+    if lower in _NOT_SECRET_HEADERS:
+        return False
     return lower in _SECRET_HEADERS or any(word in lower for word in _SECRET_WORDS)
 
 
