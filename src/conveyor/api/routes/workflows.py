@@ -44,6 +44,146 @@ DEFINITION_BODY = {
 }
 """``openapi_extra`` documenting the body with the definition's own JSON Schema."""
 
+CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "http-transform-condition": {
+        "summary": "Call an API, reshape the answer, branch",
+        "description": "Fetch an order, summarise it and notify fulfilment of large orders "
+        "(docs/workflows.md, A first workflow).",
+        "value": {
+            "name": "order-sync",
+            "description": "Fetch an order, summarise it, notify fulfilment of large orders.",
+            "input_schema": {
+                "type": "object",
+                "required": ["orderId"],
+                "properties": {"orderId": {"type": "integer"}},
+            },
+            "steps": [
+                {
+                    "id": "fetch",
+                    "type": "http",
+                    "url": "https://api.example.test/orders/{{ input.orderId }}",
+                    "timeout_s": 10,
+                    "retry": {"attempts": 3, "backoff": "exponential", "delay_s": 1},
+                    "select": "body",
+                },
+                {
+                    "id": "summary",
+                    "type": "transform",
+                    "expression": "{orderId: steps.fetch.id, total: steps.fetch.total, "
+                    "email: steps.fetch.customer.email}",
+                },
+                {
+                    "id": "large",
+                    "type": "condition",
+                    "expression": "steps.summary.total >= `100`",
+                    "then": "continue",
+                    "else": "end",
+                },
+                {
+                    "id": "notify",
+                    "type": "http",
+                    "method": "POST",
+                    "url": "https://api.example.test/hooks/fulfilment",
+                    "headers": {"Idempotency-Key": "order-{{ steps.summary.orderId }}"},
+                    "body": {
+                        "text": "Large order {{ steps.summary.orderId }}",
+                        "order": "{{ steps.summary }}",
+                    },
+                    "select": "body",
+                },
+            ],
+        },
+    },
+    "delay": {
+        "summary": "Wait three days on a durable timer",
+        "description": "A welcome mail now, a reminder three days later "
+        "(docs/workflows.md, delay).",
+        "value": {
+            "name": "trial-reminder",
+            "input_schema": {
+                "type": "object",
+                "required": ["email"],
+                "properties": {"email": {"type": "string"}},
+            },
+            "steps": [
+                {
+                    "id": "welcome",
+                    "type": "http",
+                    "method": "POST",
+                    "url": "https://api.example.test/hooks/email",
+                    "body": {"to": "{{ input.email }}", "template": "welcome"},
+                    "select": "status",
+                },
+                {"id": "wait", "type": "delay", "seconds": 259200},
+                {
+                    "id": "reminder",
+                    "type": "http",
+                    "method": "POST",
+                    "url": "https://api.example.test/hooks/email",
+                    "body": {"to": "{{ input.email }}", "template": "trial-ending"},
+                    "select": "body.body",
+                },
+            ],
+        },
+    },
+    "webhook": {
+        "summary": "Handle a webhook event",
+        "description": "Triggered by POST /api/webhooks/{workflowId}: the event is the input; "
+        "a guard lets only successful payments through (docs/workflows.md, A webhook flow).",
+        "value": {
+            "name": "payment-webhook",
+            "description": "Confirm paid orders when the payment provider calls the webhook.",
+            "steps": [
+                {
+                    "id": "paid",
+                    "type": "condition",
+                    "expression": "input.type == 'payment.succeeded' && input.data.amount > `0`",
+                },
+                {
+                    "id": "order",
+                    "type": "http",
+                    "url": "https://api.example.test/orders/{{ input.data.orderId }}",
+                    "retry": {
+                        "attempts": 5,
+                        "backoff": "exponential",
+                        "delay_s": 2,
+                        "max_delay_s": 60,
+                    },
+                    "select": "body",
+                },
+                {
+                    "id": "confirm",
+                    "type": "http",
+                    "method": "POST",
+                    "url": "https://api.example.test/hooks/fulfilment",
+                    "headers": {"Idempotency-Key": "{{ input.id }}"},
+                    "body": {
+                        "orderId": "{{ steps.order.id }}",
+                        "email": "{{ steps.order.customer.email }}",
+                        "amount": "{{ input.data.amount }}",
+                    },
+                    "select": "{status: status, confirmed: body.body}",
+                },
+            ],
+        },
+    },
+}
+"""Request examples of ``POST /api/workflows`` (OpenAPI Example Objects). Each is a runnable
+example of docs/workflows.md: ``tests/docs/test_workflow_docs.py`` validates and runs them."""
+
+CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/WorkflowDefinition"},
+                "examples": CREATE_EXAMPLES,
+            }
+        },
+    }
+}
+"""``openapi_extra`` of ``POST /api/workflows``: :data:`DEFINITION_BODY` with examples."""
+
 
 def webhook_url(workflow_id: str) -> str:
     return f"/api/webhooks/{workflow_id}"
@@ -74,7 +214,7 @@ def workflow_out(workflow: Workflow) -> dict[str, Any]:
         "Validates the definition (errors name the step id and field) and stores it as "
         "version 1. The answer includes the workflow's webhook secret, shown only once."
     ),
-    openapi_extra=DEFINITION_BODY,
+    openapi_extra=CREATE_BODY,
 )
 async def create_workflow(ctx: CtxDep, auth: TenantDep, body: Definition) -> dict[str, Any]:
     workflow = await ctx.store.workflows.create(auth.tenant_id, body)
