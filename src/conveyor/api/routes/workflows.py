@@ -24,7 +24,9 @@ router = APIRouter(
     responses=error_responses(400, 401, 404, 413, 422, 503),
 )
 
-WorkflowId = Annotated[str, Path(min_length=1, max_length=64, description="Workflow id.")]
+WorkflowId = Annotated[
+    str, Path(alias="workflowId", min_length=1, max_length=64, description="Workflow id.")
+]
 Limit = Annotated[int, Query(ge=1, le=200, description="Page size (max 200).")]
 Cursor = Annotated[
     str | None, Query(max_length=512, description="`nextCursor` of the previous page.")
@@ -243,7 +245,7 @@ async def list_workflows(
 
 
 @router.get(
-    "/{workflow_id}",
+    "/{workflowId}",
     response_model=Envelope[WorkflowOut],
     response_model_exclude_none=True,
     summary="Get a workflow",
@@ -255,7 +257,7 @@ async def get_workflow(ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId) ->
 
 
 @router.put(
-    "/{workflow_id}",
+    "/{workflowId}",
     response_model=Envelope[WorkflowOut],
     response_model_exclude_none=True,
     summary="Update a workflow (new version)",
@@ -273,7 +275,7 @@ async def update_workflow(
 
 
 @router.patch(
-    "/{workflow_id}",
+    "/{workflowId}",
     response_model=Envelope[WorkflowOut],
     response_model_exclude_none=True,
     summary="Enable or disable a workflow",
@@ -287,7 +289,7 @@ async def patch_workflow(
 
 
 @router.delete(
-    "/{workflow_id}",
+    "/{workflowId}",
     status_code=204,
     response_class=Response,
     summary="Delete a workflow",
@@ -302,7 +304,7 @@ async def delete_workflow(ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId)
 
 
 @router.get(
-    "/{workflow_id}/versions/{version}",
+    "/{workflowId}/versions/{version}",
     response_model=Envelope[WorkflowVersionOut],
     summary="Get one version of a workflow",
 )
@@ -323,7 +325,7 @@ async def get_version(
 
 
 @router.post(
-    "/{workflow_id}/webhook/rotate",
+    "/{workflowId}/webhook/rotate",
     response_model=Envelope[WebhookSecretOut],
     summary="Rotate the webhook secret",
     description="Issues a new webhook secret (shown only in this answer); the old one stops "
