@@ -1,4 +1,5 @@
-"""``/docs`` works offline: Swagger UI's assets are served by the API itself, never a CDN."""
+"""The API documents itself usably: ``/docs`` works offline (Swagger UI's assets are served by the
+API itself, never a CDN) and the OpenAPI document spells path parameters like the bodies."""
 
 from __future__ import annotations
 
