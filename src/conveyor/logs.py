@@ -2,6 +2,10 @@
 
 Library code logs with ``logging.getLogger(__name__)``, a stable event name as the message and
 ``%``-style arguments or ``extra={...}`` fields; it never prints.
+
+Every line also carries ``execution_id`` while an execution is bound to the running task
+(:data:`EXECUTION_ID`, set by the worker around a job and by the API around a trigger) and
+``trace_id`` while a span is current (tracing on only: :mod:`conveyor.tracing`).
 """
 
 from __future__ import annotations
@@ -9,10 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from conveyor import tracing
 from conveyor.settings import Settings
+
+EXECUTION_ID: ContextVar[str | None] = ContextVar("conveyor_execution_id", default=None)
+"""The execution the current task works for; log lines carry it as ``execution_id``.
+``token = EXECUTION_ID.set(id)`` ... ``EXECUTION_ID.reset(token)``."""
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -21,6 +31,23 @@ def _extra(record: logging.LogRecord) -> dict[str, Any]:
     return {
         k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")
     }
+
+
+class ContextFilter(logging.Filter):
+    """Adds ``execution_id`` (:data:`EXECUTION_ID`) and ``trace_id`` (the current span's, when
+    tracing is on) to every record that does not carry them already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = record.__dict__
+        if "execution_id" not in fields:
+            execution_id = EXECUTION_ID.get()
+            if execution_id is not None:
+                fields["execution_id"] = execution_id
+        if tracing.enabled and "trace_id" not in fields:
+            trace_id = tracing.current_trace_id()
+            if trace_id is not None:
+                fields["trace_id"] = trace_id
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -59,6 +86,7 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
     """Install the root handler for this process according to ``LOG_FORMAT``/``LOG_LEVEL``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)

@@ -60,6 +60,8 @@ class Hit:
     query: dict[str, str]
     start: float
     end: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    """The request headers (names lower-case)."""
 
 
 @dataclass
@@ -95,7 +97,8 @@ def http_recorder() -> Iterator[Recorder]:
         def do_GET(self) -> None:
             url = urlparse(self.path)
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
-            hit = Hit(url.path, query, time.monotonic())
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            hit = Hit(url.path, query, time.monotonic(), headers=headers)
             with rec.lock:
                 rec.hits.append(hit)
             if url.path == "/slow":

@@ -4,7 +4,8 @@ Start-up opens the store (refusing an out-of-date schema with one line telling t
 ``conveyor migrate``, exit 1) and the queue factory, then serves on ``API_HOST:API_PORT``.
 A signal stops accepting connections, lets in-flight requests finish within
 ``SHUTDOWN_GRACE_MS``, closes the pools and exits 0. Redis being down does not stop the API
-from starting: it answers ``/api/health`` and reports not-ready until Redis is back.
+from starting: it answers ``/api/health`` and reports not-ready until Redis is back. Tracing
+(:mod:`conveyor.tracing`, ``OTEL_*``) is configured before start-up and flushed on exit.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from conveyor import tracing
 from conveyor.api.app import create_app
 from conveyor.api.context import open_context
 from conveyor.errors import ConveyorError
@@ -59,6 +61,7 @@ async def serve(settings: Settings) -> int:
     """Run the API until a signal; the process exit code."""
     supervisor = Supervisor("api")
     supervisor.install_signal_handlers()
+    tracing.configure("api")
     try:
         async with open_context(settings) as ctx:
             server = _Server(uvicorn_config(create_app(settings, context=ctx), settings))
@@ -78,6 +81,7 @@ async def serve(settings: Settings) -> int:
         return 1
     finally:
         supervisor.remove_signal_handlers()
+        tracing.shutdown()  # bounded: the spans still buffered, then the exporter
     log.info("api.stopped")
     return 0
 

@@ -23,9 +23,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from conveyor import tracing
 from conveyor.api.context import ApiContext
 from conveyor.dispatch import payload_for
 from conveyor.errors import QueueError
+from conveyor.logs import EXECUTION_ID
 from conveyor.store import Execution
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,35 @@ async def trigger(
 
     Returns ``(execution, created)``. An idempotent replay of a still-``queued`` execution is
     enqueued again (a no-op when its job exists), which repairs an earlier failed enqueue.
+
+    With tracing on, a ``trigger`` span covers both (its enqueue span is its child, and the
+    job carries the trace to the worker); log lines of the enqueue carry the execution id.
     """
+    if tracing.enabled:
+        attributes = {
+            "conveyor.tenant_id": tenant_id,
+            "conveyor.workflow_id": workflow_id,
+            "conveyor.triggered_by": triggered_by,
+        }
+        with tracing.start_span("trigger", attributes):
+            execution, created = await _trigger(
+                ctx, tenant_id, workflow_id, input, idempotency_key, triggered_by
+            )
+            tracing.set_attributes(
+                {"conveyor.execution_id": execution.id, "conveyor.created": created}
+            )
+            return execution, created
+    return await _trigger(ctx, tenant_id, workflow_id, input, idempotency_key, triggered_by)
+
+
+async def _trigger(
+    ctx: ApiContext,
+    tenant_id: str,
+    workflow_id: str,
+    input: Any,
+    idempotency_key: str | None,
+    triggered_by: str,
+) -> tuple[Execution, bool]:
     execution, created = await ctx.store.executions.create(
         tenant_id,
         workflow_id,
@@ -72,5 +102,9 @@ async def trigger(
         triggered_by=triggered_by,
     )
     if execution.status == "queued":
-        await enqueue(ctx, execution, reason=triggered_by)
+        token = EXECUTION_ID.set(execution.id)
+        try:
+            await enqueue(ctx, execution, reason=triggered_by)
+        finally:
+            EXECUTION_ID.reset(token)
     return execution, created

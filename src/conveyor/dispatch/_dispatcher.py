@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from conveyor import tracing
 from conveyor.dispatch import keys
 from conveyor.dispatch._batching import EnqueueBatcher
 from conveyor.errors import QueueUnavailable
@@ -154,11 +155,37 @@ class ExecutionDispatcher:
         The job id defaults to the execution id; dispatching the same one twice is harmless.
         Concurrent calls with the default job id and no delay share round trips (batched).
         Raises :class:`~conveyor.errors.QueueUnavailable` fast when Redis is down.
+
+        With tracing on, the enqueue is a producer span (child of the caller's span: the API's
+        trigger; a new trace for a cron tick, a timer or a recovery) whose ``traceparent`` the
+        job carries to the worker.
         """
+        if tracing.enabled and payload.traceparent is None:
+            return await self._enqueue_traced(payload, job_id=job_id, delay_ms=delay_ms)
+        return await self._send(payload, job_id=job_id, delay_ms=delay_ms)
+
+    async def _send(self, payload: WorkflowExecute, *, job_id: str | None, delay_ms: int) -> str:
         if job_id is None and not delay_ms:
             await self._batcher.enqueue(payload)
             return payload.execution_id
         return await self._enqueue_one(payload, job_id=job_id, delay_ms=delay_ms)
+
+    async def _enqueue_traced(
+        self, payload: WorkflowExecute, *, job_id: str | None, delay_ms: int
+    ) -> str:
+        queue_name = execution_queue_name(payload.region)
+        attributes = {
+            "messaging.system": "bullmq",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": queue_name,
+            "messaging.message.id": job_id or payload.execution_id,
+            "conveyor.execution_id": payload.execution_id,
+            "conveyor.tenant_id": payload.tenant_id,
+            "conveyor.reason": payload.reason or "",
+        }
+        with tracing.start_span(f"send {queue_name}", attributes, kind=tracing.SpanKind.PRODUCER):
+            traced = payload.model_copy(update={"traceparent": tracing.inject()})
+            return await self._send(traced, job_id=job_id, delay_ms=delay_ms)
 
     async def _enqueue_one(
         self, payload: WorkflowExecute, *, job_id: str | None = None, delay_ms: int = 0

@@ -37,6 +37,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
+from conveyor import tracing
 from conveyor.engine._outcome import OutcomeKind, RunOutcome
 from conveyor.engine._plan import (
     NO_OUTPUT,
@@ -132,6 +133,10 @@ class Engine:
     how long a claim lasts without renewal (a slow step renews it every third of that; keep it
     at or below the queue's job lock duration); ``clock`` returns aware UTC datetimes.
     """
+
+    on_step: Callable[[str, str, float], None] | None = None
+    """Called after each step's last attempt with ``(type, "succeeded"|"failed", seconds)``
+    (metrics); must be cheap and must not raise."""
 
     def __init__(
         self,
@@ -275,7 +280,7 @@ class Engine:
                 return await self._finish_at_end(run)
             if abandon is not None and abandon.is_set():
                 raise _Abandoned
-            outcome = await self._step(run)
+            outcome = await (self._traced_step(run) if tracing.enabled else self._step(run))
             if outcome is not None:
                 return outcome
 
@@ -345,6 +350,14 @@ class Engine:
             queue_latency_ms=latency,
         )
 
+    async def _traced_step(self, run: _Run) -> RunOutcome | None:
+        """:meth:`_step` in a span (tracing on): its ``http`` requests are child spans."""
+        step = run.plan.steps[run.index]
+        attributes = {"conveyor.step.id": step.id, "conveyor.step.type": step.type,
+                      "conveyor.step.seq": run.seq}  # fmt: skip
+        with tracing.start_span(f"step {step.type}", attributes):
+            return await self._step(run)
+
     async def _step(self, run: _Run) -> RunOutcome | None:
         """Run the step at the cursor and persist it; an outcome when the run ends here."""
         plan, index = run.plan, run.index
@@ -356,6 +369,9 @@ class Engine:
             done = await self._guarded(run, self._attempts(run, step))
         now = self._clock()
         result = done.result
+        if self.on_step is not None:
+            seconds = (done.finished_at - done.started_at).total_seconds()
+            self.on_step(step.type, "failed" if result is None else "succeeded", seconds)
         if result is None:
             return await self._write_step(run, step, done, "failed", now)
         if result.suspend_until is not None and result.suspend_until > now:
@@ -423,6 +439,8 @@ class Engine:
                 seq=run.seq,
                 due_at=wake_at,
             )
+        if tracing.enabled:
+            _annotate_step_span(step_write.status, status, done.attempts, done.error)
         final = await self._persist(run, write, step_write, timer)
         run.ran += 1
         if final != "running":
@@ -595,3 +613,13 @@ class Engine:
                     pending.cancel()
             if not task.done():
                 await asyncio.wait({task}, timeout=_RELEASE_TIMEOUT_S)
+
+
+def _annotate_step_span(
+    step_status: str, execution_status: str, attempts: int, error: dict[str, Any] | None
+) -> None:
+    """The step's result on its span (tracing on)."""
+    tracing.set_attributes({"conveyor.step.status": step_status, "conveyor.step.attempts": attempts,
+                            "conveyor.execution.status": execution_status})  # fmt: skip
+    if error is not None:
+        tracing.mark_error(str(error.get("type", "step failed")))

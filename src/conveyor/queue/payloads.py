@@ -25,6 +25,10 @@ _INT_ID_RE = re.compile(r"^\d+$")
 NonEmptyStr = Annotated[str, Field(min_length=1, max_length=200)]
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class Payload(BaseModel):
     """Base for job payloads: snake_case attributes, camelCase JSON, unknown keys ignored."""
 
@@ -54,6 +58,10 @@ class WorkflowExecute(Payload):
     """When it was enqueued, ms since the epoch (for enqueue-to-start latency)."""
     reason: str | None = None
     """Why it was enqueued: ``trigger``, ``timer``, ``schedule``, ``retry``, ``recovery``..."""
+    traceparent: str | None = Field(default=None, max_length=128, exclude_if=_is_none)
+    """W3C trace context of the enqueue (``00-<trace id>-<span id>-<flags>``), set when
+    tracing is on; the worker's spans continue that trace. Absent (Node producers, tracing
+    off; then not written either): the worker starts a new trace if it traces."""
 
 
 DEFAULT_JOB_OPTIONS: Mapping[str, Any] = MappingProxyType(

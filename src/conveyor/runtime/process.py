@@ -10,7 +10,8 @@
   the process exits non-zero so the orchestrator restarts it (never up-but-idle).
 * :func:`serve_checked` — a worker process's life: signal handlers, the start-up checks
   (:func:`open_checked`: schema current, Redis usable by BullMQ; exit 1 with one line
-  otherwise), then its ``start``.
+  otherwise), then its ``start``; tracing (:mod:`conveyor.tracing`) is configured first and
+  flushed on the way out.
 * :func:`heartbeat_loop` — the process's status published every interval.
 * :func:`freeze_startup_heap` — what start-up allocated moved out of the collector's reach.
 """
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from conveyor import tracing
 from conveyor.errors import ConfigError, QueueError, StoreError
 from conveyor.logs import configure_logging
 from conveyor.queue import QueueFactory
@@ -205,6 +207,7 @@ async def serve_checked(
     ``start(stack, store, queues)`` unless a signal came first (exit 0). Returns the exit code;
     everything opened on the stack is closed on the way out."""
     supervisor.install_signal_handlers()
+    tracing.configure(role)
     try:
         async with AsyncExitStack() as stack:
             opened = await open_checked(stack, settings, role, pool_size=pool_size)
@@ -215,3 +218,4 @@ async def serve_checked(
             return await start(stack, *opened)
     finally:
         supervisor.remove_signal_handlers()
+        tracing.shutdown()  # bounded: the spans still buffered, then the exporter

@@ -25,8 +25,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from conveyor import tracing
 from conveyor.engine import OutcomeKind, RunOutcome
 from conveyor.errors import DatabaseUnavailable, PayloadInvalid
+from conveyor.logs import EXECUTION_ID
 from conveyor.queue import JobDeferred
 from conveyor.workers.limits import ConcurrencyLimits
 
@@ -121,6 +123,47 @@ class ExecutionRunner:
 
     # --- the processor ----------------------------------------------------------------------
     async def process(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
+        """Run one job; its log lines carry the execution id, and with tracing on it is one
+        consumer span continuing the trace of the job's ``traceparent`` (a new trace without)."""
+        token = EXECUTION_ID.set(payload.execution_id)
+        try:
+            if tracing.enabled:
+                return await self._process_traced(payload, ctx)
+            return await self._process(payload, ctx)
+        finally:
+            EXECUTION_ID.reset(token)
+
+    async def _process_traced(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
+        attributes = {
+            "messaging.system": "bullmq",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": ctx.queue_name,
+            "messaging.message.id": ctx.id,
+            "conveyor.execution_id": payload.execution_id,
+            "conveyor.tenant_id": payload.tenant_id,
+            "conveyor.workflow_id": payload.workflow_id,
+            "conveyor.job.attempts_made": ctx.attempts_made,
+        }
+        with tracing.start_span(
+            f"process {ctx.queue_name}",
+            attributes,
+            kind=tracing.SpanKind.CONSUMER,
+            context=tracing.extract(payload.traceparent),
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                result = await self._process(payload, ctx)
+            except JobDeferred as exc:  # not an error: the job runs again later
+                span.set_attribute("conveyor.job.deferred", str(exc))
+                raise
+            except BaseException as exc:
+                span.record_exception(exc)
+                tracing.mark_error(type(exc).__name__, span)
+                raise
+            span.set_attribute("conveyor.outcome", str(result.get("status")))
+            return result
+
+    async def _process(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
         limits = self.limits
         await limits.acquire_slot()
         try:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from conveyor import tracing
 from conveyor.errors import PermanentStepError, RetryableStepError
 from conveyor.settings import Settings
 from conveyor.workflows.expressions import render_template
@@ -75,6 +76,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+CLIENT = tracing.SpanKind.CLIENT
 
 DEFAULT_HTTP_TIMEOUT_S = 30.0
 USER_AGENT = "conveyor-http-step/0.1"
@@ -249,12 +251,35 @@ class SafeHttpClient:
             target = httpx.URL(url)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
             raise PermanentStepError(f"invalid URL {redact_url(url)!r:.200}: {exc}") from exc
+        encoded = _encode_headers(headers or {})
+        limits = (timeout_s, max_response_bytes, max_redirects, follow_redirects)
+        if not tracing.enabled:
+            return await self._send(method, url, target, encoded, content, limits)
+        with tracing.start_span(method, _span_attributes(method, target), kind=CLIENT) as span:
+            tracing.inject(encoded)  # traceparent/tracestate of this span, on every hop
+            response = await self._send(method, url, target, encoded, content, limits)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 400:
+                tracing.mark_error(str(response.status), span)
+            return response
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        target: httpx.URL,
+        headers: httpx.Headers,
+        content: bytes | None,
+        limits: tuple[float, int, int, bool],
+    ) -> HttpResponse:
+        """One request (redirects followed) under one timeout; errors as step errors."""
+        timeout_s, max_response_bytes, max_redirects, follow_redirects = limits
         try:
             async with asyncio.timeout(timeout_s):
                 return await self._follow(
                     method,
                     target,
-                    _encode_headers(headers or {}),
+                    headers,
                     content,
                     timeout_s,
                     max_response_bytes,
@@ -325,6 +350,17 @@ class SafeHttpClient:
         raise PermanentStepError(
             f"too many redirects (more than {max_redirects})", url=redact_url(str(url))
         )
+
+
+def _span_attributes(method: str, url: httpx.URL) -> dict[str, Any]:
+    """A client span's attributes: the URL without credentials, query or fragment."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return {
+        "http.request.method": method,
+        "server.address": url.host,
+        "server.port": port,
+        "url.full": redact_url(str(url.copy_with(query=None, fragment=None))),
+    }
 
 
 def _encode_headers(headers: Mapping[str, str]) -> httpx.Headers:
