@@ -233,5 +233,76 @@ def test_bull_board_profile_shows_conveyors_queues(
     context = ROOT / board["build"]["context"]
     assert (context / "server.mjs").is_file() and (context / "package-lock.json").is_file()
     for service, spec in services.items():
-        if service != "bullboard":
+        if service != "bullboard" and service not in OBSERVABILITY:
             assert "profiles" not in spec, f"{service} must run without a profile"
+
+
+OBSERVABILITY = ("prometheus", "grafana", "otel-collector")
+OBS_DIR = ROOT / "deploy" / "observability"
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Bind mounts of a service: container path -> host path (relative to the compose file)."""
+    out: dict[str, str] = {}
+    for volume in service.get("volumes", []):
+        host, container, *_ = volume.split(":")
+        if host.startswith("./"):
+            out[container] = host
+    return out
+
+
+@pytest.mark.parametrize("name", OBSERVABILITY)
+def test_observability_services_are_optional_and_on_loopback(
+    services: dict[str, Any], name: str
+) -> None:
+    """``--profile observability`` only; every published port on 127.0.0.1; every mounted file
+    exists in the repository."""
+    service = services[name]
+    assert service["profiles"] == ["observability"]
+    assert service["ports"], name
+    for port in service["ports"]:
+        assert str(port).startswith("127.0.0.1:"), f"{name}: {port} must bind to loopback"
+    for container, host in _mounts(service).items():
+        assert (ROOT / host).exists(), f"{name}: {host} (mounted at {container}) is missing"
+
+
+def test_prometheus_scrapes_the_api_with_the_alert_rules(services: dict[str, Any]) -> None:
+    prom = services["prometheus"]
+    mounts = _mounts(prom)
+    config_path = mounts["/etc/prometheus/prometheus.yml"]
+    assert mounts["/etc/prometheus/alerts.yml"] == "./deploy/observability/prometheus/alerts.yml"
+    config = yaml.safe_load((ROOT / config_path).read_text(encoding="utf-8"))
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    [job] = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    port = services["api"]["environment"]["API_PORT"]
+    assert job["static_configs"][0]["targets"] == [f"api:{port}"]
+
+
+def test_grafana_gets_the_dashboard_and_the_datasource(services: dict[str, Any]) -> None:
+    mounts = _mounts(services["grafana"])
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/observability/grafana/provisioning"
+    dashboards_dir = "/var/lib/grafana/dashboards"
+    assert mounts[f"{dashboards_dir}/conveyor.json"] == (
+        "./deploy/observability/grafana/conveyor.json"
+    )
+    provisioning = OBS_DIR / "grafana" / "provisioning"
+    providers = yaml.safe_load((provisioning / "dashboards" / "conveyor.yml").read_text("utf-8"))
+    assert providers["providers"][0]["options"]["path"] == dashboards_dir
+    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text("utf-8"))
+    [source] = sources["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    assert "prometheus" in services
+
+
+def test_otel_collector_receives_otlp_on_4318_and_logs_spans(services: dict[str, Any]) -> None:
+    collector = services["otel-collector"]
+    assert collector["image"].startswith("otel/opentelemetry-collector:")
+    assert "127.0.0.1:4318:4318" in collector["ports"]
+    config_path = _mounts(collector)["/etc/otelcol/config.yaml"]
+    config = yaml.safe_load((ROOT / config_path).read_text(encoding="utf-8"))
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    traces = config["service"]["pipelines"]["traces"]
+    assert traces["receivers"] == ["otlp"]
+    assert traces["exporters"] == ["debug"]

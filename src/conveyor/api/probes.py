@@ -7,15 +7,19 @@ endpoints always answer within their budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from conveyor.api.context import ApiContext
+from conveyor.dispatch import keys
 from conveyor.errors import ConveyorError
-from conveyor.queue import execution_queue_name
+from conveyor.queue import QueueFactory, execution_queue_name
 from conveyor.runtime import list_processes
 
 log = logging.getLogger(__name__)
@@ -125,6 +129,60 @@ async def queue_counts(
     async with asyncio.timeout(timeout_s):
         results = await asyncio.gather(*(one(r) for r in regions))
     return {execution_queue_name(r): c for r, c in zip(regions, results, strict=True)}
+
+
+async def oldest_waiting(
+    ctx: ApiContext,
+    queue_names: Iterable[str],
+    timeout_s: float = PROBE_TIMEOUT_S,
+    now_ms: float | None = None,
+) -> dict[str, float]:
+    """Per queue, seconds since the oldest job that is ready to run was added (0 when none).
+
+    Bounded: two pipelined round trips whatever the queue lengths. Candidates per queue are the
+    oldest job of BullMQ's ``wait`` list (its right end) and the first and last job of its
+    ``prioritized`` set (next to run, and last in line: a low-priority job kept behind busier
+    tenants); their ``timestamp`` (ms, set when added) is read. Within one priority BullMQ
+    keeps insertion order, so this is exact for a single priority and a close lower bound
+    otherwise. A job that was deferred (delayed) and came back keeps the time it was first
+    added. Raises on Redis errors (bounded by ``timeout_s``).
+    """
+    async with asyncio.timeout(timeout_s):
+        return await _oldest_waiting(ctx.queues, sorted(set(queue_names)), now_ms)
+
+
+async def _oldest_waiting(
+    queues: QueueFactory, names: list[str], now_ms: float | None
+) -> dict[str, float]:
+    prefix = queues.settings.queue_prefix
+    pipe = queues.redis.pipeline(transaction=False)
+    for name in names:
+        wait, _, prioritized, _ = keys.backlog(prefix, name)
+        pipe.lindex(wait, -1)
+        pipe.zrange(prioritized, 0, 0)
+        pipe.zrange(prioritized, -1, -1)
+    raw = await pipe.execute()
+    candidates: list[tuple[str, str]] = []
+    for i, name in enumerate(names):
+        last, head, tail = raw[3 * i : 3 * i + 3]
+        ids = {_str(j) for j in (last, *head, *tail) if j is not None}
+        candidates += [(name, job_id) for job_id in sorted(ids)]
+    ages = dict.fromkeys(names, 0.0)
+    if not candidates:
+        return ages
+    pipe = queues.redis.pipeline(transaction=False)
+    for name, job_id in candidates:
+        pipe.hget(keys.job(prefix, name, job_id), "timestamp")
+    stamps = await pipe.execute()
+    now_ms = time.time() * 1000 if now_ms is None else now_ms
+    for (name, _), stamp in zip(candidates, stamps, strict=True):
+        with contextlib.suppress(TypeError, ValueError):
+            ages[name] = max(ages[name], (now_ms - float(_str(stamp))) / 1000)
+    return ages
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def live_processes(

@@ -53,14 +53,38 @@ BUCKETS: dict[str, tuple[float, ...]] = {
     ),
     "scheduler_lag_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
     "timer_lag_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+    "step_duration_seconds": (
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    ),
 }  # fmt: skip
+
+#: Label names of each labelled histogram (the others have none).
+_HIST_LABELS: dict[str, list[str]] = {
+    "execution_duration_seconds": ["status"],
+    "step_duration_seconds": ["type", "status"],
+}
+
+TENANT_LIMIT = 100
+"""Distinct tenants one publisher (one worker process) counts by name in
+``tenant_executions_finished_total``; executions of any further tenant count as ``other``. The
+family therefore holds at most ``TENANT_LIMIT`` x worker processes (+1) tenants per status."""
+OTHER_TENANT = "other"
 
 _HELP: dict[str, str] = {
     "execution_duration_seconds": "Wall time of one execution run (claim to final state).",
     "start_latency_seconds": "Time from enqueue to the worker starting the execution.",
     "scheduler_lag_seconds": "Delay between a schedule's due time and its enqueue.",
     "timer_lag_seconds": "Delay between a durable timer's due time and its enqueue.",
+    "step_duration_seconds": (
+        "Wall time of one step (all its attempts, retries' backoff included) by step type and "
+        "result."
+    ),
     "executions_finished_total": "Execution runs finished by workers, by final status.",
+    "tenant_executions_finished_total": (
+        f"Execution runs finished by workers, by tenant and final status. Each worker process "
+        f"names at most {TENANT_LIMIT} tenants (the first it sees); the rest count as "
+        f'tenant="{OTHER_TENANT}".'
+    ),
     "jobs_stalled_total": (
         "Jobs taken back from a worker that stopped renewing their lock (crashed, frozen or cut "
         "off from Redis) by a stalled-job check, to run again."
@@ -140,6 +164,7 @@ class MetricsPublisher:
         self._queues = queues
         self._interval = flush_interval_s
         self._pending = _Pending()
+        self._tenants: set[str] = set()
 
     # --- observations (called from hot paths; cheap and synchronous) ------------------------
     def observe_execution(self, duration_s: float, status: str) -> None:
@@ -148,6 +173,24 @@ class MetricsPublisher:
         key = ("executions_finished_total", labels)
         self._pending.counters[key] = self._pending.counters.get(key, 0) + 1
         self._observe("execution_duration_seconds", duration_s, labels)
+
+    def observe_step(self, step_type: str, status: str, duration_s: float) -> None:
+        """One step of type ``step_type`` ended (``succeeded``/``failed``) after ``duration_s``
+        seconds. Step types are the closed set the workflow schema accepts."""
+        self._observe("step_duration_seconds", duration_s,
+                      _labels({"type": step_type, "status": status}))  # fmt: skip
+
+    def count_tenant_execution(self, tenant: str, status: str) -> None:
+        """One execution run of ``tenant`` ended in ``status``. Only the first
+        :data:`TENANT_LIMIT` tenants this publisher sees are named; later ones count as
+        ``other``, so the series stay bounded whatever the number of tenants."""
+        if tenant not in self._tenants:
+            if len(self._tenants) >= TENANT_LIMIT:
+                tenant = OTHER_TENANT
+            else:
+                self._tenants.add(tenant)
+        key = ("tenant_executions_finished_total", _labels({"tenant": tenant, "status": status}))
+        self._pending.counters[key] = self._pending.counters.get(key, 0) + 1
 
     def count_stalled(self, queue: str) -> None:
         """A job of ``queue`` whose worker stopped renewing its lock (crashed, frozen, cut off)
@@ -258,6 +301,35 @@ class MetricsSnapshot:
     """Per queue: paused (BullMQ's flag)."""
     processes: dict[str, int] = field(default_factory=dict)
     redis_up: bool = False
+    oldest_waiting_s: dict[str, float] = field(default_factory=dict)
+    """Per queue: age of the oldest job ready to run (``conveyor.api.probes.oldest_waiting``)."""
+    worker_active_jobs: int = 0
+    """Sum of ``activeJobs`` over live worker heartbeats."""
+    worker_concurrency: int = 0
+    """Sum of ``concurrency`` (slots) over live worker heartbeats."""
+    scheduler_leader: bool = False
+    """A live scheduler heartbeat says it holds the leader lock."""
+    redis_memory: dict[str, Any] = field(default_factory=dict)
+    """``INFO memory`` (``used_memory``, ``maxmemory``, ``maxmemory_policy``)."""
+    database_up: bool | None = None
+    """The database answered this scrape's probe (``None``: not probed)."""
+    ready: bool | None = None
+    """``/api/health/ready``'s verdict for this scrape (``None``: not probed)."""
+
+    def add_heartbeats(self, processes: Iterable[Mapping[str, Any]]) -> None:
+        """Count live processes by role; sum worker slots; is there a scheduler leader?"""
+        for proc in processes:
+            role = str(proc.get("role"))
+            self.processes[role] = self.processes.get(role, 0) + 1
+            if role == "worker":
+                self.worker_active_jobs += _int(proc.get("activeJobs"))
+                self.worker_concurrency += _int(proc.get("concurrency"))
+            elif role == "scheduler" and proc.get("lockHeld") is True:
+                self.scheduler_leader = True
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _text(value: Any) -> str:
@@ -270,10 +342,14 @@ async def read_metrics(queues: QueueFactory) -> MetricsSnapshot:
     pipe = queues.redis.pipeline(transaction=False)
     pipe.hgetall(keys.metrics_counters(queues.settings.queue_prefix))
     pipe.hgetall(keys.metrics_gauges(queues.settings.queue_prefix))
+    pipe.info("memory")
     for name in names:
         pipe.hgetall(keys.metrics_histogram(queues.settings.queue_prefix, name))
-    counters_raw, gauges_raw, *hists_raw = await pipe.execute()
+    counters_raw, gauges_raw, memory, *hists_raw = await pipe.execute()
     snap = MetricsSnapshot()
+    snap.redis_memory = {
+        k: memory.get(k) for k in ("used_memory", "maxmemory", "maxmemory_policy") if k in memory
+    }
     for raw_field, raw_value in counters_raw.items():
         name, _, labels = _text(raw_field).partition("|")
         snap.counters.setdefault(name, []).append((_parse_labels(labels), float(_text(raw_value))))
@@ -351,6 +427,15 @@ class ConveyorCollector(Collector):
         for role, n in sorted(snap.processes.items()):
             procs.add_metric([role], n)
         yield procs
+        oldest = GaugeMetricFamily(
+            f"{ns}_queue_oldest_waiting_seconds",
+            "Age of the oldest job ready to run (waiting or prioritized) per queue; 0 if none.",
+            labels=["queue"],
+        )
+        for queue, age in sorted(snap.oldest_waiting_s.items()):
+            oldest.add_metric([queue], age)
+        yield oldest
+        yield from self._live(snap)
         yield from self._counters(snap)
         yield from self._histograms(snap)
         for gauge in ("scheduler_lag_seconds", "timer_lag_seconds"):
@@ -361,21 +446,71 @@ class ConveyorCollector(Collector):
                     value=snap.gauges[gauge],
                 )
 
+    def _live(self, snap: MetricsSnapshot) -> Iterable[Metric]:
+        """Families read live on each scrape: heartbeats, Redis memory, probes."""
+        ns = self.namespace
+        if snap.redis_up:
+            yield GaugeMetricFamily(
+                f"{ns}_worker_active_jobs",
+                "Jobs running now, summed over live worker heartbeats.",
+                value=snap.worker_active_jobs,
+            )
+            yield GaugeMetricFamily(
+                f"{ns}_worker_concurrency",
+                "Job slots (EXECUTION_WORKER_CONCURRENCY) summed over live worker heartbeats.",
+                value=snap.worker_concurrency,
+            )
+            yield GaugeMetricFamily(
+                f"{ns}_scheduler_leader",
+                "1 when a live scheduler heartbeat says it holds the leader lock, else 0.",
+                value=1.0 if snap.scheduler_leader else 0.0,
+            )
+        mem = snap.redis_memory
+        if "used_memory" in mem:
+            yield GaugeMetricFamily(
+                f"{ns}_redis_memory_used_bytes", "Redis INFO used_memory.",
+                value=float(mem["used_memory"]),
+            )  # fmt: skip
+        if "maxmemory" in mem:
+            yield GaugeMetricFamily(
+                f"{ns}_redis_maxmemory_bytes", "Redis INFO maxmemory (0: no limit).",
+                value=float(mem["maxmemory"]),
+            )  # fmt: skip
+        if "maxmemory_policy" in mem:
+            yield GaugeMetricFamily(
+                f"{ns}_redis_eviction_policy_ok",
+                "1 when Redis maxmemory-policy is noeviction (BullMQ requires it), else 0.",
+                value=1.0 if _text(mem["maxmemory_policy"]) == "noeviction" else 0.0,
+            )
+        if snap.database_up is not None:
+            yield GaugeMetricFamily(
+                f"{ns}_database_up",
+                "1 if the database answered this scrape's probe (SELECT 1), else 0.",
+                value=1.0 if snap.database_up else 0.0,
+            )
+        if snap.ready is not None:
+            yield GaugeMetricFamily(
+                f"{ns}_ready",
+                "1 if this API is ready (/api/health/ready would answer 200), else 0.",
+                value=1.0 if snap.ready else 0.0,
+            )
+
     def _counters(self, snap: MetricsSnapshot) -> Iterable[Metric]:
-        for name, label in (
-            ("executions_finished_total", "status"),
-            ("jobs_stalled_total", "queue"),
+        for name, label_names in (
+            ("executions_finished_total", ["status"]),
+            ("jobs_stalled_total", ["queue"]),
+            ("tenant_executions_finished_total", ["tenant", "status"]),
         ):
             family = CounterMetricFamily(
-                f"{self.namespace}_{name.removesuffix('_total')}", _HELP[name], labels=[label]
+                f"{self.namespace}_{name.removesuffix('_total')}", _HELP[name], labels=label_names
             )
             for labels, value in snap.counters.get(name, []):
-                family.add_metric([labels.get(label, "")], value)
+                family.add_metric([labels.get(n, "") for n in label_names], value)
             yield family
 
     def _histograms(self, snap: MetricsSnapshot) -> Iterable[Metric]:
         for name in BUCKETS:
-            label_names = ["status"] if name == "execution_duration_seconds" else []
+            label_names = _HIST_LABELS.get(name, [])
             family = HistogramMetricFamily(
                 f"{self.namespace}_{name}", _HELP[name], labels=label_names
             )

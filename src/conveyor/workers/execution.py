@@ -27,7 +27,16 @@ from typing import TYPE_CHECKING, Any
 from conveyor.dispatch import FairnessLedger
 from conveyor.engine import Engine
 from conveyor.errors import ConveyorError
-from conveyor.queue import Queue, QueueEvent, QueueFactory, Worker, execution_queue_name
+from conveyor.queue import (
+    JobContext,
+    JobDeferred,
+    Queue,
+    QueueEvent,
+    QueueFactory,
+    Worker,
+    WorkflowExecute,
+    execution_queue_name,
+)
 from conveyor.runtime import (
     Heartbeat,
     MetricsPublisher,
@@ -48,6 +57,8 @@ log = logging.getLogger("conveyor.workers.execution")  # also when run with -m
 MAX_STALLED_COUNT = 2
 """A job may be recovered from a crashed worker twice before BullMQ fails it."""
 _CLOSE_MARGIN_S = 5.0
+_COUNTED = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost"))
+"""Job results counted per tenant (runs that executed something; as the runner's metrics)."""
 
 
 class ExecutionWorker:
@@ -76,11 +87,12 @@ class ExecutionWorker:
         self.runner = ExecutionRunner(
             self.engine, self.limits, self.ledger, self.queue, metrics=self.metrics
         )
+        self.engine.on_step = self.metrics.observe_step
         self.heartbeat = Heartbeat(self.queues, role="worker", settings=s, info_fn=self.info)
         self.workers = [
             self.queues.create_worker(
                 name,
-                self.runner.process,
+                self.process,
                 concurrency=s.execution_worker_concurrency,
                 lock_duration_ms=s.execution_lock_duration_ms,
                 stalled_interval_ms=s.execution_stalled_interval_ms,
@@ -90,6 +102,21 @@ class ExecutionWorker:
         ]
         for worker in self.workers:
             worker.on("stalled", self._on_stalled)
+
+    async def process(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
+        """The runner's processor, counting finished runs per tenant
+        (``conveyor_tenant_executions_finished_total``, bounded by the publisher)."""
+        try:
+            result = await self.runner.process(payload, ctx)
+        except (JobDeferred, asyncio.CancelledError):
+            raise
+        except Exception:
+            self.metrics.count_tenant_execution(payload.tenant_id, "error")
+            raise
+        status = str(result.get("status"))
+        if status in _COUNTED:
+            self.metrics.count_tenant_execution(payload.tenant_id, status)
+        return result
 
     def _on_stalled(self, event: QueueEvent) -> None:
         """This worker's stalled-job check took back a job whose lock had expired (its worker

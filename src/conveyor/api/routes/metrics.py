@@ -3,9 +3,13 @@
 Renders, from the app's own registry: HTTP request metrics of this API process, live queue
 depths per ``workflow.execute.<region>`` queue and state (read from BullMQ), live processes per
 role (heartbeats), and what workers, scheduler and timer dispatcher published through Redis
-with :class:`conveyor.runtime.MetricsPublisher` (executions finished by status, execution
-duration, enqueue-to-start latency, scheduler and timer lag). When Redis is unreachable the
-Redis-backed families are empty and ``conveyor_metrics_redis_up`` is 0.
+with :class:`conveyor.runtime.MetricsPublisher` (executions finished by status and by tenant,
+execution and step durations, enqueue-to-start latency, scheduler and timer lag). Read live on
+each scrape, all bounded: the age of each queue's oldest waiting job, worker slots in use and in
+total and the scheduler leader (heartbeats), Redis memory (``INFO memory``), and the readiness
+verdict with its database check. When Redis is unreachable the Redis-backed families are empty
+and ``conveyor_metrics_redis_up`` is 0; ``conveyor_ready`` and ``conveyor_database_up`` are
+still rendered.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from conveyor.api import probes
 from conveyor.api.deps import CtxDep
+from conveyor.api.routes.health import readiness
 from conveyor.runtime import ConveyorCollector, MetricsSnapshot, read_metrics
 
 router = APIRouter(tags=["metrics"])
@@ -37,17 +42,23 @@ async def _snapshot(ctx: CtxDep) -> MetricsSnapshot:
         processes = await probes.live_processes(ctx)
         workers = probes.worker_regions(processes)
         counts = await probes.queue_counts(ctx, ctx.known_regions(*workers))
+        snapshot.oldest_waiting_s = await probes.oldest_waiting(ctx, counts)
     for name, raw in counts.items():
         depth = probes.depth_of(raw)
         states = {s: int(n) for s, n in raw.items() if s != probes.PAUSED_FLAG}
         states["paused"] = depth["paused"]  # waiting jobs a pause holds back
         snapshot.queue_depths[name] = states
         snapshot.queue_paused[name] = bool(depth["isPaused"])
-    for proc in processes:
-        role = str(proc.get("role"))
-        snapshot.processes[role] = snapshot.processes.get(role, 0) + 1
+    snapshot.add_heartbeats(processes)
     snapshot.redis_up = True
     return snapshot
+
+
+async def _redis_snapshot(ctx: CtxDep) -> MetricsSnapshot:
+    try:
+        return await _snapshot(ctx)
+    except (*probes.ProbeErrors, ValueError):
+        return MetricsSnapshot()
 
 
 @router.get(
@@ -64,10 +75,11 @@ async def _snapshot(ctx: CtxDep) -> MetricsSnapshot:
     },
 )
 async def metrics(request: Request, ctx: CtxDep) -> Response:
-    try:
-        snapshot = await _snapshot(ctx)
-    except (*probes.ProbeErrors, ValueError):
-        snapshot = MetricsSnapshot()
+    # Readiness probes Redis and the database itself (never raises, bounded): it still
+    # answers when Redis is down and the Redis-backed families are empty.
+    snapshot, (ready, report) = await asyncio.gather(_redis_snapshot(ctx), readiness(ctx))
+    snapshot.ready = ready
+    snapshot.database_up = bool(report["checks"]["database"])
     registry: CollectorRegistry = request.app.state.registry
     collector: ConveyorCollector = request.app.state.collector
     collector.update(snapshot)
