@@ -21,7 +21,8 @@ WORKER_ENTRYPOINT = ROOT / "docker" / "entrypoint-worker.sh"
 
 WORKER_ROLES = ("worker", "scheduler", "timers")
 # Variables a Conveyor container may be given besides the Settings fields.
-EXTRA_ENV = {"WORKER_SCRIPT"}
+EXTRA_ENV = {"WORKER_SCRIPT", "OTEL_EXPORTER_OTLP_ENDPOINT"}
+"""Besides WORKER_SCRIPT, the OpenTelemetry variables read by ``conveyor.tracing``."""
 
 
 def settings_env_names() -> set[str]:

@@ -306,3 +306,12 @@ def test_otel_collector_receives_otlp_on_4318_and_logs_spans(services: dict[str,
     traces = config["service"]["pipelines"]["traces"]
     assert traces["receivers"] == ["otlp"]
     assert traces["exporters"] == ["debug"]
+
+
+def test_traces_reach_the_bundled_collector_when_asked(raw: dict[str, Any]) -> None:
+    """Conveyor's services pass OTEL_EXPORTER_OTLP_ENDPOINT through (empty: traces off), and the
+    observability profile's collector listens where the compose file says to point it."""
+    env = raw["x-conveyor-env"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+    assert "otel-collector" in raw["services"]
+    assert "http://otel-collector:4318" in COMPOSE_FILE.read_text(encoding="utf-8")
