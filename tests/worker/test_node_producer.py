@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -12,28 +11,18 @@ import pytest
 
 from conveyor.settings import Settings
 from tests.conftest import REDIS_PORT
+from tests.interop.node import HERE, node_binary
 from tests.worker._support import eventually, wait_started, worker_env, worker_process
 from tests.worker.conftest import seeder
 
 pytestmark = pytest.mark.slow
 
-INTEROP = Path(__file__).resolve().parents[1] / "interop"
+INTEROP = HERE
 
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("Node.js/npm are not installed")
-    if not (INTEROP / "node_modules" / "bullmq").is_dir():
-        subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=INTEROP,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    return node
+    return node_binary()
 
 
 async def test_invalid_node_job_fails_without_retry_worker_survives(
