@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     """Ticks older than the grace: run once (the latest) or skip; per schedule if it says."""
     scheduler_misfire_grace_ms: NonNegativeInt = 15000
     """Ticks at most this late (a failover) are all fired; older ones are a misfire."""
+    scheduler_lookahead_ms: Annotated[int, Field(ge=100, le=60_000)] = 10000
+    """Ticks due within this window are recorded ahead and staged as delayed jobs."""
     reconcile_interval_ms: PositiveInt = 5000
     """How often the leading scheduler re-enqueues executions whose queue job is missing."""
     reconcile_min_age_ms: NonNegativeInt = 5000
@@ -179,6 +181,16 @@ class Settings(BaseSettings):
         if self.execution_tenant_concurrency is None:
             object.__setattr__(
                 self, "execution_tenant_concurrency", self.execution_worker_concurrency
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lookahead_covers_a_pass(self) -> Settings:
+        # A window shorter than the interval between two passes would leave ticks unstaged.
+        if self.scheduler_lookahead_ms < self.scheduler_poll_interval_ms:
+            raise ValueError(
+                "SCHEDULER_LOOKAHEAD_MS must be at least SCHEDULER_POLL_INTERVAL_MS "
+                f"({self.scheduler_lookahead_ms} < {self.scheduler_poll_interval_ms})"
             )
         return self
 

@@ -88,7 +88,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0002",)
+    assert head_revisions() == ("0003",)
     asyncio.run(_check(url))
 
 
@@ -183,7 +183,7 @@ async def _crons(store: Store) -> list[str]:
 async def _assert_0002_reorders_cron(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
         await _at(store, "upgrade", "0001")
-        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0002"):
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0003"):
             await store.check_schema()
         await _seed_0001(store)
 
@@ -221,3 +221,35 @@ async def test_0002_reorders_six_field_cron_sqlite(tmp_path: Path) -> None:
 
 async def test_0002_reorders_six_field_cron_postgres(fresh_pg_url: str) -> None:
     await _assert_0002_reorders_cron(fresh_pg_url)
+
+
+async def _assert_0003_adds_tick_outcome(url: str) -> None:
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        await _at(store, "upgrade", "0002")
+        await _seed_0001(store)
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO schedule_ticks (schedule_id, fire_time, tenant_id, created_at) "
+                    "SELECT id, :at, tenant_id, :at FROM schedules"
+                ),
+                {"at": T0},
+            )
+        await store.migrate()
+        await store.check_schema()
+        async with store.engine.connect() as conn:
+            outcomes = (await conn.execute(text("SELECT outcome FROM schedule_ticks"))).all()
+        assert outcomes and {o for (o,) in outcomes} == {"fired"}  # existing ticks fired
+        await _at(store, "downgrade", "0002")
+        async with store.engine.connect() as conn:
+            columns = await conn.run_sync(_columns, "schedule_ticks")
+        assert "outcome" not in columns and "fire_time" in columns
+        await store.migrate()
+
+
+async def test_0003_adds_tick_outcome_sqlite(tmp_path: Path) -> None:
+    await _assert_0003_adds_tick_outcome(f"sqlite:///{tmp_path}/upgrade.db")
+
+
+async def test_0003_adds_tick_outcome_postgres(fresh_pg_url: str) -> None:
+    await _assert_0003_adds_tick_outcome(fresh_pg_url)

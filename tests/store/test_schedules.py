@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import update
 
 from conveyor.errors import NotFound, ScheduleInvalid
-from conveyor.store import Store, next_fire_time, utcnow
+from conveyor.store import PlannedTicks, Store, next_fire_time, utcnow
 from conveyor.store.schema import schedules
 
 NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
@@ -126,7 +126,10 @@ async def test_each_tick_fires_exactly_once(store: Store) -> None:
     triggered, _created = await store.executions.create(tenant.id, wf.id)
     assert triggered.scheduled_for is None
     assert (await store.executions.get(tenant.id, triggered.id)).scheduled_for is None
-    assert await store.schedules.ticks(tenant.id, schedule.id) == [(tick, execution.id)]
+    listed_ticks = await store.schedules.ticks(tenant.id, schedule.id)
+    assert [(t.fire_time, t.execution_id, t.outcome) for t in listed_ticks] == [
+        (tick, execution.id, "fired")
+    ]
     current = await store.schedules.get(tenant.id, schedule.id)
     assert current.last_fired_at == tick and current.next_fire_at == following
 
@@ -178,3 +181,78 @@ async def test_seconds_last_cron_is_refused_with_the_seconds_first_spelling(stor
     assert caught.value.details["field"] == "cron"
     schedule = await store.schedules.create(tenant.id, wf.id, "30 */5 * * * *")
     assert schedule.next_fire_at is not None and schedule.next_fire_at.second == 30
+
+
+async def test_materialise_records_ticks_ahead_once_and_an_edit_cancels_them(
+    store: Store,
+) -> None:
+    tenant = await store.tenants.create("acme")
+    wf = await store.workflows.create(tenant.id, NOOP)
+    schedule = await store.schedules.create(tenant.id, wf.id, "* * * * * *")
+    assert schedule.next_fire_at is not None
+    first = schedule.next_fire_at + timedelta(seconds=30)  # ahead: nothing due yet
+    await _set_next(store, schedule.id, first)
+    (loaded,) = await store.schedules.due(first)
+    ahead = [first + timedelta(seconds=i) for i in range(3)]
+    missed = first - timedelta(seconds=1)
+    plan = PlannedTicks(
+        schedule=loaded,
+        ticks=[(missed, "collapsed"), *((at, "fired") for at in ahead)],
+        next_fire_at=ahead[-1] + timedelta(seconds=1),
+    )
+    # Two "leaders" materialise the same window at once: one set of ticks and executions.
+    results = await asyncio.gather(*(store.schedules.materialise([plan]) for _ in range(3)))
+    winners = [fired for fired, moved in results if moved]
+    assert len(winners) == 1
+    fired = winners[0]
+    assert [t.fire_time for t in fired] == ahead
+    assert all(t.execution is not None and t.execution.scheduled_for == t.fire_time
+               for t in fired)  # fmt: skip
+    listed = await store.schedules.ticks(tenant.id, loaded.id)
+    assert [(t.fire_time, t.outcome) for t in listed] == [
+        *((at, "fired") for at in reversed(ahead)),
+        (missed, "collapsed"),
+    ]
+    assert [t.fire_time for t in await store.schedules.ticks(tenant.id, loaded.id, limit=2,
+                                                            before=ahead[1])] == [ahead[0], missed]  # fmt: skip
+    assert await store.schedules.ticks("other-tenant", loaded.id) == []
+    execution_ids = [t.execution.id for t in fired if t.execution is not None]
+    staged = await store.schedules.staged(first - timedelta(seconds=5))
+    assert sorted(e.id for e in staged) == sorted(execution_ids)
+    current = await store.schedules.get(tenant.id, loaded.id)
+    assert current.next_fire_at == plan.next_fire_at and current.last_fired_at == ahead[-1]
+
+    # A stale plan (the schedule moved since it was loaded) writes nothing.
+    again, moved = await store.schedules.materialise([plan])
+    assert again == [] and moved == set()
+
+    # An edit cancels the ticks materialised ahead (and their executions)...
+    edited = await store.schedules.update(tenant.id, loaded.id, {"cron": "*/2 * * * * *"})
+    statuses = await store.executions.status_of(execution_ids)
+    assert set(statuses.values()) == {"cancelled"}
+    outcomes = {t.fire_time: t.outcome for t in await store.schedules.ticks(tenant.id, loaded.id)}
+    assert [outcomes[at] for at in ahead] == ["cancelled"] * 3
+    assert await store.schedules.staged(first - timedelta(seconds=5)) == []
+    # ... and the new expression's ticks are recorded again, even at the same instants.
+    even = [at for at in ahead if at.second % 2 == 0]
+    await _set_next(store, loaded.id, even[0])
+    (reloaded,) = await store.schedules.due(first + timedelta(seconds=5))
+    assert reloaded.cron == edited.cron
+    refired, _moved = await store.schedules.materialise(
+        [PlannedTicks(reloaded, [(at, "fired") for at in even], even[-1] + timedelta(seconds=2))]
+    )
+    assert [t.fire_time for t in refired] == even
+    outcomes = {t.fire_time: t.outcome for t in await store.schedules.ticks(tenant.id, loaded.id)}
+    assert all(outcomes[at] == ("fired" if at in even else "cancelled") for at in ahead)
+
+    # Deleting the schedule cancels what it materialised ahead.
+    await store.schedules.delete(tenant.id, loaded.id)
+    refired_ids = [t.execution.id for t in refired if t.execution is not None]
+    assert set((await store.executions.status_of(refired_ids)).values()) == {"cancelled"}
+
+
+async def _set_next(store: Store, schedule_id: str, at: datetime) -> None:
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            update(schedules).where(schedules.c.id == schedule_id).values(next_fire_at=at)
+        )

@@ -66,6 +66,10 @@ def _scheduler_section(
         "lockHolderHost": source.get("host"),
         "lastTick": source.get("lastTick") or _latest([s.get("lastTick") for s in schedulers]),
         "lagMs": source.get("lagMs"),
+        "ticksInWindow": source.get("ticksInWindow"),
+        "lookaheadMs": source.get("lookaheadMs"),
+        "misfiresPerMinute": source.get("misfiresPerMinute"),
+        "misfires": source.get("misfires"),
     }
 
 

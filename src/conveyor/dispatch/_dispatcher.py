@@ -240,14 +240,24 @@ class ExecutionDispatcher:
             return 1
         return priority_for(seen[0] + 1)
 
-    async def enqueue_many(self, payloads: Sequence[WorkflowExecute]) -> list[str]:
+    async def enqueue_many(
+        self, payloads: Sequence[WorkflowExecute], *, delays_ms: Sequence[int] | None = None
+    ) -> list[str]:
         """Put many executions on their queues (one script call and one bulk add per region).
 
-        Returns the job ids (the execution ids) in input order, duplicates included.
+        ``delays_ms`` (same length as ``payloads``; ``0`` = now) stages jobs as BullMQ
+        *delayed* jobs, runnable that many milliseconds from now (the cron scheduler's ticks
+        materialised ahead). Job id = execution id: an id that already exists is neither
+        counted nor added again. Returns the job ids in input order, duplicates included.
         """
+        if delays_ms is not None and len(delays_ms) != len(payloads):
+            raise ValueError("delays_ms must have one delay per payload")
+        delay_of: dict[str, int] = {}
         by_region: dict[str, dict[str, WorkflowExecute]] = {}
-        for payload in payloads:
+        for i, payload in enumerate(payloads):
             by_region.setdefault(payload.region, {}).setdefault(payload.execution_id, payload)
+            if delays_ms is not None:
+                delay_of.setdefault(payload.execution_id, max(0, int(delays_ms[i])))
         for region, unique in by_region.items():
             queue = self.queue(region)
             items = list(unique.values())
@@ -256,7 +266,14 @@ class ExecutionDispatcher:
             if not fresh:
                 continue
             batch: list[tuple[Any, dict[str, Any]]] = [
-                (self._stamp(p), {"job_id": p.execution_id, "priority": priority_for(n)})
+                (
+                    self._stamp(p),
+                    {
+                        "job_id": p.execution_id,
+                        "priority": priority_for(n),
+                        "delay_ms": delay_of.get(p.execution_id, 0),
+                    },
+                )
                 for p, n in fresh
             ]
             try:

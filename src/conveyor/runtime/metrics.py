@@ -85,6 +85,10 @@ _HELP: dict[str, str] = {
         f"names at most {TENANT_LIMIT} tenants (the first it sees); the rest count as "
         f'tenant="{OTHER_TENANT}".'
     ),
+    "scheduler_misfires_total": (
+        "Cron ticks missed beyond SCHEDULER_MISFIRE_GRACE_MS, by policy: collapsed into one run "
+        "(fire_once) or skipped (skip); each is recorded as a tick with that outcome."
+    ),
     "jobs_stalled_total": (
         "Jobs taken back from a worker that stopped renewing their lock (crashed, frozen or cut "
         "off from Redis) by a stalled-job check, to run again."
@@ -197,6 +201,12 @@ class MetricsPublisher:
         was taken back by a stalled-job check, to run again."""
         key = ("jobs_stalled_total", _labels({"queue": queue}))
         self._pending.counters[key] = self._pending.counters.get(key, 0) + 1
+
+    def count_scheduler_misfires(self, policy: str, ticks: int = 1) -> None:
+        """``ticks`` cron ticks missed beyond the grace were collapsed (``fire_once``) or
+        skipped (``skip``); each is also recorded as a tick row with that outcome."""
+        key = ("scheduler_misfires_total", _labels({"policy": policy}))
+        self._pending.counters[key] = self._pending.counters.get(key, 0) + ticks
 
     def observe_start_latency(self, seconds: float) -> None:
         """Enqueue-to-start latency of one execution job."""
@@ -499,6 +509,7 @@ class ConveyorCollector(Collector):
         for name, label_names in (
             ("executions_finished_total", ["status"]),
             ("jobs_stalled_total", ["queue"]),
+            ("scheduler_misfires_total", ["policy"]),
             ("tenant_executions_finished_total", ["tenant", "status"]),
         ):
             family = CounterMetricFamily(

@@ -35,6 +35,7 @@ from conveyor.store.records import (
     IssuedApiKey,
     Page,
     Schedule,
+    ScheduleTick,
     StepRun,
     Tenant,
     Timer,
@@ -42,7 +43,12 @@ from conveyor.store.records import (
     WorkflowVersion,
 )
 from conveyor.store.runs import Claim, ExecutionWrite, RunStore, StepWrite, TimerWrite, Unclaimed
-from conveyor.store.schedules import MISFIRE_POLICIES, next_fire_time, validate_schedule
+from conveyor.store.schedules import (
+    MISFIRE_POLICIES,
+    PlannedTicks,
+    next_fire_time,
+    validate_schedule,
+)
 from conveyor.store.schema import ACTIVE_STATUSES, EXECUTION_STATUSES, TERMINAL_STATUSES
 from conveyor.store.statements import Statements
 
@@ -58,8 +64,10 @@ __all__ = [
     "FiredTick",
     "IssuedApiKey",
     "Page",
+    "PlannedTicks",
     "RunStore",
     "Schedule",
+    "ScheduleTick",
     "Statements",
     "StepRun",
     "StepWrite",

@@ -11,12 +11,14 @@ from datetime import datetime
 from typing import Any, Generic, Self, TypeVar
 
 __all__ = [
+    "TICK_OUTCOMES",
     "ApiKey",
     "Execution",
     "FiredTick",
     "IssuedApiKey",
     "Page",
     "Schedule",
+    "ScheduleTick",
     "StepRun",
     "Tenant",
     "Timer",
@@ -249,3 +251,22 @@ class FiredTick:
     fire_time: datetime
     execution: Execution | None
     """``None`` when the workflow is disabled or deleted (the tick is still recorded)."""
+
+
+TICK_OUTCOMES = ("fired", "collapsed", "skipped", "cancelled", "disabled")
+"""What became of a recorded tick: ``fired`` (its execution was created), ``collapsed`` (missed;
+folded into a later tick by ``fire_once``), ``skipped`` (missed; policy ``skip``), ``cancelled``
+(materialised ahead, then the schedule was edited, disabled or deleted before its instant),
+``disabled`` (the workflow was disabled or deleted: no execution)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleTick:
+    """One recorded tick of a schedule, as the API lists it."""
+
+    fire_time: datetime
+    outcome: str
+    """One of :data:`TICK_OUTCOMES`."""
+    execution_id: str | None
+    created_at: datetime
+    """When the tick was recorded (materialised): up to the look-ahead before ``fire_time``."""

@@ -15,30 +15,44 @@ wildcard.
 Exactly once per tick: :meth:`ScheduleService.fire` records ``(schedule_id, fire_time)`` under
 the primary key of ``schedule_ticks`` **in the same transaction** that creates the execution, so
 two schedulers that both believe they lead cannot fire one tick twice; that execution carries
-the tick instant as ``scheduled_for``. The misfire policy (which missed ticks to fire) is the
-scheduler's decision; this module only records.
+the tick instant as ``scheduled_for``. :meth:`ScheduleService.materialise` does the same for
+many schedules and ticks at once (the scheduler records the ticks of its look-ahead window
+ahead): a compare-and-set on the schedules, one multi-row tick insert that ``RETURNING`` says
+which ticks it wrote, one multi-row execution insert for those. Every tick row has an
+``outcome`` (``fired``, ``collapsed``, ``skipped``, ``cancelled``, ``disabled``); an edit,
+disable or delete cancels the ticks materialised ahead whose instant is still to come. The
+misfire policy (which missed ticks to fire) is the scheduler's decision; this module only
+records.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select, update
+from sqlalchemy import String, column, func, select, update
+from sqlalchemy import values as sql_values
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.cron import next_fire, parse_cron
 from conveyor.errors import CronInvalid, NotFound, ScheduleInvalid
-from conveyor.store._base import ServiceBase, page_limit
-from conveyor.store._types import check_storable, new_id, utcnow
-from conveyor.store.records import Execution, FiredTick, Page, Schedule
+from conveyor.store._base import ServiceBase, decode_cursor, encode_cursor, page_limit
+from conveyor.store._types import UTCDateTime, check_storable, new_id, utcnow
+from conveyor.store.records import Execution, FiredTick, Page, Schedule, ScheduleTick
 from conveyor.store.schema import executions, schedule_ticks, schedules, workflows
 from conveyor.store.triggers import insert_values, new_execution
 
-__all__ = ["MISFIRE_POLICIES", "ScheduleService", "next_fire_time", "validate_schedule"]
+__all__ = [
+    "MISFIRE_POLICIES",
+    "PlannedTicks",
+    "ScheduleService",
+    "next_fire_time",
+    "validate_schedule",
+]
 
 MISFIRE_POLICIES = ("fire_once", "skip")
 _UPDATABLE = frozenset({"name", "cron", "timezone", "enabled", "input", "misfire_policy"})
@@ -73,6 +87,23 @@ def next_fire_time(cron: str, timezone: str, after: datetime) -> datetime:
         return next_fire(parse_cron(cron, timezone), after)
     except CronInvalid as exc:
         raise ScheduleInvalid(str(exc), field="cron") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedTicks:
+    """What the scheduler decided for one schedule it loaded (:meth:`ScheduleService.due`):
+    the ticks to record, each with its outcome, and where the schedule moves next."""
+
+    schedule: Schedule
+    """As loaded: its ``next_fire_at``, ``cron``, ``timezone`` are compared on write."""
+    ticks: Sequence[tuple[datetime, str]]
+    """``(fire_time, outcome)``, oldest first; outcome ``fired`` creates an execution,
+    ``collapsed``/``skipped`` record a misfire."""
+    next_fire_at: datetime | None
+
+
+_TICK_CHUNK = 500
+"""Most rows per multi-row INSERT (SQLite allows 32766 bound values per statement)."""
 
 
 def _check_input(value: Any) -> None:
@@ -193,7 +224,7 @@ class ScheduleService(ServiceBase):
         next_at = (
             next_fire_time(merged["cron"], merged["timezone"], now) if merged["enabled"] else None
         )
-        async with self._auto() as conn:
+        async with self._tx() as conn:
             row = (
                 await conn.execute(
                     update(schedules)
@@ -202,12 +233,51 @@ class ScheduleService(ServiceBase):
                     .returning(*schedules.c)
                 )
             ).first()
-        if row is None:
-            raise NotFound("schedule not found", schedule_id=schedule_id)
+            if row is None:
+                raise NotFound("schedule not found", schedule_id=schedule_id)
+            await self._cancel_ahead(conn, tenant_id, schedule_id, now)
         return Schedule.from_mapping(row._mapping)
 
+    @staticmethod
+    async def _cancel_ahead(
+        conn: AsyncConnection, tenant_id: str, schedule_id: str, now: datetime
+    ) -> None:
+        """Cancel the ticks of ``schedule_id`` materialised ahead (instant still in the
+        future): their executions become ``cancelled`` (the engine skips their delayed jobs)
+        and the ticks ``cancelled`` — a later materialisation under the schedule's new
+        definition may record the same instant again (see :meth:`materialise`)."""
+        ahead = (
+            select(schedule_ticks.c.execution_id)
+            .where(
+                schedule_ticks.c.tenant_id == tenant_id,
+                schedule_ticks.c.schedule_id == schedule_id,
+                schedule_ticks.c.fire_time > now,
+                schedule_ticks.c.outcome == "fired",
+                schedule_ticks.c.execution_id.is_not(None),
+            )
+            .scalar_subquery()
+        )
+        await conn.execute(
+            update(executions)
+            .where(executions.c.id.in_(ahead), executions.c.status == "queued")
+            .values(status="cancelled", finished_at=now, updated_at=now)
+        )
+        await conn.execute(
+            update(schedule_ticks)
+            .where(
+                schedule_ticks.c.tenant_id == tenant_id,
+                schedule_ticks.c.schedule_id == schedule_id,
+                schedule_ticks.c.fire_time > now,
+                schedule_ticks.c.outcome == "fired",
+            )
+            .values(outcome="cancelled")
+        )
+
     async def delete(self, tenant_id: str, schedule_id: str) -> None:
-        async with self._auto() as conn:
+        """Delete the schedule and its ticks; executions materialised ahead for ticks not yet
+        due are cancelled (their delayed jobs then do nothing)."""
+        async with self._tx() as conn:
+            await self._cancel_ahead(conn, tenant_id, schedule_id, utcnow())
             result = await conn.execute(
                 schedules.delete().where(
                     schedules.c.tenant_id == tenant_id, schedules.c.id == schedule_id
@@ -271,6 +341,7 @@ class ScheduleService(ServiceBase):
                         tenant_id=schedule.tenant_id,
                         created_at=now,
                         execution_id=execution.id if execution is not None else None,
+                        outcome="fired" if execution is not None else "disabled",
                     )
                     .on_conflict_do_nothing(index_elements=["schedule_id", "fire_time"])
                     .returning(schedule_ticks.c.schedule_id)
@@ -282,6 +353,201 @@ class ScheduleService(ServiceBase):
             if execution is not None:
                 await conn.execute(executions.insert().values(insert_values(execution)))
         return FiredTick(schedule_id=schedule.id, fire_time=fire_time, execution=execution)
+
+    async def materialise(
+        self, plans: Sequence[PlannedTicks]
+    ) -> tuple[builtins.list[FiredTick], builtins.set[str]]:
+        """Record the planned ticks of many schedules and advance them, in one transaction
+        and a handful of statements whatever the number of ticks.
+
+        1. One ``UPDATE schedules … FROM (VALUES …)`` moves every schedule to its new
+           ``next_fire_at`` **only if** its ``next_fire_at``, ``cron``, ``timezone`` are still
+           those the scheduler planned from and it is enabled (compare-and-set; it also locks
+           the rows, so an API edit committing meanwhile either waits for this transaction —
+           and then cancels what it materialised — or wins, and these ticks are not written).
+        2. One multi-row ``INSERT INTO schedule_ticks … ON CONFLICT (schedule_id, fire_time)``
+           per chunk of ticks of the schedules that moved: ``DO NOTHING``, except that a tick
+           ``cancelled`` by an edit is recorded again (``DO UPDATE … WHERE outcome =
+           'cancelled'``). ``RETURNING`` says which ticks this call wrote.
+        3. One multi-row ``INSERT INTO executions`` for the ``fired`` ticks written — so a tick
+           recorded elsewhere (a second leader) creates no execution here.
+
+        Returns the ``fired`` ticks written (with their executions; ``None`` when the workflow
+        is disabled: such ticks are recorded ``disabled``) — not the misfires — and the ids of
+        the schedules moved.
+        """
+        if not plans:
+            return [], set()
+        now = utcnow()
+        async with self._tx() as conn:
+            moved = await self._advance_many(conn, plans, now)
+            versions = await self._live_workflows(conn, {p.schedule.workflow_id for p in plans})
+            rows: builtins.list[dict[str, Any]] = []
+            pending: dict[tuple[str, datetime], tuple[str, Execution | None]] = {}
+            for plan in plans:
+                if plan.schedule.id not in moved:
+                    continue
+                found = versions.get(plan.schedule.workflow_id)
+                for fire_time, outcome in plan.ticks:
+                    execution: Execution | None = None
+                    if outcome == "fired":
+                        if found is None:
+                            outcome = "disabled"
+                        else:
+                            execution = self._new_tick_execution(plan.schedule, fire_time,
+                                                                 found, now)  # fmt: skip
+                    pending[(plan.schedule.id, fire_time)] = (outcome, execution)
+                    rows.append({
+                        "schedule_id": plan.schedule.id, "fire_time": fire_time,
+                        "tenant_id": plan.schedule.tenant_id, "created_at": now,
+                        "execution_id": execution.id if execution is not None else None,
+                        "outcome": outcome,
+                    })  # fmt: skip
+            fired: builtins.list[FiredTick] = []
+            for i in range(0, len(rows), _TICK_CHUNK):
+                written = await self._insert_ticks(conn, rows[i : i + _TICK_CHUNK])
+                new = [
+                    FiredTick(schedule_id=sid, fire_time=at, execution=pending[(sid, at)][1])
+                    for sid, at in written
+                    if pending[(sid, at)][0] in ("fired", "disabled")
+                ]
+                created = [insert_values(t.execution) for t in new if t.execution is not None]
+                if created:
+                    await conn.execute(executions.insert(), created)
+                fired += new
+        fired.sort(key=lambda t: t.fire_time)
+        return fired, moved
+
+    async def _advance_many(
+        self, conn: AsyncConnection, plans: Sequence[PlannedTicks], now: datetime
+    ) -> builtins.set[str]:
+        """Compare-and-set every planned schedule to its next fire time; ids of those moved.
+
+        Postgres: one ``UPDATE … FROM (VALUES …)``. SQLite (in-process, one writer; no
+        column aliases on ``VALUES``): one ``UPDATE`` per schedule in this transaction."""
+        if self._dialect != "postgresql":
+            return await self._advance_each(conn, plans, now)
+        data = [
+            (p.schedule.id, p.schedule.next_fire_at, p.schedule.cron, p.schedule.timezone,
+             p.next_fire_at, max((at for at, o in p.ticks if o == "fired"), default=None))
+            for p in plans
+        ]  # fmt: skip
+        planned = sql_values(
+            column("sid", String), column("seen", UTCDateTime()), column("cron", String),
+            column("tz", String), column("next_at", UTCDateTime()),
+            column("fired", UTCDateTime()), name="planned",
+        ).data(data)  # fmt: skip
+        result = await conn.execute(
+            update(schedules)
+            .where(
+                schedules.c.id == planned.c.sid,
+                schedules.c.next_fire_at == planned.c.seen,
+                schedules.c.cron == planned.c.cron,
+                schedules.c.timezone == planned.c.tz,
+                schedules.c.enabled.is_(True),
+            )
+            .values(
+                next_fire_at=planned.c.next_at,
+                last_fired_at=func.coalesce(planned.c.fired, schedules.c.last_fired_at),
+                updated_at=now,
+            )
+            .returning(schedules.c.id)
+        )
+        return {row.id for row in result}
+
+    @staticmethod
+    async def _advance_each(
+        conn: AsyncConnection, plans: Sequence[PlannedTicks], now: datetime
+    ) -> builtins.set[str]:
+        moved: builtins.set[str] = set()
+        for p in plans:
+            last = max((at for at, o in p.ticks if o == "fired"), default=None)
+            values: dict[str, Any] = {"next_fire_at": p.next_fire_at, "updated_at": now}
+            if last is not None:
+                values["last_fired_at"] = last
+            row = (
+                await conn.execute(
+                    update(schedules)
+                    .where(
+                        schedules.c.id == p.schedule.id,
+                        schedules.c.next_fire_at == p.schedule.next_fire_at,
+                        schedules.c.cron == p.schedule.cron,
+                        schedules.c.timezone == p.schedule.timezone,
+                        schedules.c.enabled.is_(True),
+                    )
+                    .values(values)
+                    .returning(schedules.c.id)
+                )
+            ).first()
+            if row is not None:
+                moved.add(row.id)
+        return moved
+
+    @staticmethod
+    async def _live_workflows(
+        conn: AsyncConnection, workflow_ids: builtins.set[str]
+    ) -> dict[str, tuple[int, str]]:
+        """``workflow id -> (current version, region)`` of the enabled, live ones."""
+        rows = await conn.execute(
+            select(workflows.c.id, workflows.c.current_version, workflows.c.region).where(
+                workflows.c.id.in_(sorted(workflow_ids)),
+                workflows.c.enabled.is_(True),
+                workflows.c.deleted_at.is_(None),
+            )
+        )
+        return {r.id: (r.current_version, r.region) for r in rows}
+
+    @staticmethod
+    def _new_tick_execution(
+        schedule: Schedule, fire_time: datetime, found: tuple[int, str], now: datetime
+    ) -> Execution:
+        return new_execution(
+            tenant_id=schedule.tenant_id,
+            workflow_id=schedule.workflow_id,
+            version=found[0],
+            region=found[1],
+            input=schedule.input,
+            triggered_by="schedule",
+            now=now,
+            schedule_id=schedule.id,
+            scheduled_for=fire_time,
+        )
+
+    async def _insert_ticks(
+        self, conn: AsyncConnection, rows: builtins.list[dict[str, Any]]
+    ) -> builtins.list[tuple[str, datetime]]:
+        """One multi-row INSERT; the ``(schedule_id, fire_time)`` it wrote."""
+        stmt = self._insert(schedule_ticks).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["schedule_id", "fire_time"],
+            set_={
+                "execution_id": stmt.excluded.execution_id,
+                "outcome": stmt.excluded.outcome,
+                "created_at": stmt.excluded.created_at,
+            },
+            where=schedule_ticks.c.outcome == "cancelled",
+        ).returning(schedule_ticks.c.schedule_id, schedule_ticks.c.fire_time)
+        result = await conn.execute(stmt)
+        return [(r.schedule_id, r.fire_time) for r in result]
+
+    async def staged(self, since: datetime, *, limit: int = 5000) -> builtins.list[Execution]:
+        """Executions of ``fired`` ticks at or after ``since`` that are still ``queued``: what
+        a new leader puts on the queue again (same job ids, so jobs already there are left
+        alone), in case the previous leader died between recording them and enqueueing."""
+        query = (
+            select(executions)
+            .join(schedule_ticks, schedule_ticks.c.execution_id == executions.c.id)
+            .where(
+                schedule_ticks.c.fire_time >= since,
+                schedule_ticks.c.outcome == "fired",
+                executions.c.status == "queued",
+            )
+            .order_by(schedule_ticks.c.fire_time)
+            .limit(limit)
+        )
+        async with self._auto() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Execution.from_mapping(r._mapping) for r in rows]
 
     async def skip(self, schedule: Schedule, *, next_fire_at: datetime | None) -> None:
         """Move the schedule to ``next_fire_at`` without firing (misfire policy ``skip``)."""
@@ -332,19 +598,40 @@ class ScheduleService(ServiceBase):
         )
 
     async def ticks(
-        self, tenant_id: str, schedule_id: str, *, limit: int = 100
-    ) -> builtins.list[tuple[datetime, str | None]]:
-        """The latest recorded ticks of a schedule: ``(fire_time, execution_id)``."""
+        self,
+        tenant_id: str,
+        schedule_id: str,
+        *,
+        limit: int = 100,
+        before: datetime | None = None,
+    ) -> builtins.list[ScheduleTick]:
+        """The recorded ticks of a schedule, latest first, with their outcome; ``before``
+        (exclusive) pages back. Tenant-scoped."""
+        query = select(schedule_ticks).where(
+            schedule_ticks.c.tenant_id == tenant_id,
+            schedule_ticks.c.schedule_id == schedule_id,
+        )
+        if before is not None:
+            query = query.where(schedule_ticks.c.fire_time < before)
+        query = query.order_by(schedule_ticks.c.fire_time.desc()).limit(page_limit(limit - 1) + 1)
         async with self._auto() as conn:
-            rows = (
-                await conn.execute(
-                    select(schedule_ticks.c.fire_time, schedule_ticks.c.execution_id)
-                    .where(
-                        schedule_ticks.c.tenant_id == tenant_id,
-                        schedule_ticks.c.schedule_id == schedule_id,
-                    )
-                    .order_by(schedule_ticks.c.fire_time.desc())
-                    .limit(page_limit(limit))
-                )
-            ).all()
-        return [(r.fire_time, r.execution_id) for r in rows]
+            rows = (await conn.execute(query)).all()
+        return [
+            ScheduleTick(fire_time=r.fire_time, outcome=r.outcome,
+                         execution_id=r.execution_id, created_at=r.created_at)
+            for r in rows
+        ]  # fmt: skip
+
+    async def tick_page(
+        self, tenant_id: str, schedule_id: str, *, limit: int = 50, cursor: str | None = None
+    ) -> Page[ScheduleTick]:
+        """One page of a schedule's ticks, latest first (``NotFound`` for a schedule of
+        another tenant); pass ``next_cursor`` back as ``cursor`` for the next page."""
+        await self.get(tenant_id, schedule_id)
+        before = decode_cursor(cursor)[0] if cursor else None
+        limit = page_limit(limit)
+        items = await self.ticks(tenant_id, schedule_id, limit=limit + 1, before=before)
+        more = len(items) > limit
+        items = items[:limit]
+        next_cursor = encode_cursor(items[-1].fire_time, schedule_id) if more else None
+        return Page(items=items, next_cursor=next_cursor)

@@ -253,4 +253,7 @@ schedule_ticks = Table(
     Column("tenant_id", ID, nullable=False),
     Column("execution_id", ID, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # What became of the tick (migration 0003): fired, collapsed, skipped, cancelled, disabled.
+    Column("outcome", String(16), nullable=False, server_default=text("'fired'")),
+    Index("ix_schedule_ticks_fire_time", "fire_time"),
 )

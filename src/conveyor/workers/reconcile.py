@@ -11,12 +11,20 @@ waiting, delayed or active, it enqueues the execution again through the
 under that id is removed first, since BullMQ ignores an add whose id exists). The engine's
 lease fencing makes a redundant run harmless. Checked executions get ``enqueued_at = now`` so
 they are looked at again only after the minimum age.
+
+A cron tick's execution materialised ahead (``scheduled_for`` still in the future) whose job is
+missing — the scheduler died between recording and enqueueing it — is enqueued as a delayed
+job due at its tick instant (plus the scheduler's margin), never early.
+
+Runs on its own supervised loop in the leading scheduler, so a slow pass never delays a tick.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -31,6 +39,8 @@ log = logging.getLogger(__name__)
 
 FINISHED_STATES = frozenset({"completed", "failed"})
 _CONCURRENCY = 32
+_DELAY_MARGIN_MS = 2
+"""As the scheduler's: a job due at a tick instant must never become runnable before it."""
 
 
 class Reconciler:
@@ -101,9 +111,20 @@ class Reconciler:
                 return False  # a live job will run it
         if own_state in FINISHED_STATES:
             await queue.remove(execution.id)
-        await self.dispatcher.enqueue(payload_for(execution, reason="recovery"))
+        await self.dispatcher.enqueue(
+            payload_for(execution, reason="recovery"), delay_ms=delay_until(execution)
+        )
         log.info(
             "reconcile.enqueued",
             extra={"executionId": execution.id, "status": execution.status, "job": own_state},
         )
         return True
+
+
+def delay_until(execution: Execution) -> int:
+    """Milliseconds until a cron tick's execution may run (0 when its instant has passed or
+    it is not a tick's), margin included."""
+    if execution.scheduled_for is None:
+        return 0
+    ahead_ms = math.ceil((execution.scheduled_for.timestamp() - time.time()) * 1000)
+    return ahead_ms + _DELAY_MARGIN_MS if ahead_ms > 0 else 0

@@ -1,21 +1,28 @@
-"""``conveyor scheduler``: promotes due cron schedules onto ``workflow.execute.<region>``.
+"""``conveyor scheduler``: materialises cron ticks ahead onto ``workflow.execute.<region>``.
 
 Any number of schedulers may run; one leads (:mod:`conveyor.workers.leader`: a Postgres
 session advisory lock when the database is Postgres, else a Redis lock with an owner token).
-The leader, every ``SCHEDULER_POLL_INTERVAL_MS``, loads the schedules due within the next
-interval, sleeps until each tick's instant and fires it with
-:meth:`ScheduleService.fire <conveyor.store.schedules.ScheduleService.fire>`: the tick row
-``(schedule_id, fire_time)`` (primary key) and its execution are written in one transaction,
-so a tick fires once even if two processes both believe they lead. The execution is then
-enqueued with job id = its execution id (the id recorded with the tick; the reconciler uses
-the same one). Which missed ticks fire is the misfire policy (:func:`conveyor.cron.plan_ticks`).
-A schedule whose expression cannot be evaluated (saved before validation refused it, e.g. one
-that never fires) is parked with a ``scheduler.schedule_invalid`` warning; the round goes on.
-The leader also runs the reconciler (:mod:`conveyor.workers.reconcile`).
+The leader, every ``SCHEDULER_POLL_INTERVAL_MS``, loads (in batches of 500) the schedules with
+a tick due within ``SCHEDULER_LOOKAHEAD_MS``, plans their ticks (misfire policy:
+:func:`conveyor.cron.plan_ticks`) and records them with
+:meth:`ScheduleService.materialise <conveyor.store.schedules.ScheduleService.materialise>` —
+tick rows ``(schedule_id, fire_time)`` (primary key, ``ON CONFLICT DO NOTHING``) and the
+executions of the ticks actually written, a few statements per batch, in one transaction. It
+then enqueues those executions in bulk as BullMQ *delayed* jobs due at their tick instant (plus
+a 2 ms margin: never runnable early), job id = execution id. So a tick becomes runnable on its
+instant whatever the number of schedules, not when the scheduler gets to it.
 
-Supervised loops: election, leader loop, heartbeat (``role: scheduler`` with ``strategy``,
-``lockHeld``, ``holderId``, ``lastTick``, ``lagMs``), metrics. SIGTERM/SIGINT: stop, release
-the lock (a standby takes over at its next poll), leave the registry, exit 0.
+Leader change: the old leader's ticks are rows (the new one skips them); executions it recorded
+but may not have enqueued are enqueued again by the new leader as it takes over
+(:meth:`ScheduleService.staged`, same job ids: a job already there is left alone), and by the
+reconciler (with the delay still due). Missed ticks (beyond the grace) are recorded with outcome
+``collapsed``/``skipped``, logged (``scheduler.misfire``) and counted
+(``conveyor_scheduler_misfires_total{policy}``). A schedule whose expression cannot be evaluated
+is parked with a ``scheduler.schedule_invalid`` warning; the round goes on.
+
+Supervised loops: election, leader loop, reconciler (its own loop: never delays ticks),
+heartbeat (``role: scheduler``), metrics. SIGTERM/SIGINT: stop, release the lock (a standby
+takes over at its next poll), leave the registry, exit 0.
 """
 
 from __future__ import annotations
@@ -25,16 +32,18 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import time
 import uuid
+from collections import deque
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
-from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
-from conveyor.cron import CronSpec, MisfirePolicy, parse_cron, plan_ticks
+from conveyor.cron import CronSpec, MisfirePolicy, fire_times, next_fire, parse_cron, plan_ticks
 from conveyor.dispatch import ExecutionDispatcher, keys, payload_for
 from conveyor.errors import (
     CronInvalid,
@@ -51,7 +60,7 @@ from conveyor.runtime import (
     serve_checked,
 )
 from conveyor.settings import Settings
-from conveyor.store import asyncpg_dsn
+from conveyor.store import PlannedTicks, asyncpg_dsn
 from conveyor.workers.leader import (
     LeaderElection,
     LeaderLock,
@@ -59,7 +68,6 @@ from conveyor.workers.leader import (
     RedisLock,
 )
 from conveyor.workers.reconcile import Reconciler
-from conveyor.workers.timer_wheel import sleep_until
 
 if TYPE_CHECKING:
     from conveyor.store import Execution, Schedule, Store
@@ -68,8 +76,18 @@ log = logging.getLogger(__name__)
 
 ROLE = "scheduler"
 LOCK_NAME = "scheduler"
-_FIRE_CONCURRENCY = 16
 _SECOND = timedelta(seconds=1)
+_BATCH = 500
+"""Schedules loaded, planned and materialised per database round."""
+_MAX_ROUNDS = 200
+"""Most batches per pass (100,000 schedules); the next pass continues."""
+_MAX_AHEAD = 1000
+"""Most ticks of one schedule materialised per pass (the window bounds them anyway)."""
+_MISSED_RECORD_MAX = 1000
+"""Most missed ticks of one schedule recorded individually per misfire."""
+STAGE_MARGIN_MS = 2
+"""Added to every delay: BullMQ rounds to milliseconds; a job must never run early."""
+_ENQUEUE_CHUNK = 500
 
 
 @functools.lru_cache(maxsize=4096)
@@ -123,12 +141,16 @@ class Scheduler:
         self.lag_ms: float | None = None
         self.ticks = 0
         self.misfires = 0
+        self.lookahead_s = settings.scheduler_lookahead_ms / 1000
+        self._ahead: deque[float] = deque()
+        """Instants (epoch s) of the ticks staged ahead, in staging order."""
+        self._misfire_times: deque[tuple[float, int]] = deque()
 
     # --- the leader loop -----------------------------------------------------------------
     async def lead_loop(self) -> None:
-        """While leading: fire due ticks every poll interval, reconcile every few seconds."""
-        reconcile_every = self.settings.reconcile_interval_ms / 1000
-        next_reconcile = 0.0
+        """While leading: every poll interval, materialise the ticks due within the window.
+        On taking over, first re-enqueue what earlier leaders recorded (:meth:`restage`)."""
+        restaged_for: float | None = None
         while not self.supervisor.stopping:
             if not self.election.is_leader:
                 await self.election.wait_change(self.poll_s)
@@ -136,100 +158,185 @@ class Scheduler:
             round_end = time.monotonic() + self.poll_s
             self.election.changed.clear()
             try:
-                await self.fire_due(self.poll_s)
-                if self.election.is_leader and time.monotonic() >= next_reconcile:
-                    next_reconcile = time.monotonic() + reconcile_every
-                    await self.reconciler.run_once()
+                if restaged_for != self.election.leader_since:
+                    await self.restage()
+                    restaged_for = self.election.leader_since
+                await self.fire_due(self.lookahead_s)
             except (StoreError, QueueError, OSError) as exc:
                 log.warning("scheduler.round_failed", extra={"error": repr(exc)})
             left = round_end - time.monotonic()
             if left > 0:
                 await self.election.wait_change(left)
 
+    async def reconcile_loop(self) -> None:
+        """The reconciler, on its own loop (a slow pass never delays a tick)."""
+        every = self.settings.reconcile_interval_ms / 1000
+        while not self.supervisor.stopping:
+            if not self.election.is_leader:
+                await self.election.wait_change(self.poll_s)
+                continue
+            try:
+                await self.reconciler.run_once()
+            except (StoreError, QueueError, OSError) as exc:
+                log.warning("scheduler.reconcile_failed", extra={"error": repr(exc)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.supervisor.stop_event.wait(), every)
+
+    async def restage(self) -> int:
+        """Enqueue again the still-queued executions of ticks recorded from ``now - grace``
+        on (a previous leader may have died between recording and enqueueing them). Same job
+        ids: a job that is already on the queue is left alone. Returns executions sent."""
+        since = datetime.now(UTC) - max(self.grace, timedelta(seconds=60))
+        staged = await self.store.schedules.staged(since)
+        if staged:
+            await self._stage([(e.scheduled_for, e) for e in staged if e.scheduled_for])
+            log.info("scheduler.restaged", extra={"executions": len(staged)})
+        return len(staged)
+
     async def fire_due(self, window_s: float) -> int:
-        """Fire the ticks due within ``window_s``, each at its instant. Returns ticks fired."""
-        horizon = datetime.now(UTC) + timedelta(seconds=window_s)
-        due = await self.store.schedules.due(horizon, limit=500)
+        """Materialise the ticks due within ``window_s`` (batches of schedules, each one
+        transaction), enqueue them as delayed jobs due at their instants. Returns ticks
+        recorded with an execution."""
         fired = 0
-        gate = asyncio.Semaphore(_FIRE_CONCURRENCY)
-
-        async def one(schedule: Schedule) -> int:
-            async with gate:
-                return await self.fire_schedule(schedule)
-
-        for at, group in groupby(due, key=lambda s: s.next_fire_at):
-            assert at is not None
-            reached = await sleep_until(at.timestamp(), self.election.changed)
-            if not reached or not self.election.is_leader:
-                break  # leadership changed: stop acting at once
-            fired += sum(await asyncio.gather(*(one(s) for s in group)))
+        for _ in range(_MAX_ROUNDS):
+            if not self.election.is_leader or self.supervisor.stopping:
+                break
+            now = datetime.now(UTC)
+            horizon = now + timedelta(seconds=window_s)
+            due = await self.store.schedules.due(horizon, limit=_BATCH)
+            plans = [p for s in due if (p := await self._plan(s, now, horizon)) is not None]
+            ticks, moved = await self.store.schedules.materialise(plans)
+            if not self.election.is_leader:
+                break  # recorded: whoever leads now re-stages them (restage)
+            await self._stage([(t.fire_time, t.execution) for t in ticks if t.execution])
+            fired += sum(1 for t in ticks if t.execution is not None)
+            for t in ticks:
+                self._observe(t.fire_time, now)
+            if len(due) < _BATCH or not moved:
+                break
         return fired
 
     def _policy(self, schedule: Schedule) -> MisfirePolicy:
         policy = schedule.misfire_policy or self.settings.scheduler_misfire_policy
         return "skip" if policy == "skip" else "fire_once"
 
-    async def fire_schedule(self, schedule: Schedule) -> int:
-        """Fire the due ticks of one schedule under its misfire policy."""
+    async def _plan(
+        self, schedule: Schedule, now: datetime, horizon: datetime
+    ) -> PlannedTicks | None:
+        """The ticks of ``schedule`` up to ``horizon``: missed ones under its misfire policy
+        (each recorded), then every tick of the window; ``None`` if it had to be parked."""
         assert schedule.next_fire_at is not None
+        cursor = schedule.next_fire_at - _SECOND
+        policy = self._policy(schedule)
         try:
             spec = _spec(schedule.cron, schedule.timezone)
-            plan = plan_ticks(
-                spec, schedule.next_fire_at - _SECOND, datetime.now(UTC),
-                policy=self._policy(schedule), grace=self.grace,
-            )  # fmt: skip
+            if schedule.next_fire_at > now:  # the common case: not due yet, nothing missed
+                return self._plan_ahead(schedule, spec, horizon)
+            plan = plan_ticks(spec, cursor, now, policy=policy, grace=self.grace)
+            ticks: list[tuple[datetime, str]] = []
+            if plan.misfired:
+                ticks = self._misfire(schedule, spec, cursor, plan.cursor, policy, bool(plan.fire))
+            else:
+                ticks = [(at, "fired") for at in plan.fire]
+            for at in fire_times(spec, plan.cursor, horizon):
+                ticks.append((at, "fired"))
+                if len(ticks) >= _MAX_AHEAD:
+                    break
+            next_at = next_fire(spec, ticks[-1][0]) if ticks else plan.next_at
         except CronInvalid as exc:
             # Saved before validation refused it (an impossible date such as Feb 30): park
             # it (no next fire time) so no round loads it again; saving a valid cron revives it.
             log.warning("scheduler.schedule_invalid", extra={"scheduleId": schedule.id,
                                                              "error": str(exc)})  # fmt: skip
             await self.store.schedules.skip(schedule, next_fire_at=None)
-            return 0
-        if plan.misfired:
-            self.misfires += 1
-            log.warning("scheduler.misfire", extra={
-                "scheduleId": schedule.id, "policy": self._policy(schedule),
-                "missedSince": _iso(schedule.next_fire_at), "firing": _iso(plan.cursor)
-                if plan.fire else None,
-            })  # fmt: skip
-        if not plan.fire:
-            if plan.next_at != schedule.next_fire_at:
-                await self.store.schedules.skip(schedule, next_fire_at=plan.next_at)
-            return 0
-        fired = 0
-        for i, fire_time in enumerate(plan.fire):
-            if not self.election.is_leader:
+            return None
+        return PlannedTicks(schedule=schedule, ticks=ticks, next_fire_at=next_at)
+
+    @staticmethod
+    def _plan_ahead(schedule: Schedule, spec: CronSpec, horizon: datetime) -> PlannedTicks:
+        """Ticks of a schedule not due yet: its ``next_fire_at`` (a fire time by construction)
+        and the following ones up to ``horizon`` — one cron evaluation per tick, plus one."""
+        assert schedule.next_fire_at is not None
+        ticks: list[tuple[datetime, str]] = []
+        at = schedule.next_fire_at
+        while at <= horizon and len(ticks) < _MAX_AHEAD:
+            ticks.append((at, "fired"))
+            at = next_fire(spec, at)
+        return PlannedTicks(schedule=schedule, ticks=ticks, next_fire_at=at)
+
+    def _misfire(
+        self,
+        schedule: Schedule,
+        spec: CronSpec,
+        cursor: datetime,
+        latest: datetime,
+        policy: MisfirePolicy,
+        fire_latest: bool,
+    ) -> list[tuple[datetime, str]]:
+        """The missed ticks in ``(cursor, latest]`` as recorded: ``collapsed`` (fire_once; the
+        latest ``fired``) or ``skipped``. At most :data:`_MISSED_RECORD_MAX` older ones are
+        recorded one by one (the oldest); the log line says when more were missed."""
+        label = "collapsed" if policy == "fire_once" else "skipped"
+        missed: list[tuple[datetime, str]] = []
+        for at in fire_times(spec, cursor, latest - _SECOND):
+            if len(missed) >= _MISSED_RECORD_MAX:
                 break
-            following = plan.fire[i + 1] if i + 1 < len(plan.fire) else plan.next_at
-            tick = await self.store.schedules.fire(schedule, fire_time, next_fire_at=following)
-            if tick is None:
-                log.info("scheduler.tick_duplicate", extra={"scheduleId": schedule.id,
-                                                           "fireTime": _iso(fire_time)})  # fmt: skip
-                continue
-            fired += 1
-            if tick.execution is not None:
-                await self._enqueue(tick.execution)
-            self._observe(fire_time)
-            log.info("scheduler.tick", extra={
-                "scheduleId": schedule.id, "fireTime": _iso(fire_time),
-                "executionId": tick.execution.id if tick.execution else None, "lagMs": self.lag_ms,
-            })  # fmt: skip
-        return fired
+            missed.append((at, label))
+        recorded = len(missed) + (0 if fire_latest else 1)
+        self._count_misfires(policy, recorded)
+        log.warning("scheduler.misfire", extra={
+            "scheduleId": schedule.id, "policy": policy, "missedSince": _iso(cursor + _SECOND),
+            "latest": _iso(latest), "firing": _iso(latest) if fire_latest else None,
+            "recorded": recorded, "truncated": len(missed) >= _MISSED_RECORD_MAX,
+        })  # fmt: skip
+        return [*missed, (latest, "fired" if fire_latest else "skipped")]
 
-    async def _enqueue(self, execution: Execution) -> None:
-        try:
-            await self.dispatcher.enqueue(payload_for(execution, reason="schedule"))
-        except QueueError as exc:  # the execution is committed: the reconciler enqueues it
-            log.warning("scheduler.enqueue_failed", extra={"executionId": execution.id,
-                                                          "error": repr(exc)})  # fmt: skip
+    def _count_misfires(self, policy: MisfirePolicy, ticks: int) -> None:
+        self.misfires += ticks
+        self._misfire_times.append((time.monotonic(), ticks))
+        self.metrics.count_scheduler_misfires(policy, ticks)
 
-    def _observe(self, fire_time: datetime) -> None:
-        lag = max(0.0, time.time() - fire_time.timestamp())
+    async def _stage(self, items: Sequence[tuple[datetime, Execution]]) -> None:
+        """Enqueue executions as delayed jobs runnable at (never before) their tick instant;
+        a tick already due is enqueued now. A queue failure is logged: the executions are
+        recorded, the reconciler (or the next leader's restage) enqueues them."""
+        now_ms = time.time() * 1000
+        payloads, delays = [], []
+        for fire_time, execution in items:
+            ahead_ms = math.ceil(fire_time.timestamp() * 1000 - now_ms)
+            payloads.append(payload_for(execution, reason="schedule"))
+            delays.append(ahead_ms + STAGE_MARGIN_MS if ahead_ms > 0 else 0)
+            self._ahead.append(fire_time.timestamp())
+        for i in range(0, len(payloads), _ENQUEUE_CHUNK):
+            chunk = payloads[i : i + _ENQUEUE_CHUNK]
+            try:
+                await self.dispatcher.enqueue_many(chunk, delays_ms=delays[i : i + _ENQUEUE_CHUNK])
+            except QueueError as exc:  # recorded: the reconciler / restage enqueues them
+                log.warning("scheduler.enqueue_failed", extra={"executions": len(chunk),
+                                                              "error": repr(exc)})  # fmt: skip
+
+    def _observe(self, fire_time: datetime, staged_at: datetime) -> None:
+        """A tick put on the queue at ``staged_at``: its lag is how late that was (0 ahead)."""
+        lag = max(0.0, (staged_at - fire_time).total_seconds())
         self.metrics.observe_scheduler_lag(lag)
         self.lag_ms = round(lag * 1000, 3)
         self.ticks += 1
         if self.last_tick is None or fire_time > self.last_tick:
             self.last_tick = fire_time
+
+    def ticks_in_window(self) -> int:
+        """Ticks staged ahead whose instant is still to come."""
+        now = time.time()
+        while self._ahead and self._ahead[0] <= now:
+            self._ahead.popleft()
+        return sum(1 for at in self._ahead if at > now)
+
+    def misfires_per_minute(self) -> int:
+        """Misfired ticks recorded in the last 60 s."""
+        cutoff = time.monotonic() - 60
+        while self._misfire_times and self._misfire_times[0][0] < cutoff:
+            self._misfire_times.popleft()
+        return sum(n for _at, n in self._misfire_times)
 
     # --- status ----------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
@@ -250,6 +357,9 @@ class Scheduler:
             "lagMs": self.lag_ms,
             "ticksFired": self.ticks,
             "misfires": self.misfires,
+            "misfiresPerMinute": self.misfires_per_minute(),
+            "ticksInWindow": self.ticks_in_window(),
+            "lookaheadMs": self.settings.scheduler_lookahead_ms,
             "reconciled": self.reconciler.recovered,
         }
 
@@ -258,6 +368,7 @@ class Scheduler:
         sup = self.supervisor
         sup.spawn("election", self.election.run())
         sup.spawn("lead", self.lead_loop())
+        sup.spawn("reconcile", self.reconcile_loop())
         sup.spawn("heartbeat", heartbeat_loop(self.heartbeat, sup.stop_event))
         sup.spawn("metrics", self.metrics.run())
         log.info("scheduler.started", extra={"id": self.holder, "strategy": self.lock.strategy})

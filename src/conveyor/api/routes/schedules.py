@@ -13,6 +13,7 @@ from conveyor.api.schemas import (
     ScheduleIn,
     ScheduleOut,
     SchedulePatch,
+    ScheduleTickOut,
     error_responses,
 )
 from conveyor.store import Schedule
@@ -87,6 +88,34 @@ async def list_schedules(
 async def get_schedule(ctx: CtxDep, auth: TenantDep, schedule_id: ScheduleId) -> dict[str, Any]:
     schedule = await ctx.store.schedules.get(auth.tenant_id, schedule_id)
     return {"success": True, "data": schedule_out(schedule)}
+
+
+@router.get(
+    "/{scheduleId}/ticks",
+    response_model=Envelope[Page[ScheduleTickOut]],
+    summary="List a schedule's ticks",
+    description=(
+        "The ticks the scheduler recorded for this schedule, latest first, cursor-paginated, "
+        "each with its outcome: fired (with its execution), collapsed or skipped (a misfire), "
+        "cancelled (the schedule changed after the tick was recorded ahead), disabled."
+    ),
+)
+async def list_schedule_ticks(
+    ctx: CtxDep,
+    auth: TenantDep,
+    schedule_id: ScheduleId,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> dict[str, Any]:
+    page = await ctx.store.schedules.tick_page(
+        auth.tenant_id, schedule_id, limit=limit, cursor=cursor
+    )
+    items = [
+        {"fire_time": t.fire_time, "outcome": t.outcome, "execution_id": t.execution_id,
+         "created_at": t.created_at}
+        for t in page.items
+    ]  # fmt: skip
+    return {"success": True, "data": {"items": items, "next_cursor": page.next_cursor}}
 
 
 @router.patch(

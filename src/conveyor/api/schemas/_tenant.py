@@ -224,6 +224,24 @@ class SchedulePatch(ApiModel):
     misfire_policy: Literal["fire_once", "skip"] | None = None
 
 
+class ScheduleTickOut(ApiModel):
+    """One recorded tick of a schedule."""
+
+    fire_time: datetime = Field(description="The tick instant (UTC).")
+    outcome: Literal["fired", "collapsed", "skipped", "cancelled", "disabled"] = Field(
+        description=(
+            "`fired`: its execution was created; `collapsed`: missed beyond the misfire grace "
+            "and folded into a later run (`fire_once`); `skipped`: missed, policy `skip`; "
+            "`cancelled`: recorded ahead, then the schedule was edited, disabled or deleted "
+            "before the instant; `disabled`: the workflow was disabled (no execution)."
+        )
+    )
+    execution_id: str | None = None
+    created_at: datetime = Field(
+        description="When the tick was recorded: up to SCHEDULER_LOOKAHEAD_MS before fireTime."
+    )
+
+
 class ScheduleOut(ApiModel):
     id: str
     workflow_id: str
