@@ -246,6 +246,7 @@ async def _publish_one_of_each(api: Api) -> None:
     publisher.observe_step("noop", "succeeded", 0.001)
     publisher.count_tenant_execution("t1", "succeeded")
     publisher.count_stalled("workflow.execute.us")
+    publisher.count_scheduler_misfires("fire_once")
     publisher.observe_start_latency(0.01)
     publisher.observe_scheduler_lag(0.02)
     publisher.observe_timer_lag(0.03)
