@@ -244,8 +244,10 @@ async def run_size(admin: asyncpg.Connection, size: int, minutes: int, every_sec
     db = f"conveyor_cronbench_{uuid.uuid4().hex[:10]}"
     prefix = f"benchcron{uuid.uuid4().hex[:8]}"
     await admin.execute(f'CREATE DATABASE "{db}"')
+    # The shell's settings are dropped, except SCHEDULER_LOOKAHEAD_MS (to compare windows).
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("QUEUE_PREFIX", "SCHEDULER_", "EXECUTION_", "DATABASE_"))}  # fmt: skip
+           if k == "SCHEDULER_LOOKAHEAD_MS"
+           or not k.startswith(("QUEUE_PREFIX", "SCHEDULER_", "EXECUTION_", "DATABASE_"))}  # fmt: skip
     env.update(DATABASE_URL=ADMIN_DSN.rsplit("/", 1)[0] + "/" + db, QUEUE_PREFIX=prefix,
                LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT / "src"))  # fmt: skip
     settings = load_settings(env)
