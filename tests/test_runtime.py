@@ -6,10 +6,11 @@ import asyncio
 import logging
 import os
 import signal
+import time
 
 import pytest
 
-from conveyor.runtime import LoopDied, Supervisor, cancel_tasks
+from conveyor.runtime import LoopDied, Supervisor, bounded, cancel_tasks
 
 
 async def test_sigterm_sets_stop_event(caplog: pytest.LogCaptureFixture) -> None:
@@ -84,3 +85,49 @@ async def test_cancel_tasks_is_bounded() -> None:
     release.set()
     task.cancel()
     await asyncio.wait_for(task, timeout=2)
+
+
+async def test_bounded_does_not_wait_for_a_stuck_clean_up(caplog: pytest.LogCaptureFixture) -> None:
+    """A shutdown step whose cancellation hangs (a driver's clean-up) cannot hold the process."""
+    release = asyncio.Event()
+
+    async def stuck() -> int:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await release.wait()  # the clean-up blocks, like a rollback behind a busy connection
+        return 1
+
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="conveyor.runtime"):
+        assert await bounded("stuck step", stuck(), 0.2) is None
+    assert time.monotonic() - started < 1.0
+    assert any(r.getMessage() == "process.step_timed_out" for r in caplog.records)
+    release.set()
+    await asyncio.sleep(0)
+
+    async def fails() -> int:
+        raise OSError("gone")
+
+    assert await bounded("failing step", fails(), 1.0) is None
+    assert await bounded("quick step", asyncio.sleep(0, result=7), 1.0) == 7
+
+
+async def test_finish_lets_loops_end_between_transactions() -> None:
+    """``finish`` waits for loops that watch the stop event; ``pause`` wakes on stop."""
+    supervisor = Supervisor("test")
+    ended_cleanly: list[str] = []
+
+    async def loop() -> None:
+        while not supervisor.stopping:
+            await supervisor.pause(30)
+        ended_cleanly.append("loop")
+
+    supervisor.spawn("loop", loop())
+    await asyncio.sleep(0.05)
+    supervisor.stop()
+    started = time.monotonic()
+    await supervisor.finish(["loop"], 5.0)
+    assert ended_cleanly == ["loop"]
+    assert time.monotonic() - started < 1.0
+    await supervisor.cancel_all(1.0)

@@ -14,6 +14,7 @@ from conveyor.runtime.metrics import (
 from conveyor.runtime.process import (
     LoopDied,
     Supervisor,
+    bounded,
     cancel_tasks,
     entry,
     freeze_startup_heap,
@@ -31,6 +32,7 @@ __all__ = [
     "MetricsPublisher",
     "MetricsSnapshot",
     "Supervisor",
+    "bounded",
     "cancel_tasks",
     "entry",
     "freeze_startup_heap",

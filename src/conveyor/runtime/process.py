@@ -27,7 +27,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from conveyor.store import Store
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class LoopDied(Exception):
@@ -109,10 +111,48 @@ class Supervisor:
         """Block until the stop event is set."""
         await self.stop_event.wait()
 
+    async def pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if the process is asked to stop meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), seconds)
+
+    async def finish(self, names: list[str], grace_s: float) -> None:
+        """Let the named loops end on their own (they watch :attr:`stopping`), for at most
+        ``grace_s``: a loop interrupted inside a database transaction may leave the
+        connection (on SQLite: the write lock) busy until its clean-up runs."""
+        pending = [t for n, t in self._tasks.items() if n in names and not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+
     async def cancel_all(self, grace_s: float = 5.0) -> None:
         """Cancel every task still running and wait (bounded) for them to finish."""
         await cancel_tasks(list(self._tasks.values()), grace_s=grace_s)
         self._tasks.clear()
+
+
+async def bounded(what: str, aw: Awaitable[T], timeout_s: float) -> T | None:
+    """``aw``'s result, or None once ``timeout_s`` passed or it failed (logged).
+
+    Unlike :func:`asyncio.wait_for`, a timeout never waits for the cancelled operation to
+    unwind: a shutdown step stuck in a driver's clean-up cannot hold the process past its grace.
+    """
+    task = asyncio.ensure_future(aw)
+    done, _pending = await asyncio.wait([task], timeout=timeout_s)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume)
+        log.warning("process.step_timed_out", extra={"step": what, "timeoutS": timeout_s})
+        return None
+    exc = task.exception()
+    if exc is not None:
+        log.warning("process.step_failed", extra={"step": what, "error": repr(exc)})
+        return None
+    return task.result()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
 
 
 async def cancel_tasks(tasks: list[asyncio.Task[Any]], grace_s: float = 5.0) -> None:

@@ -35,6 +35,7 @@ from conveyor.runtime import (
     Heartbeat,
     MetricsPublisher,
     Supervisor,
+    bounded,
     freeze_startup_heap,
     heartbeat_loop,
     run_loop,
@@ -126,9 +127,9 @@ class TimerDispatcher:
                     await self._stage(fresh)
                 except StoreError as exc:
                     log.warning("timers.claim_failed", extra={"error": repr(exc)})
-                    await asyncio.sleep(_RETRY_S)
+                    await self.supervisor.pause(_RETRY_S)
             if got < limit:  # a full batch means a backlog: claim again at once
-                await asyncio.sleep(poll)
+                await self.supervisor.pause(poll)
 
     async def _stage(self, timers: list[Timer]) -> None:
         """Put soon-due timers on the queue ahead of time as delayed jobs (``timer:<id>``).
@@ -180,12 +181,19 @@ class TimerDispatcher:
 
     async def mark_loop(self) -> None:
         """Mark fired timers in batches (off the firing path)."""
-        while not self.supervisor.stopping:
-            await self._marked.wait()
-            await asyncio.sleep(_MARK_BATCH_S)
+        sup = self.supervisor
+        while not sup.stopping:
+            marked = asyncio.ensure_future(self._marked.wait())
+            stop = asyncio.ensure_future(sup.stop_event.wait())
+            await asyncio.wait([marked, stop], return_when=asyncio.FIRST_COMPLETED)
+            marked.cancel()
+            stop.cancel()
+            if sup.stopping:
+                return  # the drain flushes what is left, outside any cancelled transaction
+            await sup.pause(_MARK_BATCH_S)
             self._marked.clear()
             if not await self.flush_marks():
-                await asyncio.sleep(_RETRY_S)
+                await sup.pause(_RETRY_S)
                 self._marked.set()
 
     async def flush_marks(self) -> bool:
@@ -249,23 +257,27 @@ class TimerDispatcher:
         return 0
 
     async def drain(self) -> None:
-        """Stop firing, record what fired, hand the rest back, leave the registry."""
-        await self.supervisor.cancel_all(5.0)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.flush_marks(), timeout=3.0)
-        held = self.wheel.held_ids()
-        released = 0
-        with contextlib.suppress(Exception):
-            released = await asyncio.wait_for(
-                self.store.timers.release(held, owner=self.owner), timeout=3.0
-            )
-        if self.election is not None:
+        """Stop firing, hand the lead over, record what fired, give the rest back, leave the
+        registry. Claim and mark end between transactions (never cancelled inside one), and
+        every later step is bounded, so the whole drain stays within a few seconds."""
+        sup = self.supervisor
+        await sup.finish(["claim", "mark"], 2.0)
+        await sup.cancel_all(2.0)
+        if self.election is not None:  # the standby may start at once: claims stay fenced
             await self.election.release()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.heartbeat.remove(), timeout=2.0)
+        await bounded("flush marks", self.flush_marks(), 2.0)
+        held = self.wheel.held_ids()
+        released = await bounded(
+            "release claims", self.store.timers.release(held, owner=self.owner), 2.0
+        )
+        await bounded("leave registry", self.heartbeat.remove(), 1.0)
         log.info(
             "timers.stopped",
-            extra={"fired": self.wheel.fired, "released": released, "failed": self.wheel.failed},
+            extra={
+                "fired": self.wheel.fired,
+                "released": released or 0,
+                "failed": self.wheel.failed,
+            },
         )
 
 
