@@ -329,12 +329,14 @@ def analyse(size: int, minutes: int, per_second: set[str], ids: list[str], bound
     duplicated = sum(n - 1 for n in seen.values() if n > 1)
     unexpected = sum(n for k, n in seen.items() if k not in expected)
     late, start_late, late_min, unread = [], [], [], 0
+    late_at: dict[int, list[float]] = {b: [] for b in boundaries}  # minute ticks per boundary
     for r in window:
         instant = r.scheduled_for.timestamp()
         if r.id in reader.jobs:
             late.append(reader.jobs[r.id] - instant)
             if r.schedule_id not in per_second:
                 late_min.append(reader.jobs[r.id] - instant)
+                late_at.setdefault(round(instant), []).append(reader.jobs[r.id] - instant)
         else:
             unread += 1
         if r.started_at is not None:
@@ -357,6 +359,9 @@ def analyse(size: int, minutes: int, per_second: set[str], ids: list[str], bound
         "min_late_s": _r(min(late) if late else None),
         "minute_ticks_p99_late_s": _r(percentile(late_min, 99)),
         "minute_ticks_max_late_s": _r(max(late_min) if late_min else None),
+        "minute_ticks_max_late_s_per_boundary": [
+            _r(max(v, default=None)) for v in late_at.values()
+        ],
         "jobs_unread": unread,
         "p50_start_late_s": _r(percentile(start_late, 50)),
         "p99_start_late_s": _r(percentile(start_late, 99)),

@@ -34,14 +34,13 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import String, column, func, select, update
-from sqlalchemy import values as sql_values
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.cron import next_fire, parse_cron
 from conveyor.errors import CronInvalid, NotFound, ScheduleInvalid
 from conveyor.store._base import ServiceBase, decode_cursor, encode_cursor, page_limit
-from conveyor.store._types import UTCDateTime, check_storable, new_id, utcnow
+from conveyor.store._types import check_storable, new_id, utcnow
 from conveyor.store.records import Execution, FiredTick, Page, Schedule, ScheduleTick
 from conveyor.store.schema import executions, schedule_ticks, schedules, workflows
 from conveyor.store.triggers import insert_values, new_execution
@@ -103,6 +102,36 @@ class PlannedTicks:
 
 
 _TICK_CHUNK = 500
+
+# Postgres: the batch statements of materialise take one array per column (``unnest``), so
+# their text is the same whatever the batch size — compiled and prepared once, not per batch
+# (rendering a 500-row VALUES list cost more CPU than the database spent running it).
+_ADVANCE_MANY = text("""
+UPDATE schedules AS s
+   SET next_fire_at = p.next_at,
+       last_fired_at = coalesce(p.fired, s.last_fired_at),
+       updated_at = :now
+  FROM unnest(CAST(:sid AS text[]), CAST(:seen AS timestamptz[]), CAST(:cron AS text[]),
+              CAST(:tz AS text[]), CAST(:next_at AS timestamptz[]), CAST(:fired AS timestamptz[]))
+       AS p(sid, seen, cron, tz, next_at, fired)
+ WHERE s.id = p.sid AND s.next_fire_at = p.seen AND s.cron = p.cron AND s.timezone = p.tz
+   AND s.enabled
+RETURNING s.id
+""")
+_ADVANCE_COLUMNS = ("sid", "seen", "cron", "tz", "next_at", "fired")
+_TICK_COLUMNS = ("schedule_id", "fire_time", "tenant_id", "created_at", "execution_id", "outcome")
+_INSERT_TICKS = text("""
+INSERT INTO schedule_ticks AS t (schedule_id, fire_time, tenant_id, created_at, execution_id,
+                                 outcome)
+SELECT * FROM unnest(CAST(:schedule_id AS text[]), CAST(:fire_time AS timestamptz[]),
+                     CAST(:tenant_id AS text[]), CAST(:created_at AS timestamptz[]),
+                     CAST(:execution_id AS text[]), CAST(:outcome AS text[]))
+ON CONFLICT (schedule_id, fire_time) DO UPDATE
+   SET execution_id = excluded.execution_id, outcome = excluded.outcome,
+       created_at = excluded.created_at
+ WHERE t.outcome = 'cancelled'
+RETURNING schedule_id, fire_time
+""")
 """Most rows per multi-row INSERT (SQLite allows 32766 bound values per statement)."""
 
 
@@ -360,7 +389,7 @@ class ScheduleService(ServiceBase):
         """Record the planned ticks of many schedules and advance them, in one transaction
         and a handful of statements whatever the number of ticks.
 
-        1. One ``UPDATE schedules … FROM (VALUES …)`` moves every schedule to its new
+        1. One ``UPDATE schedules … FROM unnest(…)`` moves every schedule to its new
            ``next_fire_at`` **only if** its ``next_fire_at``, ``cron``, ``timezone`` are still
            those the scheduler planned from and it is enabled (compare-and-set; it also locks
            the rows, so an API edit committing meanwhile either waits for this transaction —
@@ -423,36 +452,19 @@ class ScheduleService(ServiceBase):
     ) -> builtins.set[str]:
         """Compare-and-set every planned schedule to its next fire time; ids of those moved.
 
-        Postgres: one ``UPDATE … FROM (VALUES …)``. SQLite (in-process, one writer; no
+        Postgres: one ``UPDATE … FROM unnest(<one array per column>)``. SQLite (in-process, one writer; no
         column aliases on ``VALUES``): one ``UPDATE`` per schedule in this transaction."""
         if self._dialect != "postgresql":
             return await self._advance_each(conn, plans, now)
-        data = [
-            (p.schedule.id, p.schedule.next_fire_at, p.schedule.cron, p.schedule.timezone,
-             p.next_fire_at, max((at for at, o in p.ticks if o == "fired"), default=None))
-            for p in plans
-        ]  # fmt: skip
-        planned = sql_values(
-            column("sid", String), column("seen", UTCDateTime()), column("cron", String),
-            column("tz", String), column("next_at", UTCDateTime()),
-            column("fired", UTCDateTime()), name="planned",
-        ).data(data)  # fmt: skip
-        result = await conn.execute(
-            update(schedules)
-            .where(
-                schedules.c.id == planned.c.sid,
-                schedules.c.next_fire_at == planned.c.seen,
-                schedules.c.cron == planned.c.cron,
-                schedules.c.timezone == planned.c.tz,
-                schedules.c.enabled.is_(True),
-            )
-            .values(
-                next_fire_at=planned.c.next_at,
-                last_fired_at=func.coalesce(planned.c.fired, schedules.c.last_fired_at),
-                updated_at=now,
-            )
-            .returning(schedules.c.id)
-        )
+        columns: tuple[builtins.list[Any], ...] = ([], [], [], [], [], [])
+        for p in plans:
+            fired = max((at for at, o in p.ticks if o == "fired"), default=None)
+            row = (p.schedule.id, p.schedule.next_fire_at, p.schedule.cron, p.schedule.timezone,
+                   p.next_fire_at, fired)  # fmt: skip
+            for values, value in zip(columns, row, strict=True):
+                values.append(value)
+        params: dict[str, Any] = dict(zip(_ADVANCE_COLUMNS, columns, strict=True))
+        result = await conn.execute(_ADVANCE_MANY, {**params, "now": now})
         return {row.id for row in result}
 
     @staticmethod
@@ -517,6 +529,10 @@ class ScheduleService(ServiceBase):
         self, conn: AsyncConnection, rows: builtins.list[dict[str, Any]]
     ) -> builtins.list[tuple[str, datetime]]:
         """One multi-row INSERT; the ``(schedule_id, fire_time)`` it wrote."""
+        if self._dialect == "postgresql":
+            params = {name: [r[name] for r in rows] for name in _TICK_COLUMNS}
+            result = await conn.execute(_INSERT_TICKS, params)
+            return [(r.schedule_id, r.fire_time) for r in result]
         stmt = self._insert(schedule_ticks).values(rows)
         stmt = stmt.on_conflict_do_update(
             index_elements=["schedule_id", "fire_time"],

@@ -95,6 +95,13 @@ def _spec(cron: str, timezone: str) -> CronSpec:
     return parse_cron(cron, timezone)
 
 
+@functools.lru_cache(maxsize=4096)
+def _next(cron: str, timezone: str, after: datetime) -> datetime:
+    """The fire time after ``after``: thousands of schedules share an expression (every minute)
+    and, at a boundary, the same instant — one evaluation serves them all."""
+    return next_fire(_spec(cron, timezone), after)
+
+
 def _iso(at: datetime | None) -> str | None:
     return None if at is None else at.isoformat(timespec="milliseconds")
 
@@ -198,22 +205,30 @@ class Scheduler:
         transaction), enqueue them as delayed jobs due at their instants. Returns ticks
         recorded with an execution."""
         fired = 0
-        for _ in range(_MAX_ROUNDS):
-            if not self.election.is_leader or self.supervisor.stopping:
-                break
-            now = datetime.now(UTC)
-            horizon = now + timedelta(seconds=window_s)
-            due = await self.store.schedules.due(horizon, limit=_BATCH)
-            plans = [p for s in due if (p := await self._plan(s, now, horizon)) is not None]
-            ticks, moved = await self.store.schedules.materialise(plans)
-            if not self.election.is_leader:
-                break  # recorded: whoever leads now re-stages them (restage)
-            await self._stage([(t.fire_time, t.execution) for t in ticks if t.execution])
-            fired += sum(1 for t in ticks if t.execution is not None)
-            for t in ticks:
-                self._observe(t.fire_time, now)
-            if len(due) < _BATCH or not moved:
-                break
+        staging: asyncio.Task[None] | None = None  # one batch enqueued while the next is recorded
+        try:
+            for _ in range(_MAX_ROUNDS):
+                if not self.election.is_leader or self.supervisor.stopping:
+                    break
+                now = datetime.now(UTC)
+                horizon = now + timedelta(seconds=window_s)
+                due = await self.store.schedules.due(horizon, limit=_BATCH)
+                plans = [p for s in due if (p := await self._plan(s, now, horizon)) is not None]
+                ticks, moved = await self.store.schedules.materialise(plans)
+                if not self.election.is_leader:
+                    break  # recorded: whoever leads now re-stages them (restage)
+                if staging is not None:
+                    await staging
+                items = [(t.fire_time, t.execution) for t in ticks if t.execution]
+                staging = asyncio.create_task(self._stage(items), name="scheduler.stage")
+                fired += len(items)
+                for t in ticks:
+                    self._observe(t.fire_time, now)
+                if len(due) < _BATCH or not moved:
+                    break
+        finally:
+            if staging is not None:
+                await staging
         return fired
 
     def _policy(self, schedule: Schedule) -> MisfirePolicy:
@@ -231,7 +246,7 @@ class Scheduler:
         try:
             spec = _spec(schedule.cron, schedule.timezone)
             if schedule.next_fire_at > now:  # the common case: not due yet, nothing missed
-                return self._plan_ahead(schedule, spec, horizon)
+                return self._plan_ahead(schedule, horizon)
             plan = plan_ticks(spec, cursor, now, policy=policy, grace=self.grace)
             ticks: list[tuple[datetime, str]] = []
             if plan.misfired:
@@ -253,15 +268,15 @@ class Scheduler:
         return PlannedTicks(schedule=schedule, ticks=ticks, next_fire_at=next_at)
 
     @staticmethod
-    def _plan_ahead(schedule: Schedule, spec: CronSpec, horizon: datetime) -> PlannedTicks:
+    def _plan_ahead(schedule: Schedule, horizon: datetime) -> PlannedTicks:
         """Ticks of a schedule not due yet: its ``next_fire_at`` (a fire time by construction)
-        and the following ones up to ``horizon`` — one cron evaluation per tick, plus one."""
+        and the following ones up to ``horizon`` — cron evaluations cached per (expression, zone, instant)."""
         assert schedule.next_fire_at is not None
         ticks: list[tuple[datetime, str]] = []
         at = schedule.next_fire_at
         while at <= horizon and len(ticks) < _MAX_AHEAD:
             ticks.append((at, "fired"))
-            at = next_fire(spec, at)
+            at = _next(schedule.cron, schedule.timezone, at)
         return PlannedTicks(schedule=schedule, ticks=ticks, next_fire_at=at)
 
     def _misfire(
