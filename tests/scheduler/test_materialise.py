@@ -160,6 +160,45 @@ async def test_the_reconciler_stages_a_lost_tick_job_with_its_delay(
         )
 
 
+async def test_the_reconciler_leaves_what_a_worker_finished_between_its_two_looks(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass reads the stranded rows, then their jobs: a worker that ran an execution in
+    between (its job completed, then trimmed) must not have it enqueued again — only what is
+    still stranded after its job was seen gone is."""
+    from conveyor.store.schema import executions
+
+    _tenant, sid = await seed_schedule(env, "* * * * * *")
+    settings = settings_for(env)
+    async with leading(settings) as scheduler:
+        await scheduler.fire_due(3.0)
+        recorded = await ticks_of(env, sid)
+        finished, lost = recorded[0][2], recorded[1][2]
+        queue = scheduler.dispatcher.queue("us")
+        for execution_id in (finished, lost):  # both jobs gone (as after removeOnComplete)
+            await queue.remove(execution_id)
+        reconciler = Reconciler(scheduler.store, scheduler.queues, scheduler.dispatcher, settings)
+        look = reconciler._job_gone
+
+        async def worker_finishes_meanwhile(execution: Any) -> tuple[bool, str | None]:
+            if execution.id == finished:  # the worker commits its result right now
+                async with scheduler.store.engine.begin() as conn:
+                    await conn.execute(
+                        update(executions)
+                        .where(executions.c.id == finished)
+                        .values(status="succeeded", finished_at=datetime.now(UTC))
+                    )
+            return await look(execution)
+
+        monkeypatch.setattr(reconciler, "_job_gone", worker_finishes_meanwhile)
+        later = datetime.now(UTC) + timedelta(seconds=settings.reconcile_min_age_ms / 1000 + 1)
+        recovered = await reconciler.run_once(later)
+        assert lost in recovered
+        assert finished not in recovered
+        assert await queue.get_job_state(finished) is None  # not run a second time
+        assert await queue.get_job_state(lost) is not None  # enqueued again
+
+
 async def test_a_schedule_disabled_or_deleted_inside_the_window_does_not_fire(
     env: dict[str, str],
 ) -> None:

@@ -188,11 +188,17 @@ class ExecutionService(ServiceBase):
     # --- for the reconciler and the dispatchers (not tenant-scoped: system processes) --------
 
     async def stranded(
-        self, now: datetime, *, min_age_s: float = 5.0, limit: int = 500
+        self,
+        now: datetime,
+        *,
+        min_age_s: float = 5.0,
+        limit: int = 500,
+        ids: Sequence[str] | None = None,
     ) -> builtins.list[Execution]:
         """Executions that should be on the queue but may not be: ``queued`` whose last
         enqueue (or creation) is older than ``min_age_s``, ``running`` whose lease expired,
-        ``waiting`` whose wake time passed ``min_age_s`` ago. Oldest first."""
+        ``waiting`` whose wake time passed ``min_age_s`` ago. Oldest first. ``ids``: only
+        among these (the reconciler's second look, after it read the jobs' states)."""
         cutoff = now - timedelta(seconds=min_age_s)
         last_enqueue = executions.c.enqueued_at
         condition = or_(
@@ -218,6 +224,8 @@ class ExecutionService(ServiceBase):
             .order_by(executions.c.queued_at)
             .limit(limit)
         )
+        if ids is not None:
+            query = query.where(executions.c.id.in_(builtins.list(ids)))
         async with self._auto() as conn:
             rows = (await conn.execute(query)).all()
         return [Execution.from_mapping(r._mapping) for r in rows]

@@ -6,11 +6,13 @@ Runs inside the leading scheduler (one active instance cluster-wide), every
 ``RECONCILE_MIN_AGE_MS``, ``running`` with an expired lease, ``waiting`` whose wake time passed.
 For each, it looks for a live job in Redis — the execution's own job (job id = execution id)
 and, for waiting/running ones, the job of its latest timer (``timer:<id>``). If none is
-waiting, delayed or active, it enqueues the execution again through the
-:class:`~conveyor.dispatch.ExecutionDispatcher` with job id = execution id (a finished job
-under that id is removed first, since BullMQ ignores an add whose id exists). The engine's
-lease fencing makes a redundant run harmless. Checked executions get ``enqueued_at = now`` so
-they are looked at again only after the minimum age.
+waiting, delayed or active, it reads the execution again: a worker may have run it between
+the first read and the look at its job (its job then *completed*, and the row is no longer
+stranded) — only what is still stranded after its job was seen gone or finished is enqueued
+again, through the :class:`~conveyor.dispatch.ExecutionDispatcher` with job id = execution id
+(a finished job under that id is removed first, since BullMQ ignores an add whose id exists).
+The engine's lease fencing makes a redundant run harmless anyway. Checked executions get
+``enqueued_at = now`` so they are looked at again only after the minimum age.
 
 A cron tick's execution materialised ahead (``scheduled_for`` still in the future) whose job is
 missing — the scheduler died between recording and enqueueing it — is enqueued as a delayed
@@ -77,12 +79,24 @@ class Reconciler:
             return []
         gate = asyncio.Semaphore(_CONCURRENCY)
 
-        async def check(execution: Execution) -> bool:
+        async def check(execution: Execution) -> tuple[bool, str | None]:
             async with gate:
-                return await self._recover(execution)
+                return await self._job_gone(execution)
 
-        results = await asyncio.gather(*(check(e) for e in stranded))
-        recovered = [e.id for e, done in zip(stranded, results, strict=True) if done]
+        looks = await asyncio.gather(*(check(e) for e in stranded))
+        gone = {e.id: state for e, (is_gone, state) in zip(stranded, looks, strict=True) if is_gone}
+        recovered: list[str] = []
+        if gone:  # the second look: the job was read after the row, so this row is the truth
+            still = await self.store.executions.stranded(
+                now, min_age_s=self.min_age_s, limit=len(gone), ids=list(gone)
+            )
+
+            async def recover(execution: Execution) -> None:
+                async with gate:
+                    await self._recover(execution, gone[execution.id])
+
+            await asyncio.gather(*(recover(e) for e in still))
+            recovered = [e.id for e in still]
         await self.store.executions.mark_enqueued([e.id for e in stranded], now)
         if recovered:
             self.recovered += len(recovered)
@@ -100,7 +114,8 @@ class Reconciler:
                 ids.append(timers[-1].job_id)
         return ids
 
-    async def _recover(self, execution: Execution) -> bool:
+    async def _job_gone(self, execution: Execution) -> tuple[bool, str | None]:
+        """(no live job will run it, the state of its own job)."""
         queue = self._queue(execution.region)
         own_state: str | None = None
         for job_id in await self._job_ids(execution):
@@ -108,7 +123,11 @@ class Reconciler:
             if job_id == execution.id:
                 own_state = state
             if state is not None and state not in FINISHED_STATES:
-                return False  # a live job will run it
+                return False, state  # a live job will run it
+        return True, own_state
+
+    async def _recover(self, execution: Execution, own_state: str | None) -> None:
+        queue = self._queue(execution.region)
         if own_state in FINISHED_STATES:
             await queue.remove(execution.id)
         await self.dispatcher.enqueue(
@@ -118,7 +137,6 @@ class Reconciler:
             "reconcile.enqueued",
             extra={"executionId": execution.id, "status": execution.status, "job": own_state},
         )
-        return True
 
 
 def delay_until(execution: Execution) -> int:

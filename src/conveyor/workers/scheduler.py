@@ -88,6 +88,8 @@ _MISSED_RECORD_MAX = 1000
 STAGE_MARGIN_MS = 2
 """Added to every delay: BullMQ rounds to milliseconds; a job must never run early."""
 _ENQUEUE_CHUNK = 500
+_SLOW_PASS_S = 2.0
+"""A pass longer than this is logged (``scheduler.slow_pass``): the window may be too short."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -205,6 +207,7 @@ class Scheduler:
         transaction), enqueue them as delayed jobs due at their instants. Returns ticks
         recorded with an execution."""
         fired = 0
+        started = time.monotonic()
         staging: asyncio.Task[None] | None = None  # one batch enqueued while the next is recorded
         try:
             for _ in range(_MAX_ROUNDS):
@@ -229,6 +232,10 @@ class Scheduler:
         finally:
             if staging is not None:
                 await staging
+        took = time.monotonic() - started
+        if took > _SLOW_PASS_S:
+            log.warning("scheduler.slow_pass", extra={"ticks": fired, "seconds": round(took, 3),
+                                                      "windowS": window_s})  # fmt: skip
         return fired
 
     def _policy(self, schedule: Schedule) -> MisfirePolicy:
