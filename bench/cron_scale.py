@@ -12,7 +12,8 @@ scheduler does inside (fire at the instant, or materialise delayed jobs ahead):
 
 * **runnable lateness** per tick = the moment its BullMQ job became runnable - the tick
   instant (``scheduled_for``). From the job hash: ``timestamp`` (ms, added) + the delay it was
-  added with (``delay``, or ``opts.delay`` once BullMQ promoted it and zeroed ``delay``). Jobs
+  added with (``opts.delay``; the ``delay`` field is rewritten when a worker parks the job behind
+  the tenant's concurrency cap, and zeroed when BullMQ promotes it). Jobs
   are kept only for the last 1,000 completions, so a poller reads the hashes of newly
   completed jobs while the run goes on, and the rest afterwards.
 * **start lateness** = ``executions.started_at`` - ``scheduled_for`` (includes the worker's
@@ -125,7 +126,7 @@ class Procs:
 
 
 class JobReader:
-    """Reads ``timestamp``/``delay``/``opts``/``processedOn`` of each job before BullMQ trims
+    """Reads ``timestamp``/``opts``/``processedOn`` of each job before BullMQ trims
     it from ``completed`` (kept: the last 1,000)."""
 
     def __init__(self, client: aioredis.Redis, base: str) -> None:
@@ -133,6 +134,7 @@ class JobReader:
         self.base = base  # "{prefix}:{queue}"
         self.jobs: dict[str, float] = {}  # job id -> runnable epoch s
         self.processed: dict[str, float] = {}
+        self.added: dict[str, float] = {}  # job id -> epoch s it was added
 
     async def read(self, ids: list[str]) -> None:
         todo = [i for i in ids if i not in self.jobs]
@@ -140,15 +142,17 @@ class JobReader:
             chunk = todo[k : k + 1000]
             pipe = self.client.pipeline(transaction=False)
             for job_id in chunk:
-                pipe.hmget(f"{self.base}:{job_id}", "timestamp", "delay", "opts", "processedOn")
-            for job_id, (ts, delay, opts, processed) in zip(chunk, await pipe.execute(),
+                pipe.hmget(f"{self.base}:{job_id}", "timestamp", "opts", "processedOn")
+            for job_id, (ts, opts, processed) in zip(chunk, await pipe.execute(),
                                                            strict=True):  # fmt: skip
                 if ts is None:
                     continue
-                added_delay = float(delay or 0)
-                if not added_delay and opts:
-                    added_delay = float(json.loads(opts).get("delay") or 0)
+                # The delay it was *added* with (opts): the hash's ``delay`` field is rewritten
+                # when a worker parks the job behind the tenant's concurrency cap (it had been
+                # runnable already) and zeroed when BullMQ promotes it.
+                added_delay = float(json.loads(opts).get("delay") or 0) if opts else 0.0
                 self.jobs[job_id] = (float(ts) + added_delay) / 1000
+                self.added[job_id] = float(ts) / 1000
                 if processed:
                     self.processed[job_id] = float(processed) / 1000
 
@@ -311,7 +315,10 @@ async def run_size(admin: asyncpg.Connection, size: int, minutes: int, every_sec
             await client.delete(*keys[k : k + 500])
         await client.aclose()
         await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-    shutil.rmtree(logdir, ignore_errors=True)  # kept (for reading) only when the run failed
+    if os.environ.get("BENCH_KEEP_LOGS"):
+        print(f"  logs kept in {logdir}", flush=True)
+    else:
+        shutil.rmtree(logdir, ignore_errors=True)  # kept (for reading) only when the run failed
     return analyse(size, minutes, per_second, _ids, boundaries, window, reader, cpu, x1 - x0,
                    misfires, seed_s, killed_at)  # fmt: skip
 
@@ -342,6 +349,8 @@ def analyse(size: int, minutes: int, per_second: set[str], ids: list[str], bound
         if r.started_at is not None:
             start_late.append(r.started_at.timestamp() - instant)
     ticks = len(window) or 1
+    worst = sorted((r for r in window if r.id in reader.jobs),
+                   key=lambda r: reader.jobs[r.id] - r.scheduled_for.timestamp())[-5:]  # fmt: skip
     boundary_missing = Counter(t for _s, t in missing if t in boundaries)
     out: dict[str, Any] = {
         "size": size,
@@ -362,6 +371,7 @@ def analyse(size: int, minutes: int, per_second: set[str], ids: list[str], bound
         "minute_ticks_max_late_s_per_boundary": [
             _r(max(v, default=None)) for v in late_at.values()
         ],
+        "worst_late": [_worst(r, reader, per_second) for r in worst],
         "jobs_unread": unread,
         "p50_start_late_s": _r(percentile(start_late, 50)),
         "p99_start_late_s": _r(percentile(start_late, 99)),
@@ -378,6 +388,16 @@ def analyse(size: int, minutes: int, per_second: set[str], ids: list[str], bound
         out["duplicated_at_kill_boundary"] = sum(
             n - 1 for (_s, t), n in seen.items() if n > 1 and t == first)  # fmt: skip
     return out
+
+
+def _worst(r: Any, reader: JobReader, per_second: set[str]) -> dict[str, Any]:
+    instant = r.scheduled_for.timestamp()
+    return {
+        "instant": r.scheduled_for.strftime("%H:%M:%S"),
+        "per_second": r.schedule_id in per_second,
+        "added_after_s": _r(reader.added[r.id] - instant),
+        "runnable_after_s": _r(reader.jobs[r.id] - instant),
+    }
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
