@@ -45,14 +45,10 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +56,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from _procs import Procs, pg_leader_pid
 from conveyor.cron import next_fire, parse_cron
 from conveyor.settings import Settings, load_settings
 
@@ -87,42 +84,6 @@ def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
-
-
-@dataclass
-class Procs:
-    """The processes of one run; every one is stopped (then killed) at the end."""
-
-    env: dict[str, str]
-    logdir: Path
-    procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self, module: str, **extra: str) -> int:
-        log = open(self.logdir / f"{module.rsplit('.', 1)[-1]}-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module], env={**self.env, **extra}, stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.procs[proc.pid] = proc
-        return proc.pid
-
-    def alive(self, pid: int) -> bool:
-        return self.procs[pid].poll() is None
-
-    def kill(self, pid: int) -> None:
-        self.procs[pid].send_signal(signal.SIGKILL)
-        self.procs[pid].wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
 
 
 class JobReader:
@@ -198,16 +159,6 @@ async def seed(settings: Settings, size: int, every_second: int) -> tuple[str, l
     return region, [r["id"] for r in rows], per_second
 
 
-async def leader_pid(admin: asyncpg.Connection, db: str) -> int | None:
-    holder = await admin.fetchval(
-        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND a.datname = $1"
-        " AND a.application_name LIKE 'conveyor:scheduler:%' LIMIT 1",
-        db,
-    )
-    return int(holder.rsplit("-", 2)[-2]) if holder else None
-
-
 async def xacts(admin: asyncpg.Connection, db: str) -> int:
     await admin.execute("SELECT pg_stat_clear_snapshot()")
     return int(await admin.fetchval(
@@ -225,7 +176,7 @@ async def sleep_until(epoch: float) -> None:
 async def wait_ready(client: aioredis.Redis, prefix: str, n: int, procs: Procs) -> None:
     deadline = time.monotonic() + 60
     while await client.zcard(f"{prefix}:conveyor:processes") < n:
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs.procs.values()):
+        if time.monotonic() > deadline or procs.any_exited():
             raise RuntimeError(f"processes did not start; logs in {procs.logdir}")
         await asyncio.sleep(0.1)
 
@@ -274,7 +225,7 @@ async def run_size(admin: asyncpg.Connection, size: int, minutes: int, every_sec
         await sleep_until(first - 2)
         leader = schedulers[0]
         if kill:
-            leader = await leader_pid(admin, db) or schedulers[0]
+            leader = await pg_leader_pid(admin, db) or schedulers[0]
         cpu0 = {pid: cpu_s(pid) for pid in schedulers}
         x0 = await xacts(admin, db)
         killed_at = None

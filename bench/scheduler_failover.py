@@ -1,9 +1,12 @@
-"""Scheduler failover: time from SIGKILL of the leading scheduler to the next tick it would have
-fired, now fired by the new leader; and whether any tick was lost or fired twice.
+"""Scheduler failover: time from SIGKILL of the leading scheduler to the first tick recorded by
+the new leader; and whether any tick was lost or fired twice.
 
 Two ``conveyor scheduler`` processes (default settings) run a per-second schedule against a
 fresh Postgres database. Each round SIGKILLs the current leader at a random instant, records
-when the first tick due after the kill was written, then starts a replacement standby. Both
+when the first tick row was written after the kill (the ticks of the look-ahead window,
+``SCHEDULER_LOOKAHEAD_MS``, were recorded and staged by the old leader: they run on time
+whatever the failover takes, as long as it is shorter than the window), then starts a
+replacement standby. Both
 lock strategies run in the same invocation: the Postgres session advisory lock (the preferred
 strategy on Postgres, released by the server when the session dies) and, as the baseline, the
 Redis lock (``SCHEDULER_LOCK_STRATEGY=redis``: a SIGKILLed owner's key must expire first,
@@ -23,9 +26,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -37,67 +37,32 @@ import asyncpg
 import redis.asyncio as aioredis
 from sqlalchemy import func, select
 
+from _procs import Procs, holder_pid, pg_leader_pid
 from conveyor.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SECOND = timedelta(seconds=1)
+SCHEDULER = "conveyor.workers.scheduler"
 
 
-class Schedulers:
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env = env
-        self.logdir = logdir
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-
-    def start(self) -> int:
-        log = open(self.logdir / f"scheduler-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "conveyor.workers.scheduler"], env=self.env, stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.procs[proc.pid] = proc
-        return proc.pid
-
-    def kill(self, pid: int) -> None:
-        self.procs[pid].send_signal(signal.SIGKILL)
-        self.procs[pid].wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-async def holder_pid(settings: Settings, admin: asyncpg.Connection, db: str) -> int | None:
-    """The pid in the lock holder's id (``scheduler-<host>-<pid>-<rand>``)."""
-    if settings.scheduler_lock_strategy == "redis":
-        client = aioredis.Redis(host=settings.queue_redis_host, port=settings.queue_redis_port)
-        try:
-            value = await client.get(f"{settings.queue_prefix}:conveyor:scheduler:leader")
-        finally:
-            await client.aclose()
-        holder = value.decode() if value else None
-    else:
-        holder = await admin.fetchval(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.granted AND a.datname = $1"
-            " AND a.application_name LIKE 'conveyor:scheduler:%' LIMIT 1",
-            db,
-        )
-    return int(holder.rsplit("-", 2)[-2]) if holder else None
+async def leader_pid(settings: Settings, admin: asyncpg.Connection, db: str) -> int | None:
+    """The pid of the lock holder (``scheduler-<host>-<pid>-<rand>``), either strategy."""
+    if settings.scheduler_lock_strategy != "redis":
+        return await pg_leader_pid(admin, db)
+    client = aioredis.Redis(host=settings.queue_redis_host, port=settings.queue_redis_port)
+    try:
+        value = await client.get(f"{settings.queue_prefix}:conveyor:scheduler:leader")
+    finally:
+        await client.aclose()
+    return holder_pid(value.decode() if value else None)
 
 
 async def wait_holder(settings: Settings, admin: asyncpg.Connection, db: str,
                       not_pid: int | None = None) -> tuple[int, float]:  # fmt: skip
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        pid = await holder_pid(settings, admin, db)
+        pid = await leader_pid(settings, admin, db)
         if pid is not None and pid != not_pid:
             return pid, time.time()
         await asyncio.sleep(0.02)
@@ -131,7 +96,7 @@ async def scenario(strategy: str, rounds: int, admin: asyncpg.Connection) -> dic
                PYTHONPATH=str(ROOT / "src"))  # fmt: skip
     settings = load_settings(env)
     logdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
-    group = Schedulers(env, logdir)
+    group = Procs(env, logdir)
     rng = random.Random(strategy)
     failovers: list[float] = []
     try:
@@ -141,8 +106,8 @@ async def scenario(strategy: str, rounds: int, admin: asyncpg.Connection) -> dic
             wf = await store.workflows.create(tenant.id, {"name": "t", "steps": [
                 {"id": "n", "type": "noop"}]})  # fmt: skip
             await store.schedules.create(tenant.id, wf.id, "* * * * * *")
-        group.start()
-        group.start()
+        group.start(SCHEDULER)
+        group.start(SCHEDULER)
         leader, _at = await wait_holder(settings, admin, db)
         for _ in range(rounds):
             await asyncio.sleep(2.0 + rng.random())
@@ -150,12 +115,12 @@ async def scenario(strategy: str, rounds: int, admin: asyncpg.Connection) -> dic
             group.kill(leader)
             leader, _took = await wait_holder(settings, admin, db, not_pid=leader)
             recorded, _runs = await ticks(settings)
-            while not any(f.timestamp() > killed_at for f, _c in recorded):
+            while not any(c.timestamp() > killed_at for _f, c in recorded):
                 await asyncio.sleep(0.05)
                 recorded, _runs = await ticks(settings)
-            first = min(c.timestamp() for f, c in recorded if f.timestamp() > killed_at)
+            first = min(c.timestamp() for _f, c in recorded if c.timestamp() > killed_at)
             failovers.append(first - killed_at)
-            group.start()  # a new standby for the next round
+            group.start(SCHEDULER)  # a new standby for the next round
         await asyncio.sleep(2.0)
     finally:
         group.stop_all()
