@@ -72,6 +72,7 @@ def test_values_are_parsed() -> None:
         ("LOG_FORMAT", "xml"),
         ("API_PORT", "-5"),
         ("HTTP_ALLOWLIST", "10.0.0.0/99"),
+        ("SCHEDULER_LOOKAHEAD_MAX_MS", "50"),
     ],
 )
 def test_malformed_value_names_the_variable(name: str, value: str) -> None:
@@ -166,3 +167,19 @@ def test_cli_exits_2_on_a_malformed_allowlist_entry() -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "HTTP_ALLOWLIST=" in lines[0] and "entry '127.0.0.1:99999'" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"SCHEDULER_LOOKAHEAD_MS": "400", "SCHEDULER_POLL_INTERVAL_MS": "500"},
+         "SCHEDULER_LOOKAHEAD_MS must be at least SCHEDULER_POLL_INTERVAL_MS"),
+        ({"SCHEDULER_LOOKAHEAD_MS": "20000", "SCHEDULER_LOOKAHEAD_MAX_MS": "15000"},
+         "SCHEDULER_LOOKAHEAD_MAX_MS must be at least SCHEDULER_LOOKAHEAD_MS"),
+    ],
+)  # fmt: skip
+def test_scheduler_windows_must_nest(values: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(values)
+    assert named in str(info.value)
+    assert "\n" not in str(info.value)

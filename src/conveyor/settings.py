@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     """Ticks at most this late (a failover) are all fired; older ones are a misfire."""
     scheduler_lookahead_ms: Annotated[int, Field(ge=100, le=60_000)] = 10000
     """Ticks due within this window are recorded ahead and staged as delayed jobs."""
+    scheduler_lookahead_max_ms: Annotated[int, Field(ge=100, le=600_000)] = 60000
+    """The leader looks further ahead, up to this, when the ticks coming up would take it
+    longer than ``SCHEDULER_LOOKAHEAD_MS`` to record at its measured rate (a large boundary)."""
     reconcile_interval_ms: PositiveInt = 5000
     """How often the leading scheduler re-enqueues executions whose queue job is missing."""
     reconcile_min_age_ms: NonNegativeInt = 5000
@@ -191,6 +194,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SCHEDULER_LOOKAHEAD_MS must be at least SCHEDULER_POLL_INTERVAL_MS "
                 f"({self.scheduler_lookahead_ms} < {self.scheduler_poll_interval_ms})"
+            )
+        if self.scheduler_lookahead_max_ms < self.scheduler_lookahead_ms:
+            raise ValueError(
+                "SCHEDULER_LOOKAHEAD_MAX_MS must be at least SCHEDULER_LOOKAHEAD_MS "
+                f"({self.scheduler_lookahead_max_ms} < {self.scheduler_lookahead_ms})"
             )
         return self
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -158,6 +159,28 @@ async def test_the_reconciler_stages_a_lost_tick_job_with_its_delay(
         assert future and [await queue.get_job_state(t[2]) for t in future] == ["delayed"] * len(
             future
         )
+
+
+async def test_the_window_grows_before_a_boundary_it_could_not_record_in_time(
+    env: dict[str, str],
+) -> None:
+    """``SCHEDULER_LOOKAHEAD_MS`` is the least look-ahead: when the schedules with a tick within
+    ``SCHEDULER_LOOKAHEAD_MAX_MS`` would take longer to record at the measured rate, the
+    leader starts earlier (twice that time ahead), never further than the maximum."""
+    for _ in range(20):
+        await seed_schedule(env, "* * * * *")  # a tick within the next minute, always
+    async with leading(settings_for(env)) as scheduler:
+        assert await scheduler.window() == 10.0  # 20 ticks at 1,000/s: the setting suffices
+        scheduler.rate = 1.0  # as measured on a slow machine: 20 ticks take 20 s
+        assert await scheduler.window() == 10.0  # the count is read at most once a second
+        scheduler._window_read = -math.inf
+        assert await scheduler.window() == 40.0
+        scheduler.rate, scheduler._window_read = 0.1, -math.inf
+        assert await scheduler.window() == 60.0  # SCHEDULER_LOOKAHEAD_MAX_MS
+        assert (await scheduler.info())["windowMs"] == 60000
+        assert await scheduler.fire_due(await scheduler.window()) == 20  # next minute's ticks
+        scheduler._measured(1000, 0.5)  # a pass of 1,000 ticks in 0.5 s
+        assert 0.1 < scheduler.rate < 2000
 
 
 async def test_the_reconciler_leaves_what_a_worker_finished_between_its_two_looks(

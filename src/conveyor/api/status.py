@@ -68,6 +68,8 @@ def _scheduler_section(
         "lagMs": source.get("lagMs"),
         "ticksInWindow": source.get("ticksInWindow"),
         "lookaheadMs": source.get("lookaheadMs"),
+        "windowMs": source.get("windowMs"),
+        "ticksPerSecond": source.get("ticksPerSecond"),
         "misfiresPerMinute": source.get("misfiresPerMinute"),
         "misfires": source.get("misfires"),
     }

@@ -201,7 +201,7 @@ def _scheduler_lines(data: Mapping[str, Any], now: datetime | None) -> list[str]
     if sched.get("lagMs") is not None:
         rows.append(["lag", f"{cell(sched['lagMs'])}ms"])
     if sched.get("ticksInWindow") is not None:
-        window = sched.get("lookaheadMs")
+        window = sched.get("windowMs") or sched.get("lookaheadMs")
         suffix = f" (next {cell(window)}ms)" if window is not None else ""
         rows.append(["in window", f"{cell(sched['ticksInWindow'])}{suffix}"])
     if sched.get("misfiresPerMinute") is not None:

@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.cron import next_fire, parse_cron
@@ -334,6 +334,17 @@ class ScheduleService(ServiceBase):
         async with self._auto() as conn:
             rows = (await conn.execute(query)).all()
         return [Schedule.from_mapping(r._mapping) for r in rows]
+
+    async def count_due(self, horizon: datetime) -> int:
+        """How many enabled schedules have their next tick at or before ``horizon`` (an index
+        range count: how much work is coming, for the scheduler's look-ahead)."""
+        query = (
+            select(func.count())
+            .select_from(schedules)
+            .where(schedules.c.enabled.is_(True), schedules.c.next_fire_at <= horizon)
+        )
+        async with self._auto() as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     async def next_due_at(self) -> datetime | None:
         """The earliest ``next_fire_at`` of any enabled schedule."""

@@ -89,6 +89,12 @@ STAGE_MARGIN_MS = 2
 """Added to every delay: BullMQ rounds to milliseconds; a job must never run early."""
 _ENQUEUE_CHUNK = 500
 _SLOW_PASS_S = 2.0
+_INITIAL_RATE = 1000.0
+"""Ticks per second assumed until a pass of a batch or more was measured (conservative)."""
+_RATE_ALPHA = 0.3
+_LEAD_FACTOR = 2.0
+"""Start recording upcoming ticks this many times the time recording them takes ahead."""
+_WINDOW_READ_S = 1.0
 """A pass longer than this is logged (``scheduler.slow_pass``): the window may be too short."""
 
 
@@ -151,6 +157,12 @@ class Scheduler:
         self.ticks = 0
         self.misfires = 0
         self.lookahead_s = settings.scheduler_lookahead_ms / 1000
+        self.lookahead_max_s = settings.scheduler_lookahead_max_ms / 1000
+        self.window_s = self.lookahead_s
+        """This pass's look-ahead (:meth:`window`): the setting, or longer before a burst."""
+        self.rate = _INITIAL_RATE
+        """Ticks recorded and staged per second, measured on passes of a batch or more."""
+        self._window_read = -math.inf
         self._ahead: deque[float] = deque()
         """Instants (epoch s) of the ticks staged ahead, in staging order."""
         self._misfire_times: deque[tuple[float, int]] = deque()
@@ -170,7 +182,7 @@ class Scheduler:
                 if restaged_for != self.election.leader_since:
                     await self.restage()
                     restaged_for = self.election.leader_since
-                await self.fire_due(self.lookahead_s)
+                await self.fire_due(await self.window())
             except (StoreError, QueueError, OSError) as exc:
                 log.warning("scheduler.round_failed", extra={"error": repr(exc)})
             left = round_end - time.monotonic()
@@ -201,6 +213,29 @@ class Scheduler:
             await self._stage([(e.scheduled_for, e) for e in staged if e.scheduled_for])
             log.info("scheduler.restaged", extra={"executions": len(staged)})
         return len(staged)
+
+    async def window(self) -> float:
+        """The look-ahead of this pass: ``SCHEDULER_LOOKAHEAD_MS``, or longer when recording
+        the ticks coming up (every schedule with a tick within ``SCHEDULER_LOOKAHEAD_MAX_MS``)
+        at the measured rate would take more than half the window — so a minute boundary of
+        30,000 schedules starts being recorded early enough to be staged before its instant.
+        The count is one index range scan, read at most once a second."""
+        if self.lookahead_max_s <= self.lookahead_s:
+            return self.lookahead_s
+        now = time.monotonic()
+        if now - self._window_read >= _WINDOW_READ_S:
+            self._window_read = now
+            horizon = datetime.now(UTC) + timedelta(seconds=self.lookahead_max_s)
+            upcoming = await self.store.schedules.count_due(horizon)
+            needed = _LEAD_FACTOR * upcoming / self.rate
+            self.window_s = min(self.lookahead_max_s, max(self.lookahead_s, needed))
+        return self.window_s
+
+    def _measured(self, ticks: int, seconds: float) -> None:
+        if ticks >= _BATCH and seconds > 0:
+            sample = ticks / seconds
+            self.rate = sample if self.rate == _INITIAL_RATE else (
+                _RATE_ALPHA * sample + (1 - _RATE_ALPHA) * self.rate)  # fmt: skip
 
     async def fire_due(self, window_s: float) -> int:
         """Materialise the ticks due within ``window_s`` (batches of schedules, each one
@@ -233,6 +268,7 @@ class Scheduler:
             if staging is not None:
                 await staging
         took = time.monotonic() - started
+        self._measured(fired, took)
         if took > _SLOW_PASS_S:
             log.warning("scheduler.slow_pass", extra={"ticks": fired, "seconds": round(took, 3),
                                                       "windowS": window_s})  # fmt: skip
@@ -382,6 +418,8 @@ class Scheduler:
             "misfiresPerMinute": self.misfires_per_minute(),
             "ticksInWindow": self.ticks_in_window(),
             "lookaheadMs": self.settings.scheduler_lookahead_ms,
+            "windowMs": round(self.window_s * 1000),
+            "ticksPerSecond": round(self.rate),
             "reconciled": self.reconciler.recovered,
         }
 
