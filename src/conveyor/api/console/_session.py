@@ -183,6 +183,6 @@ def safe_next(target: str | None) -> str:
     """Where to go after sign-in: a path inside the console, never another site."""
     if not target or not target.startswith("/console") or target.startswith("//"):
         return "/console"
-    if any(c in target for c in "\\\r\n") or target.startswith("/console/sign-"):
+    if any(c in target for c in "\\\r\n") or ".." in target or target.startswith("/console/sign-"):
         return "/console"
     return target
