@@ -8,7 +8,6 @@ import time
 from datetime import timedelta
 from typing import Any
 
-import httpx
 import pytest
 
 from conveyor.api.console import _session

@@ -97,6 +97,13 @@ async def overview_data(ctx: ApiContext) -> dict[str, Any]:
         "banners": _banners(status, database),
         "queues": _queues(status),
         "charts": _charts(activity),
+        "totals": None
+        if activity is None
+        else {
+            "started": sum(activity.started),
+            "succeeded": sum(activity.succeeded),
+            "failed": sum(activity.failed),
+        },
         "timers": timers,
         "errors": errors,
         "now": datetime.now(UTC),
@@ -201,7 +208,13 @@ async def _job_states(ctx: ApiContext, execution: Execution, timers: list[Timer]
             states = await asyncio.gather(*(queue.get_job_state(i) for i in ids))
     except (*probes.ProbeErrors,) as exc:
         return [(i, f"unknown ({probes.describe(exc)})") for i in ids]
-    return [(i, s or "absent") for i, s in zip(ids, states, strict=True)]
+    return [(i, s or _absent(i)) for i, s in zip(ids, states, strict=True)]
+
+
+def _absent(job_id: str) -> str:
+    if job_id.startswith("timer:"):
+        return "not enqueued yet (the timer dispatcher adds it shortly before it is due)"
+    return "absent"
 
 
 def _timeline(execution: Execution) -> list[dict[str, Any]]:

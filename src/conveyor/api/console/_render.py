@@ -94,14 +94,20 @@ def _nice_max(value: float) -> float:
 
 
 def _path(values: Sequence[float | None], x: Any, y: Any) -> str:
+    """Line segments through consecutive values; a value alone between gaps is a short tick
+    (so a single minute with data stays visible)."""
     parts: list[str] = []
-    pen_up = True
     for i, v in enumerate(values):
         if v is None:
-            pen_up = True
             continue
-        parts.append(f"{'M' if pen_up else 'L'}{x(i):.1f},{y(v):.1f}")
-        pen_up = False
+        before = i > 0 and values[i - 1] is not None
+        after = i + 1 < len(values) and values[i + 1] is not None
+        if before:
+            parts.append(f"L{x(i):.1f},{y(v):.1f}")
+        elif after:
+            parts.append(f"M{x(i):.1f},{y(v):.1f}")
+        else:
+            parts.append(f"M{x(i) - 2:.1f},{y(v):.1f} L{x(i) + 2:.1f},{y(v):.1f}")
     return " ".join(parts)
 
 
