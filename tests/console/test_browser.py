@@ -129,7 +129,7 @@ def _seed(s: Stack) -> None:
         r = s.http.post("/api/workflows", json=doc, headers=s.auth)
         assert r.status_code == 201, r.text
         s.workflows[name] = r.json()["data"]["id"]
-    changed = {**QUICK_WORKFLOW, "steps": [*QUICK_WORKFLOW["steps"][:1],  # type: ignore[misc]
+    changed = {**QUICK_WORKFLOW, "steps": [*QUICK_WORKFLOW["steps"][:1],
                {"id": "notify", "type": "noop"}, {"id": "done", "type": "noop"}]}  # fmt: skip
     r = s.http.put(f"/api/workflows/{s.workflows['quick']}", json=changed, headers=s.auth)
     assert r.status_code == 200, r.text
@@ -367,7 +367,7 @@ def test_every_page_renders_without_console_errors(
 def test_dark_theme_follows_the_system(browser: Browser, stack: Stack, tmp_path: Path) -> None:
     context = browser.new_context(
         viewport={"width": 390, "height": 844}, color_scheme="dark", base_url=stack.base
-    )  # type: ignore[arg-type]
+    )
     page = context.new_page()
     try:
         sign_in(page)

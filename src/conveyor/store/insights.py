@@ -14,10 +14,10 @@ import builtins
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from conveyor.errors import NotFound
 from conveyor.store._base import ServiceBase
@@ -33,8 +33,8 @@ ACTIVITY_LOOKBACK = timedelta(hours=2)
 creation time (an index range), not every row's start time. One waiting on a longer delay
 is not charted when it resumes."""
 ACTIVITY_MAX_ROWS = 200_000
-"""A bound on the rows the activity query reads (a flood larger than that is charted in
-part)."""
+"""On SQLite (where the rows are bucketed in Python), a bound on the rows the activity query
+reads: a flood larger than that is charted in part."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,17 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
     return ordered[rank]
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _slot(at: datetime | None, start: datetime, end: datetime) -> int | None:
+    """The minute of ``at`` counted from ``start``; ``None`` outside ``[start, end)``."""
+    if at is None or at < start or at >= end:
+        return None
+    return int((at - start).total_seconds() // 60)
 
 
 class InsightService(ServiceBase):
@@ -142,51 +153,90 @@ class InsightService(ServiceBase):
         return None if row is None else (str(row[0]), str(row[1]))
 
     async def activity(self, now: datetime | None = None, minutes: int = 60) -> Activity:
-        """The last ``minutes`` minutes of executions, per minute (see :class:`Activity`)."""
+        """The last ``minutes`` minutes of executions, per minute (see :class:`Activity`).
+
+        On PostgreSQL the database aggregates (counts and ``percentile_cont`` per minute, two
+        small result sets whatever the rate); on SQLite the rows are read and bucketed here."""
         now = now or utcnow()
         end = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
         start = end - timedelta(minutes=minutes)
-        query = (
+        activity = Activity(
+            minutes=[start + timedelta(minutes=i) for i in range(minutes)],
+            started=[0] * minutes,
+            succeeded=[0] * minutes,
+            failed=[0] * minutes,
+            p50_ms=[None] * minutes,
+            p99_ms=[None] * minutes,
+        )
+        if self._dialect == "postgresql":
+            await self._aggregate_in_database(activity, start, end)
+        else:
+            await self._aggregate_here(activity, start, end)
+        return activity
+
+    async def _aggregate_in_database(self, out: Activity, start: datetime, end: datetime) -> None:
+        e = executions.c
+        recent = e.created_at >= start - ACTIVITY_LOOKBACK
+        minute = func.date_trunc("minute", e.started_at).label("minute")
+        latency = func.extract("epoch", e.started_at - e.queued_at) * 1000.0
+        starts = (
             select(
-                executions.c.status,
-                executions.c.queued_at,
-                executions.c.started_at,
-                executions.c.finished_at,
+                minute,
+                func.count(),
+                func.percentile_cont(0.5).within_group(latency),
+                func.percentile_cont(0.99).within_group(latency),
             )
-            .where(executions.c.created_at >= start - ACTIVITY_LOOKBACK)
+            .where(recent, e.started_at >= start, e.started_at < end)
+            .group_by(minute)
+        )
+        done_minute = func.date_trunc("minute", e.finished_at).label("minute")
+        finishes = (
+            select(done_minute, e.status, func.count())
+            .where(
+                recent,
+                e.finished_at >= start,
+                e.finished_at < end,
+                e.status.in_(("succeeded", "failed")),
+            )
+            .group_by(done_minute, e.status)
+        )
+        async with self._auto() as conn:
+            started = (await conn.execute(starts)).all()
+            finished = (await conn.execute(finishes)).all()
+        for at, count, p50, p99 in started:
+            i = _slot(_aware(at), start, end)
+            if i is not None:
+                out.started[i] = int(count)
+                out.p50_ms[i] = float(p50)
+                out.p99_ms[i] = float(p99)
+        for at, status, count in finished:
+            i = _slot(_aware(at), start, end)
+            if i is not None:
+                (out.succeeded if status == "succeeded" else out.failed)[i] = int(count)
+
+    async def _aggregate_here(self, out: Activity, start: datetime, end: datetime) -> None:
+        e = executions.c
+        query = (
+            select(e.status, e.queued_at, e.started_at, e.finished_at)
+            .where(e.created_at >= start - ACTIVITY_LOOKBACK)
             .limit(ACTIVITY_MAX_ROWS)
         )
         async with self._auto() as conn:
             rows = (await conn.execute(query)).all()
-        slots = [start + timedelta(minutes=i) for i in range(minutes)]
-        started = [0] * minutes
-        succeeded = [0] * minutes
-        failed = [0] * minutes
-        latencies: list[list[float]] = [[] for _ in range(minutes)]
-
-        def slot(at: datetime | None) -> int | None:
-            if at is None or at < start or at >= end:
-                return None
-            return int((at - start).total_seconds() // 60)
-
+        latencies: list[list[float]] = [[] for _ in out.minutes]
         for status, queued_at, started_at, finished_at in rows:
-            i = slot(started_at)
+            i = _slot(started_at, start, end)
             if i is not None:
-                started[i] += 1
+                out.started[i] += 1
                 latencies[i].append((started_at - queued_at).total_seconds() * 1000.0)
-            j = slot(finished_at)
+            j = _slot(finished_at, start, end)
             if j is not None and status == "succeeded":
-                succeeded[j] += 1
+                out.succeeded[j] += 1
             elif j is not None and status == "failed":
-                failed[j] += 1
-        return Activity(
-            minutes=slots,
-            started=started,
-            succeeded=succeeded,
-            failed=failed,
-            p50_ms=[percentile(v, 0.5) for v in latencies],
-            p99_ms=[percentile(v, 0.99) for v in latencies],
-        )
+                out.failed[j] += 1
+        for i, values in enumerate(latencies):
+            out.p50_ms[i] = percentile(values, 0.5)
+            out.p99_ms[i] = percentile(values, 0.99)
 
     async def upcoming_timers(self, limit: int = 10) -> builtins.list[Timer]:
         """The pending timers due soonest (all tenants)."""
