@@ -8,8 +8,6 @@ import time
 from datetime import timedelta
 from typing import Any
 
-import pytest
-
 from conveyor.api.console import _session
 from conveyor.store import utcnow
 from conveyor.store.schema import step_runs
@@ -288,20 +286,6 @@ async def test_overview_shows_queues_charts_and_a_banner_for_unconsumed_queues(a
     assert "workflow.execute.us" in r.text and "workflow.execute.eu" in r.text
     assert 'class="chart"' in r.text and "Executions per minute" in r.text
     assert "no live worker consumes it" in r.text  # no worker in this test
-
-
-@pytest.mark.parametrize(
-    "q,values,expected",
-    [
-        (0.5, [1.0, 2.0, 3.0, 4.0], 2.0),
-        (0.99, [float(i) for i in range(1, 101)], 99.0),
-        (0.5, [], None),
-    ],
-)
-def test_percentile(q: float, values: list[float], expected: float | None) -> None:
-    from conveyor.store.insights import percentile
-
-    assert percentile(values, q) == expected
 
 
 async def test_activity_counts_starts_per_minute(api: Api) -> None:

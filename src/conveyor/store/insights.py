@@ -71,12 +71,16 @@ class VersionInfo:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-quantile (0..1) of ``values`` by nearest rank; ``None`` for no values."""
+    """The ``q``-quantile (0..1) of ``values``, interpolated linearly between the closest
+    ranks as PostgreSQL's ``percentile_cont`` does (so both backends chart the same figure);
+    ``None`` for no values."""
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
-    return ordered[rank]
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _aware(at: datetime) -> datetime:

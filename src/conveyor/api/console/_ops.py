@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -332,7 +332,3 @@ async def run_action(request: Request, execution_id: str, action: str) -> Any:
                       button=None, status_code=409)  # fmt: skip
     log.info("console.execution_action", extra={"action": action, "executionId": found.id})
     return RedirectResponse(f"/console/executions/{target}", status_code=303)
-
-
-def default_since() -> str:
-    return (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
