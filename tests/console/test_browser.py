@@ -137,6 +137,10 @@ def _seed(s: Stack) -> None:
         "workflowId": s.workflows["quick"], "name": "hourly sync", "cron": "0 * * * *",
         "timezone": "Europe/Berlin", "input": {"order": 7}})  # fmt: skip
     assert r.status_code == 201, r.text
+    r = s.http.post("/api/schedules", headers=s.auth, json={
+        "workflowId": s.workflows["quick"], "name": "ping every 5 s", "cron": "*/5 * * * * *",
+        "input": {"order": 0}})  # fmt: skip
+    assert r.status_code == 201, r.text
 
 
 @pytest.fixture(scope="module")
@@ -345,6 +349,16 @@ def test_every_page_renders_without_console_errors(
     page.goto(f"/console/schedules?tenant={stack.tenant_id}")
     schedule = page.locator("article.schedule", has_text="hourly sync")
     expect(schedule.locator("ol").first.locator("li")).to_have_count(5)
+    expect(schedule.locator("ol").first).to_contain_text("CET")
+    ping = page.locator("article.schedule", has_text="ping every 5 s")
+
+    def ticked() -> bool:
+        if ping.locator("ol").nth(1).get_by_role("link", name="run").count() > 0:
+            return True
+        page.reload()
+        return False
+
+    wait_for(ticked, timeout=15, interval=1.0)
     page.screenshot(path=str(shots / "schedules.png"), full_page=True)
     schedule.get_by_role("button", name="Pause").click()
     expect(page.locator("article.schedule", has_text="hourly sync")).to_contain_text("paused")

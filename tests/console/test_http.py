@@ -301,3 +301,17 @@ async def test_activity_counts_starts_per_minute(api: Api) -> None:
     assert sum(activity.started) >= 1 and activity.p50_ms[-1] is not None
     found = await api.ctx.store.insights.find_execution(execution_id)
     assert found.tenant_id == tenant_id and found.status == "running"
+
+
+async def test_overview_answers_with_a_banner_when_redis_is_down(api_env: dict[str, str]) -> None:
+    from tests.helpers import free_port
+
+    env = {**api_env, "QUEUE_REDIS_PORT": str(free_port())}  # nothing listens there
+    async with running_api(make_settings(**env)) as api:
+        await sign_in(api.client)
+        r = await api.client.get("/console")
+        assert r.status_code == 200
+        assert "Redis is unreachable" in r.text
+        assert 'class="chart"' in r.text  # the database part still renders
+        live = await api.client.get("/console/live/overview")
+        assert live.status_code == 200 and "Redis is unreachable" in live.text

@@ -89,6 +89,11 @@ async def test_activity_per_minute_is_the_same_on_both_backends(store: Store) ->
         (s["ids"]["a2"][0], minute, 20, None),
         (s["ids"]["b"][0], minute - timedelta(hours=2), 5, "succeeded"),  # before the hour
     ]
+    # A schedule's tick recorded 8 s ahead of its instant: runnable at the instant.
+    tick = minute - timedelta(minutes=1)
+    ahead = {"queued_at": tick - timedelta(seconds=8), "created_at": tick - timedelta(seconds=8),
+             "scheduled_for": tick, "started_at": tick + timedelta(milliseconds=7),
+             "status": "running"}  # fmt: skip
     async with store.engine.begin() as conn:
         for execution_id, queued, after_ms, status in plan:
             started = queued + timedelta(milliseconds=after_ms)
@@ -99,13 +104,17 @@ async def test_activity_per_minute_is_the_same_on_both_backends(store: Store) ->
             await conn.execute(
                 update(executions).where(executions.c.id == execution_id).values(**values)
             )
+        await conn.execute(
+            update(executions).where(executions.c.id == s["ids"]["b"][1]).values(**ahead)
+        )
     activity = await store.insights.activity(now)
     assert len(activity.minutes) == 60 and activity.minutes[-1] == minute
-    assert activity.started[-6] == 3 and activity.started[-1] == 1 and sum(activity.started) == 4
+    assert activity.started[-6] == 3 and activity.started[-1] == 1 and sum(activity.started) == 5
+    assert activity.p50_ms[-2] == pytest.approx(7.0)
     assert activity.succeeded[-6] == 2 and activity.failed[-6] == 1
     assert activity.p50_ms[-6] == pytest.approx(30.0)
     assert activity.p99_ms[-6] == pytest.approx(49.6)
-    assert activity.p50_ms[-1] == pytest.approx(20.0) and activity.p50_ms[-2] is None
+    assert activity.p50_ms[-1] == pytest.approx(20.0) and activity.p50_ms[-3] is None
 
 
 async def test_upcoming_timers_and_versions(store: Store) -> None:

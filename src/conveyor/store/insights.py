@@ -54,7 +54,10 @@ class ExecutionFilter:
 @dataclass(frozen=True, slots=True)
 class Activity:
     """Per minute of the last hour (oldest first): executions started, succeeded and failed,
-    and the enqueue-to-start latency percentiles (ms; ``None`` for a minute without a start)."""
+    and the enqueue-to-start latency percentiles (ms; ``None`` for a minute without a start).
+
+    The latency runs from the moment the execution could start — when it was queued, or for a
+    schedule's tick recorded ahead of its instant, the instant — to its first start."""
 
     minutes: list[datetime]
     started: list[int] = field(default_factory=list)
@@ -182,7 +185,8 @@ class InsightService(ServiceBase):
         e = executions.c
         recent = e.created_at >= start - ACTIVITY_LOOKBACK
         minute = func.date_trunc("minute", e.started_at).label("minute")
-        latency = func.extract("epoch", e.started_at - e.queued_at) * 1000.0
+        runnable = func.greatest(e.queued_at, e.scheduled_for)  # NULLs ignored
+        latency = func.extract("epoch", e.started_at - runnable) * 1000.0
         starts = (
             select(
                 minute,
@@ -221,18 +225,19 @@ class InsightService(ServiceBase):
     async def _aggregate_here(self, out: Activity, start: datetime, end: datetime) -> None:
         e = executions.c
         query = (
-            select(e.status, e.queued_at, e.started_at, e.finished_at)
+            select(e.status, e.queued_at, e.scheduled_for, e.started_at, e.finished_at)
             .where(e.created_at >= start - ACTIVITY_LOOKBACK)
             .limit(ACTIVITY_MAX_ROWS)
         )
         async with self._auto() as conn:
             rows = (await conn.execute(query)).all()
         latencies: list[list[float]] = [[] for _ in out.minutes]
-        for status, queued_at, started_at, finished_at in rows:
+        for status, queued_at, scheduled_for, started_at, finished_at in rows:
             i = _slot(started_at, start, end)
             if i is not None:
+                runnable = max(queued_at, scheduled_for or queued_at)
                 out.started[i] += 1
-                latencies[i].append((started_at - queued_at).total_seconds() * 1000.0)
+                latencies[i].append((started_at - runnable).total_seconds() * 1000.0)
             j = _slot(finished_at, start, end)
             if j is not None and status == "succeeded":
                 out.succeeded[j] += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -88,17 +89,19 @@ async def workflow_page(
 # --- schedules -----------------------------------------------------------------------------
 
 
-def _fire_times(schedule: Schedule, now: datetime) -> list[datetime]:
-    """The next :data:`FIRE_TIMES` instants of an enabled schedule (the scheduler's cron code)."""
+def _fire_times(schedule: Schedule, now: datetime) -> list[tuple[datetime, str]]:
+    """The next :data:`FIRE_TIMES` instants of an enabled schedule (the scheduler's cron code),
+    each with its wall-clock time in the schedule's time zone."""
     if not schedule.enabled:
         return []
-    out: list[datetime] = []
+    out: list[tuple[datetime, str]] = []
     at = now
     try:
+        zone = ZoneInfo(schedule.timezone)
         for _ in range(FIRE_TIMES):
             at = next_fire_time(schedule.cron, schedule.timezone, at)
-            out.append(at)
-    except (ConveyorError, ValueError):
+            out.append((at, at.astimezone(zone).strftime("%a %H:%M:%S %Z")))
+    except (ConveyorError, ValueError, KeyError):
         pass
     return out
 
@@ -123,7 +126,7 @@ async def schedules_page(
             ticks = await ctx.store.schedules.ticks(tenant_id, s.id, limit=TICKS_SHOWN)
             rows.append({"s": s, "fires": _fire_times(s, now), "ticks": ticks})
     return render(request, "schedules.html", session=session, page="schedules", tenants=tenants,
-                  tenant_id=tenant_id, rows=rows, next_cursor=next_cursor)  # fmt: skip
+                  tenant_id=tenant_id, rows=rows, next_cursor=next_cursor, now=now)  # fmt: skip
 
 
 @router.post("/tenants/{tenant_id}/schedules/{schedule_id}/{action}")
