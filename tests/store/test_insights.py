@@ -53,6 +53,9 @@ async def test_search_by_every_filter(store: Store) -> None:
         ids["a2"][0]
     ]
     assert await _search(store, until=created) == ids["a1"][::-1]
+    tenant_names, workflow_names = await store.insights.names([s["a"], "absent"], [s["wa2"]])
+    assert tenant_names == {s["a"]: "a"} and workflow_names == {s["wa2"]: "two"}
+    assert await store.insights.names([], []) == ({}, {})
 
 
 async def test_search_by_schedule_and_cursor_pages(store: Store) -> None:

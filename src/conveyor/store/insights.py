@@ -23,7 +23,14 @@ from conveyor.errors import NotFound
 from conveyor.store._base import ServiceBase
 from conveyor.store._types import utcnow
 from conveyor.store.records import Execution, Page, Timer
-from conveyor.store.schema import executions, schedules, timers, workflow_versions, workflows
+from conveyor.store.schema import (
+    executions,
+    schedules,
+    tenants,
+    timers,
+    workflow_versions,
+    workflows,
+)
 
 __all__ = ["Activity", "ExecutionFilter", "InsightService", "VersionInfo"]
 
@@ -246,6 +253,26 @@ class InsightService(ServiceBase):
         for i, values in enumerate(latencies):
             out.p50_ms[i] = percentile(values, 0.5)
             out.p99_ms[i] = percentile(values, 0.99)
+
+    async def names(
+        self, tenant_ids: Sequence[str], workflow_ids: Sequence[str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """``({tenant id: name}, {workflow id: name})`` for the ids that exist (two primary-key
+        look-ups; what a page of executions shows beside the ids)."""
+        tenant_names: dict[str, str] = {}
+        workflow_names: dict[str, str] = {}
+        async with self._auto() as conn:
+            if tenant_ids:
+                query = select(tenants.c.id, tenants.c.name).where(
+                    tenants.c.id.in_(sorted(set(tenant_ids)))
+                )
+                tenant_names = {r.id: r.name for r in (await conn.execute(query)).all()}
+            if workflow_ids:
+                query = select(workflows.c.id, workflows.c.name).where(
+                    workflows.c.id.in_(sorted(set(workflow_ids)))
+                )
+                workflow_names = {r.id: r.name for r in (await conn.execute(query)).all()}
+        return tenant_names, workflow_names
 
     async def upcoming_timers(self, limit: int = 10) -> builtins.list[Timer]:
         """The pending timers due soonest (all tenants)."""

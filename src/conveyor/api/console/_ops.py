@@ -182,6 +182,9 @@ async def executions_list(
         items, next_cursor = page.items, page.next_cursor
     except (ValueError, CursorInvalid) as exc:
         error = str(exc)
+    tenant_names, workflow_names = await ctx.store.insights.names(
+        [e.tenant_id for e in items], [e.workflow_id for e in items]
+    )
     query = {k: v for k, v in form.items() if v}
     return render(
         request,
@@ -192,6 +195,8 @@ async def executions_list(
         query=query,
         statuses=EXECUTION_STATUSES,
         items=items,
+        tenant_names=tenant_names,
+        workflow_names=workflow_names,
         next_cursor=next_cursor,
         first_page=cursor is None,
         error=error,
@@ -240,12 +245,17 @@ async def _detail(request: Request, execution_id: str) -> dict[str, Any]:
     execution = await ctx.store.executions.get(found.tenant_id, execution_id, with_steps=True)
     timers = await ctx.store.timers.for_execution(found.tenant_id, execution_id)
     jobs = await _job_states(ctx, execution, timers)
+    tenant_names, workflow_names = await ctx.store.insights.names(
+        [execution.tenant_id], [execution.workflow_id]
+    )
     waiting_on = next((t for t in timers if t.status == "pending"), None)
     return {
         "e": execution,
         "timers": timers,
         "waiting_on": waiting_on,
         "jobs": jobs,
+        "tenant_name": tenant_names.get(execution.tenant_id, ""),
+        "workflow_name": workflow_names.get(execution.workflow_id, ""),
         "timeline": _timeline(execution),
         "now": datetime.now(UTC),
     }
