@@ -6,7 +6,11 @@
   first.
 
 Per-tenant searches keep using the per-tenant indexes. Expand-only: the previous release
-ignores them.
+ignores them. Building them blocks writes to ``executions`` for as long as it takes (seconds
+per million rows); on a large table create them first by hand with ``CREATE INDEX
+CONCURRENTLY ix_executions_created ON executions (created_at, id)`` and ``... ix_executions_
+status_created ON executions (status, created_at, id)``: this migration then keeps them
+(``IF NOT EXISTS``).
 
 Revision ID: 0004
 Revises: 0003
@@ -25,11 +29,17 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+INDEXES = {
+    "ix_executions_created": ["created_at", "id"],
+    "ix_executions_status_created": ["status", "created_at", "id"],
+}
+
+
 def upgrade() -> None:
-    op.create_index("ix_executions_created", "executions", ["created_at", "id"])
-    op.create_index("ix_executions_status_created", "executions", ["status", "created_at", "id"])
+    for name, columns in INDEXES.items():
+        op.create_index(name, "executions", columns, if_not_exists=True)
 
 
 def downgrade() -> None:
-    op.drop_index("ix_executions_status_created", table_name="executions")
-    op.drop_index("ix_executions_created", table_name="executions")
+    for name in reversed(INDEXES):
+        op.drop_index(name, table_name="executions")
