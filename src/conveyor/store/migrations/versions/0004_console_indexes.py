@@ -7,9 +7,8 @@
 
 Per-tenant searches keep using the per-tenant indexes. Expand-only: the previous release
 ignores them. Building them blocks writes to ``executions`` for as long as it takes (seconds
-per million rows); on a large table create them first by hand with ``CREATE INDEX
-CONCURRENTLY ix_executions_created ON executions (created_at, id)`` and ``... ix_executions_
-status_created ON executions (status, created_at, id)``: this migration then keeps them
+per million rows); on a large table create them first with ``CREATE INDEX CONCURRENTLY``
+(docs/operations.md, "Upgrades and migrations"): this migration then keeps them
 (``IF NOT EXISTS``).
 
 Revision ID: 0004
