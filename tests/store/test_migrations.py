@@ -88,7 +88,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0003",)
+    assert head_revisions() == ("0004",)
     asyncio.run(_check(url))
 
 
@@ -183,7 +183,7 @@ async def _crons(store: Store) -> list[str]:
 async def _assert_0002_reorders_cron(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
         await _at(store, "upgrade", "0001")
-        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0003"):
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0004"):
             await store.check_schema()
         await _seed_0001(store)
 
@@ -253,3 +253,30 @@ async def test_0003_adds_tick_outcome_sqlite(tmp_path: Path) -> None:
 
 async def test_0003_adds_tick_outcome_postgres(fresh_pg_url: str) -> None:
     await _assert_0003_adds_tick_outcome(fresh_pg_url)
+
+
+def _index_names(connection: Connection, table: str) -> set[str]:
+    return {str(i["name"]) for i in inspect(connection).get_indexes(table)}
+
+
+async def test_0004_keeps_console_indexes_created_by_hand(fresh_pg_url: str) -> None:
+    """On a large table operators build 0004's indexes CONCURRENTLY before migrating (as its
+    docstring says); the migration then keeps them, and downgrades drop them."""
+    async with Store(load_settings({}, database_url=fresh_pg_url), pool_size=1) as store:
+        await _at(store, "upgrade", "0003")
+        async with store.engine.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.execute(
+                text(
+                    "CREATE INDEX CONCURRENTLY ix_executions_created ON executions (created_at, id)"
+                )
+            )
+        await store.migrate()
+        await store.check_schema()
+        async with store.engine.connect() as conn:
+            names = await conn.run_sync(_index_names, "executions")
+        assert {"ix_executions_created", "ix_executions_status_created"} <= names
+        await _at(store, "downgrade", "0003")
+        async with store.engine.connect() as conn:
+            names = await conn.run_sync(_index_names, "executions")
+        assert not {"ix_executions_created", "ix_executions_status_created"} & names

@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
+from conveyor.api.console import install_console
 from conveyor.api.context import ApiContext, open_context
 from conveyor.api.errors import install_error_handlers
 from conveyor.api.fastlane import FastLane
@@ -83,6 +84,7 @@ def create_app(settings: Settings, *, context: ApiContext | None = None) -> Fast
         redoc_url=None,
     )
     _serve_docs(app)
+    install_console(app)  # the operations console under /console (docs/console.md)
     registry = CollectorRegistry()
     collector = ConveyorCollector()
     registry.register(collector)

@@ -11,6 +11,8 @@ asyncpg, or SQLite via aiosqlite) and exposes the services::
                         pagination) / cancel / retry; reconciler queries
     store.schedules     CRUD, due schedules, exactly-once ticks
     store.timers        claim / mark fired / release timers (timer dispatcher)
+    store.insights      operators' cross-tenant reads (the console): execution search,
+                        activity of the last hour, next due timers, workflow versions
     store.runs          the engine's hot path (claim with a lease, fenced step writes):
                         the :class:`RunStore` contract in :mod:`conveyor.store.runs`
 
@@ -28,6 +30,7 @@ from conveyor.store._db import asyncpg_dsn, sqlalchemy_url, sqlite_path
 from conveyor.store._migrate import head_revisions
 from conveyor.store._store import Store, migrate
 from conveyor.store._types import dumps, has_nul, new_id, utcnow, without_nul
+from conveyor.store.insights import Activity, ExecutionFilter, VersionInfo
 from conveyor.store.records import (
     ApiKey,
     Execution,
@@ -57,9 +60,11 @@ __all__ = [
     "EXECUTION_STATUSES",
     "MISFIRE_POLICIES",
     "TERMINAL_STATUSES",
+    "Activity",
     "ApiKey",
     "Claim",
     "Execution",
+    "ExecutionFilter",
     "ExecutionWrite",
     "FiredTick",
     "IssuedApiKey",
@@ -76,6 +81,7 @@ __all__ = [
     "Timer",
     "TimerWrite",
     "Unclaimed",
+    "VersionInfo",
     "Workflow",
     "WorkflowVersion",
     "asyncpg_dsn",

@@ -17,6 +17,7 @@ from conveyor.store import _migrate
 from conveyor.store._db import close_pg_pool, create_engine, create_pg_pool, dialect_of
 from conveyor.store._errors import translate_errors
 from conveyor.store.executions import ExecutionService
+from conveyor.store.insights import InsightService
 from conveyor.store.pg import PgRunStore, PgStatements
 from conveyor.store.runs import RunStore
 from conveyor.store.schedules import ScheduleService
@@ -37,7 +38,8 @@ class Store:
     Opening creates the engine and pools (connections open on first use); it does not check
     the schema — processes call :meth:`check_schema` right after, ``conveyor migrate`` calls
     :meth:`migrate`. Services: :attr:`tenants`, :attr:`api_keys`, :attr:`workflows`,
-    :attr:`executions`, :attr:`schedules`, :attr:`timers`; the engine's hot path: :attr:`runs`.
+    :attr:`executions`, :attr:`schedules`, :attr:`timers`, :attr:`insights` (operators'
+    cross-tenant reads); the engine's hot path: :attr:`runs`.
 
     The drivers are chosen here, once: on Postgres the engine's hot path (:attr:`runs`) and
     the API's hottest statements (API key lookup, trigger, get) run on a raw asyncpg pool
@@ -55,6 +57,7 @@ class Store:
     executions: ExecutionService
     schedules: ScheduleService
     timers: TimerService
+    insights: InsightService
 
     def __init__(
         self, settings: Settings, *, pool_size: int | None = None, fast_path: bool = True
@@ -90,6 +93,7 @@ class Store:
         self.executions = ExecutionService(engine, s, statements, self.workflows)
         self.schedules = ScheduleService(engine, s, statements)
         self.timers = TimerService(engine, s, statements)
+        self.insights = InsightService(engine, s, statements)
         return self
 
     async def __aexit__(

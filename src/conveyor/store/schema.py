@@ -4,7 +4,8 @@
 Every row that belongs to a tenant carries ``tenant_id``, and every service query that reads
 tenant data filters on it in SQL. Indexes serve the hot queries:
 
-* executions: list per tenant (newest first, optionally by status or workflow), idempotency
+* executions: list per tenant (newest first, optionally by status or workflow), the
+  operators' search across tenants (newest first, optionally by status), idempotency
   (``UNIQUE (tenant_id, idempotency_key)``), the reconciler's scan of active executions;
 * timers: pending timers by due time (partial index);
 * schedules: enabled schedules by next fire time (partial index);
@@ -154,6 +155,9 @@ executions = Table(
     Index("ix_executions_tenant_created", "tenant_id", "created_at", "id"),
     Index("ix_executions_tenant_status_created", "tenant_id", "status", "created_at", "id"),
     Index("ix_executions_tenant_workflow_created", "tenant_id", "workflow_id", "created_at", "id"),
+    # The console's search across tenants, newest first, optionally by status (migration 0004).
+    Index("ix_executions_created", "created_at", "id"),
+    Index("ix_executions_status_created", "status", "created_at", "id"),
     Index(
         "ix_executions_active",
         "status",
