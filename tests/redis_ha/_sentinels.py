@@ -32,6 +32,7 @@ class Node:
     argv: list[str]
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    auth: tuple[str, str] | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
@@ -65,7 +66,11 @@ class Node:
                 self.proc.wait(timeout=10)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+        user, password = self.auth or (None, None)
+        return redis.Redis(
+            port=self.port, username=user, password=password, socket_timeout=2,
+            decode_responses=True,
+        )  # fmt: skip
 
 
 @dataclass
@@ -196,7 +201,7 @@ def _sentinel_node(
         ]
     config.write_text("\n".join(lines) + "\n")
     argv = [REDIS_SERVER, str(config), "--sentinel"]
-    return Node(name, port, argv, directory / f"{name}.log")
+    return Node(name, port, argv, directory / f"{name}.log", auth=auth)
 
 
 @contextmanager
@@ -236,8 +241,7 @@ def sentinel_group(
                 nodes.append(sentinel)
                 group.sentinels.append(sentinel)
                 sentinel.start()
-            if sentinel_auth is None:
-                group.wait_sentinels_ready()
+            group.wait_sentinels_ready()
             yield group
         finally:
             for node in reversed(nodes):
