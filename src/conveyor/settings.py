@@ -367,6 +367,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
     """``host:port`` (an IPv6 address in brackets) as ``(host, port)``; ``ValueError`` naming
     the entry otherwise."""
     entry = text.strip()
+    if "://" in entry:
+        raise ValueError(f"entry {entry!r}: write host:port, not a URL")
     if entry.startswith("["):
         host, closed, rest = entry[1:].partition("]")
         port = rest[1:] if closed and rest.startswith(":") else ""
