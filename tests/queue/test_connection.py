@@ -13,7 +13,14 @@ import pytest
 
 from conveyor.errors import QueueNotReady, QueueUnavailable
 from conveyor.queue import JobContext, QueueFactory
-from tests.helpers import env_for, free_port, port_open, redis_server, wait_for
+from tests.helpers import (
+    env_for,
+    free_port,
+    port_open,
+    redis_server,
+    self_signed_cert,
+    wait_for,
+)
 from tests.queue.conftest import TEST_QUEUE, eventually, make_settings, running
 from tests.queue.payload import Probe
 
@@ -119,34 +126,7 @@ async def test_acl_username_and_password(redis_prefix: str) -> None:
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """A self-signed certificate for 127.0.0.1/localhost, made with the openssl CLI."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    yield cert, key
+    yield self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
 async def test_tls(redis_prefix: str, tls_files: tuple[Path, Path]) -> None:

@@ -33,6 +33,8 @@ class Node:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     auth: tuple[str, str] | None = None
+    ca_file: Path | None = None
+    """Set: the node listens with TLS only (verified with this CA)."""
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
@@ -67,9 +69,12 @@ class Node:
 
     def client(self) -> redis.Redis:
         user, password = self.auth or (None, None)
+        tls: dict[str, Any] = {}
+        if self.ca_file is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.ca_file)}
         return redis.Redis(
             port=self.port, username=user, password=password, socket_timeout=2,
-            decode_responses=True,
+            decode_responses=True, **tls,
         )  # fmt: skip
 
 
@@ -168,21 +173,38 @@ def command(client: redis.Redis, *args: str) -> Any:
     return execute(*args)
 
 
-def _data_node(name: str, port: int, directory: Path, *extra: str) -> Node:
+def _tls_lines(port: int, tls: tuple[Path, Path] | None) -> list[str]:
+    """Configuration lines: plain ``port``, or TLS only (also to replicate and to reach the
+    other sentinels) with the certificate ``tls`` = (cert, key), its own CA."""
+    if tls is None:
+        return [f"port {port}"]
+    cert, key = tls
+    return [
+        "port 0", f"tls-port {port}", f"tls-cert-file {cert}", f"tls-key-file {key}",
+        f"tls-ca-cert-file {cert}", "tls-auth-clients no", "tls-replication yes",
+    ]  # fmt: skip
+
+
+def _data_node(
+    name: str, port: int, directory: Path, *extra: str, tls: tuple[Path, Path] | None = None
+) -> Node:
+    config = directory / f"{name}.conf"
+    config.write_text("\n".join(_tls_lines(port, tls)) + "\n")
     argv = [
-        REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+        REDIS_SERVER, str(config), "--bind", "127.0.0.1", "--dir", str(directory),
         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", *extra,
     ]  # fmt: skip
-    return Node(name, port, argv, directory / f"{name}.log")
+    return Node(name, port, argv, directory / f"{name}.log", ca_file=tls[0] if tls else None)
 
 
 def _sentinel_node(
     name: str, port: int, directory: Path, master_port: int, *, down_after_ms: int,
     failover_timeout_ms: int, quorum: int, auth: tuple[str, str] | None,
+    tls: tuple[Path, Path] | None,
 ) -> Node:  # fmt: skip
     config = directory / f"{name}.conf"
     lines = [
-        f"port {port}",
+        *_tls_lines(port, tls),
         "bind 127.0.0.1",
         f"dir {directory}",
         f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} {quorum}",
@@ -201,7 +223,8 @@ def _sentinel_node(
         ]
     config.write_text("\n".join(lines) + "\n")
     argv = [REDIS_SERVER, str(config), "--sentinel"]
-    return Node(name, port, argv, directory / f"{name}.log", auth=auth)
+    ca_file = tls[0] if tls else None
+    return Node(name, port, argv, directory / f"{name}.log", auth=auth, ca_file=ca_file)
 
 
 @contextmanager
@@ -212,12 +235,14 @@ def sentinel_group(
     down_after_ms: int = 1000,
     failover_timeout_ms: int = 3000,
     sentinel_auth: tuple[str, str] | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> Iterator[SentinelGroup]:
-    """Start a master, ``replicas`` replicas and ``sentinels`` sentinels (quorum: a majority);
-    yield once the sentinels agree and replication is online; stop everything afterwards."""
+    """Start a master, ``replicas`` replicas and ``sentinels`` sentinels (quorum: a majority),
+    every one TLS-only with ``tls`` = (cert, key); yield once the sentinels agree and
+    replication is online; stop everything afterwards."""
     with tempfile.TemporaryDirectory(prefix="conveyor-sentinel-") as tmp:
         directory = Path(tmp)
-        master = _data_node("master", free_port(), directory)
+        master = _data_node("master", free_port(), directory, tls=tls)
         nodes: list[Node] = [master]
         group = SentinelGroup(master, [], [], down_after_ms, nodes)
         try:
@@ -225,7 +250,7 @@ def sentinel_group(
             for i in range(replicas):
                 replica = _data_node(
                     f"replica{i}", free_port(), directory, "--replicaof", "127.0.0.1",
-                    str(master.port),
+                    str(master.port), tls=tls,
                 )  # fmt: skip
                 nodes.append(replica)
                 group.replicas.append(replica)
@@ -236,7 +261,7 @@ def sentinel_group(
                 sentinel = _sentinel_node(
                     f"sentinel{i}", free_port(), directory, master.port,
                     down_after_ms=down_after_ms, failover_timeout_ms=failover_timeout_ms,
-                    quorum=quorum, auth=sentinel_auth,
+                    quorum=quorum, auth=sentinel_auth, tls=tls,
                 )  # fmt: skip
                 nodes.append(sentinel)
                 group.sentinels.append(sentinel)

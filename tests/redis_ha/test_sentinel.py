@@ -11,6 +11,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import bullmq
@@ -23,7 +24,7 @@ from conveyor.errors import QueueUnavailable
 from conveyor.queue import JobContext, QueueEvent, QueueFactory
 from conveyor.queue.bullmq import BullQueue, BullQueueEvents, BullWorker
 from tests.api.conftest import ADMIN, running_api
-from tests.helpers import env_for, free_port
+from tests.helpers import env_for, free_port, self_signed_cert
 from tests.queue.conftest import TEST_QUEUE, eventually, make_settings, running
 from tests.queue.payload import Probe
 from tests.redis_ha._sentinels import MASTER_NAME, sentinel_group
@@ -258,3 +259,41 @@ async def test_api_check_and_status_report_the_master_across_a_failover(
             assert status.status_code == 200, status.text
             text = render(status.json())
             assert f"redis master 127.0.0.1:{new} | sentinel {MASTER_NAME}: 3/3 answering" in text
+
+
+async def test_sentinels_and_data_nodes_over_tls(redis_prefix: str, tmp_path: Path) -> None:
+    """TLS everywhere (sentinels, master, replica): QUEUE_REDIS_SENTINEL_TLS for the sentinels,
+    QUEUE_REDIS_TLS for the data nodes, one CA file verifying both; the failover is followed."""
+    cert, key = self_signed_cert(tmp_path)
+    with sentinel_group(tls=(cert, key)) as group:
+        tls = {"QUEUE_REDIS_TLS": "true", "QUEUE_REDIS_SENTINEL_TLS": "true",
+               "QUEUE_REDIS_TLS_CA_FILE": str(cert)}  # fmt: skip
+        async with QueueFactory(make_settings(redis_prefix, **group.env(), **tls)) as qf:
+            await qf.assert_queue_is_ready()
+            report = await qf.health()
+            assert report["address"] == f"127.0.0.1:{group.master.port}"
+            assert report["sentinel"]["reachable"] == 3 and report["sentinel"]["quorumOk"]
+            assert qf.sentinel is not None
+            assert all(s.connection_pool.connection_kwargs.get("ssl_ca_certs") == str(cert)
+                       for s in qf.sentinel.sentinels)  # fmt: skip
+            seen: list[int] = []
+
+            async def process(payload: Probe, ctx: JobContext) -> None:
+                seen.append(payload.n)
+
+            queue = qf.create_queue(TEST_QUEUE)
+            async with running(qf.create_worker(TEST_QUEUE, process)):
+                await queue.add(Probe(n=1))
+                await eventually(lambda: seen == [1], within=5)
+                old = group.master.port
+                group.master.kill()
+                await _add_until_accepted(queue, 2, within=RESUME_WITHIN_S)
+                await eventually(lambda: seen == [1, 2], within=RESUME_WITHIN_S)
+            new = group.wait_failover(old, timeout=5)
+            assert (await qf.health())["address"] == f"127.0.0.1:{new}"
+        # Sentinels over TLS reached in plain text: no master is found, said in one line.
+        plain = make_settings(redis_prefix, **group.env(), QUEUE_REDIS_TLS="true",
+                              QUEUE_REDIS_TLS_CA_FILE=str(cert))  # fmt: skip
+        async with QueueFactory(plain) as qf:
+            with pytest.raises(QueueUnavailable, match="no sentinel answered"):
+                await qf.assert_queue_is_ready()
