@@ -91,6 +91,18 @@ class HealthData(ApiModel):
                         "persistence": {"aof": True, "rdb": True},
                         "evictionPolicy": "noeviction",
                         "redisVersion": "7.0.15",
+                        "address": "10.0.0.21:6379",
+                        "sentinel": {
+                            "master": "conveyor",
+                            "masterAddress": "10.0.0.21:6379",
+                            "sentinels": 3,
+                            "reachable": 3,
+                            "quorum": 2,
+                            "quorumOk": True,
+                            "masterDown": False,
+                            "errors": [],
+                        },
+                        "warnings": [],
                     },
                     "database": {"dialect": "postgresql", "status": "ready", "latencyMs": 0.8},
                 }
@@ -134,6 +146,7 @@ class ReadyData(ApiModel):
                             "waiting": 0,
                         }
                     ],
+                    "redis": {"address": "127.0.0.1:6379", "sentinel": None},
                 }
             ]
         }
