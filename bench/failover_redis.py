@@ -7,8 +7,9 @@ A throwaway Sentinel group (one master, one replica, three sentinels — ``redis
 ``QUEUE_REDIS_SENTINELS``: ``conveyor api``, two ``conveyor worker``, ``conveyor scheduler``,
 ``conveyor timers``. A workflow ``http`` (local counting server) → ``delay`` 0.5 s (a durable
 timer) → ``transform`` is triggered over HTTP at ``--rate`` per second, a per-second cron
-schedule runs alongside; after ``--warmup`` seconds the master is SIGKILLed, the load goes on
-for ``--after`` seconds, then every accepted execution must end. The scenario is
+schedule runs alongside; after ``--warmup`` seconds the replica is frozen (SIGSTOP) for
+``--frozen`` seconds and the master SIGKILLed, so the master's last writes are lost with it; the
+load goes on for ``--after`` seconds, then every accepted execution must end. The scenario is
 ``tests/redis_ha/_failover.py`` (the test asserts on the same figures). Creates and drops its
 own Postgres database; every process it starts is stopped by PID.
 
@@ -54,7 +55,7 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
-def one_round(rate: float, warmup_s: float, after_s: float) -> dict[str, Any]:
+def one_round(rate: float, warmup_s: float, after_s: float, frozen_s: float) -> dict[str, Any]:
     name = f"conveyor_bench_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
     url = f"{ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
@@ -62,7 +63,7 @@ def one_round(rate: float, warmup_s: float, after_s: float) -> dict[str, Any]:
         asyncio.run(migrate(load_settings({"DATABASE_URL": url})))
         figures = _failover.run(
             url, f"bench{uuid.uuid4().hex[:8]}", rate=rate, warmup_s=warmup_s,
-            after_kill_s=after_s,
+            after_kill_s=after_s, replica_frozen_s=frozen_s,
         )  # fmt: skip
     finally:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -75,15 +76,19 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="triggers per second")
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds of load before the kill")
     parser.add_argument("--after", type=float, default=12.0, help="seconds of load after the kill")
+    parser.add_argument(
+        "--frozen", type=float, default=0.5, help="seconds the replica misses before the kill"
+    )
     args = parser.parse_args()
     rounds = []
     for i in range(args.rounds):
-        figures = one_round(args.rate, args.warmup, args.after)
+        figures = one_round(args.rate, args.warmup, args.after, args.frozen)
         rounds.append(figures)
         print(
             f"round {i + 1}: resume {figures['resume_s']} s (sentinels switched after "
             f"{figures['failover_s']} s), accepted {figures['accepted']} "
-            f"({figures['accepted_after_kill']} after the kill, {figures['refused']} refused), "
+            f"({figures['accepted_after_kill']} after the kill, {figures['refused']} refused, "
+            f"{figures['accepted_unreplicated']} never replicated), "
             f"cron ticks {figures['cron_ticks']}, re-enqueued by the reconciler "
             f"{figures['reconciled']}, all ended {figures['drained_s']} s after the kill; "
             f"lost {figures['lost']}, duplicated steps {figures['duplicated_steps']}"

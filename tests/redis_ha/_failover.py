@@ -21,6 +21,9 @@ Figures (:class:`Figures`):
   plus step records run more than once (``attempts`` > 1): a completed step never re-runs.
 * ``reconciled``: executions the reconciler enqueued again (what the replica had not received).
 
+Before the kill the replica is frozen (SIGSTOP) for half a second: the master's last writes
+never reach it, so the failover really loses jobs (added, completed, moved) from Redis.
+
 Every process is stopped by PID at the end, also when the run fails.
 """
 
@@ -61,6 +64,8 @@ class Figures:
     duplicated_steps: int
     accepted: int
     accepted_after_kill: int
+    accepted_unreplicated: int
+    """Accepted (and enqueued on the master) while the replica was frozen: lost from Redis."""
     refused: int
     """Trigger requests not answered 202 (the API only refuses when the database fails)."""
     cron_ticks: int
@@ -238,10 +243,15 @@ def run(
     rate: float = 20.0,
     warmup_s: float = 4.0,
     after_kill_s: float = 12.0,
+    replica_frozen_s: float = 0.5,
     drain_within_s: float = 45.0,
     logdir: Path | None = None,
 ) -> Figures:
-    """Run the scenario once (``database_url``: an empty, migrated Postgres database)."""
+    """Run the scenario once (``database_url``: an empty, migrated Postgres database).
+
+    The replica is frozen (SIGSTOP) for ``replica_frozen_s`` before the master is killed, so
+    the master's last writes — jobs added, completed, moved — are lost with it, as when a
+    master dies with a replication backlog."""
     with ExitStack() as stack:
         if logdir is None:
             logdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="failover-")))
@@ -318,7 +328,14 @@ def run(
         try:
             time.sleep(warmup_s)
             old = group.master.port
-            group.master.kill()
+            replica = group.replicas[0]
+            replica.freeze()  # what the master accepts from now on never reaches the replica
+            frozen = time.monotonic()
+            try:
+                time.sleep(replica_frozen_s)
+                group.master.kill()
+            finally:
+                replica.thaw()
             killed = time.monotonic()
             failover_s: float | None = None
             try:
@@ -359,6 +376,7 @@ def run(
             hits = {path: list(times) for path, times in _Counter.hits.items()}
         duplicated = sum(len(t) - 1 for t in hits.values() if len(t) > 1) + retried
         after = [n for n, (_, sent) in accepted.items() if sent >= killed]
+        unreplicated = [n for n, (_, sent) in accepted.items() if frozen <= sent < killed]
         first_hits = [min(hits[f"/hit/{n}"]) for n in after if f"/hit/{n}" in hits]
         resume_s = round(min(first_hits) - killed, 3) if first_hits else None
         return Figures(
@@ -368,6 +386,7 @@ def run(
             duplicated_steps=duplicated,
             accepted=len(accepted),
             accepted_after_kill=len(after),
+            accepted_unreplicated=len(unreplicated),
             refused=len(load.refused),
             cron_ticks=len(due_cron),
             reconciled=_reconciled(procs),

@@ -7,6 +7,7 @@ shared with the machine's Redis.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import tempfile
 import time
@@ -57,8 +58,21 @@ class Node:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process holds its sockets but does nothing (replication stalls)."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)  # a frozen process cannot handle SIGTERM
             assert self.proc is not None
             self.proc.terminate()
             try:
