@@ -128,6 +128,27 @@ async def test_every_client_follows_a_failover(redis_prefix: str) -> None:
             await qf.redis.set(f"{redis_prefix}:probe", "1")
             assert await qf.redis.get(f"{redis_prefix}:probe") == "1"
 
+            # Two of three sentinels gone: Redis still serves, but a failover could not happen.
+            group.sentinels[0].stop()
+            group.sentinels[1].stop()
+            degraded = await qf.health()
+            assert degraded["status"] == "ready", degraded
+            assert degraded["sentinel"]["reachable"] == 1
+            # The last sentinel counts its peers down after down-after-milliseconds.
+            await asyncio.sleep(group.down_after_ms / 1000)
+
+            async def no_quorum() -> dict[str, Any] | None:
+                report = await qf.health()
+                return report if report["sentinel"]["quorumOk"] is False else None
+
+            degraded = await eventually(no_quorum, within=10, interval=0.2)
+            assert degraded["status"] == "ready", degraded
+            view = degraded["sentinel"]
+            assert view["reachable"] == 1, view
+            assert len(view["errors"]) >= 2
+            assert "1 of 3 sentinels answered" in degraded["warnings"]
+            assert any("cannot reach their quorum" in w for w in degraded["warnings"])
+
 
 async def test_bullmq_reuses_the_client_it_is_given_for_blocking(redis_prefix: str) -> None:
     """bullmq 3.4.4 does not duplicate a client it is given: its blocking connection wraps the
