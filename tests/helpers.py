@@ -118,6 +118,21 @@ def redis_server(*args: str, port: int | None = None) -> Iterator[RedisServer]:
             server.stop()
 
 
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """``(cert, key)``: a self-signed certificate for 127.0.0.1/localhost (openssl CLI); the
+    certificate is its own CA."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
 def env_for(**overrides: str) -> dict[str, str]:
     """``os.environ`` without any Conveyor setting that leaks from the developer's shell."""
     env = {

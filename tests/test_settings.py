@@ -183,3 +183,76 @@ def test_scheduler_windows_must_nest(values: dict[str, str], named: str) -> None
         load_settings(values)
     assert named in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_sentinel_settings_are_parsed() -> None:
+    s = load_settings(
+        {
+            "QUEUE_REDIS_SENTINELS": " 10.0.0.1:26379, sentinel-b.internal:26380,[::1]:26381 ",
+            "QUEUE_REDIS_SENTINEL_MASTER": " conveyor ",
+            "QUEUE_REDIS_SENTINEL_USERNAME": "watcher",
+            "QUEUE_REDIS_SENTINEL_PASSWORD": "pw",
+            "QUEUE_REDIS_SENTINEL_TLS": "true",
+        }
+    )
+    assert s.queue_redis_sentinels == (
+        ("10.0.0.1", 26379),
+        ("sentinel-b.internal", 26380),
+        ("::1", 26381),
+    )
+    assert s.queue_redis_sentinel_master == "conveyor" and s.uses_sentinel
+    assert s.queue_redis_sentinel_username == "watcher"
+    assert s.queue_redis_sentinel_password is not None
+    assert s.queue_redis_sentinel_password.get_secret_value() == "pw"
+    assert s.queue_redis_sentinel_tls is True
+    plain = load_settings({"QUEUE_REDIS_SENTINELS": "", "QUEUE_REDIS_SENTINEL_MASTER": ""})
+    assert plain.queue_redis_sentinels == () and not plain.uses_sentinel
+    assert plain.queue_redis_sentinel_master is None
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "reason"),
+    [
+        ({"QUEUE_REDIS_SENTINELS": "10.0.0.1"}, "QUEUE_REDIS_SENTINELS", "write host:port"),
+        ({"QUEUE_REDIS_SENTINELS": "a:1,b:x"}, "QUEUE_REDIS_SENTINELS", "port 'x'"),
+        ({"QUEUE_REDIS_SENTINELS": "a:0"}, "QUEUE_REDIS_SENTINELS", "port '0'"),
+        ({"QUEUE_REDIS_SENTINELS": "::1:26379"}, "QUEUE_REDIS_SENTINELS", "[address]:port"),
+        ({"QUEUE_REDIS_SENTINELS": "redis://a:1"}, "QUEUE_REDIS_SENTINELS", "write host:port"),
+        ({"QUEUE_REDIS_SENTINELS": "a:1"}, "QUEUE_REDIS_SENTINEL_MASTER", "must name the master"),
+        ({"QUEUE_REDIS_SENTINEL_MASTER": "m"}, "QUEUE_REDIS_SENTINEL_MASTER", "is empty"),
+        ({"QUEUE_REDIS_SENTINELS": "a:1", "QUEUE_REDIS_SENTINEL_MASTER": "my master"},
+         "QUEUE_REDIS_SENTINEL_MASTER", "without spaces"),
+    ],
+)  # fmt: skip
+def test_malformed_sentinel_settings_are_named(env: dict[str, str], name: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    message = str(info.value)
+    assert message.startswith(f"invalid setting {name}=") and reason in message, message
+    assert "\n" not in message
+
+
+def test_sentinel_password_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"QUEUE_REDIS_SENTINEL_PASSWORD": "hunter2", "QUEUE_REDIS_SENTINELS": "x"})
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"QUEUE_REDIS_SENTINELS": "10.0.0.1:26379,10.0.0.2"}, "QUEUE_REDIS_SENTINELS"),
+        ({"QUEUE_REDIS_SENTINELS": "10.0.0.1:26379"}, "QUEUE_REDIS_SENTINEL_MASTER"),
+    ],
+)
+def test_cli_exits_2_on_malformed_sentinel_settings(env: dict[str, str], name: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor.cli", "check"],
+        env=env_for(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{name}=" in lines[0], proc.stderr

@@ -16,7 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from conveyor.errors import ConfigError
@@ -52,6 +59,16 @@ class Settings(BaseSettings):
     """CA bundle used to verify the Redis server's certificate (default: system CAs)."""
     queue_redis_tls_insecure: bool = False
     """Skip certificate verification. Only for throwaway test servers."""
+    queue_redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()
+    """Sentinels (``host:port,…``) to discover the master from; empty: connect to
+    ``queue_redis_host``/``queue_redis_port`` directly."""
+    queue_redis_sentinel_master: str | None = None
+    """The master's name in the sentinels' configuration (``sentinel monitor <name> …``)."""
+    queue_redis_sentinel_username: str | None = None
+    queue_redis_sentinel_password: SecretStr | None = None
+    queue_redis_sentinel_tls: bool = False
+    """Talk to the sentinels over TLS (verified with ``queue_redis_tls_ca_file``, or not at all
+    with ``queue_redis_tls_insecure``, as the data connections)."""
     queue_redis_connect_timeout_ms: PositiveInt = 2000
     queue_redis_socket_timeout_ms: PositiveInt = 5000
     queue_prefix: str = "bull"
@@ -128,10 +145,43 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("queue_redis_username", "queue_redis_password", "admin_token", mode="before")
+    @field_validator(
+        "queue_redis_username",
+        "queue_redis_password",
+        "queue_redis_sentinel_username",
+        "queue_redis_sentinel_password",
+        "admin_token",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("queue_redis_sentinels", mode="before")
+    @classmethod
+    def _split_sentinels(cls, value: Any) -> Any:
+        """``host:port,host:port`` (IPv6 in brackets: ``[::1]:26379``) as ``(host, port)`` pairs."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        addresses = [parse_host_port(v) if isinstance(v, str) else tuple(v) for v in value]
+        return tuple(dict.fromkeys(addresses))
+
+    @field_validator("queue_redis_sentinel_master", mode="before")
+    @classmethod
+    def _master_name(cls, value: Any, info: ValidationInfo) -> Any:
+        name = value.strip() if isinstance(value, str) else value
+        sentinels = info.data.get("queue_redis_sentinels")
+        if not name:
+            if sentinels:
+                raise ValueError(
+                    "must name the master the sentinels monitor (QUEUE_REDIS_SENTINELS is set)"
+                )
+            return None
+        if any(c.isspace() for c in name):
+            raise ValueError("must be a master name without spaces")
+        if "queue_redis_sentinels" in info.data and not sentinels:
+            raise ValueError("is set but QUEUE_REDIS_SENTINELS is empty")
+        return name
 
     @field_validator("execution_tenant_concurrency", mode="before")
     @classmethod
@@ -207,6 +257,11 @@ class Settings(BaseSettings):
     def driver(self) -> Literal["bullmq", "inmemory"]:
         """The effective queue driver (``bullmq`` unless ``QUEUE_DRIVER=inmemory``)."""
         return "inmemory" if self.queue_driver == "inmemory" else "bullmq"
+
+    @property
+    def uses_sentinel(self) -> bool:
+        """The Redis master is discovered through Sentinel (``QUEUE_REDIS_SENTINELS``)."""
+        return bool(self.queue_redis_sentinels)
 
     @property
     def tenant_concurrency(self) -> int:
@@ -316,6 +371,26 @@ def _allowlist_host_name(where: str) -> str:
     raise ValueError("write an IPv4 address as four decimal numbers, e.g. 127.0.0.1")
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``host:port`` (an IPv6 address in brackets) as ``(host, port)``; ``ValueError`` naming
+    the entry otherwise."""
+    entry = text.strip()
+    if "://" in entry:
+        raise ValueError(f"entry {entry!r}: write host:port, not a URL")
+    if entry.startswith("["):
+        host, closed, rest = entry[1:].partition("]")
+        port = rest[1:] if closed and rest.startswith(":") else ""
+    else:
+        host, _, port = entry.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"entry {entry!r}: write an IPv6 address as [address]:port")
+    if not host or any(c.isspace() or c in "/@" for c in host):
+        raise ValueError(f"entry {entry!r}: write host:port, e.g. 10.0.0.5:26379")
+    if not _PORT.match(port) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"entry {entry!r}: port {port!r} is not a number from 1 to 65535")
+    return host, int(port)
+
+
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read and validate the settings from ``environ`` (default: ``os.environ``).
 
@@ -339,8 +414,10 @@ def _describe(exc: ValidationError, env: Mapping[str, str]) -> str:
     name = field.upper()
     raw = env.get(name, env.get(field, error.get("input")))
     reason = str(error["msg"]).removeprefix("Value error, ")
-    if name in {"QUEUE_REDIS_PASSWORD", "ADMIN_TOKEN"}:
+    if name in {"QUEUE_REDIS_PASSWORD", "QUEUE_REDIS_SENTINEL_PASSWORD", "ADMIN_TOKEN"}:
         raw = "***"
+    elif raw is None:
+        raw = ""
     return f"invalid setting {name}={raw}: {reason}"
 
 

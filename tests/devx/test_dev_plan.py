@@ -83,3 +83,14 @@ def test_embedded_redis_settings(tmp_path: Path) -> None:
     assert flags["--appendonly"] == "yes" and flags["--appendfsync"] == "everysec"
     assert flags["--maxmemory-policy"] == "noeviction" and flags["--bind"] == "127.0.0.1"
     assert flags["--dir"] == str(tmp_path) and flags["--port"] == "6501"
+
+
+def test_sentinels_are_ignored(tmp_path: Path) -> None:
+    environ = {"QUEUE_REDIS_SENTINELS": "10.0.0.1:26379", "QUEUE_REDIS_SENTINEL_MASTER": "main"}
+    plan = dev.plan_dev(_args(tmp_path), load_settings(environ), environ)
+    assert plan.redis_port is not None and "QUEUE_REDIS_SENTINELS ignored" in plan.redis_desc
+    children = load_settings(plan.env)
+    assert not children.uses_sentinel and children.queue_redis_port == plan.redis_port
+    configured = {**environ, "QUEUE_REDIS_HOST": "redis.internal"}
+    plan = dev.plan_dev(_args(tmp_path), load_settings(configured), configured)
+    assert plan.redis_port is None and not load_settings(plan.env).uses_sentinel

@@ -229,3 +229,19 @@ def test_no_token_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     settings = load_settings({})
     assert status.run(_parse("--url", "http://127.0.0.1:9"), settings) == 1
     assert "no admin token" in capsys.readouterr().err
+
+
+def test_redis_line_shows_the_master_and_the_sentinels() -> None:
+    view = {"master": "main", "masterAddress": "10.0.0.5:6379", "sentinels": 3, "reachable": 2,
+            "quorum": 2, "quorumOk": True, "masterDown": False, "errors": ["sentinel x: refused"]}  # fmt: skip
+    doc = {"data": {**FULL["data"], "queue": {"address": "10.0.0.5:6379", "sentinel": view}}}
+    text = render(doc)
+    assert "redis master 10.0.0.5:6379 | sentinel main: 2/3 answering, quorum 2 ok\n" in text
+    lost = {**view, "reachable": 1, "quorumOk": False, "masterDown": True}
+    text = render({"data": {"queue": {"address": None, "sentinel": lost}}})
+    assert "redis master - | sentinel main: 1/3 answering, quorum 2 NOT REACHABLE" in text
+    assert "master seen down" in text
+    # Without Sentinel: the address only; an older API (no address): no line at all.
+    assert "redis master 127.0.0.1:6379\n" in render({"data": {"queue": {
+        "address": "127.0.0.1:6379", "sentinel": None}}})  # fmt: skip
+    assert "redis master" not in render(SEED_SAMPLE)

@@ -10,10 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from conveyor.errors import QueueNotReady, QueueUnavailable
-from conveyor.queue import JobContext, QueueFactory
-from tests.helpers import env_for, free_port, port_open, redis_server, wait_for
+from conveyor.queue import JobContext, QueueFactory, connection
+from tests.helpers import (
+    env_for,
+    free_port,
+    port_open,
+    redis_server,
+    self_signed_cert,
+    wait_for,
+)
 from tests.queue.conftest import TEST_QUEUE, eventually, make_settings, running
 from tests.queue.payload import Probe
 
@@ -119,34 +127,7 @@ async def test_acl_username_and_password(redis_prefix: str) -> None:
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """A self-signed certificate for 127.0.0.1/localhost, made with the openssl CLI."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    yield cert, key
+    yield self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
 async def test_tls(redis_prefix: str, tls_files: tuple[Path, Path]) -> None:
@@ -217,3 +198,49 @@ async def test_check_command(redis_prefix: str) -> None:
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("conveyor check: Redis at redis://127.0.0.1:")
     assert "unreachable" in lines[0]
+
+
+async def test_sentinel_client_configuration(redis_prefix: str) -> None:
+    """With sentinels every role's client is Sentinel-managed and keeps its timeouts and retry
+    policy; the sentinels get their own credentials and TLS. No I/O."""
+    settings = make_settings(
+        redis_prefix,
+        QUEUE_REDIS_SENTINELS="10.0.0.1:26379,10.0.0.2:26379",
+        QUEUE_REDIS_SENTINEL_MASTER="main",
+        QUEUE_REDIS_SENTINEL_USERNAME="watcher",
+        QUEUE_REDIS_SENTINEL_PASSWORD="spw",
+        QUEUE_REDIS_SENTINEL_TLS="true",
+        QUEUE_REDIS_TLS_CA_FILE="/etc/ca.pem",
+        QUEUE_REDIS_PASSWORD="dpw",
+        QUEUE_REDIS_DB="2",
+    )
+    with pytest.raises(ValueError, match="make_sentinel"):
+        connection.make_client(settings, "command")
+    sentinel = connection.make_sentinel(settings)
+    try:
+        roles: list[tuple[connection.ClientRole, int]] = [
+            ("command", 2), ("worker", 3), ("blocking", 0), ("probe", 0),
+        ]  # fmt: skip
+        for role, retries in roles:
+            client = connection.make_client(settings, role, sentinel)
+            pool = client.connection_pool
+            assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "main"
+            kwargs = pool.connection_kwargs
+            assert (kwargs["db"], kwargs["password"], kwargs["decode_responses"]) == (
+                2,
+                "dpw",
+                True,
+            )
+            assert kwargs["retry"].get_retries() == retries, role
+            assert "ssl_ca_certs" not in kwargs  # QUEUE_REDIS_TLS is off for the data nodes
+            await client.aclose()
+        hosts = [s.connection_pool.connection_kwargs for s in sentinel.sentinels]
+        assert [(k["host"], k["port"]) for k in hosts] == [("10.0.0.1", 26379), ("10.0.0.2", 26379)]
+        for k in hosts:
+            assert (k["username"], k["password"]) == ("watcher", "spw")
+            assert k["ssl_ca_certs"] == "/etc/ca.pem" and k["socket_timeout"] == 1.0
+    finally:
+        await sentinel.aclose()
+    assert connection.location(settings) == (
+        "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/main/2"
+    )

@@ -11,6 +11,7 @@ import asyncio
 import sys
 from typing import Any
 
+from conveyor.cli.tables import redis_line
 from conveyor.errors import QueueError
 from conveyor.queue import QueueFactory
 from conveyor.queue.connection import location
@@ -36,6 +37,8 @@ async def _check(settings: Settings) -> list[str]:
         f"persistence: aof {_onoff(persistence['aof'])}, rdb {_onoff(persistence['rdb'])}; "
         f"maxmemory-policy {report['evictionPolicy'] or 'unknown'}",
     ]
+    if settings.uses_sentinel:
+        lines.append(str(redis_line(report)))
     lines.extend(f"warning: {w}" for w in report.get("warnings", []))
     return lines
 

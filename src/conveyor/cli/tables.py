@@ -234,6 +234,25 @@ def _next_due(timers: Mapping[str, Any], now: datetime | None) -> str:
     return f"{when.isoformat(timespec='seconds')} ({age(raw, now)})"
 
 
+def redis_line(queue: Mapping[str, Any]) -> str | None:
+    """``redis master 10.0.0.5:6379 | sentinel main: 3/3 answering, quorum 2 ok``; ``None``
+    for a document without the address (an older API, or the in-memory driver)."""
+    address = queue.get("address")
+    view = _dict(queue.get("sentinel"))
+    if not address and not view:
+        return None
+    line = f"redis master {cell(address)}"
+    if view:
+        quorum = "ok" if view.get("quorumOk") else "NOT REACHABLE"
+        line += (
+            f" | sentinel {cell(view.get('master'))}: {cell(view.get('reachable'))}/"
+            f"{cell(view.get('sentinels'))} answering, quorum {cell(view.get('quorum'))} {quorum}"
+        )
+        if view.get("masterDown"):
+            line += " | master seen down (failover under way?)"
+    return line
+
+
 def render(document: Mapping[str, Any], *, source: str = "") -> str:
     """The status document as text: header, queues, processes, scheduler, timers."""
     data = _dict(document.get("data", document))
@@ -249,7 +268,9 @@ def render(document: Mapping[str, Any], *, source: str = "") -> str:
     regions = data.get("regions")
     headers, rows = queue_rows(depths, regions if isinstance(regions, list) else ())
     errors = data["errors"] if isinstance(data.get("errors"), list) else []
-    lines = [head, summary, *(f"!! {e}" for e in errors), "", "QUEUES"]
+    redis = redis_line(_dict(data.get("queue")))
+    lines = [head, summary, *([redis] if redis else []), *(f"!! {e}" for e in errors)]
+    lines += ["", "QUEUES"]
     numeric = range(2, len(headers) - (1 if "CONSUMERS" in headers else 0))
     lines += table(headers, rows, right=numeric) if rows else ["  (no queues)"]
     processes = _processes(data)

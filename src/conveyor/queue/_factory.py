@@ -3,6 +3,12 @@
 One factory per process. Everything it makes shares the connection settings, the key
 prefix, the payload registry and the defaults; it owns every Redis client it creates and
 closes them (after the workers, bounded) when its ``async with`` block ends.
+
+It is the only place a process creates Redis clients (:func:`connection.make_client`): the
+command client of Conveyor's own keys (fairness counters, heartbeats, leader locks, metrics),
+BullMQ's queue, worker, blocking and event clients, and the readiness probe. With
+``QUEUE_REDIS_SENTINELS`` every one of them is Sentinel-managed through the factory's one
+:class:`~redis.asyncio.sentinel.Sentinel`, so the whole process follows a failover.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 
 from conveyor.errors import QueueNotReady
 from conveyor.queue import connection, health
@@ -42,6 +49,7 @@ class QueueFactory:
         self._clients: list[aioredis.Redis] = []
         self._redis: aioredis.Redis | None = None
         self._probe: aioredis.Redis | None = None
+        self._sentinel: Sentinel | None = None
         self._workers: list[Worker] = []
         self._events: list[QueueEvents] = []
         self._queues: dict[str, Queue] = {}
@@ -69,9 +77,16 @@ class QueueFactory:
     def _client(self, role: connection.ClientRole) -> aioredis.Redis:
         if self._closed:
             raise RuntimeError("QueueFactory is closed")
-        client = connection.make_client(self.settings, role)
+        client = connection.make_client(self.settings, role, self.sentinel)
         self._clients.append(client)
         return client
+
+    @property
+    def sentinel(self) -> Sentinel | None:
+        """The process's clients to the sentinels (``None`` without ``QUEUE_REDIS_SENTINELS``)."""
+        if self._sentinel is None and self.settings.uses_sentinel and not self._closed:
+            self._sentinel = connection.make_sentinel(self.settings)
+        return self._sentinel
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -198,13 +213,15 @@ class QueueFactory:
             raise QueueNotReady(
                 "QUEUE_DRIVER=inmemory is for isolated unit tests only; workers need Redis"
             )
-        await health.assert_ready(self._probe_client(), self.settings)
+        await health.assert_ready(self._probe_client(), self.settings, self.sentinel)
 
     async def health(self, timeout_s: float = 2.0) -> dict[str, Any]:
         """``{"driver", "status", "latencyMs", "durable", "persistence", "evictionPolicy",
-        "redisVersion", "warnings", "error"?}``; never takes longer than ``timeout_s``."""
+        "redisVersion", "address", "sentinel", "warnings", "error"?}``; never takes longer
+        than ``timeout_s``. ``address`` is the master's ``host:port``; ``sentinel`` the
+        sentinels' view (``None`` without Sentinel), see :func:`health.sentinel_view`."""
         client = None if self.driver == "inmemory" else self._probe_client()
-        return await health.probe(client, self.settings, timeout_s)
+        return await health.probe(client, self.settings, timeout_s, self.sentinel)
 
     # -- shutdown ---------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -226,3 +243,9 @@ class QueueFactory:
             if isinstance(result, Exception):
                 log.debug("queue.client_close_failed", extra={"error": repr(result)})
         self._clients.clear()
+        if self._sentinel is not None:
+            try:
+                await self._sentinel.aclose()
+            except Exception as exc:
+                log.debug("queue.sentinel_close_failed", extra={"error": repr(exc)})
+            self._sentinel = None

@@ -10,6 +10,13 @@ BullMQ a ready :class:`redis.asyncio.Redis` built here:
 * a short, bounded retry so a blip is absorbed but an outage is reported quickly;
 * ``decode_responses=True`` (BullMQ needs it), credentials, db and TLS from the settings.
 
+With ``QUEUE_REDIS_SENTINELS`` the clients are Sentinel-managed (redis-py's
+:class:`~redis.asyncio.sentinel.Sentinel`, ``master_for``): every new connection asks the
+sentinels where the master is, so after a failover the next reconnect (the bounded retry, or
+the caller's own loop) lands on the promoted replica, and a connection still open to a demoted
+master is dropped on its first ``READONLY`` reply. Each client has its own pool; the
+:class:`Sentinel` (its clients to the sentinels) is shared by a process's factory.
+
 Roles: ``command`` (every non-blocking call), ``blocking`` (the worker's BZPOPMIN, which
 blocks up to 10 s, so its read timeout is longer), ``events`` (QueueEvents' XREAD BLOCK)
 and ``probe`` (readiness/health: one try, the caller bounds the time).
@@ -24,6 +31,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     AuthenticationError,
@@ -84,8 +92,11 @@ def _socket_timeout(settings: Settings, role: ClientRole) -> float:
     return base
 
 
-def tls_kwargs(settings: Settings) -> dict[str, Any]:
-    if not settings.queue_redis_tls:
+def tls_kwargs(settings: Settings, *, sentinel: bool = False) -> dict[str, Any]:
+    """TLS options of the data connections (``QUEUE_REDIS_TLS``), or with ``sentinel`` of the
+    connections to the sentinels (``QUEUE_REDIS_SENTINEL_TLS``); both verify with the same CA
+    file (or not at all with ``QUEUE_REDIS_TLS_INSECURE``)."""
+    if not (settings.queue_redis_sentinel_tls if sentinel else settings.queue_redis_tls):
         return {}
     kwargs: dict[str, Any] = {"ssl": True, "ssl_min_version": ssl.TLSVersion.TLSv1_2}
     if settings.queue_redis_tls_ca_file:
@@ -96,29 +107,78 @@ def tls_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
-def make_client(settings: Settings, role: ClientRole = "command") -> aioredis.Redis:
-    """A Redis client for ``role``; creating it does no I/O."""
+def _client_kwargs(settings: Settings, role: ClientRole) -> dict[str, Any]:
     password = settings.queue_redis_password
-    return aioredis.Redis(
-        host=settings.queue_redis_host,
-        port=settings.queue_redis_port,
-        db=settings.queue_redis_db,
-        username=settings.queue_redis_username,
-        password=password.get_secret_value() if password is not None else None,
-        socket_connect_timeout=settings.queue_redis_connect_timeout_ms / 1000.0,
-        socket_timeout=_socket_timeout(settings, role),
-        socket_keepalive=True,
-        socket_keepalive_options=keepalive_options(),
-        health_check_interval=0 if role == "probe" else HEALTH_CHECK_INTERVAL_S,
-        retry=_retry(role),
-        decode_responses=True,
+    return {
+        "db": settings.queue_redis_db,
+        "username": settings.queue_redis_username,
+        "password": password.get_secret_value() if password is not None else None,
+        "socket_connect_timeout": settings.queue_redis_connect_timeout_ms / 1000.0,
+        "socket_timeout": _socket_timeout(settings, role),
+        "socket_keepalive": True,
+        "socket_keepalive_options": keepalive_options(),
+        "health_check_interval": 0 if role == "probe" else HEALTH_CHECK_INTERVAL_S,
+        "retry": _retry(role),
+        "decode_responses": True,
         **tls_kwargs(settings),
-    )
+    }
+
+
+def make_sentinel(settings: Settings) -> Sentinel:
+    """Clients to the sentinels of ``QUEUE_REDIS_SENTINELS`` (no I/O until used). A sentinel
+    that does not answer within the connect timeout is skipped for the next one."""
+    password = settings.queue_redis_sentinel_password
+    timeout = settings.queue_redis_connect_timeout_ms / 1000.0
+    sentinel_kwargs: dict[str, Any] = {
+        "username": settings.queue_redis_sentinel_username,
+        "password": password.get_secret_value() if password is not None else None,
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "socket_keepalive": True,
+        "socket_keepalive_options": keepalive_options(),
+        "decode_responses": True,
+        **tls_kwargs(settings, sentinel=True),
+    }
+    return Sentinel(list(settings.queue_redis_sentinels), sentinel_kwargs=sentinel_kwargs)
+
+
+def make_client(
+    settings: Settings, role: ClientRole = "command", sentinel: Sentinel | None = None
+) -> aioredis.Redis:
+    """A Redis client for ``role``; creating it does no I/O. With ``QUEUE_REDIS_SENTINELS``
+    pass the process's ``sentinel`` (:func:`make_sentinel`): the client then follows the
+    master it names."""
+    kwargs = _client_kwargs(settings, role)
+    if not settings.uses_sentinel:
+        return aioredis.Redis(
+            host=settings.queue_redis_host, port=settings.queue_redis_port, **kwargs
+        )
+    if sentinel is None:
+        raise ValueError("QUEUE_REDIS_SENTINELS is set: pass the Sentinel from make_sentinel()")
+    assert settings.queue_redis_sentinel_master is not None  # the settings checked it
+    client: aioredis.Redis = sentinel.master_for(settings.queue_redis_sentinel_master, **kwargs)
+    return client
+
+
+def master_address(client: aioredis.Redis) -> str | None:
+    """``host:port`` of the master a Sentinel-managed ``client`` last resolved (``None``
+    before its first connection, or for a plain client)."""
+    address = getattr(client.connection_pool, "master_address", None)
+    return None if address is None else f"{address[0]}:{address[1]}"
 
 
 def location(settings: Settings) -> str:
+    """How error messages and logs name the Redis in use (never with credentials)."""
     scheme = "rediss" if settings.queue_redis_tls else "redis"
+    if settings.uses_sentinel:
+        sentinels = ",".join(_host_port(h, p) for h, p in settings.queue_redis_sentinels)
+        master = settings.queue_redis_sentinel_master
+        return f"{scheme}+sentinel://{sentinels}/{master}/{settings.queue_redis_db}"
     return f"{scheme}://{settings.queue_redis_host}:{settings.queue_redis_port}/{settings.queue_redis_db}"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -137,6 +197,16 @@ def translate(exc: BaseException, settings: Settings, action: str = "talk to") -
     """Turn a redis-py/OS error into Conveyor's exception tree, with a clear one-line message."""
     where = location(settings)
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, MasterNotFoundError):
+        refused = any(m in text for m in ("Authentication", "WRONGPASS", "NOAUTH", "invalid user"))
+        hint = (
+            "the sentinels refused the credentials (check QUEUE_REDIS_SENTINEL_USERNAME/"
+            "QUEUE_REDIS_SENTINEL_PASSWORD)"
+            if refused
+            else "no sentinel answered with a healthy master (a failover in progress, or check "
+            "QUEUE_REDIS_SENTINELS/QUEUE_REDIS_SENTINEL_MASTER)"
+        )
+        return QueueUnavailable(f"Redis at {where} is unreachable: {hint}: {text[:500]}")
     if isinstance(exc, AuthenticationError | AuthenticationWrongNumberOfArgsError) or any(
         marker in text for marker in ("WRONGPASS", "NOAUTH", "invalid password", "invalid username")
     ):

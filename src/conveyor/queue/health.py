@@ -4,6 +4,9 @@
 credentials within a short deadline, the Redis version BullMQ needs, and a loud warning
 when ``maxmemory-policy`` is not ``noeviction`` (Redis could then evict queue keys).
 :func:`probe` feeds ``GET /api/health``; it returns within its timeout whatever Redis does.
+With Sentinel both also report the master in use and :func:`sentinel_view`: how many of the
+configured sentinels answer, the master they name, and whether they can still agree on a
+failover (``SENTINEL CKQUORUM``).
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import asyncio
 import logging
 import re
 import time
+from collections import Counter
 from typing import Any, TypedDict
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoPermissionError, ResponseError
 
 from conveyor.errors import QueueNotReady, QueueUnavailable
@@ -76,12 +81,125 @@ async def server_facts(client: aioredis.Redis) -> ServerFacts:
     }
 
 
+class SentinelView(TypedDict):
+    master: str
+    """The master's name (``QUEUE_REDIS_SENTINEL_MASTER``)."""
+    masterAddress: str | None
+    """``host:port`` most answering sentinels name as the master (``None``: none answered)."""
+    sentinels: int
+    """Sentinels configured (``QUEUE_REDIS_SENTINELS``)."""
+    reachable: int
+    """Of those, how many answered and know the master."""
+    quorum: int | None
+    """Sentinels that must agree the master is down before a failover starts."""
+    quorumOk: bool
+    """``SENTINEL CKQUORUM``: enough sentinels are up to reach the quorum and authorise a
+    failover (a majority of all sentinels)."""
+    masterDown: bool
+    """Some answering sentinel sees the master down now (a failover may be under way)."""
+    errors: list[str]
+
+
+_VIEW_ERRORS: tuple[type[BaseException], ...] = (ResponseError, *connection.QUEUE_ERRORS)
+
+
+async def _command(client: aioredis.Redis, *args: str) -> Any:
+    """A raw command (redis-py's ``execute_command`` is untyped); ``SENTINEL MASTER`` is
+    parsed into a dict by redis-py's response callbacks."""
+    execute: Any = client.execute_command
+    return await execute(*args)
+
+
+def _address(state: dict[str, Any]) -> str:
+    return f"{state['ip']}:{state['port']}"
+
+
+async def sentinel_view(sentinel: Sentinel, settings: Settings, timeout_s: float) -> SentinelView:
+    """Ask every configured sentinel about the master, concurrently; never raises, returns
+    within about ``timeout_s``."""
+    name = str(settings.queue_redis_sentinel_master)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+
+    async def ask(client: aioredis.Redis) -> dict[str, Any]:
+        async with asyncio.timeout_at(deadline):
+            state = await _command(client, "SENTINEL MASTER", name)
+        if not isinstance(state, dict):
+            raise ResponseError(f"unexpected reply to SENTINEL MASTER: {state!r}")
+        return state
+
+    clients = list(sentinel.sentinels)
+    answers = await asyncio.gather(*(ask(c) for c in clients), return_exceptions=True)
+    states = [a for a in answers if isinstance(a, dict)]
+    errors = [
+        f"{_where(c)}: {str(a) or type(a).__name__}"[:200]
+        for c, a in zip(clients, answers, strict=True)
+        if isinstance(a, BaseException)
+    ]
+    quorum_ok = False
+    for client, answer in zip(clients, answers, strict=True):
+        if not isinstance(answer, dict):
+            continue
+        try:
+            async with asyncio.timeout_at(deadline):
+                reply = await _command(client, "SENTINEL", "CKQUORUM", name)
+            quorum_ok = str(reply).startswith("OK")
+        except _VIEW_ERRORS as exc:
+            errors.append(f"{_where(client)}: {exc}"[:200])
+        break
+    named = Counter(_address(s) for s in states)
+    return {
+        "master": name,
+        "masterAddress": named.most_common(1)[0][0] if named else None,
+        "sentinels": len(clients),
+        "reachable": len(states),
+        "quorum": max(int(s["quorum"]) for s in states) if states else None,
+        "quorumOk": quorum_ok,
+        "masterDown": any(s.get("is_sdown") or s.get("is_odown") for s in states),
+        "errors": errors,
+    }
+
+
+def _where(client: aioredis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"sentinel {kwargs.get('host')}:{kwargs.get('port')}"
+
+
+def _unanswered_view(settings: Settings, why: str) -> SentinelView:
+    return {
+        "master": str(settings.queue_redis_sentinel_master),
+        "masterAddress": None,
+        "sentinels": len(settings.queue_redis_sentinels),
+        "reachable": 0,
+        "quorum": None,
+        "quorumOk": False,
+        "masterDown": False,
+        "errors": [why],
+    }
+
+
+def view_warnings(view: SentinelView | None) -> list[str]:
+    """What an operator should hear about the sentinels (empty: all well)."""
+    if view is None:
+        return []
+    warnings = []
+    if view["reachable"] < view["sentinels"]:
+        warnings.append(f"{view['reachable']} of {view['sentinels']} sentinels answered")
+    if not view["quorumOk"]:
+        warnings.append(
+            "the sentinels cannot reach their quorum: a failed master would not be replaced"
+        )
+    return warnings
+
+
 def readiness_deadline_s(settings: Settings) -> float:
     return settings.queue_redis_connect_timeout_ms / 1000.0 + 2.0
 
 
-async def assert_ready(client: aioredis.Redis, settings: Settings) -> ServerFacts:
-    """Raise :class:`QueueUnavailable` / :class:`QueueNotReady` unless BullMQ can use Redis."""
+async def assert_ready(
+    client: aioredis.Redis, settings: Settings, sentinel: Sentinel | None = None
+) -> ServerFacts:
+    """Raise :class:`QueueUnavailable` / :class:`QueueNotReady` unless BullMQ can use Redis.
+    With ``sentinel``, also log the master found and warn when the sentinels are degraded."""
     deadline = readiness_deadline_s(settings)
     where = connection.location(settings)
     try:
@@ -93,14 +211,21 @@ async def assert_ready(client: aioredis.Redis, settings: Settings) -> ServerFact
     except connection.QUEUE_ERRORS as exc:
         raise connection.translate(exc, settings, "connect to") from exc
     check_facts(facts, where)
-    log.info(
-        "queue.ready",
-        extra={
-            "redis": where,
-            "version": facts["redisVersion"],
-            "evictionPolicy": facts["evictionPolicy"],
-        },
-    )
+    extra: dict[str, Any] = {
+        "redis": where,
+        "version": facts["redisVersion"],
+        "evictionPolicy": facts["evictionPolicy"],
+    }
+    if sentinel is not None:
+        view = await sentinel_view(sentinel, settings, timeout_s=deadline / 2)
+        extra.update(
+            master=connection.master_address(client),
+            sentinelsReachable=view["reachable"],
+            quorumOk=view["quorumOk"],
+        )
+        for warning in view_warnings(view):
+            log.warning("queue.sentinel_degraded: %s", warning, extra={"redis": where})
+    log.info("queue.ready", extra=extra)
     return facts
 
 
@@ -127,7 +252,7 @@ def check_facts(facts: ServerFacts, where: str) -> None:
         )
 
 
-def _unreachable(driver: str, error: str) -> dict[str, Any]:
+def _unreachable(driver: str, error: str, view: SentinelView | None) -> dict[str, Any]:
     return {
         "driver": driver,
         "status": "unreachable",
@@ -136,7 +261,9 @@ def _unreachable(driver: str, error: str) -> dict[str, Any]:
         "persistence": {"aof": None, "rdb": None},
         "evictionPolicy": None,
         "redisVersion": None,
-        "warnings": [],
+        "address": None,
+        "sentinel": view,
+        "warnings": view_warnings(view),
         "error": error,
     }
 
@@ -154,10 +281,20 @@ def _reap(task: asyncio.Task[Any]) -> None:
         task.exception()  # retrieved so asyncio does not log it
 
 
+def _abandon(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    _background.add(task)
+    task.add_done_callback(_reap)
+
+
 async def probe(
-    client: aioredis.Redis | None, settings: Settings, timeout_s: float = 2.0
+    client: aioredis.Redis | None,
+    settings: Settings,
+    timeout_s: float = 2.0,
+    sentinel: Sentinel | None = None,
 ) -> dict[str, Any]:
-    """The health document; returns within ``timeout_s`` even if Redis hangs."""
+    """The health document; returns within ``timeout_s`` even if Redis hangs. ``address``:
+    the master's ``host:port``; ``sentinel``: :func:`sentinel_view` (``None`` without)."""
     if client is None or settings.driver == "inmemory":
         return {
             "driver": "inmemory",
@@ -167,30 +304,52 @@ async def probe(
             "persistence": {"aof": False, "rdb": False},
             "evictionPolicy": None,
             "redisVersion": None,
+            "address": None,
+            "sentinel": None,
             "warnings": ["QUEUE_DRIVER=inmemory: jobs are lost when the process exits"],
         }
-    task = asyncio.get_running_loop().create_task(_measure(client), name="conveyor.queue_health")
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if not done:
-        task.cancel()
-        _background.add(task)
-        task.add_done_callback(_reap)
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(_measure(client), name="conveyor.queue_health")
+    viewing: asyncio.Task[SentinelView] | None = None
+    if sentinel is not None:
+        viewing = loop.create_task(
+            sentinel_view(sentinel, settings, timeout_s * 0.8), name="conveyor.sentinel_view"
+        )
+    await asyncio.wait({task} if viewing is None else {task, viewing}, timeout=timeout_s)
+    view: SentinelView | None = None
+    if viewing is not None:
+        if viewing.done():
+            view = viewing.result()  # sentinel_view never raises
+        else:
+            _abandon(viewing)
+            view = _unanswered_view(settings, f"no answer within {timeout_s:g} s")
+    if not task.done():
+        _abandon(task)
         where = connection.location(settings)
-        return _unreachable("bullmq", f"Redis at {where} did not answer within {timeout_s:g} s")
+        error = f"Redis at {where} did not answer within {timeout_s:g} s"
+        return _unreachable("bullmq", error, view)
     exc = task.exception()
     if exc is not None:
         if not isinstance(exc, connection.QUEUE_ERRORS):
             raise exc
-        return _unreachable("bullmq", connection.translate(exc, settings, "probe").message)
+        error = connection.translate(exc, settings, "probe").message
+        return _unreachable("bullmq", error, view)
     latency_ms, facts = task.result()
-    warnings = []
+    warnings = view_warnings(view)
     if facts["evictionPolicy"] not in (None, "noeviction"):
         warnings.append(f"maxmemory-policy is {facts['evictionPolicy']}; BullMQ needs noeviction")
+    address = (
+        connection.master_address(client)
+        if sentinel is not None
+        else f"{settings.queue_redis_host}:{settings.queue_redis_port}"
+    )
     return {
         "driver": "bullmq",
         "status": "ready",
         "latencyMs": latency_ms,
         "durable": True,
         **facts,
+        "address": address,
+        "sentinel": view,
         "warnings": warnings,
     }

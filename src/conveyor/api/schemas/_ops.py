@@ -11,6 +11,41 @@ from conveyor.api.schemas._common import ApiModel
 
 
 # --- health ---------------------------------------------------------------------------------
+class SentinelView(ApiModel):
+    """What the Redis Sentinels say (only with ``QUEUE_REDIS_SENTINELS``)."""
+
+    master: str = Field(description="The master's name the sentinels monitor.", examples=["main"])
+    master_address: str | None = Field(
+        None,
+        description="`host:port` most answering sentinels name as the master.",
+        examples=["10.0.0.5:6379"],
+    )
+    sentinels: int = Field(description="Sentinels configured.", examples=[3])
+    reachable: int = Field(description="Sentinels that answered about the master.", examples=[3])
+    quorum: int | None = Field(
+        None, description="Sentinels that must agree before a failover.", examples=[2]
+    )
+    quorum_ok: bool = Field(
+        description="`SENTINEL CKQUORUM`: enough sentinels are up to agree on a failover and "
+        "authorise it; false means a failed master would not be replaced."
+    )
+    master_down: bool = Field(
+        description="An answering sentinel sees the master down now (failover under way)."
+    )
+    errors: list[str] = Field(default_factory=list)
+
+
+class RedisTarget(ApiModel):
+    address: str | None = Field(
+        None,
+        description="`host:port` of the Redis master in use (`null` when unreachable).",
+        examples=["10.0.0.5:6379"],
+    )
+    sentinel: SentinelView | None = Field(
+        None, description="The sentinels' view; `null` when Sentinel is not used."
+    )
+
+
 class QueueHealth(ApiModel):
     model_config = ConfigDict(extra="allow")
     driver: str = Field(description="`bullmq` or `inmemory`.", examples=["bullmq"])
@@ -22,6 +57,15 @@ class QueueHealth(ApiModel):
     )
     eviction_policy: str | None = Field(None, examples=["noeviction"])
     redis_version: str | None = Field(None, examples=["7.0.15"])
+    address: str | None = Field(
+        None,
+        description="`host:port` of the Redis master in use (with Sentinel: the one it named).",
+        examples=["10.0.0.5:6379"],
+    )
+    sentinel: SentinelView | None = Field(
+        None, description="The sentinels' view; `null` when Sentinel is not used."
+    )
+    warnings: list[str] = Field(default_factory=list)
     error: str | None = None
 
 
@@ -47,6 +91,18 @@ class HealthData(ApiModel):
                         "persistence": {"aof": True, "rdb": True},
                         "evictionPolicy": "noeviction",
                         "redisVersion": "7.0.15",
+                        "address": "10.0.0.21:6379",
+                        "sentinel": {
+                            "master": "conveyor",
+                            "masterAddress": "10.0.0.21:6379",
+                            "sentinels": 3,
+                            "reachable": 3,
+                            "quorum": 2,
+                            "quorumOk": True,
+                            "masterDown": False,
+                            "errors": [],
+                        },
+                        "warnings": [],
                     },
                     "database": {"dialect": "postgresql", "status": "ready", "latencyMs": 0.8},
                 }
@@ -90,6 +146,7 @@ class ReadyData(ApiModel):
                             "waiting": 0,
                         }
                     ],
+                    "redis": {"address": "127.0.0.1:6379", "sentinel": None},
                 }
             ]
         }
@@ -100,6 +157,9 @@ class ReadyData(ApiModel):
     )
     queues: list[RegionQueue] = Field(
         description="Informational: whether each regional queue is being consumed."
+    )
+    redis: RedisTarget | None = Field(
+        None, description="Informational: the Redis master in use and the sentinels' view."
     )
 
 

@@ -124,6 +124,9 @@ def plan_dev(args: argparse.Namespace, settings: Settings, environ: Mapping[str,
     env = dict(environ)
     env["PYTHONUNBUFFERED"] = "1"
 
+    # ``conveyor dev`` talks to one Redis (embedded, or QUEUE_REDIS_HOST/PORT): never Sentinel.
+    env.update(QUEUE_REDIS_SENTINELS="", QUEUE_REDIS_SENTINEL_MASTER="")
+    ignored = " (QUEUE_REDIS_SENTINELS ignored by conveyor dev)" if settings.uses_sentinel else ""
     redis_port: int | None = None
     if {"queue_redis_host", "queue_redis_port"} & explicit:
         redis_desc = f"{settings.queue_redis_host}:{settings.queue_redis_port} (configured)"
@@ -136,6 +139,8 @@ def plan_dev(args: argparse.Namespace, settings: Settings, environ: Mapping[str,
             QUEUE_REDIS_HOST="127.0.0.1", QUEUE_REDIS_PORT=str(redis_port), QUEUE_REDIS_USERNAME="",
             QUEUE_REDIS_PASSWORD="", QUEUE_REDIS_TLS="false",
         )  # fmt: skip
+
+    redis_desc += ignored
 
     if "database_url" in explicit:
         database_url = settings.database_url
