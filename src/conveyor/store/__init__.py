@@ -11,6 +11,8 @@ asyncpg, or SQLite via aiosqlite) and exposes the services::
                         pagination) / cancel / retry; reconciler queries
     store.schedules     CRUD, due schedules, exactly-once ticks
     store.timers        claim / mark fired / release timers (timer dispatcher)
+    store.retention     per-tenant retention overrides; pruning finished executions in batches
+    store.storage       rows, bytes and the oldest row per table
     store.runs          the engine's hot path (claim with a lease, fenced step writes):
                         the :class:`RunStore` contract in :mod:`conveyor.store.runs`
 
@@ -42,6 +44,7 @@ from conveyor.store.records import (
     Workflow,
     WorkflowVersion,
 )
+from conveyor.store.retention import Cutoff, Pruned, RetentionOverride, RetentionPolicy
 from conveyor.store.runs import Claim, ExecutionWrite, RunStore, StepWrite, TimerWrite, Unclaimed
 from conveyor.store.schedules import (
     MISFIRE_POLICIES,
@@ -51,6 +54,7 @@ from conveyor.store.schedules import (
 )
 from conveyor.store.schema import ACTIVE_STATUSES, EXECUTION_STATUSES, TERMINAL_STATUSES
 from conveyor.store.statements import Statements
+from conveyor.store.usage import DatabaseUsage, TableUsage
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -59,12 +63,17 @@ __all__ = [
     "TERMINAL_STATUSES",
     "ApiKey",
     "Claim",
+    "Cutoff",
+    "DatabaseUsage",
     "Execution",
     "ExecutionWrite",
     "FiredTick",
     "IssuedApiKey",
     "Page",
     "PlannedTicks",
+    "Pruned",
+    "RetentionOverride",
+    "RetentionPolicy",
     "RunStore",
     "Schedule",
     "ScheduleTick",
@@ -72,6 +81,7 @@ __all__ = [
     "StepRun",
     "StepWrite",
     "Store",
+    "TableUsage",
     "Tenant",
     "Timer",
     "TimerWrite",
