@@ -30,6 +30,7 @@ from conveyor.api.schemas._ops import (
     TimerStatus,
     WorkerStatus,
 )
+from conveyor.api.schemas._storage import RetentionIn, RetentionOut, StorageData
 from conveyor.api.schemas._tenant import (
     ExecutionOut,
     ExecutionStatus,
@@ -64,6 +65,8 @@ __all__ = [
     "QueueStateOut",
     "ReadyData",
     "RegionQueue",
+    "RetentionIn",
+    "RetentionOut",
     "ScheduleIn",
     "ScheduleOut",
     "SchedulePatch",
@@ -71,6 +74,7 @@ __all__ = [
     "SchedulerStatus",
     "StatusData",
     "StepRunOut",
+    "StorageData",
     "TenantIn",
     "TenantOut",
     "TimerStatus",
