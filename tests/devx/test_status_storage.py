@@ -78,7 +78,7 @@ def _run_against(monkeypatch: pytest.MonkeyPatch, handler: Any, *argv: str) -> s
     def client(**kwargs: Any) -> httpx.Client:
         return _CLIENT(transport=httpx.MockTransport(handler), **kwargs)
 
-    monkeypatch.setattr(status.httpx, "Client", client)
+    monkeypatch.setattr(httpx, "Client", client)
     code = status.run(_parse("--url", "http://api", "--token", "t", *argv),
                       load_settings({}), out=out)  # fmt: skip
     assert code == 0

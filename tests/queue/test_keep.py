@@ -44,8 +44,9 @@ async def test_keep_settings_reach_bullmq_and_remove_finished_jobs(
         assert opts["removeOnFail"] == {"age": 7200, "count": 1}
         assert await redis_client.hget(f"{base}:meta", "opts.maxLenEvents") == "100"
         # Jobs a producer added without removeOn* (e.g. a Node producer) are bounded too.
+        bull: Any = getattr(queue, "bullmq_queue")  # noqa: B009 - the bullmq driver's handle
         for i in range(3):
-            await queue.bullmq_queue.add("workflow.execute", {"not": "a payload"},
+            await bull.add("workflow.execute", {"not": "a payload"},
                                          {"jobId": f"bad-{i}", "removeOnComplete": None,
                                           "removeOnFail": None})  # fmt: skip
 

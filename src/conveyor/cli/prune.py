@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 HEADERS = ["TENANT", "NAME", "RETENTION", "MAX", "EXECUTIONS", "STEP RUNS", "TIMERS", "TICKS"]
 _METRICS_FLUSH_S = 3.0
+_FLUSH_ERRORS: tuple[type[BaseException], ...] = (*QUEUE_ERRORS, ConveyorError)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,5 +100,5 @@ async def _flush(metrics: MetricsPublisher) -> None:
     try:
         async with asyncio.timeout(_METRICS_FLUSH_S):
             await metrics.flush()
-    except (*QUEUE_ERRORS, ConveyorError) as exc:
+    except _FLUSH_ERRORS as exc:
         log.warning("prune.metrics_not_published", extra={"error": repr(exc)})

@@ -11,10 +11,9 @@ from fastapi import APIRouter, Path
 from conveyor.api import probes
 from conveyor.api.deps import AdminDep, CtxDep
 from conveyor.api.schemas import Envelope, RetentionIn, RetentionOut, StorageData, error_responses
-from conveyor.api.schemas._storage import keep_out
 from conveyor.dispatch import keys
 from conveyor.queue import execution_queue_name
-from conveyor.settings import Settings
+from conveyor.settings import KeepPolicy, Settings
 from conveyor.store import RetentionOverride
 
 router = APIRouter(
@@ -27,6 +26,10 @@ router = APIRouter(
 TenantId = Annotated[
     str, Path(alias="tenantId", min_length=1, max_length=64, description="Tenant id.")
 ]
+
+
+def keep_out(keep: KeepPolicy) -> dict[str, int]:
+    return {"count": keep.count, "age_s": keep.age_s}
 
 
 def retention_out(override: RetentionOverride, settings: Settings) -> dict[str, Any]:

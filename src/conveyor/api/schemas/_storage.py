@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -149,7 +148,3 @@ class StorageData(ApiModel):
     database: DatabaseStorage
     redis: RedisStorage
     retention: RetentionSettings
-
-
-def keep_out(keep: Any) -> dict[str, int]:
-    return {"count": keep.count, "age_s": keep.age_s}
