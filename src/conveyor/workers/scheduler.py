@@ -21,7 +21,7 @@ reconciler (with the delay still due). Missed ticks (beyond the grace) are recor
 is parked with a ``scheduler.schedule_invalid`` warning; the round goes on.
 
 Supervised loops: election, leader loop, reconciler (its own loop: never delays ticks),
-retention (:mod:`conveyor.workers.retention`, its own loop too), heartbeat (``role: scheduler``), metrics. SIGTERM/SIGINT: stop, release the lock (a standby
+heartbeat (``role: scheduler``), metrics. SIGTERM/SIGINT: stop, release the lock (a standby
 takes over at its next poll), leave the registry, exit 0.
 """
 
