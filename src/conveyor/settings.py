@@ -40,6 +40,59 @@ _DB_SCHEMES = (
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
+MIN_RETENTION_S = 60
+"""The shortest EXECUTION_RETENTION (or tenant override) accepted."""
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds of a duration written ``<n><unit>`` (unit ``s``, ``m``, ``h``, ``d`` or ``w``)
+    or a bare number of seconds: ``14d``, ``36h``, ``90m``, ``3600``. Raises ValueError."""
+    match = _DURATION_RE.match(text.lower())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration: write a number of seconds or <n>s, <n>m, <n>h, <n>d, "
+            "<n>w (e.g. 14d, 36h)"
+        )
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def format_duration(seconds: int) -> str:
+    """The shortest exact ``<n><unit>`` form of ``seconds`` (``1209600`` → ``14d``)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True, slots=True)
+class KeepPolicy:
+    """How many finished jobs of one kind (completed or failed) BullMQ keeps per queue: at most
+    ``count`` of them and none older than ``age_s`` (BullMQ's ``removeOnComplete`` /
+    ``removeOnFail`` ``{count, age}``)."""
+
+    count: int
+    age_s: int
+
+    @classmethod
+    def parse(cls, text: str) -> KeepPolicy:
+        """``COUNT,AGE``: ``1000,24h``; the age in :func:`parse_duration`'s format."""
+        count, comma, age = text.partition(",")
+        if not comma or not count.strip().isdigit():
+            raise ValueError(f"{text!r}: write COUNT,AGE, e.g. 1000,24h")
+        seconds = parse_duration(age)
+        if seconds < 1:
+            raise ValueError(f"{text!r}: the age must be at least 1s")
+        return cls(int(count), seconds)
+
+    def job_option(self) -> dict[str, int]:
+        """BullMQ's ``removeOnComplete``/``removeOnFail`` value."""
+        return {"age": self.age_s, "count": self.count}
+
+    def __str__(self) -> str:
+        return f"{self.count},{format_duration(self.age_s)}"
+
 
 class Settings(BaseSettings):
     """Conveyor's configuration. Field names are the environment variables, lower-cased."""
@@ -130,6 +183,26 @@ class Settings(BaseSettings):
     timer_batch_size: PositiveInt = 500
     """Most timers loaded or fired per database round trip."""
 
+    # --- data lifecycle (docs/operations.md#capacity-and-retention) -------------------------
+    execution_retention: Annotated[int, Field(ge=MIN_RETENTION_S)] = 14 * 86400
+    """Seconds a finished execution (and its step runs, ticks, timers) is kept; written as a
+    duration (``14d``, ``36h``, ``90m``, ``45s``) or a number of seconds. A tenant may
+    override it (admin API)."""
+    execution_retention_max_per_tenant: PositiveInt | None = None
+    """Most finished executions one tenant keeps (the oldest go first); unset: no cap."""
+    retention_interval_ms: Annotated[int, Field(ge=1000)] = 60000
+    """How often the leading scheduler runs a retention pass."""
+    retention_batch_size: Annotated[int, Field(ge=1, le=5000)] = 1000
+    """Executions deleted per transaction (with their step runs, ticks and timers)."""
+    retention_pause_ms: NonNegativeInt = 100
+    """Pause between two batches of a pass (triggers and workers get the database)."""
+    queue_keep_completed: Annotated[KeepPolicy, NoDecode] = KeepPolicy(1000, 24 * 3600)
+    """Completed jobs BullMQ keeps per queue: ``COUNT,AGE`` (``1000,24h``), whichever is less."""
+    queue_keep_failed: Annotated[KeepPolicy, NoDecode] = KeepPolicy(10000, 7 * 86400)
+    """Failed jobs BullMQ keeps per queue: ``COUNT,AGE`` (``10000,7d``)."""
+    queue_events_max_len: Annotated[int, Field(ge=100)] = 10000
+    """Approximate cap of each queue's BullMQ events stream (``streams.events.maxLen``)."""
+
     @field_validator("queue_driver", mode="before")
     @classmethod
     def _lower_driver(cls, value: Any) -> Any:
@@ -183,10 +256,22 @@ class Settings(BaseSettings):
             raise ValueError("is set but QUEUE_REDIS_SENTINELS is empty")
         return name
 
-    @field_validator("execution_tenant_concurrency", mode="before")
+    @field_validator(
+        "execution_tenant_concurrency", "execution_retention_max_per_tenant", mode="before"
+    )
     @classmethod
-    def _empty_tenant_concurrency(cls, value: Any) -> Any:
+    def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("execution_retention", mode="before")
+    @classmethod
+    def _parse_retention(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("queue_keep_completed", "queue_keep_failed", mode="before")
+    @classmethod
+    def _parse_keep(cls, value: Any) -> Any:
+        return KeepPolicy.parse(value) if isinstance(value, str) else value
 
     @field_validator("execution_regions", mode="before")
     @classmethod

@@ -247,6 +247,7 @@ async def _publish_one_of_each(api: Api) -> None:
     publisher.count_tenant_execution("t1", "succeeded")
     publisher.count_stalled("workflow.execute.us")
     publisher.count_scheduler_misfires("fire_once")
+    publisher.count_pruned("executions", 1)
     publisher.observe_start_latency(0.01)
     publisher.observe_scheduler_lag(0.02)
     publisher.observe_timer_lag(0.03)

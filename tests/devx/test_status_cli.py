@@ -103,6 +103,10 @@ def test_status_renders_the_depth_of_a_waiting_job(api_env: dict[str, str]) -> N
         result.stdout
     )  # waiting 1, active 0
     assert "queue driver bullmq" in result.stdout and "redis ready" in result.stdout
+    # GET /api/admin/storage below the status: tables, Redis, the queue's kept jobs
+    assert "STORAGE  database sqlite" in result.stdout, result.stdout
+    assert any(line.split()[:1] == ["executions"] for line in result.stdout.splitlines())
+    assert "retention 14d00h" in result.stdout
 
     # --json, in-process (the same `run` the CLI calls; saves an interpreter start-up).
     out = io.StringIO()

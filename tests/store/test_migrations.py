@@ -88,7 +88,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0004",)
+    assert head_revisions() == ("0005",)
     asyncio.run(_check(url))
 
 
@@ -183,7 +183,7 @@ async def _crons(store: Store) -> list[str]:
 async def _assert_0002_reorders_cron(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
         await _at(store, "upgrade", "0001")
-        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0004"):
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0005"):
             await store.check_schema()
         await _seed_0001(store)
 
@@ -280,3 +280,36 @@ async def test_0004_keeps_console_indexes_created_by_hand(fresh_pg_url: str) -> 
         async with store.engine.connect() as conn:
             names = await conn.run_sync(_index_names, "executions")
         assert not {"ix_executions_created", "ix_executions_status_created"} & names
+
+
+async def _assert_0005_adds_retention(url: str) -> None:
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        await _at(store, "upgrade", "0004")
+        await _seed_0001(store)
+        await store.migrate()
+        await store.check_schema()
+        async with store.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text("SELECT retention_s, retention_max_executions FROM tenants")
+                )
+            ).one()
+            indexes = await conn.run_sync(
+                lambda c: {i["name"] for i in inspect(c).get_indexes("executions")}
+            )
+        assert tuple(row) == (None, None)  # existing tenants follow the settings
+        assert "ix_executions_tenant_finished" in indexes
+        assert (await store.executions.get("t", "e")).status == "queued"  # rows kept
+        await _at(store, "downgrade", "0004")
+        async with store.engine.connect() as conn:
+            columns = await conn.run_sync(_columns, "tenants")
+        assert "retention_s" not in columns and "name" in columns
+        await store.migrate()
+
+
+async def test_0005_adds_retention_sqlite(tmp_path: Path) -> None:
+    await _assert_0005_adds_retention(f"sqlite:///{tmp_path}/upgrade.db")
+
+
+async def test_0005_adds_retention_postgres(fresh_pg_url: str) -> None:
+    await _assert_0005_adds_retention(fresh_pg_url)

@@ -25,7 +25,16 @@ from conveyor.api.context import ApiContext, open_context
 from conveyor.api.errors import install_error_handlers
 from conveyor.api.fastlane import FastLane
 from conveyor.api.middleware import BodyLimitMiddleware, HttpMetrics, RequestMetricsMiddleware
-from conveyor.api.routes import admin, executions, health, metrics, schedules, webhooks, workflows
+from conveyor.api.routes import (
+    admin,
+    executions,
+    health,
+    metrics,
+    schedules,
+    storage,
+    webhooks,
+    workflows,
+)
 from conveyor.runtime import ConveyorCollector
 from conveyor.settings import Settings
 from conveyor.workflows.definition import workflow_json_schema
@@ -96,7 +105,7 @@ def create_app(settings: Settings, *, context: ApiContext | None = None) -> Fast
     app.add_middleware(FastLane, api=app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=HttpMetrics(registry))
-    for module in (health, admin, workflows, executions, schedules, webhooks, metrics):
+    for module in (health, admin, storage, workflows, executions, schedules, webhooks, metrics):
         app.include_router(module.router)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app

@@ -36,6 +36,11 @@ COMMANDS: list[Command] = [
     Command(
         "status", "conveyor.cli.status", "show queue depths, live processes, scheduler and timers"
     ),
+    Command(
+        "prune",
+        "conveyor.cli.prune",
+        "delete finished executions past their retention now (--dry-run: only print)",
+    ),
     Command("pause", "conveyor.cli.queues", "pause a region's execution queue (no jobs are taken)"),
     Command("resume", "conveyor.cli.queues", "resume a paused region's execution queue"),
 ]

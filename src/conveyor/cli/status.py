@@ -2,7 +2,9 @@
 
 Reads ``GET /api/admin/workers/status`` (address from ``API_HOST``/``API_PORT`` or ``--url``,
 admin token from ``ADMIN_TOKEN`` or ``--token``) and renders queue depths per region, the live
-processes and their heartbeats, the scheduler's lock holder and last tick and the timer backlog.
+processes and their heartbeats, the scheduler's lock holder and last tick and the timer backlog;
+then ``GET /api/admin/storage``: rows, size and oldest row per table, Redis memory, the jobs each
+queue keeps and the retention settings (a failure there is a note, not an error).
 ``--watch`` refreshes in place (default every 30 s, light enough to leave running); ``--json`` prints
 the raw document. Exit 1 with one clear line when the API is unreachable, refuses the token or
 has its admin API disabled.
@@ -24,6 +26,7 @@ from conveyor.errors import ConveyorError
 from conveyor.settings import Settings, client_url
 
 STATUS_PATH = "/api/admin/workers/status"
+STORAGE_PATH = "/api/admin/storage"
 DEFAULT_WATCH_S = 30.0
 _CLEAR = "\x1b[H\x1b[2J"
 
@@ -79,6 +82,14 @@ def _error_message(response: httpx.Response) -> str:
 def fetch(client: httpx.Client, url: str, token: str) -> dict[str, Any]:
     """The status document; raises :class:`ApiUnreachable` or :class:`ApiRefused`."""
     return call_admin(client, "GET", url, STATUS_PATH, token)
+
+
+def fetch_storage(client: httpx.Client, url: str, token: str) -> tuple[dict[str, Any] | None, str]:
+    """The storage document, or ``None`` and why not (an older API, a database error)."""
+    try:
+        return call_admin(client, "GET", url, STORAGE_PATH, token), ""
+    except StatusError as exc:
+        return None, f"storage not shown: {exc.message}"
 
 
 def call_admin(
@@ -145,14 +156,22 @@ class _Screen:
         self.tty = bool(getattr(out, "isatty", lambda: False)())
         self.frames = 0
 
-    def show(self, doc: dict[str, Any], *, every_s: float | None, warning: str = "") -> None:
+    def show(
+        self,
+        doc: dict[str, Any],
+        *,
+        every_s: float | None,
+        warning: str = "",
+        storage: tuple[dict[str, Any] | None, str] | None = None,
+    ) -> None:
         if self.as_json:
             self.out.write(
                 json.dumps(doc, indent=None if self.watching else 2, sort_keys=True) + "\n"
             )
             self.out.flush()
             return
-        text = render(doc, source=self.source)
+        stored, note = storage if storage is not None else (None, "")
+        text = render(doc, source=self.source, storage=stored, storage_note=note)
         if warning:
             text = f"!! {warning}\n\n{text}"
         if every_s is not None:
@@ -173,7 +192,7 @@ def _watch(
         time.sleep(every_s)
         try:
             doc = fetch(client, url, token)
-            screen.show(doc, every_s=every_s)
+            screen.show(doc, every_s=every_s, storage=_storage(client, url, token, screen))
         except ApiUnreachable as exc:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
             if screen.as_json:
@@ -182,6 +201,14 @@ def _watch(
                 screen.show(
                     doc, every_s=every_s, warning=f"{stamp}: {exc.message}; showing the last answer"
                 )
+
+
+def _storage(
+    client: httpx.Client, url: str, token: str, screen: _Screen
+) -> tuple[dict[str, Any] | None, str] | None:
+    """The storage section's document (not fetched for ``--json``, which prints the status
+    document as it is)."""
+    return None if screen.as_json else fetch_storage(client, url, token)
 
 
 def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | None = None) -> int:
@@ -195,7 +222,7 @@ def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | None = No
     try:
         with httpx.Client(timeout=args.timeout) as client:
             doc = fetch(client, url, token)
-            screen.show(doc, every_s=args.watch)
+            screen.show(doc, every_s=args.watch, storage=_storage(client, url, token, screen))
             if args.watch is None:
                 return 0
             return _watch(client, url, token, screen, args.watch, doc)

@@ -1,4 +1,5 @@
-"""Plain-text rendering of the admin status document (``GET /api/admin/workers/status``).
+"""Plain-text rendering of the admin status document (``GET /api/admin/workers/status``) and
+of the storage document (``GET /api/admin/storage``).
 
 Pure functions from the JSON document to lines of text; they tolerate absent sections (an API
 older or newer than this client) and show ``-`` for missing values. Ages are computed against
@@ -253,8 +254,72 @@ def redis_line(queue: Mapping[str, Any]) -> str | None:
     return line
 
 
-def render(document: Mapping[str, Any], *, source: str = "") -> str:
-    """The status document as text: header, queues, processes, scheduler, timers."""
+def size(value: Any) -> str:
+    """Bytes as ``812 B``, ``4.2 KB``, ``1.5 GB`` (powers of 1024); ``-`` when unknown."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    amount = float(value)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(amount) < 1024 or unit == "TB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1024
+    return "-"  # unreachable
+
+
+def _keep(value: Any) -> str:
+    keep = _dict(value)
+    if not keep:
+        return "-"
+    return f"{cell(keep.get('count'))} jobs/{_duration(float(keep.get('ageS') or 0))}"
+
+
+def storage_lines(document: Mapping[str, Any] | None, note: str = "") -> list[str]:
+    """The storage document as a section: tables, Redis and its queues, retention settings."""
+    if not document:
+        return ["STORAGE", f"  {note or '-'}"]
+    data = _dict(document.get("data", document))
+    now = parse_time(data.get("timestamp"))
+    db, redis = _dict(data.get("database")), _dict(data.get("redis"))
+    head = f"STORAGE  database {cell(db.get('dialect'))} {size(db.get('totalBytes'))}"
+    if redis.get("status") == "ready":
+        head += f" | redis {size(redis.get('usedMemory'))} used"
+    else:
+        head += f" | redis {cell(redis.get('status'))}"
+    rows = [
+        [t.get("name"), ("" if t.get("rowsExact", True) else "~") + cell(t.get("rows")),
+         size(t.get("bytes")), age(t.get("oldest"), now)]
+        for t in (x for x in db.get("tables") or [] if isinstance(x, dict))
+    ]  # fmt: skip
+    lines = [head, *table(["TABLE", "ROWS", "SIZE", "OLDEST"], rows, right=(1, 2))]
+    queues = [q for q in redis.get("queues") or [] if isinstance(q, dict)]
+    if queues:
+        qrows = [[q.get("queue"), q.get("completed"), q.get("failed"), q.get("events")]
+                 for q in queues]  # fmt: skip
+        lines += ["", *table(["QUEUE", "KEPT COMPLETED", "KEPT FAILED", "EVENTS"], qrows,
+                             right=(1, 2, 3))]  # fmt: skip
+    ret = _dict(data.get("retention"))
+    if ret:
+        retention = _duration(float(ret.get("executionRetentionS") or 0))
+        lines.append(
+            f"retention {retention}, cap {cell(ret.get('maxPerTenant'))}, "
+            f"{cell(ret.get('tenantsOverriding'))} tenant(s) override | queue keeps completed "
+            f"{_keep(ret.get('queueKeepCompleted'))}, failed {_keep(ret.get('queueKeepFailed'))}"
+            f" | events <= {cell(ret.get('queueEventsMaxLen'))}"
+        )
+    if note:
+        lines.append(f"!! {note}")
+    return lines
+
+
+def render(
+    document: Mapping[str, Any],
+    *,
+    source: str = "",
+    storage: Mapping[str, Any] | None = None,
+    storage_note: str = "",
+) -> str:
+    """The status document as text: header, queues, processes, scheduler, timers; then the
+    storage document when given (or ``storage_note``: why it is not)."""
     data = _dict(document.get("data", document))
     now = parse_time(data.get("timestamp"))
     worker = _dict(data.get("executionWorker"))
@@ -280,4 +345,6 @@ def render(document: Mapping[str, Any], *, source: str = "") -> str:
     else:
         lines.append("  (no live process: is a worker running?)")
     lines += ["", *_scheduler_lines(data, now), "", *_timer_lines(data, now)]
+    if storage is not None or storage_note:
+        lines += ["", *storage_lines(storage, storage_note)]
     return "\n".join(lines) + "\n"

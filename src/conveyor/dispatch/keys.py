@@ -35,6 +35,11 @@ def job(prefix: str, queue: str, job_id: str) -> str:
     return f"{prefix}:{queue}:{job_id}"
 
 
+def events(prefix: str, queue: str) -> str:
+    """BullMQ's events stream of one queue (capped at ``QUEUE_EVENTS_MAX_LEN``)."""
+    return f"{prefix}:{queue}:events"
+
+
 def backlog(prefix: str, queue: str) -> list[str]:
     """BullMQ's lists/sets of jobs not started yet: wait, paused, prioritized, delayed."""
     base = f"{prefix}:{queue}"

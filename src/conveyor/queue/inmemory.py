@@ -280,7 +280,7 @@ class MemoryQueue:
         job_id = opts.get("jobId") or str(next(st.ids))
         if job_id in st.jobs:
             return job_id
-        merged = {**self._spec.job_options, **opts}
+        merged = {**self._spec.options_for(self._settings), **opts}
         job = _Job(job_id, self._spec.base_name, data, merged, int(time.time() * 1000))
         job.priority = int(merged.get("priority") or 0)
         st.jobs[job_id] = job

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from conveyor.errors import PayloadInvalid
+from conveyor.settings import Settings
 
 EXECUTION_QUEUE = "workflow.execute"
 _REGION_RE = r"^[a-z0-9][a-z0-9-]{0,31}$"
@@ -73,7 +74,11 @@ DEFAULT_JOB_OPTIONS: Mapping[str, Any] = MappingProxyType(
     }
 )
 """BullMQ job options for ``workflow.execute``: 5 attempts, exponential backoff from 1 s,
-finished jobs kept for a bounded time and count (Redis must not grow without bound)."""
+finished jobs kept for a bounded time and count (Redis must not grow without bound). The
+bounds shown are the defaults of ``QUEUE_KEEP_COMPLETED``/``QUEUE_KEEP_FAILED``, which replace
+them (:meth:`PayloadSpec.options_for`)."""
+
+_KEEP_KEYS = ("removeOnComplete", "removeOnFail")
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,17 @@ class PayloadSpec:
     """BullMQ default job options (attempts, backoff, removeOnComplete, removeOnFail)."""
     default_job_id: Callable[[Any], str | None] | None = None
     """Derives the job id from a payload when the caller gives none."""
+    keep_from_settings: bool = True
+    """``removeOnComplete``/``removeOnFail`` come from ``QUEUE_KEEP_COMPLETED`` /
+    ``QUEUE_KEEP_FAILED`` (a registration that sets its own keeps them)."""
+
+    def options_for(self, settings: Settings) -> dict[str, Any]:
+        """The default job options of this queue family under ``settings``."""
+        opts = dict(self.job_options)
+        if self.keep_from_settings:
+            opts["removeOnComplete"] = settings.queue_keep_completed.job_option()
+            opts["removeOnFail"] = settings.queue_keep_failed.job_option()
+        return opts
 
     def validate(self, queue: str, data: Any) -> BaseModel:
         """Validate raw job data (a dict from JSON) into the model, or raise PayloadInvalid."""
@@ -131,6 +147,7 @@ def register_payload(
             dict(job_options if job_options is not None else DEFAULT_JOB_OPTIONS)
         ),
         default_job_id=default_job_id,
+        keep_from_settings=job_options is None or not any(k in job_options for k in _KEEP_KEYS),
     )
     _REGISTRY[base_name] = spec
     return spec

@@ -89,6 +89,10 @@ _HELP: dict[str, str] = {
         "Cron ticks missed beyond SCHEDULER_MISFIRE_GRACE_MS, by policy: collapsed into one run "
         "(fire_once) or skipped (skip); each is recorded as a tick with that outcome."
     ),
+    "retention_pruned_rows_total": (
+        "Rows deleted by retention (finished executions past EXECUTION_RETENTION or the "
+        "per-tenant cap, with their step runs, timers and schedule ticks), by table."
+    ),
     "jobs_stalled_total": (
         "Jobs taken back from a worker that stopped renewing their lock (crashed, frozen or cut "
         "off from Redis) by a stalled-job check, to run again."
@@ -207,6 +211,13 @@ class MetricsPublisher:
         skipped (``skip``); each is also recorded as a tick row with that outcome."""
         key = ("scheduler_misfires_total", _labels({"policy": policy}))
         self._pending.counters[key] = self._pending.counters.get(key, 0) + ticks
+
+    def count_pruned(self, table: str, rows: int) -> None:
+        """Retention deleted ``rows`` rows of ``table`` (``executions``, ``step_runs``,
+        ``timers``, ``schedule_ticks``)."""
+        if rows:
+            key = ("retention_pruned_rows_total", _labels({"table": table}))
+            self._pending.counters[key] = self._pending.counters.get(key, 0) + rows
 
     def observe_start_latency(self, seconds: float) -> None:
         """Enqueue-to-start latency of one execution job."""
@@ -510,6 +521,7 @@ class ConveyorCollector(Collector):
             ("executions_finished_total", ["status"]),
             ("jobs_stalled_total", ["queue"]),
             ("scheduler_misfires_total", ["policy"]),
+            ("retention_pruned_rows_total", ["table"]),
             ("tenant_executions_finished_total", ["tenant", "status"]),
         ):
             family = CounterMetricFamily(

@@ -13,6 +13,8 @@ asyncpg, or SQLite via aiosqlite) and exposes the services::
     store.timers        claim / mark fired / release timers (timer dispatcher)
     store.insights      operators' cross-tenant reads (the console): execution search,
                         activity of the last hour, next due timers, workflow versions
+    store.retention     per-tenant retention overrides; pruning finished executions in batches
+    store.storage       rows, bytes and the oldest row per table
     store.runs          the engine's hot path (claim with a lease, fenced step writes):
                         the :class:`RunStore` contract in :mod:`conveyor.store.runs`
 
@@ -45,6 +47,7 @@ from conveyor.store.records import (
     Workflow,
     WorkflowVersion,
 )
+from conveyor.store.retention import Cutoff, Pruned, RetentionOverride, RetentionPolicy
 from conveyor.store.runs import Claim, ExecutionWrite, RunStore, StepWrite, TimerWrite, Unclaimed
 from conveyor.store.schedules import (
     MISFIRE_POLICIES,
@@ -54,6 +57,7 @@ from conveyor.store.schedules import (
 )
 from conveyor.store.schema import ACTIVE_STATUSES, EXECUTION_STATUSES, TERMINAL_STATUSES
 from conveyor.store.statements import Statements
+from conveyor.store.usage import DatabaseUsage, TableUsage
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -63,6 +67,8 @@ __all__ = [
     "Activity",
     "ApiKey",
     "Claim",
+    "Cutoff",
+    "DatabaseUsage",
     "Execution",
     "ExecutionFilter",
     "ExecutionWrite",
@@ -70,6 +76,9 @@ __all__ = [
     "IssuedApiKey",
     "Page",
     "PlannedTicks",
+    "Pruned",
+    "RetentionOverride",
+    "RetentionPolicy",
     "RunStore",
     "Schedule",
     "ScheduleTick",
@@ -77,6 +86,7 @@ __all__ = [
     "StepRun",
     "StepWrite",
     "Store",
+    "TableUsage",
     "Tenant",
     "Timer",
     "TimerWrite",

@@ -19,12 +19,14 @@ from conveyor.store._errors import translate_errors
 from conveyor.store.executions import ExecutionService
 from conveyor.store.insights import InsightService
 from conveyor.store.pg import PgRunStore, PgStatements
+from conveyor.store.retention import RetentionService
 from conveyor.store.runs import RunStore
 from conveyor.store.schedules import ScheduleService
 from conveyor.store.sql import SqlRunStore, SqlStatements
 from conveyor.store.statements import Statements
 from conveyor.store.tenants import ApiKeyService, TenantService
 from conveyor.store.timers import TimerService
+from conveyor.store.usage import StorageService
 from conveyor.store.workflows import DefinitionCache, WorkflowService
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ class Store:
     the schema — processes call :meth:`check_schema` right after, ``conveyor migrate`` calls
     :meth:`migrate`. Services: :attr:`tenants`, :attr:`api_keys`, :attr:`workflows`,
     :attr:`executions`, :attr:`schedules`, :attr:`timers`, :attr:`insights` (operators'
-    cross-tenant reads); the engine's hot path: :attr:`runs`.
+    cross-tenant reads), :attr:`retention` (overrides and pruning), :attr:`storage` (rows
+    and bytes per table); the engine's hot path: :attr:`runs`.
 
     The drivers are chosen here, once: on Postgres the engine's hot path (:attr:`runs`) and
     the API's hottest statements (API key lookup, trigger, get) run on a raw asyncpg pool
@@ -58,6 +61,8 @@ class Store:
     schedules: ScheduleService
     timers: TimerService
     insights: InsightService
+    retention: RetentionService
+    storage: StorageService
 
     def __init__(
         self, settings: Settings, *, pool_size: int | None = None, fast_path: bool = True
@@ -94,6 +99,8 @@ class Store:
         self.schedules = ScheduleService(engine, s, statements)
         self.timers = TimerService(engine, s, statements)
         self.insights = InsightService(engine, s, statements)
+        self.retention = RetentionService(engine, s, statements)
+        self.storage = StorageService(engine, s, statements)
         return self
 
     async def __aexit__(

@@ -9,7 +9,9 @@ tenant data filters on it in SQL. Indexes serve the hot queries:
   (``UNIQUE (tenant_id, idempotency_key)``), the reconciler's scan of active executions;
 * timers: pending timers by due time (partial index);
 * schedules: enabled schedules by next fire time (partial index);
-* schedule ticks: ``PRIMARY KEY (schedule_id, fire_time)`` makes each tick fire once.
+* schedule ticks: ``PRIMARY KEY (schedule_id, fire_time)`` makes each tick fire once;
+* retention (:mod:`conveyor.store.retention`): a tenant's finished executions oldest first
+  (partial, finished only) and a tick by its execution.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ tenants = Table(
     Column("id", ID, primary_key=True),
     Column("name", String(200), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # Per-tenant retention overrides (migration 0005); NULL: the settings apply.
+    Column("retention_s", Integer, nullable=True),
+    Column("retention_max_executions", Integer, nullable=True),
 )
 
 api_keys = Table(
@@ -158,6 +163,15 @@ executions = Table(
     # The console's search across tenants, newest first, optionally by status (migration 0004).
     Index("ix_executions_created", "created_at", "id"),
     Index("ix_executions_status_created", "status", "created_at", "id"),
+    # Retention (migration 0005): a tenant's finished executions, oldest first.
+    Index(
+        "ix_executions_tenant_finished",
+        "tenant_id",
+        "finished_at",
+        "id",
+        postgresql_where=text("finished_at IS NOT NULL"),
+        sqlite_where=text("finished_at IS NOT NULL"),
+    ),
     Index(
         "ix_executions_active",
         "status",
@@ -260,4 +274,6 @@ schedule_ticks = Table(
     # What became of the tick (migration 0003): fired, collapsed, skipped, cancelled, disabled.
     Column("outcome", String(16), nullable=False, server_default=text("'fired'")),
     Index("ix_schedule_ticks_fire_time", "fire_time"),
+    # Retention (migration 0005): a pruned execution's tick goes with it.
+    Index("ix_schedule_ticks_execution_id", "execution_id"),
 )

@@ -68,6 +68,7 @@ from conveyor.workers.leader import (
     RedisLock,
 )
 from conveyor.workers.reconcile import Reconciler
+from conveyor.workers.retention import Retention
 
 if TYPE_CHECKING:
     from conveyor.store import Execution, Schedule, Store
@@ -429,6 +430,8 @@ class Scheduler:
         sup.spawn("election", self.election.run())
         sup.spawn("lead", self.lead_loop())
         sup.spawn("reconcile", self.reconcile_loop())
+        retention = Retention(self.store, self.settings, metrics=self.metrics)  # own loop
+        sup.spawn("retention", retention.loop(self.election, sup.stop_event))
         sup.spawn("heartbeat", heartbeat_loop(self.heartbeat, sup.stop_event))
         sup.spawn("metrics", self.metrics.run())
         log.info("scheduler.started", extra={"id": self.holder, "strategy": self.lock.strategy})

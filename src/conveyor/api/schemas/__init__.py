@@ -32,6 +32,7 @@ from conveyor.api.schemas._ops import (
     TimerStatus,
     WorkerStatus,
 )
+from conveyor.api.schemas._storage import RetentionIn, RetentionOut, StorageData
 from conveyor.api.schemas._tenant import (
     ExecutionOut,
     ExecutionStatus,
@@ -67,6 +68,8 @@ __all__ = [
     "ReadyData",
     "RedisTarget",
     "RegionQueue",
+    "RetentionIn",
+    "RetentionOut",
     "ScheduleIn",
     "ScheduleOut",
     "SchedulePatch",
@@ -75,6 +78,7 @@ __all__ = [
     "SentinelView",
     "StatusData",
     "StepRunOut",
+    "StorageData",
     "TenantIn",
     "TenantOut",
     "TimerStatus",

@@ -412,6 +412,14 @@ async def add_in_transaction(
         return results
 
 
+async def set_events_max_len(owner: Any, max_len: int) -> None:
+    """Cap the events stream of ``owner``'s queue (a ``bullmq.Queue`` or ``Worker``) at about
+    ``max_len`` entries: Node BullMQ's ``streams.events.maxLen`` queue option, which the
+    Python package lacks. Every BullMQ script that adds an event reads the meta hash's
+    ``opts.maxLenEvents`` (``XADD … MAXLEN ~``; 10,000 when unset)."""
+    await owner.client.hset(owner.keys["meta"], "opts.maxLenEvents", int(max_len))
+
+
 def new_job(queue: Any, name: str, data: Any, opts: dict[str, Any]) -> Any:
     """A ``bullmq.Job`` of ``queue`` with the queue's default options under ``opts``, as
     ``Queue.add`` builds it (for :func:`add_in_transaction`)."""
@@ -483,6 +491,8 @@ RELIED_ON: tuple[Internal, ...] = (
     Internal("Worker", "blockingRedisConnection"),
     Internal("Worker", "bclient"),
     Internal("Worker", "id"),
+    Internal("Worker", "keys"),
+    Internal("Worker", "client"),
     Internal("LockManager", "start", ()),
     Internal("LockManager", "close", ()),
     Internal("LockManager", "track_job", ("job_id", "token", "ts", "should_create_controller")),
@@ -509,6 +519,7 @@ RELIED_ON: tuple[Internal, ...] = (
     Internal("Queue", "backend"),
     Internal("Queue", "client"),
     Internal("Queue", "jobsOpts"),
+    Internal("Queue", "keys"),
     # StreamConsumer
     Internal("QueueEvents", "_dispatch_entry", ("entry_id", "args")),
 )

@@ -47,12 +47,14 @@ class BullQueue:
         self._scripts: dict[str, Any] = {}
         """Lua sources run before adds (:class:`ScriptCall`), registered on the client once."""
         self._scripts_loaded = False
+        self._capped = False
+        """The events stream's cap (``QUEUE_EVENTS_MAX_LEN``) was written (first add)."""
         self._bull = bullmq.Queue(
             name,
             {
                 "connection": client,
                 "prefix": settings.queue_prefix,
-                "defaultJobOptions": dict(spec.job_options),
+                "defaultJobOptions": spec.options_for(settings),
                 "skipVersionCheck": True,
             },
         )
@@ -71,6 +73,12 @@ class BullQueue:
 
     def off(self, event: str, handler: EventHandler) -> None:
         self._emitter.off(event, handler)
+
+    async def _cap_events(self) -> None:
+        """Before the first add: cap the queue's events stream (one HSET, once per process)."""
+        if not self._capped:
+            await compat.set_events_max_len(self._bull, self._settings.queue_events_max_len)
+            self._capped = True
 
     def _added(self, job_ids: list[str]) -> None:
         if self._emitter.has("waiting"):
@@ -98,6 +106,7 @@ class BullQueue:
         )
         try:
             async with asyncio.timeout(self._deadline_s):
+                await self._cap_events()
                 job = await self._bull.add(self._spec.base_name, data, opts)
         except connection.QUEUE_ERRORS as exc:
             raise connection.translate(exc, self._settings, "enqueue on") from exc
@@ -119,6 +128,7 @@ class BullQueue:
         job = compat.new_job(bull, self._spec.base_name, data, opts)
         try:
             async with asyncio.timeout(self._deadline_s):
+                await self._cap_events()
                 result, added = await self._count_and_add(call, job)
         except connection.QUEUE_ERRORS as exc:
             raise connection.translate(exc, self._settings, "enqueue on") from exc
@@ -171,6 +181,7 @@ class BullQueue:
             )
         try:
             async with asyncio.timeout(self._deadline_s + len(jobs) / 1000.0):
+                await self._cap_events()
                 added = await self._bull.addBulk(jobs)
         except connection.QUEUE_ERRORS as exc:
             raise connection.translate(exc, self._settings, "enqueue on") from exc

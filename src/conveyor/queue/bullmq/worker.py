@@ -14,6 +14,9 @@
   ``UnrecoverableError`` (no retry) and a reason naming the bad field.
 * :class:`~conveyor.queue.JobDeferred` moves the job back to delayed without using an attempt,
   its data saying why (``parked: …`` / ``deferred: …``) for readers of BullMQ dashboards.
+* The queue's events stream is capped at ``QUEUE_EVENTS_MAX_LEN`` entries when it starts
+  (:func:`compat.set_events_max_len`); finished jobs are kept per ``QUEUE_KEEP_COMPLETED`` /
+  ``QUEUE_KEEP_FAILED`` (also for jobs a producer added without ``removeOn*`` options).
 * Lock renewals are observed (by wrapping the backend's ``extendLocks``) so
   ``JobContext.lock_lost`` is set when a lock could not be renewed.
 """
@@ -95,9 +98,10 @@ class BullWorker:
             "runRetryDelay": RUN_RETRY_DELAY_MS,
             "name": f"{socket.gethostname()}-{os.getpid()}",
         }
+        defaults = spec.options_for(settings)
         for key in ("removeOnComplete", "removeOnFail"):
-            if key in spec.job_options:  # also bounds jobs added by producers that set none
-                opts[key] = spec.job_options[key]
+            if key in defaults:  # also bounds jobs added by producers that set none
+                opts[key] = defaults[key]
         bull: Any = compat.FetchingWorker(name, self._process, opts)
         self._bull = bull
         compat.use_blocking_client(bull, blocking_client)
@@ -212,6 +216,10 @@ class BullWorker:
         version = parse_version(str(info.get("redis_version", "")))
         if version is not None:
             compat.set_server_capabilities(self._bull, version)
+        try:  # the events stream's cap (producers set it too: whoever comes first)
+            await compat.set_events_max_len(self._bull, self._settings.queue_events_max_len)
+        except connection.QUEUE_ERRORS as exc:
+            raise connection.translate(exc, self._settings, "start a worker on") from exc
 
     # -- the processor bullmq calls ---------------------------------------------------------
     async def _process(self, job: Any, token: str) -> Any:
