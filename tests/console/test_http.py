@@ -286,6 +286,12 @@ async def test_overview_shows_queues_charts_and_a_banner_for_unconsumed_queues(a
     assert "workflow.execute.us" in r.text and "workflow.execute.eu" in r.text
     assert 'class="chart"' in r.text and "Executions per minute" in r.text
     assert "no live worker consumes it" in r.text  # no worker in this test
+    # storage figures (GET /api/admin/storage's database part), read once per page load
+    storage = r.text[r.text.index("<h2>Storage</h2>") :]
+    row = re.search(r"<td>executions</td>\s*<td class=\"num\">(\d+)</td>", storage)
+    assert row is not None and int(row.group(1)) >= 1, storage[:600]
+    live = await api.client.get("/console/live/overview")
+    assert "<h2>Storage</h2>" not in live.text  # not recounted on every live refresh
 
 
 async def test_activity_counts_starts_per_minute(api: Api) -> None:

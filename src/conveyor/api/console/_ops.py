@@ -24,11 +24,19 @@ from conveyor.api.context import ApiContext
 from conveyor.api.status import status_document
 from conveyor.api.trigger import enqueue
 from conveyor.errors import Conflict, ConveyorError, CursorInvalid, NotFound
-from conveyor.store import EXECUTION_STATUSES, Activity, Execution, ExecutionFilter, Timer
+from conveyor.store import (
+    EXECUTION_STATUSES,
+    Activity,
+    DatabaseUsage,
+    Execution,
+    ExecutionFilter,
+    Timer,
+)
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/console", include_in_schema=False)
+STORAGE_TIMEOUT_S = 2.0
 
 PAGE_SIZE = 50
 JOB_STATE_TIMEOUT_S = 1.0
@@ -110,11 +118,25 @@ async def overview_data(ctx: ApiContext) -> dict[str, Any]:
     }
 
 
+async def storage_data(ctx: ApiContext) -> DatabaseUsage | None:
+    """Rows, bytes and oldest row per table (``GET /api/admin/storage``'s database part), read
+    once per page load, not on every live refresh; ``None`` when the database cannot say."""
+    try:
+        async with asyncio.timeout(STORAGE_TIMEOUT_S):
+            return await ctx.store.storage.usage()
+    except (ConveyorError, TimeoutError) as exc:
+        log.warning("console.storage_failed", extra={"error": repr(exc)})
+        return None
+
+
 @router.get("", response_class=HTMLResponse)
 async def overview(request: Request) -> HTMLResponse:
     session = session_of(request)
-    data = await overview_data(ctx_of(request))
-    return render(request, "overview.html", session=session, page="overview", **data)
+    ctx = ctx_of(request)
+    data, storage = await asyncio.gather(overview_data(ctx), storage_data(ctx))
+    return render(
+        request, "overview.html", session=session, page="overview", storage=storage, **data
+    )
 
 
 @router.get("/live/overview", response_class=HTMLResponse)

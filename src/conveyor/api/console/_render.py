@@ -50,6 +50,18 @@ def ms(value: float | int | None) -> str:
     return f"{v / 3_600_000:.1f} h"
 
 
+def size(value: int | None) -> str:
+    """Bytes as ``812 B``, ``4.2 MB`` (powers of 1024); ``—`` when unknown."""
+    if value is None:
+        return "—"
+    amount = float(value)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(amount) < 1024:
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1024
+    return f"{amount:.1f} TB"
+
+
 def diff_lines(old: Any, new: Any, old_label: str, new_label: str) -> list[tuple[str, str]]:
     """A unified diff of two JSON documents: ``(kind, line)`` with kind ``add``, ``del``,
     ``hunk`` or ``same``."""
@@ -198,4 +210,5 @@ def environment() -> Environment:
     env.filters["json"] = pretty_json
     env.filters["when"] = when
     env.filters["ms"] = ms
+    env.filters["size"] = size
     return env
