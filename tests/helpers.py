@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -142,3 +147,42 @@ def env_for(**overrides: str) -> dict[str, str]:
     }
     env.update(overrides)
     return env
+
+
+@contextmanager
+def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``python <argv>`` with its output in ``log``; SIGTERM (then SIGKILL) at the end."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def wait_api_ready(client: httpx.Client, api: subprocess.Popen[bytes], log: Path) -> None:
+    """Until ``/api/health/ready`` answers 200; fails with the API's log if it exited."""
+
+    def ready() -> bool:
+        assert api.poll() is None, log.read_text()[-3000:]
+        try:
+            return client.get("/api/health/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout=30, interval=0.2)
+
+
+def tenant_auth(client: httpx.Client, name: str, admin: dict[str, str]) -> dict[str, Any]:
+    """A new tenant and an API key of it, as request headers."""
+    tenant = client.post("/api/admin/tenants", json={"name": name}, headers=admin)
+    key = client.post(f"/api/admin/tenants/{tenant.json()['data']['id']}/api-keys",
+                      headers=admin).json()["data"]["key"]  # fmt: skip
+    return {"Authorization": f"Bearer {key}"}

@@ -5,9 +5,6 @@ steps, triggered over HTTP and polled until it succeeds."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +18,7 @@ import pytest
 
 from conveyor.cli import COMMANDS
 from tests.api.conftest import ADMIN
-from tests.helpers import env_for, free_port, wait_for
+from tests.helpers import env_for, free_port, process, tenant_auth, wait_api_ready, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -62,23 +59,6 @@ def _worker_argv() -> list[str]:
     return ["-m", "conveyor.workers.execution"]
 
 
-@contextmanager
-def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
 def workflow(port: int) -> dict[str, Any]:
     return {
         "name": "order-check",
@@ -116,18 +96,8 @@ def test_trigger_runs_through_api_and_worker(api_env: dict[str, str], tmp_path: 
             httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10)
         )
 
-        def api_ready() -> bool:
-            assert api.poll() is None, (tmp_path / "api.log").read_text()[-3000:]
-            try:
-                return client.get("/api/health/ready").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(api_ready, timeout=30, interval=0.2)
-        tenant = client.post("/api/admin/tenants", json={"name": "e2e"}, headers=ADMIN)
-        key = client.post(f"/api/admin/tenants/{tenant.json()['data']['id']}/api-keys",
-                          headers=ADMIN).json()["data"]["key"]  # fmt: skip
-        auth = {"Authorization": f"Bearer {key}"}
+        wait_api_ready(client, api, tmp_path / "api.log")
+        auth = tenant_auth(client, "e2e", ADMIN)
         wf = client.post("/api/workflows", json=workflow(orders_port), headers=auth)
         assert wf.status_code == 201, wf.text
         wf_id = wf.json()["data"]["id"]

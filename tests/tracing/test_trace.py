@@ -4,11 +4,7 @@ step calls a local server that records the ``traceparent`` it receives."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +12,11 @@ import httpx
 import pytest
 
 from tests.api.conftest import ADMIN
-from tests.helpers import env_for, free_port, wait_for
+from tests.helpers import env_for, free_port, process, tenant_auth, wait_api_ready, wait_for
 from tests.tracing._support import ReceivedSpan, Receiver, otlp_receiver
 from tests.worker._support import http_recorder
 
 pytestmark = pytest.mark.slow
-
-
-@contextmanager
-def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def _one(spans: list[ReceivedSpan], service: str, name: str) -> ReceivedSpan:
@@ -68,18 +47,8 @@ def test_one_trace_from_trigger_to_outbound_call(api_env: dict[str, str], tmp_pa
             httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10)
         )
 
-        def api_ready() -> bool:
-            assert api.poll() is None, (tmp_path / "api.log").read_text()[-3000:]
-            try:
-                return client.get("/api/health/ready").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(api_ready, timeout=30, interval=0.2)
-        tenant = client.post("/api/admin/tenants", json={"name": "traced"}, headers=ADMIN)
-        key = client.post(f"/api/admin/tenants/{tenant.json()['data']['id']}/api-keys",
-                          headers=ADMIN).json()["data"]["key"]  # fmt: skip
-        auth = {"Authorization": f"Bearer {key}"}
+        wait_api_ready(client, api, tmp_path / "api.log")
+        auth = tenant_auth(client, "traced", ADMIN)
         doc = {"name": "traced", "steps": [
             {"id": "call", "type": "http", "url": target.url("/hello")},
             {"id": "done", "type": "noop"},
