@@ -51,6 +51,7 @@ def step_out(step: StepRun) -> dict[str, Any]:
         "started_at": step.started_at,
         "finished_at": step.finished_at,
         "duration_ms": round(step.duration_ms, 3),
+        "reused_from": step.reused_from,
     }
 
 

@@ -110,6 +110,12 @@ class StepRunOut(ApiModel):
     started_at: datetime
     finished_at: datetime
     duration_ms: float
+    reused_from: str | None = Field(
+        None,
+        description="Set on a retry from the failed step: this step did not run again, its "
+        "run was copied from this execution's step run with the same `seq` (its output is what "
+        "later steps see). Null for a step that ran.",
+    )
 
 
 class ExecutionOut(ApiModel):
