@@ -97,6 +97,20 @@ class TriggerIn(ApiModel):
     )
 
 
+class RetryIn(ApiModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"from": "failed"}]})
+    from_: Literal["start", "failed"] = Field(
+        "start",
+        alias="from",
+        description=(
+            "`start` (default): run every step again. `failed`: resume at the failed step — "
+            "the step runs before it are copied from the original (`reusedFrom`), their "
+            "outputs restored, and they do not run again; the failed step and the steps after "
+            "it run. Only for a `failed` execution whose failure was a step's (409 otherwise)."
+        ),
+    )
+
+
 class StepRunOut(ApiModel):
     seq: int
     step_id: str
