@@ -108,3 +108,28 @@ async def test_retry_refusals_in_the_error_shape(api: Api) -> None:
     err = _error(await api.client.post(url, json={"from": "failed"}, headers=keyed),
                  409, "conflict")  # fmt: skip
     assert "idempotency key already used" in err["message"]
+
+
+async def test_output_expression_over_the_api(api: Api) -> None:
+    auth = await api.tenant()
+    steps = [{"id": "a", "type": "transform", "expression": "input.n"}]
+    bad = {"name": "bad", "steps": steps, "output": "steps.["}
+    err = _error(await api.client.post("/api/workflows", json=bad, headers=auth),
+                 422, "workflow_invalid")  # fmt: skip
+    assert err["details"][0]["field"] == "output"
+    wf = await api.workflow(auth, {"name": "out", "steps": steps, "output": "{n: steps.a}"})
+    got = (await api.client.get(f"/api/workflows/{wf}", headers=auth)).json()["data"]
+    assert got["definition"]["output"] == "{n: steps.a}"
+    r = await api.client.post(f"/api/workflows/{wf}/executions", json={"input": {"n": 4}},
+                              headers=auth)  # fmt: skip
+    execution_id = r.json()["data"]["id"]
+    assert await _run(api, execution_id) is OutcomeKind.SUCCEEDED
+    done = (await api.client.get(f"/api/executions/{execution_id}", headers=auth)).json()
+    assert done["data"]["output"] == {"n": 4} and done["data"]["steps"][0]["output"] == 4
+
+
+async def test_openapi_shows_output_retry_body_and_reused_from(api: Api) -> None:
+    schemas = (await api.client.get("/openapi.json")).json()["components"]["schemas"]
+    assert "output" in schemas["WorkflowDefinition"]["properties"]
+    assert schemas["RetryIn"]["properties"]["from"]["enum"] == ["start", "failed"]
+    assert "reusedFrom" in schemas["StepRunOut"]["properties"]
