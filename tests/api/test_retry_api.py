@@ -133,3 +133,6 @@ async def test_openapi_shows_output_retry_body_and_reused_from(api: Api) -> None
     assert "output" in schemas["WorkflowDefinition"]["properties"]
     assert schemas["RetryIn"]["properties"]["from"]["enum"] == ["start", "failed"]
     assert "reusedFrom" in schemas["StepRunOut"]["properties"]
+    execution = schemas["ExecutionOut"]["properties"]
+    assert "`output` expression" in execution["output"]["description"]
+    assert "output_expression_failed" in execution["error"]["description"]

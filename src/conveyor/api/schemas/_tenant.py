@@ -160,8 +160,22 @@ class ExecutionOut(ApiModel):
     region: str
     triggered_by: str = Field(description="`api`, `webhook`, `schedule` or `retry`.")
     input: Any = None
-    output: Any = None
-    error: Any = None
+    output: Any = Field(
+        None,
+        description=(
+            "Once succeeded: the value of the workflow's `output` expression (over `input`, "
+            "`steps`, `execution`), or the output of the last step that ran when the workflow "
+            "has none. Null otherwise."
+        ),
+    )
+    error: Any = Field(
+        None,
+        description=(
+            "Once failed: `{step, type, code?, message, details?}` of the failing step, or, "
+            'when the `output` expression failed, `{type: "ExpressionError", code: '
+            '"output_expression_failed", message, expression}` (no `step`).'
+        ),
+    )
     attempts: int = Field(
         description=(
             "Deliveries that ran work: the first run, and a run again after a crash or lost "
