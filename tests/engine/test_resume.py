@@ -63,7 +63,10 @@ async def test_retry_from_failed_reuses_the_steps_before(
     retry, created = await store.executions.retry_from(tenant, original_id, start="failed")
     assert created and retry.retry_of == original_id and retry.triggered_by == "retry"
     assert (retry.status, retry.next_step, retry.steps_run) == ("queued", 2, 2)
-    assert await _run(store, allowed, retry.id) is OutcomeKind.SUCCEEDED
+    async with Engine(store, allowed) as engine:
+        outcome = await engine.run(retry.id)
+    assert outcome.kind is OutcomeKind.SUCCEEDED and outcome.steps_run == 2
+    assert outcome.queue_latency_ms is not None  # this run started the execution
 
     # a and shape did not run again; b (the failed step) and c ran, c with a's output
     assert dict(target.hits) == {"/ok/a": 1, "/flaky/b": 2, "/ok/c": 1}

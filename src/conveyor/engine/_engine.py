@@ -205,6 +205,7 @@ class Engine:
             claim = await runs.claim(execution_id, now, now + self.lease_ttl)
             if claim is None:
                 return await self._not_claimed(runs, execution_id, now)
+            claim.first_run = claim.started_at == now  # the claim set it: never started before
             try:
                 return await self._drive(runs, claim, abandon)
             except LeaseLost:
@@ -386,8 +387,8 @@ class Engine:
     ) -> RunOutcome:
         latency = None
         # the run that started the execution (resuming after a delay is no new attempt, but
-        # it has steps behind it)
-        if claim.attempts == 1 and claim.steps_run == 0:
+        # it has steps behind it; a retry from the failed step starts with steps behind it)
+        if claim.attempts == 1 and (claim.steps_run == 0 or claim.first_run):
             latency = (claim.started_at - claim.queued_at).total_seconds() * 1000.0
         return RunOutcome(
             claim.execution_id,
