@@ -1,5 +1,6 @@
-"""Executions: read with step runs, list with filters and cursor pagination, cancel, retry;
-plus the reconciler's queries. Creating one (a trigger) is :mod:`conveyor.store.triggers`.
+"""Executions: read with step runs, list with filters and cursor pagination, cancel, retry (from
+the start, or from the failed step reusing the step runs before it: :meth:`ExecutionService.
+retry_from`); plus the reconciler's queries. Creating one (a trigger) is :mod:`conveyor.store.triggers`.
 """
 
 from __future__ import annotations
