@@ -283,7 +283,8 @@ def test_cancel_a_waiting_execution_and_watch_its_status_change(
     r = stack.http.post(f"/api/executions/{second}/cancel", headers=stack.auth)
     assert r.status_code == 200
     expect(page.locator("#exec-status")).to_have_text("cancelled", timeout=10_000)
-    expect(page.get_by_role("link", name="Retry…")).to_be_visible()
+    expect(page.get_by_role("link", name="Retry from start…")).to_be_visible()
+    expect(page.get_by_role("link", name="Retry from failed step…")).to_have_count(0)
 
 
 def test_issue_and_revoke_a_key(watched: Watched, stack: Stack, tmp_path: Path) -> None:

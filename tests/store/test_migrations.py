@@ -23,7 +23,14 @@ from conveyor.cron import next_fire, parse_cron
 from conveyor.errors import SchemaOutOfDate
 from conveyor.settings import load_settings
 from conveyor.store import Store, head_revisions
-from conveyor.store.schema import executions, metadata, schedules, tenants, workflows
+from conveyor.store.schema import (
+    executions,
+    metadata,
+    schedules,
+    step_runs,
+    tenants,
+    workflows,
+)
 from tests.helpers import env_for
 
 
@@ -88,7 +95,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0005",)
+    assert head_revisions() == ("0006",)
     asyncio.run(_check(url))
 
 
@@ -183,7 +190,7 @@ async def _crons(store: Store) -> list[str]:
 async def _assert_0002_reorders_cron(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
         await _at(store, "upgrade", "0001")
-        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0005"):
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0006"):
             await store.check_schema()
         await _seed_0001(store)
 
@@ -313,3 +320,39 @@ async def test_0005_adds_retention_sqlite(tmp_path: Path) -> None:
 
 async def test_0005_adds_retention_postgres(fresh_pg_url: str) -> None:
     await _assert_0005_adds_retention(fresh_pg_url)
+
+
+async def _assert_0006_adds_reused_from(url: str) -> None:
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        await _at(store, "upgrade", "0005")
+        await _seed_0001(store)
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO step_runs (execution_id, seq, tenant_id, step_id, step_type, "
+                    "status, attempts, output, output_truncated, started_at, finished_at) "
+                    "VALUES ('e', 0, 't', 'a', 'noop', 'succeeded', 1, NULL, false, :at, :at)"
+                ),
+                {"at": T0},
+            )
+        await store.migrate()
+        await store.check_schema()
+        async with store.engine.connect() as conn:
+            rows = (await conn.execute(select(step_runs.c.step_id, step_runs.c.reused_from))).all()
+        assert [tuple(r) for r in rows] == [("a", None)]  # the step run kept; it ran
+        (kept,) = (await store.executions.get("t", "e", with_steps=True)).steps
+        assert (kept.step_id, kept.reused_from) == ("a", None)
+        await _at(store, "downgrade", "0005")
+        async with store.engine.connect() as conn:
+            columns = await conn.run_sync(_columns, "step_runs")
+            count = (await conn.execute(text("SELECT count(*) FROM step_runs"))).scalar()
+        assert "reused_from" not in columns and "step_id" in columns and count == 1
+        await store.migrate()
+
+
+async def test_0006_adds_reused_from_sqlite(tmp_path: Path) -> None:
+    await _assert_0006_adds_reused_from(f"sqlite:///{tmp_path}/upgrade.db")
+
+
+async def test_0006_adds_reused_from_postgres(fresh_pg_url: str) -> None:
+    await _assert_0006_adds_reused_from(fresh_pg_url)

@@ -22,6 +22,15 @@
    transaction, and the run returns: no worker slot is held while waiting. When the timer
    fires, the next run continues after the delay step.
 5. A cancelled execution stops at the next step boundary (the step write sees ``cancelled``).
+6. When the execution succeeds, its output is the workflow's ``output`` expression's value
+   over the evaluation context (``input``, every completed step's output, ``execution``) —
+   written with the last step, in the same transaction — or, without one, the last step's
+   output. An expression that fails at run time (or a value above ``STEP_OUTPUT_MAX_BYTES``)
+   fails the execution: its last step run stays ``succeeded``, the execution's error is
+   ``{"type": "ExpressionError", "code": "output_expression_failed", ...}``.
+7. An execution created by a retry from the failed step starts with its cursor at that step
+   and the step runs before it copied from the original: step 2 restores their outputs, and
+   they are not run again.
 
 Statuses: ``queued → running → (waiting ↔ running) → succeeded | failed | cancelled``.
 """
@@ -46,6 +55,7 @@ from conveyor.engine._plan import (
     Plan,
     PlanCache,
     describe_error,
+    encode_execution_output,
     encode_input,
     encode_output,
 )
@@ -69,8 +79,9 @@ from conveyor.store import (
     new_id,
     utcnow,
 )
-from conveyor.workflows import SafeHttpClient, StepContext, StepResult, run_step
+from conveyor.workflows import ExpressionError, SafeHttpClient, StepContext, StepResult, run_step
 from conveyor.workflows.definition import RetryPolicy
+from conveyor.workflows.expressions import build_context, evaluate
 from conveyor.workflows.steps import AnyStep
 
 log = logging.getLogger(__name__)
@@ -194,6 +205,7 @@ class Engine:
             claim = await runs.claim(execution_id, now, now + self.lease_ttl)
             if claim is None:
                 return await self._not_claimed(runs, execution_id, now)
+            claim.first_run = claim.started_at == now  # the claim set it: never started before
             try:
                 return await self._drive(runs, claim, abandon)
             except LeaseLost:
@@ -286,9 +298,15 @@ class Engine:
 
     async def _finish_at_end(self, run: _Run) -> RunOutcome:
         """Succeed with the last completed step's output (a run that resumes at the end, after
-        a final ``delay``). That output is checked against this runner's limit like any other:
-        one that no longer fits fails the execution rather than being cut."""
+        a final ``delay``), or the workflow's ``output`` expression's value. That output is
+        checked against this runner's limit like any other: one that no longer fits fails the
+        execution rather than being cut."""
         at = _Progress(run.index, run.seq, run.ran)
+        if run.plan.definition.output is not None:
+            value, error = self._evaluated_output(run, run.outputs)
+            if error is not None:
+                return await self._finish(run.runs, run.claim, at, "failed", error=error)
+            return await self._finish(run.runs, run.claim, at, "succeeded", output=value)
         output = run.last_output
         if output is None and run.outputs:
             step_id, value = next(reversed(run.outputs.items()))
@@ -298,6 +316,39 @@ class Engine:
                 error = {"step": step_id, **describe_error(exc)}
                 return await self._finish(run.runs, run.claim, at, "failed", error=error)
         return await self._finish(run.runs, run.claim, at, "succeeded", output=output)
+
+    def _evaluated_output(
+        self, run: _Run, outputs: dict[str, Any]
+    ) -> tuple[Encoded, dict[str, Any] | None]:
+        """The value of the workflow's ``output`` expression over the evaluation context, as
+        stored; or the execution's error when it fails (``output_expression_failed``) or its
+        value cannot be stored (``output_too_large`` / ``output_not_json``)."""
+        expression = run.plan.definition.output
+        assert expression is not None
+        claim = run.claim
+        context = build_context(
+            claim.input,
+            outputs,
+            execution_id=claim.execution_id,
+            workflow_id=claim.workflow_id,
+            tenant_id=claim.tenant_id,
+        )
+        try:
+            return encode_execution_output(evaluate(expression, context), self._max_output), None
+        except ExpressionError as exc:
+            error = {
+                "type": "ExpressionError",
+                "code": "output_expression_failed",
+                "message": f"the workflow's output expression failed: {exc.message}",
+                "expression": expression,
+            }
+        except OutputRejected as exc:
+            error = {**describe_error(exc), "expression": expression}
+        log.info(
+            "engine.output_failed",
+            extra={"execution_id": claim.execution_id, "error": error.get("code")},
+        )
+        return NO_OUTPUT, error
 
     async def _finish(
         self,
@@ -336,8 +387,8 @@ class Engine:
     ) -> RunOutcome:
         latency = None
         # the run that started the execution (resuming after a delay is no new attempt, but
-        # it has steps behind it)
-        if claim.attempts == 1 and claim.steps_run == 0:
+        # it has steps behind it; a retry from the failed step starts with steps behind it)
+        if claim.attempts == 1 and (claim.steps_run == 0 or claim.first_run):
             latency = (claim.started_at - claim.queued_at).total_seconds() * 1000.0
         return RunOutcome(
             claim.execution_id,
@@ -417,14 +468,20 @@ class Engine:
         )
         terminal = status in ("succeeded", "failed")
         exec_error = None if done.error is None else {"step": step.id, **done.error}
+        exec_output = output
+        if status == "succeeded" and run.plan.definition.output is not None:
+            outputs = {**run.outputs, step.id: output.value}
+            exec_output, exec_error = self._evaluated_output(run, outputs)
+            if exec_error is not None:
+                status = "failed"
         write = ExecutionWrite(
             status=status,
             next_step=index + 1 if next_index is None else next_index,
             steps_run=run.seq + 1,
             now=now,
             lease_expires_at=None if terminal or status == "waiting" else now + self.lease_ttl,
-            output=output.value if status == "succeeded" else None,
-            output_json=output.text if status == "succeeded" else None,
+            output=exec_output.value if status == "succeeded" else None,
+            output_json=exec_output.text if status == "succeeded" else None,
             error=exec_error,
             error_json=dumps(exec_error) if exec_error is not None else None,
             finished_at=now if terminal else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +33,7 @@ __all__ = [
     "Plan",
     "PlanCache",
     "describe_error",
+    "encode_execution_output",
     "encode_input",
     "encode_output",
 ]
@@ -139,23 +141,41 @@ def encode_output(step: AnyStep, value: Any, max_bytes: int) -> Encoded:
     :class:`OutputNotJson` when it is not JSON. Nothing is ever truncated: a later step
     must never read a stand-in as if it were the data.
     """
+    return _encode(
+        value, max_bytes, f"step {step.id!r}", lambda size: _too_large(step, size, max_bytes)
+    )
+
+
+OUTPUT_EXPRESSION = "the workflow's output expression"
+
+
+def encode_execution_output(value: Any, max_bytes: int) -> Encoded:
+    """Serialise the value of the workflow's ``output`` expression for storage, against the
+    same limit as a step's output (:class:`OutputTooLarge`, :class:`OutputNotJson`)."""
+
+    def too_large(size: int) -> str:
+        return (
+            f"{OUTPUT_EXPRESSION} produced {size:,} bytes; the limit is {max_bytes:,} "
+            "(STEP_OUTPUT_MAX_BYTES)"
+        )
+
+    return _encode(value, max_bytes, OUTPUT_EXPRESSION, too_large)
+
+
+def _encode(value: Any, max_bytes: int, who: str, too_large: Callable[[int], str]) -> Encoded:
     if value is None:
         return NO_OUTPUT
     try:
         text = dumps(value)
     except (TypeError, ValueError, RecursionError) as exc:
         reason = str(exc)[:300] or type(exc).__name__
-        raise OutputNotJson(
-            f"step {step.id!r} produced output that is not JSON: {reason}"
-        ) from None
+        raise OutputNotJson(f"{who} produced output that is not JSON: {reason}") from None
     if has_nul(text):  # Postgres cannot store NUL characters in JSON
         text = without_nul(text)
         value = json.loads(text)
     size = len(text) if text.isascii() else len(text.encode())
     if size > max_bytes:
-        raise OutputTooLarge(
-            _too_large(step, size, max_bytes), size_bytes=size, limit_bytes=max_bytes
-        )
+        raise OutputTooLarge(too_large(size), size_bytes=size, limit_bytes=max_bytes)
     return Encoded(value, text)
 
 

@@ -32,6 +32,7 @@ from conveyor.store._db import asyncpg_dsn, sqlalchemy_url, sqlite_path
 from conveyor.store._migrate import head_revisions
 from conveyor.store._store import Store, migrate
 from conveyor.store._types import dumps, has_nul, new_id, utcnow, without_nul
+from conveyor.store.executions import RetryFrom
 from conveyor.store.insights import Activity, ExecutionFilter, VersionInfo
 from conveyor.store.records import (
     ApiKey,
@@ -79,6 +80,7 @@ __all__ = [
     "Pruned",
     "RetentionOverride",
     "RetentionPolicy",
+    "RetryFrom",
     "RunStore",
     "Schedule",
     "ScheduleTick",

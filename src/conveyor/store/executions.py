@@ -1,15 +1,17 @@
-"""Executions: read with step runs, list with filters and cursor pagination, cancel, retry;
-plus the reconciler's queries. Creating one (a trigger) is :mod:`conveyor.store.triggers`.
+"""Executions: read with step runs, list with filters and cursor pagination, cancel, retry (from
+the start, or from the failed step reusing the step runs before it: :meth:`ExecutionService.
+retry_from`); plus the reconciler's queries. Creating one (a trigger) is :mod:`conveyor.store.triggers`.
 """
 
 from __future__ import annotations
 
 import builtins
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Insert, and_, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conveyor.errors import Conflict, NotFound
@@ -17,14 +19,39 @@ from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase
 from conveyor.store._types import utcnow
 from conveyor.store.records import Execution, Page, StepRun
-from conveyor.store.schema import ACTIVE_STATUSES, executions, step_runs, timers
+from conveyor.store.schema import ACTIVE_STATUSES, ID, executions, step_runs, timers
 from conveyor.store.statements import Statements
 from conveyor.store.triggers import TriggerService, insert_values, new_execution
 from conveyor.store.workflows import WorkflowService
 
-__all__ = ["ExecutionService"]
+__all__ = ["ExecutionService", "RetryFrom"]
 
 RETRYABLE_STATUSES = ("failed", "cancelled")
+
+RetryFrom = Literal["start", "failed"]
+"""Where a retry starts: the first step, or the original's failed step."""
+
+
+def _copy_step_runs(original: Execution, execution_id: str, before_seq: int) -> Insert:
+    """``INSERT ... SELECT`` of ``original``'s step runs with ``seq < before_seq`` into
+    ``execution_id``, each pointing back at ``original`` (``reused_from``)."""
+    copied = [c.name for c in step_runs.c if c.name not in ("execution_id", "reused_from")]
+    source = select(
+        literal(execution_id, ID).label("execution_id"),
+        *(step_runs.c[name] for name in copied),
+        literal(original.id, ID).label("reused_from"),
+    ).where(
+        step_runs.c.tenant_id == original.tenant_id,
+        step_runs.c.execution_id == original.id,
+        step_runs.c.seq < before_seq,
+    )
+    return step_runs.insert().from_select(["execution_id", *copied, "reused_from"], source)
+
+
+def _error_type(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("type") or error.get("message") or "unknown")[:100]
+    return "unknown"
 
 
 class ExecutionService(ServiceBase):
@@ -38,6 +65,7 @@ class ExecutionService(ServiceBase):
         workflows: WorkflowService,
     ) -> None:
         super().__init__(engine, settings, statements)
+        self._workflows = workflows
         self._triggers = TriggerService(engine, settings, statements, workflows)
 
     async def create(
@@ -165,25 +193,121 @@ class ExecutionService(ServiceBase):
     async def retry(self, tenant_id: str, execution_id: str) -> Execution:
         """A new execution of the same workflow version with the same input
         (``retry_of`` = the original). Only failed or cancelled executions can be retried."""
+        execution, _ = await self.retry_from(tenant_id, execution_id)
+        return execution
+
+    async def retry_from(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        *,
+        start: RetryFrom = "start",
+        idempotency_key: str | None = None,
+    ) -> tuple[Execution, bool]:
+        """A new ``queued`` execution of the same workflow version with the same input
+        (``retry_of`` = the original, ``triggered_by`` = ``retry``); ``(execution, created)``.
+
+        ``start="start"``: it runs every step again (a failed or cancelled original).
+        ``start="failed"``: it resumes at the original's failed step (a failed original whose
+        failure was a step's): the step runs before it are copied in the same transaction
+        (same ``seq``, ``reused_from`` = the original) and its cursor points at the failed
+        step, so the engine restores their outputs and runs the failed step and what follows;
+        the steps before it are not run again.
+
+        ``idempotency_key`` (per tenant, shared with triggers): a key already used for a retry
+        of this execution returns that retry (``created=False``); used for anything else,
+        ``Conflict``. NotFound for an execution of another tenant; Conflict for the wrong
+        status or (``failed``) when no step failed.
+        """
+        if idempotency_key is not None:
+            replay = await self._retry_replay(tenant_id, execution_id, idempotency_key)
+            if replay is not None:
+                return replay, False
         original = await self.get(tenant_id, execution_id)
-        if original.status not in RETRYABLE_STATUSES:
+        resume_at, reused = 0, 0
+        if start == "failed":
+            resume_at, reused = await self._resume_point(original)
+        elif original.status not in RETRYABLE_STATUSES:
             raise Conflict(
                 f"only failed or cancelled executions can be retried, not {original.status}",
                 execution_id=execution_id,
+                status=original.status,
             )
-        execution = new_execution(
-            tenant_id=tenant_id,
-            workflow_id=original.workflow_id,
-            version=original.workflow_version,
-            region=original.region,
-            input=original.input,
-            triggered_by="retry",
-            now=utcnow(),
-            retry_of=original.id,
+        execution = replace(
+            new_execution(
+                tenant_id=tenant_id,
+                workflow_id=original.workflow_id,
+                version=original.workflow_version,
+                region=original.region,
+                input=original.input,
+                triggered_by="retry",
+                now=utcnow(),
+                retry_of=original.id,
+                idempotency_key=idempotency_key,
+            ),
+            next_step=resume_at,
+            steps_run=reused,
         )
+        values = {**insert_values(execution), "next_step": resume_at, "steps_run": reused}
+        try:
+            async with self._tx() as conn:
+                await conn.execute(executions.insert().values(values))
+                if reused:
+                    await conn.execute(_copy_step_runs(original, execution.id, reused))
+        except Conflict:
+            if idempotency_key is None:
+                raise
+            replay = await self._retry_replay(tenant_id, execution_id, idempotency_key)
+            if replay is None:
+                raise
+            return replay, False
+        return execution, True
+
+    async def _retry_replay(self, tenant_id: str, execution_id: str, key: str) -> Execution | None:
+        """The retry of ``execution_id`` made earlier with ``key``; None if the key is unused;
+        Conflict if it was used for anything else."""
+        earlier = await self._statements.execution_by_key(tenant_id, key)
+        if earlier is None:
+            return None
+        if earlier.retry_of != execution_id:
+            raise Conflict(
+                "idempotency key already used for another request",
+                idempotency_key=key,
+                execution_id=earlier.id,
+            )
+        return earlier
+
+    async def _resume_point(self, original: Execution) -> tuple[int, int]:
+        """Where a retry from the failed step starts: (index of the failed step in the
+        version's steps, number of step runs before it)."""
+        if original.status != "failed":
+            raise Conflict(
+                "only failed executions can be retried from the failed step, not "
+                f"{original.status}",
+                execution_id=original.id,
+                status=original.status,
+            )
         async with self._auto() as conn:
-            await conn.execute(executions.insert().values(insert_values(execution)))
-        return execution
+            runs = await self._step_runs(conn, original.tenant_id, original.id)
+        failed = next((r for r in reversed(runs) if r.status == "failed"), None)
+        if failed is None:
+            raise Conflict(
+                "no step of this execution failed (it failed outside a step: "
+                f"{_error_type(original.error)}); retry it from the start",
+                execution_id=original.id,
+            )
+        definition = await self._workflows.get_definition(
+            original.tenant_id, original.workflow_id, original.workflow_version
+        )
+        try:
+            index = definition.step_index(failed.step_id)
+        except KeyError:
+            raise Conflict(
+                f"the failed step {failed.step_id!r} is not in workflow version "
+                f"{original.workflow_version}; retry it from the start",
+                execution_id=original.id,
+            ) from None
+        return index, failed.seq
 
     # --- for the reconciler and the dispatchers (not tenant-scoped: system processes) --------
 

@@ -124,6 +124,9 @@ class StepRun(_Record):
     error: Any
     started_at: datetime
     finished_at: datetime
+    reused_from: str | None = None
+    """The execution whose step run (same ``seq``) this one is a copy of, not run again (a
+    retry from the failed step); ``None`` for a step that ran."""
 
     @property
     def duration_ms(self) -> float:

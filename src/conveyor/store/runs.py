@@ -50,6 +50,9 @@ class Claim:
     attempts: int
     queued_at: datetime
     started_at: datetime
+    first_run: bool = False
+    """Set by the engine: this claim started the execution (``started_at`` is its instant) —
+    also for one that starts with steps behind it (a retry from the failed step)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,6 +202,9 @@ step_runs = Table(
     Column("error", JSONType, nullable=True),
     Column("started_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=False),
+    # A copy made by a retry from the failed step (migration 0006): the execution whose step
+    # run with the same seq this one reuses; NULL for a step that ran.
+    Column("reused_from", ID, nullable=True),
 )
 
 timers = Table(

@@ -56,6 +56,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from conveyor.errors import InputInvalid, WorkflowInvalid
+from conveyor.workflows.expressions import check_expression
 from conveyor.workflows.step_models import (
     MAX_BODY_BYTES,
     STEP_ID_PATTERN,
@@ -64,6 +65,7 @@ from conveyor.workflows.step_models import (
     Case,
     ConditionStep,
     DelayStep,
+    Expression,
     GotoAction,
     HttpStep,
     NoopStep,
@@ -111,6 +113,21 @@ class WorkflowDefinition(_Model):
     region: Annotated[str, StringConstraints(pattern=REGION_PATTERN)] | None = None
     input_schema: dict[str, Any] | None = None
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
+    output: Expression | None = Field(
+        None,
+        description=(
+            "A JMESPath expression over the evaluation context (`input`, `steps`, "
+            "`execution`) whose value is the execution's output when it succeeds. Without "
+            "it, the output is that of the last step that ran. A failing evaluation fails "
+            "the execution (error type `ExpressionError`, code `output_expression_failed`)."
+        ),
+        examples=["{order: steps.fetch.body.id, total: steps.shape.total}"],
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _check_output(cls, value: str | None) -> str | None:
+        return None if value is None else check_expression(value)
 
     @field_validator("input_schema")
     @classmethod

@@ -1,5 +1,5 @@
 """Console pages of the running system: the live overview, the executions list and an
-execution's detail with its cancel and retry actions.
+execution's detail with its cancel and retry actions (from the start, or from the failed step).
 
 Everything is read through what the API already has: the admin status document
 (:func:`~conveyor.api.status.status_document`), the probes, the store's services; cancel and
@@ -30,6 +30,7 @@ from conveyor.store import (
     DatabaseUsage,
     Execution,
     ExecutionFilter,
+    RetryFrom,
     Timer,
 )
 
@@ -246,18 +247,23 @@ def _absent(job_id: str) -> str:
 
 def _timeline(execution: Execution) -> list[dict[str, Any]]:
     """Each step's start offset and duration relative to the first step, as fractions of the
-    whole span, for the SVG timeline."""
+    whole span, for the SVG timeline. Steps reused by a retry from the failed step ran in
+    another execution: they are listed (``reused``) but not placed on this one's time axis."""
     steps = execution.steps
     if not steps:
         return []
-    start = min(s.started_at for s in steps)
-    end = max(s.finished_at for s in steps)
+    ran = [s for s in steps if s.reused_from is None] or list(steps)
+    start = min(s.started_at for s in ran)
+    end = max(s.finished_at for s in ran)
     span = max((end - start).total_seconds(), 0.001)
     out = []
     for s in steps:
+        if s.reused_from is not None:
+            out.append({"step": s, "x": 0.0, "w": 0.004, "offset_ms": None, "reused": True})
+            continue
         offset = (s.started_at - start).total_seconds()
         out.append({"step": s, "x": offset / span, "w": max(s.duration_ms / 1000 / span, 0.004),
-                    "offset_ms": offset * 1000})  # fmt: skip
+                    "offset_ms": offset * 1000, "reused": False})  # fmt: skip
     return out
 
 
@@ -279,6 +285,8 @@ async def _detail(request: Request, execution_id: str) -> dict[str, Any]:
         "tenant_name": tenant_names.get(execution.tenant_id, ""),
         "workflow_name": workflow_names.get(execution.workflow_id, ""),
         "timeline": _timeline(execution),
+        "resumable": execution.status == "failed"
+        and any(s.status == "failed" for s in execution.steps),
         "now": datetime.now(UTC),
     }
 
@@ -317,8 +325,11 @@ async def execution_live(request: Request, execution_id: str) -> HTMLResponse:
 ACTIONS = {
     "cancel": ("Cancel execution", "Cancel this execution? A running step finishes first; a "
                "waiting timer is cancelled. This cannot be undone."),
-    "retry": ("Retry execution", "Start a new execution of the same workflow version with the "
-              "same input?"),
+    "retry": ("Retry from start", "Start a new execution of the same workflow version with the "
+              "same input, running every step again?"),
+    "retry-failed": ("Retry from failed step", "Start a new execution of the same workflow "
+                     "version with the same input that resumes at the failed step? The steps "
+                     "before it are not run again: their recorded outputs are reused."),
 }  # fmt: skip
 
 
@@ -354,7 +365,10 @@ async def run_action(request: Request, execution_id: str, action: str) -> Any:
         if action == "cancel":
             await ctx.store.executions.cancel(found.tenant_id, found.id)
         else:
-            retried = await ctx.store.executions.retry(found.tenant_id, found.id)
+            start: RetryFrom = "failed" if action == "retry-failed" else "start"
+            retried, _ = await ctx.store.executions.retry_from(
+                found.tenant_id, found.id, start=start
+            )
             await enqueue(ctx, retried, reason="retry")
             target = retried.id
     except Conflict as exc:

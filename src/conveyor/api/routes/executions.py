@@ -12,6 +12,7 @@ from conveyor.api.schemas import (
     ExecutionOut,
     ExecutionStatus,
     Page,
+    RetryIn,
     TriggerIn,
     error_responses,
 )
@@ -51,6 +52,7 @@ def step_out(step: StepRun) -> dict[str, Any]:
         "started_at": step.started_at,
         "finished_at": step.finished_at,
         "duration_ms": round(step.duration_ms, 3),
+        "reused_from": step.reused_from,
     }
 
 
@@ -168,6 +170,13 @@ async def cancel_execution(
     return {"success": True, "data": execution_out(execution)}
 
 
+RETRY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Idempotent replay: the retry created earlier with this key.",
+          "model": Envelope[ExecutionOut]},
+    **error_responses(409, 503),
+}  # fmt: skip
+
+
 @router.post(
     "/api/executions/{executionId}/retry",
     status_code=202,
@@ -175,15 +184,37 @@ async def cancel_execution(
     summary="Retry a failed execution",
     description=(
         "Creates and enqueues a new execution of the same workflow version with the same "
-        "input (`retryOf` = the original). Only failed or cancelled executions (409 "
-        "otherwise). As for a trigger, Redis being unavailable still answers 202: the new "
-        "execution is stored and the reconciler enqueues it."
+        "input (`retryOf` = the original, `triggeredBy` = `retry`). "
+        '`{"from": "start"}` (the default, also without a body) runs every step again; '
+        'only failed or cancelled executions (409 otherwise). `{"from": "failed"}` '
+        "resumes at the failed step: the step runs before it are copied into the new "
+        "execution (`reusedFrom` = the original's id, same `seq`) and are not run again — "
+        "later steps see their recorded outputs — and the failed step and what follows run; "
+        "only a `failed` execution whose failure was a step's (409 `conflict` otherwise, e.g. "
+        "when it failed evaluating the workflow's `output`). With `Idempotency-Key`, a repeated "
+        "request returns the same retry (200, header `Idempotent-Replayed: true`); a key used "
+        "for anything else is 409. As for a trigger, Redis being unavailable still answers "
+        "202: the new execution is stored and the reconciler enqueues it."
     ),
-    responses=error_responses(409, 503),
+    responses=RETRY_RESPONSES,
 )
 async def retry_execution(
-    ctx: CtxDep, auth: TenantDep, execution_id: ExecutionId
+    ctx: CtxDep,
+    auth: TenantDep,
+    execution_id: ExecutionId,
+    response: Response,
+    body: Annotated[RetryIn | None, Body()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    execution = await ctx.store.executions.retry(auth.tenant_id, execution_id)
-    await enqueue(ctx, execution, reason="retry")
+    execution, created = await ctx.store.executions.retry_from(
+        auth.tenant_id,
+        execution_id,
+        start=body.from_ if body is not None else "start",
+        idempotency_key=idempotency_key,
+    )
+    if created:
+        await enqueue(ctx, execution, reason="retry")
+    else:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
     return {"success": True, "data": execution_out(execution)}

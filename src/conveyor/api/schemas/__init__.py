@@ -36,6 +36,7 @@ from conveyor.api.schemas._storage import RetentionIn, RetentionOut, StorageData
 from conveyor.api.schemas._tenant import (
     ExecutionOut,
     ExecutionStatus,
+    RetryIn,
     ScheduleIn,
     ScheduleOut,
     SchedulePatch,
@@ -70,6 +71,7 @@ __all__ = [
     "RegionQueue",
     "RetentionIn",
     "RetentionOut",
+    "RetryIn",
     "ScheduleIn",
     "ScheduleOut",
     "SchedulePatch",

@@ -97,6 +97,20 @@ class TriggerIn(ApiModel):
     )
 
 
+class RetryIn(ApiModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"from": "failed"}]})
+    from_: Literal["start", "failed"] = Field(
+        "start",
+        alias="from",
+        description=(
+            "`start` (default): run every step again. `failed`: resume at the failed step — "
+            "the step runs before it are copied from the original (`reusedFrom`), their "
+            "outputs restored, and they do not run again; the failed step and the steps after "
+            "it run. Only for a `failed` execution whose failure was a step's (409 otherwise)."
+        ),
+    )
+
+
 class StepRunOut(ApiModel):
     seq: int
     step_id: str
@@ -110,6 +124,12 @@ class StepRunOut(ApiModel):
     started_at: datetime
     finished_at: datetime
     duration_ms: float
+    reused_from: str | None = Field(
+        None,
+        description="Set on a retry from the failed step: this step did not run again, its "
+        "run was copied from this execution's step run with the same `seq` (its output is what "
+        "later steps see). Null for a step that ran.",
+    )
 
 
 class ExecutionOut(ApiModel):
@@ -140,8 +160,22 @@ class ExecutionOut(ApiModel):
     region: str
     triggered_by: str = Field(description="`api`, `webhook`, `schedule` or `retry`.")
     input: Any = None
-    output: Any = None
-    error: Any = None
+    output: Any = Field(
+        None,
+        description=(
+            "Once succeeded: the value of the workflow's `output` expression (over `input`, "
+            "`steps`, `execution`), or the output of the last step that ran when the workflow "
+            "has none. Null otherwise."
+        ),
+    )
+    error: Any = Field(
+        None,
+        description=(
+            "Once failed: `{step, type, code?, message, details?}` of the failing step, or, "
+            'when the `output` expression failed, `{type: "ExpressionError", code: '
+            '"output_expression_failed", message, expression}` (no `step`).'
+        ),
+    )
     attempts: int = Field(
         description=(
             "Deliveries that ran work: the first run, and a run again after a crash or lost "
