@@ -22,7 +22,7 @@ async def test_redelivery_after_a_crash_mid_step_two(store: Store, settings: Set
     tenant, execution_id = await start(
         store,
         [
-            {"id": "one", "type": "transform", "expression": "input.n"},
+            slow_step("one"),  # a durable step: committed before step two starts
             {"id": "two", "type": "transform", "expression": "steps.one"},
             {"id": "three", "type": "noop"},
         ],
@@ -30,11 +30,15 @@ async def test_redelivery_after_a_crash_mid_step_two(store: Store, settings: Set
     )
     recorder = Recorder()
 
+    async def answer(ctx: StepContext, call: int) -> StepResult:
+        return StepResult(output=ctx.input["n"])
+
     async def crash_first_time(ctx: StepContext, call: int) -> StepResult | None:
         if call == 1:
             raise Crash
         return None
 
+    recorder.hooks["one"] = answer
     recorder.hooks["two"] = crash_first_time
     engine = Engine(store, settings, step_runner=recorder, lease_ttl_s=1.0)
     with pytest.raises(Crash):
@@ -54,6 +58,57 @@ async def test_redelivery_after_a_crash_mid_step_two(store: Store, settings: Set
     assert [s.step_id for s in done.steps] == ["one", "two", "three"]
     assert done.steps[1].output == 41  # resumed with step one's stored output
     assert done.attempts == 2 and done.lease == 2
+
+
+async def test_a_crash_between_pure_steps_resumes_at_the_last_durable_step(
+    store: Store, settings: Settings
+) -> None:
+    """Pure steps (transform, condition, noop) are recorded with the next durable write: a
+    crash after them, before it, runs them again — with the same outputs — from the last
+    durable step, which does not run again; the records come out complete and in order."""
+    tenant, execution_id = await start(
+        store,
+        [
+            slow_step("fetch"),
+            {"id": "shape", "type": "transform", "expression": "{total: steps.fetch.total}"},
+            {"id": "big", "type": "condition", "expression": "steps.shape.total > `100`"},
+            {"id": "label", "type": "transform", "expression": "join('-', ['big', input.k])"},
+            slow_step("notify"),
+            {"id": "done", "type": "noop"},
+        ],
+        {"k": "x"},
+    )
+    recorder = Recorder()
+
+    async def fetch(ctx: StepContext, call: int) -> StepResult:
+        return StepResult(output={"total": 150})
+
+    async def notify(ctx: StepContext, call: int) -> StepResult:
+        if call == 1:
+            raise Crash  # the process dies while the durable step after the pure ones runs
+        return StepResult(output={"sent": ctx.steps["label"]})
+
+    recorder.hooks["fetch"] = fetch
+    recorder.hooks["notify"] = notify
+    engine = Engine(store, settings, step_runner=recorder, lease_ttl_s=0.5)
+    with pytest.raises(Crash):
+        await engine.run(execution_id)
+    mid = await store.executions.get(tenant, execution_id, with_steps=True)
+    assert [s.step_id for s in mid.steps] == ["fetch"]  # the pure steps wrote nothing
+    assert mid.status == "running" and mid.steps_run == 1
+
+    await asyncio.sleep(0.6)  # the dead runner's lease expires
+    outcome = await engine.run(execution_id)
+    assert outcome.kind is OutcomeKind.SUCCEEDED
+    assert recorder.calls == {"fetch": 1, "shape": 2, "big": 2, "label": 2, "notify": 2, "done": 1}
+    done = await store.executions.get(tenant, execution_id, with_steps=True)
+    assert [(s.seq, s.step_id) for s in done.steps] == list(
+        enumerate(["fetch", "shape", "big", "label", "notify", "done"])
+    )
+    assert done.steps[1].output == {"total": 150}
+    assert done.steps[3].output == "big-x"
+    assert done.steps[4].output == {"sent": "big-x"}
+    assert done.steps_run == 6 and done.status == "succeeded"
 
 
 async def test_racing_runners_exactly_one_wins(store: Store, settings: Settings) -> None:
@@ -172,7 +227,8 @@ async def test_cancelled_runner_releases_its_lease(store: Store, settings: Setti
     assert mid.status == "running" and mid.lease_expires_at is not None
     assert mid.lease_expires_at <= utcnow()
     outcome = await engine.run(execution_id)
-    assert outcome.kind is OutcomeKind.SUCCEEDED and recorder.calls == {"a": 1, "b": 2}
+    # the noop was pure, recorded with b's write: it ran again, harmlessly
+    assert outcome.kind is OutcomeKind.SUCCEEDED and recorder.calls == {"a": 2, "b": 2}
 
 
 async def test_abandon_cancels_the_step_and_writes_nothing(

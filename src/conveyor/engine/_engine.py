@@ -9,7 +9,11 @@
    the outputs of the steps already done. Completed steps are never run again.
 3. For each step from the cursor: run it (retry policy, timeout, lease renewal while a slow
    step runs), then persist the step run and the execution's new cursor/status in ONE
-   transaction fenced by ``WHERE lease = :mine`` — committed before the next step starts. A
+   transaction fenced by ``WHERE lease = :mine`` — committed before the next step starts.
+   Except for **pure** steps (``transform``, ``condition``, ``noop``, not the last, not
+   failed): deterministic and without side effects, they are harmless to run again after a
+   crash, so their step runs are kept in memory and written, in order, in the transaction of
+   the next durable step (an ``http`` step's, a ``delay``'s, the end's). A
    stale runner's write matches no row: :class:`~conveyor.errors.LeaseLost`, it stops. An
    output (after the step's ``select``) above ``STEP_OUTPUT_MAX_BYTES``, or not JSON, fails
    the step for good (``output_too_large`` / ``output_not_json``): nothing is truncated.
@@ -21,7 +25,7 @@
 4. A ``delay`` step writes a timer row and parks the execution (``waiting``) in the same
    transaction, and the run returns: no worker slot is held while waiting. When the timer
    fires, the next run continues after the delay step.
-5. A cancelled execution stops at the next step boundary (the step write sees ``cancelled``).
+5. A cancelled execution stops at the next durable write (which sees ``cancelled``).
 6. When the execution succeeds, its output is the workflow's ``output`` expression's value
    over the evaluation context (``input``, every completed step's output, ``execution``) —
    written with the last step, in the same transaction — or, without one, the last step's
@@ -40,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -135,6 +139,8 @@ class _Run:
     seq: int
     ran: int = 0
     last_output: Encoded | None = None
+    pending: list[StepWrite] = field(default_factory=list)
+    """Pure steps run since the last durable write, recorded with the next one."""
 
 
 class Engine:
@@ -305,8 +311,12 @@ class Engine:
         if run.plan.definition.output is not None:
             value, error = self._evaluated_output(run, run.outputs)
             if error is not None:
-                return await self._finish(run.runs, run.claim, at, "failed", error=error)
-            return await self._finish(run.runs, run.claim, at, "succeeded", output=value)
+                return await self._finish(
+                    run.runs, run.claim, at, "failed", error=error, steps=run.pending
+                )
+            return await self._finish(
+                run.runs, run.claim, at, "succeeded", output=value, steps=run.pending
+            )
         output = run.last_output
         if output is None and run.outputs:
             step_id, value = next(reversed(run.outputs.items()))
@@ -314,8 +324,12 @@ class Engine:
                 output = encode_output(run.plan.by_id(step_id), value, self._max_output)
             except OutputRejected as exc:
                 error = {"step": step_id, **describe_error(exc)}
-                return await self._finish(run.runs, run.claim, at, "failed", error=error)
-        return await self._finish(run.runs, run.claim, at, "succeeded", output=output)
+                return await self._finish(
+                    run.runs, run.claim, at, "failed", error=error, steps=run.pending
+                )
+        return await self._finish(
+            run.runs, run.claim, at, "succeeded", output=output, steps=run.pending
+        )
 
     def _evaluated_output(
         self, run: _Run, outputs: dict[str, Any]
@@ -359,6 +373,7 @@ class Engine:
         *,
         output: Encoded | None = None,
         error: dict[str, Any] | None = None,
+        steps: Sequence[StepWrite] = (),
     ) -> RunOutcome:
         now = self._clock()
         write = ExecutionWrite(
@@ -373,7 +388,7 @@ class Engine:
             error_json=dumps(error) if error is not None else None,
             finished_at=now,
         )
-        final = await runs.write(claim, write, None)
+        final = await runs.write(claim, write, steps)
         return self._outcome(claim, final, at.ran)
 
     def _outcome(
@@ -498,7 +513,14 @@ class Engine:
             )
         if tracing.enabled:
             _annotate_step_span(step_write.status, status, done.attempts, done.error)
-        final = await self._persist(run, write, step_write, timer)
+        if status == "running" and run.plan.pure[index]:
+            # Deterministic, no side effects: after a crash it simply runs again, so its record
+            # waits for the next durable write (an http step's, a delay's, the end's).
+            run.pending.append(step_write)
+            final = "running"
+        else:
+            final = await self._persist(run, write, [*run.pending, step_write], timer)
+            run.pending.clear()
         run.ran += 1
         if final != "running":
             timer_id = timer.id if timer is not None else None
@@ -513,10 +535,11 @@ class Engine:
         self,
         run: _Run,
         write: ExecutionWrite,
-        step: StepWrite | None,
+        steps: Sequence[StepWrite],
         timer: TimerWrite | None,
     ) -> str:
-        """The fenced write of a finished step; the execution's status after it.
+        """The fenced write of a finished step (with the pure steps run since the last write,
+        in order); the execution's status after it.
 
         The step's side effects already happened: if the database is briefly unavailable, the
         result stays in memory and the write is retried (backoff 0.1 s doubling to 2 s) for up
@@ -528,11 +551,11 @@ class Engine:
         delay, tries = 0.1, 0
         while True:
             try:
-                if tries and step is not None:
-                    status = await run.runs.written(claim, step.seq)
+                if tries and steps:
+                    status = await run.runs.written(claim, steps[-1].seq)
                     if status is not None:
                         return status
-                return await run.runs.write(claim, write, step, timer)
+                return await run.runs.write(claim, write, steps, timer)
             except DatabaseUnavailable as exc:
                 tries += 1
                 if time.monotonic() + delay > deadline:

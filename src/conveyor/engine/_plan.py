@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 LOCAL_STEPS = (NoopStep, TransformStep, ConditionStep, DelayStep)
+PURE_STEPS = (NoopStep, TransformStep, ConditionStep)
+"""Deterministic steps without side effects: running one again after a crash is harmless."""
 SELECTING_STEPS = (HttpStep, TransformStep)
 """Step types with a ``select`` field."""
 
@@ -57,6 +59,8 @@ class Plan:
     inputs_json: tuple[str, ...]
     local: tuple[bool, ...]
     """Steps that never wait on I/O (run inline, no lease-renewal task)."""
+    pure: tuple[bool, ...]
+    """Steps whose record waits for the next durable write (:data:`PURE_STEPS`)."""
 
     @classmethod
     def build(cls, definition: WorkflowDefinition) -> Plan:
@@ -69,6 +73,7 @@ class Plan:
             inputs=inputs,
             inputs_json=tuple(dumps(i) for i in inputs),
             local=tuple(isinstance(s, LOCAL_STEPS) for s in steps),
+            pure=tuple(isinstance(s, PURE_STEPS) for s in steps),
         )
 
     def by_id(self, step_id: str) -> AnyStep:

@@ -19,6 +19,7 @@ claimed) and returns the new number; every later write says ``WHERE lease = :min
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -133,11 +134,13 @@ class RunStore(Protocol):
         self,
         claim: Claim,
         execution: ExecutionWrite,
-        step: StepWrite | None,
+        steps: Sequence[StepWrite],
         timer: TimerWrite | None = None,
     ) -> str:
-        """Persist atomically; return the execution's status afterwards (``cancelled`` if it
-        was cancelled meanwhile). Raises LeaseLost if ``claim.lease`` is no longer current."""
+        """Persist atomically — the execution's new state, the step runs it records (none,
+        one, or a run of pure steps with the durable step after them, in ``seq`` order) and
+        the timer; return the execution's status afterwards (``cancelled`` if it was
+        cancelled meanwhile). Raises LeaseLost if ``claim.lease`` is no longer current."""
         ...
 
     async def renew(self, claim: Claim, lease_until: datetime) -> None: ...
@@ -145,7 +148,7 @@ class RunStore(Protocol):
     async def release(self, claim: Claim, now: datetime) -> None: ...
 
     async def written(self, claim: Claim, seq: int) -> str | None:
-        """If the write of step ``seq`` under ``claim``'s lease is in the database (an earlier
+        """If the write of step ``seq`` (a write's last step) under ``claim``'s lease is in the database (an earlier
         :meth:`write` committed although its answer was lost), the execution's status now;
         else ``None``."""
         ...

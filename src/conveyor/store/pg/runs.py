@@ -3,7 +3,8 @@
 Per execution of a one-step workflow this is two round trips and two commits: the claim
 (``UPDATE … RETURNING``) and the step write, in which the step run insert, the execution
 update (fenced by ``lease``) and, for a ``delay`` step, the timer insert are ONE statement
-(data-modifying CTEs are atomic). Connections come from a dedicated asyncpg pool whose release
+(data-modifying CTEs are atomic); pure steps run before it ride along in the same statement
+(``unnest`` of one array per column). Connections come from a dedicated asyncpg pool whose release
 costs no round trip. Statements run in autocommit mode: each is its own transaction.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -106,12 +107,29 @@ t AS (
 )"""
 
 
-def _write_sql(with_step: bool, with_timer: bool) -> tuple[str, tuple[str, ...]]:
-    parts = [_UPDATE] + ([_STEP] if with_step else []) + ([_TIMER] if with_timer else [])
+_STEPS = """
+s AS (
+  INSERT INTO step_runs (execution_id, seq, tenant_id, step_id, step_type, status, attempts,
+                         input, output, output_truncated, error, started_at, finished_at)
+  SELECT :id::text, r.seq, u.tenant_id, r.step_id, r.step_type, r.status, r.attempts,
+         r.input::jsonb, r.output::jsonb, r.truncated, r.error::jsonb, r.started, r.finished
+    FROM u, unnest(:seqs::int[], :step_ids::text[], :step_types::text[],
+                   :step_statuses::text[], :steps_attempts::int[], :step_inputs::text[],
+                   :step_outputs::text[], :steps_truncated::bool[], :step_errors::text[],
+                   :steps_started::timestamptz[], :steps_finished::timestamptz[])
+         AS r(seq, step_id, step_type, status, attempts, input, output, truncated, error,
+              started, finished)
+)"""
+"""Several step runs in the write: pure steps recorded with the durable step after them."""
+
+
+def _write_sql(steps: int, with_timer: bool) -> tuple[str, tuple[str, ...]]:
+    parts = [_UPDATE] + [[], [_STEP], [_STEPS]][steps] + ([_TIMER] if with_timer else [])
     return _numbered("WITH " + ",".join(parts) + "\nSELECT status FROM u")
 
 
-_WRITES = {(s, t): _write_sql(s, t) for s in (False, True) for t in (False, True)}
+_WRITES = {(s, t): _write_sql(s, t) for s in (0, 1, 2) for t in (False, True)}
+"""By (number of step runs: none, one, several; with a timer)."""
 
 
 class PgRunStore:
@@ -151,11 +169,11 @@ class PgRunStore:
         self,
         claim: Claim,
         execution: ExecutionWrite,
-        step: StepWrite | None,
+        steps: Sequence[StepWrite],
         timer: TimerWrite | None = None,
     ) -> str:
         async with self.session() as session:
-            return await session.write(claim, execution, step, timer)
+            return await session.write(claim, execution, steps, timer)
 
     async def renew(self, claim: Claim, lease_until: datetime) -> None:
         async with self.session() as session:
@@ -247,10 +265,10 @@ class _PgSession:
         self,
         claim: Claim,
         execution: ExecutionWrite,
-        step: StepWrite | None,
+        steps: Sequence[StepWrite],
         timer: TimerWrite | None = None,
     ) -> str:
-        sql, order = _WRITES[(step is not None, timer is not None)]
+        sql, order = _WRITES[(min(len(steps), 2), timer is not None)]
         x = execution
         values: dict[str, Any] = {
             "id": claim.execution_id,
@@ -265,7 +283,22 @@ class _PgSession:
             "lease_expires_at": x.lease_expires_at,
             "now": x.now,
         }
-        if step is not None:
+        if len(steps) > 1:
+            values.update(
+                seqs=[st.seq for st in steps],
+                step_ids=[st.step_id for st in steps],
+                step_types=[st.step_type for st in steps],
+                step_statuses=[st.status for st in steps],
+                steps_attempts=[st.attempts for st in steps],
+                step_inputs=[st.input_json for st in steps],
+                step_outputs=[st.output_json for st in steps],
+                steps_truncated=[st.output_truncated for st in steps],
+                step_errors=[st.error_json for st in steps],
+                steps_started=[st.started_at for st in steps],
+                steps_finished=[st.finished_at for st in steps],
+            )
+        elif steps:
+            step = steps[0]
             values.update(
                 seq=step.seq,
                 step_id=step.step_id,

@@ -5,7 +5,7 @@ See :mod:`conveyor.store.runs` for the contract (fencing by lease number, cancel
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -156,7 +156,7 @@ class SqlRunStore:
         self,
         claim: Claim,
         execution: ExecutionWrite,
-        step: StepWrite | None,
+        steps: Sequence[StepWrite],
         timer: TimerWrite | None = None,
     ) -> str:
         x = execution
@@ -178,8 +178,8 @@ class SqlRunStore:
                 row = (await conn.execute(_SQL["write"], params)).first()
                 if row is None:
                     raise LeaseLost(execution_id=claim.execution_id, lease=claim.lease)
-                if step is not None:
-                    await conn.execute(_SQL["step"], _step_params(claim, step))
+                if steps:
+                    await conn.execute(_SQL["step"], [_step_params(claim, s) for s in steps])
                 if timer is not None and row.status == "waiting":
                     await conn.execute(_SQL["timer"], _timer_params(claim, timer, x.now))
         return str(row.status)
