@@ -1,8 +1,9 @@
 """Redaction of secret values from everything Conveyor records.
 
 A :class:`Redactor` knows a set of secret values and replaces every occurrence of each — as
-written, percent-encoded (as a URL template sends it) and JSON-escaped (as an echoing server
-may return it) — with :data:`SECRET_MARK`. It works on text and on JSON values (strings,
+written, percent-encoded (as a URL template sends it), JSON-escaped (as an echoing server may
+return it) and as its UTF-8 bytes read as Latin-1 (a header echoed by a server that decodes
+headers so) — with :data:`SECRET_MARK`. It works on text and on JSON values (strings,
 object keys, nested lists and objects). It imports nothing of Conveyor's: the step runners,
 the HTTP client and the engine all use it (:mod:`conveyor.workflows.steps`).
 """
@@ -30,6 +31,9 @@ def _forms(value: str) -> set[str]:
         json.dumps(value)[1:-1],
         json.dumps(value, ensure_ascii=False)[1:-1],
     }
+    # its UTF-8 bytes read as Latin-1 (how HTTP servers often decode header values)
+    mangled = value.encode("utf-8", "surrogatepass").decode("latin-1")
+    forms |= {mangled, json.dumps(mangled)[1:-1], json.dumps(mangled, ensure_ascii=False)[1:-1]}
     return {form for form in forms if form}
 
 
