@@ -1,9 +1,10 @@
 """Redaction of secret values from everything Conveyor records.
 
 A :class:`Redactor` knows a set of secret values and replaces every occurrence of each — as
-written, percent-encoded (as a URL template sends it), JSON-escaped (as an echoing server may
-return it) and as its UTF-8 bytes read as Latin-1 (a header echoed by a server that decodes
-headers so) — with :data:`SECRET_MARK`. It works on text and on JSON values (strings,
+written, percent-encoded (as a URL template sends it), JSON-escaped once or twice (as an
+echoing server may return it) and as its UTF-8 bytes read as Latin-1 (a header echoed by a
+server that decodes headers so) — with :data:`SECRET_MARK`. A target that transforms a value
+otherwise (base64, hashing, reversing) is beyond what can be recognised. It works on text and on JSON values (strings,
 object keys, nested lists and objects). It imports nothing of Conveyor's: the step runners,
 the HTTP client and the engine all use it (:mod:`conveyor.workflows.steps`).
 """
@@ -21,19 +22,31 @@ SECRET_MARK = "[secret]"
 """What recorded data shows instead of a secret's value."""
 
 
+_ESCAPE_LEVELS = 2
+"""JSON escaping applied up to this many times: a JSON body echoed back as a string inside a
+JSON answer escapes its strings twice."""
+
+
+def _json_escaped(text: str) -> set[str]:
+    return {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]}
+
+
 def _forms(value: str) -> set[str]:
     """The ways ``value`` may appear in text Conveyor records."""
+    # as sent: verbatim, percent-encoded (URL templates), and its UTF-8 bytes read as Latin-1
+    # (how HTTP servers often decode header values)
     forms = {
         value,
         quote(value, safe=""),
         quote(value),
         quote_plus(value),
-        json.dumps(value)[1:-1],
-        json.dumps(value, ensure_ascii=False)[1:-1],
+        value.encode("utf-8", "surrogatepass").decode("latin-1"),
     }
-    # its UTF-8 bytes read as Latin-1 (how HTTP servers often decode header values)
-    mangled = value.encode("utf-8", "surrogatepass").decode("latin-1")
-    forms |= {mangled, json.dumps(mangled)[1:-1], json.dumps(mangled, ensure_ascii=False)[1:-1]}
+    # as echoed inside JSON, once or twice
+    layer = set(forms)
+    for _ in range(_ESCAPE_LEVELS):
+        layer = {escaped for text in layer for escaped in _json_escaped(text)} - forms
+        forms |= layer
     return {form for form in forms if form}
 
 
