@@ -41,6 +41,7 @@ def _forms(value: str) -> set[str]:
         quote(value),
         quote_plus(value),
         value.encode("utf-8", "surrogatepass").decode("latin-1"),
+        repr(value)[1:-1],  # quoted in an error message with !r
     }
     # as echoed inside JSON, once or twice
     layer = set(forms)

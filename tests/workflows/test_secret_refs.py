@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -173,3 +174,46 @@ async def test_a_missing_secret_fails_the_step_naming_it(local_server: LocalServ
     assert local_server.requests == []  # nothing was sent
     with pytest.raises(PermanentStepError, match="no secrets are available"):
         await run_step(http_step(local_server), ctx(local_server, None))
+
+
+async def test_a_redirect_to_another_origin_does_not_carry_secrets(
+    local_server: LocalServer,
+) -> None:
+    # the same server under another name is another origin
+    elsewhere = local_server.url("/echo", host="localhost")
+    context = StepContext(
+        input={},
+        steps={},
+        execution_id="e1",
+        workflow_id="w1",
+        tenant_id="t1",
+        settings=make_settings(f"127.0.0.1:{local_server.port}", f"localhost:{local_server.port}"),
+        secrets=resolver(SECRETS),
+    )
+    step = definition(
+        {
+            "id": "h",
+            "type": "http",
+            "url": local_server.url("/redirect") + "?to=" + quote(elsewhere, safe=""),
+            "headers": {"X-Custom": "{{ secrets.PASSWORD }}", "X-Plain": "kept"},
+        }
+    ).steps[0]
+    result = await run_step(step, context)
+    first, second = local_server.requests
+    assert first.headers["x-custom"] == PASSWORD  # the origin the step names gets it
+    assert "x-custom" not in second.headers and second.headers["x-plain"] == "kept"
+    assert result.output["body"]["headers"]["host"] == f"localhost:{local_server.port}"
+    # a body with a secret is not sent to the other origin (307 keeps the body)
+    local_server.requests.clear()
+    posting = definition(
+        {
+            "id": "h",
+            "type": "http",
+            "method": "POST",
+            "url": local_server.url("/redirect") + "?code=307&to=" + quote(elsewhere, safe=""),
+            "body": {"pw": "{{ secrets.PASSWORD }}"},
+        }
+    ).steps[0]
+    with pytest.raises(PermanentStepError, match="redirect to another origin"):
+        await run_step(posting, context)
+    assert len(local_server.requests) == 1

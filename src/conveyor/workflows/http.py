@@ -404,7 +404,25 @@ def _redirect_request(
     if (url.scheme, url.host, url.port) != (next_url.scheme, next_url.host, next_url.port):
         for name in _SENSITIVE_HEADERS:
             headers.pop(name, None)
+        _keep_secrets_home(headers, content, next_url)
     return method, content, headers
+
+
+def _keep_secrets_home(headers: httpx.Headers, content: bytes | None, next_url: httpx.URL) -> None:
+    """A redirect to another origin never carries the step's secrets: headers that hold one
+    are dropped; a body that holds one is not sent again (the step fails, for good)."""
+    redactor = _REDACTOR.get()
+    if redactor is None:
+        return
+    for name, value in list(headers.items()):
+        if redactor.contains(value):
+            del headers[name]
+    if content is not None and redactor.contains(content.decode("utf-8", "replace")):
+        raise PermanentStepError(
+            "refused to follow a redirect to another origin: it would send a secret of the "
+            "request body there",
+            url=_shown(str(next_url)),
+        )
 
 
 async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
