@@ -143,7 +143,9 @@ def env_for(**overrides: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("QUEUE_", "EXECUTION_", "DATABASE_URL", "ADMIN_TOKEN", "API_"))
+        if not k.startswith(
+            ("QUEUE_", "EXECUTION_", "DATABASE_URL", "ADMIN_TOKEN", "API_", "SECRETS_KEY")
+        )
     }
     env.update(overrides)
     return env

@@ -21,6 +21,7 @@ errors (redis, SQLAlchemy, httpx) are translated where they enter with ``raise .
     ├── CronInvalid              a cron expression or time zone is invalid (the parser's error)
     ├── CursorInvalid            a pagination cursor is malformed
     ├── InvalidValue             a value cannot be stored (too long, out of range, NUL)
+    ├── SecretsUnavailable       secrets cannot be encrypted or decrypted (SECRETS_KEY)
     └── StepError
         ├── RetryableStepError   the step may succeed if tried again (5xx, timeout)
         └── PermanentStepError   trying again cannot help (4xx, bad expression, SSRF refusal)
@@ -106,6 +107,10 @@ class CursorInvalid(ConveyorError):
 
 class InvalidValue(ConveyorError):
     """A value cannot be stored (too long, out of range, or contains a NUL character)."""
+
+
+class SecretsUnavailable(ConveyorError):
+    """Secrets cannot be encrypted or decrypted: SECRETS_KEY is unset or lacks the key."""
 
 
 class StepError(ConveyorError):

@@ -8,6 +8,8 @@ naming the variable and the bad value; the CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -154,6 +156,9 @@ class Settings(BaseSettings):
     """Destinations ``http`` steps may reach although private/loopback: ``host``, ``host:port``,
     ``cidr``, ``cidr:port`` (see :func:`parse_allowlist_entry`); without a port, any port."""
     step_output_max_bytes: PositiveInt = 256 * 1024
+    secrets_key: SecretStr | None = None
+    """Keys of the tenants' secrets (``/api/secrets``): comma list of base64-encoded 32-byte
+    keys; the first encrypts, all decrypt (rotation). Read through :attr:`secrets_keys`."""
     heartbeat_interval_ms: PositiveInt = 5000
 
     # --- scheduler, timer dispatcher, reconciler (docs/scheduling.md) -----------------------
@@ -229,6 +234,20 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("secrets_key", mode="before")
+    @classmethod
+    def _check_secrets_key(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not isinstance(value, str):
+            raise ValueError("must be a comma list of base64-encoded 32-byte keys")
+        parts = [part.strip() for part in value.split(",")]
+        for index, part in enumerate(parts, start=1):
+            decode_secrets_key(part, index)
+        return ",".join(parts)
 
     @field_validator("queue_redis_sentinels", mode="before")
     @classmethod
@@ -354,12 +373,41 @@ class Settings(BaseSettings):
         return min(self.execution_tenant_concurrency, self.execution_worker_concurrency)
 
     @property
+    def secrets_keys(self) -> tuple[bytes, ...]:
+        """The decoded ``SECRETS_KEY`` keys, the encrypting one first; empty when unset."""
+        if self.secrets_key is None:
+            return ()
+        text = self.secrets_key.get_secret_value()
+        return tuple(decode_secrets_key(part, i) for i, part in enumerate(text.split(","), 1))
+
+    @property
     def is_postgres(self) -> bool:
         return self.database_url.startswith(("postgresql", "postgres:"))
 
     @property
     def shutdown_grace_s(self) -> float:
         return self.shutdown_grace_ms / 1000.0
+
+
+SECRETS_KEY_BYTES = 32
+
+
+def decode_secrets_key(text: str, index: int = 1) -> bytes:
+    """One ``SECRETS_KEY`` entry: standard or URL-safe base64 of 32 bytes. Raises ValueError
+    (never showing the key)."""
+    where = f"key {index}"
+    if not text:
+        raise ValueError(f"{where} is empty (write base64 keys separated by commas)")
+    try:
+        raw = base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            f"{where} is not base64 (generate one with: "
+            "python -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())')"
+        ) from None
+    if len(raw) != SECRETS_KEY_BYTES:
+        raise ValueError(f"{where} decodes to {len(raw)} bytes, expected {SECRETS_KEY_BYTES}")
+    return raw
 
 
 def _check_region(value: str) -> str:
@@ -499,7 +547,12 @@ def _describe(exc: ValidationError, env: Mapping[str, str]) -> str:
     name = field.upper()
     raw = env.get(name, env.get(field, error.get("input")))
     reason = str(error["msg"]).removeprefix("Value error, ")
-    if name in {"QUEUE_REDIS_PASSWORD", "QUEUE_REDIS_SENTINEL_PASSWORD", "ADMIN_TOKEN"}:
+    if name in {
+        "QUEUE_REDIS_PASSWORD",
+        "QUEUE_REDIS_SENTINEL_PASSWORD",
+        "ADMIN_TOKEN",
+        "SECRETS_KEY",
+    }:
         raw = "***"
     elif raw is None:
         raw = ""

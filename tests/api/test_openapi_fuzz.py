@@ -4,6 +4,9 @@ status codes, content types and schemas. Bounded: a few examples per operation."
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import os
 import signal
 import subprocess
 import sys
@@ -54,7 +57,8 @@ def live_api(migrated_pg: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     port = free_port()
     env = env_for(QUEUE_REDIS_HOST=REDIS_HOST, QUEUE_REDIS_PORT=str(REDIS_PORT),
                   QUEUE_PREFIX=prefix, DATABASE_URL=migrated_pg, ADMIN_TOKEN=ADMIN_TOKEN,
-                  API_PORT=str(port), LOG_LEVEL="ERROR", API_MAX_BODY_BYTES="65536")  # fmt: skip
+                  API_PORT=str(port), LOG_LEVEL="ERROR", API_MAX_BODY_BYTES="65536",
+                  SECRETS_KEY=base64.b64encode(os.urandom(32)).decode())  # fmt: skip
     log = tmp_path_factory.mktemp("fuzz") / "api.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "api"], env=env,
@@ -77,6 +81,7 @@ def live_api(migrated_pg: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             proc.kill()
             proc.wait(10)
         _delete_prefix(prefix)
+        asyncio.run(_delete_secrets(migrated_pg))
     out_text = Path(log).read_text()
     assert "Traceback" not in out_text, out_text[-3000:]
 
@@ -87,6 +92,20 @@ def _ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
         return httpx.get(f"{url}/api/health/ready", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+async def _delete_secrets(url: str) -> None:
+    """The secrets the fuzzing stored, encrypted with this API's key: left in the shared
+    database, they would stop later APIs and workers (started without that key)."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    from conveyor.store import asyncpg_dsn
+
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await conn.execute("DELETE FROM secrets")
+    finally:
+        await conn.close()
 
 
 def _delete_prefix(prefix: str) -> None:

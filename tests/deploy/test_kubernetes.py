@@ -233,12 +233,14 @@ def test_disruption_budgets_select_existing_deployments() -> None:
 def test_settings_keys_are_known_and_secrets_are_placeholders() -> None:
     config = _config()
     secret = _of_kind("Secret")["conveyor-secrets"]["stringData"]
-    assert set(secret) == {"DATABASE_URL", "ADMIN_TOKEN", "QUEUE_REDIS_PASSWORD"}
+    assert set(secret) == {"DATABASE_URL", "ADMIN_TOKEN", "QUEUE_REDIS_PASSWORD", "SECRETS_KEY"}
     assert not set(config) & set(secret)
     unknown = (set(config) | set(secret)) - settings_env_names()
     assert not unknown, f"variables Conveyor does not read: {sorted(unknown)}"
-    # Never commit a real credential: every secret value is a marked placeholder.
-    assert all("CHANGE-ME" in value for value in secret.values())
+    # Never commit a real credential: every secret value is a marked placeholder (SECRETS_KEY
+    # is empty: tenants' secrets stay disabled until a generated key is put there).
+    assert secret["SECRETS_KEY"] == ""
+    assert all("CHANGE-ME" in v for k, v in secret.items() if k != "SECRETS_KEY")
     settings = load_settings({**config, **secret})
     assert settings.is_postgres and settings.driver == "bullmq"
     assert settings.api_host == "0.0.0.0"

@@ -34,6 +34,11 @@ def test_no_configuration_means_embedded_redis_sqlite_and_a_generated_token(tmp_
     # Children read the same settings back without error.
     children = load_settings(plan.env)
     assert children.queue_redis_password is None and children.queue_redis_port == 6500
+    # the embedded database's secrets get a key kept next to it (0600), the same every time
+    key_file = tmp_path / "data" / "secrets.key"
+    assert len(children.secrets_keys) == 1 and key_file.stat().st_mode & 0o777 == 0o600
+    again = dev.plan_dev(_args(tmp_path), load_settings(environ), environ)
+    assert again.env["SECRETS_KEY"] == plan.env["SECRETS_KEY"] == key_file.read_text().strip()
 
 
 def test_configured_services_are_used_as_given(tmp_path: Path) -> None:
@@ -44,6 +49,7 @@ def test_configured_services_are_used_as_given(tmp_path: Path) -> None:
     assert plan.env["QUEUE_REDIS_HOST"] == "redis.internal"
     assert plan.database_url == plan.env["DATABASE_URL"] == "postgresql://db/conveyor"
     assert not plan.token_generated and plan.admin_token == "mine"
+    assert "SECRETS_KEY" not in plan.env  # a configured database: the operator's key, or none
     assert plan.api_port > 0 and plan.env["API_PORT"] == str(plan.api_port)  # 0: a free port
     assert plan.api_url == f"http://127.0.0.1:{plan.api_port}"  # a wildcard bind is reached locally
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 
 import uvicorn
@@ -19,7 +20,7 @@ import uvicorn
 from conveyor import tracing
 from conveyor.api.app import create_app
 from conveyor.api.context import open_context
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConfigError, ConveyorError
 from conveyor.runtime import Supervisor, freeze_startup_heap, run_loop
 from conveyor.settings import Settings
 
@@ -76,6 +77,9 @@ async def serve(settings: Settings) -> int:
                 await supervisor.cancel_all()
             if not server.started:
                 return 1
+    except ConfigError as exc:  # SECRETS_KEY cannot decrypt the stored secrets
+        print(f"conveyor api: {exc.message}", file=sys.stderr, flush=True)
+        return 2
     except ConveyorError as exc:
         log.error("api.startup_failed: %s", exc.message, extra={"error": type(exc).__name__})
         return 1

@@ -113,11 +113,13 @@ async def open_context(settings: Settings, *, heartbeat: bool = True) -> AsyncIt
     """Open the store (checking the schema) and the queues; close both on exit.
 
     Raises :class:`~conveyor.errors.SchemaOutOfDate` / ``DatabaseUnavailable`` before
-    anything is served.
+    anything is served, and :class:`~conveyor.errors.ConfigError` when secrets are stored that
+    ``SECRETS_KEY`` cannot decrypt.
     """
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(Store(settings))
         await store.check_schema()
+        await store.secrets.check_keys()  # ConfigError naming SECRETS_KEY: the process exits 2
         queues = await stack.enter_async_context(QueueFactory(settings))
         dispatcher = ExecutionDispatcher(queues, settings)
         ctx = ApiContext(settings, store, queues, dispatcher)

@@ -81,6 +81,7 @@ _CONVEYOR_ERRORS: Sequence[tuple[type[errors.ConveyorError], int, str]] = (
     (errors.QueueUnavailable, 503, "queue_unavailable"),
     (errors.QueueNotReady, 503, "queue_unavailable"),
     (errors.DatabaseUnavailable, 503, "database_unavailable"),
+    (errors.SecretsUnavailable, 503, "secrets_unavailable"),
 )
 
 

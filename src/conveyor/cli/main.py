@@ -41,6 +41,11 @@ COMMANDS: list[Command] = [
         "conveyor.cli.prune",
         "delete finished executions past their retention now (--dry-run: only print)",
     ),
+    Command(
+        "secrets",
+        "conveyor.cli.secrets",
+        "reencrypt: re-encrypt every stored secret with the first key of SECRETS_KEY",
+    ),
     Command("pause", "conveyor.cli.queues", "pause a region's execution queue (no jobs are taken)"),
     Command("resume", "conveyor.cli.queues", "resume a paused region's execution queue"),
 ]

@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -69,6 +69,7 @@ from conveyor.errors import (
     NotFound,
     PermanentStepError,
     RetryableStepError,
+    SecretsUnavailable,
     WorkflowInvalid,
 )
 from conveyor.settings import Settings
@@ -83,7 +84,14 @@ from conveyor.store import (
     new_id,
     utcnow,
 )
-from conveyor.workflows import ExpressionError, SafeHttpClient, StepContext, StepResult, run_step
+from conveyor.workflows import (
+    ExpressionError,
+    SafeHttpClient,
+    SecretResolver,
+    StepContext,
+    StepResult,
+    run_step,
+)
 from conveyor.workflows.definition import RetryPolicy
 from conveyor.workflows.expressions import build_context, evaluate
 from conveyor.workflows.steps import AnyStep
@@ -590,6 +598,7 @@ class Engine:
                 http=self._http,
                 now=self._clock(),
                 attempt=attempt,
+                secrets=self._secrets_of(run.claim.tenant_id),
             )
             result, error, retryable = await self._attempt(step, ctx, timeout)
             if error is None:
@@ -620,6 +629,23 @@ class Engine:
                     attempt, started, self._clock(), error=error, history=history, input=did
                 )
             await asyncio.sleep(policy.delay_after(attempt))
+
+    def _secrets_of(self, tenant_id: str) -> SecretResolver:
+        """What ``http`` steps read the tenant's secrets with (at the step, when it runs): a
+        missing secret, or one this process cannot decrypt, fails the step for good, naming
+        the secret; a database outage is worth another try."""
+
+        async def resolve(names: Collection[str]) -> Mapping[str, str]:
+            try:
+                return await self.store.secrets.resolve(tenant_id, names)
+            except NotFound as exc:
+                raise PermanentStepError(exc.message, exc.details) from None
+            except SecretsUnavailable as exc:
+                raise PermanentStepError(exc.message, exc.details) from None
+            except DatabaseUnavailable as exc:
+                raise RetryableStepError(f"secrets could not be read: {exc.message}") from None
+
+        return resolve
 
     def _recorded_input(self, result: StepResult | None, ctx: StepContext) -> Encoded | None:
         """What a try did, ready to store: the result's ``rendered_input``, else what the

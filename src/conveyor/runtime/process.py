@@ -210,19 +210,27 @@ async def heartbeat_loop(heartbeat: Heartbeat, stop: asyncio.Event | None = None
 
 
 async def open_checked(
-    stack: AsyncExitStack, settings: Settings, role: str, *, pool_size: int | None = None
+    stack: AsyncExitStack,
+    settings: Settings,
+    role: str,
+    *,
+    pool_size: int | None = None,
+    secrets: bool = False,
 ) -> tuple[Store, QueueFactory] | None:
     """Open the store and the queue factory on ``stack`` and run the start-up checks.
 
     Returns ``None`` after ONE error line (``<role>.database_not_ready`` — schema out of date,
     database unreachable, missing or refusing the credentials — or ``<role>.queue_not_ready``);
-    the caller then exits 1.
+    the caller then exits 1. ``secrets``: the process decrypts tenants' secrets — raises
+    :class:`ConfigError` naming ``SECRETS_KEY`` if it cannot decrypt those stored.
     """
     from conveyor.store import Store
 
     try:
         store = await stack.enter_async_context(Store(settings, pool_size=pool_size))
         await store.check_schema()
+        if secrets:
+            await store.secrets.check_keys()
     except StoreError as exc:  # SchemaOutOfDate, DatabaseUnavailable, anything the store says
         log.error("%s.database_not_ready: %s", role, exc, extra={"error": type(exc).__name__})
         return None
@@ -242,15 +250,23 @@ async def serve_checked(
     start: Callable[[AsyncExitStack, Store, QueueFactory], Awaitable[int]],
     *,
     pool_size: int | None = None,
+    secrets: bool = False,
 ) -> int:
-    """A process's life: signal handlers, :func:`open_checked` (exit 1 on failure), then
-    ``start(stack, store, queues)`` unless a signal came first (exit 0). Returns the exit code;
-    everything opened on the stack is closed on the way out."""
+    """A process's life: signal handlers, :func:`open_checked` (exit 1 on failure; exit 2 and
+    one line naming ``SECRETS_KEY`` when ``secrets`` and it cannot decrypt the stored ones),
+    then ``start(stack, store, queues)`` unless a signal came first (exit 0). Returns the exit
+    code; everything opened on the stack is closed on the way out."""
     supervisor.install_signal_handlers()
     tracing.configure(role)
     try:
         async with AsyncExitStack() as stack:
-            opened = await open_checked(stack, settings, role, pool_size=pool_size)
+            try:
+                opened = await open_checked(
+                    stack, settings, role, pool_size=pool_size, secrets=secrets
+                )
+            except ConfigError as exc:
+                print(f"conveyor {role}: {exc.message}", file=sys.stderr, flush=True)
+                return 2
             if opened is None:
                 return 1
             if supervisor.stopping:

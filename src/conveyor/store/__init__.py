@@ -15,6 +15,7 @@ asyncpg, or SQLite via aiosqlite) and exposes the services::
                         activity of the last hour, next due timers, workflow versions
     store.retention     per-tenant retention overrides; pruning finished executions in batches
     store.storage       rows, bytes and the oldest row per table
+    store.secrets       tenants' named secrets, encrypted with SECRETS_KEY (values never listed)
     store.runs          the engine's hot path (claim with a lease, fenced step writes):
                         the :class:`RunStore` contract in :mod:`conveyor.store.runs`
 
@@ -57,13 +58,22 @@ from conveyor.store.schedules import (
     validate_schedule,
 )
 from conveyor.store.schema import ACTIVE_STATUSES, EXECUTION_STATUSES, TERMINAL_STATUSES
+from conveyor.store.secrets import (
+    MAX_SECRET_BYTES,
+    MIN_SECRET_CHARS,
+    SECRET_NAME_PATTERN,
+    SecretInfo,
+)
 from conveyor.store.statements import Statements
 from conveyor.store.usage import DatabaseUsage, TableUsage
 
 __all__ = [
     "ACTIVE_STATUSES",
     "EXECUTION_STATUSES",
+    "MAX_SECRET_BYTES",
+    "MIN_SECRET_CHARS",
     "MISFIRE_POLICIES",
+    "SECRET_NAME_PATTERN",
     "TERMINAL_STATUSES",
     "Activity",
     "ApiKey",
@@ -84,6 +94,7 @@ __all__ = [
     "RunStore",
     "Schedule",
     "ScheduleTick",
+    "SecretInfo",
     "Statements",
     "StepRun",
     "StepWrite",

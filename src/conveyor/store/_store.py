@@ -22,6 +22,7 @@ from conveyor.store.pg import PgRunStore, PgStatements
 from conveyor.store.retention import RetentionService
 from conveyor.store.runs import RunStore
 from conveyor.store.schedules import ScheduleService
+from conveyor.store.secrets import SecretService
 from conveyor.store.sql import SqlRunStore, SqlStatements
 from conveyor.store.statements import Statements
 from conveyor.store.tenants import ApiKeyService, TenantService
@@ -42,7 +43,8 @@ class Store:
     :meth:`migrate`. Services: :attr:`tenants`, :attr:`api_keys`, :attr:`workflows`,
     :attr:`executions`, :attr:`schedules`, :attr:`timers`, :attr:`insights` (operators'
     cross-tenant reads), :attr:`retention` (overrides and pruning), :attr:`storage` (rows
-    and bytes per table); the engine's hot path: :attr:`runs`.
+    and bytes per table), :attr:`secrets` (tenants' encrypted secrets); the engine's hot path:
+    :attr:`runs`.
 
     The drivers are chosen here, once: on Postgres the engine's hot path (:attr:`runs`) and
     the API's hottest statements (API key lookup, trigger, get) run on a raw asyncpg pool
@@ -63,6 +65,7 @@ class Store:
     insights: InsightService
     retention: RetentionService
     storage: StorageService
+    secrets: SecretService
 
     def __init__(
         self, settings: Settings, *, pool_size: int | None = None, fast_path: bool = True
@@ -101,6 +104,7 @@ class Store:
         self.insights = InsightService(engine, s, statements)
         self.retention = RetentionService(engine, s, statements)
         self.storage = StorageService(engine, s, statements)
+        self.secrets = SecretService(engine, s, statements)
         return self
 
     async def __aexit__(

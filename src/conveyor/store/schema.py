@@ -25,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "metadata",
     "schedule_ticks",
     "schedules",
+    "secrets",
     "step_runs",
     "tenants",
     "timers",
@@ -85,6 +87,21 @@ api_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime, nullable=True),
     Index("ix_api_keys_tenant_id", "tenant_id"),
+)
+
+# Tenants' named secrets (migration 0007), encrypted with SECRETS_KEY (conveyor.store.secrets):
+# ``ciphertext`` is base64 of nonce + AEAD ciphertext, ``key_id`` names the key that made it.
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", ID, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("ciphertext", Text, nullable=False),
+    Column("key_id", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("tenant_id", "name", name="uq_secrets_tenant_name"),
 )
 
 workflows = Table(

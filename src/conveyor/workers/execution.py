@@ -241,7 +241,7 @@ async def serve(settings: Settings, supervisor: Supervisor | None = None) -> int
         )
         return await ExecutionWorker(settings, engine, queues, sup).serve()
 
-    return await serve_checked(settings, "worker", sup, start)
+    return await serve_checked(settings, "worker", sup, start, secrets=True)
 
 
 def _run_loop(settings: Settings) -> int:

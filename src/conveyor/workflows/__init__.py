@@ -26,7 +26,14 @@ from conveyor.workflows.definition import (
 )
 from conveyor.workflows.expressions import ExpressionError
 from conveyor.workflows.http import SafeHttpClient
-from conveyor.workflows.steps import AnyStep, RenderedInput, StepContext, StepResult, run_step
+from conveyor.workflows.steps import (
+    AnyStep,
+    RenderedInput,
+    SecretResolver,
+    StepContext,
+    StepResult,
+    run_step,
+)
 
 __all__ = [
     "Action",
@@ -40,6 +47,7 @@ __all__ = [
     "RenderedInput",
     "RetryPolicy",
     "SafeHttpClient",
+    "SecretResolver",
     "Step",
     "StepContext",
     "StepResult",

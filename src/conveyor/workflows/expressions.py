@@ -31,6 +31,15 @@ itself (an object stays an object); otherwise each placeholder is replaced by th
 (strings verbatim, ``null`` as the empty string, anything else as compact JSON; in URLs the
 text is percent-encoded). The placeholder ends at the first ``}}`` outside quotes and brackets,
 so ``{{ {a: x} }}`` works; a literal ``{{`` is written ``{{ '{{' }}``.
+
+Secrets
+-------
+The tenant's secrets are read only by a placeholder that is exactly ``{{ secrets.NAME }}``,
+and only in an ``http`` step's URL, header values and body (``check_template(...,
+secrets=True)``); any other expression that reads ``secrets`` at its root — in a transform, a
+condition, a ``select``, a ``delay``, or a bigger expression in an ``http`` template — is a
+validation error (:func:`check_expression`). The step runner adds the referenced secrets to
+the context of that step alone (:func:`template_secrets` names them).
 """
 
 from __future__ import annotations
@@ -66,7 +75,9 @@ __all__ = [
     "evaluate",
     "is_template",
     "render_template",
+    "secret_reference",
     "template_expressions",
+    "template_secrets",
     "truthy",
     "value_size",
 ]
@@ -152,13 +163,94 @@ def _check_functions(ast: dict[str, Any]) -> None:
         stack.extend(child for child in node.get("children", ()) if isinstance(child, dict))
 
 
-def check_expression(expression: str) -> str:
-    """Validate ``expression`` (for pydantic validators): returns it or raises ``ValueError``."""
+SECRETS_ROOT = "secrets"
+SECRETS_ONLY_IN_HTTP = (
+    "secrets ({{ secrets.NAME }}) may be used only in an http step's url, headers and body"
+)
+SECRETS_ALONE = (
+    "a secret is referenced as a placeholder of its own, {{ secrets.NAME }}: no other "
+    "expression may read secrets"
+)
+
+
+def check_expression(expression: str, *, secrets: bool = False) -> str:
+    """Validate ``expression`` (for pydantic validators): returns it or raises ``ValueError``.
+
+    An expression that reads ``secrets`` is refused unless ``secrets`` is true and it is
+    exactly ``secrets.NAME`` (see the module's *Secrets*).
+    """
     try:
-        compile_expression(expression)
+        parsed = compile_expression(expression)
     except ExpressionError as exc:
         raise ValueError(exc.message) from None
+    if _reads_secrets(parsed.parsed):
+        if not secrets:
+            raise ValueError(SECRETS_ONLY_IN_HTTP)
+        if secret_reference(expression) is None:
+            raise ValueError(SECRETS_ALONE)
     return expression
+
+
+def secret_reference(expression: str) -> str | None:
+    """``NAME`` when ``expression`` is exactly ``secrets.NAME``; else ``None``."""
+    try:
+        ast = compile_expression(expression).parsed
+    except ExpressionError:
+        return None
+    children = ast.get("children", [])
+    if ast.get("type") != "subexpression" or len(children) != 2:
+        return None
+    root, name = children
+    if (root.get("type"), root.get("value")) != ("field", SECRETS_ROOT):
+        return None
+    if name.get("type") != "field" or not isinstance(name.get("value"), str):
+        return None
+    return str(name["value"])
+
+
+# Nodes whose first child is evaluated against the same value as the node and whose other
+# children against what that produced (or, for expression references, against elements).
+_LEFT_ONLY = frozenset(
+    {
+        "subexpression",
+        "index_expression",
+        "projection",
+        "value_projection",
+        "filter_projection",
+        "flatten",
+        "pipe",
+    }
+)
+_ALL_CHILDREN = frozenset(
+    {
+        "or_expression",
+        "and_expression",
+        "not_expression",
+        "comparator",
+        "function_expression",
+        "multi_select_list",
+        "multi_select_dict",
+        "key_val_pair",
+    }
+)
+
+
+def _reads_secrets(ast: dict[str, Any]) -> bool:
+    """True if a ``secrets`` field is read from the root of the context."""
+    stack = [ast]
+    while stack:
+        node = stack.pop()
+        kind = node.get("type")
+        if kind == "field":
+            if node.get("value") == SECRETS_ROOT:
+                return True
+            continue
+        children = [c for c in node.get("children", ()) if isinstance(c, dict)]
+        if kind in _LEFT_ONLY:
+            stack.extend(children[:1])
+        elif kind in _ALL_CHILDREN:
+            stack.extend(children)
+    return False
 
 
 def _one_line(text: str) -> str:
@@ -236,14 +328,25 @@ def template_expressions(value: Any) -> Iterator[str]:
             stack.extend(item)
 
 
-def check_template(value: Any) -> Any:
-    """Validate every placeholder in ``value`` (for pydantic validators); raises ``ValueError``."""
+def check_template(value: Any, *, secrets: bool = False) -> Any:
+    """Validate every placeholder in ``value`` (for pydantic validators); raises ``ValueError``.
+    ``secrets``: placeholders ``{{ secrets.NAME }}`` are allowed (``http`` templates)."""
     try:
         for expression in template_expressions(value):
-            check_expression(expression)
+            check_expression(expression, secrets=secrets)
     except ValueError as exc:
         raise ValueError(f"template: {exc}") from None
     return value
+
+
+def template_secrets(value: Any) -> set[str]:
+    """The names of the secrets a (validated) template value references."""
+    names = set()
+    for expression in template_expressions(value):
+        name = secret_reference(expression)
+        if name is not None:
+            names.add(name)
+    return names
 
 
 def _as_text(value: Any, *, url: bool) -> str:

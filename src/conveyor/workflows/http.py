@@ -38,6 +38,7 @@ a request that fails (refused, timed out) still shows what it was: a step run's 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import http.cookiejar
 import ipaddress
 import json
@@ -54,6 +55,7 @@ import httpx
 
 from conveyor import tracing
 from conveyor.errors import PermanentStepError, RetryableStepError
+from conveyor.redaction import Redactor
 from conveyor.settings import Settings
 from conveyor.workflows.expressions import render_template
 from conveyor.workflows.netguard import AllowList, address_refusal, parse_ip_literal
@@ -103,6 +105,17 @@ _SECRET_HEADERS = frozenset(
 )
 _SECRET_WORDS = ("token", "secret", "password", "key")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_REDACTOR: contextvars.ContextVar[Redactor | None] = contextvars.ContextVar(
+    "conveyor_http_redactor", default=None
+)
+"""The secrets of the step whose request runs in this task: kept out of log lines and spans."""
+
+
+def _shown(text: str) -> str:
+    """``text`` (a URL, a host) as logs and spans may show it: userinfo and secrets out."""
+    redactor = _REDACTOR.get()
+    text = redact_url(text)
+    return text if redactor is None else redactor.text(text)
 
 
 async def _resolve(host: str, port: int) -> list[str]:
@@ -221,7 +234,7 @@ class SafeHttpClient:
             return
         logger.warning(
             "http.refused",
-            extra={"host": host, "address": address, "port": port, "reason": reason},
+            extra={"host": _shown(host), "address": address, "port": port, "reason": reason},
         )
         entry = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
         raise PermanentStepError(
@@ -328,7 +341,7 @@ class SafeHttpClient:
                 logger.debug(
                     "http.response",
                     extra={
-                        "url": redact_url(str(url)),
+                        "url": _shown(str(url)),
                         "status": response.status_code,
                         "hop": hop,
                         "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
@@ -357,9 +370,9 @@ def _span_attributes(method: str, url: httpx.URL) -> dict[str, Any]:
     port = url.port or (443 if url.scheme == "https" else 80)
     return {
         "http.request.method": method,
-        "server.address": url.host,
         "server.port": port,
-        "url.full": redact_url(str(url.copy_with(query=None, fragment=None))),
+        "server.address": _shown(url.host),
+        "url.full": _shown(str(url.copy_with(query=None, fragment=None))),
     }
 
 
@@ -391,7 +404,25 @@ def _redirect_request(
     if (url.scheme, url.host, url.port) != (next_url.scheme, next_url.host, next_url.port):
         for name in _SENSITIVE_HEADERS:
             headers.pop(name, None)
+        _keep_secrets_home(headers, content, next_url)
     return method, content, headers
+
+
+def _keep_secrets_home(headers: httpx.Headers, content: bytes | None, next_url: httpx.URL) -> None:
+    """A redirect to another origin never carries the step's secrets: headers that hold one
+    are dropped; a body that holds one is not sent again (the step fails, for good)."""
+    redactor = _REDACTOR.get()
+    if redactor is None:
+        return
+    for name, value in list(headers.items()):
+        if redactor.contains(value):
+            del headers[name]
+    if content is not None and redactor.contains(content.decode("utf-8", "replace")):
+        raise PermanentStepError(
+            "refused to follow a redirect to another origin: it would send a secret of the "
+            "request body there",
+            url=_shown(str(next_url)),
+        )
 
 
 async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
@@ -425,8 +456,12 @@ async def execute_http(
     client: SafeHttpClient,
     *,
     record: Callable[[dict[str, Any]], None] | None = None,
+    redactor: Redactor | None = None,
 ) -> dict[str, Any]:
     """Render ``step``'s templates, send it, and map the response to an output or an error.
+
+    ``redactor``: the step's secret values, kept out of the client's log lines and spans
+    while the request runs (the caller redacts what it records: :mod:`conveyor.workflows.steps`).
 
     Output: ``{"status", "headers" (a subset, lower-case names), "body" (parsed JSON when the
     content type is JSON, else text; ``null`` when empty), "url" (after redirects)}``.
@@ -436,6 +471,20 @@ async def execute_http(
     ``"body"`` (the JSON value or text sent; ``null`` without one) — before it is sent, with
     credentials redacted. Nothing is recorded when the URL itself cannot be rendered.
     """
+    token = _REDACTOR.set(redactor) if redactor is not None else None
+    try:
+        return await _execute_http(step, context, client, record)
+    finally:
+        if token is not None:
+            _REDACTOR.reset(token)
+
+
+async def _execute_http(
+    step: HttpStep,
+    context: Mapping[str, Any],
+    client: SafeHttpClient,
+    record: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     url = render_template(step.url, context, url=True)
     if not isinstance(url, str):
         raise PermanentStepError(f"url must evaluate to a string, got {type(url).__name__}")

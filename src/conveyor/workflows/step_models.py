@@ -158,7 +158,7 @@ class HttpStep(_OutputStep):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        check_template(value)
+        check_template(value, secrets=True)
         head = value.split("://", 1)[0] if "://" in value else value
         if not is_template(head) and ("://" not in value or head.lower() not in ("http", "https")):
             raise ValueError("must be an http:// or https:// URL")
@@ -176,14 +176,14 @@ class HttpStep(_OutputStep):
                 raise ValueError(f"header {name!r} is set by Conveyor and cannot be given")
             if "\r" in header_value or "\n" in header_value:
                 raise ValueError(f"header {name!r} contains a line break")
-            check_template(header_value)
+            check_template(header_value, secrets=True)
         return value
 
     @field_validator("body")
     @classmethod
     def _check_body(cls, value: Any) -> Any:
         check_json(value, MAX_BODY_BYTES)
-        return check_template(value)
+        return check_template(value, secrets=True)
 
     @field_validator("response_headers")
     @classmethod

@@ -27,16 +27,23 @@ had rendered, and returns it as ``StepResult.rendered_input``:
 
 When the engine re-enters a ``delay`` step whose timer fired it passes ``resuming=True`` and
 the step completes without suspending again.
+
+Secrets: an ``http`` step whose URL, headers or body reference ``{{ secrets.NAME }}`` asks
+``ctx.secrets`` for those values just before it renders (a missing one fails the step, for
+good, naming it). Everything recorded of that try — its rendered input, its output (an echo of
+the value included), its error — has each value replaced by ``[secret]``
+(:class:`~conveyor.redaction.Redactor`); so have the HTTP client's log lines and spans.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from conveyor.errors import PermanentStepError
+from conveyor.errors import PermanentStepError, StepError
+from conveyor.redaction import Redactor
 from conveyor.settings import Settings
 from conveyor.workflows.expressions import (
     MAX_VALUE_SIZE,
@@ -44,6 +51,7 @@ from conveyor.workflows.expressions import (
     build_context,
     evaluate,
     render_template,
+    template_secrets,
     truthy,
 )
 from conveyor.workflows.http import SafeHttpClient, execute_http
@@ -58,9 +66,21 @@ from conveyor.workflows.step_models import (
     parse_until,
 )
 
-__all__ = ["AnyStep", "RenderedInput", "StepContext", "StepResult", "run_step"]
+__all__ = [
+    "AnyStep",
+    "RenderedInput",
+    "SecretResolver",
+    "StepContext",
+    "StepResult",
+    "http_step_secrets",
+    "run_step",
+]
 
 AnyStep = HttpStep | TransformStep | ConditionStep | DelayStep | NoopStep
+
+SecretResolver = Callable[[Collection[str]], Awaitable[Mapping[str, str]]]
+"""The values of the named secrets of the execution's tenant. Raises
+:class:`~conveyor.errors.PermanentStepError` naming a missing secret (never a value)."""
 
 
 def _utcnow() -> datetime:
@@ -97,6 +117,9 @@ class StepContext:
     """True when the engine re-enters a suspended step (its timer fired)."""
     rendered: RenderedInput = field(default_factory=RenderedInput, compare=False)
     """Filled in by the runner while it renders: what the step did so far (see the module)."""
+    secrets: SecretResolver | None = None
+    """Reads the tenant's secrets for ``http`` steps; ``None``: a step that references one
+    fails (no secrets available)."""
 
     def expression_context(self) -> dict[str, Any]:
         """The document expressions see: ``input``, ``steps``, ``execution``."""
@@ -177,16 +200,67 @@ def _select_output(step: HttpStep | TransformStep, output: Any) -> Any:
         raise ExpressionError(f"select: {exc.message}") from exc
 
 
+def http_step_secrets(step: HttpStep) -> set[str]:
+    """The names of the secrets ``step`` references (URL, header values, body)."""
+    return (
+        template_secrets(step.url)
+        | template_secrets(list(step.headers.values()))
+        | template_secrets(step.body)
+    )
+
+
 async def _run_http(step: HttpStep, ctx: StepContext) -> dict[str, Any]:
     context = ctx.expression_context()
+    names = http_step_secrets(step)
+    if not names:
 
-    def record(request: dict[str, Any]) -> None:
-        ctx.rendered.value = request
+        def record(request: dict[str, Any]) -> None:
+            ctx.rendered.value = request
 
+        return await _send_http(step, context, ctx, record, None)
+    if ctx.secrets is None:
+        raise PermanentStepError(
+            f"secret {sorted(names)[0]!r} cannot be read here: no secrets are available",
+            secret=sorted(names)[0],
+        )
+    values = await ctx.secrets(names)
+    redactor = Redactor(values.values())
+
+    def record_redacted(request: dict[str, Any]) -> None:
+        ctx.rendered.value = redactor.value(request)
+
+    context = {**context, "secrets": dict(values)}
+    try:
+        output = await _send_http(step, context, ctx, record_redacted, redactor)
+    except StepError as exc:
+        raise _redacted_error(exc, redactor) from None
+    except Exception as exc:
+        if redactor.contains(str(exc)) or redactor.contains(repr(exc.args)):
+            raise PermanentStepError(
+                f"{type(exc).__name__}: {redactor.text(str(exc))}"[:2000]
+            ) from None
+        raise
+    redacted: dict[str, Any] = redactor.value(output)
+    return redacted
+
+
+async def _send_http(
+    step: HttpStep,
+    context: Mapping[str, Any],
+    ctx: StepContext,
+    record: Callable[[dict[str, Any]], None],
+    redactor: Redactor | None,
+) -> dict[str, Any]:
     if ctx.http is not None:
-        return await execute_http(step, context, ctx.http, record=record)
+        return await execute_http(step, context, ctx.http, record=record, redactor=redactor)
     async with SafeHttpClient(ctx.settings) as client:
-        return await execute_http(step, context, client, record=record)
+        return await execute_http(step, context, client, record=record, redactor=redactor)
+
+
+def _redacted_error(exc: StepError, redactor: Redactor) -> StepError:
+    """``exc`` (same type) with the secret values out of its message and details."""
+    details = redactor.value(exc.details) if exc.details is not None else {}
+    return type(exc)(redactor.text(exc.message), details)
 
 
 def _run_condition(step: ConditionStep, ctx: StepContext) -> StepResult:

