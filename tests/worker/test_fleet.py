@@ -24,7 +24,7 @@ import pytest
 
 from conveyor.runtime import list_processes
 from conveyor.settings import Settings
-from conveyor.workers.fleet import Backoff, Fleet
+from conveyor.workers.fleet import Backoff, Fleet, parse_processes
 from tests.helpers import env_for
 from tests.worker._support import WorkerProc, eventually, http_recorder, worker_env
 from tests.worker.conftest import Seeder, seeder
@@ -259,6 +259,15 @@ def test_a_child_failing_at_start_up_is_restarted_with_backoff(
     delays = [r.__dict__["restartInS"] for r in caplog.records if r.msg == "fleet.child_exited"]
     assert delays[:6] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0], delays
     assert fleet.starts <= 8  # spinning would have started it hundreds of times
+
+
+def test_the_flag_wins_over_the_setting(wsettings: Settings) -> None:
+    two = wsettings.model_copy(update={"execution_worker_processes": 2})
+    assert parse_processes(None, two) == 2
+    assert parse_processes(" 3 ", two) == 3
+    assert parse_processes("1.5", two) == (
+        "invalid --processes=1.5: give a whole number of worker processes, at least 1"
+    )
 
 
 def test_backoff_resets_after_a_stable_run() -> None:

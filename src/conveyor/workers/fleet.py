@@ -172,7 +172,9 @@ class Fleet:
         return False
 
     def _start(self, slot: Slot) -> None:
-        slot.proc = subprocess.Popen(list(self.argv), preexec_fn=self._preexec)
+        # Its own process group: a Ctrl-C in the terminal reaches the supervisor only, which
+        # forwards one SIGTERM (a child would otherwise get both and log the second).
+        slot.proc = subprocess.Popen(list(self.argv), preexec_fn=self._preexec, process_group=0)
         slot.started_at = self.clock()
         slot.restart_at = None
         slot.starts += 1
