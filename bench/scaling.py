@@ -20,7 +20,9 @@ people's tests: its CPU would not be ours); PostgreSQL is the shared server, a f
 The ceiling named at the end is the resource closest to saturation at N = 4: Redis (one core:
 its command loop is single-threaded), PostgreSQL, or this machine's cores.
 
-    .venv/bin/python bench/scaling.py [--noop 6000] [--http 2500] [--concurrency 50]
+    .venv/bin/python bench/scaling.py [--noop 5000] [--http 2000] [--concurrency 50]
+
+About 2 minutes on a quiet 2-core host (3 under a load average of 9).
 
 Last line: JSON with ``per_s_1``, ``per_s_2``, ``per_s_4`` (noop), ``http_per_s_*``,
 ``efficiency_*``, ``ceiling``, and ``per_core_workers|redis|postgres``: the executions/s one
@@ -445,8 +447,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["target"]:
     uvloop.run(_target_main(int(sys.argv[2])))
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--noop", type=int, default=6000, help="noop executions per run")
-    parser.add_argument("--http", type=int, default=2500, help="http+transform executions per run")
+    parser.add_argument("--noop", type=int, default=5000, help="noop executions per run")
+    parser.add_argument("--http", type=int, default=2000, help="http+transform executions per run")
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--pool", type=int, default=8, help="DATABASE_POOL_SIZE per process")
     parser.add_argument("--target-port", type=int, default=0)
