@@ -261,6 +261,21 @@ def test_a_child_failing_at_start_up_is_restarted_with_backoff(
     assert fleet.starts <= 8  # spinning would have started it hundreds of times
 
 
+def test_a_child_that_cannot_be_started_is_retried_later(wsettings: Settings) -> None:
+    now = [0.0]
+    fleet: Fleet
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+        if now[0] > 5:
+            fleet.stop("test over")
+
+    fleet = Fleet(wsettings, 1, argv=["/nonexistent/conveyor-python"], clock=lambda: now[0],
+                  sleep=sleep)  # fmt: skip
+    assert fleet.run() == 0  # it does not crash the supervisor
+    assert fleet.slots[0].backoff.failures == 4  # tried at 0, 0.5, 1.5 and 3.5 s
+
+
 def test_the_flag_wins_over_the_setting(wsettings: Settings) -> None:
     two = wsettings.model_copy(update={"execution_worker_processes": 2})
     assert parse_processes(None, two) == 2

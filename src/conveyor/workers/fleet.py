@@ -174,7 +174,16 @@ class Fleet:
     def _start(self, slot: Slot) -> None:
         # Its own process group: a Ctrl-C in the terminal reaches the supervisor only, which
         # forwards one SIGTERM (a child would otherwise get both and log the second).
-        slot.proc = subprocess.Popen(list(self.argv), preexec_fn=self._preexec, process_group=0)
+        try:
+            slot.proc = subprocess.Popen(list(self.argv), preexec_fn=self._preexec, process_group=0)
+        except OSError as exc:  # out of processes, memory, descriptors: try again later
+            delay = slot.backoff.next_delay(0.0)
+            slot.restart_at = self.clock() + delay
+            log.error(
+                "fleet.child_start_failed",
+                extra={"slot": slot.index, "error": repr(exc), "restartInS": delay},
+            )
+            return
         slot.started_at = self.clock()
         slot.restart_at = None
         slot.starts += 1
