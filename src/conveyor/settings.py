@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     queue_metrics_interval_ms: PositiveInt = 60000
     queue_driver: Literal["", "bullmq", "inmemory"] = ""
     execution_worker_concurrency: PositiveInt = 2
+    execution_worker_processes: PositiveInt = 1
+    """Worker processes ``conveyor worker`` runs under one supervisor (``--processes``)."""
     execution_tenant_concurrency: PositiveInt | None = None
     """Defaults to ``execution_worker_concurrency`` (no per-tenant cap below the worker's)."""
     execution_lock_duration_ms: Annotated[int, Field(ge=1000)] = 30000

@@ -29,7 +29,11 @@ COMMANDS: list[Command] = [
     Command("check", "conveyor.cli.check", "validate the settings and check that Redis is usable"),
     Command("migrate", "conveyor.cli.migrate", "bring the database schema up to date"),
     Command("api", "conveyor.api.server", "run the HTTP API"),
-    Command("worker", "conveyor.workers.execution", "run the execution worker"),
+    Command(
+        "worker",
+        "conveyor.workers.fleet",
+        "run the execution worker (--processes N: N of them under one supervisor)",
+    ),
     Command("scheduler", "conveyor.workers.scheduler", "run the cron scheduler (leader-elected)"),
     Command("timers", "conveyor.workers.timer_dispatcher", "run the durable timer dispatcher"),
     Command("dev", "conveyor.cli.dev", "run all processes locally (embedded Redis + SQLite)"),
