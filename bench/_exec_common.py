@@ -156,9 +156,11 @@ class Seed:
         self.dispatcher = ExecutionDispatcher(queues, settings)
         self.workflows: dict[str, str] = {}
 
-    async def tenant(self, name: str) -> str:
+    async def tenant(self, name: str, steps: list[dict[str, Any]] | None = None) -> str:
+        """A tenant with one workflow of ``steps`` (default: one ``noop``)."""
         tenant = await self.store.tenants.create(name)
-        wf = await self.store.workflows.create(tenant.id, {"name": "bench", "steps": NOOP})
+        definition = {"name": "bench", "steps": steps or NOOP}
+        wf = await self.store.workflows.create(tenant.id, definition)
         self.workflows[tenant.id] = wf.id
         return tenant.id
 
