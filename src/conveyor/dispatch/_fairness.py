@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor.dispatch import keys
 
@@ -42,6 +42,7 @@ class FairnessLedger:
     ) -> None:
         self._queues = queues
         self._prefix = settings.queue_prefix
+        self._cluster = settings.uses_cluster
         self.queue_names = list(queue_names)
         self.flush_interval_s = flush_interval_s
         self.clamp_interval_s = clamp_interval_s
@@ -75,7 +76,11 @@ class FairnessLedger:
         pipe = self._queues.redis.pipeline(transaction=False)
         for queue_name, per in batch.items():
             args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
-            await decrement(keys=[keys.fair(self._prefix, queue_name)], args=args, client=pipe)
+            await decrement(
+                keys=[keys.fair(self._prefix, queue_name, cluster=self._cluster)],
+                args=args,
+                client=pipe,
+            )
         try:
             await pipe.execute()
         except BaseException:
@@ -91,7 +96,10 @@ class FairnessLedger:
         _decrement, clamp = self._scripts()
         out: dict[str, int] = {}
         for name in self.queue_names:
-            names = [keys.fair(self._prefix, name), *keys.backlog(self._prefix, name)]
+            names = [
+                keys.fair(self._prefix, name, cluster=self._cluster),
+                *keys.backlog(self._prefix, name, cluster=self._cluster),
+            ]
             out[name] = int(await clamp(keys=names, args=[]))
         return out
 
@@ -107,6 +115,6 @@ class FairnessLedger:
                 if time.monotonic() >= next_clamp:
                     await self.clamp()
                     next_clamp = time.monotonic() + self.clamp_interval_s
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("fairness.flush_failed", extra={"error": repr(exc)})
                 await asyncio.sleep(1.0)

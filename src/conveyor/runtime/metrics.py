@@ -260,11 +260,15 @@ class MetricsPublisher:
     async def _write(self, batch: _Pending) -> None:
         q = self._queues
         pipe = q.redis.pipeline(transaction=False)
-        counters_key = keys.metrics_counters(q.settings.queue_prefix)
+        counters_key = keys.metrics_counters(
+            q.settings.queue_prefix, cluster=q.settings.uses_cluster
+        )
         for (name, labels), n in batch.counters.items():
             pipe.hincrby(counters_key, f"{name}|{labels}", n)
         for (name, labels), hist in batch.hists.items():
-            key = keys.metrics_histogram(q.settings.queue_prefix, name)
+            key = keys.metrics_histogram(
+                q.settings.queue_prefix, name, cluster=q.settings.uses_cluster
+            )
             bounds = (*BUCKETS[name], math.inf)
             for bound, n in zip(bounds, hist.buckets, strict=True):
                 if n:
@@ -272,7 +276,9 @@ class MetricsPublisher:
             pipe.hincrbyfloat(key, f"{labels}|sum", hist.sum)
             pipe.hincrby(key, f"{labels}|count", hist.count)
         if batch.gauges:
-            gauges_key = keys.metrics_gauges(q.settings.queue_prefix)
+            gauges_key = keys.metrics_gauges(
+                q.settings.queue_prefix, cluster=q.settings.uses_cluster
+            )
             for name, value in batch.gauges.items():
                 pipe.hset(gauges_key, name, repr(value))
             pipe.hset(gauges_key, "updated_at", repr(time.time()))
@@ -361,11 +367,19 @@ async def read_metrics(queues: QueueFactory) -> MetricsSnapshot:
     """Read every published metric with one pipelined round trip."""
     names = list(BUCKETS)
     pipe = queues.redis.pipeline(transaction=False)
-    pipe.hgetall(keys.metrics_counters(queues.settings.queue_prefix))
-    pipe.hgetall(keys.metrics_gauges(queues.settings.queue_prefix))
+    pipe.hgetall(
+        keys.metrics_counters(queues.settings.queue_prefix, cluster=queues.settings.uses_cluster)
+    )
+    pipe.hgetall(
+        keys.metrics_gauges(queues.settings.queue_prefix, cluster=queues.settings.uses_cluster)
+    )
     pipe.info("memory")
     for name in names:
-        pipe.hgetall(keys.metrics_histogram(queues.settings.queue_prefix, name))
+        pipe.hgetall(
+            keys.metrics_histogram(
+                queues.settings.queue_prefix, name, cluster=queues.settings.uses_cluster
+            )
+        )
     counters_raw, gauges_raw, memory, *hists_raw = await pipe.execute()
     snap = MetricsSnapshot()
     snap.redis_memory = {

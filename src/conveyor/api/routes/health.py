@@ -67,7 +67,11 @@ async def readiness(ctx: CtxDep) -> tuple[bool, dict[str, Any]]:
         "ready": all(checks.values()),
         "checks": checks,
         "queues": probes.consumption(regions, workers, counts),
-        "redis": {"address": queue.get("address"), "sentinel": queue.get("sentinel")},
+        "redis": {
+            "address": queue.get("address"),
+            "sentinel": queue.get("sentinel"),
+            "cluster": queue.get("cluster"),
+        },
     }
     if queue.get("error"):
         data["queueError"] = queue["error"]

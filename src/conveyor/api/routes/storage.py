@@ -147,7 +147,9 @@ async def _redis(ctx: CtxDep) -> dict[str, Any]:
             for region in ctx.known_regions(*workers):
                 name = execution_queue_name(region)
                 counts = await ctx.execution_queue(region).get_job_counts("completed", "failed")
-                events = await client.xlen(keys.events(ctx.settings.queue_prefix, name))
+                events = await client.xlen(
+                    keys.events(ctx.settings.queue_prefix, name, cluster=ctx.settings.uses_cluster)
+                )
                 queues.append({"queue": name, "completed": counts["completed"],
                                "failed": counts["failed"], "events": int(events)})  # fmt: skip
     except probes.ProbeErrors as exc:

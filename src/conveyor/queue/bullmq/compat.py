@@ -55,7 +55,7 @@ import redis.asyncio as aioredis
 from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildrenError
 from bullmq.redis_connection import RedisConnection
 from bullmq.timer import Timer
-from bullmq.utils import extract_result
+from bullmq.utils import extract_result, is_redis_cluster
 
 from conveyor.queue._base import QueueEvent, ScriptCall
 from conveyor.queue._emitter import Emitter
@@ -332,9 +332,13 @@ class StreamConsumer(bullmq.QueueEvents):  # type: ignore[misc]  # bullmq is unt
     ``_dispatch_entry``.
     """
 
-    def __init__(self, name: str, opts: dict[str, Any], sink: Emitter) -> None:
+    def __init__(
+        self, name: str, opts: dict[str, Any], sink: Emitter, label: str | None = None
+    ) -> None:
         super().__init__(name, opts)
         self.sink = sink
+        self.label = name if label is None else label
+        """The queue's name in the events emitted (Conveyor's, without a cluster hash tag)."""
         self.last_id: str = opts.get("lastEventId") or "$"
 
     def _dispatch_entry(self, entry_id: str, args: dict[str, Any]) -> None:
@@ -345,7 +349,7 @@ class StreamConsumer(bullmq.QueueEvents):  # type: ignore[misc]  # bullmq is unt
         if event == "completed" and "returnvalue" in args:
             with contextlib.suppress(TypeError, ValueError):
                 args["returnvalue"] = json.loads(args["returnvalue"])
-        self.sink.emit(QueueEvent(event, self.name, args.get("jobId"), args))
+        self.sink.emit(QueueEvent(event, self.label, args.get("jobId"), args))
 
 
 # -- what the worker wrapper does to a FetchingWorker -------------------------------------------
@@ -402,11 +406,22 @@ async def add_in_transaction(
     """``MULTI; EVALSHA call; EVALSHA addJob; EXEC`` in one write (``script`` is ``call``'s
     source registered on the queue's client). With ``check_scripts`` false
     redis-py's ``SCRIPT EXISTS`` check before the transaction is skipped (the caller knows the
-    scripts are loaded; on ``NoScriptError`` it calls again with the check)."""
-    async with queue.backend.connection.conn.pipeline(transaction=True) as pipe:
+    scripts are loaded; on ``NoScriptError`` it calls again with the check).
+
+    On Redis Cluster redis-py's cluster pipeline never checks nor loads scripts: with
+    ``check_scripts`` this loads ``script`` and bullmq's add scripts on every master first
+    (``SCRIPT LOAD``). Every key of both calls is in the queue's slot (a hash tag), as a
+    transaction on a cluster requires."""
+    conn = queue.backend.connection.conn
+    if check_scripts and is_redis_cluster(conn):
+        commands = queue.backend.connection.commands
+        adds = ("addStandardJob", "addPrioritizedJob", "addDelayedJob")
+        for source in (script.script, *(commands[name].script for name in adds)):
+            await conn.script_load(source)
+    async with conn.pipeline(transaction=True) as pipe:
         await script(keys=list(call.keys), args=list(call.args), client=pipe)
         await queue.backend.scripts.addJob(job, pipe)
-        if not check_scripts:
+        if not check_scripts and hasattr(pipe, "scripts"):
             pipe.scripts.clear()
         results: list[Any] = await pipe.execute()
         return results
@@ -512,6 +527,7 @@ RELIED_ON: tuple[Internal, ...] = (
     Internal("RedisConnection", "conn"),
     Internal("RedisConnection", "capabilities"),
     Internal("RedisConnection", "set_client_name", ("name",)),
+    Internal("RedisConnection", "commands"),
     Internal("Scripts", "addJob", ("job", "pipe")),
     Internal("Timer", "stop", ()),
     Internal("Job", "deferredFailure"),

@@ -17,7 +17,7 @@ from typing import Any
 import bullmq
 import redis.asyncio as aioredis
 from pydantic import BaseModel
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from conveyor.errors import QueueError
 from conveyor.queue import connection
@@ -50,7 +50,7 @@ class BullQueue:
         self._capped = False
         """The events stream's cap (``QUEUE_EVENTS_MAX_LEN``) was written (first add)."""
         self._bull = bullmq.Queue(
-            name,
+            connection.bull_name(name, settings.uses_cluster),
             {
                 "connection": client,
                 "prefix": settings.queue_prefix,
@@ -152,7 +152,14 @@ class BullQueue:
             results = await compat.add_in_transaction(
                 bull, script, call, job, check_scripts=not self._scripts_loaded
             )
-        except NoScriptError:
+        except (NoScriptError, ResponseError) as exc:
+            # A cluster pipeline reports a missing script as a plain ResponseError.
+            if (
+                not isinstance(exc, NoScriptError)
+                and "NOSCRIPT" not in str(exc).upper()
+                and ("no matching script" not in str(exc).lower())
+            ):
+                raise
             results = await compat.add_in_transaction(bull, script, call, job, check_scripts=True)
         self._scripts_loaded = True
         return results
@@ -315,7 +322,8 @@ class BullQueueEvents:
             "blockingTimeout": connection.EVENTS_BLOCK_MS,
             "lastEventId": self._last_id,
         }
-        consumer = compat.StreamConsumer(self._name, opts, self._emitter)
+        name = connection.bull_name(self._name, self._settings.uses_cluster)
+        consumer = compat.StreamConsumer(name, opts, self._emitter, label=self._name)
         consumer.on("error", self._on_error)
         return consumer
 
