@@ -236,6 +236,19 @@ def test_conveyor_on_a_cluster_survives_a_master_kill(
         after = client.get("/api/health").json()["data"]["queue"]
         assert after["cluster"]["state"] == "ok", after
         assert f"127.0.0.1:{us_master.port}" not in after["cluster"]["masters"], after
+
+        # The workers' totals, published to the cluster (every few seconds), read by the API.
+        def finished() -> bool:
+            metrics = client.get("/metrics")
+            assert metrics.status_code == 200
+            assert "conveyor_metrics_redis_up 1.0" in metrics.text, metrics.text[:2000]
+            prefix = 'conveyor_executions_finished_total{status="succeeded"}'
+            lines = [line for line in metrics.text.splitlines() if line.startswith(prefix)]
+            return bool(lines) and float(lines[0].split()[-1]) >= len(ids)
+
+        wait_for(finished, timeout=20, interval=0.5)
+        storage = client.get("/api/admin/storage", headers=ADMIN).json()["data"]
+        assert storage["redis"]["status"] == "ready" and storage["redis"]["usedMemory"] > 0, storage
         status = subprocess.run([sys.executable, "-m", "conveyor.cli", "status"], env=env,
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         assert status.returncode == 0, status.stderr

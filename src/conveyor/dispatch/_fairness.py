@@ -43,6 +43,8 @@ class FairnessLedger:
         self._queues = queues
         self._prefix = settings.queue_prefix
         self._cluster = settings.uses_cluster
+        self._loaded = False
+        """On Redis Cluster: the decrement script was loaded on the masters (see :meth:`flush`)."""
         self.queue_names = list(queue_names)
         self.flush_interval_s = flush_interval_s
         self.clamp_interval_s = clamp_interval_s
@@ -73,6 +75,11 @@ class FairnessLedger:
         batch, self._pending = self._pending, {}
         self._dirty.clear()
         decrement, _clamp = self._scripts()
+        if self._cluster and not self._loaded:
+            # redis-py's cluster pipeline sends EVALSHA without loading the script first (a
+            # plain pipeline checks SCRIPT EXISTS): load it on every master once.
+            await self._queues.redis.script_load(keys.DECREMENT_SCRIPT)
+            self._loaded = True
         pipe = self._queues.redis.pipeline(transaction=False)
         for queue_name, per in batch.items():
             args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
@@ -84,6 +91,7 @@ class FairnessLedger:
         try:
             await pipe.execute()
         except BaseException:
+            self._loaded = False  # load again first: a master may have lost the script
             for queue_name, per in batch.items():
                 for tenant, n in per.items():
                     for _ in range(n):

@@ -225,6 +225,23 @@ async def cluster_view(client: aioredis.Redis, timeout_s: float) -> ClusterView:
     return view
 
 
+async def memory_info(client: aioredis.Redis, *, cluster: bool) -> dict[str, Any]:
+    """``INFO memory``; of a Redis Cluster, the masters' memory added up (their policy: the
+    first master's), since a cluster pipeline refuses ``INFO`` and a plain call asks one node."""
+    if not cluster:
+        return dict(await client.info("memory"))
+    nodes: Any = client
+    per_node: dict[str, Any] = await nodes.info("memory", target_nodes=nodes.PRIMARIES)
+    infos = [i for i in per_node.values() if isinstance(i, dict)]
+    if not infos:
+        return {}
+    memory: dict[str, Any] = {
+        k: sum(int(i.get(k) or 0) for i in infos) for k in ("used_memory", "maxmemory")
+    }
+    memory["maxmemory_policy"] = infos[0].get("maxmemory_policy")
+    return memory
+
+
 def cluster_warnings(view: ClusterView | None) -> list[str]:
     """What an operator should hear about the cluster (empty: all well)."""
     if view is None:

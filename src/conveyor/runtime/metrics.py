@@ -36,6 +36,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from conveyor.dispatch import keys
+from conveyor.queue import health
 
 if TYPE_CHECKING:
     from conveyor.queue import QueueFactory
@@ -373,14 +374,20 @@ async def read_metrics(queues: QueueFactory) -> MetricsSnapshot:
     pipe.hgetall(
         keys.metrics_gauges(queues.settings.queue_prefix, cluster=queues.settings.uses_cluster)
     )
-    pipe.info("memory")
+    cluster = queues.settings.uses_cluster
+    if not cluster:  # a cluster pipeline refuses INFO: asked of every master below
+        pipe.info("memory")
     for name in names:
         pipe.hgetall(
             keys.metrics_histogram(
                 queues.settings.queue_prefix, name, cluster=queues.settings.uses_cluster
             )
         )
-    counters_raw, gauges_raw, memory, *hists_raw = await pipe.execute()
+    if cluster:
+        counters_raw, gauges_raw, *hists_raw = await pipe.execute()
+        memory = await health.memory_info(queues.redis, cluster=True)
+    else:
+        counters_raw, gauges_raw, memory, *hists_raw = await pipe.execute()
     snap = MetricsSnapshot()
     snap.redis_memory = {
         k: memory.get(k) for k in ("used_memory", "maxmemory", "maxmemory_policy") if k in memory
