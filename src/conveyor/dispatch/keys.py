@@ -1,9 +1,8 @@
 """Conveyor's Redis layout: every key name and Lua script Conveyor itself writes, in one place.
 
 BullMQ owns ``{prefix}:<queue>:*`` (its queues); everything of Conveyor's own lives under
-``{prefix}:conveyor:``. ``prefix`` is ``QUEUE_PREFIX`` (default ``bull``; on Redis Cluster a
-hash tag such as ``{conveyor}`` keeps each queue's keys in one slot). All of it is small and
-rebuildable: losing it loses no execution (the database is the source of truth).
+``{prefix}:conveyor:``. ``prefix`` is ``QUEUE_PREFIX`` (default ``bull``; on Redis Cluster the
+names get hash tags, below). All of it is small and rebuildable: losing it loses no execution (the database is the source of truth).
 
 =============================================  ==============================================
 key                                            what

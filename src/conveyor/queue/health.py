@@ -305,6 +305,13 @@ async def assert_ready(
         )
         for warning in cluster_warnings(cview):
             log.warning("queue.cluster_degraded: %s", warning, extra={"redis": where})
+        if "{" in settings.queue_prefix:
+            log.warning(
+                "queue.cluster_one_slot: QUEUE_PREFIX %r has a hash tag: every queue and key is "
+                "in one slot, on one master; leave the braces out to spread the regions",
+                settings.queue_prefix,
+                extra={"redis": where},
+            )
     if sentinel is not None:
         view = await sentinel_view(sentinel, settings, timeout_s=deadline / 2)
         extra.update(
