@@ -248,6 +248,11 @@ def test_conveyor_on_a_cluster_survives_a_master_kill(
         after = client.get("/api/health").json()["data"]["queue"]
         assert after["cluster"]["state"] == "ok", after
         assert f"127.0.0.1:{us_master.port}" not in after["cluster"]["masters"], after
+        # Three masters again (the promoted replica), two replicas, the dead node flagged.
+        assert len(after["cluster"]["masters"]) == 3 and after["cluster"]["replicas"] == 2, after
+        assert after["cluster"]["failed"] == 1, after
+        assert "1 cluster nodes are seen failing" in after["warnings"], after
+        assert any("2 replicas for 3 masters" in w for w in after["warnings"]), after
 
         # The workers' totals, published to the cluster (every few seconds), read by the API.
         def finished() -> bool:
@@ -264,4 +269,4 @@ def test_conveyor_on_a_cluster_survives_a_master_kill(
         status = subprocess.run([sys.executable, "-m", "conveyor.cli", "status"], env=env,
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         assert status.returncode == 0, status.stderr
-        assert "redis cluster ok: 3 masters" in status.stdout, status.stdout
+        assert "redis cluster ok: 3 masters, 2 replicas" in status.stdout, status.stdout

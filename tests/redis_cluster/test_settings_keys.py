@@ -19,7 +19,8 @@ from conveyor.errors import ConfigError
 from conveyor.queue import bull_name, execution_queue_name
 from conveyor.queue.connection import location
 from conveyor.settings import load_settings
-from tests.helpers import env_for
+from tests.conftest import REDIS_PORT
+from tests.helpers import env_for, free_port
 
 
 def test_cluster_nodes_are_parsed() -> None:
@@ -111,3 +112,22 @@ def test_single_redis_and_sentinel_keep_their_key_names() -> None:
     assert keys.fair("bull", queue, cluster=True) == "bull:conveyor:fair:{" + queue + "}"
     assert keys.job("bull", queue, "7", cluster=True) == "bull:{" + queue + "}:7"
     assert keys.process("bull", "p1", cluster=True) == "bull:{conveyor}:process:p1"
+
+
+@pytest.mark.parametrize(
+    ("nodes", "says"),
+    [
+        (f"127.0.0.1:{free_port()}", "no node of QUEUE_REDIS_CLUSTER_NODES answered"),
+        (f"127.0.0.1:{REDIS_PORT}", "is not a cluster"),  # the tests' Redis: no cluster mode
+    ],
+)
+def test_check_names_an_unreachable_cluster_or_a_redis_without_cluster_mode(
+    nodes: str, says: str
+) -> None:
+    env = env_for(QUEUE_REDIS_CLUSTER_NODES=nodes, QUEUE_REDIS_CONNECT_TIMEOUT_MS="1000")
+    proc = subprocess.run([sys.executable, "-m", "conveyor.cli", "check"], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

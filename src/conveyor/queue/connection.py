@@ -260,6 +260,16 @@ def translate(exc: BaseException, settings: Settings, action: str = "talk to") -
         )
     if isinstance(exc, NoPermissionError):
         return QueueUnavailable(f"Redis at {where} denied a command BullMQ needs (ACL): {text}")
+    if isinstance(exc, RedisClusterException) and "not enabled" in text:
+        return QueueUnavailable(
+            f"Redis at {where} is not a cluster (QUEUE_REDIS_CLUSTER_NODES names a Redis "
+            f"without cluster mode: use QUEUE_REDIS_HOST/QUEUE_REDIS_PORT): {text}"
+        )
+    if isinstance(exc, RedisClusterException) and "cannot be connected" in text:
+        return QueueUnavailable(
+            f"Redis Cluster at {where} is unreachable: no node of QUEUE_REDIS_CLUSTER_NODES "
+            f"answered: {text}"
+        )
     if isinstance(exc, ClusterDownError | RedisClusterException):
         return QueueUnavailable(
             f"Redis Cluster at {where} cannot serve a slot now (a failover in progress?): {text}"
