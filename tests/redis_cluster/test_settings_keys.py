@@ -11,7 +11,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import bullmq
 import pytest
+import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from conveyor.dispatch import keys
@@ -131,3 +133,17 @@ def test_check_names_an_unreachable_cluster_or_a_redis_without_cluster_mode(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_key_bullmq_builds_for_a_queue_shares_the_fairness_hash_slot() -> None:
+    """BullMQ's own key map of the queue as Conveyor names it on a cluster (built by bullmq,
+    no I/O): each of its scripts touches a subset of these, in the count-and-add ``MULTI`` too."""
+    settings = load_settings({"QUEUE_REDIS_CLUSTER_NODES": "127.0.0.1:7000"})
+    for region in REGIONS:
+        queue = execution_queue_name(region)
+        client = aioredis.Redis(port=1)  # never used: nothing is sent
+        bull = bullmq.Queue(bull_name(queue, settings.uses_cluster),
+                            {"connection": client, "prefix": "bull", "skipVersionCheck": True})  # fmt: skip
+        fair = key_slot(keys.fair("bull", queue, cluster=True).encode())
+        slots = {name: key_slot(f"{key}x".encode()) for name, key in bull.keys.items()}
+        assert set(slots.values()) == {fair}, slots
