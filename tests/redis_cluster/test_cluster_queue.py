@@ -147,3 +147,43 @@ async def test_heartbeats_metrics_and_the_redis_leader_lock(
         await first.release()
         assert await second.try_acquire()
         await second.release()
+
+
+async def test_scripts_missing_on_the_masters_are_loaded_again(
+    cluster: Cluster, redis_prefix: str
+) -> None:
+    """A cluster pipeline never loads a script (a plain one checks ``SCRIPT EXISTS``): the
+    bulk add, the count-and-add ``MULTI`` and the fairness flush load theirs on every master,
+    first on a fresh handle and again after the masters lost them (``SCRIPT FLUSH``: a
+    restart, or a replica promoted without them)."""
+
+    def flush_scripts() -> None:
+        for node in cluster.masters():
+            assert node.client().script_flush() is True
+
+    settings = _settings(cluster, redis_prefix)
+    for _round in range(2):
+        flush_scripts()
+        async with QueueFactory(settings) as qf:
+            dispatcher = ExecutionDispatcher(qf, settings)
+            ledger = FairnessLedger(qf, settings, [execution_queue_name("us")])
+            try:
+                for _attempt in range(2):  # fresh handles, then handles that loaded before
+                    bulk = [_payload(r, "t") for r in ("us", "eu")]
+                    assert await dispatcher.enqueue_many(bulk) == [p.execution_id for p in bulk]
+                    one = _payload("eu", "t")
+                    assert await dispatcher.enqueue(one) == one.execution_id
+                    ledger.started(execution_queue_name("us"), "t")
+                    await ledger.flush()
+                    flush_scripts()
+                counts = await dispatcher.queue("us").get_job_counts("waiting", "prioritized")
+                assert sum(counts.values()) == 2
+            finally:
+                await dispatcher.aclose()
+        # Nothing counted twice nor lost: us has its two jobs and the flushes took them off.
+        fair = keys.fair(redis_prefix, execution_queue_name("us"), cluster=True)
+        client = cluster.client()
+        assert client.hget(fair, "t") in (None, "0")
+        client.close()
+        redis_prefix += "x"  # the next round starts from empty queues
+        settings = _settings(cluster, redis_prefix)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from conveyor.dispatch import keys
 
@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _missing_script(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, NoScriptError) or "NOSCRIPT" in text or "no matching script" in text
 
 
 class FairnessLedger:
@@ -69,35 +74,56 @@ class FairnessLedger:
         return self._decrement, self._clamp
 
     async def flush(self) -> None:
-        """Send the batched decrements in one pipeline; on failure they are kept for later."""
+        """Send the batched decrements in one pipeline; on failure they are kept for later.
+
+        On Redis Cluster the pipeline does not load the script (a plain one checks
+        ``SCRIPT EXISTS``): it is loaded on every master first, and the decrements a master
+        refused for want of it (restarted, or a promoted replica) are sent again once."""
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
         self._dirty.clear()
+        items = list(batch.items())
+        for attempt in (1, 2):
+            try:
+                results = await self._send(items)
+            except BaseException:
+                self._loaded = False
+                self._keep(items)
+                raise
+            failed = [(item, r) for item, r in zip(items, results, strict=True)
+                      if isinstance(r, Exception)]  # fmt: skip
+            if not failed:
+                break
+            items = [item for item, _ in failed]
+            self._loaded = False  # load again first: a master lost the script
+            if attempt == 2 or not all(_missing_script(r) for _, r in failed):
+                self._keep(items)
+                raise failed[0][1]
+        self.flushes += 1
+
+    async def _send(self, items: list[tuple[str, dict[str, int]]]) -> list[Any]:
         decrement, _clamp = self._scripts()
         if self._cluster and not self._loaded:
-            # redis-py's cluster pipeline sends EVALSHA without loading the script first (a
-            # plain pipeline checks SCRIPT EXISTS): load it on every master once.
             await self._queues.redis.script_load(keys.DECREMENT_SCRIPT)
             self._loaded = True
         pipe = self._queues.redis.pipeline(transaction=False)
-        for queue_name, per in batch.items():
+        for queue_name, per in items:
             args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
             await decrement(
                 keys=[keys.fair(self._prefix, queue_name, cluster=self._cluster)],
                 args=args,
                 client=pipe,
             )
-        try:
-            await pipe.execute()
-        except BaseException:
-            self._loaded = False  # load again first: a master may have lost the script
-            for queue_name, per in batch.items():
-                for tenant, n in per.items():
-                    for _ in range(n):
-                        self.started(queue_name, tenant)
-            raise
-        self.flushes += 1
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    def _keep(self, items: list[tuple[str, dict[str, int]]]) -> None:
+        """Put decrements that were not applied back (the next flush sends them)."""
+        for queue_name, per in items:
+            for tenant, n in per.items():
+                for _ in range(n):
+                    self.started(queue_name, tenant)
 
     async def clamp(self) -> dict[str, int]:
         """Clamp every counter to its queue's backlog; returns the backlog per queue."""

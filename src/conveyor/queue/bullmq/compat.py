@@ -56,6 +56,7 @@ from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildr
 from bullmq.redis_connection import RedisConnection
 from bullmq.timer import Timer
 from bullmq.utils import extract_result, is_redis_cluster
+from redis.exceptions import NoScriptError, ResponseError
 
 from conveyor.queue._base import QueueEvent, ScriptCall
 from conveyor.queue._emitter import Emitter
@@ -70,7 +71,9 @@ __all__ = [
     "change_priority",
     "concurrency",
     "get_counts",
+    "is_missing_script",
     "job_exists",
+    "load_add_scripts",
     "missing_internals",
     "new_job",
     "node_worker_client_name",
@@ -413,11 +416,8 @@ async def add_in_transaction(
     (``SCRIPT LOAD``). Every key of both calls is in the queue's slot (a hash tag), as a
     transaction on a cluster requires."""
     conn = queue.backend.connection.conn
-    if check_scripts and is_redis_cluster(conn):
-        commands = queue.backend.connection.commands
-        adds = ("addStandardJob", "addPrioritizedJob", "addDelayedJob")
-        for source in (script.script, *(commands[name].script for name in adds)):
-            await conn.script_load(source)
+    if check_scripts:
+        await load_add_scripts(queue, script.script)
     async with conn.pipeline(transaction=True) as pipe:
         await script(keys=list(call.keys), args=list(call.args), client=pipe)
         await queue.backend.scripts.addJob(job, pipe)
@@ -425,6 +425,34 @@ async def add_in_transaction(
             pipe.scripts.clear()
         results: list[Any] = await pipe.execute()
         return results
+
+
+ADD_SCRIPTS = ("addStandardJob", "addPrioritizedJob", "addDelayedJob")
+"""The bullmq scripts ``Scripts.addJob`` picks from (by the job's delay and priority)."""
+
+
+async def load_add_scripts(queue: Any, *extra: str) -> bool:
+    """On Redis Cluster, ``SCRIPT LOAD`` bullmq's add scripts (and the ``extra`` sources) on
+    every master: redis-py's cluster pipeline sends ``EVALSHA`` without checking, so a
+    transaction of adds (``addBulk``, :func:`add_in_transaction`) fails with ``NOSCRIPT`` on a
+    master that never ran them. A plain client's pipeline checks by itself: nothing to do
+    (``False``)."""
+    conn = queue.backend.connection.conn
+    if not is_redis_cluster(conn):
+        return False
+    commands = queue.backend.connection.commands
+    for source in (*extra, *(commands[name].script for name in ADD_SCRIPTS)):
+        await conn.script_load(source)
+    return True
+
+
+def is_missing_script(exc: BaseException) -> bool:
+    """``NOSCRIPT``, as a plain pipeline raises it or as a cluster pipeline reports it."""
+    text = str(exc)
+    return isinstance(exc, NoScriptError) or (
+        isinstance(exc, ResponseError)
+        and ("NOSCRIPT" in text.upper() or "no matching script" in text.lower())
+    )
 
 
 async def set_events_max_len(owner: Any, max_len: int) -> None:

@@ -47,6 +47,9 @@ class BullQueue:
         self._scripts: dict[str, Any] = {}
         """Lua sources run before adds (:class:`ScriptCall`), registered on the client once."""
         self._scripts_loaded = False
+        self._add_scripts_loaded = not settings.uses_cluster
+        """bullmq's add scripts are loaded on every master (Redis Cluster only, see
+        :func:`compat.load_add_scripts`)."""
         self._capped = False
         """The events stream's cap (``QUEUE_EVENTS_MAX_LEN``) was written (first add)."""
         self._bull = bullmq.Queue(
@@ -153,12 +156,7 @@ class BullQueue:
                 bull, script, call, job, check_scripts=not self._scripts_loaded
             )
         except (NoScriptError, ResponseError) as exc:
-            # A cluster pipeline reports a missing script as a plain ResponseError.
-            if (
-                not isinstance(exc, NoScriptError)
-                and "NOSCRIPT" not in str(exc).upper()
-                and ("no matching script" not in str(exc).lower())
-            ):
+            if not compat.is_missing_script(exc):
                 raise
             results = await compat.add_in_transaction(bull, script, call, job, check_scripts=True)
         self._scripts_loaded = True
@@ -189,12 +187,27 @@ class BullQueue:
         try:
             async with asyncio.timeout(self._deadline_s + len(jobs) / 1000.0):
                 await self._cap_events()
-                added = await self._bull.addBulk(jobs)
+                added = await self._add_bulk(jobs)
         except connection.QUEUE_ERRORS as exc:
             raise connection.translate(exc, self._settings, "enqueue on") from exc
         job_ids = [str(job.id) for job in added]
         self._added(job_ids)
         return job_ids
+
+    async def _add_bulk(self, jobs: list[dict[str, Any]]) -> list[Any]:
+        """bullmq's ``addBulk`` (one ``MULTI`` of add scripts); on Redis Cluster with the add
+        scripts loaded on the masters first, once, and again after a ``NOSCRIPT``."""
+        if not self._add_scripts_loaded:
+            await compat.load_add_scripts(self._bull)
+            self._add_scripts_loaded = True
+        try:
+            added: list[Any] = await self._bull.addBulk(jobs)
+        except (NoScriptError, ResponseError) as exc:
+            if not compat.is_missing_script(exc):
+                raise
+            await compat.load_add_scripts(self._bull)
+            added = await self._bull.addBulk(jobs)
+        return added
 
     async def get_job_counts(self, *states: str) -> dict[str, int]:
         wanted = states or JOB_COUNT_STATES
