@@ -4,6 +4,8 @@
 // Settings come from the environment, with Conveyor's names:
 //   QUEUE_REDIS_HOST, QUEUE_REDIS_PORT, QUEUE_REDIS_DB, QUEUE_REDIS_USERNAME,
 //   QUEUE_REDIS_PASSWORD, QUEUE_REDIS_TLS   where Redis is (as for every Conveyor process)
+//   QUEUE_REDIS_CLUSTER_NODES  host:port,… of a Redis Cluster (instead of QUEUE_REDIS_HOST/PORT):
+//                       the queues are then named {workflow.execute.<region>} (a hash tag)
 //   QUEUE_PREFIX        BullMQ key prefix (default bull)
 //   EXECUTION_REGIONS   regions whose workflow.execute.<region> queue to show (default us)
 //   BULLBOARD_PORT      where the dashboard listens (default 3000)
@@ -16,6 +18,7 @@ import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
 import { ExpressAdapter } from '@bull-board/express';
 import { Queue } from 'bullmq';
 import express from 'express';
+import { Cluster } from 'ioredis';
 
 const env = process.env;
 const regionRe = /^[a-z0-9][a-z0-9-]{0,31}$/;
@@ -40,9 +43,31 @@ const connection = {
   tls: env.QUEUE_REDIS_TLS === 'true' ? {} : undefined,
   maxRetriesPerRequest: null,
 };
+const clusterNodes = (env.QUEUE_REDIS_CLUSTER_NODES || '').split(',').map((n) => n.trim()).filter(Boolean);
+const startup = clusterNodes.map((node) => {
+  const i = node.lastIndexOf(':');
+  const host = node.slice(0, i).replace(/^\[(.*)\]$/, '$1');
+  const nodePort = Number(node.slice(i + 1));
+  if (i < 1 || !Number.isInteger(nodePort) || nodePort < 1 || nodePort > 65535) {
+    console.error(`bullboard: QUEUE_REDIS_CLUSTER_NODES: not host:port: ${JSON.stringify(node)}`);
+    process.exit(2);
+  }
+  return { host, port: nodePort };
+});
+// On a Redis Cluster every process connects to the cluster and each queue's name carries a
+// hash tag, so its keys share one slot (docs/redis-ha.md#redis-cluster).
+const { host: _host, port: _port, db: _db, ...nodeOptions } = connection;
+const clients = [];
+const redis = () => {
+  if (!startup.length) return connection;
+  const client = new Cluster(startup, { redisOptions: nodeOptions });
+  clients.push(client); // BullMQ does not close a connection it is given
+  return client;
+};
+const queueName = (region) => (startup.length ? `{workflow.execute.${region}}` : `workflow.execute.${region}`);
 const prefix = env.QUEUE_PREFIX || 'bull';
 const readOnlyMode = env.BULLBOARD_READ_ONLY === 'true';
-const queues = regions.map((r) => new Queue(`workflow.execute.${r}`, { prefix, connection }));
+const queues = regions.map((r) => new Queue(queueName(r), { prefix, connection: redis() }));
 
 const serverAdapter = new ExpressAdapter();
 serverAdapter.setBasePath('/');
@@ -61,6 +86,7 @@ const server = app.listen(port, () => {
 async function stop() {
   server.close();
   await Promise.allSettled(queues.map((q) => q.close()));
+  await Promise.allSettled(clients.map((c) => c.quit()));
   process.exit(0);
 }
 process.on('SIGTERM', stop);

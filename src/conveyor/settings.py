@@ -124,10 +124,14 @@ class Settings(BaseSettings):
     queue_redis_sentinel_tls: bool = False
     """Talk to the sentinels over TLS (verified with ``queue_redis_tls_ca_file``, or not at all
     with ``queue_redis_tls_insecure``, as the data connections)."""
+    queue_redis_cluster_nodes: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()
+    """Redis Cluster nodes (``host:port,…``; some of them suffice, the rest is discovered);
+    empty: a single Redis (or Sentinel). Excludes ``queue_redis_sentinels``."""
     queue_redis_connect_timeout_ms: PositiveInt = 2000
     queue_redis_socket_timeout_ms: PositiveInt = 5000
     queue_prefix: str = "bull"
-    """BullMQ key prefix. Use a hash tag such as ``{conveyor}`` on Redis Cluster."""
+    """BullMQ key prefix. On Redis Cluster each queue's keys get a hash tag of their own
+    (``bull:{executions-us}:…``); a prefix with braces would put every key in one slot."""
     queue_metrics_interval_ms: PositiveInt = 60000
     queue_driver: Literal["", "bullmq", "inmemory"] = ""
     execution_worker_concurrency: PositiveInt = 2
@@ -260,6 +264,24 @@ class Settings(BaseSettings):
         addresses = [parse_host_port(v) if isinstance(v, str) else tuple(v) for v in value]
         return tuple(dict.fromkeys(addresses))
 
+    @field_validator("queue_redis_cluster_nodes", mode="before")
+    @classmethod
+    def _split_cluster_nodes(cls, value: Any, info: ValidationInfo) -> Any:
+        """``host:port,host:port`` as ``(host, port)`` pairs; not with Sentinel, only db 0."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        nodes = tuple(
+            dict.fromkeys(parse_host_port(v) if isinstance(v, str) else tuple(v) for v in value)
+        )
+        if nodes and info.data.get("queue_redis_sentinels"):
+            raise ValueError(
+                "QUEUE_REDIS_CLUSTER_NODES and QUEUE_REDIS_SENTINELS are both set: a Redis "
+                "Cluster fails over by itself, set only one of them"
+            )
+        if nodes and info.data.get("queue_redis_db"):
+            raise ValueError("Redis Cluster has only database 0: leave QUEUE_REDIS_DB unset")
+        return nodes
+
     @field_validator("queue_redis_sentinel_master", mode="before")
     @classmethod
     def _master_name(cls, value: Any, info: ValidationInfo) -> Any:
@@ -368,6 +390,11 @@ class Settings(BaseSettings):
     def uses_sentinel(self) -> bool:
         """The Redis master is discovered through Sentinel (``QUEUE_REDIS_SENTINELS``)."""
         return bool(self.queue_redis_sentinels)
+
+    @property
+    def uses_cluster(self) -> bool:
+        """The queues live on a Redis Cluster (``QUEUE_REDIS_CLUSTER_NODES``)."""
+        return bool(self.queue_redis_cluster_nodes)
 
     @property
     def tenant_concurrency(self) -> int:

@@ -91,6 +91,14 @@ def test_embedded_redis_settings(tmp_path: Path) -> None:
     assert flags["--dir"] == str(tmp_path) and flags["--port"] == "6501"
 
 
+def test_cluster_nodes_are_ignored(tmp_path: Path) -> None:
+    environ = {"QUEUE_REDIS_CLUSTER_NODES": "10.0.0.1:7000,10.0.0.2:7000"}
+    plan = dev.plan_dev(_args(tmp_path), load_settings(environ), environ)
+    assert plan.redis_port is not None and "QUEUE_REDIS_CLUSTER_NODES ignored" in plan.redis_desc
+    children = load_settings(plan.env)
+    assert not children.uses_cluster and children.queue_redis_port == plan.redis_port
+
+
 def test_sentinels_are_ignored(tmp_path: Path) -> None:
     environ = {"QUEUE_REDIS_SENTINELS": "10.0.0.1:26379", "QUEUE_REDIS_SENTINEL_MASTER": "main"}
     plan = dev.plan_dev(_args(tmp_path), load_settings(environ), environ)

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from conveyor.queue import JobContext, QueueFactory, WorkflowExecute, execution_queue_name
+from conveyor.queue import (
+    JobContext,
+    QueueFactory,
+    WorkflowExecute,
+    bull_name,
+    execution_queue_name,
+)
 from tests.conftest import REDIS_PORT
 from tests.interop.node import node_binary, run_node
 from tests.queue.conftest import eventually, make_settings, running
@@ -91,3 +97,51 @@ async def test_node_worker_reads_a_conveyor_job(node: str, redis_prefix: str) ->
         "enqueuedAt": None,
         "reason": None,
     }
+
+
+@pytest.mark.slow
+async def test_node_bullmq_reads_and_writes_conveyor_queues_on_a_redis_cluster(
+    node: str, redis_prefix: str
+) -> None:
+    """On Redis Cluster Node BullMQ uses the queue's hash-tagged name (``{<queue>}``) with an
+    ioredis ``Cluster`` connection and the same prefix."""
+    from tests.redis_cluster._cluster import redis_cluster
+
+    with redis_cluster() as cluster:
+        settings = make_settings(redis_prefix, **cluster.env())
+        tagged = bull_name(QUEUE, True)
+        assert tagged == "{" + QUEUE + "}"
+        async with QueueFactory(settings) as qf:
+            job_id = await qf.create_queue(QUEUE).add(
+                WorkflowExecute(execution_id="exec-py-c", tenant_id="t", workflow_id="w",
+                                region="us")
+            )  # fmt: skip
+            job = await run_node(node, "cluster.mjs", cluster.setting, redis_prefix, tagged,
+                                 "consume")  # fmt: skip
+            assert job["id"] == job_id == "exec-py-c" and job["name"] == "workflow.execute"
+            assert job["data"]["executionId"] == "exec-py-c" and job["attempts"] == 5
+
+            data = {"executionId": "exec-node-c", "tenantId": "t", "workflowId": "w",
+                    "region": "us"}  # fmt: skip
+            added = await run_node(node, "cluster.mjs", cluster.setting, redis_prefix, tagged,
+                                   "produce", "workflow.execute", "exec-node-c", json.dumps(data))  # fmt: skip
+            assert added == {"id": "exec-node-c"}
+            received: list[str] = []
+
+            async def process(payload: WorkflowExecute, ctx: JobContext) -> dict[str, str]:
+                received.append(payload.execution_id)
+                return {"status": "succeeded"}
+
+            queue = qf.create_queue(QUEUE)
+            async with running(qf.create_worker(QUEUE, process)):
+                await eventually(lambda: received == ["exec-node-c"], within=10)
+                await eventually(lambda: _completed_n(queue, 2), within=5)
+            seen = await run_node(node, "cluster.mjs", cluster.setting, redis_prefix, tagged,
+                                  "counts")  # fmt: skip
+        assert seen["counts"] == {"waiting": 0, "active": 0, "delayed": 0, "completed": 2,
+                                  "failed": 0}  # fmt: skip
+        assert {"id": "exec-node-c", "returnvalue": {"status": "succeeded"}} in seen["completed"]
+
+
+async def _completed_n(queue: Any, n: int) -> bool:
+    return bool((await queue.get_job_counts("completed"))["completed"] == n)

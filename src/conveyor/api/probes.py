@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor.api.context import ApiContext
 from conveyor.dispatch import keys
@@ -30,7 +30,7 @@ about this long even with Redis and the database both hanging."""
 
 COUNT_STATES = ("waiting", "prioritized", "active", "delayed", "paused", "failed")
 
-ProbeErrors = (RedisError, OSError, ConveyorError, TimeoutError)
+ProbeErrors = (RedisError, RedisClusterException, OSError, ConveyorError, TimeoutError)
 
 PAUSED_FLAG = "isPaused"
 """Key of :func:`queue_counts`' entries that is not a job state: 1 when the queue is paused
@@ -157,7 +157,7 @@ async def _oldest_waiting(
     prefix = queues.settings.queue_prefix
     pipe = queues.redis.pipeline(transaction=False)
     for name in names:
-        wait, _, prioritized, _ = keys.backlog(prefix, name)
+        wait, _, prioritized, _ = keys.backlog(prefix, name, cluster=queues.settings.uses_cluster)
         pipe.lindex(wait, -1)
         pipe.zrange(prioritized, 0, 0)
         pipe.zrange(prioritized, -1, -1)
@@ -172,7 +172,7 @@ async def _oldest_waiting(
         return ages
     pipe = queues.redis.pipeline(transaction=False)
     for name, job_id in candidates:
-        pipe.hget(keys.job(prefix, name, job_id), "timestamp")
+        pipe.hget(keys.job(prefix, name, job_id, cluster=queues.settings.uses_cluster), "timestamp")
     stamps = await pipe.execute()
     now_ms = time.time() * 1000 if now_ms is None else now_ms
     for (name, _), stamp in zip(candidates, stamps, strict=True):

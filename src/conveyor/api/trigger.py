@@ -21,7 +21,7 @@ import asyncio
 import logging
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor import tracing
 from conveyor.api.context import ApiContext
@@ -43,7 +43,7 @@ async def enqueue(ctx: ApiContext, execution: Execution, *, reason: str) -> bool
     try:
         async with asyncio.timeout(ENQUEUE_TIMEOUT_S):
             await ctx.dispatcher.enqueue(payload)
-    except (QueueError, RedisError, OSError, TimeoutError) as exc:
+    except (QueueError, RedisError, RedisClusterException, OSError, TimeoutError) as exc:
         log.warning(
             "api.enqueue_deferred",
             extra={"executionId": execution.id, "error": repr(exc)[:300]},

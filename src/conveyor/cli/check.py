@@ -37,7 +37,7 @@ async def _check(settings: Settings) -> list[str]:
         f"persistence: aof {_onoff(persistence['aof'])}, rdb {_onoff(persistence['rdb'])}; "
         f"maxmemory-policy {report['evictionPolicy'] or 'unknown'}",
     ]
-    if settings.uses_sentinel:
+    if settings.uses_sentinel or settings.uses_cluster:
         lines.append(str(redis_line(report)))
     lines.extend(f"warning: {w}" for w in report.get("warnings", []))
     return lines

@@ -240,6 +240,16 @@ def redis_line(queue: Mapping[str, Any]) -> str | None:
     for a document without the address (an older API, or the in-memory driver)."""
     address = queue.get("address")
     view = _dict(queue.get("sentinel"))
+    cluster = _dict(queue.get("cluster"))
+    if cluster:
+        masters = cluster.get("masters") or []
+        line = (
+            f"redis cluster {cell(cluster.get('state'))}: {len(masters)} masters, "
+            f"{cell(cluster.get('replicas'))} replicas, {cell(cluster.get('knownNodes'))} nodes "
+            f"known, {cell(cluster.get('slotsOk'))}/16384 slots served"
+        )
+        errors = cluster.get("errors") or []
+        return line + (f" | {errors[0]}" if errors else "")
     if not address and not view:
         return None
     line = f"redis master {cell(address)}"

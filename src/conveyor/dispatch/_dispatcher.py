@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor import tracing
 from conveyor.dispatch import keys
@@ -94,6 +94,7 @@ class ExecutionDispatcher:
         self._queues = queues
         self._settings = settings
         self._prefix = settings.queue_prefix
+        self._cluster = settings.uses_cluster
         self._batcher = EnqueueBatcher(self._enqueue_one, self.enqueue_many)
         self._count_script: Any = None
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}
@@ -110,8 +111,11 @@ class ExecutionDispatcher:
 
     def _count_call(self, queue_name: str, items: Sequence[tuple[str, str]]) -> ScriptCall:
         """The count script's call for ``(tenant, job_id)`` items (see ``keys.COUNT_SCRIPT``)."""
-        names = [keys.fair(self._prefix, queue_name)]
-        names += [keys.job(self._prefix, queue_name, job_id) for _tenant, job_id in items]
+        names = [keys.fair(self._prefix, queue_name, cluster=self._cluster)]
+        names += [
+            keys.job(self._prefix, queue_name, job_id, cluster=self._cluster)
+            for _tenant, job_id in items
+        ]
         args: list[Any] = [keys.FAIR_TTL_MS, *(tenant for tenant, _job_id in items)]
         return ScriptCall(keys.COUNT_SCRIPT, names, args)
 
@@ -122,7 +126,7 @@ class ExecutionDispatcher:
             self._count_script = self._queues.redis.register_script(keys.COUNT_SCRIPT)
         try:
             result = await self._count_script(keys=call.keys, args=call.args)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise QueueUnavailable(f"cannot enqueue on {queue_name}: {exc}") from exc
         return [int(n) for n in result]
 
@@ -135,8 +139,10 @@ class ExecutionDispatcher:
             self._decrement_script = self._queues.redis.register_script(keys.DECREMENT_SCRIPT)
         args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
         try:
-            await self._decrement_script(keys=[keys.fair(self._prefix, queue_name)], args=args)
-        except (RedisError, OSError):
+            await self._decrement_script(
+                keys=[keys.fair(self._prefix, queue_name, cluster=self._cluster)], args=args
+            )
+        except (RedisError, RedisClusterException, OSError):
             log.warning(
                 "dispatch.uncount_failed", extra={"queue": queue_name, "jobs": len(tenants)}
             )

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from conveyor.dispatch import keys
 
@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _missing_script(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, NoScriptError) or "NOSCRIPT" in text or "no matching script" in text
 
 
 class FairnessLedger:
@@ -42,6 +47,9 @@ class FairnessLedger:
     ) -> None:
         self._queues = queues
         self._prefix = settings.queue_prefix
+        self._cluster = settings.uses_cluster
+        self._loaded = False
+        """On Redis Cluster: the decrement script was loaded on the masters (see :meth:`flush`)."""
         self.queue_names = list(queue_names)
         self.flush_interval_s = flush_interval_s
         self.clamp_interval_s = clamp_interval_s
@@ -66,32 +74,66 @@ class FairnessLedger:
         return self._decrement, self._clamp
 
     async def flush(self) -> None:
-        """Send the batched decrements in one pipeline; on failure they are kept for later."""
+        """Send the batched decrements in one pipeline; on failure they are kept for later.
+
+        On Redis Cluster the pipeline does not load the script (a plain one checks
+        ``SCRIPT EXISTS``): it is loaded on every master first, and the decrements a master
+        refused for want of it (restarted, or a promoted replica) are sent again once."""
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
         self._dirty.clear()
-        decrement, _clamp = self._scripts()
-        pipe = self._queues.redis.pipeline(transaction=False)
-        for queue_name, per in batch.items():
-            args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
-            await decrement(keys=[keys.fair(self._prefix, queue_name)], args=args, client=pipe)
-        try:
-            await pipe.execute()
-        except BaseException:
-            for queue_name, per in batch.items():
-                for tenant, n in per.items():
-                    for _ in range(n):
-                        self.started(queue_name, tenant)
-            raise
+        items = list(batch.items())
+        for attempt in (1, 2):
+            try:
+                results = await self._send(items)
+            except BaseException:
+                self._loaded = False
+                self._keep(items)
+                raise
+            failed = [(item, r) for item, r in zip(items, results, strict=True)
+                      if isinstance(r, Exception)]  # fmt: skip
+            if not failed:
+                break
+            items = [item for item, _ in failed]
+            self._loaded = False  # load again first: a master lost the script
+            if attempt == 2 or not all(_missing_script(r) for _, r in failed):
+                self._keep(items)
+                raise failed[0][1]
         self.flushes += 1
+
+    async def _send(self, items: list[tuple[str, dict[str, int]]]) -> list[Any]:
+        decrement, _clamp = self._scripts()
+        if self._cluster and not self._loaded:
+            await self._queues.redis.script_load(keys.DECREMENT_SCRIPT)
+            self._loaded = True
+        pipe = self._queues.redis.pipeline(transaction=False)
+        for queue_name, per in items:
+            args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
+            await decrement(
+                keys=[keys.fair(self._prefix, queue_name, cluster=self._cluster)],
+                args=args,
+                client=pipe,
+            )
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    def _keep(self, items: list[tuple[str, dict[str, int]]]) -> None:
+        """Put decrements that were not applied back (the next flush sends them)."""
+        for queue_name, per in items:
+            for tenant, n in per.items():
+                for _ in range(n):
+                    self.started(queue_name, tenant)
 
     async def clamp(self) -> dict[str, int]:
         """Clamp every counter to its queue's backlog; returns the backlog per queue."""
         _decrement, clamp = self._scripts()
         out: dict[str, int] = {}
         for name in self.queue_names:
-            names = [keys.fair(self._prefix, name), *keys.backlog(self._prefix, name)]
+            names = [
+                keys.fair(self._prefix, name, cluster=self._cluster),
+                *keys.backlog(self._prefix, name, cluster=self._cluster),
+            ]
             out[name] = int(await clamp(keys=names, args=[]))
         return out
 
@@ -107,6 +149,6 @@ class FairnessLedger:
                 if time.monotonic() >= next_clamp:
                     await self.clamp()
                     next_clamp = time.monotonic() + self.clamp_interval_s
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("fairness.flush_failed", extra={"error": repr(exc)})
                 await asyncio.sleep(1.0)

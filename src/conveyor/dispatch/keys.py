@@ -1,9 +1,8 @@
 """Conveyor's Redis layout: every key name and Lua script Conveyor itself writes, in one place.
 
 BullMQ owns ``{prefix}:<queue>:*`` (its queues); everything of Conveyor's own lives under
-``{prefix}:conveyor:``. ``prefix`` is ``QUEUE_PREFIX`` (default ``bull``; on Redis Cluster a
-hash tag such as ``{conveyor}`` keeps each queue's keys in one slot). All of it is small and
-rebuildable: losing it loses no execution (the database is the source of truth).
+``{prefix}:conveyor:``. ``prefix`` is ``QUEUE_PREFIX`` (default ``bull``; on Redis Cluster the
+names get hash tags, below). All of it is small and rebuildable: losing it loses no execution (the database is the source of truth).
 
 =============================================  ==============================================
 key                                            what
@@ -16,40 +15,60 @@ key                                            what
 ``{prefix}:conveyor:metrics:hist:<name>``      hash ``labels|le=…``/``sum``/``count``
 ``{prefix}:conveyor:<role>:leader``            leader lock (Redis strategy): owner token, PX
 =============================================  ==============================================
+
+On **Redis Cluster** (``QUEUE_REDIS_CLUSTER_NODES``) a Lua script, a ``MULTI`` and a multi-key
+command may only touch keys of one hash slot, so the names carry hash tags (``{…}``: only the
+part inside the braces is hashed) — in cluster mode only, single Redis and Sentinel keep the
+names above:
+
+* each queue is known to BullMQ as ``{<queue>}``: ``{prefix}:{<queue>}:*`` share the queue's
+  slot, and different queues (regions) hash to different slots, so they spread over the shards;
+* the fairness hash of a queue is ``{prefix}:conveyor:fair:{<queue>}``: in the queue's slot,
+  since the count script runs in one transaction with BullMQ's add and the clamp reads the
+  queue's backlog;
+* the rest (heartbeats, metrics, leader locks) is ``{prefix}:{conveyor}:…``: one slot, so the
+  heartbeat index can ``MGET`` the processes' documents.
+
+:func:`script_keys` lists, for every script and transaction, the keys it touches together
+(``tests/redis_cluster/test_keys.py`` asserts each list is one slot).
 """
 
 from __future__ import annotations
+
+from conveyor.queue import bull_name
 
 NAMESPACE = "conveyor"
 """Second segment of every Conveyor key (BullMQ queue names never equal it)."""
 
 
-def own(prefix: str, *parts: str) -> str:
-    """``{prefix}:conveyor:{parts...}``."""
-    return ":".join((prefix, NAMESPACE, *parts))
+def own(prefix: str, *parts: str, cluster: bool = False) -> str:
+    """``{prefix}:conveyor:{parts...}`` (on Redis Cluster ``{prefix}:{conveyor}:…``: one slot)."""
+    namespace = f"{{{NAMESPACE}}}" if cluster else NAMESPACE
+    return ":".join((prefix, namespace, *parts))
 
 
 # -- BullMQ's keys that Conveyor reads or writes next to BullMQ ------------------------------
-def job(prefix: str, queue: str, job_id: str) -> str:
+def job(prefix: str, queue: str, job_id: str, *, cluster: bool = False) -> str:
     """BullMQ's hash of one job (its existence means "this job id was added")."""
-    return f"{prefix}:{queue}:{job_id}"
+    return f"{prefix}:{bull_name(queue, cluster)}:{job_id}"
 
 
-def events(prefix: str, queue: str) -> str:
+def events(prefix: str, queue: str, *, cluster: bool = False) -> str:
     """BullMQ's events stream of one queue (capped at ``QUEUE_EVENTS_MAX_LEN``)."""
-    return f"{prefix}:{queue}:events"
+    return f"{prefix}:{bull_name(queue, cluster)}:events"
 
 
-def backlog(prefix: str, queue: str) -> list[str]:
+def backlog(prefix: str, queue: str, *, cluster: bool = False) -> list[str]:
     """BullMQ's lists/sets of jobs not started yet: wait, paused, prioritized, delayed."""
-    base = f"{prefix}:{queue}"
+    base = f"{prefix}:{bull_name(queue, cluster)}"
     return [f"{base}:wait", f"{base}:paused", f"{base}:prioritized", f"{base}:delayed"]
 
 
 # -- tenant fairness --------------------------------------------------------------------------
-def fair(prefix: str, queue: str) -> str:
-    """Hash ``tenant -> pending jobs`` of one execution queue (approximate)."""
-    return own(prefix, "fair", queue)
+def fair(prefix: str, queue: str, *, cluster: bool = False) -> str:
+    """Hash ``tenant -> pending jobs`` of one execution queue (approximate); on Redis Cluster
+    in the queue's slot."""
+    return own(prefix, "fair", bull_name(queue, cluster))
 
 
 FAIR_TTL_MS = 24 * 3600 * 1000
@@ -102,33 +121,33 @@ return pending
 
 
 # -- process heartbeats -----------------------------------------------------------------------
-def process(prefix: str, process_id: str) -> str:
+def process(prefix: str, process_id: str, *, cluster: bool = False) -> str:
     """One process's heartbeat document."""
-    return own(prefix, "process", process_id)
+    return own(prefix, "process", process_id, cluster=cluster)
 
 
-def processes(prefix: str) -> str:
+def processes(prefix: str, *, cluster: bool = False) -> str:
     """Sorted set of live process ids, scored by their last beat (ms)."""
-    return own(prefix, "processes")
+    return own(prefix, "processes", cluster=cluster)
 
 
 # -- metrics ------------------------------------------------------------------------------------
-def metrics_counters(prefix: str) -> str:
-    return own(prefix, "metrics", "counters")
+def metrics_counters(prefix: str, *, cluster: bool = False) -> str:
+    return own(prefix, "metrics", "counters", cluster=cluster)
 
 
-def metrics_gauges(prefix: str) -> str:
-    return own(prefix, "metrics", "gauges")
+def metrics_gauges(prefix: str, *, cluster: bool = False) -> str:
+    return own(prefix, "metrics", "gauges", cluster=cluster)
 
 
-def metrics_histogram(prefix: str, name: str) -> str:
-    return own(prefix, "metrics", "hist", name)
+def metrics_histogram(prefix: str, name: str, *, cluster: bool = False) -> str:
+    return own(prefix, "metrics", "hist", name, cluster=cluster)
 
 
 # -- leader locks (Redis strategy) --------------------------------------------------------------
-def leader(prefix: str, role: str) -> str:
+def leader(prefix: str, role: str, *, cluster: bool = False) -> str:
     """The leader lock of ``role`` (``scheduler``; ``timers`` on SQLite)."""
-    return own(prefix, role, "leader")
+    return own(prefix, role, "leader", cluster=cluster)
 
 
 # KEYS[1] lock; ARGV[1] owner token, ARGV[2] ttl ms. Extend only our own lock.
@@ -146,3 +165,25 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+# -- what is touched together -------------------------------------------------------------------
+def script_keys(
+    prefix: str, queue: str, *, cluster: bool, job_ids: tuple[str, ...] = ("1", "2")
+) -> dict[str, list[str]]:
+    """Every group of keys one script, transaction or multi-key command touches together
+    (``queue``: an execution queue), by what touches them. On Redis Cluster each group must
+    be one slot; the BullMQ scripts run in the same transaction as the count script touch
+    only ``{prefix}:{<queue>}:*`` keys."""
+    bull = f"{prefix}:{bull_name(queue, cluster)}"
+    count = [fair(prefix, queue, cluster=cluster)]
+    count += [job(prefix, queue, j, cluster=cluster) for j in job_ids]
+    return {
+        "count script + BullMQ add (one MULTI)": [*count, f"{bull}:wait", f"{bull}:meta",
+                                                   f"{bull}:id", f"{bull}:events"],
+        "decrement script": [fair(prefix, queue, cluster=cluster)],
+        "clamp script": [fair(prefix, queue, cluster=cluster),
+                         *backlog(prefix, queue, cluster=cluster)],
+        "heartbeat MGET": [process(prefix, p, cluster=cluster) for p in ("a", "b")],
+        "leader lock scripts": [leader(prefix, "scheduler", cluster=cluster)],
+    }  # fmt: skip

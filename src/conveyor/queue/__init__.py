@@ -34,6 +34,7 @@ from conveyor.queue._base import (
     Worker,
 )
 from conveyor.queue._factory import QueueFactory
+from conveyor.queue.connection import bull_name
 from conveyor.queue.payloads import (
     EXECUTION_QUEUE,
     Payload,
@@ -66,6 +67,7 @@ __all__ = [
     "ScriptCall",
     "Worker",
     "WorkflowExecute",
+    "bull_name",
     "execution_queue_name",
     "payload_spec",
     "register_payload",

@@ -17,6 +17,12 @@ the caller's own loop) lands on the promoted replica, and a connection still ope
 master is dropped on its first ``READONLY`` reply. Each client has its own pool; the
 :class:`Sentinel` (its clients to the sentinels) is shared by a process's factory.
 
+With ``QUEUE_REDIS_CLUSTER_NODES`` the clients are :class:`redis.asyncio.cluster.RedisCluster`
+(which bullmq accepts as its connection): each command goes to the master of its key's slot,
+the client follows ``MOVED`` redirections and re-reads the cluster's layout after a connection
+error, so a replica promoted by the cluster is found on the next try. Queue names get a hash
+tag there (:func:`bull_name`), so each queue's keys share one slot.
+
 Roles: ``command`` (every non-blocking call), ``blocking`` (the worker's BZPOPMIN, which
 blocks up to 10 s, so its read timeout is longer), ``events`` (QueueEvents' XREAD BLOCK)
 and ``probe`` (readiness/health: one try, the caller bounds the time).
@@ -27,16 +33,19 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
+    ClusterDownError,
     NoPermissionError,
+    RedisClusterException,
     RedisError,
     ResponseError,
 )
@@ -142,12 +151,39 @@ def make_sentinel(settings: Settings) -> Sentinel:
     return Sentinel(list(settings.queue_redis_sentinels), sentinel_kwargs=sentinel_kwargs)
 
 
+def bull_name(queue: str, cluster: bool) -> str:
+    """The name BullMQ knows ``queue`` by: the queue's own name, or on Redis Cluster the name
+    in braces, a hash tag (``bull:{executions-us}:wait``): every key of the queue in one slot
+    (BullMQ's scripts touch several at once), each queue in a slot of its own."""
+    return f"{{{queue}}}" if cluster else queue
+
+
+def make_cluster_client(settings: Settings, role: ClientRole = "command") -> RedisCluster:
+    """A Redis Cluster client for ``role`` from ``QUEUE_REDIS_CLUSTER_NODES`` (no I/O until
+    used; the other nodes are discovered from the first that answers)."""
+    kwargs = _client_kwargs(settings, role)
+    del kwargs["db"]  # a cluster has database 0 only (the settings checked it)
+    retry = kwargs.pop("retry")
+    nodes = [ClusterNode(host, port) for host, port in settings.queue_redis_cluster_nodes]
+    return RedisCluster(
+        startup_nodes=nodes,
+        retry=retry,
+        # One re-read of the layout per failed try; the caller's loop retries beyond that.
+        reinitialize_steps=1,
+        **kwargs,
+    )
+
+
 def make_client(
     settings: Settings, role: ClientRole = "command", sentinel: Sentinel | None = None
 ) -> aioredis.Redis:
     """A Redis client for ``role``; creating it does no I/O. With ``QUEUE_REDIS_SENTINELS``
     pass the process's ``sentinel`` (:func:`make_sentinel`): the client then follows the
-    master it names."""
+    master it names. With ``QUEUE_REDIS_CLUSTER_NODES`` it is a :class:`RedisCluster`
+    (typed as a ``Redis``: it has the same commands, pipelines and scripts)."""
+    if settings.uses_cluster:
+        cluster: Any = make_cluster_client(settings, role)
+        return cast(aioredis.Redis, cluster)
     kwargs = _client_kwargs(settings, role)
     if not settings.uses_sentinel:
         return aioredis.Redis(
@@ -170,6 +206,9 @@ def master_address(client: aioredis.Redis) -> str | None:
 def location(settings: Settings) -> str:
     """How error messages and logs name the Redis in use (never with credentials)."""
     scheme = "rediss" if settings.queue_redis_tls else "redis"
+    if settings.uses_cluster:
+        nodes = ",".join(_host_port(h, p) for h, p in settings.queue_redis_cluster_nodes)
+        return f"{scheme}+cluster://{nodes}"
     if settings.uses_sentinel:
         sentinels = ",".join(_host_port(h, p) for h, p in settings.queue_redis_sentinels)
         master = settings.queue_redis_sentinel_master
@@ -183,6 +222,8 @@ def _host_port(host: str, port: int) -> str:
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     RedisConnectionError,
+    ClusterDownError,
+    RedisClusterException,
     RedisTimeoutError,
     OSError,
     asyncio.TimeoutError,
@@ -219,6 +260,20 @@ def translate(exc: BaseException, settings: Settings, action: str = "talk to") -
         )
     if isinstance(exc, NoPermissionError):
         return QueueUnavailable(f"Redis at {where} denied a command BullMQ needs (ACL): {text}")
+    if isinstance(exc, RedisClusterException) and "not enabled" in text:
+        return QueueUnavailable(
+            f"Redis at {where} is not a cluster (QUEUE_REDIS_CLUSTER_NODES names a Redis "
+            f"without cluster mode: use QUEUE_REDIS_HOST/QUEUE_REDIS_PORT): {text}"
+        )
+    if isinstance(exc, RedisClusterException) and "cannot be connected" in text:
+        return QueueUnavailable(
+            f"Redis Cluster at {where} is unreachable: no node of QUEUE_REDIS_CLUSTER_NODES "
+            f"answered: {text}"
+        )
+    if isinstance(exc, ClusterDownError | RedisClusterException):
+        return QueueUnavailable(
+            f"Redis Cluster at {where} cannot serve a slot now (a failover in progress?): {text}"
+        )
     if isinstance(exc, asyncio.TimeoutError | RedisTimeoutError):
         return QueueUnavailable(
             f"Redis at {where} did not answer in time: could not {action} it ({text})"
@@ -235,5 +290,10 @@ def translate(exc: BaseException, settings: Settings, action: str = "talk to") -
     return QueueError(f"could not {action} Redis at {where}: {exc!r}")
 
 
-QUEUE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+QUEUE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,  # not a RedisError: no node reachable, a slot not covered
+    OSError,
+    asyncio.TimeoutError,
+)
 """What a queue operation may raise that :func:`translate` turns into a QueueError."""

@@ -6,7 +6,8 @@ when ``maxmemory-policy`` is not ``noeviction`` (Redis could then evict queue ke
 :func:`probe` feeds ``GET /api/health``; it returns within its timeout whatever Redis does.
 With Sentinel both also report the master in use and :func:`sentinel_view`: how many of the
 configured sentinels answer, the master they name, and whether they can still agree on a
-failover (``SENTINEL CKQUORUM``).
+failover (``SENTINEL CKQUORUM``). With Redis Cluster they report :func:`cluster_view`: the
+cluster's state (``CLUSTER INFO``) and its masters and replicas.
 """
 
 from __future__ import annotations
@@ -177,6 +178,87 @@ def _unanswered_view(settings: Settings, why: str) -> SentinelView:
     }
 
 
+class ClusterView(TypedDict):
+    state: str | None
+    """``cluster_state`` of ``CLUSTER INFO``: ``ok`` when every slot is served."""
+    slotsOk: int | None
+    """Slots served by a reachable master (16384 when all is well)."""
+    masters: list[str]
+    """``host:port`` of the masters serving slots."""
+    replicas: int
+    """Replicas known to the client."""
+    knownNodes: int | None
+    """``cluster_known_nodes``: every node the cluster knows (masters, replicas, failed)."""
+    failed: int
+    """Nodes flagged as failed (``fail`` or ``fail?``)."""
+    errors: list[str]
+
+
+async def cluster_view(client: aioredis.Redis, timeout_s: float) -> ClusterView:
+    """The cluster's state as one node sees it and the nodes the client knows; never raises,
+    returns within about ``timeout_s``."""
+    view: ClusterView = {
+        "state": None,
+        "slotsOk": None,
+        "masters": [],
+        "replicas": 0,
+        "knownNodes": None,
+        "failed": 0,
+        "errors": [],
+    }
+    cluster: Any = client
+    try:
+        async with asyncio.timeout(timeout_s):
+            info = await cluster.cluster_info()
+            view["state"] = str(info.get("cluster_state"))
+            view["slotsOk"] = int(info.get("cluster_slots_ok", 0))
+            view["knownNodes"] = int(info.get("cluster_known_nodes", 0))
+            nodes: dict[str, Any] = await cluster.cluster_nodes()
+        live = {a: n for a, n in nodes.items() if "fail" not in str(n.get("flags"))}
+        view["masters"] = sorted(
+            a for a, n in live.items() if "master" in str(n.get("flags")) and n.get("slots")
+        )
+        view["replicas"] = sum(1 for n in live.values() if "slave" in str(n.get("flags")))
+        view["failed"] = len(nodes) - len(live)
+    except _VIEW_ERRORS as exc:  # includes TimeoutError
+        view["errors"].append((str(exc) or type(exc).__name__)[:200])
+    return view
+
+
+async def memory_info(client: aioredis.Redis, *, cluster: bool) -> dict[str, Any]:
+    """``INFO memory``; of a Redis Cluster, the masters' memory added up (their policy: the
+    first master's), since a cluster pipeline refuses ``INFO`` and a plain call asks one node."""
+    if not cluster:
+        return dict(await client.info("memory"))
+    nodes: Any = client
+    per_node: dict[str, Any] = await nodes.info("memory", target_nodes=nodes.PRIMARIES)
+    infos = [i for i in per_node.values() if isinstance(i, dict)]
+    if not infos:
+        return {}
+    memory: dict[str, Any] = {
+        k: sum(int(i.get(k) or 0) for i in infos) for k in ("used_memory", "maxmemory")
+    }
+    memory["maxmemory_policy"] = infos[0].get("maxmemory_policy")
+    return memory
+
+
+def cluster_warnings(view: ClusterView | None) -> list[str]:
+    """What an operator should hear about the cluster (empty: all well)."""
+    if view is None:
+        return []
+    warnings = []
+    if view["state"] not in (None, "ok"):
+        warnings.append(f"cluster_state is {view['state']}: some slots are not served")
+    if view["failed"]:
+        warnings.append(f"{view['failed']} cluster nodes are seen failing")
+    if view["state"] is not None and view["replicas"] < len(view["masters"]):
+        warnings.append(
+            f"{view['replicas']} replicas for {len(view['masters'])} masters: a master "
+            "without a replica is not replaced when it fails"
+        )
+    return warnings
+
+
 def view_warnings(view: SentinelView | None) -> list[str]:
     """What an operator should hear about the sentinels (empty: all well)."""
     if view is None:
@@ -216,6 +298,20 @@ async def assert_ready(
         "version": facts["redisVersion"],
         "evictionPolicy": facts["evictionPolicy"],
     }
+    if settings.uses_cluster:
+        cview = await cluster_view(client, timeout_s=deadline / 2)
+        extra.update(
+            clusterState=cview["state"], masters=len(cview["masters"]), replicas=cview["replicas"]
+        )
+        for warning in cluster_warnings(cview):
+            log.warning("queue.cluster_degraded: %s", warning, extra={"redis": where})
+        if "{" in settings.queue_prefix:
+            log.warning(
+                "queue.cluster_one_slot: QUEUE_PREFIX %r has a hash tag: every queue and key is "
+                "in one slot, on one master; leave the braces out to spread the regions",
+                settings.queue_prefix,
+                extra={"redis": where},
+            )
     if sentinel is not None:
         view = await sentinel_view(sentinel, settings, timeout_s=deadline / 2)
         extra.update(
@@ -252,7 +348,9 @@ def check_facts(facts: ServerFacts, where: str) -> None:
         )
 
 
-def _unreachable(driver: str, error: str, view: SentinelView | None) -> dict[str, Any]:
+def _unreachable(
+    driver: str, error: str, view: SentinelView | None, cluster: ClusterView | None = None
+) -> dict[str, Any]:
     return {
         "driver": driver,
         "status": "unreachable",
@@ -263,16 +361,22 @@ def _unreachable(driver: str, error: str, view: SentinelView | None) -> dict[str
         "redisVersion": None,
         "address": None,
         "sentinel": view,
-        "warnings": view_warnings(view),
+        "cluster": cluster,
+        "warnings": view_warnings(view) + cluster_warnings(cluster),
         "error": error,
     }
 
 
-async def _measure(client: aioredis.Redis) -> tuple[float, ServerFacts]:
+async def _measure(
+    client: aioredis.Redis, cluster: bool = False
+) -> tuple[float, ServerFacts, ClusterView | None]:
     start = time.perf_counter()
     await client.ping()
     latency_ms = round((time.perf_counter() - start) * 1000.0, 3)
-    return latency_ms, await server_facts(client)
+    facts = await server_facts(client)
+    # The view's own errors are in it; reaching here means a node answered.
+    view = await cluster_view(client, timeout_s=1.0) if cluster else None
+    return latency_ms, facts, view
 
 
 def _reap(task: asyncio.Task[Any]) -> None:
@@ -306,10 +410,11 @@ async def probe(
             "redisVersion": None,
             "address": None,
             "sentinel": None,
+            "cluster": None,
             "warnings": ["QUEUE_DRIVER=inmemory: jobs are lost when the process exits"],
         }
     loop = asyncio.get_running_loop()
-    task = loop.create_task(_measure(client), name="conveyor.queue_health")
+    task = loop.create_task(_measure(client, settings.uses_cluster), name="conveyor.queue_health")
     viewing: asyncio.Task[SentinelView] | None = None
     if sentinel is not None:
         viewing = loop.create_task(
@@ -334,15 +439,16 @@ async def probe(
             raise exc
         error = connection.translate(exc, settings, "probe").message
         return _unreachable("bullmq", error, view)
-    latency_ms, facts = task.result()
-    warnings = view_warnings(view)
+    latency_ms, facts, cview = task.result()
+    warnings = view_warnings(view) + cluster_warnings(cview)
     if facts["evictionPolicy"] not in (None, "noeviction"):
         warnings.append(f"maxmemory-policy is {facts['evictionPolicy']}; BullMQ needs noeviction")
-    address = (
-        connection.master_address(client)
-        if sentinel is not None
-        else f"{settings.queue_redis_host}:{settings.queue_redis_port}"
-    )
+    if cview is not None:
+        address = ",".join(cview["masters"]) or None
+    elif sentinel is not None:
+        address = connection.master_address(client)
+    else:
+        address = f"{settings.queue_redis_host}:{settings.queue_redis_port}"
     return {
         "driver": "bullmq",
         "status": "ready",
@@ -351,5 +457,6 @@ async def probe(
         **facts,
         "address": address,
         "sentinel": view,
+        "cluster": cview,
         "warnings": warnings,
     }

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor.dispatch import keys
 
@@ -76,6 +76,7 @@ class Heartbeat:
             raise TypeError("Heartbeat needs settings (pass settings=...)")
         self._queues = queues
         self._settings: Settings = resolved
+        self._cluster = self._queues.settings.uses_cluster
         self.role = role
         self._info_fn = info_fn
         self.regions = list(regions if regions is not None else resolved.execution_regions)
@@ -95,7 +96,9 @@ class Heartbeat:
 
     @property
     def key(self) -> str:
-        return keys.process(self._queues.settings.queue_prefix, self.process_id)
+        return keys.process(
+            self._queues.settings.queue_prefix, self.process_id, cluster=self._cluster
+        )
 
     async def document(self) -> dict[str, Any]:
         """The JSON document of one beat."""
@@ -121,9 +124,14 @@ class Heartbeat:
         now = _now_ms()
         pipe = self._queues.redis.pipeline(transaction=False)
         pipe.set(self.key, json.dumps(doc, default=str), px=self.ttl_ms)
-        pipe.zadd(keys.processes(self._queues.settings.queue_prefix), {self.process_id: now})
+        pipe.zadd(
+            keys.processes(self._queues.settings.queue_prefix, cluster=self._cluster),
+            {self.process_id: now},
+        )
         pipe.zremrangebyscore(
-            keys.processes(self._queues.settings.queue_prefix), "-inf", now - self.ttl_ms
+            keys.processes(self._queues.settings.queue_prefix, cluster=self._cluster),
+            "-inf",
+            now - self.ttl_ms,
         )
         await pipe.execute()
         self.beats += 1
@@ -133,9 +141,12 @@ class Heartbeat:
         try:
             pipe = self._queues.redis.pipeline(transaction=False)
             pipe.delete(self.key)
-            pipe.zrem(keys.processes(self._queues.settings.queue_prefix), self.process_id)
+            pipe.zrem(
+                keys.processes(self._queues.settings.queue_prefix, cluster=self._cluster),
+                self.process_id,
+            )
             await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("heartbeat.remove_failed", extra={"role": self.role, "error": repr(exc)})
 
 
@@ -144,11 +155,14 @@ async def list_processes(queues: QueueFactory, *, role: str | None = None) -> li
 
     Index members whose key has expired are pruned. Sorted by role, then id.
     """
-    index = keys.processes(queues.settings.queue_prefix)
+    cluster = queues.settings.uses_cluster
+    index = keys.processes(queues.settings.queue_prefix, cluster=cluster)
     ids = [_text(m) for m in await queues.redis.zrange(index, 0, -1)]
     if not ids:
         return []
-    raw = await queues.redis.mget([keys.process(queues.settings.queue_prefix, p) for p in ids])
+    raw = await queues.redis.mget(
+        [keys.process(queues.settings.queue_prefix, p, cluster=cluster) for p in ids]
+    )
     live: list[dict[str, Any]] = []
     dead: list[str] = []
     for pid, value in zip(ids, raw, strict=True):

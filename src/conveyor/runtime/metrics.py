@@ -36,6 +36,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from conveyor.dispatch import keys
+from conveyor.queue import health
 
 if TYPE_CHECKING:
     from conveyor.queue import QueueFactory
@@ -260,11 +261,15 @@ class MetricsPublisher:
     async def _write(self, batch: _Pending) -> None:
         q = self._queues
         pipe = q.redis.pipeline(transaction=False)
-        counters_key = keys.metrics_counters(q.settings.queue_prefix)
+        counters_key = keys.metrics_counters(
+            q.settings.queue_prefix, cluster=q.settings.uses_cluster
+        )
         for (name, labels), n in batch.counters.items():
             pipe.hincrby(counters_key, f"{name}|{labels}", n)
         for (name, labels), hist in batch.hists.items():
-            key = keys.metrics_histogram(q.settings.queue_prefix, name)
+            key = keys.metrics_histogram(
+                q.settings.queue_prefix, name, cluster=q.settings.uses_cluster
+            )
             bounds = (*BUCKETS[name], math.inf)
             for bound, n in zip(bounds, hist.buckets, strict=True):
                 if n:
@@ -272,7 +277,9 @@ class MetricsPublisher:
             pipe.hincrbyfloat(key, f"{labels}|sum", hist.sum)
             pipe.hincrby(key, f"{labels}|count", hist.count)
         if batch.gauges:
-            gauges_key = keys.metrics_gauges(q.settings.queue_prefix)
+            gauges_key = keys.metrics_gauges(
+                q.settings.queue_prefix, cluster=q.settings.uses_cluster
+            )
             for name, value in batch.gauges.items():
                 pipe.hset(gauges_key, name, repr(value))
             pipe.hset(gauges_key, "updated_at", repr(time.time()))
@@ -361,12 +368,26 @@ async def read_metrics(queues: QueueFactory) -> MetricsSnapshot:
     """Read every published metric with one pipelined round trip."""
     names = list(BUCKETS)
     pipe = queues.redis.pipeline(transaction=False)
-    pipe.hgetall(keys.metrics_counters(queues.settings.queue_prefix))
-    pipe.hgetall(keys.metrics_gauges(queues.settings.queue_prefix))
-    pipe.info("memory")
+    pipe.hgetall(
+        keys.metrics_counters(queues.settings.queue_prefix, cluster=queues.settings.uses_cluster)
+    )
+    pipe.hgetall(
+        keys.metrics_gauges(queues.settings.queue_prefix, cluster=queues.settings.uses_cluster)
+    )
+    cluster = queues.settings.uses_cluster
+    if not cluster:  # a cluster pipeline refuses INFO: asked of every master below
+        pipe.info("memory")
     for name in names:
-        pipe.hgetall(keys.metrics_histogram(queues.settings.queue_prefix, name))
-    counters_raw, gauges_raw, memory, *hists_raw = await pipe.execute()
+        pipe.hgetall(
+            keys.metrics_histogram(
+                queues.settings.queue_prefix, name, cluster=queues.settings.uses_cluster
+            )
+        )
+    if cluster:
+        counters_raw, gauges_raw, *hists_raw = await pipe.execute()
+        memory = await health.memory_info(queues.redis, cluster=True)
+    else:
+        counters_raw, gauges_raw, memory, *hists_raw = await pipe.execute()
     snap = MetricsSnapshot()
     snap.redis_memory = {
         k: memory.get(k) for k in ("used_memory", "maxmemory", "maxmemory_policy") if k in memory

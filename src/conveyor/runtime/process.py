@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor import tracing
 from conveyor.errors import ConfigError, QueueError, StoreError
@@ -203,7 +203,7 @@ async def heartbeat_loop(heartbeat: Heartbeat, stop: asyncio.Event | None = None
     while not stop.is_set():
         try:
             await heartbeat.beat()
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("heartbeat.failed", extra={"role": heartbeat.role, "error": repr(exc)})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=heartbeat.interval_s)

@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 
 import asyncpg  # type: ignore[import-untyped]
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor.dispatch import keys
 
@@ -235,7 +235,7 @@ class RedisLock:
         started = time.monotonic()
         try:
             got = await self.redis.set(self.key, self.holder_id, nx=True, px=self.ttl_ms)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("leader.acquire_failed", extra={"lock": self.key, "error": repr(exc)})
             return False
         if got:
@@ -252,7 +252,7 @@ class RedisLock:
         started = time.monotonic()
         try:
             ok = await self._renew(keys=[self.key], args=[self.holder_id, self.ttl_ms])
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("leader.renew_failed", extra={"lock": self.key, "error": repr(exc)})
             return self.held  # still valid until the deadline; the next renewal may succeed
         if not ok:
@@ -275,13 +275,13 @@ class RedisLock:
             self._release = self.redis.register_script(keys.RELEASE_LOCK_SCRIPT)
         try:
             await asyncio.wait_for(self._release(keys=[self.key], args=[self.holder_id]), 2.0)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             log.warning("leader.release_failed", extra={"lock": self.key, "error": repr(exc)})
 
     async def current_holder(self) -> str | None:
         try:
             value = await self.redis.get(self.key)
-        except (RedisError, OSError):
+        except (RedisError, RedisClusterException, OSError):
             return None
         if value is None:
             return None

@@ -126,7 +126,7 @@ def make_lock(
         if not postgres:
             raise ValueError("SCHEDULER_LOCK_STRATEGY=postgres needs a PostgreSQL DATABASE_URL")
         return PostgresAdvisoryLock(asyncpg_dsn(settings.database_url), LOCK_NAME, holder)
-    key = keys.leader(settings.queue_prefix, ROLE)
+    key = keys.leader(settings.queue_prefix, ROLE, cluster=settings.uses_cluster)
     return RedisLock(queues.redis, key, holder, ttl_ms=settings.scheduler_lock_ttl_ms)
 
 

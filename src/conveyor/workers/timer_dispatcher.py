@@ -89,7 +89,7 @@ class TimerDispatcher:
         self.election: LeaderElection | None = None
         if not store.is_postgres:  # SQLite: one active dispatcher, chosen by the Redis lock
             ttl = settings.scheduler_lock_ttl_ms
-            lock_key = keys.leader(settings.queue_prefix, ROLE)
+            lock_key = keys.leader(settings.queue_prefix, ROLE, cluster=settings.uses_cluster)
             lock = RedisLock(queues.redis, lock_key, self.owner, ttl_ms=ttl)
             self.election = LeaderElection(
                 lock, poll_s=settings.scheduler_poll_interval_ms / 1000, renew_s=ttl / 4000

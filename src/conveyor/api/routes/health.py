@@ -24,7 +24,8 @@ router = APIRouter(tags=["health"])
         "Always answers 200 within about one second, even when Redis or the database hang: "
         "reports the queue (driver, `ready`/`unreachable`, round-trip latency, durability, "
         "AOF/RDB persistence, eviction policy, Redis version, the master's address and, with "
-        "Sentinel, the sentinels' view) and the database (status, "
+        "Sentinel, the sentinels' view; with Redis Cluster, the cluster's state and nodes) and "
+        "the database (status, "
         "latency). `status` is `degraded` when either dependency is unreachable. Use it as "
         "the liveness probe."
     ),
@@ -67,7 +68,11 @@ async def readiness(ctx: CtxDep) -> tuple[bool, dict[str, Any]]:
         "ready": all(checks.values()),
         "checks": checks,
         "queues": probes.consumption(regions, workers, counts),
-        "redis": {"address": queue.get("address"), "sentinel": queue.get("sentinel")},
+        "redis": {
+            "address": queue.get("address"),
+            "sentinel": queue.get("sentinel"),
+            "cluster": queue.get("cluster"),
+        },
     }
     if queue.get("error"):
         data["queueError"] = queue["error"]
@@ -89,7 +94,8 @@ async def readiness(ctx: CtxDep) -> tuple[bool, dict[str, Any]]:
         "are waiting with nobody consuming them (`unconsumed`), or it is `idle`. The API can "
         "accept work durably while workers are down, so missing consumers do not make it "
         "unready; alert on `unconsumed` instead. `redis` says which master is in use and, "
-        "with Sentinel, how many sentinels answer and whether they can reach their quorum."
+        "with Sentinel, how many sentinels answer and whether they can reach their quorum; with "
+        "Redis Cluster, `cluster_state` and its masters and replicas."
     ),
     responses=error_responses(503),
 )

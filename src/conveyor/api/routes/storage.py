@@ -12,7 +12,7 @@ from conveyor.api import probes
 from conveyor.api.deps import AdminDep, CtxDep
 from conveyor.api.schemas import Envelope, RetentionIn, RetentionOut, StorageData, error_responses
 from conveyor.dispatch import keys
-from conveyor.queue import execution_queue_name
+from conveyor.queue import execution_queue_name, health
 from conveyor.settings import KeepPolicy, Settings
 from conveyor.store import RetentionOverride
 
@@ -138,7 +138,7 @@ async def _redis(ctx: CtxDep) -> dict[str, Any]:
     try:
         async with asyncio.timeout(probes.PROBE_TIMEOUT_S):
             client = ctx.queues.redis
-            memory = await client.info("memory")
+            memory = await health.memory_info(client, cluster=ctx.settings.uses_cluster)
             try:
                 workers = probes.worker_regions(await probes.live_processes(ctx))
             except probes.ProbeErrors:
@@ -147,7 +147,9 @@ async def _redis(ctx: CtxDep) -> dict[str, Any]:
             for region in ctx.known_regions(*workers):
                 name = execution_queue_name(region)
                 counts = await ctx.execution_queue(region).get_job_counts("completed", "failed")
-                events = await client.xlen(keys.events(ctx.settings.queue_prefix, name))
+                events = await client.xlen(
+                    keys.events(ctx.settings.queue_prefix, name, cluster=ctx.settings.uses_cluster)
+                )
                 queues.append({"queue": name, "completed": counts["completed"],
                                "failed": counts["failed"], "events": int(events)})  # fmt: skip
     except probes.ProbeErrors as exc:

@@ -15,6 +15,7 @@ from conveyor.api.schemas._common import (
 from conveyor.api.schemas._ops import (
     ApiKeyIn,
     ApiKeyOut,
+    ClusterView,
     DatabaseHealth,
     HealthData,
     IssuedApiKeyOut,
@@ -55,6 +56,7 @@ __all__ = [
     "ApiKeyIn",
     "ApiKeyOut",
     "ApiModel",
+    "ClusterView",
     "DatabaseHealth",
     "Envelope",
     "ErrorBody",

@@ -35,6 +35,26 @@ class SentinelView(ApiModel):
     errors: list[str] = Field(default_factory=list)
 
 
+class ClusterView(ApiModel):
+    """What the Redis Cluster says (only with ``QUEUE_REDIS_CLUSTER_NODES``)."""
+
+    state: str | None = Field(
+        None, description="`cluster_state` (`ok`: every slot is served).", examples=["ok"]
+    )
+    slots_ok: int | None = Field(None, description="Slots served (16384: all).", examples=[16384])
+    masters: list[str] = Field(
+        default_factory=list,
+        description="`host:port` of the masters serving slots.",
+        examples=[["10.0.0.5:6379", "10.0.0.6:6379", "10.0.0.7:6379"]],
+    )
+    replicas: int = Field(0, description="Replicas known.", examples=[3])
+    known_nodes: int | None = Field(
+        None, description="`cluster_known_nodes`: every node the cluster knows.", examples=[6]
+    )
+    failed: int = Field(0, description="Nodes flagged as failing (`fail`/`fail?`).")
+    errors: list[str] = Field(default_factory=list)
+
+
 class RedisTarget(ApiModel):
     address: str | None = Field(
         None,
@@ -43,6 +63,9 @@ class RedisTarget(ApiModel):
     )
     sentinel: SentinelView | None = Field(
         None, description="The sentinels' view; `null` when Sentinel is not used."
+    )
+    cluster: ClusterView | None = Field(
+        None, description="The cluster's view; `null` when Redis Cluster is not used."
     )
 
 
@@ -64,6 +87,9 @@ class QueueHealth(ApiModel):
     )
     sentinel: SentinelView | None = Field(
         None, description="The sentinels' view; `null` when Sentinel is not used."
+    )
+    cluster: ClusterView | None = Field(
+        None, description="The cluster's view; `null` when Redis Cluster is not used."
     )
     warnings: list[str] = Field(default_factory=list)
     error: str | None = None

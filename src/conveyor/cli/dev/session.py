@@ -145,9 +145,14 @@ def plan_dev(args: argparse.Namespace, settings: Settings, environ: Mapping[str,
     env = dict(environ)
     env["PYTHONUNBUFFERED"] = "1"
 
-    # ``conveyor dev`` talks to one Redis (embedded, or QUEUE_REDIS_HOST/PORT): never Sentinel.
-    env.update(QUEUE_REDIS_SENTINELS="", QUEUE_REDIS_SENTINEL_MASTER="")
+    # ``conveyor dev`` talks to one Redis (embedded, or QUEUE_REDIS_HOST/PORT): never Sentinel
+    # nor a cluster.
+    env.update(
+        QUEUE_REDIS_SENTINELS="", QUEUE_REDIS_SENTINEL_MASTER="", QUEUE_REDIS_CLUSTER_NODES=""
+    )
     ignored = " (QUEUE_REDIS_SENTINELS ignored by conveyor dev)" if settings.uses_sentinel else ""
+    if settings.uses_cluster:
+        ignored = " (QUEUE_REDIS_CLUSTER_NODES ignored by conveyor dev)"
     redis_port: int | None = None
     if {"queue_redis_host", "queue_redis_port"} & explicit:
         redis_desc = f"{settings.queue_redis_host}:{settings.queue_redis_port} (configured)"

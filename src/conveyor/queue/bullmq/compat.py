@@ -55,7 +55,8 @@ import redis.asyncio as aioredis
 from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildrenError
 from bullmq.redis_connection import RedisConnection
 from bullmq.timer import Timer
-from bullmq.utils import extract_result
+from bullmq.utils import extract_result, is_redis_cluster
+from redis.exceptions import NoScriptError, ResponseError
 
 from conveyor.queue._base import QueueEvent, ScriptCall
 from conveyor.queue._emitter import Emitter
@@ -70,7 +71,9 @@ __all__ = [
     "change_priority",
     "concurrency",
     "get_counts",
+    "is_missing_script",
     "job_exists",
+    "load_add_scripts",
     "missing_internals",
     "new_job",
     "node_worker_client_name",
@@ -332,9 +335,13 @@ class StreamConsumer(bullmq.QueueEvents):  # type: ignore[misc]  # bullmq is unt
     ``_dispatch_entry``.
     """
 
-    def __init__(self, name: str, opts: dict[str, Any], sink: Emitter) -> None:
+    def __init__(
+        self, name: str, opts: dict[str, Any], sink: Emitter, label: str | None = None
+    ) -> None:
         super().__init__(name, opts)
         self.sink = sink
+        self.label = name if label is None else label
+        """The queue's name in the events emitted (Conveyor's, without a cluster hash tag)."""
         self.last_id: str = opts.get("lastEventId") or "$"
 
     def _dispatch_entry(self, entry_id: str, args: dict[str, Any]) -> None:
@@ -345,7 +352,7 @@ class StreamConsumer(bullmq.QueueEvents):  # type: ignore[misc]  # bullmq is unt
         if event == "completed" and "returnvalue" in args:
             with contextlib.suppress(TypeError, ValueError):
                 args["returnvalue"] = json.loads(args["returnvalue"])
-        self.sink.emit(QueueEvent(event, self.name, args.get("jobId"), args))
+        self.sink.emit(QueueEvent(event, self.label, args.get("jobId"), args))
 
 
 # -- what the worker wrapper does to a FetchingWorker -------------------------------------------
@@ -402,14 +409,50 @@ async def add_in_transaction(
     """``MULTI; EVALSHA call; EVALSHA addJob; EXEC`` in one write (``script`` is ``call``'s
     source registered on the queue's client). With ``check_scripts`` false
     redis-py's ``SCRIPT EXISTS`` check before the transaction is skipped (the caller knows the
-    scripts are loaded; on ``NoScriptError`` it calls again with the check)."""
-    async with queue.backend.connection.conn.pipeline(transaction=True) as pipe:
+    scripts are loaded; on ``NoScriptError`` it calls again with the check).
+
+    On Redis Cluster redis-py's cluster pipeline never checks nor loads scripts: with
+    ``check_scripts`` this loads ``script`` and bullmq's add scripts on every master first
+    (``SCRIPT LOAD``). Every key of both calls is in the queue's slot (a hash tag), as a
+    transaction on a cluster requires."""
+    conn = queue.backend.connection.conn
+    if check_scripts:
+        await load_add_scripts(queue, script.script)
+    async with conn.pipeline(transaction=True) as pipe:
         await script(keys=list(call.keys), args=list(call.args), client=pipe)
         await queue.backend.scripts.addJob(job, pipe)
-        if not check_scripts:
+        if not check_scripts and hasattr(pipe, "scripts"):
             pipe.scripts.clear()
         results: list[Any] = await pipe.execute()
         return results
+
+
+ADD_SCRIPTS = ("addStandardJob", "addPrioritizedJob", "addDelayedJob")
+"""The bullmq scripts ``Scripts.addJob`` picks from (by the job's delay and priority)."""
+
+
+async def load_add_scripts(queue: Any, *extra: str) -> bool:
+    """On Redis Cluster, ``SCRIPT LOAD`` bullmq's add scripts (and the ``extra`` sources) on
+    every master: redis-py's cluster pipeline sends ``EVALSHA`` without checking, so a
+    transaction of adds (``addBulk``, :func:`add_in_transaction`) fails with ``NOSCRIPT`` on a
+    master that never ran them. A plain client's pipeline checks by itself: nothing to do
+    (``False``)."""
+    conn = queue.backend.connection.conn
+    if not is_redis_cluster(conn):
+        return False
+    commands = queue.backend.connection.commands
+    for source in (*extra, *(commands[name].script for name in ADD_SCRIPTS)):
+        await conn.script_load(source)
+    return True
+
+
+def is_missing_script(exc: BaseException) -> bool:
+    """``NOSCRIPT``, as a plain pipeline raises it or as a cluster pipeline reports it."""
+    text = str(exc)
+    return isinstance(exc, NoScriptError) or (
+        isinstance(exc, ResponseError)
+        and ("NOSCRIPT" in text.upper() or "no matching script" in text.lower())
+    )
 
 
 async def set_events_max_len(owner: Any, max_len: int) -> None:
@@ -512,6 +555,7 @@ RELIED_ON: tuple[Internal, ...] = (
     Internal("RedisConnection", "conn"),
     Internal("RedisConnection", "capabilities"),
     Internal("RedisConnection", "set_client_name", ("name",)),
+    Internal("RedisConnection", "commands"),
     Internal("Scripts", "addJob", ("job", "pipe")),
     Internal("Timer", "stop", ()),
     Internal("Job", "deferredFailure"),

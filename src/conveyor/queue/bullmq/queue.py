@@ -17,7 +17,7 @@ from typing import Any
 import bullmq
 import redis.asyncio as aioredis
 from pydantic import BaseModel
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from conveyor.errors import QueueError
 from conveyor.queue import connection
@@ -47,10 +47,13 @@ class BullQueue:
         self._scripts: dict[str, Any] = {}
         """Lua sources run before adds (:class:`ScriptCall`), registered on the client once."""
         self._scripts_loaded = False
+        self._add_scripts_loaded = not settings.uses_cluster
+        """bullmq's add scripts are loaded on every master (Redis Cluster only, see
+        :func:`compat.load_add_scripts`)."""
         self._capped = False
         """The events stream's cap (``QUEUE_EVENTS_MAX_LEN``) was written (first add)."""
         self._bull = bullmq.Queue(
-            name,
+            connection.bull_name(name, settings.uses_cluster),
             {
                 "connection": client,
                 "prefix": settings.queue_prefix,
@@ -152,7 +155,9 @@ class BullQueue:
             results = await compat.add_in_transaction(
                 bull, script, call, job, check_scripts=not self._scripts_loaded
             )
-        except NoScriptError:
+        except (NoScriptError, ResponseError) as exc:
+            if not compat.is_missing_script(exc):
+                raise
             results = await compat.add_in_transaction(bull, script, call, job, check_scripts=True)
         self._scripts_loaded = True
         return results
@@ -182,12 +187,27 @@ class BullQueue:
         try:
             async with asyncio.timeout(self._deadline_s + len(jobs) / 1000.0):
                 await self._cap_events()
-                added = await self._bull.addBulk(jobs)
+                added = await self._add_bulk(jobs)
         except connection.QUEUE_ERRORS as exc:
             raise connection.translate(exc, self._settings, "enqueue on") from exc
         job_ids = [str(job.id) for job in added]
         self._added(job_ids)
         return job_ids
+
+    async def _add_bulk(self, jobs: list[dict[str, Any]]) -> list[Any]:
+        """bullmq's ``addBulk`` (one ``MULTI`` of add scripts); on Redis Cluster with the add
+        scripts loaded on the masters first, once, and again after a ``NOSCRIPT``."""
+        if not self._add_scripts_loaded:
+            await compat.load_add_scripts(self._bull)
+            self._add_scripts_loaded = True
+        try:
+            added: list[Any] = await self._bull.addBulk(jobs)
+        except (NoScriptError, ResponseError) as exc:
+            if not compat.is_missing_script(exc):
+                raise
+            await compat.load_add_scripts(self._bull)
+            added = await self._bull.addBulk(jobs)
+        return added
 
     async def get_job_counts(self, *states: str) -> dict[str, int]:
         wanted = states or JOB_COUNT_STATES
@@ -315,7 +335,8 @@ class BullQueueEvents:
             "blockingTimeout": connection.EVENTS_BLOCK_MS,
             "lastEventId": self._last_id,
         }
-        consumer = compat.StreamConsumer(self._name, opts, self._emitter)
+        name = connection.bull_name(self._name, self._settings.uses_cluster)
+        consumer = compat.StreamConsumer(name, opts, self._emitter, label=self._name)
         consumer.on("error", self._on_error)
         return consumer
 

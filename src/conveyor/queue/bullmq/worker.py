@@ -102,7 +102,9 @@ class BullWorker:
         for key in ("removeOnComplete", "removeOnFail"):
             if key in defaults:  # also bounds jobs added by producers that set none
                 opts[key] = defaults[key]
-        bull: Any = compat.FetchingWorker(name, self._process, opts)
+        bull: Any = compat.FetchingWorker(
+            connection.bull_name(name, settings.uses_cluster), self._process, opts
+        )
         self._bull = bull
         compat.use_blocking_client(bull, blocking_client)
         compat.observe_lock_renewals(bull, self._observe_lock_renewals)
