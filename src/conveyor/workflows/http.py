@@ -221,10 +221,14 @@ class SafeHttpClient:
             addresses = await _resolve(host, port)
         except (OSError, UnicodeError) as exc:
             raise RetryableStepError(
-                f"could not resolve host {host!r}: {exc}", url=redact_url(str(url))
+                f"could not resolve host {host!r}: {exc}",
+                kind="connection",
+                url=redact_url(str(url)),
             ) from exc
         if not addresses:
-            raise RetryableStepError(f"host {host!r} has no addresses", url=redact_url(str(url)))
+            raise RetryableStepError(
+                f"host {host!r} has no addresses", kind="connection", url=redact_url(str(url))
+            )
         return tuple(addresses)
 
     def _check_address(self, host: str, address: str, port: int) -> None:
@@ -301,17 +305,21 @@ class SafeHttpClient:
                 )
         except TimeoutError as exc:
             raise RetryableStepError(
-                f"request timed out after {timeout_s}s", url=redact_url(url)
+                f"request timed out after {timeout_s}s", kind="timeout", url=redact_url(url)
             ) from exc
         except httpx.TimeoutException as exc:
-            raise RetryableStepError(f"request timed out: {exc}", url=redact_url(url)) from exc
+            raise RetryableStepError(
+                f"request timed out: {exc}", kind="timeout", url=redact_url(url)
+            ) from exc
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
             raise PermanentStepError(f"request refused: {exc}", url=redact_url(url)) from exc
         except httpx.DecodingError as exc:
             raise PermanentStepError(f"undecodable response: {exc}", url=redact_url(url)) from exc
         except httpx.HTTPError as exc:
             raise RetryableStepError(
-                f"request failed: {type(exc).__name__}: {exc}", url=redact_url(url)
+                f"request failed: {type(exc).__name__}: {exc}",
+                kind="connection",
+                url=redact_url(url),
             ) from exc
 
     async def _follow(
@@ -624,5 +632,5 @@ def _check_status(step: HttpStep, response: HttpResponse, output: dict[str, Any]
         details["retry_after_s"] = int(retry_after)
     message = f"HTTP {status} from {response.url}"
     if status >= 500 or status in RETRYABLE_STATUSES:
-        raise RetryableStepError(message, **details)
-    raise PermanentStepError(message, **details)
+        raise RetryableStepError(message, details, kind="status")
+    raise PermanentStepError(message, details, kind="status")
