@@ -54,11 +54,14 @@ def test_a_retry_wait_survives_the_worker_being_killed(
         assert r.status_code == 202, r.text
         execution_id = r.json()["data"]["id"]
 
-        def waiting_after(tries: int) -> bool:
+        def waiting_after(tries: int) -> dict[str, Any] | None:
             found = client.get(f"/api/executions/{execution_id}", headers=auth).json()["data"]
-            return found["status"] == "waiting" and target.hits["/charge"] == tries
+            waiting = found["status"] == "waiting" and found["stepAttempt"] == tries
+            return found if waiting else None
 
-        wait_for(lambda: waiting_after(1), timeout=20, interval=0.05)
+        first: Any = wait_for(lambda: waiting_after(1), timeout=20, interval=0.05)
+        assert target.hits["/charge"] == 1 and first["stepsRun"] == 0
+        assert [(e["attempt"], e["details"]["status"]) for e in first["stepErrors"]] == [(1, 500)]
         wait_for(lambda: waiting_after(2), timeout=20, interval=0.05)
         worker.send_signal(signal.SIGKILL)  # while it waits for the third try
         worker.wait(10)
@@ -68,6 +71,7 @@ def test_a_retry_wait_survives_the_worker_being_killed(
         done = _poll(client, execution_id, auth)
         assert done["status"] == "succeeded", done
         assert done["output"] == 200 and done["attempts"] == 1
+        assert (done["stepAttempt"], done["stepErrors"]) == (0, None)
         assert target.hits["/charge"] == 3  # no extra try
         charge = done["steps"][0]
         assert (charge["stepId"], charge["status"], charge["attempts"]) == (
