@@ -226,3 +226,30 @@ async def test_retry_on_timeout_only_retries_timeouts(
         tenant,
     )  # fmt: skip
     assert (await _run(store, allowed, clock, other)).kind is OutcomeKind.WAITING
+
+
+async def test_the_next_wait_takes_the_fired_timer_row_over(
+    store: Store, allowed: Settings, target: Script
+) -> None:
+    """As the timer dispatcher sees it: the first wait's timer is claimed and enqueued, the
+    next try fails before the dispatcher marks it fired — the mark then matches nothing and
+    the next wait's timer (a new id, so a new ``timer:<id>`` job) is pending and claimable."""
+    clock = Clock()
+    url = target.url("/flaky", 500, 500, 200)
+    tenant, execution_id = await start(store, [_http("call", url, attempts=3, delay_s=5)])
+    first = await _run(store, allowed, clock, execution_id)
+    clock.advance(5)
+    (claimed,) = await store.timers.claim(clock(), owner="dispatcher")
+    assert claimed.id == first.timer_id
+    second = await _run(store, allowed, clock, execution_id)
+    assert second.kind is OutcomeKind.WAITING and second.timer_id != first.timer_id
+    assert await store.timers.mark_fired([claimed.id], owner="dispatcher", at=clock()) == 0
+    assert await store.timers.claim(clock(), owner="dispatcher") == []  # not due yet
+    clock.advance(10)
+    (again,) = await store.timers.claim(clock(), owner="dispatcher")
+    assert (again.id, again.seq, again.job_id) == (second.timer_id, 0, f"timer:{second.timer_id}")
+    assert await store.timers.mark_fired([again.id], owner="dispatcher", at=clock()) == 1
+    assert (await _run(store, allowed, clock, execution_id)).kind is OutcomeKind.SUCCEEDED
+    assert target.hits["/flaky"] == 3
+    timers = await store.timers.for_execution(tenant, execution_id)
+    assert [(t.id, t.status) for t in timers] == [(second.timer_id, "fired")]

@@ -28,7 +28,9 @@ The transport sends a request a second time only when a kept-alive connection th
 had closed failed it before any byte of answer (see :mod:`conveyor.workflows.transport`).
 
 Errors: network errors, timeouts, 408/425/429 and 5xx → :class:`RetryableStepError`; refusals,
-bad URLs, oversize responses and other 4xx → :class:`PermanentStepError`.
+bad URLs, oversize responses and other 4xx → :class:`PermanentStepError`. Each carries its
+``kind`` for the step's retry policy (``retry_on`` / ``retry_statuses``): ``connection``,
+``timeout`` or ``status`` (then ``details["status"]``); refusals have none.
 
 :func:`execute_http` reports the request as rendered — method, URL, headers, body — with
 credentials redacted (:func:`redact_url`, :func:`redact_headers`) as each part is rendered, so

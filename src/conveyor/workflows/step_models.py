@@ -202,7 +202,8 @@ class HttpStep(_OutputStep):
     """Call an HTTP(S) URL. ``url``, header values and string leaves of ``body`` are templates.
 
     The step succeeds when the final status is in ``expect_status`` (default: any 2xx).
-    Otherwise 408/429/5xx are retryable failures and every other status is permanent.
+    Otherwise 408/425/429/5xx are retryable failures and every other status is permanent —
+    unless the step's retry policy lists statuses (:class:`RetryPolicy`).
     """
 
     type: Literal["http"]
