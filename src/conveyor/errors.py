@@ -114,7 +114,27 @@ class SecretsUnavailable(ConveyorError):
 
 
 class StepError(ConveyorError):
-    """A step failed."""
+    """A step failed.
+
+    ``kind`` says what failed, for retry policies (``retry_on``): ``timeout``, ``connection``
+    (network, DNS, a database the step needed), ``status`` (an HTTP status: ``details
+    ["status"]``); ``None`` for anything else (a refusal, a bad template, a custom runner's).
+    It is not part of the recorded error.
+    """
+
+    kind: str | None = None
+
+    def __init__(
+        self,
+        message: str | None = None,
+        details: Any = None,
+        *,
+        kind: str | None = None,
+        **fields: Any,
+    ) -> None:
+        super().__init__(message, details, **fields)
+        if kind is not None:
+            self.kind = kind
 
 
 class RetryableStepError(StepError):

@@ -95,7 +95,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0007",)
+    assert head_revisions() == ("0009",)
     asyncio.run(_check(url))
 
 
@@ -190,7 +190,7 @@ async def _crons(store: Store) -> list[str]:
 async def _assert_0002_reorders_cron(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
         await _at(store, "upgrade", "0001")
-        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0007"):
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0009"):
             await store.check_schema()
         await _seed_0001(store)
 
@@ -356,3 +356,35 @@ async def test_0006_adds_reused_from_sqlite(tmp_path: Path) -> None:
 
 async def test_0006_adds_reused_from_postgres(fresh_pg_url: str) -> None:
     await _assert_0006_adds_reused_from(fresh_pg_url)
+
+
+async def _assert_0009_adds_step_attempts(url: str) -> None:
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        await _at(store, "upgrade", "0007")
+        await _seed_0001(store)
+        await store.migrate()
+        await store.check_schema()
+        execution = await store.executions.get("t", "e")  # an existing row: no retry wait
+        assert (execution.step_attempt, execution.step_errors) == (0, None)
+        async with store.engine.connect() as conn:
+            started = (
+                await conn.execute(
+                    select(executions.c.step_started_at).where(executions.c.id == "e")
+                )
+            ).scalar()
+        assert started is None
+        await _at(store, "downgrade", "0007")
+        async with store.engine.connect() as conn:
+            columns = await conn.run_sync(_columns, "executions")
+            count = (await conn.execute(text("SELECT count(*) FROM executions"))).scalar()
+        assert not {"step_attempt", "step_errors", "step_started_at"} & set(columns)
+        assert "scheduled_for" in columns and count == 1
+        await store.migrate()
+
+
+async def test_0009_adds_step_attempts_sqlite(tmp_path: Path) -> None:
+    await _assert_0009_adds_step_attempts(f"sqlite:///{tmp_path}/upgrade.db")
+
+
+async def test_0009_adds_step_attempts_postgres(fresh_pg_url: str) -> None:
+    await _assert_0009_adds_step_attempts(fresh_pg_url)

@@ -189,6 +189,51 @@ def test_condition_defaults() -> None:
         ({"id": "n", "type": "noop", "retry": {"backoff": "linear"}}, "retry.backoff", "fixed"),
         ({"id": "n", "type": "noop", "retry": {"attemps": 2}}, "retry.attemps", "Extra inputs"),
         (
+            {"id": "f", "type": "http", "url": "https://x", "retry": {"retry_on": ["dns"]}},
+            "retry.retry_on.0",
+            "'timeout', 'connection' or 'status'",
+        ),
+        (
+            {"id": "f", "type": "http", "url": "https://x", "retry": {"retry_on": []}},
+            "retry.retry_on",
+            "at least 1",
+        ),
+        (
+            {
+                "id": "f",
+                "type": "http",
+                "url": "https://x",
+                "retry": {"retry_on": ["status", "status"]},
+            },
+            "retry.retry_on",
+            "lists a kind twice",
+        ),
+        (
+            {"id": "f", "type": "http", "url": "https://x", "retry": {"retry_statuses": [200]}},
+            "retry.retry_statuses",
+            "200 is not an error status",
+        ),
+        (
+            {"id": "f", "type": "http", "url": "https://x", "retry": {"retry_statuses": ["3xx"]}},
+            "retry.retry_statuses",
+            "'3xx' is not an error status",
+        ),
+        (
+            {"id": "f", "type": "http", "url": "https://x", "retry": {"retry_statuses": [600]}},
+            "retry.retry_statuses",
+            "give codes 400-599, '4xx' or '5xx'",
+        ),
+        (
+            {
+                "id": "f",
+                "type": "http",
+                "url": "https://x",
+                "retry": {"retry_on": ["timeout"], "retry_statuses": [404]},
+            },
+            "retry",
+            "retry_on does not list 'status'",
+        ),
+        (
             {"id": "t", "type": "transform", "expression": "@", "select": "items[["},
             "select",
             "invalid expression",
@@ -332,6 +377,20 @@ def test_retry_policy_delays() -> None:
     fixed = RetryPolicy(attempts=3, backoff="fixed", delay_s=2)
     assert [fixed.delay_after(n) for n in (1, 2)] == [2, 2]
     assert RetryPolicy().attempts == 1
+
+
+def test_retry_policy_decides_what_is_retried() -> None:
+    default = RetryPolicy(attempts=3)
+    assert default.retries("status", 503, True) and default.retries("timeout", None, True)
+    assert not default.retries("status", 404, False) and not default.retries(None, None, False)
+    assert default.retries(None, None, True)  # a custom runner's retryable error
+    listed = RetryPolicy(attempts=3, retry_statuses=[404, "5xx"])
+    assert listed.retries("status", 404, False) and listed.retries("status", 599, True)
+    assert not listed.retries("status", 429, True) and listed.retries("connection", None, True)
+    narrow = RetryPolicy(attempts=3, retry_on=["connection"])
+    assert narrow.retries("connection", None, True)
+    assert not narrow.retries("timeout", None, True) and not narrow.retries(None, None, True)
+    assert not narrow.retries("status", 503, True)
 
 
 def test_delay_until_template_is_kept() -> None:

@@ -25,14 +25,24 @@
 4. A ``delay`` step writes a timer row and parks the execution (``waiting``) in the same
    transaction, and the run returns: no worker slot is held while waiting. When the timer
    fires, the next run continues after the delay step.
-5. A cancelled execution stops at the next durable write (which sees ``cancelled``).
-6. When the execution succeeds, its output is the workflow's ``output`` expression's value
+5. A step that fails retryably (its ``retry`` policy: which errors, how many tries, what
+   backoff) is tried again. When the wait before the next try is at least
+   :data:`~conveyor.workflows.step_models.DURABLE_RETRY_MIN_S` (1 s), it is durable, like a
+   ``delay``: one fenced write records the tries made (``executions.step_attempt``), their
+   errors (``step_errors``) and when the first started, writes the pending pure steps' runs
+   and a timer row, parks the execution ``waiting`` — and the run returns, holding no worker
+   slot. When the timer fires, the next run restores that state and makes the next try of
+   the same step; its step run, once it succeeds or fails for good, lists every attempt.
+   Shorter waits sleep in the worker.
+6. A cancelled execution stops at the next durable write (which sees ``cancelled``); one
+   waiting for a timer (a delay, a retry) is not resumed.
+7. When the execution succeeds, its output is the workflow's ``output`` expression's value
    over the evaluation context (``input``, every completed step's output, ``execution``) —
    written with the last step, in the same transaction — or, without one, the last step's
    output. An expression that fails at run time (or a value above ``STEP_OUTPUT_MAX_BYTES``)
    fails the execution: its last step run stays ``succeeded``, the execution's error is
    ``{"type": "ExpressionError", "code": "output_expression_failed", ...}``.
-7. An execution created by a retry from the failed step starts with its cursor at that step
+8. An execution created by a retry from the failed step starts with its cursor at that step
    and the step runs before it copied from the original: step 2 restores their outputs, and
    they are not run again.
 
@@ -94,6 +104,7 @@ from conveyor.workflows import (
 )
 from conveyor.workflows.definition import RetryPolicy
 from conveyor.workflows.expressions import build_context, evaluate
+from conveyor.workflows.step_models import DURABLE_RETRY_MIN_S
 from conveyor.workflows.steps import AnyStep
 
 log = logging.getLogger(__name__)
@@ -125,6 +136,21 @@ class _StepDone:
     history: list[dict[str, Any]] = field(default_factory=list)
     input: Encoded | None = None
     """What the last try did, as stored (cut to the limit); ``None``: the step's definition."""
+    retry_at: datetime | None = None
+    """Set when the step is not done: its next try waits durably until then."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Tried:
+    """One try's outcome: a result, or an error with what kind it was."""
+
+    result: StepResult | None
+    error: dict[str, Any] | None = None
+    retryable: bool = False
+    kind: str | None = None
+    """:attr:`conveyor.errors.StepError.kind` (``timeout`` for the step's own timeout)."""
+    status: int | None = None
+    """The HTTP status of a ``status`` error."""
 
 
 @dataclass(slots=True)
@@ -149,6 +175,9 @@ class _Run:
     last_output: Encoded | None = None
     pending: list[StepWrite] = field(default_factory=list)
     """Pure steps run since the last durable write, recorded with the next one."""
+    resume: tuple[int, list[dict[str, Any]], datetime] | None = None
+    """Resuming from a retry wait: the step at the cursor's tries made, their errors, when the
+    first started (taken by the first :meth:`Engine._attempts` of this run)."""
 
 
 class Engine:
@@ -301,6 +330,9 @@ class Engine:
         if claim.next_step > 0:
             outputs = await runs.completed_outputs(claim.tenant_id, claim.execution_id)
         run = _Run(runs, claim, plan, outputs, abandon, claim.next_step, claim.steps_run)
+        if claim.step_attempt > 0:
+            started = claim.step_started_at or claim.started_at
+            run.resume = (claim.step_attempt, list(claim.step_errors or []), started)
         while True:
             if run.index >= len(plan.steps):
                 return await self._finish_at_end(run)
@@ -411,7 +443,12 @@ class Engine:
         latency = None
         # the run that started the execution (resuming after a delay is no new attempt, but
         # it has steps behind it; a retry from the failed step starts with steps behind it)
-        if claim.attempts == 1 and (claim.steps_run == 0 or claim.first_run):
+        # (nor is resuming after a retry wait, which may be at the first step)
+        if (
+            claim.attempts == 1
+            and claim.step_attempt == 0
+            and (claim.steps_run == 0 or claim.first_run)
+        ):
             latency = (claim.started_at - claim.queued_at).total_seconds() * 1000.0
         return RunOutcome(
             claim.execution_id,
@@ -442,6 +479,8 @@ class Engine:
             await run.runs.idle()  # hold no connection while the step waits
             done = await self._guarded(run, self._attempts(run, step))
         now = self._clock()
+        if done.retry_at is not None:
+            return await self._write_retry_wait(run, step, done, now)
         result = done.result
         if self.on_step is not None:
             seconds = (done.finished_at - done.started_at).total_seconds()
@@ -539,6 +578,42 @@ class Engine:
         run.seq += 1
         return None
 
+    async def _write_retry_wait(
+        self, run: _Run, step: AnyStep, done: _StepDone, now: datetime
+    ) -> RunOutcome:
+        """Park the execution until the step's next try (one fenced write: the tries made,
+        their errors, the pending pure steps' runs, the timer); the run ends here."""
+        claim, wake_at = run.claim, done.retry_at
+        assert wake_at is not None
+        write = ExecutionWrite(
+            status="waiting",
+            next_step=run.index,
+            steps_run=run.seq,
+            now=now,
+            lease_expires_at=None,
+            wake_at=wake_at,
+            step_attempt=done.attempts,
+            step_errors=done.history,
+            step_errors_json=dumps(done.history),
+            step_started_at=done.started_at,
+        )
+        timer = TimerWrite(
+            id=new_id(),
+            workflow_id=claim.workflow_id,
+            region=claim.region,
+            seq=run.seq,
+            due_at=wake_at,
+        )
+        final = await self._persist(run, write, run.pending, timer)
+        run.pending.clear()
+        log.info(
+            "engine.step_retry_wait",
+            extra={"execution_id": claim.execution_id, "step": step.id,
+                   "attempts": done.attempts, "wake_at": wake_at.isoformat(),
+                   "error": (done.error or {}).get("type")},
+        )  # fmt: skip
+        return self._outcome(claim, final, run.ran, wake_at=wake_at, timer_id=timer.id)
+
     async def _persist(
         self,
         run: _Run,
@@ -586,6 +661,9 @@ class Engine:
         started = self._clock()
         history: list[dict[str, Any]] = []
         attempt = 0
+        if run.resume is not None:  # the tries made before a retry wait
+            attempt, history, started = run.resume
+            run.resume = None
         while True:
             attempt += 1
             ctx = StepContext(
@@ -600,7 +678,8 @@ class Engine:
                 attempt=attempt,
                 secrets=self._secrets_of(run.claim.tenant_id),
             )
-            result, error, retryable = await self._attempt(step, ctx, timeout)
+            tried = await self._attempt(step, ctx, timeout)
+            result, error = tried.result, tried.error
             if error is None:
                 assert result is not None
                 try:  # an output that cannot be stored fails the try, for good (not retryable)
@@ -614,7 +693,10 @@ class Engine:
                     )
             if policy.attempts > 1:
                 history.append({"attempt": attempt, **error})
-            if not retryable or attempt >= policy.attempts:
+            retry = tried.error is not None and policy.retries(
+                tried.kind, tried.status, tried.retryable
+            )
+            if not retry or attempt >= policy.attempts:
                 log.info(
                     "engine.step_failed",
                     extra={
@@ -628,7 +710,20 @@ class Engine:
                 return _StepDone(
                     attempt, started, self._clock(), error=error, history=history, input=did
                 )
-            await asyncio.sleep(policy.delay_after(attempt))
+            wait = policy.delay_after(attempt)
+            if wait >= DURABLE_RETRY_MIN_S:
+                now = self._clock()
+                did = self._recorded_input(result, ctx)
+                return _StepDone(
+                    attempt,
+                    started,
+                    now,
+                    error=error,
+                    history=history,
+                    input=did,
+                    retry_at=now + timedelta(seconds=wait),
+                )
+            await asyncio.sleep(wait)
 
     def _secrets_of(self, tenant_id: str) -> SecretResolver:
         """What ``http`` steps read the tenant's secrets with (at the step, when it runs): a
@@ -643,7 +738,9 @@ class Engine:
             except SecretsUnavailable as exc:
                 raise PermanentStepError(exc.message, exc.details) from None
             except DatabaseUnavailable as exc:
-                raise RetryableStepError(f"secrets could not be read: {exc.message}") from None
+                raise RetryableStepError(
+                    f"secrets could not be read: {exc.message}", kind="connection"
+                ) from None
 
         return resolve
 
@@ -656,10 +753,8 @@ class Engine:
             rendered = ctx.rendered.value
         return None if rendered is None else encode_input(rendered, self._max_output)
 
-    async def _attempt(
-        self, step: AnyStep, ctx: StepContext, limit_s: float | None
-    ) -> tuple[StepResult | None, dict[str, Any] | None, bool]:
-        """One try: ``(result, None, _)`` or ``(None, error, retryable)``."""
+    async def _attempt(self, step: AnyStep, ctx: StepContext, limit_s: float | None) -> _Tried:
+        """One try: a result, or the error with its kind (for the retry policy)."""
         try:
             if limit_s is None:
                 result = await self._runner(step, ctx)
@@ -667,22 +762,20 @@ class Engine:
                 async with asyncio.timeout(limit_s):
                     result = await self._runner(step, ctx)
         except TimeoutError:
-            return (
-                None,
-                {"type": "StepTimeout", "message": f"step timed out after {limit_s}s"},
-                True,
-            )
-        except RetryableStepError as exc:
-            return None, describe_error(exc), True
-        except PermanentStepError as exc:
-            return None, describe_error(exc), False
+            error = {"type": "StepTimeout", "message": f"step timed out after {limit_s}s"}
+            return _Tried(None, error, True, "timeout")
+        except (RetryableStepError, PermanentStepError) as exc:
+            retryable = isinstance(exc, RetryableStepError)
+            status = exc.details.get("status") if isinstance(exc.details, dict) else None
+            code = status if exc.kind == "status" and isinstance(status, int) else None
+            return _Tried(None, describe_error(exc), retryable, exc.kind, code)
         except Exception as exc:
             log.exception(
                 "engine.step_crashed", extra={"execution_id": ctx.execution_id, "step": step.id}
             )
             message = f"{type(exc).__name__}: {exc}"[:2000]
-            return None, {"type": "InternalError", "message": message}, False
-        return result, None, False
+            return _Tried(None, {"type": "InternalError", "message": message})
+        return _Tried(result)
 
     async def _renew(self, run: _Run) -> None:
         """Extend the lease; LeaseLost stops the step. A database blip only logs: the lease

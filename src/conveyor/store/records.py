@@ -165,6 +165,11 @@ class Execution(_Record):
     updated_at: datetime
     scheduled_for: datetime | None = None
     """The tick instant (UTC) a schedule's execution fires for; ``None`` unless scheduled."""
+    step_attempt: int = 0
+    """Tries of the step at the cursor already made: non-zero while the execution waits
+    (``waiting``) for that step's next try (a durable retry backoff)."""
+    step_errors: Any = None
+    """Those tries' errors (``[{"attempt": n, ...}]``) while it waits for the next try."""
     steps: tuple[StepRun, ...] = ()
     """Filled by ``ExecutionService.get(..., with_steps=True)``."""
 

@@ -51,6 +51,12 @@ class Claim:
     attempts: int
     queued_at: datetime
     started_at: datetime
+    step_attempt: int = 0
+    """Tries of the step at the cursor already made (a run resuming from a retry wait)."""
+    step_errors: list[Any] | None = None
+    """Their errors, ``[{"attempt": n, ...}]``."""
+    step_started_at: datetime | None = None
+    """When the step's first try started."""
     first_run: bool = False
     """Set by the engine: this claim started the execution (``started_at`` is its instant) —
     also for one that starts with steps behind it (a retry from the failed step)."""
@@ -100,11 +106,20 @@ class ExecutionWrite:
     error_json: str | None = None
     finished_at: datetime | None = None
     wake_at: datetime | None = None
+    step_attempt: int = 0
+    """Non-zero: the execution parks for the next try of the step at the cursor (a retry
+    wait), after this many tries; ``step_errors`` / ``step_started_at`` go with it."""
+    step_errors: Any = None
+    step_errors_json: str | None = None
+    step_started_at: datetime | None = None
 
 
 @dataclass(slots=True)
 class TimerWrite:
-    """A durable timer that wakes the execution (written only if it is really parked)."""
+    """A durable timer that wakes the execution (written only if it is really parked).
+
+    One row per ``(execution, seq)``: a retry wait of a step that already waited once reuses
+    its row (new id, due time, ``pending`` again)."""
 
     id: str
     workflow_id: str

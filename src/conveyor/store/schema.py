@@ -165,6 +165,11 @@ executions = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     # The tick instant of an execution created by a schedule (migration 0002).
     Column("scheduled_for", UTCDateTime, nullable=True),
+    # Durable retry backoff (migration 0009): tries of the step at the cursor already made,
+    # their errors and when the first started — set while the execution waits for the next try.
+    Column("step_attempt", Integer, nullable=False, server_default=text("0")),
+    Column("step_errors", JSONType, nullable=True),
+    Column("step_started_at", UTCDateTime, nullable=True),
     # Partial: executions without a key (most) cost no entry in this index.
     Index(
         "uq_executions_idempotency",

@@ -1,4 +1,4 @@
-"""Durable timers (created by ``delay`` steps, fired by the timer dispatcher).
+"""Durable timers (created by ``delay`` steps and retry waits, fired by the timer dispatcher).
 
 The engine writes a ``pending`` timer row in the same transaction that parks its execution
 (``waiting``, ``wake_at`` = the timer's ``due_at``). The dispatcher:

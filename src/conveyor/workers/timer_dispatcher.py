@@ -1,4 +1,4 @@
-"""``conveyor timers``: fires the durable timers that ``delay`` steps create.
+"""``conveyor timers``: fires the durable timers that ``delay`` steps and retry waits create.
 
 Timers live in the database (``timers`` table). Every ``TIMER_POLL_INTERVAL_MS`` this process
 claims the pending timers due within ``TIMER_LOOKAHEAD_MS`` (:meth:`TimerService.claim`:

@@ -28,7 +28,9 @@ The transport sends a request a second time only when a kept-alive connection th
 had closed failed it before any byte of answer (see :mod:`conveyor.workflows.transport`).
 
 Errors: network errors, timeouts, 408/425/429 and 5xx → :class:`RetryableStepError`; refusals,
-bad URLs, oversize responses and other 4xx → :class:`PermanentStepError`.
+bad URLs, oversize responses and other 4xx → :class:`PermanentStepError`. Each carries its
+``kind`` for the step's retry policy (``retry_on`` / ``retry_statuses``): ``connection``,
+``timeout`` or ``status`` (then ``details["status"]``); refusals have none.
 
 :func:`execute_http` reports the request as rendered — method, URL, headers, body — with
 credentials redacted (:func:`redact_url`, :func:`redact_headers`) as each part is rendered, so
@@ -221,10 +223,14 @@ class SafeHttpClient:
             addresses = await _resolve(host, port)
         except (OSError, UnicodeError) as exc:
             raise RetryableStepError(
-                f"could not resolve host {host!r}: {exc}", url=redact_url(str(url))
+                f"could not resolve host {host!r}: {exc}",
+                kind="connection",
+                url=redact_url(str(url)),
             ) from exc
         if not addresses:
-            raise RetryableStepError(f"host {host!r} has no addresses", url=redact_url(str(url)))
+            raise RetryableStepError(
+                f"host {host!r} has no addresses", kind="connection", url=redact_url(str(url))
+            )
         return tuple(addresses)
 
     def _check_address(self, host: str, address: str, port: int) -> None:
@@ -301,17 +307,21 @@ class SafeHttpClient:
                 )
         except TimeoutError as exc:
             raise RetryableStepError(
-                f"request timed out after {timeout_s}s", url=redact_url(url)
+                f"request timed out after {timeout_s}s", kind="timeout", url=redact_url(url)
             ) from exc
         except httpx.TimeoutException as exc:
-            raise RetryableStepError(f"request timed out: {exc}", url=redact_url(url)) from exc
+            raise RetryableStepError(
+                f"request timed out: {exc}", kind="timeout", url=redact_url(url)
+            ) from exc
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
             raise PermanentStepError(f"request refused: {exc}", url=redact_url(url)) from exc
         except httpx.DecodingError as exc:
             raise PermanentStepError(f"undecodable response: {exc}", url=redact_url(url)) from exc
         except httpx.HTTPError as exc:
             raise RetryableStepError(
-                f"request failed: {type(exc).__name__}: {exc}", url=redact_url(url)
+                f"request failed: {type(exc).__name__}: {exc}",
+                kind="connection",
+                url=redact_url(url),
             ) from exc
 
     async def _follow(
@@ -624,5 +634,5 @@ def _check_status(step: HttpStep, response: HttpResponse, output: dict[str, Any]
         details["retry_after_s"] = int(retry_after)
     message = f"HTTP {status} from {response.url}"
     if status >= 500 or status in RETRYABLE_STATUSES:
-        raise RetryableStepError(message, **details)
-    raise PermanentStepError(message, **details)
+        raise RetryableStepError(message, details, kind="status")
+    raise PermanentStepError(message, details, kind="status")

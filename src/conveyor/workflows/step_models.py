@@ -65,13 +65,63 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
 
 
+RETRY_ERROR_KINDS = ("timeout", "connection", "status")
+"""What a retry policy's ``retry_on`` may list (see :class:`RetryPolicy`)."""
+DURABLE_RETRY_MIN_S = 1.0
+"""A wait of at least this long before a step's next try is a durable timer (the execution
+parks ``waiting``, no worker slot is held); shorter waits sleep in the worker."""
+
+
 class RetryPolicy(_Model):
-    """How the engine retries a failed step (``attempts`` counts every try, the first too)."""
+    """How the engine retries a failed step (``attempts`` counts every try, the first too).
+
+    Which failures are retried: by default every retryable one — timeouts, connection errors
+    (network, DNS) and the HTTP statuses 408, 425, 429 and 5xx. ``retry_on`` narrows that to
+    the listed kinds (``timeout``, ``connection``, ``status``); ``retry_statuses`` replaces the
+    retried statuses (codes like ``404`` or classes like ``"5xx"``), so a status that is
+    otherwise permanent (a 404) can be retried. Anything else (a refused URL, a bad template,
+    a permanent error) is never retried.
+    """
 
     attempts: int = Field(default=1, ge=1, le=50)
     backoff: Literal["fixed", "exponential"] = "exponential"
     delay_s: float = Field(default=1.0, ge=0, le=86400)
     max_delay_s: float = Field(default=300.0, ge=0, le=86400)
+    retry_on: list[Literal["timeout", "connection", "status"]] | None = Field(
+        default=None, min_length=1, max_length=len(RETRY_ERROR_KINDS)
+    )
+    retry_statuses: list[int | str] | None = Field(default=None, min_length=1, max_length=100)
+
+    @field_validator("retry_on")
+    @classmethod
+    def _check_retry_on(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("lists a kind twice")
+        return value
+
+    @field_validator("retry_statuses")
+    @classmethod
+    def _check_retry_statuses(cls, value: list[int | str] | None) -> list[int | str] | None:
+        if value is None:
+            return None
+        for item in value:
+            if not (400 <= item <= 599 if isinstance(item, int) else item in ("4xx", "5xx")):
+                raise ValueError(
+                    f"{item!r} is not an error status: give codes 400-599, '4xx' or '5xx'"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("lists a status twice")
+        return value
+
+    @model_validator(mode="after")
+    def _statuses_need_status(self) -> RetryPolicy:
+        if (
+            self.retry_statuses is not None
+            and self.retry_on is not None
+            and "status" not in self.retry_on
+        ):
+            raise ValueError("retry_statuses is given but retry_on does not list 'status'")
+        return self
 
     def delay_after(self, failed_attempts: int) -> float:
         """Seconds to wait before the next try, after ``failed_attempts`` (≥ 1) failed tries."""
@@ -79,6 +129,25 @@ class RetryPolicy(_Model):
             return min(self.delay_s, self.max_delay_s)
         exponent = min(max(failed_attempts - 1, 0), 60)
         return float(min(self.delay_s * (2**exponent), self.max_delay_s))
+
+    def retries(self, kind: str | None, status: int | None, retryable: bool) -> bool:
+        """Whether a failed try is worth another (attempts left aside).
+
+        ``kind``: the error's kind (:attr:`conveyor.errors.StepError.kind`); ``status``: the
+        HTTP status of a ``status`` error; ``retryable``: the step said it may succeed again.
+        """
+        if self.retry_on is not None and kind not in self.retry_on:
+            return False
+        if kind == "status" and status is not None and self.retry_statuses is not None:
+            return status_listed(status, self.retry_statuses)
+        return retryable
+
+
+def status_listed(status: int, listed: list[int | str]) -> bool:
+    """``status`` is one of ``listed``'s codes or in one of its classes (``"5xx"``)."""
+    return any(
+        item == status if isinstance(item, int) else str(status)[0] == item[0] for item in listed
+    )
 
 
 class GotoAction(_Model):
@@ -133,7 +202,8 @@ class HttpStep(_OutputStep):
     """Call an HTTP(S) URL. ``url``, header values and string leaves of ``body`` are templates.
 
     The step succeeds when the final status is in ``expect_status`` (default: any 2xx).
-    Otherwise 408/429/5xx are retryable failures and every other status is permanent.
+    Otherwise 408/425/429/5xx are retryable failures and every other status is permanent —
+    unless the step's retry policy lists statuses (:class:`RetryPolicy`).
     """
 
     type: Literal["http"]

@@ -61,7 +61,8 @@ def execution_out(execution: Execution, *, with_steps: bool = False) -> dict[str
         name: getattr(execution, name)
         for name in (
             "id", "workflow_id", "workflow_version", "status", "region", "triggered_by",
-            "input", "output", "error", "attempts", "steps_run", "idempotency_key",
+            "input", "output", "error", "attempts", "steps_run", "step_attempt", "step_errors",
+            "idempotency_key",
             "schedule_id", "retry_of", "scheduled_for", "created_at", "queued_at", "started_at",
             "finished_at", "updated_at",
         )

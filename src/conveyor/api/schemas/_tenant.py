@@ -183,6 +183,20 @@ class ExecutionOut(ApiModel):
         )
     )
     steps_run: int
+    step_attempt: int = Field(
+        0,
+        description=(
+            "While the execution waits (`waiting`) for the next try of a step (a retry wait "
+            "of 1 s or more): the tries of that step already made. 0 otherwise."
+        ),
+    )
+    step_errors: list[Any] | None = Field(
+        None,
+        description=(
+            "While it waits for a step's next try: those tries' errors, "
+            '`[{"attempt": n, type, message, details?}]`. Null otherwise.'
+        ),
+    )
     idempotency_key: str | None = None
     schedule_id: str | None = None
     retry_of: str | None = None

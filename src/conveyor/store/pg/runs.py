@@ -50,7 +50,7 @@ UPDATE executions
         OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at <= $2))
         OR (status = 'waiting' AND wake_at <= $2))
 RETURNING tenant_id, workflow_id, workflow_version, region, input, next_step, steps_run,
-          lease, attempts, queued_at, started_at
+          lease, attempts, queued_at, started_at, step_attempt, step_errors, step_started_at
 """
 
 _UNCLAIMED = "SELECT status, lease_expires_at, wake_at FROM executions WHERE id = $1"
@@ -81,7 +81,9 @@ u AS (
     finished_at = CASE WHEN status = 'cancelled' THEN finished_at
                        ELSE :finished_at::timestamptz END,
     wake_at = CASE WHEN status = 'cancelled' THEN NULL ELSE :wake_at::timestamptz END,
-    lease_expires_at = :lease_expires_at::timestamptz, updated_at = :now::timestamptz
+    lease_expires_at = :lease_expires_at::timestamptz, step_attempt = :cursor_attempt::int,
+    step_errors = :cursor_errors::jsonb, step_started_at = :cursor_started::timestamptz,
+    updated_at = :now::timestamptz
   WHERE id = :id::text AND lease = :lease::int
   RETURNING tenant_id, status
 )"""
@@ -104,7 +106,11 @@ t AS (
   SELECT :timer_id::text, u.tenant_id, :id::text, :timer_workflow::text, :timer_region::text,
          :timer_seq::int, :timer_due::timestamptz, 'pending', :now::timestamptz
     FROM u WHERE u.status = 'waiting'
+  ON CONFLICT (execution_id, seq) DO UPDATE
+     SET id = EXCLUDED.id, due_at = EXCLUDED.due_at, status = 'pending', claimed_by = NULL,
+         claimed_until = NULL, fired_at = NULL, created_at = EXCLUDED.created_at
 )"""
+"""The timer; a later wait of the same step (its next retry) takes the step's row over."""
 
 
 _STEPS = """
@@ -247,6 +253,9 @@ class _PgSession:
             attempts=row["attempts"],
             queued_at=row["queued_at"],
             started_at=row["started_at"],
+            step_attempt=row["step_attempt"],
+            step_errors=None if row["step_errors"] is None else json.loads(row["step_errors"]),
+            step_started_at=row["step_started_at"],
         )
 
     async def unclaimed(self, execution_id: str) -> Unclaimed:
@@ -281,6 +290,9 @@ class _PgSession:
             "finished_at": x.finished_at,
             "wake_at": x.wake_at,
             "lease_expires_at": x.lease_expires_at,
+            "cursor_attempt": x.step_attempt,
+            "cursor_errors": x.step_errors_json,
+            "cursor_started": x.step_started_at,
             "now": x.now,
         }
         if len(steps) > 1:

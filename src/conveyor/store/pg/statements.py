@@ -47,8 +47,10 @@ _EXECUTION_COLUMNS = (
     "finished_at",
     "updated_at",
     "scheduled_for",
+    "step_attempt",
+    "step_errors",
 )
-_JSON = ("input", "output", "error")
+_JSON = ("input", "output", "error", "step_errors")
 _SELECT_EXECUTION = f"SELECT {', '.join(_EXECUTION_COLUMNS)} FROM executions"
 
 _KEY = """

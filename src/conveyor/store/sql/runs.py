@@ -35,6 +35,9 @@ _CLAIM_RETURNS = (
     executions.c.attempts,
     executions.c.queued_at,
     executions.c.started_at,
+    executions.c.step_attempt,
+    executions.c.step_errors,
+    executions.c.step_started_at,
 )
 
 
@@ -82,6 +85,9 @@ def _build_statements() -> dict[str, Any]:
             finished_at=_keep_if_cancelled(e.finished_at, bindparam("finished_at", type_=when)),
             wake_at=_keep_if_cancelled(null(), bindparam("wake_at", type_=when)),
             lease_expires_at=bindparam("lease_until", type_=when),
+            step_attempt=bindparam("step_attempt"),
+            step_errors=bindparam("step_errors", type_=JSONType),
+            step_started_at=bindparam("step_started_at", type_=when),
             updated_at=now,
         )
         .returning(e.status)
@@ -104,6 +110,18 @@ def _build_statements() -> dict[str, Any]:
         ),
         "step": step_runs.insert(),
         "timer": timers.insert(),
+        # a later wait of the same step (its next retry) takes the step's timer row over
+        "timer_again": update(timers)
+        .where(timers.c.execution_id == bindparam("b_eid"), timers.c.seq == bindparam("b_seq"))
+        .values(
+            id=bindparam("b_id"),
+            due_at=bindparam("b_due", type_=when),
+            status="pending",
+            claimed_by=None,
+            claimed_until=None,
+            fired_at=None,
+            created_at=bindparam("b_now", type_=when),
+        ),
         "renew": update(executions)
         .where(fence)
         .values(lease_expires_at=bindparam("until", type_=when)),
@@ -171,6 +189,9 @@ class SqlRunStore:
             "finished_at": x.finished_at,
             "wake_at": x.wake_at,
             "lease_until": x.lease_expires_at,
+            "step_attempt": x.step_attempt,
+            "step_errors": x.step_errors,
+            "step_started_at": x.step_started_at,
             "now": x.now,
         }
         with translate_errors():
@@ -181,7 +202,10 @@ class SqlRunStore:
                 if steps:
                     await conn.execute(_SQL["step"], [_step_params(claim, s) for s in steps])
                 if timer is not None and row.status == "waiting":
-                    await conn.execute(_SQL["timer"], _timer_params(claim, timer, x.now))
+                    taken = {"b_eid": claim.execution_id, "b_seq": timer.seq, "b_id": timer.id,
+                             "b_due": timer.due_at, "b_now": x.now}  # fmt: skip
+                    if not (await conn.execute(_SQL["timer_again"], taken)).rowcount:
+                        await conn.execute(_SQL["timer"], _timer_params(claim, timer, x.now))
         return str(row.status)
 
     async def renew(self, claim: Claim, lease_until: datetime) -> None:
