@@ -22,7 +22,7 @@ import conveyor.store.migrations
 from conveyor.cron import next_fire, parse_cron
 from conveyor.errors import SchemaOutOfDate
 from conveyor.settings import load_settings
-from conveyor.store import Store, head_revisions
+from conveyor.store import Store, TenantLimits, head_revisions
 from conveyor.store.schema import executions, metadata, schedules, tenants, workflows
 from tests.helpers import env_for
 
@@ -88,7 +88,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0005",)
+    assert head_revisions() == ("0008",)
     asyncio.run(_check(url))
 
 
@@ -183,7 +183,7 @@ async def _crons(store: Store) -> list[str]:
 async def _assert_0002_reorders_cron(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
         await _at(store, "upgrade", "0001")
-        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0005"):
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0008"):
             await store.check_schema()
         await _seed_0001(store)
 
@@ -313,3 +313,28 @@ async def test_0005_adds_retention_sqlite(tmp_path: Path) -> None:
 
 async def test_0005_adds_retention_postgres(fresh_pg_url: str) -> None:
     await _assert_0005_adds_retention(fresh_pg_url)
+
+
+async def _assert_0008_adds_tenant_limits(url: str) -> None:
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        await _at(store, "upgrade", "0005")
+        await _seed_0001(store)
+        await store.migrate()
+        await store.check_schema()
+        assert (await store.limits.get("t")).empty  # existing tenants follow the settings
+        await store.limits.set(TenantLimits("t", concurrency=3, start_rate=0.5))
+        assert await store.limits.all() == [TenantLimits("t", 3, 0.5, None)]
+        await _at(store, "downgrade", "0005")
+        async with store.engine.connect() as conn:
+            names = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        assert "tenant_limits" not in names and "tenants" in names
+        await store.migrate()
+        assert (await store.limits.get("t")).empty
+
+
+async def test_0008_adds_tenant_limits_sqlite(tmp_path: Path) -> None:
+    await _assert_0008_adds_tenant_limits(f"sqlite:///{tmp_path}/upgrade.db")
+
+
+async def test_0008_adds_tenant_limits_postgres(fresh_pg_url: str) -> None:
+    await _assert_0008_adds_tenant_limits(fresh_pg_url)
