@@ -29,6 +29,7 @@ from conveyor.api.routes import (
     admin,
     executions,
     health,
+    limits,
     metrics,
     schedules,
     storage,
@@ -105,7 +106,17 @@ def create_app(settings: Settings, *, context: ApiContext | None = None) -> Fast
     app.add_middleware(FastLane, api=app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=HttpMetrics(registry))
-    for module in (health, admin, storage, workflows, executions, schedules, webhooks, metrics):
+    for module in (
+        health,
+        admin,
+        storage,
+        limits,
+        workflows,
+        executions,
+        schedules,
+        webhooks,
+        metrics,
+    ):
         app.include_router(module.router)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app

@@ -20,6 +20,7 @@ class TenantLimitsIn(ApiModel):
         None,
         ge=1,
         le=MAX_CONCURRENCY,
+        strict=True,
         description=(
             "Executions of this tenant running at once across all workers; `null`: "
             "`EXECUTION_TENANT_CONCURRENCY` applies."
@@ -30,6 +31,7 @@ class TenantLimitsIn(ApiModel):
         gt=0,
         le=MAX_RATE,
         allow_inf_nan=False,
+        strict=True,
         description=(
             "Executions of this tenant started per second across all workers (decimals "
             "allowed: `0.5` is one every two seconds); `null`: `EXECUTION_TENANT_START_RATE` "
@@ -40,6 +42,7 @@ class TenantLimitsIn(ApiModel):
         None,
         ge=1,
         le=MAX_BURST,
+        strict=True,
         description=(
             "Starts allowed at once after an idle period; `null`: "
             "`EXECUTION_TENANT_START_BURST` applies."
