@@ -238,8 +238,8 @@ class ExecutionRunner:
         delay_ms = fallback_delay_ms(verdict.parked, self.limits.avg_duration_s, own.concurrency)
         raise JobDeferred(
             delay_ms,
-            f"tenant limit ({own.concurrency} running across all workers); starts when one of "
-            "them finishes",
+            f"tenant limit ({own.concurrency} of {own.concurrency} running across all workers); "
+            "starts when one of them finishes",
             parked=True,
         )
 
