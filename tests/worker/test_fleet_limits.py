@@ -97,7 +97,7 @@ async def test_cap_holds_across_three_workers(wsettings: Settings, tmp_path: Pat
                 _stop(procs)
             metrics = await read_metrics(s.queues)
             parked = {lb["reason"]: v for lb, v in metrics.counters.get("jobs_parked_total", [])}
-    assert len(samples) > 100
+    assert len(samples) > 30  # sampled throughout the run (every ~10 ms plus the query)
     assert max(samples) <= 3, max(samples)  # never more than the cap, fleet-wide
     assert max(samples) == 3  # ... and the cap is used
     hits = rec.finished()

@@ -4,6 +4,7 @@ bucket (burst, spacing, reservations)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,6 +15,7 @@ from conveyor.dispatch.limits import MAX_RESERVE_MS, effective_limits
 from conveyor.settings import load_settings
 from conveyor.store import TenantLimits
 from tests.conftest import REDIS_HOST, REDIS_PORT
+from tests.helpers import redis_server
 
 Q = "workflow.execute.us"
 TTL = 2_000
@@ -171,3 +173,24 @@ def test_effective_limits_fall_back_on_the_settings() -> None:
     s = load_settings({"EXECUTION_TENANT_CONCURRENCY": "9"})
     assert effective_limits(s) == EffectiveLimits(9)
     assert effective_limits(s, TenantLimits("t", start_rate=0.5)) == EffectiveLimits(9, 0.5, 1)
+
+
+async def test_concurrent_calls_share_pipelines_and_survive_a_script_flush() -> None:
+    with redis_server() as server:  # a throwaway server: SCRIPT FLUSH touches nobody else
+        client = aioredis.Redis(host="127.0.0.1", port=server.port)
+        try:
+            clock = Clock()
+            w = limiter(client, "p", clock)
+            cap = EffectiveLimits(concurrency=5)
+            verdicts = await asyncio.gather(
+                *(w.acquire("t", f"j{i}", Q, cap) for i in range(8))
+            )  # scripts unknown to this server yet: loaded on NOSCRIPT, then sent again
+            assert sum(v.started for v in verdicts) == 5
+            assert sorted(v.parked for v in verdicts if not v.started) == [1, 2, 3]
+            batches = w._batcher.batches
+            await client.script_flush()
+            popped = await asyncio.gather(*(w.release("t", f"j{i}") for i in range(3)))
+            assert sorted(p for ps in popped for p in ps) == [(Q, "j5"), (Q, "j6"), (Q, "j7")]
+            assert w._batcher.batches - batches <= 2  # one pipeline, maybe two: not three
+        finally:
+            await client.aclose()

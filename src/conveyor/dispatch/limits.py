@@ -12,17 +12,23 @@
   script; whoever frees a slot (a release, or a sweep finding expired leases) pops the oldest
   parked jobs into the free slots and promotes them.
 
-Every decision is one Lua script (atomic, one round trip); the scripts and key names are in
-:mod:`conveyor.dispatch.keys`. Nothing here is the source of truth: losing these keys loses no
+Every decision is one Lua script (atomic); the scripts and key names are in
+:mod:`conveyor.dispatch.keys`. Concurrent calls of one process share round trips
+(:class:`ScriptBatcher`: a lone call goes at once, calls made while it is on its way go together
+as the next pipeline). Nothing here is the source of truth: losing these keys loses no
 execution (at worst a parked job waits for its fallback delay).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoScriptError
 
 from conveyor.dispatch import keys
 
@@ -92,6 +98,71 @@ class Verdict:
     lease expires (a hint)."""
 
 
+_Call = tuple[str, str, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+
+
+class ScriptBatcher:
+    """Group commit for Lua script calls: concurrent callers share one pipeline
+    (``EVALSHA`` each, no transaction); at most one pipeline is on its way at a time. A script
+    Redis does not know (restart, ``SCRIPT FLUSH``) is loaded and its call sent again."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._pending: list[_Call] = []
+        self._sender: asyncio.Task[None] | None = None
+        self.batches = 0
+
+    async def call(self, source: str, sha: str, names: Sequence[Any], args: Sequence[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((source, sha, names, args, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_all(), name="limits.script_batch")
+        return await future
+
+    async def _send_all(self) -> None:
+        try:
+            while self._pending:  # the last check and the reset below are one step
+                batch, self._pending = self._pending, []
+                await self._send(batch)
+        finally:
+            self._sender = None
+            for *_rest, future in self._pending:  # cancelled: nobody else sends
+                if not future.done():
+                    future.cancel()
+
+    async def _send(self, batch: list[_Call]) -> None:
+        self.batches += 1
+        pipe = self._redis.pipeline(transaction=False)
+        for _source, sha, names, args, _future in batch:
+            pipe.evalsha(sha, len(names), *names, *args)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for *_rest, future in batch:
+                if not future.done():
+                    future.set_exception(exc) if isinstance(exc, Exception) else future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (source, sha, names, args, future), result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError):
+                try:
+                    await self._redis.script_load(source)
+                    result = await self._redis.evalsha(sha, len(names), *names, *args)
+                except Exception as exc:
+                    result = exc
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+def _sha(source: str) -> str:
+    return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
 def parked_member(queue: str, job_id: str) -> str:
     return f"{queue}|{job_id}"
 
@@ -123,10 +194,19 @@ class TenantLimiter:
         self._clock = clock
         self.held: dict[str, str] = {}
         """Leases this process holds: job id -> tenant."""
-        self._acquire = redis.register_script(keys.LIMIT_ACQUIRE_SCRIPT)
-        self._renew = redis.register_script(keys.LIMIT_RENEW_SCRIPT)
-        self._release = redis.register_script(keys.LIMIT_RELEASE_SCRIPT)
-        self._sweep = redis.register_script(keys.LIMIT_SWEEP_SCRIPT)
+        self._batcher = ScriptBatcher(redis)
+        self._shas = {
+            source: _sha(source)
+            for source in (
+                keys.LIMIT_ACQUIRE_SCRIPT,
+                keys.LIMIT_RENEW_SCRIPT,
+                keys.LIMIT_RELEASE_SCRIPT,
+                keys.LIMIT_SWEEP_SCRIPT,
+            )
+        }
+
+    async def _run(self, source: str, names: Sequence[Any], args: Sequence[Any]) -> Any:
+        return await self._batcher.call(source, self._shas[source], names, args)
 
     def _now(self) -> int | str:
         return "" if self._clock is None else self._clock()
@@ -157,7 +237,7 @@ class TenantLimiter:
             PARKED_TTL_MS,
             RESERVATION_SLACK_MS,
         ]
-        result = await self._acquire(keys=names, args=args)
+        result = await self._run(keys.LIMIT_ACQUIRE_SCRIPT, names, args)
         if int(result[0]) == 1:
             self.held[job_id] = tenant
             return Verdict(True)
@@ -176,7 +256,9 @@ class TenantLimiter:
             keys.limit_caps(p),
             keys.limit_waiting(p),
         ]
-        result = await self._release(keys=names, args=[self._now(), tenant, job_id or ""])
+        result = await self._run(
+            keys.LIMIT_RELEASE_SCRIPT, names, [self._now(), tenant, job_id or ""]
+        )
         return [_split(m) for m in result]
 
     async def renew(self, job_ids: Iterable[str] | None = None) -> list[str]:
@@ -186,7 +268,9 @@ class TenantLimiter:
         if not ids:
             return []
         names = [keys.limit_leases(self._prefix, self.held[j]) for j in ids]
-        lost = await self._renew(keys=names, args=[self._now(), self.lease_ttl_ms, *ids])
+        lost = await self._run(
+            keys.LIMIT_RENEW_SCRIPT, names, [self._now(), self.lease_ttl_ms, *ids]
+        )
         return [ids[int(i) - 1] for i in lost]
 
     async def sweep(self) -> tuple[list[tuple[str, str]], int | None]:
@@ -203,6 +287,6 @@ class TenantLimiter:
         names = [keys.limit_caps(p), keys.limit_waiting(p)]
         for tenant in tenants:
             names += [keys.limit_leases(p, tenant), keys.limit_parked(p, tenant)]
-        result = await self._sweep(keys=names, args=[self._now(), *tenants])
+        result = await self._run(keys.LIMIT_SWEEP_SCRIPT, names, [self._now(), *tenants])
         wait = int(result[0])
         return [_split(m) for m in result[1:]], (None if wait < 0 else wait)

@@ -199,6 +199,7 @@ class ExecutionWorker:
         sup.spawn("limits", self.book.run())
         sup.spawn("leases", self.runner.run_fleet())
         sup.spawn("fleet_promoter", self.runner.run_fleet_promoter())
+        sup.spawn("releases", self.runner.run_releases())
         sup.spawn("metrics", self.metrics.run())
         self.started = True
         # Everything loaded so far (modules, settings, pools) lives as long as the process:
@@ -235,6 +236,8 @@ class ExecutionWorker:
                 asyncio.gather(*closes, return_exceptions=True), timeout=grace + _CLOSE_MARGIN_S
             )
         handed = await self.runner.hand_back_parked()
+        with contextlib.suppress(Exception):  # the fleet slots of the runs that just ended
+            await asyncio.wait_for(self.runner.flush_releases(), timeout=2.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ledger.flush(), timeout=2.0)
         await self.supervisor.cancel_all(5.0)  # metrics.run flushes on cancel

@@ -60,6 +60,9 @@ LIMITS_DOWN_DEFER_MS = 1_000
 _PROMOTE_RETRIES = 40
 _FLEET_POPS = 8
 """Most extra pops after promotions that found their job gone, per freed slot."""
+RELEASE_LINGER_S = 0.002
+"""Leases released within this long are given back together (one pipeline)."""
+"""Most extra pops after promotions that found their job gone, per freed slot."""
 _RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "error"))
 """Outcomes of runs that really executed something (observed in the metrics)."""
 
@@ -139,6 +142,9 @@ class ExecutionRunner:
         """Set when the process stops: a job cancelled now is handed back, not failed."""
         self._promotions: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
         self._fleet_promotions: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
+        self._releases: list[tuple[str, str]] = []
+        """Fleet leases to give back, sent together every :data:`RELEASE_LINGER_S`."""
+        self._releases_ready = asyncio.Event()
 
     # --- the processor ----------------------------------------------------------------------
     async def process(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
@@ -278,8 +284,9 @@ class ExecutionRunner:
             promote = self.limits.finish(tenant, duration)
             if promote is not None:
                 self._promotions.put_nowait((tenant, *promote))
-            if self.fleet is not None and ctx.id in self.fleet.held:
-                await self._fleet_release(tenant, ctx.id)
+            if self.fleet is not None and self.fleet.held.pop(ctx.id, None) is not None:
+                self._releases.append((tenant, ctx.id))
+                self._releases_ready.set()
             if self._metrics is not None and status in _RAN:
                 self._metrics.observe_execution(duration, status)
                 if latency_s is not None:
@@ -324,17 +331,34 @@ class ExecutionRunner:
         return outcome
 
     # --- the fleet's limits --------------------------------------------------------------------
-    async def _fleet_release(self, tenant: str, job_id: str | None) -> None:
-        """Give a fleet slot back (best effort: an unreleased lease expires by itself) and
-        queue the parked jobs it frees room for."""
-        assert self.fleet is not None
-        try:
-            popped = await asyncio.shield(self.fleet.release(tenant, job_id))
-        except (RedisError, OSError) as exc:  # cancelled: the release goes on (shielded)
-            log.warning("worker.limits_release_failed", extra={"jobId": job_id, "error": repr(exc)})
-            return
-        for queue_name, parked_id in popped:
-            self._fleet_promotions.put_nowait((tenant, queue_name, parked_id))
+    async def flush_releases(self) -> int:
+        """Give the fleet slots of finished runs back, all in one pipeline (best effort: an
+        unreleased lease expires by itself), and queue the parked jobs they free room for."""
+        batch, self._releases = self._releases, []
+        self._releases_ready.clear()
+        if self.fleet is None or not batch:
+            return 0
+        results = await asyncio.gather(
+            *(self.fleet.release(tenant, job_id) for tenant, job_id in batch),
+            return_exceptions=True,
+        )
+        for (tenant, job_id), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning(
+                    "worker.limits_release_failed", extra={"jobId": job_id, "error": repr(result)}
+                )
+                continue
+            for queue_name, parked_id in result:
+                self._fleet_promotions.put_nowait((tenant, queue_name, parked_id))
+        return len(batch)
+
+    async def run_releases(self) -> None:
+        """Send released leases every :data:`RELEASE_LINGER_S` while there are some (a run's
+        end does not wait on Redis; concurrent ends share one round trip). Never ends."""
+        while True:
+            await self._releases_ready.wait()
+            await asyncio.sleep(RELEASE_LINGER_S)
+            await self.flush_releases()
 
     async def run_fleet(self, interval_s: float | None = None) -> None:
         """Renew this process's leases (a third of their TTL apart, like the job locks' half)
