@@ -194,3 +194,17 @@ async def test_concurrent_calls_share_pipelines_and_survive_a_script_flush() -> 
             assert w._batcher.batches - batches <= 2  # one pipeline, maybe two: not three
         finally:
             await client.aclose()
+
+
+async def test_acquire_takes_over_an_unsent_release(
+    redis: aioredis.Redis, redis_prefix: str
+) -> None:
+    clock = Clock()
+    w = limiter(redis, redis_prefix, clock)
+    one = EffectiveLimits(concurrency=1)
+    assert (await w.acquire("t", "j1", Q, one)).started
+    # j1 ended here, its release not sent yet: j2 takes its slot in the same call
+    assert (await w.acquire("t", "j2", Q, one, replaces="j1")).started
+    members = await redis.zrange(keys.limit_leases(redis_prefix, "t"), 0, -1)
+    assert members == [b"j2"]
+    assert not (await w.acquire("t", "j3", Q, one)).started  # the cap still holds

@@ -195,7 +195,9 @@ local function fmt(x) return string.format('%.3f', x) end
 # KEYS[1] leases, KEYS[2] parked, KEYS[3] bucket, KEYS[4] caps, KEYS[5] waiting.
 # ARGV[1] now ("" = TIME), ARGV[2] tenant, ARGV[3] lease id (job id), ARGV[4] parked member,
 # ARGV[5] cap (0 = none), ARGV[6] lease ttl ms, ARGV[7] rate per second (0 = none),
-# ARGV[8] burst, ARGV[9] longest reservation ms, ARGV[10] parked set ttl ms, ARGV[11] slack ms.
+# ARGV[8] burst, ARGV[9] longest reservation ms, ARGV[10] parked set ttl ms, ARGV[11] slack ms,
+# ARGV[12] a lease of the same tenant to drop first ("" = none: a run of this process that just
+# ended, whose release had not been sent yet — its slot goes to this job).
 # Returns {1} (started: lease taken, token used) or {0, reason, parked count, wait ms}:
 #   "concurrency": at the cap; the job is in the parked set, wait = the first lease's expiry;
 #   "rate": wait = until its reserved start (a reservation is kept for the job id), or, beyond
@@ -204,6 +206,7 @@ LIMIT_ACQUIRE_SCRIPT = (
     _NOW
     + """
 local cap, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+if ARGV[12] ~= '' then redis.call('ZREM', KEYS[1], ARGV[12]) end
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
   if not redis.call('ZSCORE', KEYS[1], ARGV[3]) and redis.call('ZCARD', KEYS[1]) >= cap then

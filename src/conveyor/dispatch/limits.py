@@ -212,10 +212,17 @@ class TenantLimiter:
         return "" if self._clock is None else self._clock()
 
     async def acquire(
-        self, tenant: str, job_id: str, queue: str, limits: EffectiveLimits
+        self,
+        tenant: str,
+        job_id: str,
+        queue: str,
+        limits: EffectiveLimits,
+        *,
+        replaces: str | None = None,
     ) -> Verdict:
         """Take a slot (and a start token) for ``job_id``, or say why not: at the cap the job
-        is parked in the tenant's set; over the rate its start time is reserved."""
+        is parked in the tenant's set; over the rate its start time is reserved. ``replaces``:
+        a lease of the same tenant to drop first (a run that ended here, not released yet)."""
         p = self._prefix
         names = [
             keys.limit_leases(p, tenant),
@@ -236,6 +243,7 @@ class TenantLimiter:
             MAX_RESERVE_MS,
             PARKED_TTL_MS,
             RESERVATION_SLACK_MS,
+            replaces or "",
         ]
         result = await self._run(keys.LIMIT_ACQUIRE_SCRIPT, names, args)
         if int(result[0]) == 1:

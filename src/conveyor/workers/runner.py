@@ -223,13 +223,20 @@ class ExecutionRunner:
         own = self.book.get(tenant) if self.book is not None else None
         if own is None:
             return
+        replaces = self._take_release(tenant)
         try:
-            verdict = await self.fleet.acquire(tenant, ctx.id, ctx.queue_name, own)
+            verdict = await self.fleet.acquire(
+                tenant, ctx.id, ctx.queue_name, own, replaces=replaces
+            )
         except (RedisError, OSError) as exc:
+            if replaces is not None:
+                self._release_later(tenant, replaces)
             log.warning("worker.limits_unavailable", extra={"error": repr(exc)})
             raise JobDeferred(LIMITS_DOWN_DEFER_MS, "tenant limits unavailable") from exc
         if verdict.started:
             return
+        if replaces is not None:  # the ended run's slot was freed: parked jobs may take it
+            self._release_later(tenant, "")
         self.counters.parked += 1
         self._count_parked(verdict.reason)
         if verdict.reason == "rate":
@@ -285,8 +292,7 @@ class ExecutionRunner:
             if promote is not None:
                 self._promotions.put_nowait((tenant, *promote))
             if self.fleet is not None and self.fleet.held.pop(ctx.id, None) is not None:
-                self._releases.append((tenant, ctx.id))
-                self._releases_ready.set()
+                self._release_later(tenant, ctx.id)
             if self._metrics is not None and status in _RAN:
                 self._metrics.observe_execution(duration, status)
                 if latency_s is not None:
@@ -331,6 +337,21 @@ class ExecutionRunner:
         return outcome
 
     # --- the fleet's limits --------------------------------------------------------------------
+    def _release_later(self, tenant: str, job_id: str) -> None:
+        """Queue a lease to give back (``""``: none, only fill the tenant's free slots)."""
+        self._releases.append((tenant, job_id))
+        self._releases_ready.set()
+
+    def _take_release(self, tenant: str) -> str | None:
+        """A lease of ``tenant`` waiting to be given back: the next run of the tenant in this
+        process takes its slot over, in its acquire (no spurious park behind our own
+        unsent release, one round trip for both)."""
+        for i, (t, job_id) in enumerate(self._releases):
+            if t == tenant and job_id:
+                del self._releases[i]
+                return job_id
+        return None
+
     async def flush_releases(self) -> int:
         """Give the fleet slots of finished runs back, all in one pipeline (best effort: an
         unreleased lease expires by itself), and queue the parked jobs they free room for."""
@@ -339,7 +360,7 @@ class ExecutionRunner:
         if self.fleet is None or not batch:
             return 0
         results = await asyncio.gather(
-            *(self.fleet.release(tenant, job_id) for tenant, job_id in batch),
+            *(self.fleet.release(tenant, job_id or None) for tenant, job_id in batch),
             return_exceptions=True,
         )
         for (tenant, job_id), result in zip(batch, results, strict=True):
