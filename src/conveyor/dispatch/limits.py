@@ -112,12 +112,18 @@ class ScriptBatcher:
         self._sender: asyncio.Task[None] | None = None
         self.batches = 0
 
-    async def call(self, source: str, sha: str, names: Sequence[Any], args: Sequence[Any]) -> Any:
+    def submit(
+        self, source: str, sha: str, names: Sequence[Any], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        """Queue one call now (calls reach Redis in the order they were submitted)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((source, sha, names, args, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_all(), name="limits.script_batch")
-        return await future
+        return future
+
+    async def call(self, source: str, sha: str, names: Sequence[Any], args: Sequence[Any]) -> Any:
+        return await self.submit(source, sha, names, args)
 
     async def _send_all(self) -> None:
         try:
@@ -255,19 +261,33 @@ class TenantLimiter:
     async def release(self, tenant: str, job_id: str | None) -> list[tuple[str, str]]:
         """Give ``job_id``'s slot back (``None``: only look for free slots); returns the
         ``(queue, job_id)`` of the parked jobs to promote into the free slots, oldest first."""
-        if job_id is not None:
-            self.held.pop(job_id, None)
+        (result,) = await self.release_many([(tenant, job_id)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def release_many(
+        self, items: Sequence[tuple[str, str | None]]
+    ) -> list[list[tuple[str, str]] | BaseException]:
+        """:meth:`release` for each ``(tenant, job_id)``, all submitted before this awaits
+        anything (so an acquire made later cannot overtake them); per item, the jobs to
+        promote or the error."""
         p = self._prefix
-        names = [
-            keys.limit_leases(p, tenant),
-            keys.limit_parked(p, tenant),
-            keys.limit_caps(p),
-            keys.limit_waiting(p),
-        ]
-        result = await self._run(
-            keys.LIMIT_RELEASE_SCRIPT, names, [self._now(), tenant, job_id or ""]
-        )
-        return [_split(m) for m in result]
+        source = keys.LIMIT_RELEASE_SCRIPT
+        futures = []
+        for tenant, job_id in items:
+            if job_id is not None:
+                self.held.pop(job_id, None)
+            names = [
+                keys.limit_leases(p, tenant),
+                keys.limit_parked(p, tenant),
+                keys.limit_caps(p),
+                keys.limit_waiting(p),
+            ]
+            args = [self._now(), tenant, job_id or ""]
+            futures.append(self._batcher.submit(source, self._shas[source], names, args))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return [r if isinstance(r, BaseException) else [_split(m) for m in r] for r in results]
 
     async def renew(self, job_ids: Iterable[str] | None = None) -> list[str]:
         """Extend the leases this process holds (or those of ``job_ids``) by the lease TTL, in

@@ -359,10 +359,7 @@ class ExecutionRunner:
         self._releases_ready.clear()
         if self.fleet is None or not batch:
             return 0
-        results = await asyncio.gather(
-            *(self.fleet.release(tenant, job_id or None) for tenant, job_id in batch),
-            return_exceptions=True,
-        )
+        results = await self.fleet.release_many([(t, job_id or None) for t, job_id in batch])
         for (tenant, job_id), result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning(
