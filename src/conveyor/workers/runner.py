@@ -62,7 +62,6 @@ _FLEET_POPS = 8
 """Most extra pops after promotions that found their job gone, per freed slot."""
 RELEASE_LINGER_S = 0.002
 """Leases released within this long are given back together (one pipeline)."""
-"""Most extra pops after promotions that found their job gone, per freed slot."""
 _RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "error"))
 """Outcomes of runs that really executed something (observed in the metrics)."""
 
