@@ -188,3 +188,19 @@ async def test_start_rate_holds_across_three_workers(wsettings: Settings, tmp_pa
     assert min(spans) >= 10 / rate - 0.15, spans
     assert parked.get("rate", 0) >= n - 2  # each parked (about) once: no busy cycling
     assert parked.get("rate", 0) <= n + 5
+
+
+async def test_per_process_cap_with_a_larger_fleet_cap(wsettings: Settings, tmp_path: Path) -> None:
+    env = _env(
+        wsettings, EXECUTION_TENANT_CONCURRENCY="10", EXECUTION_TENANT_CONCURRENCY_PER_PROCESS="1"
+    )
+    with http_recorder() as rec:
+        async with seeder(wsettings) as s:
+            a = await s.tenant("a")
+            wf = await s.workflow(a, [{"id": "c", "type": "http", "url": rec.url("/slow", ms=150)}])
+            with fleet(env, tmp_path, 2) as procs:
+                ids = await s.executions(a, wf, [None] * 8)
+                await s.wait_status(ids, within=30)
+                _stop(procs)
+    # one at a time per process, two processes: never more than two at once, and two is used
+    assert _most_at_once(rec.finished()) == 2
