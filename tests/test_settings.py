@@ -34,6 +34,26 @@ def test_tenant_concurrency_defaults_to_worker_concurrency() -> None:
     assert s.execution_tenant_concurrency == 7
     s = load_settings({"EXECUTION_WORKER_CONCURRENCY": "7", "EXECUTION_TENANT_CONCURRENCY": "3"})
     assert s.tenant_concurrency == 3
+    assert s.tenant_concurrency_per_process == 7  # no per-process cap unless set
+    # cluster-wide: may exceed one process's concurrency
+    s = load_settings({"EXECUTION_WORKER_CONCURRENCY": "2", "EXECUTION_TENANT_CONCURRENCY": "6"})
+    assert s.tenant_concurrency == 6
+
+
+def test_tenant_limits_settings() -> None:
+    s = load_settings({})
+    assert s.execution_tenant_concurrency_per_process is None
+    assert s.execution_tenant_start_rate is None and s.execution_tenant_start_burst is None
+    s = load_settings(
+        {
+            "EXECUTION_WORKER_CONCURRENCY": "4",
+            "EXECUTION_TENANT_CONCURRENCY_PER_PROCESS": "9",
+            "EXECUTION_TENANT_START_RATE": "2.5",
+            "EXECUTION_TENANT_START_BURST": "",
+        }
+    )
+    assert s.tenant_concurrency_per_process == 4  # never above the worker's concurrency
+    assert s.execution_tenant_start_rate == 2.5 and s.execution_tenant_start_burst is None
 
 
 def test_values_are_parsed() -> None:
@@ -66,6 +86,9 @@ def test_values_are_parsed() -> None:
         ("QUEUE_DRIVER", "kafka"),
         ("EXECUTION_WORKER_CONCURRENCY", "-1"),
         ("EXECUTION_TENANT_CONCURRENCY", "zero"),
+        ("EXECUTION_TENANT_CONCURRENCY_PER_PROCESS", "0"),
+        ("EXECUTION_TENANT_START_RATE", "0"),
+        ("EXECUTION_TENANT_START_BURST", "-1"),
         ("EXECUTION_REGIONS", "US"),
         ("DATABASE_URL", "mysql://localhost/x"),
         ("SHUTDOWN_GRACE_MS", "soon"),

@@ -138,7 +138,16 @@ class Settings(BaseSettings):
     execution_worker_processes: PositiveInt = 1
     """Worker processes ``conveyor worker`` runs under one supervisor (``--processes``)."""
     execution_tenant_concurrency: PositiveInt | None = None
-    """Defaults to ``execution_worker_concurrency`` (no per-tenant cap below the worker's)."""
+    """Executions of one tenant running at once across ALL workers (Redis leases); defaults to
+    ``execution_worker_concurrency``. A tenant may override it (``tenant_limits``)."""
+    execution_tenant_concurrency_per_process: PositiveInt | None = None
+    """Executions of one tenant running at once in one worker process; unset: no cap below the
+    worker's concurrency."""
+    execution_tenant_start_rate: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
+    """Executions of one tenant started per second, across all workers (a token bucket in
+    Redis); unset: no rate limit. A tenant may override it."""
+    execution_tenant_start_burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Starts allowed at once after an idle period; unset: one second's worth of the rate."""
     execution_lock_duration_ms: Annotated[int, Field(ge=1000)] = 30000
     """BullMQ job lock of the execution worker; a crashed worker's jobs return after about this."""
     execution_stalled_interval_ms: Annotated[int, Field(ge=1000)] = 30000
@@ -300,7 +309,12 @@ class Settings(BaseSettings):
         return name
 
     @field_validator(
-        "execution_tenant_concurrency", "execution_retention_max_per_tenant", mode="before"
+        "execution_tenant_concurrency",
+        "execution_tenant_concurrency_per_process",
+        "execution_tenant_start_rate",
+        "execution_tenant_start_burst",
+        "execution_retention_max_per_tenant",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -398,8 +412,15 @@ class Settings(BaseSettings):
 
     @property
     def tenant_concurrency(self) -> int:
+        """One tenant's executions running at once across all workers (cluster-wide)."""
         assert self.execution_tenant_concurrency is not None
-        return min(self.execution_tenant_concurrency, self.execution_worker_concurrency)
+        return self.execution_tenant_concurrency
+
+    @property
+    def tenant_concurrency_per_process(self) -> int:
+        """One tenant's executions running at once in one worker process."""
+        cap = self.execution_tenant_concurrency_per_process or self.execution_worker_concurrency
+        return min(cap, self.execution_worker_concurrency)
 
     @property
     def secrets_keys(self) -> tuple[bytes, ...]:

@@ -194,7 +194,9 @@ async def test_jobs_say_why_they_wait(
         assert time.monotonic() < deadline, f"the second execution was not parked: {job}"
         await asyncio.sleep(0.1)
     assert job["state"] == "delayed"
-    assert job["data"]["parked"].startswith("tenant limit (1 of 1 running)"), job["data"]
+    assert job["data"]["parked"].startswith("tenant limit (1 of 1 running across all workers)"), (
+        job["data"]
+    )
     assert job["data"]["executionId"] == held  # the payload itself is untouched
     recorder.release.set()
     await _until(api, auth, held, "succeeded")

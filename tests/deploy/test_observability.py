@@ -246,6 +246,7 @@ async def _publish_one_of_each(api: Api) -> None:
     publisher.observe_step("noop", "succeeded", 0.001)
     publisher.count_tenant_execution("t1", "succeeded")
     publisher.count_stalled("workflow.execute.us")
+    publisher.count_parked("concurrency")
     publisher.count_scheduler_misfires("fire_once")
     publisher.count_pruned("executions", 1)
     publisher.observe_start_latency(0.01)

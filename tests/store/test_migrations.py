@@ -22,7 +22,7 @@ import conveyor.store.migrations
 from conveyor.cron import next_fire, parse_cron
 from conveyor.errors import SchemaOutOfDate
 from conveyor.settings import load_settings
-from conveyor.store import Store, head_revisions
+from conveyor.store import Store, TenantLimits, head_revisions
 from conveyor.store.schema import (
     executions,
     metadata,
@@ -360,7 +360,7 @@ async def test_0006_adds_reused_from_postgres(fresh_pg_url: str) -> None:
 
 async def _assert_0009_adds_step_attempts(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
-        await _at(store, "upgrade", "0007")
+        await _at(store, "upgrade", "0008")
         await _seed_0001(store)
         await store.migrate()
         await store.check_schema()
@@ -373,7 +373,7 @@ async def _assert_0009_adds_step_attempts(url: str) -> None:
                 )
             ).scalar()
         assert started is None
-        await _at(store, "downgrade", "0007")
+        await _at(store, "downgrade", "0008")
         async with store.engine.connect() as conn:
             columns = await conn.run_sync(_columns, "executions")
             count = (await conn.execute(text("SELECT count(*) FROM executions"))).scalar()
@@ -388,3 +388,28 @@ async def test_0009_adds_step_attempts_sqlite(tmp_path: Path) -> None:
 
 async def test_0009_adds_step_attempts_postgres(fresh_pg_url: str) -> None:
     await _assert_0009_adds_step_attempts(fresh_pg_url)
+
+
+async def _assert_0008_adds_tenant_limits(url: str) -> None:
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        await _at(store, "upgrade", "0007")
+        await _seed_0001(store)
+        await store.migrate()
+        await store.check_schema()
+        assert (await store.limits.get("t")).empty  # existing tenants follow the settings
+        await store.limits.set(TenantLimits("t", concurrency=3, start_rate=0.5))
+        assert await store.limits.all() == [TenantLimits("t", 3, 0.5, None)]
+        await _at(store, "downgrade", "0007")
+        async with store.engine.connect() as conn:
+            names = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        assert "tenant_limits" not in names and "tenants" in names
+        await store.migrate()
+        assert (await store.limits.get("t")).empty
+
+
+async def test_0008_adds_tenant_limits_sqlite(tmp_path: Path) -> None:
+    await _assert_0008_adds_tenant_limits(f"sqlite:///{tmp_path}/upgrade.db")
+
+
+async def test_0008_adds_tenant_limits_postgres(fresh_pg_url: str) -> None:
+    await _assert_0008_adds_tenant_limits(fresh_pg_url)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from conveyor.workers.limits import PARK_BASE_MS, PARK_MAX_MS, ConcurrencyLimits
+from conveyor.dispatch import EffectiveLimits
+from conveyor.settings import load_settings
+from conveyor.store import TenantLimits
+from conveyor.workers.limits import (
+    PARK_BASE_MS,
+    PARK_MAX_MS,
+    ConcurrencyLimits,
+    TenantLimitsBook,
+    fallback_delay_ms,
+)
 
 
 def test_tenant_cap_and_parking_order() -> None:
@@ -74,3 +83,45 @@ async def test_global_slots_are_shared_fifo() -> None:
 
     await asyncio.gather(job("us"), job("eu"), job("us2"))
     assert order == ["us", "eu", "us2"]
+
+
+def test_cancel_start_frees_the_slot_without_promoting() -> None:
+    limits = ConcurrencyLimits(concurrency=4, tenant_concurrency=1)
+    assert limits.try_start("a", "a1")
+    assert not limits.try_start("a", "a2")
+    limits.park("a", "q", "a2")
+    limits.cancel_start("a")  # the fleet refused a1: its slot was never used
+    assert limits.active == 0 and limits.parked_count == 1  # a2 stays parked (no churn)
+    assert limits.try_start("a", "a3")
+    limits.cancel_start("a")
+    assert limits.active_by_tenant() == {}
+
+
+def test_fallback_delay_grows_with_the_parked_backlog() -> None:
+    assert fallback_delay_ms(0, 0.1, 3) == PARK_BASE_MS
+    assert fallback_delay_ms(30, 1.0, 3) == PARK_BASE_MS + 10_000
+    assert fallback_delay_ms(10**6, 1.0, 1) == PARK_MAX_MS
+
+
+async def test_limits_book_applies_overrides_and_keeps_them_on_failure() -> None:
+    settings = load_settings({"EXECUTION_WORKER_CONCURRENCY": "4"})
+    rows = [TenantLimits("a", concurrency=2, start_rate=0.5)]
+    fail = False
+
+    async def load() -> list[TenantLimits]:
+        if fail:
+            raise OSError("database down")
+        return list(rows)
+
+    book = TenantLimitsBook(settings, load, refresh_s=0.01)
+    assert book.get("a") == EffectiveLimits(4)  # before the first load: the settings
+    await book.refresh()
+    assert book.get("a") == EffectiveLimits(2, 0.5, 1) and book.get("b") == EffectiveLimits(4)
+    fail = True
+    task = asyncio.create_task(book.run())
+    await asyncio.sleep(0.05)  # reloads fail: the last limits stay
+    task.cancel()
+    assert book.get("a") == EffectiveLimits(2, 0.5, 1) and book.overrides == 1
+    fail, rows = False, []
+    await book.refresh()  # the override was removed
+    assert book.get("a") == EffectiveLimits(4)

@@ -29,6 +29,7 @@ from conveyor.api.routes import (
     admin,
     executions,
     health,
+    limits,
     metrics,
     schedules,
     secrets,
@@ -106,7 +107,8 @@ def create_app(settings: Settings, *, context: ApiContext | None = None) -> Fast
     app.add_middleware(FastLane, api=app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=HttpMetrics(registry))
-    routers = (health, admin, storage, workflows, executions, schedules, secrets, webhooks, metrics)
+    routers = (health, admin, storage, limits, workflows, executions, schedules, secrets,
+               webhooks, metrics)  # fmt: skip
     for module in routers:
         app.include_router(module.router)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]

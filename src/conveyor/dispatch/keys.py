@@ -14,6 +14,11 @@ key                                            what
 ``{prefix}:conveyor:metrics:gauges``           hash ``name`` → value, ``updated_at``
 ``{prefix}:conveyor:metrics:hist:<name>``      hash ``labels|le=…``/``sum``/``count``
 ``{prefix}:conveyor:<role>:leader``            leader lock (Redis strategy): owner token, PX
+``{prefix}:conveyor:limits:leases:<tenant>``   sorted set lease id (job id) → expiry ms
+``{prefix}:conveyor:limits:parked:<tenant>``   sorted set ``<queue>|<job id>`` → parked at ms
+``{prefix}:conveyor:limits:bucket:<tenant>``   hash ``tat`` and ``r:<job id>`` (start rate)
+``{prefix}:conveyor:limits:caps``              hash tenant → its cap (last acquire's)
+``{prefix}:conveyor:limits:waiting``           set of tenants with parked jobs
 =============================================  ==============================================
 
 On **Redis Cluster** (``QUEUE_REDIS_CLUSTER_NODES``) a Lua script, a ``MULTI`` and a multi-key
@@ -187,3 +192,183 @@ def script_keys(
         "heartbeat MGET": [process(prefix, p, cluster=cluster) for p in ("a", "b")],
         "leader lock scripts": [leader(prefix, "scheduler", cluster=cluster)],
     }  # fmt: skip
+
+
+# -- tenant limits (cluster-wide concurrency, start rate) ---------------------------------------
+def limit_leases(prefix: str, tenant: str) -> str:
+    """Sorted set of one tenant's running executions: lease id (the job id) -> expiry (ms)."""
+    return own(prefix, "limits", "leases", tenant)
+
+
+def limit_parked(prefix: str, tenant: str) -> str:
+    """Sorted set of one tenant's jobs parked at its cap: ``<queue>|<job id>`` -> parked at."""
+    return own(prefix, "limits", "parked", tenant)
+
+
+def limit_bucket(prefix: str, tenant: str) -> str:
+    """Hash of one tenant's start rate: ``tat`` (the next start's theoretical time, ms) and
+    ``r:<job id>`` (a start time reserved for a parked job)."""
+    return own(prefix, "limits", "bucket", tenant)
+
+
+def limit_caps(prefix: str) -> str:
+    """Hash tenant -> the cap its last acquire used (read by releases and sweeps)."""
+    return own(prefix, "limits", "caps")
+
+
+def limit_waiting(prefix: str) -> str:
+    """Set of tenants that have parked jobs (what a sweep looks at)."""
+    return own(prefix, "limits", "waiting")
+
+
+# Every limits script takes "now" (ms) as an argument for tests; "" reads Redis's clock (TIME),
+# so all workers share one clock. Lua numbers go to Redis as "%.14g": times are formatted
+# explicitly ("%.3f") so they keep their precision.
+_NOW = """
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function fmt(x) return string.format('%.3f', x) end
+"""
+
+# KEYS[1] leases, KEYS[2] parked, KEYS[3] bucket, KEYS[4] caps, KEYS[5] waiting.
+# ARGV[1] now ("" = TIME), ARGV[2] tenant, ARGV[3] lease id (job id), ARGV[4] parked member,
+# ARGV[5] cap (0 = none), ARGV[6] lease ttl ms, ARGV[7] rate per second (0 = none),
+# ARGV[8] burst, ARGV[9] longest reservation ms, ARGV[10] parked set ttl ms, ARGV[11] slack ms,
+# ARGV[12] a lease of the same tenant to drop first ("" = none: a run of this process that just
+# ended, whose release had not been sent yet — its slot goes to this job).
+# Returns {1} (started: lease taken, token used) or {0, reason, parked count, wait ms}:
+#   "concurrency": at the cap; the job is in the parked set, wait = the first lease's expiry;
+#   "rate": wait = until its reserved start (a reservation is kept for the job id), or, beyond
+#   the longest reservation, until it may try again (no reservation).
+LIMIT_ACQUIRE_SCRIPT = (
+    _NOW
+    + """
+local cap, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+if ARGV[12] ~= '' then redis.call('ZREM', KEYS[1], ARGV[12]) end
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if not redis.call('ZSCORE', KEYS[1], ARGV[3]) and redis.call('ZCARD', KEYS[1]) >= cap then
+    redis.call('ZADD', KEYS[2], 'NX', fmt(now), ARGV[4])
+    redis.call('PEXPIRE', KEYS[2], ARGV[10])
+    redis.call('HSET', KEYS[4], ARGV[2], cap)
+    redis.call('SADD', KEYS[5], ARGV[2])
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    local wait = 0
+    if first[2] then wait = math.max(0, math.ceil(tonumber(first[2]) - now)) end
+    return {0, 'concurrency', redis.call('ZCARD', KEYS[2]), wait}
+  end
+end
+local rate = tonumber(ARGV[7])
+if rate > 0 then
+  local field = 'r:' .. ARGV[3]
+  local reserved = tonumber(redis.call('HGET', KEYS[3], field))
+  if reserved then
+    if reserved > now + tonumber(ARGV[11]) then
+      return {0, 'rate', 0, math.ceil(reserved - now)}
+    end
+    redis.call('HDEL', KEYS[3], field)
+  else
+    local interval = 1000 / rate
+    local tat = tonumber(redis.call('HGET', KEYS[3], 'tat')) or now
+    if tat < now then tat = now end
+    local at = tat - (tonumber(ARGV[8]) - 1) * interval
+    local keep = math.ceil(tat + interval - now) + 3600000
+    if at > now then
+      if at - now > tonumber(ARGV[9]) then
+        return {0, 'rate', 0, tonumber(ARGV[9])}
+      end
+      redis.call('HSET', KEYS[3], 'tat', fmt(tat + interval), field, fmt(at))
+      redis.call('PEXPIRE', KEYS[3], keep)
+      return {0, 'rate', 0, math.ceil(at - now)}
+    end
+    redis.call('HSET', KEYS[3], 'tat', fmt(tat + interval))
+    redis.call('PEXPIRE', KEYS[3], keep)
+  end
+end
+if cap > 0 then
+  redis.call('ZADD', KEYS[1], fmt(now + ttl), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+  redis.call('HSET', KEYS[4], ARGV[2], cap)
+  if redis.call('ZREM', KEYS[2], ARGV[4]) == 1 and redis.call('ZCARD', KEYS[2]) == 0 then
+    redis.call('SREM', KEYS[5], ARGV[2])
+  end
+end
+return {1}
+"""
+)
+
+# KEYS[1] leases of lease 1, KEYS[2] of lease 2, ... ; ARGV[1] now, ARGV[2] ttl ms,
+# ARGV[3..] lease ids. Extends each lease; a lease that expired (purged or not) is added
+# again, since its execution does run. Returns the 1-based indexes of those re-added.
+LIMIT_RENEW_SCRIPT = (
+    _NOW
+    + """
+local ttl = tonumber(ARGV[2])
+local lost = {}
+for i = 1, #KEYS do
+  local score = redis.call('ZSCORE', KEYS[i], ARGV[i + 2])
+  if not score or tonumber(score) <= now then lost[#lost + 1] = i end
+  redis.call('ZADD', KEYS[i], fmt(now + ttl), ARGV[i + 2])
+  redis.call('PEXPIRE', KEYS[i], 2 * ttl)
+end
+return lost
+"""
+)
+
+# Shared by release and sweep: purge the expired leases of one tenant, pop as many parked jobs as
+# it has free slots; forget the tenant in the waiting set once nothing is parked.
+_POP = """
+local function pop(leases, parked, caps, waiting, tenant, out)
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  local cap = tonumber(redis.call('HGET', caps, tenant)) or 0
+  local free = cap - redis.call('ZCARD', leases)
+  if free > 0 then
+    local popped = redis.call('ZPOPMIN', parked, free)
+    for i = 1, #popped, 2 do out[#out + 1] = popped[i] end
+  end
+  if redis.call('ZCARD', parked) == 0 then
+    redis.call('SREM', waiting, tenant)
+    return nil
+  end
+  local first = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+  if first[2] then return tonumber(first[2]) end
+  return nil
+end
+"""
+
+# KEYS[1] leases, KEYS[2] parked, KEYS[3] caps, KEYS[4] waiting; ARGV[1] now, ARGV[2] tenant,
+# ARGV[3] lease id ("" = none). Drops the lease; returns the parked members to promote now.
+LIMIT_RELEASE_SCRIPT = (
+    _NOW
+    + _POP
+    + """
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[1], ARGV[3]) end
+local out = {}
+pop(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], out)
+return out
+"""
+)
+
+# KEYS: caps, waiting, then leases and parked of each tenant; ARGV[1] now, ARGV[2..] tenants.
+# Frees the slots of crashed workers (expired leases) and pops parked jobs into them. Returns
+# {ms until the earliest lease expiry among tenants still waiting (-1: none), members...}.
+LIMIT_SWEEP_SCRIPT = (
+    _NOW
+    + _POP
+    + """
+local out = {}
+local earliest = nil
+for i = 2, #ARGV do
+  local k = 3 + (i - 2) * 2
+  local nxt = pop(KEYS[k], KEYS[k + 1], KEYS[1], KEYS[2], ARGV[i], out)
+  if nxt and (not earliest or nxt < earliest) then earliest = nxt end
+end
+local wait = -1
+if earliest then wait = math.max(0, math.ceil(earliest - now)) end
+table.insert(out, 1, wait)
+return out
+"""
+)

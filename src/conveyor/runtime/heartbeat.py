@@ -10,8 +10,9 @@ so a process that dies disappears within three intervals. Readers
 prune index members older than the expiry. A process removes its own key on clean shutdown.
 
 The JSON document: ``id, role, regions, pid, host, startedAt, lastHeartbeat`` plus whatever the
-role's ``info_fn`` returns (worker: ``concurrency, tenantConcurrency, activeJobs, activeByTenant,
-jobsDone, jobsFailed, ...``; scheduler: ``strategy, lockHeld, lastTick, lagMs``; timers:
+role's ``info_fn`` returns (worker: ``concurrency, tenantConcurrency`` (fleet-wide),
+``tenantConcurrencyPerProcess, activeJobs, activeByTenant, leasesHeld, jobsDone, jobsFailed,
+jobsParkedFleet, jobsParkedRate, ...``; scheduler: ``strategy, lockHeld, lastTick, lagMs``; timers:
 ``nextDueAt, backlog, lagMs``).
 """
 

@@ -94,6 +94,11 @@ _HELP: dict[str, str] = {
         "Rows deleted by retention (finished executions past EXECUTION_RETENTION or the "
         "per-tenant cap, with their step runs, timers and schedule ticks), by table."
     ),
+    "jobs_parked_total": (
+        "Execution jobs held back by a tenant limit without taking a worker slot, by reason: "
+        "concurrency (the tenant's EXECUTION_TENANT_CONCURRENCY, cluster-wide or per process) or "
+        "rate (EXECUTION_TENANT_START_RATE; parked until its start time)."
+    ),
     "jobs_stalled_total": (
         "Jobs taken back from a worker that stopped renewing their lock (crashed, frozen or cut "
         "off from Redis) by a stalled-job check, to run again."
@@ -199,6 +204,11 @@ class MetricsPublisher:
             else:
                 self._tenants.add(tenant)
         key = ("tenant_executions_finished_total", _labels({"tenant": tenant, "status": status}))
+        self._pending.counters[key] = self._pending.counters.get(key, 0) + 1
+
+    def count_parked(self, reason: str) -> None:
+        """A job was parked by a tenant limit (``concurrency`` or ``rate``)."""
+        key = ("jobs_parked_total", _labels({"reason": reason}))
         self._pending.counters[key] = self._pending.counters.get(key, 0) + 1
 
     def count_stalled(self, queue: str) -> None:
@@ -541,6 +551,7 @@ class ConveyorCollector(Collector):
         for name, label_names in (
             ("executions_finished_total", ["status"]),
             ("jobs_stalled_total", ["queue"]),
+            ("jobs_parked_total", ["reason"]),
             ("scheduler_misfires_total", ["policy"]),
             ("retention_pruned_rows_total", ["table"]),
             ("tenant_executions_finished_total", ["tenant", "status"]),

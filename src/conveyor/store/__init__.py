@@ -14,6 +14,7 @@ asyncpg, or SQLite via aiosqlite) and exposes the services::
     store.insights      operators' cross-tenant reads (the console): execution search,
                         activity of the last hour, next due timers, workflow versions
     store.retention     per-tenant retention overrides; pruning finished executions in batches
+    store.limits        per-tenant execution limits (concurrency, start rate) overrides
     store.storage       rows, bytes and the oldest row per table
     store.secrets       tenants' named secrets, encrypted with SECRETS_KEY (values never listed)
     store.runs          the engine's hot path (claim with a lease, fenced step writes):
@@ -35,6 +36,7 @@ from conveyor.store._store import Store, migrate
 from conveyor.store._types import dumps, has_nul, new_id, utcnow, without_nul
 from conveyor.store.executions import RetryFrom
 from conveyor.store.insights import Activity, ExecutionFilter, VersionInfo
+from conveyor.store.limits import TenantLimits
 from conveyor.store.records import (
     ApiKey,
     Execution,
@@ -101,6 +103,7 @@ __all__ = [
     "Store",
     "TableUsage",
     "Tenant",
+    "TenantLimits",
     "Timer",
     "TimerWrite",
     "Unclaimed",

@@ -18,6 +18,7 @@ from conveyor.store._db import close_pg_pool, create_engine, create_pg_pool, dia
 from conveyor.store._errors import translate_errors
 from conveyor.store.executions import ExecutionService
 from conveyor.store.insights import InsightService
+from conveyor.store.limits import TenantLimitsService
 from conveyor.store.pg import PgRunStore, PgStatements
 from conveyor.store.retention import RetentionService
 from conveyor.store.runs import RunStore
@@ -42,9 +43,9 @@ class Store:
     the schema — processes call :meth:`check_schema` right after, ``conveyor migrate`` calls
     :meth:`migrate`. Services: :attr:`tenants`, :attr:`api_keys`, :attr:`workflows`,
     :attr:`executions`, :attr:`schedules`, :attr:`timers`, :attr:`insights` (operators'
-    cross-tenant reads), :attr:`retention` (overrides and pruning), :attr:`storage` (rows
-    and bytes per table), :attr:`secrets` (tenants' encrypted secrets); the engine's hot path:
-    :attr:`runs`.
+    cross-tenant reads), :attr:`retention` (overrides and pruning), :attr:`limits` (per-tenant
+    execution limits), :attr:`storage` (rows and bytes per table), :attr:`secrets` (tenants'
+    encrypted secrets); the engine's hot path: :attr:`runs`.
 
     The drivers are chosen here, once: on Postgres the engine's hot path (:attr:`runs`) and
     the API's hottest statements (API key lookup, trigger, get) run on a raw asyncpg pool
@@ -64,6 +65,7 @@ class Store:
     timers: TimerService
     insights: InsightService
     retention: RetentionService
+    limits: TenantLimitsService
     storage: StorageService
     secrets: SecretService
 
@@ -103,6 +105,7 @@ class Store:
         self.timers = TimerService(engine, s, statements)
         self.insights = InsightService(engine, s, statements)
         self.retention = RetentionService(engine, s, statements)
+        self.limits = TenantLimitsService(engine, s, statements)
         self.storage = StorageService(engine, s, statements)
         self.secrets = SecretService(engine, s, statements)
         return self

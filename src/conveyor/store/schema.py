@@ -19,6 +19,7 @@ from __future__ import annotations
 from sqlalchemy import (
     Boolean,
     Column,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -43,6 +44,7 @@ __all__ = [
     "schedules",
     "secrets",
     "step_runs",
+    "tenant_limits",
     "tenants",
     "timers",
     "workflow_versions",
@@ -74,6 +76,18 @@ tenants = Table(
     # Per-tenant retention overrides (migration 0005); NULL: the settings apply.
     Column("retention_s", Integer, nullable=True),
     Column("retention_max_executions", Integer, nullable=True),
+)
+
+# Per-tenant execution limits (migration 0008): one row per tenant that overrides a setting;
+# a NULL column (or no row): EXECUTION_TENANT_CONCURRENCY / _START_RATE / _START_BURST apply.
+tenant_limits = Table(
+    "tenant_limits",
+    metadata,
+    Column("tenant_id", ID, ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    Column("concurrency", Integer, nullable=True),
+    Column("start_rate", Float, nullable=True),
+    Column("start_burst", Integer, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
 )
 
 api_keys = Table(

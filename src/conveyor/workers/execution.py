@@ -3,10 +3,12 @@
 Start-up, in order: settings (given), the database schema (``SchemaOutOfDate`` -> "run
 `conveyor migrate`", exit 1), ``assert_queue_is_ready`` (one clear line, exit 1 within seconds),
 then one BullMQ worker per ``workflow.execute.<region>`` of ``EXECUTION_REGIONS``, all sharing
-one process-wide budget of ``EXECUTION_WORKER_CONCURRENCY`` slots and the per-tenant cap.
+one process-wide budget of ``EXECUTION_WORKER_CONCURRENCY`` slots, the per-process tenant cap
+and the fleet-wide tenant limits (Redis leases and start-rate bucket).
 
 Supervised loops: each region's BullMQ worker, the heartbeat, the fairness ledger, the parked-job
-promoter and the metrics publisher. If one dies the process logs why and exits 1.
+promoters, the tenant limits' reload, the lease renewal and sweep, and the metrics publisher. If
+one dies the process logs why and exits 1.
 
 Shutdown on SIGTERM/SIGINT: stop fetching; active jobs get ``SHUTDOWN_GRACE_MS`` to finish;
 jobs cut off after that are handed back to the queue (not failed) for another worker; parked
@@ -24,7 +26,7 @@ import time
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from conveyor.dispatch import FairnessLedger
+from conveyor.dispatch import FairnessLedger, TenantLimiter
 from conveyor.engine import Engine
 from conveyor.errors import ConveyorError
 from conveyor.queue import (
@@ -46,7 +48,7 @@ from conveyor.runtime import (
     serve_checked,
 )
 from conveyor.settings import Settings
-from conveyor.workers.limits import ConcurrencyLimits
+from conveyor.workers.limits import ConcurrencyLimits, TenantLimitsBook
 from conveyor.workers.runner import ExecutionRunner
 
 if TYPE_CHECKING:
@@ -81,11 +83,23 @@ class ExecutionWorker:
 
     def _build(self) -> None:
         s = self.settings
-        self.limits = ConcurrencyLimits(s.execution_worker_concurrency, s.tenant_concurrency)
+        self.limits = ConcurrencyLimits(
+            s.execution_worker_concurrency, s.tenant_concurrency_per_process
+        )
         self.ledger = FairnessLedger(self.queues, s, self.queue_names)
         self.metrics = MetricsPublisher(self.queues)
+        self.book = TenantLimitsBook(s, self.engine.store.limits.all)
+        self.fleet = TenantLimiter(
+            self.queues.redis, s.queue_prefix, lease_ttl_ms=s.execution_lock_duration_ms
+        )
         self.runner = ExecutionRunner(
-            self.engine, self.limits, self.ledger, self.queue, metrics=self.metrics
+            self.engine,
+            self.limits,
+            self.ledger,
+            self.queue,
+            metrics=self.metrics,
+            fleet=self.fleet,
+            book=self.book,
         )
         self.engine.on_step = self.metrics.observe_step
         self.heartbeat = Heartbeat(self.queues, role="worker", settings=s, info_fn=self.info)
@@ -134,13 +148,19 @@ class ExecutionWorker:
             "queueDriver": self.queues.driver,
             "queues": self.queue_names,
             "concurrency": self.limits.concurrency,
-            "tenantConcurrency": self.limits.tenant_concurrency,
+            "tenantConcurrency": self.settings.tenant_concurrency,
+            "tenantConcurrencyPerProcess": self.limits.tenant_concurrency,
+            "tenantStartRate": self.settings.execution_tenant_start_rate,
+            "tenantLimitOverrides": self.book.overrides,
             "activeJobs": self.limits.active,
             "activeByTenant": self.limits.active_by_tenant(),
             "parkedJobs": self.limits.parked_count,
+            "leasesHeld": len(self.fleet.held),
             "jobsDone": c.done,
             "jobsFailed": c.failed,
             "jobsParked": c.parked,
+            "jobsParkedFleet": c.parked_fleet,
+            "jobsParkedRate": c.parked_rate,
             "jobsDeferred": c.deferred,
             "jobsStalled": self.stalled,
             "queueDepths": await self._depths(),
@@ -169,11 +189,17 @@ class ExecutionWorker:
         """Run until a signal or a loop death; drain; 0 on a clean stop, 1 otherwise."""
         self._build()
         sup = self.supervisor
+        with contextlib.suppress(Exception):  # the first load; the loop retries on failure
+            await asyncio.wait_for(self.book.refresh(), timeout=5.0)
         for name, worker in zip(self.queue_names, self.workers, strict=True):
             sup.spawn(f"consume.{name}", worker.run())
         sup.spawn("heartbeat", heartbeat_loop(self.heartbeat))
         sup.spawn("fairness", self.ledger.run())
         sup.spawn("promoter", self.runner.run_promoter())
+        sup.spawn("limits", self.book.run())
+        sup.spawn("leases", self.runner.run_fleet())
+        sup.spawn("fleet_promoter", self.runner.run_fleet_promoter())
+        sup.spawn("releases", self.runner.run_releases())
         sup.spawn("metrics", self.metrics.run())
         self.started = True
         # Everything loaded so far (modules, settings, pools) lives as long as the process:
@@ -184,7 +210,8 @@ class ExecutionWorker:
             extra={
                 "queues": self.queue_names,
                 "concurrency": self.limits.concurrency,
-                "tenantConcurrency": self.limits.tenant_concurrency,
+                "tenantConcurrency": self.settings.tenant_concurrency,
+                "tenantConcurrencyPerProcess": self.limits.tenant_concurrency,
                 "id": self.heartbeat.process_id,
             },
         )
@@ -209,6 +236,8 @@ class ExecutionWorker:
                 asyncio.gather(*closes, return_exceptions=True), timeout=grace + _CLOSE_MARGIN_S
             )
         handed = await self.runner.hand_back_parked()
+        with contextlib.suppress(Exception):  # the fleet slots of the runs that just ended
+            await asyncio.wait_for(self.runner.flush_releases(), timeout=2.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ledger.flush(), timeout=2.0)
         await self.supervisor.cancel_all(5.0)  # metrics.run flushes on cancel

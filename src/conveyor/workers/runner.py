@@ -2,8 +2,12 @@
 
 One :class:`ExecutionRunner` serves every region's BullMQ worker of the process.
 
-* A job first takes a slot of the process-wide budget, then one of its tenant's; a tenant at its
-  cap gets its job parked (``JobDeferred``), see :mod:`conveyor.workers.limits`.
+* A job first takes a slot of the process-wide budget, then one of its tenant's in this process
+  (``EXECUTION_TENANT_CONCURRENCY_PER_PROCESS``), then the fleet's (a lease of the tenant's
+  ``EXECUTION_TENANT_CONCURRENCY`` across all workers, and a start token of its start rate,
+  :mod:`conveyor.dispatch.limits`). Refused by any of them, the job is parked (``JobDeferred``:
+  back to delayed, no slot held, no attempt used) and promoted when a slot frees, or, for the
+  rate, delayed until its reserved start time. See :mod:`conveyor.workers.limits`.
 * The engine gets ``JobContext.lock_lost`` as its ``abandon`` event: if the job's lock cannot be
   renewed, the step in progress is abandoned (nothing of it is written, the lease is released;
   a stale runner's writes are fenced off by the lease) and the job is deferred, never failed.
@@ -25,15 +29,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from redis.exceptions import RedisError
+
 from conveyor import tracing
 from conveyor.engine import OutcomeKind, RunOutcome
 from conveyor.errors import DatabaseUnavailable, PayloadInvalid
 from conveyor.logs import EXECUTION_ID
 from conveyor.queue import JobDeferred
-from conveyor.workers.limits import ConcurrencyLimits
+from conveyor.workers.limits import ConcurrencyLimits, TenantLimitsBook, fallback_delay_ms
 
 if TYPE_CHECKING:
-    from conveyor.dispatch import FairnessLedger
+    from conveyor.dispatch import FairnessLedger, TenantLimiter
     from conveyor.queue import JobContext, Queue
     from conveyor.queue.payloads import WorkflowExecute
     from conveyor.runtime import MetricsPublisher
@@ -49,7 +55,13 @@ LEASE_BUSY_DEFER_MS = 2_000
 NOT_DUE_DEFER_MAX_S = 300.0
 """An execution whose timer is due within this long is retried then; later ones are left to
 the timer dispatcher."""
+LIMITS_DOWN_DEFER_MS = 1_000
+"""A job whose tenant limits could not be checked (Redis error) is retried after this long."""
 _PROMOTE_RETRIES = 40
+_FLEET_POPS = 8
+"""Most extra pops after promotions that found their job gone, per freed slot."""
+RELEASE_LINGER_S = 0.002
+"""Leases released within this long are given back together (one pipeline)."""
 _RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "error"))
 """Outcomes of runs that really executed something (observed in the metrics)."""
 
@@ -67,6 +79,9 @@ class Counters:
     parked: int = 0
     deferred: int = 0
     lock_lost: int = 0
+    parked_fleet: int = 0
+    parked_rate: int = 0
+    leases_lost: int = 0
 
 
 _SAYS = {
@@ -110,9 +125,14 @@ class ExecutionRunner:
         ledger: FairnessLedger,
         queue_for: Callable[[str], Queue],
         metrics: MetricsPublisher | None = None,
+        fleet: TenantLimiter | None = None,
+        book: TenantLimitsBook | None = None,
     ) -> None:
         self._engine = engine
         self.limits = limits
+        self.fleet = fleet
+        """The fleet-wide limits (``None``: only this process's own, e.g. in-process tests)."""
+        self.book = book
         self._ledger = ledger
         self._queue_for = queue_for
         self._metrics = metrics
@@ -120,6 +140,10 @@ class ExecutionRunner:
         self.draining = False
         """Set when the process stops: a job cancelled now is handed back, not failed."""
         self._promotions: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
+        self._fleet_promotions: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
+        self._releases: list[tuple[str, str]] = []
+        """Fleet leases to give back, sent together every :data:`RELEASE_LINGER_S`."""
+        self._releases_ready = asyncio.Event()
 
     # --- the processor ----------------------------------------------------------------------
     async def process(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
@@ -170,15 +194,66 @@ class ExecutionRunner:
             tenant = payload.tenant_id
             if not limits.try_start(tenant, ctx.id):
                 self.counters.parked += 1
+                self._count_parked("concurrency")
                 delay_ms = limits.park(tenant, ctx.queue_name, ctx.id)
                 reason = (
-                    f"tenant limit ({limits.running(tenant)} of {limits.tenant_concurrency} "
-                    "running); starts when one of them finishes"
+                    f"tenant limit per process ({limits.running(tenant)} of "
+                    f"{limits.tenant_concurrency} running here); starts when one of them finishes"
                 )
                 raise JobDeferred(delay_ms, reason, parked=True)
+            if self.fleet is not None:
+                try:
+                    await self._fleet_admit(payload, ctx)
+                except BaseException:
+                    limits.cancel_start(tenant)
+                    raise
             return await self._started(payload, ctx)
         finally:
             limits.release_slot()
+
+    def _count_parked(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.count_parked(reason)
+
+    async def _fleet_admit(self, payload: WorkflowExecute, ctx: JobContext) -> None:
+        """Take a fleet-wide slot and start token for the job, or park it (``JobDeferred``)."""
+        assert self.fleet is not None
+        tenant = payload.tenant_id
+        own = self.book.get(tenant) if self.book is not None else None
+        if own is None:
+            return
+        replaces = self._take_release(tenant)
+        try:
+            verdict = await self.fleet.acquire(
+                tenant, ctx.id, ctx.queue_name, own, replaces=replaces
+            )
+        except (RedisError, OSError) as exc:
+            if replaces is not None:
+                self._release_later(tenant, replaces)
+            log.warning("worker.limits_unavailable", extra={"error": repr(exc)})
+            raise JobDeferred(LIMITS_DOWN_DEFER_MS, "tenant limits unavailable") from exc
+        if verdict.started:
+            return
+        if replaces is not None:  # the ended run's slot was freed: parked jobs may take it
+            self._release_later(tenant, "")
+        self.counters.parked += 1
+        self._count_parked(verdict.reason)
+        if verdict.reason == "rate":
+            self.counters.parked_rate += 1
+            raise JobDeferred(
+                max(1, verdict.wait_ms),
+                f"tenant start rate ({own.start_rate:g}/s, burst {own.start_burst}); "
+                "starts at its reserved time",
+                parked=True,
+            )
+        self.counters.parked_fleet += 1
+        delay_ms = fallback_delay_ms(verdict.parked, self.limits.avg_duration_s, own.concurrency)
+        raise JobDeferred(
+            delay_ms,
+            f"tenant limit ({own.concurrency} of {own.concurrency} running across all workers); "
+            "starts when one of them finishes",
+            parked=True,
+        )
 
     async def _started(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
         tenant = payload.tenant_id
@@ -215,6 +290,8 @@ class ExecutionRunner:
             promote = self.limits.finish(tenant, duration)
             if promote is not None:
                 self._promotions.put_nowait((tenant, *promote))
+            if self.fleet is not None and self.fleet.held.pop(ctx.id, None) is not None:
+                self._release_later(tenant, ctx.id)
             if self._metrics is not None and status in _RAN:
                 self._metrics.observe_execution(duration, status)
                 if latency_s is not None:
@@ -257,6 +334,100 @@ class ExecutionRunner:
         # SUCCEEDED / FAILED / CANCELLED / WAITING: the database holds the result.
         # SKIPPED: already finished (duplicate delivery). LEASE_LOST: a newer runner has it.
         return outcome
+
+    # --- the fleet's limits --------------------------------------------------------------------
+    def _release_later(self, tenant: str, job_id: str) -> None:
+        """Queue a lease to give back (``""``: none, only fill the tenant's free slots)."""
+        self._releases.append((tenant, job_id))
+        self._releases_ready.set()
+
+    def _take_release(self, tenant: str) -> str | None:
+        """A lease of ``tenant`` waiting to be given back: the next run of the tenant in this
+        process takes its slot over, in its acquire (no spurious park behind our own
+        unsent release, one round trip for both)."""
+        for i, (t, job_id) in enumerate(self._releases):
+            if t == tenant and job_id:
+                del self._releases[i]
+                return job_id
+        return None
+
+    async def flush_releases(self) -> int:
+        """Give the fleet slots of finished runs back, all in one pipeline (best effort: an
+        unreleased lease expires by itself), and queue the parked jobs they free room for."""
+        batch, self._releases = self._releases, []
+        self._releases_ready.clear()
+        if self.fleet is None or not batch:
+            return 0
+        results = await self.fleet.release_many([(t, job_id or None) for t, job_id in batch])
+        for (tenant, job_id), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning(
+                    "worker.limits_release_failed", extra={"jobId": job_id, "error": repr(result)}
+                )
+                continue
+            for queue_name, parked_id in result:
+                self._fleet_promotions.put_nowait((tenant, queue_name, parked_id))
+        return len(batch)
+
+    async def run_releases(self) -> None:
+        """Send released leases every :data:`RELEASE_LINGER_S` while there are some (a run's
+        end does not wait on Redis; concurrent ends share one round trip). Never ends."""
+        while True:
+            await self._releases_ready.wait()
+            await asyncio.sleep(RELEASE_LINGER_S)
+            await self.flush_releases()
+
+    async def run_fleet(self, interval_s: float | None = None) -> None:
+        """Renew this process's leases (a third of their TTL apart, like the job locks' half)
+        and sweep: slots of crashed workers free when their leases expire, and the oldest
+        parked jobs are promoted into them. Sleeps until the earliest lease of a tenant with
+        parked jobs expires, or the next renewal. Never ends by itself."""
+        fleet = self.fleet
+        if fleet is None:
+            await asyncio.Event().wait()
+            return
+        interval = interval_s if interval_s is not None else fleet.lease_ttl_ms / 3000
+        next_renew = time.monotonic() + interval
+        sleep = 0.0
+        while True:
+            await asyncio.sleep(max(0.01, sleep))
+            try:
+                if time.monotonic() >= next_renew:
+                    next_renew = time.monotonic() + interval
+                    lost = await fleet.renew()
+                    if lost:
+                        self.counters.leases_lost += len(lost)
+                        log.warning("worker.leases_expired", extra={"jobIds": lost[:20]})
+                popped, wait_ms = await fleet.sweep()
+            except (RedisError, OSError) as exc:
+                log.warning("worker.limits_sweep_failed", extra={"error": repr(exc)})
+                sleep = 1.0
+                continue
+            for queue_name, job_id in popped:
+                self._fleet_promotions.put_nowait(("", queue_name, job_id))
+            sleep = next_renew - time.monotonic()
+            if wait_ms is not None:
+                sleep = min(sleep, wait_ms / 1000 + 0.005)
+
+    async def run_fleet_promoter(self) -> None:
+        """Promote the parked jobs popped into free fleet slots; when one is no longer parked
+        (promoted elsewhere, finished), pop the next. Never ends by itself."""
+        while True:
+            tenant, queue_name, job_id = await self._fleet_promotions.get()
+            try:
+                if await self._promote_one(queue_name, job_id):
+                    continue
+                if tenant and self.fleet is not None:
+                    for _ in range(_FLEET_POPS):
+                        nxt = await self.fleet.release(tenant, None)
+                        if not nxt:
+                            break
+                        ok = [await self._promote_one(q, j) for q, j in nxt]
+                        if all(ok):
+                            break
+            except Exception as exc:
+                log.warning("worker.promote_failed", extra={"jobId": job_id, "error": repr(exc)})
+                await asyncio.sleep(0.5)
 
     # --- promoting parked jobs --------------------------------------------------------------
     async def run_promoter(self) -> None:

@@ -12,6 +12,7 @@ from conveyor.api.schemas._common import (
     Page,
     error_responses,
 )
+from conveyor.api.schemas._limits import TenantLimitsIn, TenantLimitsOut
 from conveyor.api.schemas._ops import (
     ApiKeyIn,
     ApiKeyOut,
@@ -88,6 +89,8 @@ __all__ = [
     "StepRunOut",
     "StorageData",
     "TenantIn",
+    "TenantLimitsIn",
+    "TenantLimitsOut",
     "TenantOut",
     "TimerStatus",
     "TriggerIn",

@@ -17,7 +17,7 @@ wait starts the step's tries again). Adding columns is a catalogue change on Pos
 SQLite (a constant default is not a table rewrite): no batch copy.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-06
 """
 
@@ -31,7 +31,7 @@ from alembic import op
 from conveyor.store._types import JSONType, UTCDateTime
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
