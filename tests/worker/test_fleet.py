@@ -204,7 +204,8 @@ async def test_sigterm_drains_in_flight_executions(wsettings: Settings, tmp_path
             t = await s.tenant()
             slow = [{"id": "s", "type": "http", "url": rec.url("/slow", ms=1500)}]
             wf = await s.workflow(t, slow)
-            env = _env(wsettings, SHUTDOWN_GRACE_MS="10000")
+            # the tenant cap holds across the fleet: let one tenant fill both processes
+            env = _env(wsettings, SHUTDOWN_GRACE_MS="10000", EXECUTION_TENANT_CONCURRENCY="4")
             with fleet_process(env, tmp_path, "--processes", "2") as fleet:
                 pids = await _wait_workers(s, fleet.proc.pid, 2)
                 ids = await s.executions(t, wf, [None] * 4)  # 2 processes x concurrency 2
