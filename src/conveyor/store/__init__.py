@@ -33,6 +33,7 @@ from conveyor.store._db import asyncpg_dsn, sqlalchemy_url, sqlite_path
 from conveyor.store._migrate import head_revisions
 from conveyor.store._store import Store, migrate
 from conveyor.store._types import dumps, has_nul, new_id, utcnow, without_nul
+from conveyor.store.events import Event, EventWait, Sent
 from conveyor.store.executions import RetryFrom
 from conveyor.store.insights import Activity, ExecutionFilter, VersionInfo
 from conveyor.store.records import (
@@ -80,6 +81,8 @@ __all__ = [
     "Claim",
     "Cutoff",
     "DatabaseUsage",
+    "Event",
+    "EventWait",
     "Execution",
     "ExecutionFilter",
     "ExecutionWrite",
@@ -95,6 +98,7 @@ __all__ = [
     "Schedule",
     "ScheduleTick",
     "SecretInfo",
+    "Sent",
     "Statements",
     "StepRun",
     "StepWrite",

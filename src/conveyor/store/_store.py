@@ -16,6 +16,7 @@ from conveyor.settings import Settings
 from conveyor.store import _migrate
 from conveyor.store._db import close_pg_pool, create_engine, create_pg_pool, dialect_of
 from conveyor.store._errors import translate_errors
+from conveyor.store.events import EventService
 from conveyor.store.executions import ExecutionService
 from conveyor.store.insights import InsightService
 from conveyor.store.pg import PgRunStore, PgStatements
@@ -43,7 +44,8 @@ class Store:
     :meth:`migrate`. Services: :attr:`tenants`, :attr:`api_keys`, :attr:`workflows`,
     :attr:`executions`, :attr:`schedules`, :attr:`timers`, :attr:`insights` (operators'
     cross-tenant reads), :attr:`retention` (overrides and pruning), :attr:`storage` (rows
-    and bytes per table), :attr:`secrets` (tenants' encrypted secrets); the engine's hot path:
+    and bytes per table), :attr:`secrets` (tenants' encrypted secrets), :attr:`events` (``wait`` steps' events);
+    the engine's hot path:
     :attr:`runs`.
 
     The drivers are chosen here, once: on Postgres the engine's hot path (:attr:`runs`) and
@@ -66,6 +68,7 @@ class Store:
     retention: RetentionService
     storage: StorageService
     secrets: SecretService
+    events: EventService
 
     def __init__(
         self, settings: Settings, *, pool_size: int | None = None, fast_path: bool = True
@@ -105,6 +108,7 @@ class Store:
         self.retention = RetentionService(engine, s, statements)
         self.storage = StorageService(engine, s, statements)
         self.secrets = SecretService(engine, s, statements)
+        self.events = EventService(engine, s, statements)
         return self
 
     async def __aexit__(
