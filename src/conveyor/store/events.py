@@ -93,6 +93,9 @@ class Sent:
 
     event_id: str
     woken: tuple[str, ...]
+    """The executions made due (parked on a wait for it), to enqueue."""
+    regions: tuple[str, ...] = ()
+    """Their regions (same order)."""
 
 
 class _Again(Exception):
@@ -142,8 +145,10 @@ class EventService(ServiceBase):
                     received_at=now,
                 )
             )  # fmt: skip
-            woken = await self._wake(conn, tenant_id, execution_id, name, now)
-        return Sent(event_id, (execution_id,) if woken else ()), execution
+            region = await self._wake(conn, tenant_id, execution_id, name, now)
+        if region is None:
+            return Sent(event_id, ()), execution
+        return Sent(event_id, (execution_id,), (region,)), execution
 
     async def send_webhook(
         self,
@@ -162,6 +167,7 @@ class EventService(ServiceBase):
             payload=payload, source="webhook", received_at=now,
         )  # fmt: skip
         woken: list[str] = []
+        regions: list[str] = []
         async with self._tx() as conn:
             await self._lock(conn, _correlation_key(tenant_id, workflow_id, name, correlation))
             await conn.execute(insert(events).values(id=event_id, execution_id=None, **values))
@@ -187,13 +193,16 @@ class EventService(ServiceBase):
                 else:
                     copy = dict(id=new_id(), execution_id=execution_id, **values)
                     await conn.execute(insert(events).values(**copy))
-                if await self._wake(conn, tenant_id, execution_id, name, now):
+                region = await self._wake(conn, tenant_id, execution_id, name, now)
+                if region is not None:
                     woken.append(execution_id)
-        return Sent(event_id, tuple(woken))
+                    regions.append(region)
+        return Sent(event_id, tuple(woken), tuple(regions))
 
     async def _wake(
         self, conn: AsyncConnection, tenant_id: str, execution_id: str, name: str, now: datetime
-    ) -> bool:
+    ) -> str | None:
+        """Make the execution due if it is parked on a wait for ``name``: its region."""
         parked = exists().where(_W.execution_id == execution_id, _W.name == name)
         result = await conn.execute(
             update(executions)
@@ -204,8 +213,10 @@ class EventService(ServiceBase):
                 parked,
             )
             .values(wake_at=now)
+            .returning(executions.c.region)
         )
-        return bool(result.rowcount)
+        region = result.scalar()
+        return None if region is None else str(region)
 
     async def _lock(self, conn: AsyncConnection, key: str) -> None:
         if self._dialect == "postgresql":

@@ -35,6 +35,7 @@ from conveyor.api.schemas._ops import (
 from conveyor.api.schemas._secrets import SecretIn, SecretOut, SecretValueIn
 from conveyor.api.schemas._storage import RetentionIn, RetentionOut, StorageData
 from conveyor.api.schemas._tenant import (
+    EventOut,
     ExecutionOut,
     ExecutionStatus,
     RetryIn,
@@ -59,6 +60,7 @@ __all__ = [
     "Envelope",
     "ErrorBody",
     "ErrorResponse",
+    "EventOut",
     "ExecutionOut",
     "ExecutionStatus",
     "HealthData",
