@@ -15,7 +15,8 @@ The engine, at a ``wait`` step:
 * :meth:`receive` — the step's fenced write (:func:`~conveyor.store.sql.runs.write_in`) and,
   in the same transaction, the event marked consumed by that step run
   (``consumed_at IS NULL`` compare-and-set: another execution that took it first makes the
-  whole write roll back, and the engine looks again) and the wait row deleted. Exactly once:
+  whole write roll back, and the engine looks again), the wait row deleted and its pending
+  timeout timer cancelled. Exactly once:
   a stale runner's write is fenced off by the lease, a second consumer by the event row;
 * :meth:`park` — no event: the fenced write that parks the execution (``waiting``, the
   cursor stays on the wait step, ``wake_at`` = the deadline, the timeout timer on the first
@@ -44,7 +45,7 @@ from conveyor.store._base import ServiceBase
 from conveyor.store._types import new_id
 from conveyor.store.records import Execution
 from conveyor.store.runs import Claim, ExecutionWrite, StepWrite, TimerWrite
-from conveyor.store.schema import TERMINAL_STATUSES, event_waits, events, executions
+from conveyor.store.schema import TERMINAL_STATUSES, event_waits, events, executions, timers
 from conveyor.store.sql.runs import write_in
 
 __all__ = ["Event", "EventService", "EventWait", "Sent"]
@@ -294,6 +295,16 @@ class EventService(ServiceBase):
                     if not taken.rowcount:
                         raise _Again
                 await conn.execute(delete(event_waits).where(_W.execution_id == claim.execution_id))
+                if seq is not None:  # its timeout timer has nothing left to do
+                    await conn.execute(
+                        update(timers)
+                        .where(
+                            timers.c.execution_id == claim.execution_id,
+                            timers.c.seq == seq,
+                            timers.c.status == "pending",
+                        )
+                        .values(status="cancelled")
+                    )
         except _Again:
             return None
         return status
