@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from conveyor.engine import Engine, OutcomeKind
-from conveyor.errors import Conflict, NotFound
+from conveyor.errors import Conflict, LeaseLost, NotFound
 from conveyor.settings import Settings
-from conveyor.store import Store, utcnow
+from conveyor.store import ExecutionWrite, StepWrite, Store, utcnow
 from tests.engine._support import start
 
 
@@ -251,3 +251,36 @@ async def test_cancelled_while_waiting(store: Store, settings: Settings) -> None
         await store.events.send(tenant, execution_id, "paid", {}, clock.now)
     clock.advance(10)
     assert (await engine.run(execution_id)).kind is OutcomeKind.SKIPPED
+
+
+async def test_the_fenced_write_consumes_an_event_once(store: Store, settings: Settings) -> None:
+    """A stale runner's write consumes nothing; a second consumption writes nothing."""
+    clock = Clock()
+    tenant, execution_id = await start(store, [{"id": "w", "type": "wait", "event": "go"}])
+    sent, _ = await store.events.send(tenant, execution_id, "go", {"n": 1}, clock.now)
+    stale = await store.runs.claim(execution_id, clock.now, clock.now + timedelta(seconds=1))
+    assert stale is not None
+    later = clock.advance(2)
+    current = await store.runs.claim(execution_id, later, later + timedelta(seconds=60))
+    assert current is not None and current.lease == stale.lease + 1
+
+    def step(seq: int) -> StepWrite:
+        return StepWrite(seq=seq, step_id="w", step_type="wait", status="succeeded", attempts=1,
+                         input=None, input_json=None, output={"n": 1}, output_json='{"n":1}',
+                         output_truncated=False, error=None, error_json=None, started_at=later,
+                         finished_at=later)  # fmt: skip
+
+    write = ExecutionWrite(status="running", next_step=1, steps_run=1, now=later,
+                           lease_expires_at=later + timedelta(seconds=60))  # fmt: skip
+    with pytest.raises(LeaseLost):
+        await store.events.receive(stale, write, [step(0)], sent.event_id)
+    (event,) = await store.events.for_execution(tenant, execution_id)
+    assert event.consumed_at is None
+    assert await store.events.receive(current, write, [step(0)], sent.event_id) == "running"
+    again = ExecutionWrite(status="running", next_step=1, steps_run=2, now=later,
+                           lease_expires_at=later + timedelta(seconds=60))  # fmt: skip
+    assert await store.events.receive(current, again, [step(1)], sent.event_id) is None
+    done = await store.executions.get(tenant, execution_id, with_steps=True)
+    assert [s.seq for s in done.steps] == [0] and done.steps_run == 1  # rolled back
+    (event,) = await store.events.for_execution(tenant, execution_id)
+    assert (event.consumed_by, event.consumed_seq) == (execution_id, 0)
