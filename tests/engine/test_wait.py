@@ -284,3 +284,33 @@ async def test_the_fenced_write_consumes_an_event_once(store: Store, settings: S
     assert [s.seq for s in done.steps] == [0] and done.steps_run == 1  # rolled back
     (event,) = await store.events.for_execution(tenant, execution_id)
     assert (event.consumed_by, event.consumed_seq) == (execution_id, 0)
+
+
+async def test_no_wake_up_is_lost_when_events_race_the_parking(
+    store: Store, settings: Settings
+) -> None:
+    """Events sent while their executions run towards the wait step: each execution either
+    receives its event in that run or is parked and woken by it — none stays parked with its
+    event unconsumed."""
+    clock = Clock()
+    steps = [{"id": "a", "type": "noop"}, *_workflow(timeout_s=3600)[1:]]
+    tenant, first = await start(store, steps, {"n": 0})
+    workflow_id = (await store.executions.get(tenant, first)).workflow_id
+    ids = [first]
+    for n in range(1, 16):
+        created, _ = await store.executions.create(tenant, workflow_id, {"n": n})
+        ids.append(created.id)
+    engine = Engine(store, settings, clock=clock)
+
+    async def send(execution_id: str, n: int) -> None:
+        await asyncio.sleep(0.015 * n)
+        await store.events.send(tenant, execution_id, "paid", {"amount": n}, clock.now)
+
+    await asyncio.gather(*(engine.run(x) for x in ids), *(send(x, n) for n, x in enumerate(ids)))
+    for n, execution_id in enumerate(ids):
+        execution = await store.executions.get(tenant, execution_id)
+        if execution.status == "waiting":  # parked first: the event must have woken it
+            assert execution.wake_at is not None and execution.wake_at <= clock.now, execution
+            assert (await engine.run(execution_id)).kind is OutcomeKind.SUCCEEDED
+        done = await store.executions.get(tenant, execution_id)
+        assert done.status == "succeeded" and done.output == n
