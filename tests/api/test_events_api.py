@@ -58,6 +58,12 @@ async def test_an_event_resumes_the_waiting_execution(api: Api) -> None:
     done = r.json()["data"]
     assert done["status"] == "succeeded" and done["output"] == {"amount": 42}
     assert done["steps"][0]["output"]["event"] == "paid"
+    r = await api.client.get(f"/api/executions/{execution_id}/events", headers=auth)
+    assert r.status_code == 200, r.text
+    (received,) = r.json()["data"]
+    assert received["id"] == event["id"] and received["payload"] == {"amount": 42}
+    assert received["consumedSeq"] == 0 and received["consumedAt"] is not None
+    assert received["source"] == "api"
     # finished: no more events
     r = await api.client.post(f"/api/executions/{execution_id}/events/paid", headers=auth)
     _error(r, 409, "conflict")
@@ -69,6 +75,8 @@ async def test_refusals(api: Api) -> None:
     execution_id, _ = await _parked(api, auth)
     url = f"/api/executions/{execution_id}/events/paid"
     _error(await api.client.post(url, json={}, headers=other), 404, "not_found")
+    listed = f"/api/executions/{execution_id}/events"
+    _error(await api.client.get(listed, headers=other), 404, "not_found")
     _error(await api.client.post(f"/api/executions/{'0' * 32}/events/paid", headers=auth),
            404, "not_found")  # fmt: skip
     _error(await api.client.post(url, json={}), 401, "unauthorized")
@@ -82,6 +90,7 @@ async def test_refusals(api: Api) -> None:
     assert r.status_code in (400, 422) and r.json()["success"] is False
     # nothing was delivered by any of those
     assert await _run(api, execution_id) is OutcomeKind.NOT_DUE
+    assert (await api.client.get(listed, headers=auth)).json()["data"] == []
 
 
 async def test_webhook_event_by_correlation(api: Api) -> None:

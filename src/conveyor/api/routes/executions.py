@@ -11,6 +11,7 @@ from conveyor.api.events import check_payload, wake
 from conveyor.api.schemas import (
     Envelope,
     EventOut,
+    EventRecordOut,
     ExecutionOut,
     ExecutionStatus,
     Page,
@@ -268,3 +269,22 @@ async def send_event(
     data = {"id": sent.event_id, "name": name, "execution_id": execution_id,
             "correlation": None, "received_at": now, "woken": list(sent.woken)}  # fmt: skip
     return {"success": True, "data": data}
+
+
+@router.get(
+    "/api/executions/{executionId}/events",
+    response_model=Envelope[list[EventRecordOut]],
+    summary="List an execution's events",
+    description=(
+        "The events sent to the execution (and webhook events it received), oldest first: "
+        "`consumedAt`/`consumedSeq` name the wait step run that received each; an event "
+        "without them is kept for the next wait step for its name."
+    ),
+)
+async def list_events(ctx: CtxDep, auth: TenantDep, execution_id: ExecutionId) -> dict[str, Any]:
+    await ctx.store.executions.get(auth.tenant_id, execution_id)  # 404 unless the tenant's
+    events = await ctx.store.events.for_execution(auth.tenant_id, execution_id)
+    items = [{name: getattr(e, name) for name in (
+        "id", "name", "correlation", "payload", "source", "received_at", "consumed_at",
+        "consumed_seq")} for e in events]  # fmt: skip
+    return {"success": True, "data": items}

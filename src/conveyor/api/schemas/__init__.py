@@ -36,6 +36,7 @@ from conveyor.api.schemas._secrets import SecretIn, SecretOut, SecretValueIn
 from conveyor.api.schemas._storage import RetentionIn, RetentionOut, StorageData
 from conveyor.api.schemas._tenant import (
     EventOut,
+    EventRecordOut,
     ExecutionOut,
     ExecutionStatus,
     RetryIn,
@@ -61,6 +62,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "EventOut",
+    "EventRecordOut",
     "ExecutionOut",
     "ExecutionStatus",
     "HealthData",

@@ -129,6 +129,21 @@ class EventOut(ApiModel):
     )
 
 
+class EventRecordOut(ApiModel):
+    """An event of an execution: received by one of its wait steps, or still kept for one."""
+
+    id: str
+    name: str
+    correlation: str | None
+    payload: Any
+    source: str = Field(description="`api` or `webhook`.")
+    received_at: datetime
+    consumed_at: datetime | None = Field(
+        description="When a wait step received it; null: kept for the next wait step for it."
+    )
+    consumed_seq: int | None = Field(description="The `seq` of the step run that received it.")
+
+
 class RetryIn(ApiModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"from": "failed"}]})
     from_: Literal["start", "failed"] = Field(
