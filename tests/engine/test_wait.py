@@ -7,11 +7,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from conveyor.engine import Engine, OutcomeKind
 from conveyor.errors import Conflict, LeaseLost, NotFound
 from conveyor.settings import Settings
 from conveyor.store import ExecutionWrite, StepWrite, Store, utcnow
+from conveyor.store.schema import events
+from conveyor.workers.retention import Retention
 from tests.engine._support import start
 
 
@@ -314,3 +317,25 @@ async def test_no_wake_up_is_lost_when_events_race_the_parking(
             assert (await engine.run(execution_id)).kind is OutcomeKind.SUCCEEDED
         done = await store.executions.get(tenant, execution_id)
         assert done.status == "succeeded" and done.output == n
+
+
+async def test_retention_deletes_kept_webhook_events_nobody_received(
+    store: Store, settings: Settings
+) -> None:
+    clock = Clock()
+    tenant, execution_id = await start(store, _workflow(correlation="input.o"), {"o": "x"})
+    workflow_id = (await store.executions.get(tenant, execution_id)).workflow_id
+    old = clock.now - timedelta(days=15)  # past the 14-day default retention
+    stale = await store.events.send_webhook(tenant, workflow_id, "paid", "nobody", {}, old)
+    fresh = await store.events.send_webhook(tenant, workflow_id, "paid", "soon", {}, clock.now)
+    taken = await store.events.send_webhook(tenant, workflow_id, "paid", "x", {"amount": 1}, old)
+    outcome = await Engine(store, settings, clock=clock).run(execution_id)
+    assert outcome.kind is OutcomeKind.SUCCEEDED  # received the old kept event
+    report = await Retention(store, settings, clock=clock).run_pass()
+    assert report.complete
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(select(events.c.id, events.c.execution_id))).all()
+    left = {row.id: row.execution_id for row in rows}
+    assert stale.event_id not in left
+    # the one received is its execution's now (it goes with it); the recent one stays kept
+    assert left == {fresh.event_id: None, taken.event_id: execution_id}

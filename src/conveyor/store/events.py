@@ -15,13 +15,17 @@ The engine, at a ``wait`` step:
 * :meth:`receive` — the step's fenced write (:func:`~conveyor.store.sql.runs.write_in`) and,
   in the same transaction, the event marked consumed by that step run
   (``consumed_at IS NULL`` compare-and-set: another execution that took it first makes the
-  whole write roll back, and the engine looks again), the wait row deleted and its pending
-  timeout timer cancelled. Exactly once:
+  whole write roll back, and the engine looks again; a kept event becomes addressed to its
+  receiver, so it goes with it at retention), the wait row deleted and its pending timeout
+  timer cancelled. Exactly once:
   a stale runner's write is fenced off by the lease, a second consumer by the event row;
 * :meth:`park` — no event: the fenced write that parks the execution (``waiting``, the
   cursor stays on the wait step, ``wake_at`` = the deadline, the timeout timer on the first
   park) with the wait row, and then a last look for a matching event in the same transaction;
   one found rolls it all back (the engine receives it instead).
+
+Retention deletes an execution's events with it, and kept webhook events that nobody received
+within the retention period (:meth:`prune_kept`).
 
 No lost wake-up: a sender and a parker of the same execution serialise on a lock (Postgres:
 a transaction-scoped advisory lock per execution, and one per (workflow, name, correlation)
@@ -267,6 +271,33 @@ class EventService(ServiceBase):
             rows = (await conn.execute(query)).all()
         return [Event.from_mapping(r._mapping) for r in rows]
 
+    async def prune_kept(
+        self,
+        before: datetime,
+        limit: int,
+        *,
+        tenant_id: str | None = None,
+        exclude: Sequence[str] = (),
+    ) -> int:
+        """Delete up to ``limit`` kept webhook events (no execution received them) that
+        arrived before ``before`` (of ``tenant_id``, or of every tenant but ``exclude``);
+        returns how many. Retention's: an event received meanwhile is not deleted."""
+        where = and_(_E.execution_id.is_(None), _E.received_at < before)
+        if tenant_id is not None:
+            where = and_(where, _E.tenant_id == tenant_id)
+        if exclude:
+            where = and_(where, _E.tenant_id.not_in(list(exclude)))
+        pick = select(_E.id).where(where).order_by(_E.received_at).limit(limit)
+        async with self._auto() as conn:
+            ids = list((await conn.execute(pick)).scalars())
+        if not ids:
+            return 0
+        async with self._tx() as conn:
+            result = await conn.execute(
+                delete(events).where(_E.id.in_(ids), _E.execution_id.is_(None))
+            )
+        return int(result.rowcount or 0)
+
     # --- the engine's writes ------------------------------------------------------------------
 
     async def receive(
@@ -290,7 +321,7 @@ class EventService(ServiceBase):
                         update(events)
                         .where(_E.id == event_id, _E.consumed_at.is_(None))
                         .values(consumed_at=write.now, consumed_by=claim.execution_id,
-                                consumed_seq=seq)
+                                consumed_seq=seq, execution_id=claim.execution_id)
                     )  # fmt: skip
                     if not taken.rowcount:
                         raise _Again
