@@ -4,6 +4,7 @@ run by an in-process engine)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -113,3 +114,22 @@ async def test_webhook_event_by_correlation(api: Api) -> None:
     assert await _run(api, execution_id) is OutcomeKind.SUCCEEDED
     r = await api.client.get(f"/api/executions/{execution_id}", headers=auth)
     assert r.json()["data"]["output"] == {"n": 7}
+
+
+async def test_the_payload_limit_is_the_wait_steps_output_limit(api: Api) -> None:
+    auth = await api.tenant()
+    execution_id, _ = await _parked(api, auth)
+    url = f"/api/executions/{execution_id}/events/paid"
+    limit = api.settings.step_output_max_bytes
+    wrapper = {"event": "paid", "payload": {"blob": ""},
+               "receivedAt": "2026-12-06T20:00:00.000000Z"}  # fmt: skip
+    room = limit - len(json.dumps(wrapper, separators=(",", ":")))
+    over = {"blob": "x" * (room + 1)}
+    error = _error(await api.client.post(url, json=over, headers=auth), 413, "payload_too_large")
+    assert error["details"] == {"sizeBytes": limit + 1, "limitBytes": limit}
+    fits = {"blob": "x" * room}
+    r = await api.client.post(url, json=fits, headers=auth)
+    assert r.status_code == 202, r.text
+    assert await _run(api, execution_id) is OutcomeKind.SUCCEEDED
+    r = await api.client.get(f"/api/executions/{execution_id}", headers=auth)
+    assert r.json()["data"]["output"] == fits

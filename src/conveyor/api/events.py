@@ -23,13 +23,16 @@ from conveyor.store import Sent, dumps, has_nul
 log = logging.getLogger(__name__)
 
 ENQUEUE_TIMEOUT_S = 3.0
+_LONGEST_INSTANT = "2026-12-06T20:00:00.000000Z"
+"""As long as any ``receivedAt`` of a wait step's output."""
 
 
-def check_payload(ctx: ApiContext, payload: Any) -> None:
-    """An event's payload is a wait step's output: it must fit ``STEP_OUTPUT_MAX_BYTES``
-    (413) and be storable (400)."""
+def check_payload(ctx: ApiContext, name: str, payload: Any) -> None:
+    """An event's payload becomes a wait step's output (``{"event", "payload",
+    "receivedAt"}``): that must fit ``STEP_OUTPUT_MAX_BYTES`` (413) and be storable (400)."""
+    output = {"event": name, "payload": payload, "receivedAt": _LONGEST_INSTANT}
     try:
-        text = dumps(payload)
+        text = dumps(output)
     except (TypeError, ValueError, RecursionError):
         raise ApiError(400, "malformed_json", "The event payload is not valid JSON.") from None
     limit = ctx.settings.step_output_max_bytes
@@ -38,7 +41,8 @@ def check_payload(ctx: ApiContext, payload: Any) -> None:
         raise ApiError(
             413,
             "payload_too_large",
-            f"The event payload is {size:,} bytes; the limit is {limit:,} (STEP_OUTPUT_MAX_BYTES).",
+            f"The event would make a wait step's output of {size:,} bytes; the limit is "
+            f"{limit:,} (STEP_OUTPUT_MAX_BYTES).",
             {"sizeBytes": size, "limitBytes": limit},
         )
     if has_nul(text):

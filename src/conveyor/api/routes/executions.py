@@ -262,7 +262,7 @@ async def send_event(
     name: EventName,
     payload: Annotated[Any, Body()] = None,
 ) -> dict[str, Any]:
-    check_payload(ctx, payload)
+    check_payload(ctx, name, payload)
     now = utcnow()
     sent, execution = await ctx.store.events.send(auth.tenant_id, execution_id, name, payload, now)
     await wake(ctx, sent, auth.tenant_id, execution.workflow_id)

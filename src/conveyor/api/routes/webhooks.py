@@ -187,7 +187,7 @@ async def webhook_event(
     workflow = await ctx.store.workflows.verify_webhook(workflow_id, secret) if secret else None
     if workflow is None:
         raise ApiError(401, "unauthorized", "Invalid webhook secret.")
-    check_payload(ctx, payload)
+    check_payload(ctx, name, payload)
     now = utcnow()
     sent = await ctx.store.events.send_webhook(
         workflow.tenant_id, workflow.id, name, correlation, payload, now
