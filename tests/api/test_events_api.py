@@ -133,3 +133,33 @@ async def test_the_payload_limit_is_the_wait_steps_output_limit(api: Api) -> Non
     assert await _run(api, execution_id) is OutcomeKind.SUCCEEDED
     r = await api.client.get(f"/api/executions/{execution_id}", headers=auth)
     assert r.json()["data"]["output"] == fits
+
+
+async def test_idempotency_key(api: Api) -> None:
+    auth = await api.tenant()
+    execution_id, secret = await _parked(api, auth)
+    url = f"/api/executions/{execution_id}/events/paid"
+    key = {**auth, "Idempotency-Key": "pay-1"}
+    first = await api.client.post(url, json={"amount": 1}, headers=key)
+    assert first.status_code == 202, first.text
+    again = await api.client.post(url, json={"amount": 1}, headers=key)
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["data"]["id"] == first.json()["data"]["id"]
+    assert again.json()["data"]["woken"] == []
+    assert await _run(api, execution_id) is OutcomeKind.SUCCEEDED
+    late = await api.client.post(url, json={"amount": 1}, headers=key)  # after it finished
+    assert late.status_code == 200 and late.json()["data"]["id"] == first.json()["data"]["id"]
+    r = await api.client.get(f"/api/executions/{execution_id}/events", headers=auth)
+    assert len(r.json()["data"]) == 1  # one event, whatever the retries
+    other = f"/api/executions/{execution_id}/events/shipped"
+    _error(await api.client.post(other, json={}, headers=key), 409, "conflict")
+    # webhook events share the tenant's key space
+    r = await api.client.get(f"/api/executions/{execution_id}", headers=auth)
+    hook = f"/api/webhooks/{r.json()['data']['workflowId']}/events/paid"
+    headers = {"X-Webhook-Secret": secret, "Idempotency-Key": "hook-1"}
+    one = await api.client.post(hook, params={"correlation": "c"}, json={}, headers=headers)
+    two = await api.client.post(hook, params={"correlation": "c"}, json={}, headers=headers)
+    assert (one.status_code, two.status_code) == (202, 200)
+    assert one.json()["data"]["id"] == two.json()["data"]["id"]
+    three = await api.client.post(hook, params={"correlation": "d"}, json={}, headers=headers)
+    _error(three, 409, "conflict")

@@ -35,7 +35,7 @@ the sender sees the wait row and wakes the execution, or the parker sees the eve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -72,6 +72,7 @@ class Event:
     consumed_at: datetime | None
     consumed_by: str | None
     consumed_seq: int | None
+    idempotency_key: str | None = None
 
     @classmethod
     def from_mapping(cls, row: Any) -> Event:
@@ -101,6 +102,8 @@ class Sent:
     """The executions made due (parked on a wait for it), to enqueue."""
     regions: tuple[str, ...] = ()
     """Their regions (same order)."""
+    replayed: Event | None = None
+    """The event an earlier request with the same ``Idempotency-Key`` stored (nothing new)."""
 
 
 class _Again(Exception):
@@ -119,10 +122,13 @@ class EventService(ServiceBase):
         now: datetime,
         *,
         source: str = "api",
+        idempotency_key: str | None = None,
     ) -> tuple[Sent, Execution]:
         """Store an event addressed to ``execution_id`` and wake the execution if it is parked
         on a wait for ``name``. ``NotFound`` for an execution that is not ``tenant_id``'s,
-        ``Conflict`` for one that already finished."""
+        ``Conflict`` for one that already finished. With ``idempotency_key``, a repeated
+        request answers the event stored the first time (``Sent.replayed``); a key used for
+        another event is a ``Conflict``."""
         async with self._auto() as conn:
             row = (
                 await conn.execute(
@@ -134,6 +140,14 @@ class EventService(ServiceBase):
         if row is None:
             raise NotFound("execution not found", execution_id=execution_id)
         execution = Execution.from_mapping(row._mapping)
+
+        def same(event: Event) -> bool:
+            return event.execution_id == execution_id and event.name == name
+
+        if idempotency_key is not None:
+            replay = await self._replay(tenant_id, idempotency_key, same)
+            if replay is not None:
+                return replay, execution
         if execution.status in TERMINAL_STATUSES:
             raise Conflict(
                 f"execution is {execution.status}: it receives no more events",
@@ -141,16 +155,24 @@ class EventService(ServiceBase):
                 status=execution.status,
             )
         event_id = new_id()
-        async with self._tx() as conn:
-            await self._lock(conn, _execution_key(execution_id))
-            await conn.execute(
-                insert(events).values(
-                    id=event_id, tenant_id=tenant_id, workflow_id=execution.workflow_id,
-                    execution_id=execution_id, name=name, payload=payload, source=source,
-                    received_at=now,
-                )
-            )  # fmt: skip
-            region = await self._wake(conn, tenant_id, execution_id, name, now)
+        try:
+            async with self._tx() as conn:
+                await self._lock(conn, _execution_key(execution_id))
+                await conn.execute(
+                    insert(events).values(
+                        id=event_id, tenant_id=tenant_id, workflow_id=execution.workflow_id,
+                        execution_id=execution_id, name=name, payload=payload, source=source,
+                        received_at=now, idempotency_key=idempotency_key,
+                    )
+                )  # fmt: skip
+                region = await self._wake(conn, tenant_id, execution_id, name, now)
+        except Conflict:  # the same key, concurrently
+            if idempotency_key is None:
+                raise
+            replay = await self._replay(tenant_id, idempotency_key, same)
+            if replay is None:
+                raise
+            return replay, execution
         if region is None:
             return Sent(event_id, ()), execution
         return Sent(event_id, (execution_id,), (region,)), execution
@@ -163,9 +185,25 @@ class EventService(ServiceBase):
         correlation: str,
         payload: Any,
         now: datetime,
+        *,
+        idempotency_key: str | None = None,
     ) -> Sent:
         """Deliver a webhook event to every execution of the workflow parked on a wait for
-        (``name``, ``correlation``), or keep it for the first one that waits on it."""
+        (``name``, ``correlation``), or keep it for the first one that waits on it. With
+        ``idempotency_key``: as :meth:`send`."""
+
+        def same(event: Event) -> bool:
+            return (event.workflow_id, event.name, event.correlation, event.source) == (
+                workflow_id,
+                name,
+                correlation,
+                "webhook",
+            )
+
+        if idempotency_key is not None:
+            replay = await self._replay(tenant_id, idempotency_key, same)
+            if replay is not None:
+                return replay
         event_id = new_id()
         values = dict(
             tenant_id=tenant_id, workflow_id=workflow_id, name=name, correlation=correlation,
@@ -175,7 +213,11 @@ class EventService(ServiceBase):
         regions: list[str] = []
         async with self._tx() as conn:
             await self._lock(conn, _correlation_key(tenant_id, workflow_id, name, correlation))
-            await conn.execute(insert(events).values(id=event_id, execution_id=None, **values))
+            await conn.execute(
+                insert(events).values(
+                    id=event_id, execution_id=None, idempotency_key=idempotency_key, **values
+                )
+            )
             waiting = (
                 select(_W.execution_id)
                 .join(executions, executions.c.id == _W.execution_id)
@@ -203,6 +245,22 @@ class EventService(ServiceBase):
                     woken.append(execution_id)
                     regions.append(region)
         return Sent(event_id, tuple(woken), tuple(regions))
+
+    async def _replay(self, tenant_id: str, key: str, same: Callable[[Event], bool]) -> Sent | None:
+        """The answer to a repeated request (``None``: the key is new); ``Conflict`` when the
+        key was used for another event."""
+        async with self._auto() as conn:
+            row = (
+                await conn.execute(
+                    select(events).where(_E.tenant_id == tenant_id, _E.idempotency_key == key)
+                )
+            ).first()
+        if row is None:
+            return None
+        event = Event.from_mapping(row._mapping)
+        if not same(event):
+            raise Conflict("this Idempotency-Key was used for another event", idempotency_key=key)
+        return Sent(event.id, (), (), replayed=event)
 
     async def _wake(
         self, conn: AsyncConnection, tenant_id: str, execution_id: str, name: str, now: datetime

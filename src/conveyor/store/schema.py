@@ -274,7 +274,17 @@ events = Table(
     Column("consumed_at", UTCDateTime, nullable=True),
     Column("consumed_by", ID, nullable=True),
     Column("consumed_seq", Integer, nullable=True),
+    # ``Idempotency-Key`` of the request that sent it: the same key (per tenant) → this event
+    Column("idempotency_key", String(255), nullable=True),
     Index("ix_events_execution_name", "execution_id", "name", "received_at"),
+    Index(
+        "uq_events_idempotency",
+        "tenant_id",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+        sqlite_where=text("idempotency_key IS NOT NULL"),
+    ),
     Index(
         "ix_events_correlation",
         "tenant_id",

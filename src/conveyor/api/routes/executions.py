@@ -233,6 +233,13 @@ async def retry_execution(
     return {"success": True, "data": execution_out(execution)}
 
 
+EVENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Idempotent replay: the event stored earlier with this key.",
+          "model": Envelope[EventOut]},
+    **error_responses(409),
+}  # fmt: skip
+
+
 @router.post(
     "/api/executions/{executionId}/events/{name}",
     status_code=202,
@@ -244,9 +251,12 @@ async def retry_execution(
         "execution is parked on a `wait` step for this name it is resumed (`woken`); "
         "otherwise the event is kept and the first wait step for the name that the execution "
         "runs receives it at once. Each event is received by one wait step, once. 404 for an "
-        "execution that is not this tenant's; 409 when it already finished or was cancelled."
+        "execution that is not this tenant's; 409 when it already finished or was cancelled. "
+        "With `Idempotency-Key` (per tenant, its own key space), a repeated request answers "
+        "the event stored the first time (200, `Idempotent-Replayed: true`), also after the "
+        "execution finished; a key used for another event is 409."
     ),
-    responses=error_responses(409),
+    responses=EVENT_RESPONSES,
     openapi_extra={
         "requestBody": {
             "required": False,
@@ -260,11 +270,19 @@ async def send_event(
     auth: TenantDep,
     execution_id: ExecutionId,
     name: EventName,
+    response: Response,
     payload: Annotated[Any, Body()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     check_payload(ctx, name, payload)
     now = utcnow()
-    sent, execution = await ctx.store.events.send(auth.tenant_id, execution_id, name, payload, now)
+    sent, execution = await ctx.store.events.send(
+        auth.tenant_id, execution_id, name, payload, now, idempotency_key=idempotency_key
+    )
+    if sent.replayed is not None:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        now = sent.replayed.received_at
     await wake(ctx, sent, auth.tenant_id, execution.workflow_id)
     data = {"id": sent.event_id, "name": name, "execution_id": execution_id,
             "correlation": None, "received_at": now, "woken": list(sent.woken)}  # fmt: skip

@@ -143,6 +143,13 @@ async def webhook_with_secret(
     return await _fire(ctx, request, response, workflow_id, secret, idempotency_key)
 
 
+EVENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Idempotent replay: the event stored earlier with this key.",
+          "model": Envelope[EventOut]},
+    **error_responses(400, 401, 409, 413, 422, 503),
+}  # fmt: skip
+
+
 @router.post(
     "/{workflowId}/events/{name}",
     status_code=202,
@@ -155,9 +162,10 @@ async def webhook_with_secret(
         "each of them receives it (`woken`). When none waits yet, the event is kept and the "
         "first execution of the workflow whose wait step for it has that correlation value "
         "receives it at once. Authenticated by the workflow's webhook secret "
-        "(`X-Webhook-Secret`); a wrong secret or unknown workflow answers 401."
+        "(`X-Webhook-Secret`); a wrong secret or unknown workflow answers 401. "
+        "`Idempotency-Key` as for `POST /api/executions/{executionId}/events/{name}`."
     ),
-    responses=error_responses(400, 401, 413, 422, 503),
+    responses=EVENT_RESPONSES,
     openapi_extra={
         "requestBody": {
             "required": False,
@@ -168,6 +176,7 @@ async def webhook_with_secret(
 )
 async def webhook_event(
     ctx: CtxDep,
+    response: Response,
     workflow_id: WorkflowId,
     name: EventName,
     correlation: Annotated[
@@ -183,6 +192,7 @@ async def webhook_event(
         str | None,
         Header(alias="X-Webhook-Secret", max_length=512, description="The webhook secret."),
     ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     workflow = await ctx.store.workflows.verify_webhook(workflow_id, secret) if secret else None
     if workflow is None:
@@ -190,8 +200,13 @@ async def webhook_event(
     check_payload(ctx, name, payload)
     now = utcnow()
     sent = await ctx.store.events.send_webhook(
-        workflow.tenant_id, workflow.id, name, correlation, payload, now
-    )
+        workflow.tenant_id, workflow.id, name, correlation, payload, now,
+        idempotency_key=idempotency_key,
+    )  # fmt: skip
+    if sent.replayed is not None:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        now = sent.replayed.received_at
     await wake(ctx, sent, workflow.tenant_id, workflow.id)
     data = {"id": sent.event_id, "name": name, "execution_id": None,
             "correlation": correlation, "received_at": now, "woken": list(sent.woken)}  # fmt: skip

@@ -2,8 +2,9 @@
 
 * ``events (id, tenant_id → tenants, workflow_id → workflows, execution_id → executions
   (nullable), name, correlation, payload, source, received_at, consumed_at, consumed_by,
-  consumed_seq)``, all ``ON DELETE CASCADE``; indexes by (execution, name, received_at) and
-  by (tenant, workflow, name, correlation, received_at).
+  consumed_seq, idempotency_key)``, all ``ON DELETE CASCADE``; indexes by (execution, name,
+  received_at), by (tenant, workflow, name, correlation, received_at), and unique (tenant,
+  idempotency_key) where a key was given.
 * ``event_waits (execution_id → executions ON DELETE CASCADE, tenant_id, workflow_id, name,
   correlation, seq, deadline, created_at)``: the wait step an execution is parked on.
 
@@ -44,6 +45,7 @@ def upgrade() -> None:
         sa.Column("consumed_at", UTCDateTime(), nullable=True),
         sa.Column("consumed_by", sa.String(32), nullable=True),
         sa.Column("consumed_seq", sa.Integer(), nullable=True),
+        sa.Column("idempotency_key", sa.String(255), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_events"),
         sa.ForeignKeyConstraint(
             ["tenant_id"], ["tenants.id"], name="fk_events_tenant_id_tenants", ondelete="CASCADE"
@@ -62,6 +64,14 @@ def upgrade() -> None:
         ),
     )
     op.create_index("ix_events_execution_name", "events", ["execution_id", "name", "received_at"])
+    op.create_index(
+        "uq_events_idempotency",
+        "events",
+        ["tenant_id", "idempotency_key"],
+        unique=True,
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+        sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+    )
     op.create_index(
         "ix_events_correlation",
         "events",
@@ -96,5 +106,6 @@ def downgrade() -> None:
     op.drop_index("ix_event_waits_correlation", table_name="event_waits")
     op.drop_table("event_waits")
     op.drop_index("ix_events_correlation", table_name="events")
+    op.drop_index("uq_events_idempotency", table_name="events")
     op.drop_index("ix_events_execution_name", table_name="events")
     op.drop_table("events")
