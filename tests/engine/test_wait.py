@@ -339,3 +339,21 @@ async def test_retention_deletes_kept_webhook_events_nobody_received(
     assert stale.event_id not in left
     # the one received is its execution's now (it goes with it); the recent one stays kept
     assert left == {fresh.event_id: None, taken.event_id: execution_id}
+
+
+async def test_concurrent_sends_with_one_idempotency_key_store_one_event(
+    store: Store, settings: Settings
+) -> None:
+    clock = Clock()
+    tenant, execution_id = await start(store, _workflow())
+    results = await asyncio.gather(
+        *(
+            store.events.send(tenant, execution_id, "paid", {"n": 1}, clock.now,
+                              idempotency_key="k-1")
+            for _ in range(5)
+        )
+    )  # fmt: skip
+    ids = {sent.event_id for sent, _ in results}
+    assert len(ids) == 1
+    assert sum(sent.replayed is None for sent, _ in results) == 1  # one stored, four replays
+    assert len(await store.events.for_execution(tenant, execution_id)) == 1
