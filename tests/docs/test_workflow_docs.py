@@ -4,6 +4,8 @@ The document marks its examples with the info string of fenced code blocks:
 
 * ```` ```json workflow ```` — a workflow definition; starts an example.
 * ```` ```json input ```` — the trigger input of the next run (``null`` without one).
+* ```` ```json event ```` — ``{"name", "payload"}``: an event sent to the next run's execution
+  when it first parks (as ``POST /api/executions/{id}/events/{name}`` does).
 * ```` ```json output ```` — the run succeeds with exactly this execution output.
 * ```` ```json error ```` — the run fails; every key shown equals that of the execution's
   ``error`` (keys not shown are not compared).
@@ -63,7 +65,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "workflows.md"
 PLACEHOLDER = "https://api.example.test"
 RUN_TAGS = ("output", "error", "input-invalid")
 STEP_TAGS = ("step-error", "step-input")
-TAGS = ("workflow", "input", "invalid", "fragment", *STEP_TAGS, *RUN_TAGS)
+TAGS = ("workflow", "input", "event", "invalid", "fragment", *STEP_TAGS, *RUN_TAGS)
 MAX_RUNS_PER_EXECUTION = 10
 
 # --- reading the document -----------------------------------------------------------------------
@@ -81,6 +83,8 @@ class Run:
     value: Any
     last_step: dict[str, Any] = field(default_factory=dict)
     """``step-error`` / ``step-input`` expectations about the last step run."""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """``{"name", "payload"}`` of events sent to the execution when it first parks."""
 
 
 @dataclass
@@ -127,6 +131,7 @@ def read_examples(text: str) -> list[Example]:
     examples: list[Example] = []
     current: Example | None = None
     pending: _Block | None = None
+    events: list[dict[str, Any]] = []
     names: Counter[str] = Counter()
     for block in _blocks(text):
         where = f"docs/workflows.md:{block.line}"
@@ -145,6 +150,11 @@ def read_examples(text: str) -> list[Example]:
         if block.tag == "input":
             assert pending is None, f"{where}: two inputs in a row"
             pending = block
+        elif block.tag == "event":
+            assert isinstance(block.value, dict) and set(block.value) == {"name", "payload"}, (
+                f"{where}: an event is {{name, payload}}"
+            )
+            events.append(block.value)
         elif block.tag in STEP_TAGS:
             last = current.runs[-1] if current.runs else None
             after = ("error",) if block.tag == "step-error" else ("output", "error")
@@ -157,9 +167,10 @@ def read_examples(text: str) -> list[Example]:
         else:
             assert current.invalid is None, f"{where}: an invalid workflow cannot run"
             value = None if pending is None else pending.value
-            current.runs.append(Run(block.line, value, block.tag, block.value))
-            pending = None
+            current.runs.append(Run(block.line, value, block.tag, block.value, events=events))
+            pending, events = None, []
     assert pending is None, f"docs/workflows.md:{pending.line}: input without a result"
+    assert not events, "docs/workflows.md: an event without a result after it"
     for example in examples:
         assert example.runs or example.invalid is not None, (
             f"docs/workflows.md:{example.line}: a workflow without an expected result"
@@ -307,12 +318,27 @@ def _rewrite(value: Any, old: str, new: str) -> Any:
     return json.loads(json.dumps(value).replace(old, new))
 
 
-async def _run_to_end(store: Store, engine: Engine, clock: Clock, execution_id: str) -> None:
-    """Run the execution; fire its timers as the timer dispatcher would, until it ends."""
+async def _run_to_end(
+    store: Store,
+    engine: Engine,
+    clock: Clock,
+    execution_id: str,
+    events: list[dict[str, Any]],
+    tenant_id: str,
+) -> None:
+    """Run the execution; fire its timers as the timer dispatcher would, until it ends. When
+    it first parks, ``events`` are sent to it (a ``wait`` step receives them)."""
     for _ in range(MAX_RUNS_PER_EXECUTION):
         outcome = await engine.run(execution_id)
         if outcome.finished:
             return
+        if events:
+            for event in events:
+                await store.events.send(
+                    tenant_id, execution_id, event["name"], event["payload"], clock()
+                )
+            events = []
+            continue
         assert outcome.kind is OutcomeKind.WAITING and outcome.wake_at, outcome
         clock.advance_to(outcome.wake_at)
         timers = await store.timers.claim(clock(), owner="docs-test")
@@ -350,7 +376,9 @@ async def _check_run(target: _Target, run: Run) -> None:
         assert rejected.value.details == run.value, f"{where}: {rejected.value.details}"
         return
     execution, _ = await store.executions.create(target.tenant_id, target.workflow_id, value)
-    await _run_to_end(store, target.engine, target.clock, execution.id)
+    await _run_to_end(
+        store, target.engine, target.clock, execution.id, run.events, target.tenant_id
+    )
     done = await store.executions.get(target.tenant_id, execution.id, with_steps=True)
     last = done.steps[-1] if done.steps else None
     shown = {"status": done.status, "output": done.output, "error": done.error,

@@ -25,6 +25,13 @@
 4. A ``delay`` step writes a timer row and parks the execution (``waiting``) in the same
    transaction, and the run returns: no worker slot is held while waiting. When the timer
    fires, the next run continues after the delay step.
+4b. A ``wait`` step receives the oldest matching event at once when one is there (sent before
+   the execution got here: no lost signal); else it parks the execution (``waiting``, the cursor
+   stays on the step, ``wake_at`` = its deadline, a timer for the timeout) with an
+   ``event_waits`` row, in one fenced transaction that looks for the event once more. An
+   arriving event makes it due; the next run enters the step again and receives the event —
+   its consumption is in the step's fenced write, exactly once — or, past the deadline, takes
+   ``on_timeout`` (see :mod:`conveyor.store.events`).
 5. A step that fails retryably (its ``retry`` policy: which errors, how many tries, what
    backoff) is tried again. When the wait before the next try is at least
    :data:`~conveyor.workflows.step_models.DURABLE_RETRY_MIN_S` (1 s), it is durable, like a
@@ -35,7 +42,7 @@
    the same step; its step run, once it succeeds or fails for good, lists every attempt.
    Shorter waits sleep in the worker.
 6. A cancelled execution stops at the next durable write (which sees ``cancelled``); one
-   waiting for a timer (a delay, a retry) is not resumed.
+   waiting for a timer (a delay, a retry, a wait's timeout) is not resumed.
 7. When the execution succeeds, its output is the workflow's ``output`` expression's value
    over the evaluation context (``input``, every completed step's output, ``execution``) —
    written with the last step, in the same transaction — or, without one, the last step's
@@ -56,7 +63,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -85,6 +92,7 @@ from conveyor.errors import (
 from conveyor.settings import Settings
 from conveyor.store import (
     Claim,
+    EventWait,
     ExecutionWrite,
     RunStore,
     StepWrite,
@@ -100,6 +108,7 @@ from conveyor.workflows import (
     SecretResolver,
     StepContext,
     StepResult,
+    WaitStep,
     run_step,
 )
 from conveyor.workflows.definition import RetryPolicy
@@ -120,6 +129,13 @@ _RELEASE_TIMEOUT_S = 2.0
 
 class _Abandoned(Exception):
     """The caller's abandon event was set while a step ran."""
+
+
+class _EventTaken(Exception):
+    """Another execution consumed the event a wait step was receiving: look again."""
+
+
+Persist = Callable[[ExecutionWrite, Sequence[StepWrite]], Awaitable[str]]
 
 
 @dataclass(slots=True)
@@ -275,6 +291,8 @@ class Engine:
         if why.status == "running" and why.lease_expires_at is not None:
             wait = max((why.lease_expires_at - now).total_seconds(), 0.0)
             return RunOutcome(execution_id, OutcomeKind.BUSY, why.status, retry_after_s=wait)
+        if why.status == "waiting" and why.wake_at is None:  # a wait step without a timeout
+            return RunOutcome(execution_id, OutcomeKind.NOT_DUE, why.status)
         if why.status == "waiting" and why.wake_at is not None:
             wait = max((why.wake_at - now).total_seconds(), 0.0)
             return RunOutcome(
@@ -473,6 +491,8 @@ class Engine:
         """Run the step at the cursor and persist it; an outcome when the run ends here."""
         plan, index = run.plan, run.index
         step = plan.steps[index]
+        if isinstance(step, WaitStep):
+            return await self._wait(run, step)
         if plan.local[index] and (step.retry is None or step.retry.attempts == 1):
             done = await self._attempts(run, step)
         else:
@@ -505,6 +525,7 @@ class Engine:
         *,
         next_index: int | None = None,
         wake_at: datetime | None = None,
+        persist: Persist | None = None,
     ) -> RunOutcome | None:
         claim, index = run.claim, run.index
         output = done.output
@@ -565,6 +586,9 @@ class Engine:
             # waits for the next durable write (an http step's, a delay's, the end's).
             run.pending.append(step_write)
             final = "running"
+        elif persist is not None:
+            final = await persist(write, [*run.pending, step_write])
+            run.pending.clear()
         else:
             final = await self._persist(run, write, [*run.pending, step_write], timer)
             run.pending.clear()
@@ -650,6 +674,147 @@ class Engine:
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    # --- a wait step -------------------------------------------------------------------------
+
+    async def _wait(self, run: _Run, step: WaitStep) -> RunOutcome | None:
+        """Receive the event, take the timeout's branch, or park (see the module, 4b)."""
+        claim, index, events = run.claim, run.index, self.store.events
+        now = self._clock()
+        recorded: dict[str, Any] = {"event": step.event}
+        try:
+            correlation = self._correlation(run, step)
+        except (ExpressionError, PermanentStepError) as exc:
+            done = _StepDone(1, now, now, error=describe_error(exc), input=_encoded(recorded))
+            return await self._write_step(run, step, done, "failed", now)
+        if correlation is not None:
+            recorded["correlation"] = correlation
+        await run.runs.idle()
+        parked = await events.wait_of(claim.execution_id)
+        if parked is not None and parked.seq != run.seq:
+            parked = None  # left by an earlier wait (its write deletes it): not this one
+        if parked is not None:
+            started, deadline = parked.created_at, parked.deadline
+        else:
+            started = now
+            deadline = None if step.timeout_s is None else now + timedelta(seconds=step.timeout_s)
+        if deadline is not None:
+            recorded["deadline"] = _iso(deadline)
+        while True:
+            now = self._clock()
+            event = await events.find(
+                claim.tenant_id, claim.execution_id, claim.workflow_id, step.event, correlation
+            )
+            if event is not None:
+                output = {"event": event.name, "payload": event.payload,
+                          "receivedAt": _iso(event.received_at)}  # fmt: skip
+                done = self._wait_done(
+                    step, started, now, output, {**recorded, "eventId": event.id}
+                )
+                try:
+                    return await self._wait_end(run, step, done, now, "continue", event.id)
+                except _EventTaken:
+                    continue
+            if deadline is not None and now >= deadline:
+                return await self._wait_timed_out(run, step, started, now, recorded)
+            wait = EventWait(
+                execution_id=claim.execution_id, tenant_id=claim.tenant_id,
+                workflow_id=claim.workflow_id, name=step.event, correlation=correlation,
+                seq=run.seq, deadline=deadline, created_at=started,
+            )  # fmt: skip
+            timer = None
+            if parked is None and deadline is not None:
+                timer = TimerWrite(new_id(), claim.workflow_id, claim.region, run.seq, deadline)
+            write = ExecutionWrite(
+                status="waiting", next_step=index, steps_run=run.seq, now=now,
+                lease_expires_at=None, wake_at=deadline,
+            )  # fmt: skip
+            final = await events.park(claim, write, run.pending, timer, wait)
+            if final is None:
+                continue  # an event arrived meanwhile: receive it
+            run.pending.clear()
+            timer_id = timer.id if timer is not None else None
+            return self._outcome(claim, final, run.ran, wake_at=deadline, timer_id=timer_id)
+
+    def _correlation(self, run: _Run, step: WaitStep) -> str | None:
+        """The value of the step's ``correlation`` expression, as text (string or number)."""
+        if step.correlation is None:
+            return None
+        claim = run.claim
+        context = build_context(
+            claim.input, run.outputs, execution_id=claim.execution_id,
+            workflow_id=claim.workflow_id, tenant_id=claim.tenant_id,
+        )  # fmt: skip
+        value = evaluate(step.correlation, context)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise PermanentStepError(
+                f"correlation must evaluate to a string or a number, got {dumps(value)[:80]}"
+            )
+        text = value if isinstance(value, str) else dumps(value)
+        if not text or len(text) > 512:
+            raise PermanentStepError("correlation must be 1 to 512 characters")
+        return text
+
+    def _wait_done(
+        self,
+        step: WaitStep,
+        started: datetime,
+        now: datetime,
+        output: Any,
+        recorded: dict[str, Any],
+    ) -> _StepDone:
+        try:
+            encoded = encode_output(step, output, self._max_output)
+        except OutputRejected as exc:
+            return _StepDone(1, started, now, error=describe_error(exc), input=_encoded(recorded))
+        return _StepDone(
+            1, started, now, result=StepResult(output=output), output=encoded,
+            input=_encoded(recorded),
+        )  # fmt: skip
+
+    async def _wait_timed_out(
+        self,
+        run: _Run,
+        step: WaitStep,
+        started: datetime,
+        now: datetime,
+        recorded: dict[str, Any],
+    ) -> RunOutcome | None:
+        action = step.timeout_action
+        if action is None:
+            message = f"no event {step.event!r} arrived within {step.timeout_s:g}s"
+            error = {"type": "WaitTimeout", "message": message}
+            done = _StepDone(1, started, now, error=error, input=_encoded(recorded))
+        else:
+            done = self._wait_done(step, started, now, {"timedOut": True}, recorded)
+        return await self._wait_end(run, step, done, now, action, None)
+
+    async def _wait_end(
+        self,
+        run: _Run,
+        step: WaitStep,
+        done: _StepDone,
+        now: datetime,
+        action: Any,
+        event_id: str | None,
+    ) -> RunOutcome | None:
+        """The wait step's write (consuming ``event_id``): raises ``_EventTaken`` when another
+        execution consumed it first (nothing written)."""
+        claim, events = run.claim, self.store.events
+
+        async def receive(write: ExecutionWrite, steps: Sequence[StepWrite]) -> str:
+            status = await events.receive(claim, write, steps, event_id)
+            if status is None:
+                raise _EventTaken
+            return status
+
+        if done.result is None:
+            return await self._write_step(run, step, done, "failed", now, persist=receive)
+        next_index = run.plan.next_index(run.index, action)
+        status = "succeeded" if next_index >= len(run.plan.steps) else "running"
+        return await self._write_step(
+            run, step, done, status, now, next_index=next_index, persist=receive
+        )
 
     # --- one step: attempts, timeout, retries, lease renewal -------------------------------
 
@@ -812,6 +977,14 @@ class Engine:
                     pending.cancel()
             if not task.done():
                 await asyncio.wait({task}, timeout=_RELEASE_TIMEOUT_S)
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _encoded(recorded: dict[str, Any]) -> Encoded:
+    return Encoded(recorded, dumps(recorded))
 
 
 def _annotate_step_span(

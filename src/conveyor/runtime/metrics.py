@@ -225,7 +225,7 @@ class MetricsPublisher:
 
     def count_pruned(self, table: str, rows: int) -> None:
         """Retention deleted ``rows`` rows of ``table`` (``executions``, ``step_runs``,
-        ``timers``, ``schedule_ticks``)."""
+        ``timers``, ``schedule_ticks``, ``events``)."""
         if rows:
             key = ("retention_pruned_rows_total", _labels({"table": table}))
             self._pending.counters[key] = self._pending.counters.get(key, 0) + rows

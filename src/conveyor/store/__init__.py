@@ -34,6 +34,7 @@ from conveyor.store._db import asyncpg_dsn, sqlalchemy_url, sqlite_path
 from conveyor.store._migrate import head_revisions
 from conveyor.store._store import Store, migrate
 from conveyor.store._types import dumps, has_nul, new_id, utcnow, without_nul
+from conveyor.store.events import Event, EventWait, Sent
 from conveyor.store.executions import RetryFrom
 from conveyor.store.insights import Activity, ExecutionFilter, VersionInfo
 from conveyor.store.limits import TenantLimits
@@ -82,6 +83,8 @@ __all__ = [
     "Claim",
     "Cutoff",
     "DatabaseUsage",
+    "Event",
+    "EventWait",
     "Execution",
     "ExecutionFilter",
     "ExecutionWrite",
@@ -97,6 +100,7 @@ __all__ = [
     "Schedule",
     "ScheduleTick",
     "SecretInfo",
+    "Sent",
     "Statements",
     "StepRun",
     "StepWrite",

@@ -16,6 +16,7 @@ from conveyor.settings import Settings
 from conveyor.store import _migrate
 from conveyor.store._db import close_pg_pool, create_engine, create_pg_pool, dialect_of
 from conveyor.store._errors import translate_errors
+from conveyor.store.events import EventService
 from conveyor.store.executions import ExecutionService
 from conveyor.store.insights import InsightService
 from conveyor.store.limits import TenantLimitsService
@@ -45,7 +46,8 @@ class Store:
     :attr:`executions`, :attr:`schedules`, :attr:`timers`, :attr:`insights` (operators'
     cross-tenant reads), :attr:`retention` (overrides and pruning), :attr:`limits` (per-tenant
     execution limits), :attr:`storage` (rows and bytes per table), :attr:`secrets` (tenants'
-    encrypted secrets); the engine's hot path: :attr:`runs`.
+    encrypted secrets), :attr:`events` (``wait`` steps' events); the engine's hot path:
+    :attr:`runs`.
 
     The drivers are chosen here, once: on Postgres the engine's hot path (:attr:`runs`) and
     the API's hottest statements (API key lookup, trigger, get) run on a raw asyncpg pool
@@ -68,6 +70,7 @@ class Store:
     limits: TenantLimitsService
     storage: StorageService
     secrets: SecretService
+    events: EventService
 
     def __init__(
         self, settings: Settings, *, pool_size: int | None = None, fast_path: bool = True
@@ -108,6 +111,7 @@ class Store:
         self.limits = TenantLimitsService(engine, s, statements)
         self.storage = StorageService(engine, s, statements)
         self.secrets = SecretService(engine, s, statements)
+        self.events = EventService(engine, s, statements)
         return self
 
     async def __aexit__(

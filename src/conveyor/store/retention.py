@@ -32,7 +32,15 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from conveyor.errors import NotFound
 from conveyor.store._base import ServiceBase
-from conveyor.store.schema import TERMINAL_STATUSES, executions, schedule_ticks, step_runs, tenants
+from conveyor.store.schema import (
+    TERMINAL_STATUSES,
+    event_waits,
+    events,
+    executions,
+    schedule_ticks,
+    step_runs,
+    tenants,
+)
 from conveyor.store.schema import timers as timers_table
 
 __all__ = ["Cutoff", "Pruned", "RetentionOverride", "RetentionPolicy", "RetentionService"]
@@ -227,6 +235,9 @@ class RetentionService(ServiceBase):
                     )
                 ),
             )
+            # their events (wait steps; migration 0010): cascaded on Postgres, explicit for SQLite
+            await conn.execute(delete(events).where(events.c.execution_id.in_(ids)))
+            await conn.execute(delete(event_waits).where(event_waits.c.execution_id.in_(ids)))
             done.executions = _count(await conn.execute(delete(executions).where(_E.id.in_(ids))))
         return done
 

@@ -38,6 +38,8 @@ __all__ = [
     "EXECUTION_STATUSES",
     "TERMINAL_STATUSES",
     "api_keys",
+    "event_waits",
+    "events",
     "executions",
     "metadata",
     "schedule_ticks",
@@ -270,6 +272,67 @@ timers = Table(
         postgresql_where=text("status = 'pending'"),
         sqlite_where=text("status = 'pending'"),
     ),
+)
+
+# Events for ``wait`` steps (migration 0010; conveyor.store.events). An event addressed to an
+# execution has ``execution_id``; a webhook event kept for the first execution that waits on
+# its (workflow, name, correlation) has none. ``consumed_at``/``consumed_by``/``consumed_seq``:
+# the wait step run that received it (set in that step's fenced write, exactly once).
+events = Table(
+    "events",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("tenant_id", ID, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("workflow_id", ID, ForeignKey("workflows.id", ondelete="CASCADE"), nullable=False),
+    Column("execution_id", ID, ForeignKey("executions.id", ondelete="CASCADE"), nullable=True),
+    Column("name", String(128), nullable=False),
+    Column("correlation", String(512), nullable=True),
+    Column("payload", JSONType, nullable=True),
+    Column("source", String(16), nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("consumed_at", UTCDateTime, nullable=True),
+    Column("consumed_by", ID, nullable=True),
+    Column("consumed_seq", Integer, nullable=True),
+    # ``Idempotency-Key`` of the request that sent it: the same key (per tenant) → this event
+    Column("idempotency_key", String(255), nullable=True),
+    Index("ix_events_execution_name", "execution_id", "name", "received_at"),
+    Index(
+        "uq_events_idempotency",
+        "tenant_id",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+        sqlite_where=text("idempotency_key IS NOT NULL"),
+    ),
+    Index(
+        "ix_events_correlation",
+        "tenant_id",
+        "workflow_id",
+        "name",
+        "correlation",
+        "received_at",
+    ),
+)
+
+# The wait step an execution is parked on (at most one per execution; migration 0010):
+# what an arriving event is matched against, and the wait's deadline across wake-ups.
+event_waits = Table(
+    "event_waits",
+    metadata,
+    Column(
+        "execution_id",
+        ID,
+        ForeignKey("executions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("tenant_id", ID, nullable=False),
+    Column("workflow_id", ID, nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("correlation", String(512), nullable=True),
+    Column("seq", Integer, nullable=False),
+    Column("deadline", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_event_waits_correlation", "tenant_id", "workflow_id", "name", "correlation"),
 )
 
 schedules = Table(

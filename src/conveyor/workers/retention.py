@@ -144,8 +144,9 @@ class Retention:
     async def _idle_ticks(
         self, policies: list[RetentionPolicy], report: PassReport, keep_going: Callable[[], bool]
     ) -> int:
-        """Ticks without an execution: of tenants on the setting in one sweep, of tenants with
-        their own retention one by one."""
+        """Ticks without an execution, and webhook events no execution received (counted in
+        the metric only): of tenants on the setting in one sweep, of tenants with their own
+        retention one by one."""
         own = [p for p in policies if p.retention_s != self.settings.execution_retention]
         sweeps: list[tuple[timedelta, str | None, list[str]]] = [
             (timedelta(seconds=self.settings.execution_retention), None, [p.tenant_id for p in own])
@@ -161,6 +162,18 @@ class Retention:
                 if n:
                     report.batches += 1
                     self._metric("schedule_ticks", n)
+                if n < self.batch_size:
+                    break
+                await self.sleep(self.pause_s)
+            while keep_going():  # webhook events no execution received (wait steps)
+                n = await self.store.events.prune_kept(
+                    report.at - age, self.batch_size, tenant_id=tenant_id, exclude=exclude
+                )
+                if n:
+                    report.batches += 1
+                    self._metric("events", n)
+                    log.info("retention.events_pruned", extra={"tenantId": tenant_id,
+                                                               "events": n})  # fmt: skip
                 if n < self.batch_size:
                     break
                 await self.sleep(self.pause_s)

@@ -87,7 +87,8 @@ class Counters:
 _SAYS = {
     OutcomeKind.SKIPPED: "nothing to do: the execution had already finished",
     OutcomeKind.LEASE_LOST: "another runner took the execution over; it continues there",
-    OutcomeKind.NOT_DUE: "execution waits on a timer; the timer dispatcher resumes it",
+    OutcomeKind.NOT_DUE: "execution waits on a timer or an event; the timer dispatcher or the "
+    "event resumes it",
 }
 
 
@@ -99,7 +100,11 @@ def job_result(outcome: RunOutcome) -> dict[str, Any]:
     by a new job (``timer:<id>``) the timer dispatcher adds when the timer is due.
     """
     result: dict[str, Any] = {"executionId": outcome.execution_id, "status": outcome.kind.value}
-    if outcome.kind is OutcomeKind.WAITING:
+    if outcome.kind is OutcomeKind.WAITING and outcome.timer_id is None:
+        # a wait step (parked again, or without a timeout): an event or its deadline resumes it
+        due = "" if outcome.wake_at is None else f" or its timeout at {outcome.wake_at.isoformat()}"
+        result["suspended"] = f"waiting for an event{due}; resumed by job event:<event>:<id>"
+    elif outcome.kind is OutcomeKind.WAITING:
         due = outcome.wake_at.isoformat() if outcome.wake_at is not None else "unknown"
         result["suspended"] = (
             f"timer {outcome.timer_id} due {due}; resumed by job timer:{outcome.timer_id}"

@@ -14,7 +14,7 @@ A workflow is JSON::
         "body": {"order": "{{ steps.fetch.body }}"}}]}
 
 Step types (discriminated by ``type``): ``http``, ``transform``, ``condition``, ``delay``,
-``noop``. Every step has an ``id`` (``^[A-Za-z][A-Za-z0-9_-]{0,63}$``, unique), an optional
+``wait`` (for an event, see :class:`~conveyor.workflows.step_models.WaitStep`), ``noop``. Every step has an ``id`` (``^[A-Za-z][A-Za-z0-9_-]{0,63}$``, unique), an optional
 ``retry`` policy and an optional ``timeout_s``. Unknown keys are errors (typos are caught).
 
 ``http`` and ``transform`` steps take an optional ``select``: a JMESPath expression over the
@@ -72,6 +72,7 @@ from conveyor.workflows.step_models import (
     RetryPolicy,
     Step,
     TransformStep,
+    WaitStep,
     _Model,
     check_json,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "RetryPolicy",
     "Step",
     "TransformStep",
+    "WaitStep",
     "WorkflowDefinition",
     "parse_definition",
     "validate_input",
@@ -164,7 +166,7 @@ class WorkflowDefinition(_Model):
 
     def get_step(
         self, step_id: str
-    ) -> HttpStep | TransformStep | ConditionStep | DelayStep | NoopStep:
+    ) -> HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | NoopStep:
         return self.steps[self.step_index(step_id)]
 
     def next_step_id(self, step_id: str, action: Action = "continue") -> str | None:
@@ -190,9 +192,13 @@ def _cross_problems(definition: WorkflowDefinition) -> list[dict[str, Any]]:
         else:
             positions[step.id] = index
     for index, step in enumerate(definition.steps):
-        if not isinstance(step, ConditionStep):
+        if isinstance(step, ConditionStep):
+            actions = step.actions()
+        elif isinstance(step, WaitStep) and step.timeout_action is not None:
+            actions = [("on_timeout", step.timeout_action)]
+        else:
             continue
-        for field, action in step.actions():
+        for field, action in actions:
             if not isinstance(action, GotoAction):
                 continue
             target = positions.get(action.goto)

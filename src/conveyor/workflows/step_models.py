@@ -1,4 +1,4 @@
-"""The steps of a workflow definition: the five step models, retry policies, actions, limits.
+"""The steps of a workflow definition: the six step models, retry policies, actions, limits.
 
 Split from :mod:`conveyor.workflows.definition` (which re-exports everything here and holds the
 workflow model, parsing with useful errors, and the JSON Schema); see its docstring for the
@@ -29,7 +29,7 @@ from pydantic import (
 from conveyor.workflows.expressions import check_expression, check_template, is_template
 
 STEP_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
-STEP_TYPES = ("http", "transform", "condition", "delay", "noop")
+STEP_TYPES = ("http", "transform", "condition", "delay", "wait", "noop")
 MAX_JSON_DEPTH = 32
 MAX_HEADERS = 50
 MAX_URL_CHARS = 8192
@@ -39,6 +39,8 @@ DEFAULT_RESPONSE_BYTES = 1024 * 1024
 MAX_TIMEOUT_S = 3600.0
 DEFAULT_HTTP_TIMEOUT_S = 30.0
 MAX_DELAY_S = 366 * 24 * 3600.0
+EVENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+MAX_CORRELATION_CHARS = 512
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _FORBIDDEN_HEADERS = frozenset(
@@ -356,6 +358,60 @@ class DelayStep(_StepBase):
         return self
 
 
+class WaitStep(_StepBase):
+    """Pause the execution until an event named ``event`` arrives, or ``timeout_s`` passes.
+
+    An event is sent to one execution (``POST /api/executions/{id}/events/{name}``) or through
+    the workflow's webhook with a correlation value (``POST /api/webhooks/{workflowId}/events/
+    {name}?correlation=...``): a wait step with a ``correlation`` expression (a JMESPath
+    expression evaluated when the step runs; its value must be a string or a number) also
+    receives webhook events whose correlation value equals it. An event that arrives before
+    the execution reaches the step is kept and delivered when it does.
+
+    Output: ``{"event", "payload", "receivedAt"}``; on timeout ``on_timeout`` decides:
+    ``"fail"`` (the default: the step fails with ``WaitTimeout``), or an action
+    (``"continue"``, ``"end"``, ``{"goto": "<later step>"}``) taken with the output
+    ``{"timedOut": true}``. Without ``timeout_s`` the step waits until an event arrives (or
+    the execution is cancelled).
+    """
+
+    type: Literal["wait"]
+    event: Annotated[str, StringConstraints(pattern=EVENT_NAME_PATTERN)]
+    correlation: Expression | None = None
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_DELAY_S)
+    on_timeout: Literal["fail"] | Action = "fail"
+
+    @field_validator("correlation")
+    @classmethod
+    def _check_correlation(cls, value: str | None) -> str | None:
+        return None if value is None else check_expression(value)
+
+    @field_validator("on_timeout", mode="wrap")
+    @classmethod
+    def _check_on_timeout(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if value == "fail":
+            return "fail"
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(
+                'must be "fail", "continue", "end" or {"goto": "<id of a later step>"}'
+            ) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WaitStep:
+        if self.retry is not None:
+            raise ValueError("'retry' does not apply to a wait step")
+        if self.timeout_s is None and "on_timeout" in self.model_fields_set:
+            raise ValueError("'on_timeout' needs 'timeout_s'")
+        return self
+
+    @property
+    def timeout_action(self) -> Action | None:
+        """What runs after a timeout (``None``: the step fails)."""
+        return None if self.on_timeout == "fail" else self.on_timeout
+
+
 class NoopStep(_StepBase):
     """Do nothing (output ``null``)."""
 
@@ -363,7 +419,8 @@ class NoopStep(_StepBase):
 
 
 Step = Annotated[
-    HttpStep | TransformStep | ConditionStep | DelayStep | NoopStep, Field(discriminator="type")
+    HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | NoopStep,
+    Field(discriminator="type"),
 ]
 
 _AWARE = TypeAdapter(AwareDatetime)

@@ -63,6 +63,7 @@ from conveyor.workflows.step_models import (
     HttpStep,
     NoopStep,
     TransformStep,
+    WaitStep,
     parse_until,
 )
 
@@ -76,7 +77,7 @@ __all__ = [
     "run_step",
 ]
 
-AnyStep = HttpStep | TransformStep | ConditionStep | DelayStep | NoopStep
+AnyStep = HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | NoopStep
 
 SecretResolver = Callable[[Collection[str]], Awaitable[Mapping[str, str]]]
 """The values of the named secrets of the execution's tenant. Raises
@@ -175,6 +176,8 @@ async def _run(step: AnyStep, ctx: StepContext) -> StepResult:
         return _run_delay(step, ctx)
     if isinstance(step, HttpStep):
         return StepResult(output=_select_output(step, await _run_http(step, ctx)))
+    if isinstance(step, WaitStep):  # the engine waits (it owns the events and the timer)
+        raise PermanentStepError("a wait step is run by the engine, not by a step runner")
     raise PermanentStepError(f"unknown step type {type(step).__name__}")
 
 

@@ -7,8 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Path, Query, Response
 
 from conveyor.api.deps import CtxDep, TenantDep
+from conveyor.api.events import check_payload, wake
 from conveyor.api.schemas import (
     Envelope,
+    EventOut,
+    EventRecordOut,
     ExecutionOut,
     ExecutionStatus,
     Page,
@@ -17,7 +20,8 @@ from conveyor.api.schemas import (
     error_responses,
 )
 from conveyor.api.trigger import enqueue, trigger
-from conveyor.store import Execution, StepRun
+from conveyor.store import Execution, StepRun, utcnow
+from conveyor.workflows.step_models import EVENT_NAME_PATTERN
 
 router = APIRouter(tags=["executions"], responses=error_responses(400, 401, 404, 413, 422, 503))
 
@@ -26,6 +30,15 @@ ExecutionId = Annotated[
 ]
 WorkflowId = Annotated[
     str, Path(alias="workflowId", min_length=1, max_length=64, description="Workflow id.")
+]
+EventName = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=128,
+        pattern=EVENT_NAME_PATTERN,
+        description="The event's name (what a wait step's `event` names).",
+    ),
 ]
 IdempotencyKey = Annotated[
     str | None,
@@ -219,3 +232,78 @@ async def retry_execution(
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     return {"success": True, "data": execution_out(execution)}
+
+
+EVENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Idempotent replay: the event stored earlier with this key.",
+          "model": Envelope[EventOut]},
+    **error_responses(409),
+}  # fmt: skip
+
+
+@router.post(
+    "/api/executions/{executionId}/events/{name}",
+    status_code=202,
+    response_model=Envelope[EventOut],
+    summary="Send an event to an execution",
+    description=(
+        "Stores an event named `name` for the execution, with the request body (any JSON; "
+        "at most `STEP_OUTPUT_MAX_BYTES`, 413 above) as its payload, and answers 202. If the "
+        "execution is parked on a `wait` step for this name it is resumed (`woken`); "
+        "otherwise the event is kept and the first wait step for the name that the execution "
+        "runs receives it at once. Each event is received by one wait step, once. 404 for an "
+        "execution that is not this tenant's; 409 when it already finished or was cancelled. "
+        "With `Idempotency-Key` (per tenant, its own key space), a repeated request answers "
+        "the event stored the first time (200, `Idempotent-Replayed: true`), also after the "
+        "execution finished; a key used for another event is 409."
+    ),
+    responses=EVENT_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "description": "The event's payload (any JSON; none: null).",
+            "content": {"application/json": {"schema": {}, "example": {"amount": 42}}},
+        }
+    },
+)
+async def send_event(
+    ctx: CtxDep,
+    auth: TenantDep,
+    execution_id: ExecutionId,
+    name: EventName,
+    response: Response,
+    payload: Annotated[Any, Body()] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    check_payload(ctx, name, payload)
+    now = utcnow()
+    sent, execution = await ctx.store.events.send(
+        auth.tenant_id, execution_id, name, payload, now, idempotency_key=idempotency_key
+    )
+    if sent.replayed is not None:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        now = sent.replayed.received_at
+    await wake(ctx, sent, auth.tenant_id, execution.workflow_id)
+    data = {"id": sent.event_id, "name": name, "execution_id": execution_id,
+            "correlation": None, "received_at": now, "woken": list(sent.woken)}  # fmt: skip
+    return {"success": True, "data": data}
+
+
+@router.get(
+    "/api/executions/{executionId}/events",
+    response_model=Envelope[list[EventRecordOut]],
+    summary="List an execution's events",
+    description=(
+        "The events sent to the execution (and webhook events it received), oldest first: "
+        "`consumedAt`/`consumedSeq` name the wait step run that received each; an event "
+        "without them is kept for the next wait step for its name."
+    ),
+)
+async def list_events(ctx: CtxDep, auth: TenantDep, execution_id: ExecutionId) -> dict[str, Any]:
+    await ctx.store.executions.get(auth.tenant_id, execution_id)  # 404 unless the tenant's
+    events = await ctx.store.events.for_execution(auth.tenant_id, execution_id)
+    items = [{name: getattr(e, name) for name in (
+        "id", "name", "correlation", "payload", "source", "received_at", "consumed_at",
+        "consumed_seq")} for e in events]  # fmt: skip
+    return {"success": True, "data": items}

@@ -3,7 +3,11 @@
 Each workflow has its own webhook secret (issued on create, rotated with
 ``POST /api/workflows/{id}/webhook/rotate``), stored only as a SHA-256 digest and compared in
 constant time. The caller sends it in the ``X-Webhook-Secret`` header or as the last path
-segment (for senders that cannot set headers). The request body becomes the execution input:
+segment (for senders that cannot set headers).
+
+``POST /api/webhooks/{workflowId}/events/{name}?correlation=<value>`` (secret in the header)
+sends an event to the workflow's executions parked on a ``wait`` step for ``name`` whose
+correlation value is ``<value>``, or keeps it for the first one that waits on it. The request body becomes the execution input:
 JSON bodies as parsed JSON, other bodies as ``{"contentType", "body"}`` text.
 """
 
@@ -12,13 +16,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 
 from conveyor.api.deps import CtxDep
 from conveyor.api.errors import ApiError
-from conveyor.api.routes.executions import IdempotencyKey, execution_out
-from conveyor.api.schemas import Envelope, ExecutionOut, error_responses
+from conveyor.api.events import check_payload, wake
+from conveyor.api.routes.executions import EventName, IdempotencyKey, execution_out
+from conveyor.api.schemas import Envelope, EventOut, ExecutionOut, error_responses
 from conveyor.api.trigger import trigger
+from conveyor.store import utcnow
 
 router = APIRouter(prefix="/api/webhooks", tags=["webhooks"])
 
@@ -135,3 +141,73 @@ async def webhook_with_secret(
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     return await _fire(ctx, request, response, workflow_id, secret, idempotency_key)
+
+
+EVENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Idempotent replay: the event stored earlier with this key.",
+          "model": Envelope[EventOut]},
+    **error_responses(400, 401, 409, 413, 422, 503),
+}  # fmt: skip
+
+
+@router.post(
+    "/{workflowId}/events/{name}",
+    status_code=202,
+    response_model=Envelope[EventOut],
+    summary="Inbound webhook event (for wait steps)",
+    description=(
+        "Sends an event named `name` with the request body (any JSON, at most "
+        "`STEP_OUTPUT_MAX_BYTES`) as its payload to the workflow's executions waiting on a "
+        "`wait` step for `name` whose `correlation` expression evaluated to `correlation`: "
+        "each of them receives it (`woken`). When none waits yet, the event is kept and the "
+        "first execution of the workflow whose wait step for it has that correlation value "
+        "receives it at once. Authenticated by the workflow's webhook secret "
+        "(`X-Webhook-Secret`); a wrong secret or unknown workflow answers 401. "
+        "`Idempotency-Key` as for `POST /api/executions/{executionId}/events/{name}`."
+    ),
+    responses=EVENT_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "description": "The event's payload (any JSON; none: null).",
+            "content": {"application/json": {"schema": {}, "example": {"amount": 42}}},
+        }
+    },
+)
+async def webhook_event(
+    ctx: CtxDep,
+    response: Response,
+    workflow_id: WorkflowId,
+    name: EventName,
+    correlation: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=512,
+            description="Matched against the waiting steps' correlation values.",
+        ),
+    ],
+    payload: Annotated[Any, Body()] = None,
+    secret: Annotated[
+        str | None,
+        Header(alias="X-Webhook-Secret", max_length=512, description="The webhook secret."),
+    ] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    workflow = await ctx.store.workflows.verify_webhook(workflow_id, secret) if secret else None
+    if workflow is None:
+        raise ApiError(401, "unauthorized", "Invalid webhook secret.")
+    check_payload(ctx, name, payload)
+    now = utcnow()
+    sent = await ctx.store.events.send_webhook(
+        workflow.tenant_id, workflow.id, name, correlation, payload, now,
+        idempotency_key=idempotency_key,
+    )  # fmt: skip
+    if sent.replayed is not None:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        now = sent.replayed.received_at
+    await wake(ctx, sent, workflow.tenant_id, workflow.id)
+    data = {"id": sent.event_id, "name": name, "execution_id": None,
+            "correlation": correlation, "received_at": now, "woken": list(sent.woken)}  # fmt: skip
+    return {"success": True, "data": data}

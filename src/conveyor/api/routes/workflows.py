@@ -128,6 +128,31 @@ CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
             ],
         },
     },
+    "wait": {
+        "summary": "Wait for an event, with a timeout",
+        "description": "Pause until POST /api/executions/{id}/events/expense.decided arrives, "
+        "at most two days (docs/workflows.md, wait).",
+        "value": {
+            "name": "expense-approval",
+            "steps": [
+                {
+                    "id": "request",
+                    "type": "transform",
+                    "expression": "{amount: input.amount, employee: input.employee}",
+                },
+                {
+                    "id": "decision",
+                    "type": "wait",
+                    "event": "expense.decided",
+                    "timeout_s": 172800,
+                    "on_timeout": "continue",
+                },
+            ],
+            "output": "{amount: steps.request.amount, approved: steps.decision.payload.approved "
+            "|| `false`, by: steps.decision.payload.by, timedOut: steps.decision.timedOut || "
+            "`false`}",
+        },
+    },
     "webhook": {
         "summary": "Handle a webhook event",
         "description": "Triggered by POST /api/webhooks/{workflowId}: the event is the input; "

@@ -37,6 +37,8 @@ from conveyor.api.schemas._ops import (
 from conveyor.api.schemas._secrets import SecretIn, SecretOut, SecretValueIn
 from conveyor.api.schemas._storage import RetentionIn, RetentionOut, StorageData
 from conveyor.api.schemas._tenant import (
+    EventOut,
+    EventRecordOut,
     ExecutionOut,
     ExecutionStatus,
     RetryIn,
@@ -62,6 +64,8 @@ __all__ = [
     "Envelope",
     "ErrorBody",
     "ErrorResponse",
+    "EventOut",
+    "EventRecordOut",
     "ExecutionOut",
     "ExecutionStatus",
     "HealthData",

@@ -97,6 +97,53 @@ class TriggerIn(ApiModel):
     )
 
 
+class EventOut(ApiModel):
+    """A stored event (for a ``wait`` step)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0190a1b2c3d47e8f9a0b1c2d3e4f5a70",
+                    "name": "payment.received",
+                    "executionId": "0190a1b2c3d47e8f9a0b1c2d3e4f5a6c",
+                    "correlation": None,
+                    "receivedAt": "2026-12-06T20:00:00Z",
+                    "woken": ["0190a1b2c3d47e8f9a0b1c2d3e4f5a6c"],
+                }
+            ]
+        }
+    )
+    id: str
+    name: str
+    execution_id: str | None = Field(
+        description="The execution it is addressed to; null for a webhook event kept for the "
+        "first execution that waits on its correlation value."
+    )
+    correlation: str | None = None
+    received_at: datetime
+    woken: list[str] = Field(
+        description="Executions that were parked on a wait step for this event and are now "
+        "resumed to receive it (empty: none waits yet; the event is kept and received when a "
+        "wait step for it runs)."
+    )
+
+
+class EventRecordOut(ApiModel):
+    """An event of an execution: received by one of its wait steps, or still kept for one."""
+
+    id: str
+    name: str
+    correlation: str | None
+    payload: Any
+    source: str = Field(description="`api` or `webhook`.")
+    received_at: datetime
+    consumed_at: datetime | None = Field(
+        description="When a wait step received it; null: kept for the next wait step for it."
+    )
+    consumed_seq: int | None = Field(description="The `seq` of the step run that received it.")
+
+
 class RetryIn(ApiModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"from": "failed"}]})
     from_: Literal["start", "failed"] = Field(

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, case, func, null, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conveyor.errors import LeaseLost
 from conveyor.store._db import autocommit
@@ -20,7 +20,7 @@ from conveyor.store._types import JSONType
 from conveyor.store.runs import Claim, ExecutionWrite, StepWrite, TimerWrite, Unclaimed
 from conveyor.store.schema import executions, step_runs, timers
 
-__all__ = ["SqlRunStore"]
+__all__ = ["SqlRunStore", "write_in"]
 
 
 _CLAIM_RETURNS = (
@@ -177,36 +177,12 @@ class SqlRunStore:
         steps: Sequence[StepWrite],
         timer: TimerWrite | None = None,
     ) -> str:
-        x = execution
-        params = {
-            "eid": claim.execution_id,
-            "mine": claim.lease,
-            "status": x.status,
-            "next_step": x.next_step,
-            "steps_run": x.steps_run,
-            "output": x.output,
-            "error": x.error,
-            "finished_at": x.finished_at,
-            "wake_at": x.wake_at,
-            "lease_until": x.lease_expires_at,
-            "step_attempt": x.step_attempt,
-            "step_errors": x.step_errors,
-            "step_started_at": x.step_started_at,
-            "now": x.now,
-        }
         with translate_errors():
             async with self._engine.begin() as conn:
-                row = (await conn.execute(_SQL["write"], params)).first()
-                if row is None:
-                    raise LeaseLost(execution_id=claim.execution_id, lease=claim.lease)
-                if steps:
-                    await conn.execute(_SQL["step"], [_step_params(claim, s) for s in steps])
-                if timer is not None and row.status == "waiting":
-                    taken = {"b_eid": claim.execution_id, "b_seq": timer.seq, "b_id": timer.id,
-                             "b_due": timer.due_at, "b_now": x.now}  # fmt: skip
-                    if not (await conn.execute(_SQL["timer_again"], taken)).rowcount:
-                        await conn.execute(_SQL["timer"], _timer_params(claim, timer, x.now))
-        return str(row.status)
+                status = await write_in(conn, claim, execution, steps, timer)
+        if status is None:
+            raise LeaseLost(execution_id=claim.execution_id, lease=claim.lease)
+        return status
 
     async def renew(self, claim: Claim, lease_until: datetime) -> None:
         params = {"eid": claim.execution_id, "mine": claim.lease, "until": lease_until}
@@ -235,6 +211,47 @@ class SqlRunStore:
             async with self._single.connect() as conn:
                 status = (await conn.execute(statement)).scalar()
         return None if status is None else str(status)
+
+
+async def write_in(
+    conn: AsyncConnection,
+    claim: Claim,
+    execution: ExecutionWrite,
+    steps: Sequence[StepWrite],
+    timer: TimerWrite | None = None,
+) -> str | None:
+    """:meth:`SqlRunStore.write`'s statements in the caller's transaction; the execution's
+    status after them, or ``None`` when the lease is no longer ``claim``'s (nothing written).
+    Also used by :mod:`conveyor.store.events` for ``wait`` steps."""
+    x = execution
+    params = {
+        "eid": claim.execution_id,
+        "mine": claim.lease,
+        "status": x.status,
+        "next_step": x.next_step,
+        "steps_run": x.steps_run,
+        "output": x.output,
+        "error": x.error,
+        "finished_at": x.finished_at,
+        "wake_at": x.wake_at,
+        "lease_until": x.lease_expires_at,
+        "step_attempt": x.step_attempt,
+        "step_errors": x.step_errors,
+        "step_started_at": x.step_started_at,
+        "now": x.now,
+    }
+    row = (await conn.execute(_SQL["write"], params)).first()
+    if row is None:
+        return None
+    if steps:
+        await conn.execute(_SQL["step"], [_step_params(claim, s) for s in steps])
+    if timer is not None and row.status == "waiting":
+        # a later wait of the same step (a retry) takes its (execution, seq) timer row over
+        taken = {"b_eid": claim.execution_id, "b_seq": timer.seq, "b_id": timer.id,
+                 "b_due": timer.due_at, "b_now": x.now}  # fmt: skip
+        if not (await conn.execute(_SQL["timer_again"], taken)).rowcount:
+            await conn.execute(_SQL["timer"], _timer_params(claim, timer, x.now))
+    return str(row.status)
 
 
 def _step_params(claim: Claim, step: StepWrite) -> dict[str, Any]:
