@@ -80,9 +80,18 @@ REGIONS = ("us", "eu", "ap", "sa")
 @pytest.mark.parametrize("region", REGIONS)
 def test_keys_touched_together_share_one_slot_on_a_cluster(region: str) -> None:
     queue = execution_queue_name(region)
-    for what, names in keys.script_keys("bull", queue, cluster=True).items():
+    groups = keys.script_keys("bull", queue, cluster=True)
+    for what, names in groups.items():
         slots = {key_slot(name.encode()) for name in names}
         assert len(slots) == 1, f"{what}: {names} hash to {slots}"
+    # The limits scripts are listed, several tenants in one renew and one sweep.
+    limits = [what for what in groups if what.startswith("limits ")]
+    assert len(limits) == 4, list(groups)
+    assert len(groups["limits renew script (several tenants)"]) == 3
+    assert len(groups["limits sweep script (several tenants)"]) == 2 + 2 * 3
+    # Without the hash tag the tenants' keys would spread: the test can fail.
+    plain = keys.script_keys("bull", queue, cluster=False)["limits sweep script (several tenants)"]
+    assert len({key_slot(name.encode()) for name in plain}) > 1
     # BullMQ's own keys of the queue (its scripts touch many at once) hash with the fair hash.
     bull = f"bull:{bull_name(queue, True)}"
     fair = keys.fair("bull", queue, cluster=True)
@@ -100,7 +109,9 @@ def test_regional_queues_spread_over_slots_of_different_shards() -> None:
     assert len(set(shard.values())) > 1, shard
     # Conveyor's own keys (heartbeats, metrics, locks) share one slot of their own.
     own = [keys.process("bull", "a", cluster=True), keys.processes("bull", cluster=True),
-           keys.metrics_counters("bull", cluster=True), keys.leader("bull", "scheduler", cluster=True)]  # fmt: skip
+           keys.metrics_counters("bull", cluster=True), keys.leader("bull", "scheduler", cluster=True),
+           *keys.limit_acquire_keys("bull", "t1", cluster=True),
+           *keys.limit_sweep_keys("bull", ["t1", "t2"], cluster=True)]  # fmt: skip
     assert len({key_slot(k.encode()) for k in own}) == 1
 
 
@@ -114,6 +125,17 @@ def test_single_redis_and_sentinel_keep_their_key_names() -> None:
     assert keys.fair("bull", queue, cluster=True) == "bull:conveyor:fair:{" + queue + "}"
     assert keys.job("bull", queue, "7", cluster=True) == "bull:{" + queue + "}:7"
     assert keys.process("bull", "p1", cluster=True) == "bull:{conveyor}:process:p1"
+    # The tenant limits' keys: the same on single Redis and Sentinel, in {conveyor} on a cluster.
+    assert keys.limit_acquire_keys("bull", "t1") == [
+        "bull:conveyor:limits:leases:t1", "bull:conveyor:limits:parked:t1",
+        "bull:conveyor:limits:bucket:t1", "bull:conveyor:limits:caps",
+        "bull:conveyor:limits:waiting",
+    ]  # fmt: skip
+    assert keys.limit_acquire_keys("bull", "t1", cluster=True) == [
+        "bull:{conveyor}:limits:leases:t1", "bull:{conveyor}:limits:parked:t1",
+        "bull:{conveyor}:limits:bucket:t1", "bull:{conveyor}:limits:caps",
+        "bull:{conveyor}:limits:waiting",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -31,14 +31,19 @@ names above:
 * the fairness hash of a queue is ``{prefix}:conveyor:fair:{<queue>}``: in the queue's slot,
   since the count script runs in one transaction with BullMQ's add and the clamp reads the
   queue's backlog;
-* the rest (heartbeats, metrics, leader locks) is ``{prefix}:{conveyor}:…``: one slot, so the
-  heartbeat index can ``MGET`` the processes' documents.
+* the rest (heartbeats, metrics, leader locks, tenant limits) is ``{prefix}:{conveyor}:…``:
+  one slot, so the heartbeat index can ``MGET`` the processes' documents and a limits script
+  can touch the shared ``caps``/``waiting`` keys with any tenant's keys — the renew and sweep
+  scripts touch several tenants' keys in one call (the limits keys, few and small, all live
+  on that slot's master).
 
 :func:`script_keys` lists, for every script and transaction, the keys it touches together
-(``tests/redis_cluster/test_keys.py`` asserts each list is one slot).
+(``tests/redis_cluster/test_settings_keys.py`` asserts each list is one slot).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from conveyor.queue import bull_name
 
@@ -174,12 +179,17 @@ return 0
 
 # -- what is touched together -------------------------------------------------------------------
 def script_keys(
-    prefix: str, queue: str, *, cluster: bool, job_ids: tuple[str, ...] = ("1", "2")
+    prefix: str,
+    queue: str,
+    *,
+    cluster: bool,
+    job_ids: tuple[str, ...] = ("1", "2"),
+    tenants: tuple[str, ...] = ("tenant-a", "tenant-b", "tenant-c"),
 ) -> dict[str, list[str]]:
     """Every group of keys one script, transaction or multi-key command touches together
-    (``queue``: an execution queue), by what touches them. On Redis Cluster each group must
-    be one slot; the BullMQ scripts run in the same transaction as the count script touch
-    only ``{prefix}:{<queue>}:*`` keys."""
+    (``queue``: an execution queue; ``tenants``: those one limits call names), by what
+    touches them. On Redis Cluster each group must be one slot; the BullMQ scripts run in the
+    same transaction as the count script touch only ``{prefix}:{<queue>}:*`` keys."""
     bull = f"{prefix}:{bull_name(queue, cluster)}"
     count = [fair(prefix, queue, cluster=cluster)]
     count += [job(prefix, queue, j, cluster=cluster) for j in job_ids]
@@ -191,34 +201,78 @@ def script_keys(
                          *backlog(prefix, queue, cluster=cluster)],
         "heartbeat MGET": [process(prefix, p, cluster=cluster) for p in ("a", "b")],
         "leader lock scripts": [leader(prefix, "scheduler", cluster=cluster)],
+        "limits acquire script": limit_acquire_keys(prefix, tenants[0], cluster=cluster),
+        "limits renew script (several tenants)": limit_renew_keys(prefix, tenants,
+                                                                  cluster=cluster),
+        "limits release script": limit_release_keys(prefix, tenants[0], cluster=cluster),
+        "limits sweep script (several tenants)": limit_sweep_keys(prefix, tenants,
+                                                                  cluster=cluster),
     }  # fmt: skip
 
 
 # -- tenant limits (cluster-wide concurrency, start rate) ---------------------------------------
-def limit_leases(prefix: str, tenant: str) -> str:
+def limit_leases(prefix: str, tenant: str, *, cluster: bool = False) -> str:
     """Sorted set of one tenant's running executions: lease id (the job id) -> expiry (ms)."""
-    return own(prefix, "limits", "leases", tenant)
+    return own(prefix, "limits", "leases", tenant, cluster=cluster)
 
 
-def limit_parked(prefix: str, tenant: str) -> str:
+def limit_parked(prefix: str, tenant: str, *, cluster: bool = False) -> str:
     """Sorted set of one tenant's jobs parked at its cap: ``<queue>|<job id>`` -> parked at."""
-    return own(prefix, "limits", "parked", tenant)
+    return own(prefix, "limits", "parked", tenant, cluster=cluster)
 
 
-def limit_bucket(prefix: str, tenant: str) -> str:
+def limit_bucket(prefix: str, tenant: str, *, cluster: bool = False) -> str:
     """Hash of one tenant's start rate: ``tat`` (the next start's theoretical time, ms) and
     ``r:<job id>`` (a start time reserved for a parked job)."""
-    return own(prefix, "limits", "bucket", tenant)
+    return own(prefix, "limits", "bucket", tenant, cluster=cluster)
 
 
-def limit_caps(prefix: str) -> str:
+def limit_caps(prefix: str, *, cluster: bool = False) -> str:
     """Hash tenant -> the cap its last acquire used (read by releases and sweeps)."""
-    return own(prefix, "limits", "caps")
+    return own(prefix, "limits", "caps", cluster=cluster)
 
 
-def limit_waiting(prefix: str) -> str:
+def limit_waiting(prefix: str, *, cluster: bool = False) -> str:
     """Set of tenants that have parked jobs (what a sweep looks at)."""
-    return own(prefix, "limits", "waiting")
+    return own(prefix, "limits", "waiting", cluster=cluster)
+
+
+def limit_acquire_keys(prefix: str, tenant: str, *, cluster: bool = False) -> list[str]:
+    """KEYS of :data:`LIMIT_ACQUIRE_SCRIPT` for ``tenant``."""
+    return [
+        limit_leases(prefix, tenant, cluster=cluster),
+        limit_parked(prefix, tenant, cluster=cluster),
+        limit_bucket(prefix, tenant, cluster=cluster),
+        limit_caps(prefix, cluster=cluster),
+        limit_waiting(prefix, cluster=cluster),
+    ]
+
+
+def limit_renew_keys(prefix: str, tenants: Sequence[str], *, cluster: bool = False) -> list[str]:
+    """KEYS of :data:`LIMIT_RENEW_SCRIPT`: the lease set of each lease's tenant (several
+    tenants in one call)."""
+    return [limit_leases(prefix, tenant, cluster=cluster) for tenant in tenants]
+
+
+def limit_release_keys(prefix: str, tenant: str, *, cluster: bool = False) -> list[str]:
+    """KEYS of :data:`LIMIT_RELEASE_SCRIPT` for ``tenant``."""
+    return [
+        limit_leases(prefix, tenant, cluster=cluster),
+        limit_parked(prefix, tenant, cluster=cluster),
+        limit_caps(prefix, cluster=cluster),
+        limit_waiting(prefix, cluster=cluster),
+    ]
+
+
+def limit_sweep_keys(prefix: str, tenants: Sequence[str], *, cluster: bool = False) -> list[str]:
+    """KEYS of :data:`LIMIT_SWEEP_SCRIPT`: caps, waiting, then each tenant's leases and parked."""
+    names = [limit_caps(prefix, cluster=cluster), limit_waiting(prefix, cluster=cluster)]
+    for tenant in tenants:
+        names += [
+            limit_leases(prefix, tenant, cluster=cluster),
+            limit_parked(prefix, tenant, cluster=cluster),
+        ]
+    return names
 
 
 # Every limits script takes "now" (ms) as an argument for tests; "" reads Redis's clock (TIME),

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from conveyor.dispatch import keys
 
@@ -104,13 +104,25 @@ _Call = tuple[str, str, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 class ScriptBatcher:
     """Group commit for Lua script calls: concurrent callers share one pipeline
     (``EVALSHA`` each, no transaction); at most one pipeline is on its way at a time. A script
-    Redis does not know (restart, ``SCRIPT FLUSH``) is loaded and its call sent again."""
+    Redis does not know (restart, ``SCRIPT FLUSH``, a promoted replica) is loaded and its
+    calls sent again.
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    ``cluster``: ``redis`` is a ``RedisCluster``, whose pipeline sends ``EVALSHA`` without
+    ever loading a script — each script is loaded (``SCRIPT LOAD``: on every master) before
+    its first call, and again on a ``NOSCRIPT``, once per batch whatever the number of calls
+    the master refused (a plain client's ``SCRIPT LOAD`` reaches its one server the same way).
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, cluster: bool = False) -> None:
         self._redis = redis
+        self._cluster = cluster
+        self._loaded: set[str] = set()
+        """On Redis Cluster: the sources loaded on the masters (until a ``NOSCRIPT``)."""
         self._pending: list[_Call] = []
         self._sender: asyncio.Task[None] | None = None
         self.batches = 0
+        self.loads = 0
+        """``SCRIPT LOAD`` calls made (each reaches every master on a cluster)."""
 
     def submit(
         self, source: str, sha: str, names: Sequence[Any], args: Sequence[Any]
@@ -136,33 +148,72 @@ class ScriptBatcher:
                 if not future.done():
                     future.cancel()
 
+    async def _load(self, source: str) -> None:
+        self.loads += 1
+        await self._redis.script_load(source)
+        self._loaded.add(source)
+
     async def _send(self, batch: list[_Call]) -> None:
         self.batches += 1
-        pipe = self._redis.pipeline(transaction=False)
-        for _source, sha, names, args, _future in batch:
-            pipe.evalsha(sha, len(names), *names, *args)
         try:
-            results = await pipe.execute(raise_on_error=False)
+            results = await self._execute(batch)
         except BaseException as exc:
+            self._loaded.clear()  # a failover may be why: check again next time
             for *_rest, future in batch:
                 if not future.done():
                     future.set_exception(exc) if isinstance(exc, Exception) else future.cancel()
             if not isinstance(exc, Exception):
                 raise
             return
-        for (source, sha, names, args, future), result in zip(batch, results, strict=True):
-            if isinstance(result, NoScriptError):
-                try:
-                    await self._redis.script_load(source)
-                    result = await self._redis.evalsha(sha, len(names), *names, *args)
-                except Exception as exc:
-                    result = exc
+        await self._send_missing_again(batch, results)
+        for (*_rest, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, Exception):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        if self._cluster:
+            for source in dict.fromkeys(call[0] for call in batch):
+                if source not in self._loaded:
+                    await self._load(source)
+        pipe = self._redis.pipeline(transaction=False)
+        for _source, sha, names, args, _future in batch:
+            pipe.evalsha(sha, len(names), *names, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _send_missing_again(self, batch: list[_Call], results: list[Any]) -> None:
+        """Load each script Redis did not know once, then send its refused calls again (in
+        order); ``results`` is updated in place."""
+        missing = [i for i, result in enumerate(results) if missing_script(result)]
+        if not missing:
+            return
+        try:
+            for source in dict.fromkeys(batch[i][0] for i in missing):
+                self._loaded.discard(source)
+                await self._load(source)
+        except Exception as exc:
+            for i in missing:
+                results[i] = exc
+            return
+        for i in missing:
+            _source, sha, names, args, _future = batch[i]
+            try:
+                results[i] = await self._redis.evalsha(sha, len(names), *names, *args)
+            except Exception as exc:
+                results[i] = exc
+
+
+def missing_script(result: Any) -> bool:
+    """``NOSCRIPT``, as a plain pipeline returns it or as a cluster pipeline reports it."""
+    if isinstance(result, NoScriptError):
+        return True
+    if not isinstance(result, ResponseError):
+        return False
+    text = str(result)
+    return "NOSCRIPT" in text.upper() or "no matching script" in text.lower()
 
 
 def _sha(source: str) -> str:
@@ -192,15 +243,17 @@ class TenantLimiter:
         prefix: str,
         *,
         lease_ttl_ms: int,
+        cluster: bool = False,
         clock: Callable[[], int] | None = None,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._cluster = cluster
         self.lease_ttl_ms = lease_ttl_ms
         self._clock = clock
         self.held: dict[str, str] = {}
         """Leases this process holds: job id -> tenant."""
-        self._batcher = ScriptBatcher(redis)
+        self._batcher = ScriptBatcher(redis, cluster=cluster)
         self._shas = {
             source: _sha(source)
             for source in (
@@ -229,14 +282,7 @@ class TenantLimiter:
         """Take a slot (and a start token) for ``job_id``, or say why not: at the cap the job
         is parked in the tenant's set; over the rate its start time is reserved. ``replaces``:
         a lease of the same tenant to drop first (a run that ended here, not released yet)."""
-        p = self._prefix
-        names = [
-            keys.limit_leases(p, tenant),
-            keys.limit_parked(p, tenant),
-            keys.limit_bucket(p, tenant),
-            keys.limit_caps(p),
-            keys.limit_waiting(p),
-        ]
+        names = keys.limit_acquire_keys(self._prefix, tenant, cluster=self._cluster)
         args: list[Any] = [
             self._now(),
             tenant,
@@ -272,18 +318,12 @@ class TenantLimiter:
         """:meth:`release` for each ``(tenant, job_id)``, all submitted before this awaits
         anything (so an acquire made later cannot overtake them); per item, the jobs to
         promote or the error."""
-        p = self._prefix
         source = keys.LIMIT_RELEASE_SCRIPT
         futures = []
         for tenant, job_id in items:
             if job_id is not None:
                 self.held.pop(job_id, None)
-            names = [
-                keys.limit_leases(p, tenant),
-                keys.limit_parked(p, tenant),
-                keys.limit_caps(p),
-                keys.limit_waiting(p),
-            ]
+            names = keys.limit_release_keys(self._prefix, tenant, cluster=self._cluster)
             args = [self._now(), tenant, job_id or ""]
             futures.append(self._batcher.submit(source, self._shas[source], names, args))
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -295,7 +335,9 @@ class TenantLimiter:
         ids = [j for j in (self.held if job_ids is None else job_ids) if j in self.held]
         if not ids:
             return []
-        names = [keys.limit_leases(self._prefix, self.held[j]) for j in ids]
+        names = keys.limit_renew_keys(
+            self._prefix, [self.held[j] for j in ids], cluster=self._cluster
+        )
         lost = await self._run(
             keys.LIMIT_RENEW_SCRIPT, names, [self._now(), self.lease_ttl_ms, *ids]
         )
@@ -305,16 +347,14 @@ class TenantLimiter:
         """Free the slots of crashed workers (expired leases) of every tenant with parked jobs
         and pop parked jobs into them. Returns ``(queue, job_id)`` pairs to promote and the ms
         until the earliest lease of a still-waiting tenant expires (``None``: nobody waits)."""
-        p = self._prefix
+        waiting = keys.limit_waiting(self._prefix, cluster=self._cluster)
         tenants = sorted(
             t.decode() if isinstance(t, bytes) else str(t)
-            for t in await self._redis.smembers(keys.limit_waiting(p))
+            for t in await self._redis.smembers(waiting)
         )
         if not tenants:
             return [], None
-        names = [keys.limit_caps(p), keys.limit_waiting(p)]
-        for tenant in tenants:
-            names += [keys.limit_leases(p, tenant), keys.limit_parked(p, tenant)]
+        names = keys.limit_sweep_keys(self._prefix, tenants, cluster=self._cluster)
         result = await self._run(keys.LIMIT_SWEEP_SCRIPT, names, [self._now(), *tenants])
         wait = int(result[0])
         return [_split(m) for m in result[1:]], (None if wait < 0 else wait)

@@ -90,7 +90,10 @@ class ExecutionWorker:
         self.metrics = MetricsPublisher(self.queues)
         self.book = TenantLimitsBook(s, self.engine.store.limits.all)
         self.fleet = TenantLimiter(
-            self.queues.redis, s.queue_prefix, lease_ttl_ms=s.execution_lock_duration_ms
+            self.queues.redis,
+            s.queue_prefix,
+            lease_ttl_ms=s.execution_lock_duration_ms,
+            cluster=s.uses_cluster,
         )
         self.runner = ExecutionRunner(
             self.engine,

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor import tracing
 from conveyor.engine import OutcomeKind, RunOutcome
@@ -60,6 +60,8 @@ LIMITS_DOWN_DEFER_MS = 1_000
 _PROMOTE_RETRIES = 40
 _FLEET_POPS = 8
 """Most extra pops after promotions that found their job gone, per freed slot."""
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+"""What an unreachable Redis (or a cluster in the middle of a failover) raises."""
 RELEASE_LINGER_S = 0.002
 """Leases released within this long are given back together (one pipeline)."""
 _RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "error"))
@@ -232,7 +234,7 @@ class ExecutionRunner:
             verdict = await self.fleet.acquire(
                 tenant, ctx.id, ctx.queue_name, own, replaces=replaces
             )
-        except (RedisError, OSError) as exc:
+        except _REDIS_ERRORS as exc:
             if replaces is not None:
                 self._release_later(tenant, replaces)
             log.warning("worker.limits_unavailable", extra={"error": repr(exc)})
@@ -404,7 +406,7 @@ class ExecutionRunner:
                         self.counters.leases_lost += len(lost)
                         log.warning("worker.leases_expired", extra={"jobIds": lost[:20]})
                 popped, wait_ms = await fleet.sweep()
-            except (RedisError, OSError) as exc:
+            except _REDIS_ERRORS as exc:
                 log.warning("worker.limits_sweep_failed", extra={"error": repr(exc)})
                 sleep = 1.0
                 continue
