@@ -344,7 +344,6 @@ async def test_unknown_or_foreign_workflow_fails_the_step(store: Store, settings
         assert result.error["type"] == "NotFound"
         assert result.error["message"] == f"cannot start workflow {target!r}: workflow not found"
         assert await _children(store, parent.id) == []
-    assert await store.executions.status_of([]) == {}
 
 
 async def test_a_timeout_fails_the_step_and_cancels_the_child(
@@ -372,3 +371,21 @@ async def test_a_timeout_fails_the_step_and_cancels_the_child(
     result = await store.executions.get(tenant, parent.id)
     assert result.error["type"] == "WaitTimeout" and result.error["childId"] == child_id
     assert (await store.executions.status_of([child_id])) == {child_id: "cancelled"}
+
+
+async def test_a_trigger_cannot_pass_for_the_child(store: Store, settings: Settings) -> None:
+    clock = Clock()
+    tenant = (await store.tenants.create("acme")).id
+    leaf = await _workflow(store, tenant, [{"id": "n", "type": "noop"}], "leaf")
+    top = await _workflow(
+        store, tenant, [{"id": "call", "type": "workflow", "workflow": leaf}], "top"
+    )
+    parent, _ = await store.executions.create(tenant, top)
+    # a trigger that reuses the key the child would get is not taken for the child
+    await store.executions.create(tenant, leaf, idempotency_key=f"conveyor.child:{parent.id}:0")
+    engine = _engine(store, settings, clock)
+    assert (await engine.run(parent.id)).kind is OutcomeKind.FAILED
+    result = await store.executions.get(tenant, parent.id)
+    assert result.error["type"] == "Conflict"
+    assert "idempotency key was used by another execution" in result.error["message"]
+    assert await _children(store, parent.id) == []

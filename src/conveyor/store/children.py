@@ -48,6 +48,17 @@ def child_event(seq: int) -> str:
     return f"{CHILD_EVENT_PREFIX}{seq}"
 
 
+def _own(execution: Execution, parent_id: str, seq: int) -> Execution:
+    """``execution`` found by the child's key: it must be that step run's child (a trigger
+    cannot pass for it by reusing the key)."""
+    if (execution.parent_execution_id, execution.parent_seq) != (parent_id, seq):
+        raise Conflict(
+            "the sub-workflow's idempotency key was used by another execution",
+            execution_id=execution.id,
+        )
+    return execution
+
+
 class ChildService(ServiceBase):
     def __init__(
         self,
@@ -79,7 +90,7 @@ class ChildService(ServiceBase):
         key = child_key(parent_id, seq)
         earlier = await self._statements.execution_by_key(tenant_id, key)
         if earlier is not None:
-            return earlier, False
+            return _own(earlier, parent_id, seq), False
         target = await self._statements.trigger_target(tenant_id, workflow_id)
         if target is None:
             raise NotFound("workflow not found", workflow_id=workflow_id)
@@ -111,7 +122,7 @@ class ChildService(ServiceBase):
             earlier = await self._statements.execution_by_key(tenant_id, key)
             if earlier is None:
                 raise
-            return earlier, False
+            return _own(earlier, parent_id, seq), False
         async with self._auto() as conn:
             row = (await conn.execute(select(executions).where(executions.c.id == child.id))).one()
         return Execution.from_mapping(row._mapping), True
