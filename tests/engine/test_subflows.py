@@ -389,3 +389,34 @@ async def test_a_trigger_cannot_pass_for_the_child(store: Store, settings: Setti
     assert result.error["type"] == "Conflict"
     assert "idempotency key was used by another execution" in result.error["message"]
     assert await _children(store, parent.id) == []
+
+
+async def test_a_crash_after_the_child_ended_is_repaired_by_its_redelivery(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    tenant = (await store.tenants.create("acme")).id
+    leaf = await _workflow(
+        store, tenant, [{"id": "c", "type": "transform", "expression": "'ok'"}], "leaf"
+    )
+    top = await _workflow(
+        store, tenant, [{"id": "call", "type": "workflow", "workflow": leaf}], "top"
+    )
+    parent, _ = await store.executions.create(tenant, top)
+    engine = _engine(store, settings, clock)
+    assert (await engine.run(parent.id)).kind is OutcomeKind.WAITING
+    (child_id,) = await _children(store, parent.id)
+    notify = store.children.notify_parent
+
+    async def crash(*args: Any, **kwargs: Any) -> Any:
+        raise Crash
+
+    monkeypatch.setattr(store.children, "notify_parent", crash)
+    with pytest.raises(Crash):  # the child's last write committed, then the process died
+        await engine.run(child_id)
+    assert (await store.executions.status_of([child_id])) == {child_id: "succeeded"}
+    assert (await engine.run(parent.id)).kind is OutcomeKind.NOT_DUE  # not told yet
+    monkeypatch.setattr(store.children, "notify_parent", notify)
+    assert (await engine.run(child_id)).kind is OutcomeKind.SKIPPED  # the job's redelivery
+    assert (await engine.run(parent.id)).kind is OutcomeKind.SUCCEEDED
+    assert (await store.executions.get(tenant, parent.id)).output == "ok"
