@@ -3,6 +3,7 @@ failures, pinned versions, crashes, cancellation and the depth limit."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -420,3 +421,23 @@ async def test_a_crash_after_the_child_ended_is_repaired_by_its_redelivery(
     assert (await engine.run(child_id)).kind is OutcomeKind.SKIPPED  # the job's redelivery
     assert (await engine.run(parent.id)).kind is OutcomeKind.SUCCEEDED
     assert (await store.executions.get(tenant, parent.id)).output == "ok"
+
+
+async def test_concurrent_starts_of_one_step_run_create_one_child(store: Store) -> None:
+    tenant = (await store.tenants.create("acme")).id
+    leaf = await _workflow(store, tenant, [{"id": "n", "type": "noop"}], "leaf")
+    top = await _workflow(
+        store, tenant, [{"id": "call", "type": "workflow", "workflow": leaf}], "top"
+    )
+    parent, _ = await store.executions.create(tenant, top)
+
+    async def start() -> tuple[Execution, bool]:
+        return await store.children.start(
+            tenant_id=tenant, parent_id=parent.id, seq=0, depth=1, workflow_id=leaf,
+            version="latest", input={"i": 1}, now=utcnow(),
+        )  # fmt: skip
+
+    results = await asyncio.gather(*(start() for _ in range(8)))
+    assert len({child.id for child, _ in results}) == 1
+    assert [created for _, created in results].count(True) == 1
+    assert len(await _children(store, parent.id)) == 1
