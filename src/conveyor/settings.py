@@ -171,6 +171,9 @@ class Settings(BaseSettings):
     """Destinations ``http`` steps may reach although private/loopback: ``host``, ``host:port``,
     ``cidr``, ``cidr:port`` (see :func:`parse_allowlist_entry`); without a port, any port."""
     step_output_max_bytes: PositiveInt = 256 * 1024
+    workflow_max_depth: Annotated[int, Field(ge=1, le=50)] = 5
+    """Deepest nesting of sub-workflows (``workflow`` steps): a top-level execution is depth 0;
+    a ``workflow`` step that would start a child deeper than this fails."""
     secrets_key: SecretStr | None = None
     """Keys of the tenants' secrets (``/api/secrets``): comma list of base64-encoded 32-byte
     keys; the first encrypts, all decrypt (rotation). Read through :attr:`secrets_keys`."""

@@ -321,3 +321,21 @@ async def test_overview_answers_with_a_banner_when_redis_is_down(api_env: dict[s
         assert 'class="chart"' in r.text  # the database part still renders
         live = await api.client.get("/console/live/overview")
         assert live.status_code == 200 and "Redis is unreachable" in live.text
+
+
+async def test_a_sub_workflow_links_to_its_parent(api: Api) -> None:
+    headers = await api.tenant("subflows")
+    tenant_id = await _tenant_id(api, headers)
+    workflow_id = await api.workflow(headers)
+    parent_id = await _trigger(api, headers, workflow_id)
+    child, created = await api.ctx.store.children.start(
+        tenant_id=tenant_id, parent_id=parent_id, seq=0, depth=1, workflow_id=workflow_id,
+        version="latest", input=None, now=utcnow(),
+    )  # fmt: skip
+    assert created and child.triggered_by == "workflow"
+    await sign_in(api.client)
+    page = (await api.client.get(f"/console/executions/{child.id}")).text
+    assert f'sub-workflow of <a href="/console/executions/{parent_id}">' in page
+    assert "depth 1" in page
+    parent_page = (await api.client.get(f"/console/executions/{parent_id}")).text
+    assert "sub-workflow of" not in parent_page

@@ -95,7 +95,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0010",)
+    assert head_revisions() == ("0011",)
     asyncio.run(_check(url))
 
 
@@ -190,7 +190,7 @@ async def _crons(store: Store) -> list[str]:
 async def _assert_0002_reorders_cron(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
         await _at(store, "upgrade", "0001")
-        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0010"):
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0011"):
             await store.check_schema()
         await _seed_0001(store)
 
@@ -413,3 +413,36 @@ async def test_0008_adds_tenant_limits_sqlite(tmp_path: Path) -> None:
 
 async def test_0008_adds_tenant_limits_postgres(fresh_pg_url: str) -> None:
     await _assert_0008_adds_tenant_limits(fresh_pg_url)
+
+
+async def _assert_0011_adds_parents(url: str) -> None:
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        await _at(store, "upgrade", "0010")
+        await _seed_0001(store)
+        await store.migrate()
+        await store.check_schema()
+        execution = await store.executions.get("t", "e")  # an existing row: a top-level one
+        assert (execution.parent_execution_id, execution.parent_seq, execution.depth) == (
+            None,
+            None,
+            0,
+        )
+        await _at(store, "downgrade", "0010")
+        async with store.engine.connect() as conn:
+            columns = await conn.run_sync(_columns, "executions")
+            indexes = await conn.run_sync(
+                lambda c: {i["name"] for i in inspect(c).get_indexes("executions")}
+            )
+            count = (await conn.execute(text("SELECT count(*) FROM executions"))).scalar()
+        assert not {"parent_execution_id", "parent_seq", "depth"} & set(columns)
+        assert "ix_executions_parent" not in indexes
+        assert "step_attempt" in columns and count == 1
+        await store.migrate()
+
+
+async def test_0011_adds_parents_sqlite(tmp_path: Path) -> None:
+    await _assert_0011_adds_parents(f"sqlite:///{tmp_path}/upgrade.db")
+
+
+async def test_0011_adds_parents_postgres(fresh_pg_url: str) -> None:
+    await _assert_0011_adds_parents(fresh_pg_url)

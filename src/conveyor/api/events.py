@@ -19,6 +19,7 @@ from conveyor.api.errors import ApiError
 from conveyor.errors import QueueError
 from conveyor.queue.payloads import WorkflowExecute
 from conveyor.store import Sent, dumps, has_nul
+from conveyor.workflows.step_models import RESERVED_EVENT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,14 @@ _LONGEST_INSTANT = "2026-12-06T20:00:00.000000Z"
 
 def check_payload(ctx: ApiContext, name: str, payload: Any) -> None:
     """An event's payload becomes a wait step's output (``{"event", "payload",
-    "receivedAt"}``): that must fit ``STEP_OUTPUT_MAX_BYTES`` (413) and be storable (400)."""
+    "receivedAt"}``): that must fit ``STEP_OUTPUT_MAX_BYTES`` (413) and be storable (400).
+    Names starting with ``conveyor.`` are Conveyor's own (a sub-workflow's end): 400."""
+    if name.startswith(RESERVED_EVENT_PREFIX):
+        raise ApiError(
+            400,
+            "invalid_value",
+            f"Event names starting with {RESERVED_EVENT_PREFIX!r} are reserved for Conveyor.",
+        )
     output = {"event": name, "payload": payload, "receivedAt": _LONGEST_INSTANT}
     try:
         text = dumps(output)

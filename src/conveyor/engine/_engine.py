@@ -32,6 +32,15 @@
    arriving event makes it due; the next run enters the step again and receives the event —
    its consumption is in the step's fenced write, exactly once — or, past the deadline, takes
    ``on_timeout`` (see :mod:`conveyor.store.events`).
+4c. A ``workflow`` step creates its child execution (another workflow of the tenant, pinned
+   version or latest; ``triggered_by = 'workflow'``) exactly once — its idempotency key is
+   derived from the parent's id and the step's seq, so a run after a crash finds the same
+   child — then, like a ``wait`` step, parks the execution on the event
+   ``conveyor.workflow.<seq>`` (one fenced write that looks for the event once more). When
+   the child ends, the engine that ended it (or any later delivery of its job, or a cancel)
+   sends that event to the parent, which wakes it; the parent reads the child's status and
+   output itself (see :mod:`conveyor.store.children`). Nesting is bounded by
+   ``WORKFLOW_MAX_DEPTH``; cancelling a parent cancels its children.
 5. A step that fails retryably (its ``retry`` policy: which errors, how many tries, what
    backoff) is tried again. When the wait before the next try is at least
    :data:`~conveyor.workflows.step_models.DURABLE_RETRY_MIN_S` (1 s), it is durable, like a
@@ -59,6 +68,7 @@ Statuses: ``queued → running → (waiting ↔ running) → succeeded | failed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
@@ -81,7 +91,10 @@ from conveyor.engine._plan import (
     encode_output,
 )
 from conveyor.errors import (
+    Conflict,
+    ConveyorError,
     DatabaseUnavailable,
+    InputInvalid,
     LeaseLost,
     NotFound,
     PermanentStepError,
@@ -93,6 +106,7 @@ from conveyor.settings import Settings
 from conveyor.store import (
     Claim,
     EventWait,
+    Execution,
     ExecutionWrite,
     RunStore,
     StepWrite,
@@ -102,6 +116,7 @@ from conveyor.store import (
     new_id,
     utcnow,
 )
+from conveyor.store.children import child_event
 from conveyor.workflows import (
     ExpressionError,
     SafeHttpClient,
@@ -109,10 +124,11 @@ from conveyor.workflows import (
     StepContext,
     StepResult,
     WaitStep,
+    WorkflowStep,
     run_step,
 )
 from conveyor.workflows.definition import RetryPolicy
-from conveyor.workflows.expressions import build_context, evaluate
+from conveyor.workflows.expressions import build_context, evaluate, render_template
 from conveyor.workflows.step_models import DURABLE_RETRY_MIN_S
 from conveyor.workflows.steps import AnyStep
 
@@ -121,6 +137,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "StepRunner"]
 
 StepRunner = Callable[[AnyStep, StepContext], Awaitable[StepResult]]
+Enqueue = Callable[[Execution, str, str], Awaitable[None]]
+"""Put an execution's job on its queue: ``(execution, reason, job id)``."""
 T = TypeVar("T")
 
 _NO_RETRY = RetryPolicy()
@@ -207,6 +225,10 @@ class Engine:
     on_step: Callable[[str, str, float], None] | None = None
     """Called after each step's last attempt with ``(type, "succeeded"|"failed", seconds)``
     (metrics); must be cheap and must not raise."""
+    enqueue: Enqueue | None = None
+    """Puts a sub-workflow's child, or a parent its child woke, on the queue at once (the
+    worker's dispatcher). Best effort: without it (or when it fails) the reconciler enqueues
+    them within its interval."""
 
     def __init__(
         self,
@@ -266,7 +288,11 @@ class Engine:
                 return await self._not_claimed(runs, execution_id, now)
             claim.first_run = claim.started_at == now  # the claim set it: never started before
             try:
-                return await self._drive(runs, claim, abandon)
+                outcome = await self._drive(runs, claim, abandon)
+                if outcome.finished and claim.parent_execution_id is not None:
+                    await runs.idle()
+                    await self._tell_parent(execution_id)
+                return outcome
             except LeaseLost:
                 log.warning(
                     "engine.lease_lost", extra={"execution_id": execution_id, "lease": claim.lease}
@@ -283,6 +309,30 @@ class Engine:
             except asyncio.CancelledError:
                 await asyncio.shield(self._release_after_cancel(runs, claim))
                 raise
+
+    async def _tell_parent(self, execution_id: str) -> None:
+        """A sub-workflow ended: wake its parent (best effort, never raises — a later delivery
+        of this execution's job, answered SKIPPED, tells it again)."""
+        try:
+            told = await self.store.children.notify_parent(execution_id, self._clock())
+            if told is not None and told[0].woken:
+                await self._enqueue(told[1], "child", f"child:{execution_id}")
+        except Exception as exc:
+            log.warning(
+                "engine.tell_parent_failed",
+                extra={"execution_id": execution_id, "error": repr(exc)[:300]},
+            )
+
+    async def _enqueue(self, execution: Execution, reason: str, job_id: str) -> None:
+        if self.enqueue is None:
+            return
+        try:
+            await self.enqueue(execution, reason, job_id)
+        except Exception as exc:  # the reconciler enqueues it
+            log.warning(
+                "engine.enqueue_deferred",
+                extra={"execution_id": execution.id, "error": repr(exc)[:300]},
+            )
 
     async def _not_claimed(self, runs: RunStore, execution_id: str, now: datetime) -> RunOutcome:
         why = await runs.unclaimed(execution_id)
@@ -304,6 +354,9 @@ class Engine:
             )
         if why.status in ("queued", "running", "waiting"):  # changed under us: try again
             return RunOutcome(execution_id, OutcomeKind.BUSY, why.status, retry_after_s=0.0)
+        # ended: a redelivery after a crash may be all that is left to tell its parent
+        await runs.idle()
+        await self._tell_parent(execution_id)
         return RunOutcome(execution_id, OutcomeKind.SKIPPED, why.status)
 
     async def _release_after_cancel(self, runs: RunStore, claim: Claim) -> None:
@@ -493,6 +546,8 @@ class Engine:
         step = plan.steps[index]
         if isinstance(step, WaitStep):
             return await self._wait(run, step)
+        if isinstance(step, WorkflowStep):
+            return await self._subflow(run, step)
         if plan.local[index] and (step.retry is None or step.retry.attempts == 1):
             done = await self._attempts(run, step)
         else:
@@ -792,7 +847,7 @@ class Engine:
     async def _wait_end(
         self,
         run: _Run,
-        step: WaitStep,
+        step: WaitStep | WorkflowStep,
         done: _StepDone,
         now: datetime,
         action: Any,
@@ -815,6 +870,141 @@ class Engine:
         return await self._write_step(
             run, step, done, status, now, next_index=next_index, persist=receive
         )
+
+    # --- a workflow step (a sub-workflow) -------------------------------------------------------
+
+    async def _subflow(self, run: _Run, step: WorkflowStep) -> RunOutcome | None:
+        """Start the child (once), then receive its end or park (see the module, 4c)."""
+        recorded: dict[str, Any] = {"workflow": step.workflow, "version": step.version}
+        started = await self._start_child(run, step, recorded)
+        if isinstance(started, dict):
+            now = self._clock()
+            done = _StepDone(1, now, now, error=started, input=_encoded(recorded))
+            return await self._wait_end(run, step, done, now, "continue", None)
+        recorded.update(version=started.workflow_version, childId=started.id)
+        return await self._await_child(run, step, started, recorded)
+
+    async def _start_child(
+        self, run: _Run, step: WorkflowStep, recorded: dict[str, Any]
+    ) -> Execution | dict[str, Any]:
+        """The step run's child (created and enqueued the first time), or the step's error."""
+        claim, now = run.claim, self._clock()
+        limit = self.settings.workflow_max_depth
+        if claim.depth + 1 > limit:
+            return {
+                "type": "WorkflowDepthExceeded", "code": "workflow_depth_exceeded",
+                "message": f"a workflow step at depth {claim.depth} would start a child at depth "
+                           f"{claim.depth + 1}; the limit is {limit} (WORKFLOW_MAX_DEPTH)",
+            }  # fmt: skip
+        context = build_context(
+            claim.input, run.outputs, execution_id=claim.execution_id,
+            workflow_id=claim.workflow_id, tenant_id=claim.tenant_id,
+        )  # fmt: skip
+        try:
+            child_input = render_template(step.input, context)
+        except ExpressionError as exc:
+            return describe_error(exc)
+        await run.runs.idle()
+        try:
+            child, created = await self.store.children.start(
+                tenant_id=claim.tenant_id, parent_id=claim.execution_id, seq=run.seq,
+                depth=claim.depth + 1, workflow_id=step.workflow, version=step.version,
+                input=child_input, now=now,
+            )  # fmt: skip
+        except (NotFound, Conflict, InputInvalid) as exc:
+            error = describe_error(exc)
+            if isinstance(exc, ConveyorError) and exc.details and "details" not in error:
+                error["details"] = exc.details
+            message = f"cannot start workflow {step.workflow!r}: {error['message']}"
+            return {**error, "message": message}
+        if created:
+            await self._enqueue(child, "workflow", child.id)
+        return child
+
+    async def _await_child(
+        self, run: _Run, step: WorkflowStep, child: Execution, recorded: dict[str, Any]
+    ) -> RunOutcome | None:
+        """Receive the child's end (its output or error), time out, or park until it ends."""
+        claim, index, events = run.claim, run.index, self.store.events
+        now = self._clock()
+        name = child_event(run.seq)
+        parked = await events.wait_of(claim.execution_id)
+        if parked is not None and parked.seq != run.seq:
+            parked = None
+        started = parked.created_at if parked is not None else now
+        deadline = None
+        if step.timeout_s is not None:
+            deadline = started + timedelta(seconds=step.timeout_s)
+            recorded["deadline"] = _iso(deadline)
+        while True:
+            now = self._clock()
+            child = await self.store.executions.get(claim.tenant_id, child.id)
+            event = await events.find(
+                claim.tenant_id, claim.execution_id, claim.workflow_id, name, None
+            )
+            event_id = None if event is None else event.id
+            if child.terminal:
+                done = self._child_done(step, child, started, now, recorded)
+                try:
+                    return await self._wait_end(run, step, done, now, "continue", event_id)
+                except _EventTaken:
+                    continue
+            if deadline is not None and now >= deadline:
+                await self._cancel_child(child)
+                message = f"workflow {step.workflow!r} did not end within {step.timeout_s:g}s"
+                error = {"type": "WaitTimeout", "message": message, "childId": child.id}
+                done = _StepDone(1, started, now, error=error, input=_encoded(recorded))
+                return await self._wait_end(run, step, done, now, "continue", event_id)
+            wait = EventWait(
+                execution_id=claim.execution_id, tenant_id=claim.tenant_id,
+                workflow_id=claim.workflow_id, name=name, correlation=None,
+                seq=run.seq, deadline=deadline, created_at=started,
+            )  # fmt: skip
+            timer = None
+            if parked is None and deadline is not None:
+                timer = TimerWrite(new_id(), claim.workflow_id, claim.region, run.seq, deadline)
+            write = ExecutionWrite(
+                status="waiting", next_step=index, steps_run=run.seq, now=now,
+                lease_expires_at=None, wake_at=deadline,
+            )  # fmt: skip
+            final = await events.park(claim, write, run.pending, timer, wait)
+            if final is None:
+                continue  # the child ended meanwhile
+            run.pending.clear()
+            if final == "cancelled":  # cancelled before the child was: cancel it too
+                await self._cancel_child(child)
+            timer_id = timer.id if timer is not None else None
+            return self._outcome(claim, final, run.ran, wake_at=deadline, timer_id=timer_id)
+
+    def _child_done(
+        self,
+        step: WorkflowStep,
+        child: Execution,
+        started: datetime,
+        now: datetime,
+        recorded: dict[str, Any],
+    ) -> _StepDone:
+        """The step's result: the child's output, or ``ChildFailed`` with the child's error."""
+        if child.status == "succeeded":
+            try:
+                encoded = encode_output(step, child.output, self._max_output)
+            except OutputRejected as exc:
+                return _StepDone(1, started, now, error=describe_error(exc),
+                                 input=_encoded(recorded))  # fmt: skip
+            return _StepDone(
+                1, started, now, result=StepResult(output=child.output), output=encoded,
+                input=_encoded(recorded),
+            )  # fmt: skip
+        error = {
+            "type": "ChildFailed", "code": f"child_{child.status}",
+            "message": f"workflow {step.workflow!r} (execution {child.id}) {child.status}",
+            "details": {"childId": child.id, "status": child.status, "error": child.error},
+        }  # fmt: skip
+        return _StepDone(1, started, now, error=error, input=_encoded(recorded))
+
+    async def _cancel_child(self, child: Execution) -> None:
+        with contextlib.suppress(Conflict):  # it ended meanwhile
+            await self.store.executions.cancel(child.tenant_id, child.id)
 
     # --- one step: attempts, timeout, retries, lease renewal -------------------------------
 

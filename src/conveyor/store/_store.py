@@ -16,6 +16,7 @@ from conveyor.settings import Settings
 from conveyor.store import _migrate
 from conveyor.store._db import close_pg_pool, create_engine, create_pg_pool, dialect_of
 from conveyor.store._errors import translate_errors
+from conveyor.store.children import ChildService
 from conveyor.store.events import EventService
 from conveyor.store.executions import ExecutionService
 from conveyor.store.insights import InsightService
@@ -71,6 +72,7 @@ class Store:
     storage: StorageService
     secrets: SecretService
     events: EventService
+    children: ChildService
 
     def __init__(
         self, settings: Settings, *, pool_size: int | None = None, fast_path: bool = True
@@ -112,6 +114,8 @@ class Store:
         self.storage = StorageService(engine, s, statements)
         self.secrets = SecretService(engine, s, statements)
         self.events = EventService(engine, s, statements)
+        self.children = ChildService(engine, s, statements, self.workflows, self.events)
+        self.executions.children = self.children
         return self
 
     async def __aexit__(

@@ -9,7 +9,7 @@ import builtins
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Insert, and_, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -23,6 +23,9 @@ from conveyor.store.schema import ACTIVE_STATUSES, ID, executions, step_runs, ti
 from conveyor.store.statements import Statements
 from conveyor.store.triggers import TriggerService, insert_values, new_execution
 from conveyor.store.workflows import WorkflowService
+
+if TYPE_CHECKING:
+    from conveyor.store.children import ChildService
 
 __all__ = ["ExecutionService", "RetryFrom"]
 
@@ -67,6 +70,8 @@ class ExecutionService(ServiceBase):
         super().__init__(engine, settings, statements)
         self._workflows = workflows
         self._triggers = TriggerService(engine, settings, statements, workflows)
+        self.children: ChildService | None = None
+        """Set by the store: tells a cancelled child's parent (sub-workflows)."""
 
     async def create(
         self,
@@ -152,9 +157,26 @@ class ExecutionService(ServiceBase):
 
         A running execution stops at its next step boundary (the step in progress finishes and
         is recorded); a waiting one's timer is cancelled. Conflict if it already succeeded or
-        failed.
+        failed. Its active sub-workflows (``workflow`` steps' children) are cancelled with it,
+        recursively, in the same transaction; a cancelled child's parent is told (its
+        ``workflow`` step fails).
         """
         now = utcnow()
+        cancelled = await self._cancel(tenant_id, execution_id, now)
+        if cancelled is not None:
+            if cancelled.parent_execution_id is not None and self.children is not None:
+                await self.children.notify_parent(cancelled.id, now)
+            return cancelled
+        current = await self.get(tenant_id, execution_id)
+        if current.status != "cancelled":
+            raise Conflict(
+                f"execution already {current.status}",
+                execution_id=execution_id,
+                status=current.status,
+            )
+        return current
+
+    async def _cancel(self, tenant_id: str, execution_id: str, now: datetime) -> Execution | None:
         async with self._tx() as conn:
             row = (
                 await conn.execute(
@@ -180,15 +202,44 @@ class ExecutionService(ServiceBase):
                     .where(timers.c.execution_id == execution_id, timers.c.status == "pending")
                     .values(status="cancelled")
                 )
+                await self._cancel_children(conn, tenant_id, execution_id, now)
                 return Execution.from_mapping(row._mapping)
-        current = await self.get(tenant_id, execution_id)
-        if current.status != "cancelled":
-            raise Conflict(
-                f"execution already {current.status}",
-                execution_id=execution_id,
-                status=current.status,
-            )
-        return current
+        return None
+
+    async def _cancel_children(
+        self, conn: AsyncConnection, tenant_id: str, parent_id: str, now: datetime
+    ) -> None:
+        """Cancel the active descendants of ``parent_id`` (level by level; depth is bounded)."""
+        parents = [parent_id]
+        while parents:
+            rows = (
+                await conn.execute(
+                    update(executions)
+                    .where(
+                        executions.c.tenant_id == tenant_id,
+                        executions.c.parent_execution_id.in_(parents),
+                        executions.c.status.in_(ACTIVE_STATUSES),
+                    )
+                    .values(
+                        status="cancelled",
+                        finished_at=now,
+                        updated_at=now,
+                        wake_at=None,
+                        error={
+                            "type": "Cancelled",
+                            "message": "its parent execution was cancelled",
+                        },
+                    )
+                    .returning(executions.c.id)
+                )
+            ).all()
+            parents = [r.id for r in rows]
+            if parents:
+                await conn.execute(
+                    update(timers)
+                    .where(timers.c.execution_id.in_(parents), timers.c.status == "pending")
+                    .values(status="cancelled")
+                )
 
     async def retry(self, tenant_id: str, execution_id: str) -> Execution:
         """A new execution of the same workflow version with the same input

@@ -170,6 +170,12 @@ class Execution(_Record):
     (``waiting``) for that step's next try (a durable retry backoff)."""
     step_errors: Any = None
     """Those tries' errors (``[{"attempt": n, ...}]``) while it waits for the next try."""
+    parent_execution_id: str | None = None
+    """The execution whose ``workflow`` step created this one (a sub-workflow)."""
+    parent_seq: int | None = None
+    """That step run's seq in the parent."""
+    depth: int = 0
+    """Nesting depth: 0 at the top, the parent's + 1 for a sub-workflow."""
     steps: tuple[StepRun, ...] = ()
     """Filled by ``ExecutionService.get(..., with_steps=True)``."""
 

@@ -57,6 +57,10 @@ class Claim:
     """Their errors, ``[{"attempt": n, ...}]``."""
     step_started_at: datetime | None = None
     """When the step's first try started."""
+    parent_execution_id: str | None = None
+    """The parent execution of a sub-workflow (told when this one ends)."""
+    depth: int = 0
+    """Nesting depth of sub-workflows (0 at the top)."""
     first_run: bool = False
     """Set by the engine: this claim started the execution (``started_at`` is its instant) —
     also for one that starts with steps behind it (a retry from the failed step)."""

@@ -186,6 +186,11 @@ executions = Table(
     Column("step_attempt", Integer, nullable=False, server_default=text("0")),
     Column("step_errors", JSONType, nullable=True),
     Column("step_started_at", UTCDateTime, nullable=True),
+    # Sub-workflows (migration 0011): the parent execution whose ``workflow`` step created this
+    # one, that step run's seq, and the nesting depth (0 at the top).
+    Column("parent_execution_id", ID, nullable=True),
+    Column("parent_seq", Integer, nullable=True),
+    Column("depth", Integer, nullable=False, server_default=text("0")),
     # Partial: executions without a key (most) cost no entry in this index.
     Index(
         "uq_executions_idempotency",
@@ -216,6 +221,12 @@ executions = Table(
         "queued_at",
         postgresql_where=text("status IN ('queued', 'running', 'waiting')"),
         sqlite_where=text("status IN ('queued', 'running', 'waiting')"),
+    ),
+    Index(
+        "ix_executions_parent",
+        "parent_execution_id",
+        postgresql_where=text("parent_execution_id IS NOT NULL"),
+        sqlite_where=text("parent_execution_id IS NOT NULL"),
     ),
 )
 

@@ -26,7 +26,7 @@ import time
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from conveyor.dispatch import FairnessLedger, TenantLimiter
+from conveyor.dispatch import ExecutionDispatcher, FairnessLedger, TenantLimiter, payload_for
 from conveyor.engine import Engine
 from conveyor.errors import ConveyorError
 from conveyor.queue import (
@@ -52,7 +52,7 @@ from conveyor.workers.limits import ConcurrencyLimits, TenantLimitsBook
 from conveyor.workers.runner import ExecutionRunner
 
 if TYPE_CHECKING:
-    from conveyor.store import Store
+    from conveyor.store import Execution, Store
 
 log = logging.getLogger("conveyor.workers.execution")  # also when run with -m
 
@@ -105,6 +105,8 @@ class ExecutionWorker:
             book=self.book,
         )
         self.engine.on_step = self.metrics.observe_step
+        self.dispatcher = ExecutionDispatcher(self.queues, s)
+        self.engine.enqueue = self._enqueue
         self.heartbeat = Heartbeat(self.queues, role="worker", settings=s, info_fn=self.info)
         self.workers = [
             self.queues.create_worker(
@@ -119,6 +121,11 @@ class ExecutionWorker:
         ]
         for worker in self.workers:
             worker.on("stalled", self._on_stalled)
+
+    async def _enqueue(self, execution: Execution, reason: str, job_id: str) -> None:
+        """The engine's: a sub-workflow's child, or the parent its end woke (bounded)."""
+        payload = payload_for(execution, reason=reason)
+        await asyncio.wait_for(self.dispatcher.enqueue(payload, job_id=job_id), timeout=3.0)
 
     async def process(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
         """The runner's processor, counting finished runs per tenant
@@ -246,6 +253,8 @@ class ExecutionWorker:
         await self.supervisor.cancel_all(5.0)  # metrics.run flushes on cancel
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.heartbeat.remove(), timeout=2.0)
+        with contextlib.suppress(Exception):
+            await self.dispatcher.aclose()
         c = self.runner.counters
         log.info(
             "worker.stopped",

@@ -73,6 +73,7 @@ from conveyor.workflows.step_models import (
     Step,
     TransformStep,
     WaitStep,
+    WorkflowStep,
     _Model,
     check_json,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "TransformStep",
     "WaitStep",
     "WorkflowDefinition",
+    "WorkflowStep",
     "parse_definition",
     "validate_input",
     "workflow_json_schema",
@@ -166,7 +168,7 @@ class WorkflowDefinition(_Model):
 
     def get_step(
         self, step_id: str
-    ) -> HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | NoopStep:
+    ) -> HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | WorkflowStep | NoopStep:
         return self.steps[self.step_index(step_id)]
 
     def next_step_id(self, step_id: str, action: Action = "continue") -> str | None:

@@ -1,4 +1,4 @@
-"""The steps of a workflow definition: the six step models, retry policies, actions, limits.
+"""The steps of a workflow definition: the seven step models, retry policies, actions, limits.
 
 Split from :mod:`conveyor.workflows.definition` (which re-exports everything here and holds the
 workflow model, parsing with useful errors, and the JSON Schema); see its docstring for the
@@ -29,7 +29,7 @@ from pydantic import (
 from conveyor.workflows.expressions import check_expression, check_template, is_template
 
 STEP_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
-STEP_TYPES = ("http", "transform", "condition", "delay", "wait", "noop")
+STEP_TYPES = ("http", "transform", "condition", "delay", "wait", "workflow", "noop")
 MAX_JSON_DEPTH = 32
 MAX_HEADERS = 50
 MAX_URL_CHARS = 8192
@@ -381,6 +381,13 @@ class WaitStep(_StepBase):
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_DELAY_S)
     on_timeout: Literal["fail"] | Action = "fail"
 
+    @field_validator("event")
+    @classmethod
+    def _check_event(cls, value: str) -> str:
+        if value.startswith(RESERVED_EVENT_PREFIX):
+            raise ValueError(f"event names starting with {RESERVED_EVENT_PREFIX!r} are reserved")
+        return value
+
     @field_validator("correlation")
     @classmethod
     def _check_correlation(cls, value: str | None) -> str | None:
@@ -412,6 +419,44 @@ class WaitStep(_StepBase):
         return None if self.on_timeout == "fail" else self.on_timeout
 
 
+RESERVED_EVENT_PREFIX = "conveyor."
+"""Event names Conveyor itself sends (a child's end, to its parent): not for wait steps or
+the events API."""
+WORKFLOW_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class WorkflowStep(_StepBase):
+    """Run another workflow of the same tenant (a child execution) and wait for it to end.
+
+    ``workflow`` is the workflow's id; ``version`` a version number or ``"latest"`` (the
+    workflow's current version when the step starts the child). ``input`` is the child's input:
+    JSON whose string leaves are templates (``{{ steps.fetch.body }}``). The child is created
+    once per step run (a crash and re-run finds the same child), the parent parks ``waiting``
+    (no worker slot held) and is woken when the child ends. Output: the child's output; a child
+    that fails or is cancelled fails the step with ``ChildFailed`` (its error in ``details``).
+    ``timeout_s`` bounds the wait (the step fails with ``WaitTimeout``; the child is cancelled).
+    Nesting is bounded by ``WORKFLOW_MAX_DEPTH``.
+    """
+
+    type: Literal["workflow"]
+    workflow: Annotated[str, StringConstraints(pattern=WORKFLOW_ID_PATTERN)]
+    version: Annotated[int, Field(ge=1)] | Literal["latest"] = "latest"
+    input: Any = None
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_DELAY_S)
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, value: Any) -> Any:
+        check_json(value, MAX_BODY_BYTES)
+        return check_template(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WorkflowStep:
+        if self.retry is not None:
+            raise ValueError("'retry' does not apply to a workflow step (retry inside the child)")
+        return self
+
+
 class NoopStep(_StepBase):
     """Do nothing (output ``null``)."""
 
@@ -419,7 +464,7 @@ class NoopStep(_StepBase):
 
 
 Step = Annotated[
-    HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | NoopStep,
+    HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | WorkflowStep | NoopStep,
     Field(discriminator="type"),
 ]
 

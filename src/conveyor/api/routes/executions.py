@@ -77,7 +77,7 @@ def execution_out(execution: Execution, *, with_steps: bool = False) -> dict[str
             "input", "output", "error", "attempts", "steps_run", "step_attempt", "step_errors",
             "idempotency_key",
             "schedule_id", "retry_of", "scheduled_for", "created_at", "queued_at", "started_at",
-            "finished_at", "updated_at",
+            "finished_at", "updated_at", "parent_execution_id", "parent_seq", "depth",
         )
     }  # fmt: skip
     if with_steps:

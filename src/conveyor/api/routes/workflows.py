@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Response
 
+from conveyor.api.context import ApiContext
 from conveyor.api.deps import CtxDep, TenantDep
 from conveyor.api.schemas import (
     Envelope,
@@ -16,7 +17,9 @@ from conveyor.api.schemas import (
     WorkflowVersionOut,
     error_responses,
 )
+from conveyor.errors import NotFound, WorkflowInvalid
 from conveyor.store import Workflow
+from conveyor.workflows import WorkflowStep, parse_definition
 
 router = APIRouter(
     prefix="/api/workflows",
@@ -244,6 +247,7 @@ def workflow_out(workflow: Workflow) -> dict[str, Any]:
     openapi_extra=CREATE_BODY,
 )
 async def create_workflow(ctx: CtxDep, auth: TenantDep, body: Definition) -> dict[str, Any]:
+    await _check_subworkflows(ctx, auth.tenant_id, body)
     workflow = await ctx.store.workflows.create(auth.tenant_id, body)
     return {"success": True, "data": workflow_out(workflow)}
 
@@ -295,6 +299,7 @@ async def get_workflow(ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId) ->
 async def update_workflow(
     ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId, body: Definition
 ) -> dict[str, Any]:
+    await _check_subworkflows(ctx, auth.tenant_id, body)
     workflow = await ctx.store.workflows.update(auth.tenant_id, workflow_id, body)
     return {"success": True, "data": workflow_out(workflow)}
 
@@ -360,3 +365,30 @@ async def rotate_webhook(ctx: CtxDep, auth: TenantDep, workflow_id: WorkflowId) 
     secret = await ctx.store.workflows.rotate_webhook_secret(auth.tenant_id, workflow_id)
     data = {"url": webhook_url(workflow_id), "has_secret": True, "secret": secret}
     return {"success": True, "data": data}
+
+
+async def _check_subworkflows(ctx: ApiContext, tenant_id: str, body: dict[str, Any]) -> None:
+    """The workflows (and pinned versions) ``workflow`` steps call must be the tenant's: 422
+    naming the step otherwise. (One deleted later fails its step when it runs.)"""
+    definition = parse_definition(body)  # an invalid one: the same 422 as the store's
+    problems: list[dict[str, Any]] = []
+    for index, step in enumerate(definition.steps):
+        if not isinstance(step, WorkflowStep):
+            continue
+        try:
+            if step.version == "latest":
+                await ctx.store.workflows.get(tenant_id, step.workflow)
+            else:
+                await ctx.store.workflows.get_version(tenant_id, step.workflow, step.version)
+        except NotFound:
+            what = "workflow" if step.version == "latest" else f"version {step.version} of workflow"
+            message = f"{what} {step.workflow!r} is not one of this tenant's"
+            problems.append({"step": step.id, "index": index, "field": "workflow",
+                             "message": message})  # fmt: skip
+    if problems:
+        first = problems[0]
+        error = WorkflowInvalid(
+            f"invalid workflow: step {first['step']!r} field 'workflow': {first['message']}"
+        )
+        error.details = problems
+        raise error

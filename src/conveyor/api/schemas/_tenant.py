@@ -247,6 +247,19 @@ class ExecutionOut(ApiModel):
     idempotency_key: str | None = None
     schedule_id: str | None = None
     retry_of: str | None = None
+    parent_execution_id: str | None = Field(
+        None,
+        description=(
+            "A sub-workflow's parent: the execution whose `workflow` step started this one "
+            "(`triggeredBy` = `workflow`). Null otherwise."
+        ),
+    )
+    parent_seq: int | None = Field(
+        None, description="The seq of the parent's `workflow` step run that started this one."
+    )
+    depth: int = Field(
+        0, description="Nesting depth: 0 at the top, the parent's + 1 for a sub-workflow."
+    )
     scheduled_for: datetime | None = Field(
         None,
         description="The tick instant (UTC) a schedule's execution fires for; null unless "

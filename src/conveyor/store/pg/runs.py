@@ -50,7 +50,8 @@ UPDATE executions
         OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at <= $2))
         OR (status = 'waiting' AND wake_at <= $2))
 RETURNING tenant_id, workflow_id, workflow_version, region, input, next_step, steps_run,
-          lease, attempts, queued_at, started_at, step_attempt, step_errors, step_started_at
+          lease, attempts, queued_at, started_at, step_attempt, step_errors, step_started_at,
+          parent_execution_id, depth
 """
 
 _UNCLAIMED = "SELECT status, lease_expires_at, wake_at FROM executions WHERE id = $1"
@@ -256,6 +257,8 @@ class _PgSession:
             step_attempt=row["step_attempt"],
             step_errors=None if row["step_errors"] is None else json.loads(row["step_errors"]),
             step_started_at=row["step_started_at"],
+            parent_execution_id=row["parent_execution_id"],
+            depth=row["depth"],
         )
 
     async def unclaimed(self, execution_id: str) -> Unclaimed:

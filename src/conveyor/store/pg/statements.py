@@ -49,6 +49,9 @@ _EXECUTION_COLUMNS = (
     "scheduled_for",
     "step_attempt",
     "step_errors",
+    "parent_execution_id",
+    "parent_seq",
+    "depth",
 )
 _JSON = ("input", "output", "error", "step_errors")
 _SELECT_EXECUTION = f"SELECT {', '.join(_EXECUTION_COLUMNS)} FROM executions"

@@ -38,6 +38,8 @@ _CLAIM_RETURNS = (
     executions.c.step_attempt,
     executions.c.step_errors,
     executions.c.step_started_at,
+    executions.c.parent_execution_id,
+    executions.c.depth,
 )
 
 
