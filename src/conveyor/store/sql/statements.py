@@ -6,7 +6,7 @@ its contract is :meth:`conveyor.store.statements.Statements.trigger`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ from conveyor.store._db import autocommit
 from conveyor.store._errors import translate_errors
 from conveyor.store.records import Execution
 from conveyor.store.schema import api_keys, executions, workflows
+from conveyor.store.statements import TriggerRequest
 from conveyor.store.triggers import insert_values, new_execution
 
 __all__ = ["SqlStatements"]
@@ -111,6 +112,43 @@ class SqlStatements:
                     inserted = await conn.execute(self._insert_statement(execution))
                     row["inserted"] = inserted.first() is not None
                 return row
+
+    async def trigger_many(
+        self, requests: Sequence[TriggerRequest]
+    ) -> list[Mapping[str, Any] | None]:
+        """:meth:`trigger` for each of ``requests`` in ONE transaction (one commit)."""
+        answers: list[Mapping[str, Any] | None] = []
+        with translate_errors():
+            async with self._engine.begin() as conn:
+                targets: dict[tuple[str, str], Mapping[str, Any] | None] = {}
+                for r in requests:
+                    target = (r.tenant_id, r.workflow_id)
+                    if target not in targets:
+                        params = {"tid": r.tenant_id, "wid": r.workflow_id}
+                        found = (await conn.execute(_TRIGGER_TARGET, params)).mappings().first()
+                        targets[target] = None if found is None else dict(found)
+                    workflow = targets[target]
+                    if workflow is None:
+                        answers.append(None)
+                        continue
+                    row = dict(workflow)
+                    row["inserted"] = False
+                    if row["enabled"] and int(row["current_version"]) == r.version:
+                        execution = new_execution(
+                            tenant_id=r.tenant_id,
+                            workflow_id=r.workflow_id,
+                            version=r.version,
+                            region=str(row["region"]),
+                            input=r.input,
+                            triggered_by=r.triggered_by,
+                            now=r.now,
+                            idempotency_key=r.idempotency_key,
+                            execution_id=r.execution_id,
+                        )
+                        inserted = await conn.execute(self._insert_statement(execution))
+                        row["inserted"] = inserted.first() is not None
+                    answers.append(row)
+        return answers
 
     async def insert_execution(self, execution: Execution) -> bool:
         with translate_errors():
