@@ -63,6 +63,11 @@ class GroupCommit(Generic[In, Out]):
         self.batches = 0
         """Batches sent so far (of any size): tests and metrics read it."""
 
+    @property
+    def waiting(self) -> int:
+        """Items handed over and not yet taken into a batch."""
+        return len(self._pending)
+
     async def submit(self, item: In) -> Out:
         """``item``'s own result; raises what its batch raised.
 
