@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from conveyor.errors import DatabaseUnavailable
+from conveyor.errors import Conflict, DatabaseUnavailable, NotFound
+from conveyor.store import Store
 from conveyor.store._group_commit import GroupCommit
 
 
@@ -108,3 +109,41 @@ async def test_an_item_submitted_as_the_sender_finishes_is_sent() -> None:
 
     assert await asyncio.wait_for(two_in_a_row(), 2) == ["r0", "r1"]
     assert recorder.calls == [[0], [1]]
+
+
+NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
+
+
+async def test_one_batch_mixing_workflows_tenants_and_keys(store: Store) -> None:
+    """One batch (on both databases): keys are per tenant, a key reused for another workflow
+    of the same tenant is a Conflict, a disabled or missing workflow fails only its own
+    request, and the others are created."""
+    acme = (await store.tenants.create("acme")).id
+    globex = (await store.tenants.create("globex")).id
+    wf1 = (await store.workflows.create(acme, NOOP)).id
+    wf2 = (await store.workflows.create(acme, NOOP)).id
+    wf3 = (await store.workflows.create(globex, NOOP)).id
+    for tenant, wf in ((acme, wf1), (acme, wf2), (globex, wf3)):
+        await store.executions.create(tenant, wf)  # this process learns the versions
+    group = store.executions.group_commit
+    calls = [
+        store.executions.create(acme, wf1),
+        store.executions.create(acme, wf1, {"n": 1}, idempotency_key="k"),
+        store.executions.create(acme, wf2, {"n": 2}, idempotency_key="k"),
+        store.executions.create(globex, wf3, {"n": 3}, idempotency_key="k"),
+        store.executions.create(globex, wf1, {"n": 4}),  # another tenant's workflow
+        store.executions.create(acme, wf1, {"n": 5}),
+    ]
+    batches = group.batches
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert group.batches - batches == 1, "submitted in one turn: one batch"
+    held, first, second, third, missing, plain = results
+    assert not isinstance(held, BaseException) and held[1]
+    assert not isinstance(first, BaseException) and first[1]
+    assert isinstance(second, Conflict), "the key was used for another workflow"
+    assert not isinstance(third, BaseException) and third[1], "keys are per tenant"
+    assert third[0].id != first[0].id and third[0].tenant_id == globex
+    assert isinstance(missing, NotFound)
+    assert not isinstance(plain, BaseException) and plain[1]
+    page = await store.executions.list(acme, workflow_id=wf2)
+    assert len(page.items) == 1, "nothing stored for the conflicting key"
