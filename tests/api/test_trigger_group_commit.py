@@ -55,6 +55,8 @@ async def test_a_burst_keeps_every_idempotency_key(backend_api: Api) -> None:
         assert r.status_code == 202, r.text
     group = api.ctx.store.executions.group_commit
     batches_before = group.batches
+    replays = api.ctx.store.executions.replays
+    replays_before = replays.batches
     # 2 tenants x 25 keys x 4 repeats = 200 requests; both tenants use the same key names.
     requests = [(t, f"key-{k}") for _ in range(4) for k in range(25) for t in range(2)]
     answers = await asyncio.gather(
@@ -78,6 +80,7 @@ async def test_a_burst_keeps_every_idempotency_key(backend_api: Api) -> None:
     ids = {seen[0][1] for seen in by_key.values()}
     assert len(ids) == 50, "the two tenants' keys are apart"
     assert group.batches - batches_before < 200, "concurrent triggers shared statements"
+    assert replays.batches - replays_before < 150, "the 150 replays shared their reads"
     for t, auth in enumerate(tenants):
         r = await api.client.get(
             "/api/executions", params={"workflowId": workflows[t], "limit": 100}, headers=auth

@@ -74,6 +74,12 @@ class ExecutionService(ServiceBase):
         """The triggers' group commit (its ``batches`` count is read by tests)."""
         return self._triggers.group_commit
 
+    @property
+    def replays(self) -> GroupCommit[tuple[str, str], Execution | None]:
+        """The idempotent replays' batched reads by key (its ``batches`` count is read by
+        tests)."""
+        return self._triggers.replays
+
     async def create(
         self,
         tenant_id: str,

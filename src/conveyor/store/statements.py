@@ -82,3 +82,10 @@ class Statements(Protocol):
     async def execution(self, tenant_id: str, execution_id: str) -> Execution | None: ...
 
     async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None: ...
+
+    async def executions_by_keys(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Execution]:
+        """The executions with these ``(tenant_id, idempotency_key)`` pairs, in ONE statement,
+        by pair (pairs with no execution are absent)."""
+        ...

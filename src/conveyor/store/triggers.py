@@ -141,6 +141,14 @@ class TriggerService(ServiceBase):
         self.group_commit: GroupCommit[TriggerRequest, Mapping[str, Any] | None] = GroupCommit(
             self._trigger_one, self._trigger_many, name="store.trigger_batch"
         )
+        # Replays (idempotency key already used) read their executions together, too.
+        self.replays: GroupCommit[tuple[str, str], Execution | None] = GroupCommit(
+            self._by_key_one, self._by_keys, name="store.replay_batch"
+        )
+
+    async def _by_keys(self, keys: Sequence[tuple[str, str]]) -> list[Execution | None]:
+        found = await self._statements.executions_by_keys(list(dict.fromkeys(keys)))
+        return [found.get(key) for key in keys]
 
     async def _trigger_many(
         self, requests: Sequence[TriggerRequest]
@@ -309,4 +317,7 @@ class TriggerService(ServiceBase):
         return await self._statements.insert_execution(execution)
 
     async def _by_key(self, tenant_id: str, key: str) -> Execution | None:
-        return await self._statements.execution_by_key(tenant_id, key)
+        return await self.replays.submit((tenant_id, key))
+
+    async def _by_key_one(self, key: tuple[str, str]) -> Execution | None:
+        return await self._statements.execution_by_key(*key)

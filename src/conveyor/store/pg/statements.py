@@ -124,6 +124,11 @@ SELECT ord, current_version, region, enabled, id IN (SELECT id FROM ins) AS inse
 """
 _BY_ID = _SELECT_EXECUTION + " WHERE tenant_id = $1 AND id = $2"
 _BY_KEY = _SELECT_EXECUTION + " WHERE tenant_id = $1 AND idempotency_key = $2"
+_BY_KEYS = (
+    f"SELECT {', '.join('e.' + c for c in _EXECUTION_COLUMNS)} FROM executions e"
+    " JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, idempotency_key)"
+    " ON e.tenant_id = k.tenant_id AND e.idempotency_key = k.idempotency_key"
+)
 
 
 def execution_from_record(row: Any) -> Execution:
@@ -224,3 +229,10 @@ class PgStatements:
     async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None:
         row = await self._fetchrow(_BY_KEY, tenant_id, key)
         return None if row is None else execution_from_record(row)
+
+    async def executions_by_keys(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Execution]:
+        rows = await call(self._pool, "fetch", _BY_KEYS, [t for t, _ in keys], [k for _, k in keys])
+        found = (execution_from_record(row) for row in rows)
+        return {(e.tenant_id, str(e.idempotency_key)): e for e in found}

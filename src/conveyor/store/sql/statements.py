@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -160,6 +160,17 @@ class SqlStatements:
 
     async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None:
         return await self._one(executions.c.idempotency_key == key, tenant_id)
+
+    async def executions_by_keys(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Execution]:
+        pairs = tuple_(executions.c.tenant_id, executions.c.idempotency_key)
+        statement = select(executions).where(pairs.in_(list(keys)))
+        with translate_errors():
+            async with self._autocommit.connect() as conn:
+                rows = (await conn.execute(statement)).all()
+        found = (Execution.from_mapping(row._mapping) for row in rows)
+        return {(e.tenant_id, str(e.idempotency_key)): e for e in found}
 
     async def _one(self, condition: Any, tenant_id: str) -> Execution | None:
         statement = select(executions).where(executions.c.tenant_id == tenant_id, condition)
