@@ -21,16 +21,22 @@ NEEDS_ORDER = {**NOOP, "input_schema": {"type": "object", "required": ["orderId"
 
 @pytest.fixture
 def statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many known-version triggers ran (either driver)."""
+    """How many known-version triggers ran (either driver; alone or in a group commit)."""
     calls: list[int] = []
     for driver in (PgStatements, SqlStatements):
         original = driver.trigger
+        original_many = driver.trigger_many
 
         async def counted(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
             calls.append(1)
             return await _original(self, *args, **kwargs)
 
+        async def counted_many(self: Any, requests: Any, _original: Any = original_many) -> Any:
+            calls.extend(1 for _ in requests)
+            return await _original(self, requests)
+
         monkeypatch.setattr(driver, "trigger", counted)
+        monkeypatch.setattr(driver, "trigger_many", counted_many)
     return calls
 
 

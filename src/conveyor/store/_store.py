@@ -101,6 +101,7 @@ class Store:
         else:
             self.runs = SqlRunStore(self.engine)
             statements = SqlStatements(self.engine)
+        self.statements = statements
         s, engine = self.settings, self.engine
         self.tenants = TenantService(engine, s, statements)
         self.api_keys = ApiKeyService(engine, s, statements)

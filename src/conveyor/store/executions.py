@@ -6,7 +6,7 @@ retry_from`); plus the reconciler's queries. Creating one (a trigger) is :mod:`c
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,10 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from conveyor.errors import Conflict, NotFound
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase
+from conveyor.store._group_commit import GroupCommit
 from conveyor.store._types import utcnow
 from conveyor.store.records import Execution, Page, StepRun
 from conveyor.store.schema import ACTIVE_STATUSES, ID, executions, step_runs, timers
-from conveyor.store.statements import Statements
+from conveyor.store.statements import Statements, TriggerRequest
 from conveyor.store.triggers import TriggerService, insert_values, new_execution
 from conveyor.store.workflows import WorkflowService
 
@@ -72,6 +73,17 @@ class ExecutionService(ServiceBase):
         self._triggers = TriggerService(engine, settings, statements, workflows)
         self.children: ChildService | None = None
         """Set by the store: tells a cancelled child's parent (sub-workflows)."""
+
+    @property
+    def group_commit(self) -> GroupCommit[TriggerRequest, Mapping[str, Any] | None]:
+        """The triggers' group commit (its ``batches`` count is read by tests)."""
+        return self._triggers.group_commit
+
+    @property
+    def replays(self) -> GroupCommit[tuple[str, str], Execution | None]:
+        """The idempotent replays' batched reads by key (its ``batches`` count is read by
+        tests)."""
+        return self._triggers.replays
 
     async def create(
         self,

@@ -10,13 +10,30 @@ The services call them without knowing which is in use.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from conveyor.store.records import Execution
 
-__all__ = ["Statements"]
+__all__ = ["Statements", "TriggerRequest"]
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerRequest:
+    """The arguments of one :meth:`Statements.trigger` (an item of :meth:`Statements.
+    trigger_many`)."""
+
+    execution_id: str
+    tenant_id: str
+    workflow_id: str
+    version: int
+    triggered_by: str
+    input: Any
+    input_json: str | None
+    idempotency_key: str | None
+    now: datetime
 
 
 class Statements(Protocol):
@@ -48,6 +65,16 @@ class Statements(Protocol):
         ``None`` when the tenant has no such live workflow."""
         ...
 
+    async def trigger_many(
+        self, requests: Sequence[TriggerRequest]
+    ) -> Sequence[Mapping[str, Any] | None]:
+        """:meth:`trigger` for each of ``requests`` in ONE transaction (one commit; ONE
+        statement on Postgres), one answer per request, in order. Requests sharing an
+        idempotency key (of one tenant) insert one row: one of them answers
+        ``inserted``, the others not (they read the row by key, as a replay). A database error
+        stores nothing of the batch."""
+        ...
+
     async def insert_execution(self, execution: Execution) -> bool:
         """Insert; False when its idempotency key was already used (nothing inserted)."""
         ...
@@ -55,3 +82,10 @@ class Statements(Protocol):
     async def execution(self, tenant_id: str, execution_id: str) -> Execution | None: ...
 
     async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None: ...
+
+    async def executions_by_keys(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Execution]:
+        """The executions with these ``(tenant_id, idempotency_key)`` pairs, in ONE statement,
+        by pair (pairs with no execution are absent)."""
+        ...

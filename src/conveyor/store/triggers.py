@@ -8,11 +8,14 @@ was used for another workflow.
 The trigger is the API's hottest path: a workflow whose current version this process has seen
 (and whose definition is cached) is triggered with ONE statement
 (:meth:`~conveyor.store.statements.Statements.trigger`); anything else takes the general path,
-which raises the same errors in the same order.
+which raises the same errors in the same order. Concurrent one-statement triggers share that
+statement and its commit (group commit: :class:`~conveyor.store._group_commit.GroupCommit`,
+:meth:`~conveyor.store.statements.Statements.trigger_many`); a lone trigger is sent at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -21,9 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.errors import Conflict, InputInvalid, NotFound
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase
+from conveyor.store._group_commit import GroupCommit
 from conveyor.store._types import check_storable, dumps, new_id, utcnow
 from conveyor.store.records import Execution
-from conveyor.store.statements import Statements
+from conveyor.store.statements import Statements, TriggerRequest
 from conveyor.store.workflows import WorkflowService
 from conveyor.workflows.definition import validate_input
 
@@ -134,6 +138,35 @@ class TriggerService(ServiceBase):
         # (tenant, workflow) -> last current version seen: a hint only (the one-statement
         # trigger re-checks it in SQL), so it may be stale or come from another tenant's miss.
         self._versions: dict[tuple[str, str], int] = {}
+        self.group_commit: GroupCommit[TriggerRequest, Mapping[str, Any] | None] = GroupCommit(
+            self._trigger_one, self._trigger_many, name="store.trigger_batch"
+        )
+        # Replays (idempotency key already used) read their executions together, too.
+        self.replays: GroupCommit[tuple[str, str], Execution | None] = GroupCommit(
+            self._by_key_one, self._by_keys, name="store.replay_batch"
+        )
+
+    async def _by_keys(self, keys: Sequence[tuple[str, str]]) -> list[Execution | None]:
+        found = await self._statements.executions_by_keys(list(dict.fromkeys(keys)))
+        return [found.get(key) for key in keys]
+
+    async def _trigger_many(
+        self, requests: Sequence[TriggerRequest]
+    ) -> Sequence[Mapping[str, Any] | None]:
+        return await self._statements.trigger_many(requests)
+
+    async def _trigger_one(self, r: TriggerRequest) -> Mapping[str, Any] | None:
+        return await self._statements.trigger(
+            r.execution_id,
+            r.tenant_id,
+            r.workflow_id,
+            r.version,
+            triggered_by=r.triggered_by,
+            input=r.input,
+            input_json=r.input_json,
+            idempotency_key=r.idempotency_key,
+            now=r.now,
+        )
 
     async def create(
         self,
@@ -209,16 +242,18 @@ class TriggerService(ServiceBase):
             return None  # raised by the general path, after its NotFound/Conflict checks
         now = utcnow()
         execution_id = new_id()
-        row = await self._statements.trigger(
-            execution_id,
-            tenant_id,
-            workflow_id,
-            version,
-            triggered_by=triggered_by,
-            input=input,
-            input_json=input_json,
-            idempotency_key=idempotency_key,
-            now=now,
+        row = await self.group_commit.submit(
+            TriggerRequest(
+                execution_id=execution_id,
+                tenant_id=tenant_id,
+                workflow_id=workflow_id,
+                version=version,
+                triggered_by=triggered_by,
+                input=input,
+                input_json=input_json,
+                idempotency_key=idempotency_key,
+                now=now,
+            )
         )
         if row is None:
             self._versions.pop(target, None)
@@ -282,4 +317,7 @@ class TriggerService(ServiceBase):
         return await self._statements.insert_execution(execution)
 
     async def _by_key(self, tenant_id: str, key: str) -> Execution | None:
-        return await self._statements.execution_by_key(tenant_id, key)
+        return await self.replays.submit((tenant_id, key))
+
+    async def _by_key_one(self, key: tuple[str, str]) -> Execution | None:
+        return await self._statements.execution_by_key(*key)

@@ -11,12 +11,14 @@ statements run on SQLAlchemy Core (:mod:`conveyor.store.sql`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from conveyor.store._types import dumps
 from conveyor.store.pg._conn import call
 from conveyor.store.records import Execution
+from conveyor.store.statements import TriggerRequest
 
 __all__ = ["PgStatements", "execution_from_record"]
 
@@ -94,8 +96,42 @@ WITH wf AS (
 )
 SELECT current_version, region, enabled, EXISTS (SELECT 1 FROM ins) AS inserted FROM wf
 """
+# The group commit of :data:`_TRIGGER`: the requests of a batch, as arrays, go in ONE statement
+# (one round trip, one commit). Each request gets its own workflow row and ``inserted`` flag,
+# in order (``ord``); requests that share an idempotency key insert one row (ON CONFLICT DO
+# NOTHING also skips a row conflicting with one inserted earlier by the same statement).
+_TRIGGER_MANY = """
+WITH req AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[],
+                         $6::text[], $7::text[], $8::timestamptz[])
+           WITH ORDINALITY AS r(id, tenant_id, workflow_id, version, triggered_by, input,
+                                idempotency_key, now, ord)
+), wf AS (
+    SELECT req.*, w.current_version, w.region, w.enabled
+      FROM req LEFT JOIN workflows w
+        ON w.tenant_id = req.tenant_id AND w.id = req.workflow_id AND w.deleted_at IS NULL
+), ins AS (
+    INSERT INTO executions (id, tenant_id, workflow_id, workflow_version, status, region,
+                            triggered_by, input, idempotency_key, created_at, queued_at,
+                            updated_at)
+    SELECT id, tenant_id, workflow_id, current_version, 'queued', region, triggered_by,
+           input::jsonb, idempotency_key, now, now, now
+      FROM wf
+     WHERE enabled AND current_version = version
+     ORDER BY ord
+    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id
+)
+SELECT ord, current_version, region, enabled, id IN (SELECT id FROM ins) AS inserted
+  FROM wf ORDER BY ord
+"""
 _BY_ID = _SELECT_EXECUTION + " WHERE tenant_id = $1 AND id = $2"
 _BY_KEY = _SELECT_EXECUTION + " WHERE tenant_id = $1 AND idempotency_key = $2"
+_BY_KEYS = (
+    f"SELECT {', '.join('e.' + c for c in _EXECUTION_COLUMNS)} FROM executions e"
+    " JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, idempotency_key)"
+    " ON e.tenant_id = k.tenant_id AND e.idempotency_key = k.idempotency_key"
+)
 
 
 def execution_from_record(row: Any) -> Execution:
@@ -150,6 +186,24 @@ class PgStatements:
             now,
         )
 
+    async def trigger_many(self, requests: Sequence[TriggerRequest]) -> list[Any]:
+        """:meth:`trigger` for each of ``requests`` in ONE statement (see
+        :data:`_TRIGGER_MANY`): one answer per request, in order."""
+        rows = await call(
+            self._pool,
+            "fetch",
+            _TRIGGER_MANY,
+            [r.execution_id for r in requests],
+            [r.tenant_id for r in requests],
+            [r.workflow_id for r in requests],
+            [r.version for r in requests],
+            [r.triggered_by for r in requests],
+            [r.input_json for r in requests],
+            [r.idempotency_key for r in requests],
+            [r.now for r in requests],
+        )
+        return [None if row["current_version"] is None else row for row in rows]
+
     async def insert_execution(self, e: Execution) -> bool:
         """Insert; False when the idempotency key was already used (nothing inserted)."""
         row = await self._fetchrow(
@@ -178,3 +232,10 @@ class PgStatements:
     async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None:
         row = await self._fetchrow(_BY_KEY, tenant_id, key)
         return None if row is None else execution_from_record(row)
+
+    async def executions_by_keys(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Execution]:
+        rows = await call(self._pool, "fetch", _BY_KEYS, [t for t, _ in keys], [k for _, k in keys])
+        found = (execution_from_record(row) for row in rows)
+        return {(e.tenant_id, str(e.idempotency_key)): e for e in found}

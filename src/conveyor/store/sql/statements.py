@@ -6,11 +6,11 @@ its contract is :meth:`conveyor.store.statements.Statements.trigger`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -18,6 +18,7 @@ from conveyor.store._db import autocommit
 from conveyor.store._errors import translate_errors
 from conveyor.store.records import Execution
 from conveyor.store.schema import api_keys, executions, workflows
+from conveyor.store.statements import TriggerRequest
 from conveyor.store.triggers import insert_values, new_execution
 
 __all__ = ["SqlStatements"]
@@ -112,6 +113,43 @@ class SqlStatements:
                     row["inserted"] = inserted.first() is not None
                 return row
 
+    async def trigger_many(
+        self, requests: Sequence[TriggerRequest]
+    ) -> list[Mapping[str, Any] | None]:
+        """:meth:`trigger` for each of ``requests`` in ONE transaction (one commit)."""
+        answers: list[Mapping[str, Any] | None] = []
+        with translate_errors():
+            async with self._engine.begin() as conn:
+                targets: dict[tuple[str, str], Mapping[str, Any] | None] = {}
+                for r in requests:
+                    target = (r.tenant_id, r.workflow_id)
+                    if target not in targets:
+                        params = {"tid": r.tenant_id, "wid": r.workflow_id}
+                        found = (await conn.execute(_TRIGGER_TARGET, params)).mappings().first()
+                        targets[target] = None if found is None else dict(found)
+                    workflow = targets[target]
+                    if workflow is None:
+                        answers.append(None)
+                        continue
+                    row = dict(workflow)
+                    row["inserted"] = False
+                    if row["enabled"] and int(row["current_version"]) == r.version:
+                        execution = new_execution(
+                            tenant_id=r.tenant_id,
+                            workflow_id=r.workflow_id,
+                            version=r.version,
+                            region=str(row["region"]),
+                            input=r.input,
+                            triggered_by=r.triggered_by,
+                            now=r.now,
+                            idempotency_key=r.idempotency_key,
+                            execution_id=r.execution_id,
+                        )
+                        inserted = await conn.execute(self._insert_statement(execution))
+                        row["inserted"] = inserted.first() is not None
+                    answers.append(row)
+        return answers
+
     async def insert_execution(self, execution: Execution) -> bool:
         with translate_errors():
             async with self._autocommit.connect() as conn:
@@ -122,6 +160,17 @@ class SqlStatements:
 
     async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None:
         return await self._one(executions.c.idempotency_key == key, tenant_id)
+
+    async def executions_by_keys(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Execution]:
+        pairs = tuple_(executions.c.tenant_id, executions.c.idempotency_key)
+        statement = select(executions).where(pairs.in_(list(keys)))
+        with translate_errors():
+            async with self._autocommit.connect() as conn:
+                rows = (await conn.execute(statement)).all()
+        found = (Execution.from_mapping(row._mapping) for row in rows)
+        return {(e.tenant_id, str(e.idempotency_key)): e for e in found}
 
     async def _one(self, condition: Any, tenant_id: str) -> Execution | None:
         statement = select(executions).where(executions.c.tenant_id == tenant_id, condition)
