@@ -316,6 +316,9 @@ async def one_run(
     tenant = await seed_run(seed, kind, n, args.target_port)
     extra = env.env(
         EXECUTION_WORKER_CONCURRENCY=str(args.concurrency),
+        # the tenant cap holds across the fleet (default: one process's concurrency): the one
+        # tenant here may fill every process, as in an unlimited fleet
+        EXECUTION_TENANT_CONCURRENCY=str(args.concurrency * processes),
         DATABASE_POOL_SIZE=str(args.pool),
         HTTP_ALLOWLIST=f"127.0.0.1:{args.target_port}",
         SHUTDOWN_GRACE_MS="5000",
