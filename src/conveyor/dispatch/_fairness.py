@@ -17,20 +17,16 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor.dispatch import keys
+from conveyor.queue import is_missing_script
 
 if TYPE_CHECKING:
     from conveyor.queue import QueueFactory
     from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def _missing_script(exc: BaseException) -> bool:
-    text = str(exc)
-    return isinstance(exc, NoScriptError) or "NOSCRIPT" in text or "no matching script" in text
 
 
 class FairnessLedger:
@@ -97,7 +93,7 @@ class FairnessLedger:
                 break
             items = [item for item, _ in failed]
             self._loaded = False  # load again first: a master lost the script
-            if attempt == 2 or not all(_missing_script(r) for _, r in failed):
+            if attempt == 2 or not all(is_missing_script(r) for _, r in failed):
                 self._keep(items)
                 raise failed[0][1]
         self.flushes += 1

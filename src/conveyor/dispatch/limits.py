@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError, ResponseError
-
 from conveyor.dispatch import keys
+from conveyor.queue import is_missing_script
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -187,7 +186,7 @@ class ScriptBatcher:
     async def _send_missing_again(self, batch: list[_Call], results: list[Any]) -> None:
         """Load each script Redis did not know once, then send its refused calls again (in
         order); ``results`` is updated in place."""
-        missing = [i for i, result in enumerate(results) if missing_script(result)]
+        missing = [i for i, result in enumerate(results) if is_missing_script(result)]
         if not missing:
             return
         try:
@@ -204,16 +203,6 @@ class ScriptBatcher:
                 results[i] = await self._redis.evalsha(sha, len(names), *names, *args)
             except Exception as exc:
                 results[i] = exc
-
-
-def missing_script(result: Any) -> bool:
-    """``NOSCRIPT``, as a plain pipeline returns it or as a cluster pipeline reports it."""
-    if isinstance(result, NoScriptError):
-        return True
-    if not isinstance(result, ResponseError):
-        return False
-    text = str(result)
-    return "NOSCRIPT" in text.upper() or "no matching script" in text.lower()
 
 
 def _sha(source: str) -> str:

@@ -34,7 +34,7 @@ from conveyor.queue._base import (
     Worker,
 )
 from conveyor.queue._factory import QueueFactory
-from conveyor.queue.connection import bull_name
+from conveyor.queue.connection import bull_name, is_missing_script
 from conveyor.queue.payloads import (
     EXECUTION_QUEUE,
     Payload,
@@ -69,6 +69,7 @@ __all__ = [
     "WorkflowExecute",
     "bull_name",
     "execution_queue_name",
+    "is_missing_script",
     "payload_spec",
     "register_payload",
     "register_queue_telemetry",

@@ -45,6 +45,7 @@ from redis.exceptions import (
     AuthenticationWrongNumberOfArgsError,
     ClusterDownError,
     NoPermissionError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -232,6 +233,17 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_ERRORS)
+
+
+def is_missing_script(result: object) -> bool:
+    """``NOSCRIPT`` (an EVALSHA of a script the server does not have), as a plain pipeline
+    raises it or as a cluster pipeline reports it; ``result`` may be any pipeline result."""
+    if isinstance(result, NoScriptError):
+        return True
+    if not isinstance(result, ResponseError):
+        return False
+    text = str(result)
+    return "NOSCRIPT" in text.upper() or "no matching script" in text.lower()
 
 
 def translate(exc: BaseException, settings: Settings, action: str = "talk to") -> QueueError:

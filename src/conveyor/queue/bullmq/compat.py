@@ -56,10 +56,10 @@ from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildr
 from bullmq.redis_connection import RedisConnection
 from bullmq.timer import Timer
 from bullmq.utils import extract_result, is_redis_cluster
-from redis.exceptions import NoScriptError, ResponseError
 
 from conveyor.queue._base import QueueEvent, ScriptCall
 from conveyor.queue._emitter import Emitter
+from conveyor.queue.connection import is_missing_script
 
 __all__ = [
     "RELIED_ON",
@@ -444,15 +444,6 @@ async def load_add_scripts(queue: Any, *extra: str) -> bool:
     for source in (*extra, *(commands[name].script for name in ADD_SCRIPTS)):
         await conn.script_load(source)
     return True
-
-
-def is_missing_script(exc: BaseException) -> bool:
-    """``NOSCRIPT``, as a plain pipeline raises it or as a cluster pipeline reports it."""
-    text = str(exc)
-    return isinstance(exc, NoScriptError) or (
-        isinstance(exc, ResponseError)
-        and ("NOSCRIPT" in text.upper() or "no matching script" in text.lower())
-    )
 
 
 async def set_events_max_len(owner: Any, max_len: int) -> None:
