@@ -50,6 +50,7 @@ from _exec_common import (
     delete_prefix,
     raw_job,
     raw_queue,
+    raw_result,
     seeded,
 )
 from conveyor.store import utcnow
@@ -264,21 +265,6 @@ async def raw_http_worker(
                 proc.wait(timeout=10)
 
 
-async def _raw_result(prefix: str, proc: subprocess.Popen[bytes], timeout_s: float) -> Any:
-    client = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT, decode_responses=True)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while (raw := await client.get(f"{prefix}:raw:result")) is None:
-            if proc.poll() is not None:
-                raise RuntimeError(f"raw worker exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("raw worker did not finish")
-            await asyncio.sleep(0.1)
-        return json.loads(raw)
-    finally:
-        await client.aclose()
-
-
 async def run_raw(n: int, concurrency: int, port: int, target: psutil.Process) -> dict[str, float]:
     prefix = f"wfbenchraw{uuid.uuid4().hex[:8]}"
     queue = raw_queue(prefix)
@@ -293,7 +279,7 @@ async def run_raw(n: int, concurrency: int, port: int, target: psutil.Process) -
         target0 = _cpu(target)
         async with raw_http_worker(prefix, port, concurrency, n) as proc:
             with RssSampler(proc.pid) as usage:
-                result = await _raw_result(prefix, proc, timeout_s=max(120.0, n / 20))
+                result = await raw_result(prefix, proc, timeout_s=max(120.0, n / 20))
         per_s = float(result["n"]) / (result["last"] - result["first"])
         return {
             "per_s": per_s,
