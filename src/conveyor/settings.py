@@ -173,7 +173,11 @@ class Settings(BaseSettings):
     step_output_max_bytes: PositiveInt = 256 * 1024
     workflow_max_depth: Annotated[int, Field(ge=1, le=50)] = 5
     """Deepest nesting of sub-workflows (``workflow`` steps): a top-level execution is depth 0;
-    a ``workflow`` step that would start a child deeper than this fails."""
+    a ``workflow`` step that would start a child deeper than this fails (``parallel`` branches
+    and ``foreach`` items are children too)."""
+    workflow_max_fanout: Annotated[int, Field(ge=1, le=100_000)] = 10_000
+    """Most child executions one ``foreach`` step may start (its items); more fails the step
+    with ``fanout_exceeded``. A ``parallel`` step's branches are bounded on save."""
     secrets_key: SecretStr | None = None
     """Keys of the tenants' secrets (``/api/secrets``): comma list of base64-encoded 32-byte
     keys; the first encrypts, all decrypt (rotation). Read through :attr:`secrets_keys`."""

@@ -95,7 +95,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0011",)
+    assert head_revisions() == ("0012",)
     asyncio.run(_check(url))
 
 
@@ -190,7 +190,7 @@ async def _crons(store: Store) -> list[str]:
 async def _assert_0002_reorders_cron(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
         await _at(store, "upgrade", "0001")
-        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0011"):
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0012"):
             await store.check_schema()
         await _seed_0001(store)
 

@@ -41,6 +41,17 @@
    sends that event to the parent, which wakes it; the parent reads the child's status and
    output itself (see :mod:`conveyor.store.children`). Nesting is bounded by
    ``WORKFLOW_MAX_DEPTH``; cancelling a parent cancels its children.
+4d. A ``parallel`` or ``foreach`` step runs its branches / items as child executions of the
+   same workflow version through the queue (``branch`` names the step list each runs; they
+   spread over workers and count against the tenant's limits). Each is created exactly once
+   (its idempotency key is derived from the parent's id, the step's seq and its index), a
+   foreach keeping at most ``concurrency`` of them unfinished. The parent parks like a
+   ``workflow`` step on ``conveyor.workflow.<seq>``; every child's end sends that event and
+   wakes it. Woken, it reads the events there, then the children's summary (one statement),
+   starts the next items, and parks again consuming exactly the events it read — in the same
+   fenced transaction that looks for any other (a child that ended after the read): none is
+   lost, and the join (the step's result: the outputs in index order, the first branch of
+   ``mode: any``, or the first failure, which cancels the rest) is one fenced write.
 5. A step that fails retryably (its ``retry`` policy: which errors, how many tries, what
    backoff) is tried again. When the wait before the next try is at least
    :data:`~conveyor.workflows.step_models.DURABLE_RETRY_MIN_S` (1 s), it is durable, like a
@@ -116,9 +127,11 @@ from conveyor.store import (
     new_id,
     utcnow,
 )
-from conveyor.store.children import child_event
+from conveyor.store.children import Fanout, child_event
 from conveyor.workflows import (
     ExpressionError,
+    ForeachStep,
+    ParallelStep,
     SafeHttpClient,
     SecretResolver,
     StepContext,
@@ -379,11 +392,22 @@ class Engine:
             )
 
     async def _plan(self, claim: Claim) -> Plan:
-        key = (claim.tenant_id, claim.workflow_id, claim.workflow_version)
+        branch = None
+        if claim.parent_execution_id is not None:  # a branch / item runs one step list of it
+            branch = await self.store.children.branch_of(claim.execution_id)
+        key = (claim.tenant_id, claim.workflow_id, claim.workflow_version, branch or "")
         plan = self._plans.get(key)
         if plan is None:
-            definition = await self.store.workflows.get_definition(*key)
-            plan = Plan.build(definition)
+            definition = await self.store.workflows.get_definition(*key[:3])
+            if branch is not None:
+                try:
+                    definition = definition.branch(branch)
+                except KeyError:
+                    raise WorkflowInvalid(
+                        f"branch {branch!r} names no step list of workflow {claim.workflow_id!r} "
+                        f"version {claim.workflow_version}"
+                    ) from None
+            plan = Plan.build(definition, branch)
             self._plans.put(key, plan)
         return plan
 
@@ -548,6 +572,8 @@ class Engine:
             return await self._wait(run, step)
         if isinstance(step, WorkflowStep):
             return await self._subflow(run, step)
+        if isinstance(step, ParallelStep | ForeachStep):
+            return await self._fanout(run, step)
         if plan.local[index] and (step.retry is None or step.retry.attempts == 1):
             done = await self._attempts(run, step)
         else:
@@ -847,18 +873,19 @@ class Engine:
     async def _wait_end(
         self,
         run: _Run,
-        step: WaitStep | WorkflowStep,
+        step: WaitStep | WorkflowStep | ParallelStep | ForeachStep,
         done: _StepDone,
         now: datetime,
         action: Any,
         event_id: str | None,
+        consume: Sequence[str] = (),
     ) -> RunOutcome | None:
-        """The wait step's write (consuming ``event_id``): raises ``_EventTaken`` when another
-        execution consumed it first (nothing written)."""
+        """The wait step's write (consuming ``event_id`` and ``consume``): raises
+        ``_EventTaken`` when another execution consumed ``event_id`` first (nothing written)."""
         claim, events = run.claim, self.store.events
 
         async def receive(write: ExecutionWrite, steps: Sequence[StepWrite]) -> str:
-            status = await events.receive(claim, write, steps, event_id)
+            status = await events.receive(claim, write, steps, event_id, consume)
             if status is None:
                 raise _EventTaken
             return status
@@ -1005,6 +1032,218 @@ class Engine:
     async def _cancel_child(self, child: Execution) -> None:
         with contextlib.suppress(Conflict):  # it ended meanwhile
             await self.store.executions.cancel(child.tenant_id, child.id)
+
+    # --- a parallel or foreach step: children through the queue ------------------------------
+
+    async def _fanout(self, run: _Run, step: ParallelStep | ForeachStep) -> RunOutcome | None:
+        """Start the branches / items as child executions (each once; a foreach keeps at most
+        ``concurrency`` running), park until their ends wake it, join (see the module, 4d)."""
+        claim, events = run.claim, self.store.events
+        now = self._clock()
+        items = self._fanout_items(run, step)
+        if isinstance(items, dict):
+            failed = _StepDone(1, now, now, error=items, input=_encoded({"type": step.type}))
+            return await self._wait_end(run, step, failed, now, "continue", None)
+        total = len(items)
+        if isinstance(step, ParallelStep):
+            recorded: dict[str, Any] = {"branches": total, "mode": step.mode}
+            window = total
+        else:
+            recorded = {"items": total, "concurrency": step.concurrency}
+            window = step.concurrency
+        name = child_event(run.seq)
+        parked = await events.wait_of(claim.execution_id)
+        if parked is not None and parked.seq != run.seq:
+            parked = None
+        started = parked.created_at if parked is not None else now
+        deadline = None
+        if step.timeout_s is not None:
+            deadline = started + timedelta(seconds=step.timeout_s)
+            recorded["deadline"] = _iso(deadline)
+        children = self.store.children
+        while True:
+            now = self._clock()
+            seen = await events.pending(claim.tenant_id, claim.execution_id, name)
+            state = await children.fanout(claim.tenant_id, claim.execution_id, run.seq)
+            done: _StepDone | None = await self._fanout_joined(
+                run, step, state, total, started, now, recorded
+            )
+            if done is None and deadline is not None and now >= deadline:
+                what = "branches" if isinstance(step, ParallelStep) else "items"
+                message = f"the {what} of step {step.id!r} did not end within {step.timeout_s:g}s"
+                late = {"type": "WaitTimeout", "message": message}
+                done = _StepDone(1, started, now, error=late, input=_encoded(recorded))
+            if done is not None:
+                await self._cancel_children(claim.tenant_id, claim.execution_id, run.seq)
+                return await self._wait_end(run, step, done, now, "continue", None, seen)
+            upto = min(total, state.started + max(window - state.active, 0))
+            if upto > state.started:
+                error = await self._start_branches(run, step, items, state.started, upto, now)
+                if error is not None:
+                    await self._cancel_children(claim.tenant_id, claim.execution_id, run.seq)
+                    done = _StepDone(1, started, now, error=error, input=_encoded(recorded))
+                    return await self._wait_end(run, step, done, now, "continue", None, seen)
+            wait = EventWait(
+                execution_id=claim.execution_id, tenant_id=claim.tenant_id,
+                workflow_id=claim.workflow_id, name=name, correlation=None,
+                seq=run.seq, deadline=deadline, created_at=started,
+            )  # fmt: skip
+            timer = None
+            if parked is None and deadline is not None:
+                timer = TimerWrite(new_id(), claim.workflow_id, claim.region, run.seq, deadline)
+            write = ExecutionWrite(
+                status="waiting", next_step=run.index, steps_run=run.seq, now=now,
+                lease_expires_at=None, wake_at=deadline,
+            )  # fmt: skip
+            final = await events.park(claim, write, run.pending, timer, wait, seen)
+            if final is None:
+                continue  # a child ended meanwhile
+            run.pending.clear()
+            timer_id = timer.id if timer is not None else None
+            return self._outcome(claim, final, run.ran, wake_at=deadline, timer_id=timer_id)
+
+    def _fanout_items(
+        self, run: _Run, step: ParallelStep | ForeachStep
+    ) -> list[Any] | dict[str, Any]:
+        """The branches (their indexes) or the foreach's items; or the step's error (too deep,
+        ``items`` not an array, more than ``WORKFLOW_MAX_FANOUT``)."""
+        claim = run.claim
+        limit = self.settings.workflow_max_depth
+        if claim.depth + 1 > limit:
+            return {
+                "type": "WorkflowDepthExceeded", "code": "workflow_depth_exceeded",
+                "message": f"a {step.type} step at depth {claim.depth} would start children at "
+                           f"depth {claim.depth + 1}; the limit is {limit} (WORKFLOW_MAX_DEPTH)",
+            }  # fmt: skip
+        if isinstance(step, ParallelStep):
+            return list(range(len(step.branches)))
+        try:
+            items = evaluate(step.items, self._context(run))
+        except ExpressionError as exc:
+            return describe_error(exc)
+        if not isinstance(items, list):
+            kind = "null" if items is None else type(items).__name__
+            return {
+                "type": "ExpressionError", "code": "items_not_array",
+                "message": f"foreach items {step.items!r} evaluated to {kind}, not an array",
+            }  # fmt: skip
+        most = self.settings.workflow_max_fanout
+        if len(items) > most:
+            return {
+                "type": "FanoutExceeded", "code": "fanout_exceeded",
+                "message": f"foreach over {len(items):,} items; the limit is {most:,} "
+                           "(WORKFLOW_MAX_FANOUT)",
+            }  # fmt: skip
+        return items
+
+    def _context(self, run: _Run) -> dict[str, Any]:
+        claim = run.claim
+        return build_context(
+            claim.input, run.outputs, execution_id=claim.execution_id,
+            workflow_id=claim.workflow_id, tenant_id=claim.tenant_id,
+        )  # fmt: skip
+
+    async def _start_branches(
+        self,
+        run: _Run,
+        step: ParallelStep | ForeachStep,
+        items: list[Any],
+        start: int,
+        stop: int,
+        now: datetime,
+    ) -> dict[str, Any] | None:
+        """Create (once) and enqueue the children ``start .. stop - 1``; the step's error when
+        an input cannot be rendered or stored."""
+        claim, plan = run.claim, run.plan
+        prefix = f"{plan.branch}/" if plan.branch else ""
+        context = self._context(run)
+        inputs: list[tuple[int, str | None, Any]] = []
+        try:
+            for index in range(start, stop):
+                if isinstance(step, ParallelStep):
+                    value = (
+                        claim.input if step.input is None else render_template(step.input, context)
+                    )
+                    inputs.append((index, f"{prefix}{step.id}.{index}", value))
+                elif step.input is None:
+                    inputs.append((index, None, {"item": items[index], "index": index}))
+                else:
+                    scope = {**context, "item": items[index], "index": index}
+                    inputs.append((index, None, render_template(step.input, scope)))
+        except ExpressionError as exc:
+            return describe_error(exc)
+        await run.runs.idle()
+        try:
+            created = await self.store.children.start_branches(
+                claim, seq=run.seq, branch=f"{prefix}{step.id}", kind=step.type, inputs=inputs,
+                now=now,
+            )  # fmt: skip
+        except InputInvalid as exc:
+            return describe_error(exc)
+        if created:
+            await asyncio.gather(*(self._enqueue(c, step.type, c.id) for c in created))
+        return None
+
+    async def _fanout_joined(
+        self,
+        run: _Run,
+        step: ParallelStep | ForeachStep,
+        state: Fanout,
+        total: int,
+        started: datetime,
+        now: datetime,
+        recorded: dict[str, Any],
+    ) -> _StepDone | None:
+        """The step's result once its children allow one (``None``: not yet)."""
+        claim = run.claim
+        if isinstance(step, ParallelStep) and step.mode == "any":
+            if state.winner is not None:
+                value: Any = {"branch": state.winner.index, "output": state.winner.output}
+                return self._fanout_output(step, value, started, now, recorded)
+            if state.started < total or state.active or state.failed is None:
+                return None
+            first = state.failed
+            message = f"every branch of step {step.id!r} failed (the first: branch {first.index})"
+        elif state.failed is not None:
+            first = state.failed
+            what = "branch" if isinstance(step, ParallelStep) else "item"
+            message = f"{what} {first.index} of step {step.id!r} {first.status}"
+        elif state.succeeded >= total:
+            outputs = await self.store.children.fanout_outputs(
+                claim.tenant_id, claim.execution_id, run.seq
+            )
+            return self._fanout_output(step, outputs, started, now, recorded)
+        else:
+            return None
+        error = {
+            "type": "BranchFailed", "code": f"branch_{first.status}", "message": message,
+            "details": {"index": first.index, "childId": first.id, "status": first.status,
+                        "error": first.error},
+        }  # fmt: skip
+        return _StepDone(1, started, now, error=error, input=_encoded(recorded))
+
+    def _fanout_output(
+        self,
+        step: ParallelStep | ForeachStep,
+        value: Any,
+        started: datetime,
+        now: datetime,
+        recorded: dict[str, Any],
+    ) -> _StepDone:
+        try:
+            encoded = encode_output(step, value, self._max_output)
+        except OutputRejected as exc:
+            return _StepDone(1, started, now, error=describe_error(exc), input=_encoded(recorded))
+        return _StepDone(
+            1, started, now, result=StepResult(output=value), output=encoded,
+            input=_encoded(recorded),
+        )  # fmt: skip
+
+    async def _cancel_children(self, tenant_id: str, parent_id: str, seq: int) -> None:
+        """Cancel the children of a joined (or failed) fan-out step that are still running."""
+        for child_id in await self.store.children.fanout_active(tenant_id, parent_id, seq):
+            with contextlib.suppress(Conflict, NotFound):  # it ended meanwhile
+                await self.store.executions.cancel(tenant_id, child_id)
 
     # --- one step: attempts, timeout, retries, lease renewal -------------------------------
 

@@ -61,9 +61,12 @@ class Plan:
     """Steps that never wait on I/O (run inline, no lease-renewal task)."""
     pure: tuple[bool, ...]
     """Steps whose record waits for the next durable write (:data:`PURE_STEPS`)."""
+    branch: str | None = None
+    """The step list of the workflow this plan runs (a ``parallel`` branch's or a
+    ``foreach``'s, see :meth:`WorkflowDefinition.branch`); ``None``: the workflow's own."""
 
     @classmethod
-    def build(cls, definition: WorkflowDefinition) -> Plan:
+    def build(cls, definition: WorkflowDefinition, branch: str | None = None) -> Plan:
         steps = tuple(definition.steps)
         inputs = tuple(s.model_dump(mode="json", by_alias=True, exclude_unset=True) for s in steps)
         return cls(
@@ -74,6 +77,7 @@ class Plan:
             inputs_json=tuple(dumps(i) for i in inputs),
             local=tuple(isinstance(s, LOCAL_STEPS) for s in steps),
             pure=tuple(isinstance(s, PURE_STEPS) for s in steps),
+            branch=branch,
         )
 
     def by_id(self, step_id: str) -> AnyStep:
@@ -89,20 +93,24 @@ class Plan:
         return len(self.steps)
 
 
+PlanKey = tuple[str, str, int, str]
+"""(tenant_id, workflow_id, version, branch or ``""``)."""
+
+
 class PlanCache:
-    """LRU of plans keyed by (tenant_id, workflow_id, version): versions are immutable."""
+    """LRU of plans keyed by :data:`PlanKey`: versions are immutable."""
 
     def __init__(self, maxsize: int = 1024) -> None:
         self.maxsize = maxsize
-        self._items: OrderedDict[tuple[str, str, int], Plan] = OrderedDict()
+        self._items: OrderedDict[PlanKey, Plan] = OrderedDict()
 
-    def get(self, key: tuple[str, str, int]) -> Plan | None:
+    def get(self, key: PlanKey) -> Plan | None:
         plan = self._items.get(key)
         if plan is not None:
             self._items.move_to_end(key)
         return plan
 
-    def put(self, key: tuple[str, str, int], plan: Plan) -> None:
+    def put(self, key: PlanKey, plan: Plan) -> None:
         self._items[key] = plan
         self._items.move_to_end(key)
         while len(self._items) > self.maxsize:

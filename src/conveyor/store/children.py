@@ -5,6 +5,12 @@
   (``UNIQUE (tenant_id, idempotency_key)``), so a parent that crashed after creating it and
   runs the step again finds the same child. The child records its parent
   (``parent_execution_id``, ``parent_seq``), its ``depth`` and ``triggered_by = 'workflow'``.
+* :meth:`ChildService.start_branches` creates the children of a ``parallel`` / ``foreach``
+  step run (one per branch or item, the same workflow version, ``branch`` naming the step list
+  they run, ``parent_index`` their index): each exactly once, its key derived from the
+  parent's id, the step's seq and the index. :meth:`ChildService.fanout` summarises them
+  (started, active, succeeded, the first that failed or succeeded) in one statement, and
+  :meth:`ChildService.fanout_outputs` collects their outputs in index order.
 * :meth:`ChildService.notify_parent` — called by the engine once a child has ended (and again
   by any later delivery of its job, so a crash between the child's last write and the call is
   repaired when the job is redelivered), and by a cancel — sends the parent the event
@@ -15,10 +21,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import insert, select
+from sqlalchemy import and_, case, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.errors import Conflict, InputInvalid, NotFound
@@ -27,13 +35,22 @@ from conveyor.store._base import ServiceBase
 from conveyor.store._types import check_storable
 from conveyor.store.events import EventService, Sent
 from conveyor.store.records import Execution
-from conveyor.store.schema import executions
+from conveyor.store.runs import Claim
+from conveyor.store.schema import ACTIVE_STATUSES, executions
 from conveyor.store.statements import Statements
 from conveyor.store.triggers import insert_values, new_execution
 from conveyor.store.workflows import WorkflowService
 from conveyor.workflows.definition import validate_input
 
-__all__ = ["CHILD_EVENT_PREFIX", "ChildService", "child_event", "child_key"]
+__all__ = [
+    "CHILD_EVENT_PREFIX",
+    "ChildService",
+    "Fanout",
+    "FanoutChild",
+    "branch_key",
+    "child_event",
+    "child_key",
+]
 
 CHILD_EVENT_PREFIX = "conveyor.workflow."
 
@@ -41,6 +58,35 @@ CHILD_EVENT_PREFIX = "conveyor.workflow."
 def child_key(parent_id: str, seq: int) -> str:
     """The idempotency key of the child of ``parent_id``'s step run ``seq``."""
     return f"conveyor.child:{parent_id}:{seq}"
+
+
+def branch_key(parent_id: str, seq: int, index: int) -> str:
+    """The idempotency key of branch / item ``index`` of ``parent_id``'s step run ``seq``."""
+    return f"conveyor.child:{parent_id}:{seq}:{index}"
+
+
+@dataclass(frozen=True, slots=True)
+class FanoutChild:
+    index: int
+    id: str
+    status: str
+    output: Any = None
+    error: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fanout:
+    """The children of one ``parallel`` / ``foreach`` step run, summarised."""
+
+    started: int
+    """How many exist (indexes ``0 .. started - 1``: they are created in order)."""
+    active: int
+    """Not ended yet (queued, running, waiting)."""
+    succeeded: int
+    failed: FanoutChild | None
+    """The first (lowest index) that failed or was cancelled."""
+    winner: FanoutChild | None
+    """The first that succeeded (earliest end; then lowest index), with its output."""
 
 
 def child_event(seq: int) -> str:
@@ -126,6 +172,143 @@ class ChildService(ServiceBase):
         async with self._auto() as conn:
             row = (await conn.execute(select(executions).where(executions.c.id == child.id))).one()
         return Execution.from_mapping(row._mapping), True
+
+    async def start_branches(
+        self,
+        parent: Claim,
+        *,
+        seq: int,
+        branch: str,
+        kind: str,
+        inputs: Sequence[tuple[int, str | None, Any]],
+        now: datetime,
+    ) -> list[Execution]:
+        """Create the children ``inputs`` lists — ``(index, branch, input)`` (``branch``:
+        the list this child runs, else ``branch`` for all) — of ``parent``'s step run ``seq``
+        (the parent's claim: the children run its workflow version, in its region),
+        each once; those created now (to enqueue), in index order. ``kind``: their
+        ``triggered_by`` (``parallel`` / ``foreach``)."""
+        if not inputs:
+            return []
+        keys = {branch_key(parent.execution_id, seq, index): index for index, _, _ in inputs}
+        async with self._auto() as conn:
+            rows = await conn.execute(
+                select(executions.c.idempotency_key).where(
+                    executions.c.tenant_id == parent.tenant_id,
+                    executions.c.parent_execution_id == parent.execution_id,
+                    executions.c.idempotency_key.in_(list(keys)),
+                )
+            )
+            existing = {keys[r.idempotency_key] for r in rows}
+        children: list[Execution] = []
+        values: list[dict[str, Any]] = []
+        for index, own_branch, child_input in inputs:
+            if index in existing:
+                continue
+            try:
+                check_storable(child_input, "input")
+            except ValueError as exc:
+                raise InputInvalid(f"the input of child {index} cannot be stored: {exc}") from None
+            child = new_execution(
+                tenant_id=parent.tenant_id, workflow_id=parent.workflow_id,
+                version=parent.workflow_version, region=parent.region, input=child_input,
+                triggered_by=kind, now=now, idempotency_key=branch_key(parent.execution_id, seq, index),
+            )  # fmt: skip
+            children.append(child)
+            values.append({**insert_values(child), "parent_execution_id": parent.execution_id,
+                           "parent_seq": seq, "depth": parent.depth + 1,
+                           "branch": own_branch or branch, "parent_index": index})  # fmt: skip
+        if not values:
+            return []
+        try:
+            async with self._tx() as conn:
+                await conn.execute(insert(executions), values)
+        except Conflict:  # a concurrent runner of the same step run created some: one by one
+            created: list[Execution] = []
+            for child, row in zip(children, values, strict=True):
+                try:
+                    async with self._tx() as conn:
+                        await conn.execute(insert(executions).values(**row))
+                except Conflict:
+                    continue
+                created.append(child)
+            children = created
+        return [
+            replace(
+                child,
+                parent_execution_id=parent.execution_id,
+                parent_seq=seq,
+                depth=parent.depth + 1,
+            )
+            for child in children
+        ]
+
+    async def fanout(self, tenant_id: str, parent_id: str, seq: int) -> Fanout:
+        """The children of ``parent_id``'s step run ``seq``, summarised (see :class:`Fanout`)."""
+        e = executions.c
+        mine = and_(e.tenant_id == tenant_id, e.parent_execution_id == parent_id,
+                    e.parent_seq == seq)  # fmt: skip
+        counts = select(
+            func.count(),
+            func.coalesce(func.sum(case((e.status.in_(ACTIVE_STATUSES), 1), else_=0)), 0),
+            func.coalesce(func.sum(case((e.status == "succeeded", 1), else_=0)), 0),
+        ).where(mine)
+        bad = (
+            select(e.parent_index, e.id, e.status, e.error)
+            .where(mine, e.status.in_(("failed", "cancelled")))
+            .order_by(e.parent_index)
+            .limit(1)
+        )
+        good = (
+            select(e.parent_index, e.id, e.status, e.output)
+            .where(mine, e.status == "succeeded")
+            .order_by(e.finished_at, e.parent_index)
+            .limit(1)
+        )
+        async with self._auto() as conn:
+            started, active, succeeded = (await conn.execute(counts)).one()
+            failed = winner = None
+            if int(started) - int(active) - int(succeeded) > 0:
+                row = (await conn.execute(bad)).first()
+                if row is not None:
+                    failed = FanoutChild(row.parent_index, row.id, row.status, error=row.error)
+            if int(succeeded) > 0:
+                row = (await conn.execute(good)).first()
+                if row is not None:
+                    winner = FanoutChild(row.parent_index, row.id, row.status, output=row.output)
+        return Fanout(int(started), int(active), int(succeeded), failed, winner)
+
+    async def fanout_outputs(self, tenant_id: str, parent_id: str, seq: int) -> list[Any]:
+        """The outputs of the children of ``parent_id``'s step run ``seq``, in index order."""
+        e = executions.c
+        query = (
+            select(e.output)
+            .where(
+                e.tenant_id == tenant_id, e.parent_execution_id == parent_id, e.parent_seq == seq
+            )
+            .order_by(e.parent_index)
+        )
+        async with self._auto() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def fanout_active(self, tenant_id: str, parent_id: str, seq: int) -> list[str]:
+        """The children of ``parent_id``'s step run ``seq`` that have not ended."""
+        e = executions.c
+        query = select(e.id).where(
+            e.tenant_id == tenant_id, e.parent_execution_id == parent_id, e.parent_seq == seq,
+            e.status.in_(ACTIVE_STATUSES),
+        )  # fmt: skip
+        async with self._auto() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def branch_of(self, execution_id: str) -> str | None:
+        """The step list a child of a ``parallel`` / ``foreach`` step runs (else ``None``)."""
+        async with self._auto() as conn:
+            return (
+                await conn.execute(
+                    select(executions.c.branch).where(executions.c.id == execution_id)
+                )
+            ).scalar()
 
     async def notify_parent(
         self, execution_id: str, now: datetime

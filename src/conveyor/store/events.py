@@ -307,6 +307,13 @@ class EventService(ServiceBase):
             row = (await conn.execute(query)).first()
         return None if row is None else Event.from_mapping(row._mapping)
 
+    async def pending(self, tenant_id: str, execution_id: str, name: str) -> list[str]:
+        """The ids of the unconsumed events named ``name`` addressed to ``execution_id`` (a
+        fan-out step's children's ends: it consumes those it has seen with its next write)."""
+        query = select(_E.id).where(_matching(tenant_id, execution_id, "", name, None))
+        async with self._auto() as conn:
+            return list((await conn.execute(query)).scalars())
+
     async def wait_of(self, execution_id: str) -> EventWait | None:
         """The wait step ``execution_id`` is parked on (or was, until it resumes)."""
         async with self._auto() as conn:
@@ -364,8 +371,10 @@ class EventService(ServiceBase):
         write: ExecutionWrite,
         steps: Sequence[StepWrite],
         event_id: str | None,
+        consume: Sequence[str] = (),
     ) -> str | None:
-        """The wait step's fenced write, consuming ``event_id`` (``None``: it timed out).
+        """The wait step's fenced write, consuming ``event_id`` (``None``: it timed out) and
+        the events ``consume`` lists (addressed to this execution: nobody else takes them).
         ``None`` when another execution consumed the event first (nothing written); raises
         ``LeaseLost``."""
         seq = steps[-1].seq if steps else None
@@ -383,6 +392,7 @@ class EventService(ServiceBase):
                     )  # fmt: skip
                     if not taken.rowcount:
                         raise _Again
+                await self._consume(conn, claim, write.now, seq, consume)
                 await conn.execute(delete(event_waits).where(_W.execution_id == claim.execution_id))
                 if seq is not None:  # its timeout timer has nothing left to do
                     await conn.execute(
@@ -405,9 +415,12 @@ class EventService(ServiceBase):
         steps: Sequence[StepWrite],
         timer: TimerWrite | None,
         wait: EventWait,
+        consume: Sequence[str] = (),
     ) -> str | None:
         """Park the execution on ``wait`` (fenced); ``None`` when a matching event is there
-        after all (nothing written: receive it). Raises ``LeaseLost``."""
+        after all (nothing written: receive it). ``consume``: events addressed to this
+        execution it has seen (consumed in the same transaction, so only one it has not seen
+        keeps it from parking). Raises ``LeaseLost``."""
         try:
             async with self._tx() as conn:
                 if wait.correlation is not None:
@@ -421,6 +434,7 @@ class EventService(ServiceBase):
                     raise LeaseLost(execution_id=claim.execution_id, lease=claim.lease)
                 if status != "waiting":  # cancelled meanwhile: nothing to wait for
                     return status
+                await self._consume(conn, claim, write.now, None, consume)
                 await conn.execute(delete(event_waits).where(_W.execution_id == wait.execution_id))
                 await conn.execute(
                     insert(event_waits).values(
@@ -439,6 +453,22 @@ class EventService(ServiceBase):
         except _Again:
             return None
         return status
+
+    async def _consume(
+        self,
+        conn: AsyncConnection,
+        claim: Claim,
+        now: datetime,
+        seq: int | None,
+        ids: Sequence[str],
+    ) -> None:
+        if ids:
+            await conn.execute(
+                update(events)
+                .where(_E.id.in_(list(ids)), _E.execution_id == claim.execution_id,
+                       _E.consumed_at.is_(None))
+                .values(consumed_at=now, consumed_by=claim.execution_id, consumed_seq=seq)
+            )  # fmt: skip
 
 
 def _matching(

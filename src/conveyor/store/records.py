@@ -176,6 +176,10 @@ class Execution(_Record):
     """That step run's seq in the parent."""
     depth: int = 0
     """Nesting depth: 0 at the top, the parent's + 1 for a sub-workflow."""
+    branch: str | None = None
+    """The step list a ``parallel`` branch or ``foreach`` item runs (``None``: the workflow)."""
+    parent_index: int | None = None
+    """A branch's or item's index in its parent's ``parallel`` / ``foreach`` step."""
     steps: tuple[StepRun, ...] = ()
     """Filled by ``ExecutionService.get(..., with_steps=True)``."""
 

@@ -191,6 +191,10 @@ executions = Table(
     Column("parent_execution_id", ID, nullable=True),
     Column("parent_seq", Integer, nullable=True),
     Column("depth", Integer, nullable=False, server_default=text("0")),
+    # Parallel work (migration 0012): the step list a ``parallel`` branch or ``foreach`` item
+    # runs (``None``: the whole workflow) and its index in the parent's step.
+    Column("branch", String(512), nullable=True),
+    Column("parent_index", Integer, nullable=True),
     # Partial: executions without a key (most) cost no entry in this index.
     Index(
         "uq_executions_idempotency",

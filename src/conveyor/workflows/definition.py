@@ -66,9 +66,11 @@ from conveyor.workflows.step_models import (
     ConditionStep,
     DelayStep,
     Expression,
+    ForeachStep,
     GotoAction,
     HttpStep,
     NoopStep,
+    ParallelStep,
     RetryPolicy,
     Step,
     TransformStep,
@@ -86,9 +88,11 @@ __all__ = [
     "Case",
     "ConditionStep",
     "DelayStep",
+    "ForeachStep",
     "GotoAction",
     "HttpStep",
     "NoopStep",
+    "ParallelStep",
     "RetryPolicy",
     "Step",
     "TransformStep",
@@ -166,10 +170,42 @@ class WorkflowDefinition(_Model):
                 return index
         raise KeyError(step_id)
 
-    def get_step(
-        self, step_id: str
-    ) -> HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | WorkflowStep | NoopStep:
+    def get_step(self, step_id: str) -> Step:
         return self.steps[self.step_index(step_id)]
+
+    def all_steps(self) -> list[tuple[int, Step]]:
+        """Every step with its index in its list: the workflow's, then those of its branches
+        and foreach lists (breadth first)."""
+        found: list[tuple[int, Step]] = []
+        lists: list[list[Step]] = [self.steps]
+        while lists:
+            steps = lists.pop(0)
+            for index, step in enumerate(steps):
+                found.append((index, step))
+                if isinstance(step, ParallelStep):
+                    lists.extend(step.branches)
+                elif isinstance(step, ForeachStep):
+                    lists.append(step.steps)
+        return found
+
+    def branch(self, path: str) -> WorkflowDefinition:
+        """The step list a child execution with ``branch = path`` runs, as a definition (no
+        ``output`` expression, no input schema). ``path``: ``/``-joined segments, each
+        ``"<parallel step id>.<branch index>"`` or ``"<foreach step id>"``, from the workflow's
+        own list inward. Raises ``KeyError`` when it names nothing here."""
+        steps: list[Step] = self.steps
+        for segment in path.split("/"):
+            step_id, _, branch = segment.partition(".")
+            step = next((s for s in steps if s.id == step_id), None)
+            if isinstance(step, ParallelStep) and branch.isdigit():
+                if int(branch) >= len(step.branches):
+                    raise KeyError(path)
+                steps = step.branches[int(branch)]
+            elif isinstance(step, ForeachStep) and not branch:
+                steps = step.steps
+            else:
+                raise KeyError(path)
+        return WorkflowDefinition.model_construct(name=f"{self.name}/{path}", steps=steps)
 
     def next_step_id(self, step_id: str, action: Action = "continue") -> str | None:
         """The step that runs after ``step_id`` given ``action``; ``None`` when the run ends."""
@@ -186,14 +222,32 @@ class WorkflowDefinition(_Model):
 
 
 def _cross_problems(definition: WorkflowDefinition) -> list[dict[str, Any]]:
+    """Step ids unique in the whole workflow (branches and foreach lists included); each goto
+    to a later step of its own list."""
+    problems: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    lists: list[list[Step]] = [definition.steps]
+    while lists:
+        steps = lists.pop(0)
+        problems.extend(_list_problems(steps, seen))
+        for step in steps:
+            if isinstance(step, ParallelStep):
+                lists.extend(step.branches)
+            elif isinstance(step, ForeachStep):
+                lists.append(step.steps)
+    return problems
+
+
+def _list_problems(steps: list[Step], seen: set[str]) -> list[dict[str, Any]]:
     problems: list[dict[str, Any]] = []
     positions: dict[str, int] = {}
-    for index, step in enumerate(definition.steps):
-        if step.id in positions:
+    for index, step in enumerate(steps):
+        if step.id in seen:
             problems.append(_problem(step.id, index, "id", f"duplicate step id {step.id!r}"))
         else:
+            seen.add(step.id)
             positions[step.id] = index
-    for index, step in enumerate(definition.steps):
+    for index, step in enumerate(steps):
         if isinstance(step, ConditionStep):
             actions = step.actions()
         elif isinstance(step, WaitStep) and step.timeout_action is not None:
@@ -204,7 +258,12 @@ def _cross_problems(definition: WorkflowDefinition) -> list[dict[str, Any]]:
             if not isinstance(action, GotoAction):
                 continue
             target = positions.get(action.goto)
-            if target is None:
+            if target is None and action.goto in seen:
+                message = (
+                    f"goto target {action.goto!r} is in another step list: a goto stays in its "
+                    "own list (a branch's, a foreach's, or the workflow's)"
+                )
+            elif target is None:
                 message = f"goto target {action.goto!r} is not a step of this workflow"
             elif target <= index:
                 message = f"goto target {action.goto!r} must be a later step (no loops)"
@@ -275,6 +334,9 @@ def _problems_from(exc: ValidationError, doc: dict[str, Any]) -> list[dict[str, 
             step_type = raw.get("type") if isinstance(raw, dict) else None
             if rest and rest[0] == step_type:
                 rest = rest[1:]  # the discriminator tag pydantic adds to the location
+            # and those of the steps nested in branches / foreach lists (after their index)
+            rest = [p for i, p in enumerate(rest)
+                    if not (i and isinstance(rest[i - 1], int) and p in STEP_TYPES)]  # fmt: skip
             step_id = raw.get("id") if isinstance(raw, dict) else None
             step = step_id if isinstance(step_id, str) and step_id else None
             if error["type"] in ("union_tag_invalid", "union_tag_not_found"):

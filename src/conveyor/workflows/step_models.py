@@ -29,7 +29,9 @@ from pydantic import (
 from conveyor.workflows.expressions import check_expression, check_template, is_template
 
 STEP_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
-STEP_TYPES = ("http", "transform", "condition", "delay", "wait", "workflow", "noop")
+STEP_TYPES = (
+    "http", "transform", "condition", "delay", "wait", "workflow", "parallel", "foreach", "noop"
+)  # fmt: skip
 MAX_JSON_DEPTH = 32
 MAX_HEADERS = 50
 MAX_URL_CHARS = 8192
@@ -457,6 +459,83 @@ class WorkflowStep(_StepBase):
         return self
 
 
+MAX_BRANCHES = 50
+"""Most branches one ``parallel`` step may have."""
+MAX_LIST_STEPS = 100
+"""Most steps in one list (the workflow's, a branch's, a ``foreach``'s)."""
+MAX_FOREACH_CONCURRENCY = 1000
+
+
+class _FanoutStep(_StepBase):
+    """What ``parallel`` and ``foreach`` share: child executions through the queue."""
+
+    input: Any = Field(
+        default=None,
+        description=(
+            "Each child's input: JSON whose string leaves are templates, rendered in this "
+            "execution's context (a foreach item's also sees `item` and `index`). Default: a "
+            "parallel branch gets this execution's input, a foreach item `{item, index}`."
+        ),
+    )
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_DELAY_S)
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, value: Any) -> Any:
+        check_json(value, MAX_BODY_BYTES)
+        return check_template(value)
+
+    @model_validator(mode="after")
+    def _no_retry(self) -> _FanoutStep:
+        if self.retry is not None:
+            raise ValueError(f"'retry' does not apply to a {self.type} step (retry inside it)")
+        return self
+
+    type: str
+
+
+class ParallelStep(_FanoutStep):
+    """Run ``branches`` (each a list of steps) at the same time, each as a child execution
+    through the queue (they spread over workers and count against the tenant's limits); the
+    execution parks ``waiting`` (no worker slot held) and is woken as they end.
+
+    ``mode: "all"`` (default): joined when every branch succeeded — output: the branches'
+    outputs in branch order (a branch's output is its last step's); the first branch that fails
+    fails the step (``BranchFailed``) and cancels the others. ``mode: "any"``: joined when the
+    first branch succeeds — output ``{"branch": <index>, "output": ...}``, the others are
+    cancelled; the step fails only when every branch failed. ``timeout_s`` bounds the wait
+    (``WaitTimeout``; the branches still running are cancelled).
+    """
+
+    type: Literal["parallel"]
+    branches: list[Annotated[list[Step], Field(min_length=1, max_length=MAX_LIST_STEPS)]] = Field(
+        min_length=2, max_length=MAX_BRANCHES
+    )
+    mode: Literal["all", "any"] = "all"
+
+
+class ForeachStep(_FanoutStep):
+    """Run ``steps`` once per element of the array ``items`` evaluates to (a JMESPath
+    expression), each as a child execution through the queue, at most ``concurrency`` at a
+    time; the execution parks ``waiting`` and is woken as they end (and starts the next ones).
+
+    Output: the items' outputs in item order. The first item that fails fails the step
+    (``BranchFailed``) and cancels those still running. More items than
+    ``WORKFLOW_MAX_FANOUT`` fail the step (``fanout_exceeded``); an empty array succeeds with
+    ``[]``.
+    """
+
+    type: Literal["foreach"]
+    items: Expression
+    steps: list[Step] = Field(min_length=1, max_length=MAX_LIST_STEPS)
+    concurrency: Annotated[int, Field(ge=1, le=MAX_FOREACH_CONCURRENCY)] = 10
+
+    @field_validator("items")
+    @classmethod
+    def _check_items(cls, value: str) -> str:
+        return check_expression(value)
+
+
 class NoopStep(_StepBase):
     """Do nothing (output ``null``)."""
 
@@ -464,9 +543,19 @@ class NoopStep(_StepBase):
 
 
 Step = Annotated[
-    HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | WorkflowStep | NoopStep,
+    HttpStep
+    | TransformStep
+    | ConditionStep
+    | DelayStep
+    | WaitStep
+    | WorkflowStep
+    | ParallelStep
+    | ForeachStep
+    | NoopStep,
     Field(discriminator="type"),
 ]
+ParallelStep.model_rebuild()
+ForeachStep.model_rebuild()
 
 _AWARE = TypeAdapter(AwareDatetime)
 

@@ -59,9 +59,11 @@ from conveyor.workflows.step_models import (
     Action,
     ConditionStep,
     DelayStep,
+    ForeachStep,
     GotoAction,
     HttpStep,
     NoopStep,
+    ParallelStep,
     TransformStep,
     WaitStep,
     WorkflowStep,
@@ -78,7 +80,17 @@ __all__ = [
     "run_step",
 ]
 
-AnyStep = HttpStep | TransformStep | ConditionStep | DelayStep | WaitStep | WorkflowStep | NoopStep
+AnyStep = (
+    HttpStep
+    | TransformStep
+    | ConditionStep
+    | DelayStep
+    | WaitStep
+    | WorkflowStep
+    | ParallelStep
+    | ForeachStep
+    | NoopStep
+)
 
 SecretResolver = Callable[[Collection[str]], Awaitable[Mapping[str, str]]]
 """The values of the named secrets of the execution's tenant. Raises
@@ -179,8 +191,8 @@ async def _run(step: AnyStep, ctx: StepContext) -> StepResult:
         return StepResult(output=_select_output(step, await _run_http(step, ctx)))
     if isinstance(step, WaitStep):  # the engine waits (it owns the events and the timer)
         raise PermanentStepError("a wait step is run by the engine, not by a step runner")
-    if isinstance(step, WorkflowStep):  # the engine creates the child and waits for it
-        raise PermanentStepError("a workflow step is run by the engine, not by a step runner")
+    if isinstance(step, WorkflowStep | ParallelStep | ForeachStep):  # children: the engine's
+        raise PermanentStepError(f"a {step.type} step is run by the engine, not by a step runner")
     raise PermanentStepError(f"unknown step type {type(step).__name__}")
 
 

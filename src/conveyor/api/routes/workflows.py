@@ -372,7 +372,7 @@ async def _check_subworkflows(ctx: ApiContext, tenant_id: str, body: dict[str, A
     naming the step otherwise. (One deleted later fails its step when it runs.)"""
     definition = parse_definition(body)  # an invalid one: the same 422 as the store's
     problems: list[dict[str, Any]] = []
-    for index, step in enumerate(definition.steps):
+    for index, step in definition.all_steps():
         if not isinstance(step, WorkflowStep):
             continue
         try:

@@ -54,6 +54,8 @@ _EXECUTION_COLUMNS = (
     "parent_execution_id",
     "parent_seq",
     "depth",
+    "branch",
+    "parent_index",
 )
 _JSON = ("input", "output", "error", "step_errors")
 _SELECT_EXECUTION = f"SELECT {', '.join(_EXECUTION_COLUMNS)} FROM executions"
