@@ -96,6 +96,8 @@ def test_values_are_parsed() -> None:
         ("API_PORT", "-5"),
         ("HTTP_ALLOWLIST", "10.0.0.0/99"),
         ("SCHEDULER_LOOKAHEAD_MAX_MS", "50"),
+        ("WORKFLOW_MAX_FANOUT", "0"),
+        ("WORKFLOW_MAX_FANOUT", "1000001"),
     ],
 )
 def test_malformed_value_names_the_variable(name: str, value: str) -> None:

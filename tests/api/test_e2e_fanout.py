@@ -101,7 +101,7 @@ def test_parallel_then_foreach_of_1000_survive_kills(
             kids = [k for k in _children(api_env["DATABASE_URL"], parent) if k["branch"] == "each"]
             active = sum(k["status"] in ("queued", "running", "waiting") for k in kids)
             most_active = max(most_active, active)
-            return sum(k["status"] == "succeeded" for k in kids) >= 150
+            return bool(sum(k["status"] == "succeeded" for k in kids) >= 150)
 
         wait_for(halfway, timeout=120, interval=0.05)
         worker.send_signal(signal.SIGSTOP)
@@ -130,8 +130,21 @@ def test_parallel_then_foreach_of_1000_survive_kills(
         assert result["output"]["each"] == [f"item-{i}" for i in range(ITEMS)]
         assert [s["stepId"] for s in result["steps"]] == ["fan", "each"]
         assert result["steps"][1]["input"] == {"items": ITEMS, "concurrency": CONCURRENCY}
-
         kids = _children(api_env["DATABASE_URL"], parent)
+        branch = _status(client, kids[1]["id"], auth)
+        assert (branch["triggeredBy"], branch["parentExecutionId"]) == ("parallel", parent)
+        assert (branch["branch"], branch["parentSeq"], branch["parentIndex"]) == ("fan.1", 0, 1)
+        assert [s["stepId"] for s in branch["steps"]] == ["pause", "b"]
+        item = _status(client, kids[-1]["id"], auth)
+        assert (item["triggeredBy"], item["branch"], item["parentIndex"]) == (
+            "foreach",
+            "each",
+            ITEMS - 1,
+        )
+        assert (
+            item["input"] == {"id": ITEMS - 1, "from": "a"}
+            and item["output"] == f"item-{ITEMS - 1}"
+        )
         assert [k["branch"] for k in kids[:2]] == ["fan.0", "fan.1"]
         items = [k for k in kids if k["branch"] == "each"]
         assert [k["parent_index"] for k in items] == list(range(ITEMS))  # each created once

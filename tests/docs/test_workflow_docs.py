@@ -52,11 +52,13 @@ from typing import Any, cast
 
 import jsonschema  # type: ignore[import-untyped,unused-ignore]
 import pytest
+from sqlalchemy import select
 
 from conveyor.api.app import create_app
 from conveyor.engine import Engine, OutcomeKind
 from conveyor.errors import InputInvalid, WorkflowInvalid
 from conveyor.store import Store, utcnow
+from conveyor.store.schema import executions
 from tests.store._fixtures import db_url, settings_for, sqlite_template, store_pg_url
 
 __all__ = ["db_url", "sqlite_template", "store_pg_url"]
@@ -339,12 +341,28 @@ async def _run_to_end(
                 )
             events = []
             continue
+        if outcome.kind is OutcomeKind.WAITING and outcome.wake_at is None:
+            # parked on its children (parallel / foreach): run them, as the workers would
+            children = await _active_children(store, execution_id)
+            assert children, outcome
+            for child_id in children:
+                await _run_to_end(store, engine, clock, child_id, [], tenant_id)
+            continue
         assert outcome.kind is OutcomeKind.WAITING and outcome.wake_at, outcome
         clock.advance_to(outcome.wake_at)
         timers = await store.timers.claim(clock(), owner="docs-test")
         assert [t.execution_id for t in timers] == [execution_id]
         await store.timers.mark_fired([t.id for t in timers], owner="docs-test", at=clock())
     raise AssertionError(f"execution {execution_id} did not finish")
+
+
+async def _active_children(store: Store, execution_id: str) -> list[str]:
+    query = select(executions.c.id).where(
+        executions.c.parent_execution_id == execution_id,
+        executions.c.status.in_(("queued", "running", "waiting")),
+    )
+    async with store.engine.connect() as conn:
+        return [r.id for r in await conn.execute(query.order_by(executions.c.parent_index))]
 
 
 def _matches(expected: Any, actual: Any) -> bool:

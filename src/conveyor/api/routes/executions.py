@@ -78,6 +78,7 @@ def execution_out(execution: Execution, *, with_steps: bool = False) -> dict[str
             "idempotency_key",
             "schedule_id", "retry_of", "scheduled_for", "created_at", "queued_at", "started_at",
             "finished_at", "updated_at", "parent_execution_id", "parent_seq", "depth",
+            "branch", "parent_index",
         )
     }  # fmt: skip
     if with_steps:

@@ -205,7 +205,10 @@ class ExecutionOut(ApiModel):
     workflow_version: int
     status: ExecutionStatus
     region: str
-    triggered_by: str = Field(description="`api`, `webhook`, `schedule` or `retry`.")
+    triggered_by: str = Field(
+        description="`api`, `webhook`, `schedule`, `retry`, or, for a child execution, "
+        "`workflow` (a sub-workflow), `parallel` (a branch) or `foreach` (an item)."
+    )
     input: Any = None
     output: Any = Field(
         None,
@@ -250,15 +253,23 @@ class ExecutionOut(ApiModel):
     parent_execution_id: str | None = Field(
         None,
         description=(
-            "A sub-workflow's parent: the execution whose `workflow` step started this one "
-            "(`triggeredBy` = `workflow`). Null otherwise."
+            "A child's parent: the execution whose `workflow`, `parallel` or `foreach` step "
+            "started this one. Null otherwise."
         ),
     )
     parent_seq: int | None = Field(
-        None, description="The seq of the parent's `workflow` step run that started this one."
+        None, description="The seq of the parent's step run that started this one."
     )
-    depth: int = Field(
-        0, description="Nesting depth: 0 at the top, the parent's + 1 for a sub-workflow."
+    depth: int = Field(0, description="Nesting depth: 0 at the top, the parent's + 1 for a child.")
+    branch: str | None = Field(
+        None,
+        description=(
+            "The step list a `parallel` branch (`<step id>.<branch index>`) or a `foreach` "
+            "item (`<step id>`) runs, `/`-joined when nested. Null otherwise."
+        ),
+    )
+    parent_index: int | None = Field(
+        None, description="A branch's or an item's index in its parent's step."
     )
     scheduled_for: datetime | None = Field(
         None,
