@@ -5,6 +5,7 @@ the parent decides (no lost wake-up). On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -290,3 +291,35 @@ async def test_cancelling_the_parent_cancels_every_branch(store: Store, settings
     assert len(kids) == 2 and {k.status for k in kids} == {"cancelled"}
     assert (await engine.run(parent.id)).kind is OutcomeKind.SKIPPED
     assert len(await _kids(store, parent.id)) == 2  # nothing started after the cancel
+
+
+async def test_children_are_created_once_per_index(store: Store, settings: Settings) -> None:
+    """Two runners of one step run (a stale one and its successor) create each child once."""
+    clock = Clock()
+    tenant = (await store.tenants.create("acme")).id
+    wf = await _workflow(store, tenant, [
+        {"id": "each", "type": "foreach", "items": "input.xs",
+         "steps": [{"id": "n", "type": "noop"}]},
+    ], "once")  # fmt: skip
+    parent, _ = await store.executions.create(tenant, wf, {"xs": [1, 2, 3]})
+    claim = await store.runs.claim(parent.id, clock(), clock.advance(30))
+    assert claim is not None
+    inputs = [(i, None, {"item": i}) for i in range(3)]
+    first, second = await asyncio.gather(
+        store.children.start_branches(claim, seq=0, branch="each", kind="foreach",
+                                      inputs=inputs, now=clock()),
+        store.children.start_branches(claim, seq=0, branch="each", kind="foreach",
+                                      inputs=inputs, now=clock()),
+    )  # fmt: skip
+    kids = await _kids(store, parent.id)
+    assert [k.parent_index for k in kids] == [0, 1, 2]
+    assert sorted(c.id for c in [*first, *second]) == sorted(k.id for k in kids)
+    again = await store.children.start_branches(
+        claim,
+        seq=0,
+        branch="each",
+        kind="foreach",
+        inputs=[*inputs, (3, None, {"item": 3})],
+        now=clock(),
+    )
+    assert [c.parent_index for c in again] == [3] and len(await _kids(store, parent.id)) == 4

@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 CHILD_EVENT_PREFIX = "conveyor.workflow."
+_INSERT_CHUNK = 500
+"""Children per INSERT statement (bind parameters stay under the drivers' limits)."""
 
 
 def child_key(parent_id: str, seq: int) -> str:
@@ -161,13 +163,19 @@ class ChildService(ServiceBase):
         )
         values = {**insert_values(child), "parent_execution_id": parent_id,
                   "parent_seq": seq, "depth": depth}  # fmt: skip
+        inserted = False
         try:
             async with self._tx() as conn:
-                await conn.execute(insert(executions).values(**values))
-        except Conflict:  # created meanwhile (a concurrent runner of the same step run)
+                added = await conn.execute(
+                    insert(executions).values(**values).returning(executions.c.id)
+                )
+                inserted = added.first() is not None
+        except Conflict:
+            pass
+        if not inserted:  # created meanwhile (a concurrent runner of the same step run)
             earlier = await self._statements.execution_by_key(tenant_id, key)
             if earlier is None:
-                raise
+                raise Conflict("the sub-workflow could not be created", execution_id=parent_id)
             return _own(earlier, parent_id, seq), False
         async with self._auto() as conn:
             row = (await conn.execute(select(executions).where(executions.c.id == child.id))).one()
@@ -214,34 +222,40 @@ class ChildService(ServiceBase):
                 version=parent.workflow_version, region=parent.region, input=child_input,
                 triggered_by=kind, now=now, idempotency_key=branch_key(parent.execution_id, seq, index),
             )  # fmt: skip
+            child = replace(
+                child, parent_execution_id=parent.execution_id, parent_seq=seq,
+                depth=parent.depth + 1, branch=own_branch or branch, parent_index=index,
+            )  # fmt: skip
             children.append(child)
             values.append({**insert_values(child), "parent_execution_id": parent.execution_id,
-                           "parent_seq": seq, "depth": parent.depth + 1,
-                           "branch": own_branch or branch, "parent_index": index})  # fmt: skip
+                           "parent_seq": seq, "depth": child.depth, "branch": child.branch,
+                           "parent_index": index})  # fmt: skip
         if not values:
             return []
+        # A key taken meanwhile (a concurrent runner of the same step run) either refuses the
+        # statement (then: one row at a time) or skips its row (a database that enforces the
+        # key in a trigger): only the ids the insert returns were created here.
+        made: set[str] = set()
         try:
             async with self._tx() as conn:
-                await conn.execute(insert(executions), values)
-        except Conflict:  # a concurrent runner of the same step run created some: one by one
-            created: list[Execution] = []
-            for child, row in zip(children, values, strict=True):
+                for at in range(0, len(values), _INSERT_CHUNK):
+                    chunk = values[at : at + _INSERT_CHUNK]
+                    added = await conn.execute(
+                        insert(executions).values(chunk).returning(executions.c.id)
+                    )
+                    made.update(added.scalars())
+        except Conflict:
+            made.clear()
+            for row in values:
                 try:
                     async with self._tx() as conn:
-                        await conn.execute(insert(executions).values(**row))
+                        added = await conn.execute(
+                            insert(executions).values(**row).returning(executions.c.id)
+                        )
+                        made.update(added.scalars())
                 except Conflict:
                     continue
-                created.append(child)
-            children = created
-        return [
-            replace(
-                child,
-                parent_execution_id=parent.execution_id,
-                parent_seq=seq,
-                depth=parent.depth + 1,
-            )
-            for child in children
-        ]
+        return [child for child in children if child.id in made]
 
     async def fanout(self, tenant_id: str, parent_id: str, seq: int) -> Fanout:
         """The children of ``parent_id``'s step run ``seq``, summarised (see :class:`Fanout`)."""
