@@ -117,7 +117,9 @@ class ChildService(ServiceBase):
                   "parent_seq": seq, "depth": depth}  # fmt: skip
         try:
             async with self._tx() as conn:
-                await conn.execute(insert(executions).values(**values))
+                inserted = await conn.execute(insert(executions).values(**values))
+                if not inserted.rowcount:  # PostgreSQL: the key trigger skipped it (key taken)
+                    raise Conflict("idempotency key already used", execution_id=child.id)
         except Conflict:  # created meanwhile (a concurrent runner of the same step run)
             earlier = await self._statements.execution_by_key(tenant_id, key)
             if earlier is None:

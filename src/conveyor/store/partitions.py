@@ -1,0 +1,344 @@
+"""PostgreSQL time partitions of ``executions`` and ``step_runs`` (migration 0012).
+
+Both tables are partitioned ``BY RANGE`` on the execution id (``executions.id``,
+``step_runs.execution_id``). Ids are time-ordered (:func:`~conveyor.store._types.new_id`: the
+first 12 hex digits are the creation instant in ms), so a day of executions is one id range,
+``[day_bound(day), day_bound(day + 1))``, and a day's executions and their step runs live in
+two partitions with the same bounds: ``executions_pYYYYMMDD`` and ``step_runs_pYYYYMMDD``.
+The primary keys stay ``(id)`` and ``(execution_id, seq)`` and a lookup by id reads one
+partition. A ``DEFAULT`` partition of each table takes any id no daily partition covers (an
+id that is not 32 hex digits, a day nobody created): nothing is ever refused.
+
+* :meth:`PartitionService.ensure` creates the partitions of days ahead (the leading
+  scheduler's retention loop, ``PARTITION_DAYS_AHEAD`` days, and ``conveyor prune``). If the
+  default partition already holds ids of that day (nobody created it in time), the day's
+  partition starts just above the highest of them: those rows stay in the default partition
+  (row retention deletes them), and the day's later rows go to its partition.
+* :meth:`PartitionService.drop_due` drops a day's two partitions once every execution in it
+  is finished and past its tenant's retention (a tenant that keeps its executions longer
+  keeps the partition) and no worker holds a lease on it: its timers, events, event waits,
+  schedule ticks and idempotency keys are deleted by id range, the step runs partition is
+  detached and dropped, then the executions partition. A partition still holding an
+  unfinished execution (a month-long delay) is kept; the rows of it that are due are deleted
+  in batches by row retention (:mod:`conveyor.store.retention`), and the partition goes once
+  what is left is due.
+
+Idempotency keys: a unique index of a partitioned table must contain the partition key, so
+``UNIQUE (tenant_id, idempotency_key)`` cannot hold across partitions. On PostgreSQL the keys
+live in ``execution_keys`` (primary key ``(tenant_id, idempotency_key)``) and a ``BEFORE
+INSERT`` trigger on ``executions`` claims the key: an insert whose key is taken by an existing
+execution is skipped (what ``ON CONFLICT DO NOTHING`` did), so ``INSERT ... RETURNING`` returns
+no row for it. SQLite keeps plain tables, its unique index and batched deletes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from conveyor.errors import StoreError
+from conveyor.store._base import ServiceBase
+from conveyor.store.schema import ACTIVE_STATUSES, TERMINAL_STATUSES
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PARTITIONED",
+    "DroppedPartition",
+    "Partition",
+    "PartitionService",
+    "day_bound",
+    "day_of",
+    "include_name",
+    "include_object",
+    "is_partition",
+    "partition_name",
+]
+
+EPOCH = date(1970, 1, 1)
+DAY_MS = 86_400_000
+PARTITIONED = {"executions": "id", "step_runs": "execution_id"}
+"""Partitioned table -> its partition key (the execution id)."""
+_HEX_ID = re.compile(r"^[0-9a-f]{32}$")
+_NAME = re.compile(r"^(executions|step_runs)_(?:p(\d{8})|default)$")
+_BOUNDS = re.compile(r"FROM \('([^']*)'\) TO \('([^']*)'\)")
+LOCK_TIMEOUT = "1s"
+"""How long dropping a partition waits for its locks (DETACH takes ACCESS EXCLUSIVE on the
+parent: a long wait would queue every query behind it); a drop that times out is retried by
+the next pass."""
+
+# Tables whose rows name an execution (no FK from schedule ticks and keys; FKs from the rest):
+# deleted by id range before a day's executions partition is detached.
+_REFERENCING = ("timers", "events", "event_waits", "schedule_ticks", "execution_keys")
+
+
+def day_bound(day: date) -> str:
+    """The smallest id of ``day`` (UTC): its first millisecond, the random bits zero."""
+    ms = (day - EPOCH).days * DAY_MS
+    return f"{ms << 80:032x}"
+
+
+def day_of(execution_id: str) -> date | None:
+    """The UTC day of a time-ordered id; ``None`` for an id that is not 32 hex digits."""
+    if not _HEX_ID.match(execution_id):
+        return None
+    return EPOCH + timedelta(days=int(execution_id[:12], 16) // DAY_MS)
+
+
+def partition_name(table: str, day: date) -> str:
+    return f"{table}_p{day:%Y%m%d}"
+
+
+def is_partition(name: str) -> bool:
+    """Whether ``name`` is a partition of ``executions`` or ``step_runs`` (not in the declared
+    schema: created and dropped at run time)."""
+    return _NAME.match(name) is not None
+
+
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """Alembic's ``include_name`` hook: the partitions are not part of the declared schema."""
+    return not (type_ == "table" and name is not None and is_partition(name))
+
+
+def include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
+    """Alembic's ``include_object`` hook: nor are the foreign keys PostgreSQL keeps from each
+    referencing table to each partition of ``executions``."""
+    referred = getattr(obj, "referred_table", None)
+    return not (type_ == "foreign_key_constraint" and is_partition(getattr(referred, "name", "")))
+
+
+def _next_id(execution_id: str) -> str:
+    return f"{int(execution_id, 16) + 1:032x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    table: str
+    name: str
+    day: date | None
+    """``None``: the default partition."""
+    lower: str | None
+    upper: str | None
+    rows: int
+    """The planner's estimate (``pg_class.reltuples``; 0 before the first analyze)."""
+    bytes: int
+
+
+@dataclass(slots=True)
+class DroppedPartition:
+    """A day whose partitions were dropped, with the rows that went."""
+
+    day: date
+    executions: int = 0
+    step_runs: int = 0
+    timers: int = 0
+    schedule_ticks: int = 0
+    tenants: dict[str, int] = field(default_factory=dict)
+    """Executions per tenant."""
+
+
+class PartitionService(ServiceBase):
+    """Lists, creates and drops the daily partitions (PostgreSQL; no-ops on SQLite)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self._dialect == "postgresql"
+
+    async def list(self) -> builtins.list[Partition]:
+        """Every partition of both tables, by table then lower bound (default last)."""
+        if not self.enabled:
+            return []
+        async with self._auto() as conn:
+            return await _partitions(conn)
+
+    async def ensure(self, now: datetime, days_ahead: int) -> builtins.list[str]:
+        """Create the partitions of ``now``'s day and of ``days_ahead`` days after it that do
+        not exist yet; returns the names created."""
+        if not self.enabled:
+            return []
+        today = now.astimezone(UTC).date()
+        created: builtins.list[str] = []
+        async with self._auto() as conn:
+            existing = {p.name for p in await _partitions(conn)}
+        for offset in range(days_ahead + 1):
+            day = today + timedelta(days=offset)
+            names = [partition_name(t, day) for t in PARTITIONED]
+            if all(n in existing for n in names):
+                continue
+            try:
+                async with self._tx() as conn:
+                    created += await _create_day(conn, day, existing)
+            except StoreError as exc:  # e.g. a concurrent insert into default: next pass
+                log.warning("partitions.create_failed", extra={"day": day.isoformat(),
+                                                               "error": repr(exc)})  # fmt: skip
+        if created:
+            log.info("partitions.created", extra={"partitions": created})
+        return created
+
+    async def due(self, now: datetime, min_retention_s: int) -> builtins.list[date]:
+        """Days whose executions partition ended more than ``min_retention_s`` (the shortest
+        retention of any tenant) before ``now``: the candidates :meth:`drop_due` checks."""
+        if not self.enabled:
+            return []
+        horizon = now - timedelta(seconds=min_retention_s)
+        async with self._auto() as conn:
+            parts = await _partitions(conn)
+        return sorted(
+            p.day
+            for p in parts
+            if p.table == "executions"
+            and p.day is not None
+            and datetime(p.day.year, p.day.month, p.day.day, tzinfo=UTC) + timedelta(days=1)
+            <= horizon
+        )
+
+    async def drop_if_due(
+        self, day: date, now: datetime, retention_s: int
+    ) -> DroppedPartition | None:
+        """Drop ``day``'s partitions if every execution in it is finished, past its tenant's
+        retention (``tenants.retention_s``, else ``retention_s``) and not leased at ``now``;
+        ``None`` when it is kept (or its locks were not granted in time)."""
+        if not self.enabled:
+            return None
+        exe, steps = (partition_name(t, day) for t in PARTITIONED)
+        params = {"now": now, "default": retention_s}
+        async with self._auto() as conn:  # cheap checks first, without locks
+            if await _keeps(conn, exe, params):
+                return None
+        try:
+            async with self._tx() as conn:
+                await conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+                parts = {p.name: p for p in await _partitions(conn)}
+                if exe not in parts:
+                    return None
+                # no write to the partition from here on; then check again under the lock
+                await conn.execute(text(f"LOCK TABLE {exe} IN SHARE MODE"))
+                if await _keeps(conn, exe, params):
+                    return None
+                return await _drop_day(conn, day, parts[exe], steps if steps in parts else None)
+        except StoreError as exc:  # a lock not granted in time, a deadlock: next pass
+            log.warning("partitions.drop_failed", extra={"day": day.isoformat(),
+                                                         "error": repr(exc)})  # fmt: skip
+            return None
+
+
+async def _partitions(conn: AsyncConnection) -> builtins.list[Partition]:
+    rows = (
+        await conn.execute(
+            text(
+                "SELECT c.relname AS name, p.relname AS parent, "
+                "pg_get_expr(c.relpartbound, c.oid) AS bound, "
+                "greatest(c.reltuples, 0)::bigint AS rows, "
+                "pg_total_relation_size(c.oid) AS bytes "
+                "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "JOIN pg_class p ON p.oid = i.inhparent "
+                "JOIN pg_namespace n ON n.oid = p.relnamespace "
+                "WHERE n.nspname = current_schema() AND p.relname = ANY(:parents)"
+            ),
+            {"parents": builtins.list(PARTITIONED)},
+        )
+    ).all()
+    out = []
+    for r in rows:
+        match = _NAME.match(r.name)
+        day = None
+        if match is not None and match.group(2) is not None:
+            day = datetime.strptime(match.group(2), "%Y%m%d").date()
+        bounds = _BOUNDS.search(r.bound or "")
+        lower, upper = (bounds.group(1), bounds.group(2)) if bounds else (None, None)
+        out.append(Partition(r.parent, r.name, day, lower, upper, int(r.rows), int(r.bytes)))
+    out.sort(key=lambda p: (p.table, p.lower is None, p.lower or ""))
+    return out
+
+
+async def _create_day(conn: AsyncConnection, day: date, existing: set[str]) -> builtins.list[str]:
+    """Create ``day``'s partitions (both tables, same bounds). Rows of that day already in a
+    default partition stay there: the partitions start above the highest of them."""
+    lower, upper = day_bound(day), day_bound(day + timedelta(days=1))
+    highest = (
+        await conn.execute(
+            text(
+                "SELECT max(k) FROM (SELECT max(id) AS k FROM executions_default "
+                "WHERE id >= :lo AND id < :hi UNION ALL SELECT max(execution_id) "
+                "FROM step_runs_default WHERE execution_id >= :lo AND execution_id < :hi) m"
+            ),
+            {"lo": lower, "hi": upper},
+        )
+    ).scalar()
+    if highest is not None:
+        lower = _next_id(str(highest))
+        log.warning("partitions.late", extra={"day": day.isoformat(), "from": lower})
+    created = []
+    for table in PARTITIONED:
+        name = partition_name(table, day)
+        if name in existing or lower >= upper:
+            continue
+        await conn.execute(
+            text(
+                f"CREATE TABLE {name} PARTITION OF {table} "
+                f"FOR VALUES FROM ('{lower}') TO ('{upper}')"
+            )
+        )
+        created.append(name)
+    return created
+
+
+_ACTIVE = ", ".join(f"'{s}'" for s in ACTIVE_STATUSES)
+_TERMINAL = ", ".join(f"'{s}'" for s in TERMINAL_STATUSES)
+
+
+async def _keeps(conn: AsyncConnection, partition: str, params: dict[str, object]) -> bool:
+    """Whether ``partition`` holds an execution that is not due: unfinished (an index read),
+    finished within its tenant's retention, or leased."""
+    active = await conn.execute(
+        text(f"SELECT 1 FROM {partition} WHERE status IN ({_ACTIVE}) LIMIT 1")
+    )
+    if active.first() is not None:
+        return True
+    kept = await conn.execute(
+        text(
+            f"SELECT 1 FROM {partition} e LEFT JOIN tenants t ON t.id = e.tenant_id "
+            f"WHERE NOT (e.status IN ({_TERMINAL}) AND e.finished_at IS NOT NULL "
+            "AND e.finished_at < CAST(:now AS timestamptz) - make_interval("
+            "secs => coalesce(t.retention_s, CAST(:default AS integer))) "
+            "AND (e.lease_expires_at IS NULL OR e.lease_expires_at < :now)) LIMIT 1"
+        ),
+        params,
+    )
+    return kept.first() is not None
+
+
+async def _drop_day(
+    conn: AsyncConnection, day: date, exe: Partition, steps: str | None
+) -> DroppedPartition:
+    report = DroppedPartition(day)
+    per_tenant = await conn.execute(
+        text(f"SELECT tenant_id, count(*) AS n FROM {exe.name} GROUP BY tenant_id")
+    )
+    report.tenants = {r.tenant_id: int(r.n) for r in per_tenant}
+    report.executions = sum(report.tenants.values())
+    bounds = {"lo": exe.lower, "hi": exe.upper}
+    for table in _REFERENCING:
+        result = await conn.execute(
+            text(f"DELETE FROM {table} WHERE execution_id >= :lo AND execution_id < :hi"),
+            bounds,
+        )
+        if table in ("timers", "schedule_ticks"):
+            setattr(report, table, int(result.rowcount or 0))
+    if steps is not None:
+        report.step_runs = int(
+            (await conn.execute(text(f"SELECT count(*) FROM {steps}"))).scalar_one()
+        )
+        await conn.execute(text(f"ALTER TABLE step_runs DETACH PARTITION {steps}"))
+        await conn.execute(text(f"DROP TABLE {steps}"))
+    await conn.execute(text(f"ALTER TABLE executions DETACH PARTITION {exe.name}"))
+    await conn.execute(text(f"DROP TABLE {exe.name}"))
+    return report
