@@ -92,6 +92,9 @@ async def _run(dry_run: bool, settings: Settings, out: TextIO) -> int:
         return 1
     rows = [_row(policies[t], pruned) for t, pruned in report.tenants.items() if t in policies]
     out.write(render(rows, report.pruned, dry_run=False))
+    if report.partitions_dropped:  # PostgreSQL: whole days went at once
+        days = ", ".join(d.isoformat() for d in report.partitions_dropped)
+        out.write(f"partitions dropped (days): {days}\n")
     return 0
 
 

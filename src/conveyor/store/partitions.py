@@ -9,12 +9,12 @@ The primary keys stay ``(id)`` and ``(execution_id, seq)`` and a lookup by id re
 partition. A ``DEFAULT`` partition of each table takes any id no daily partition covers (an
 id that is not 32 hex digits, a day nobody created): nothing is ever refused.
 
-* :meth:`PartitionService.ensure` creates the partitions of days ahead (the leading
-  scheduler's retention loop, ``PARTITION_DAYS_AHEAD`` days, and ``conveyor prune``). If the
+* :meth:`PartitionService.ensure` creates the partitions of today and :data:`DAYS_AHEAD`
+  days ahead (each retention pass: the leading scheduler's loop and ``conveyor prune``). If the
   default partition already holds ids of that day (nobody created it in time), the day's
   partition starts just above the highest of them: those rows stay in the default partition
   (row retention deletes them), and the day's later rows go to its partition.
-* :meth:`PartitionService.drop_due` drops a day's two partitions once every execution in it
+* :meth:`PartitionService.drop_if_due` drops a day's two partitions once every execution in it
   is finished and past its tenant's retention (a tenant that keeps its executions longer
   keeps the partition) and no worker holds a lease on it: its timers, events, event waits,
   schedule ticks and idempotency keys are deleted by id range, the step runs partition is
@@ -49,6 +49,7 @@ from conveyor.store.schema import ACTIVE_STATUSES, TERMINAL_STATUSES
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DAYS_AHEAD",
     "PARTITIONED",
     "DroppedPartition",
     "Partition",
@@ -59,8 +60,11 @@ __all__ = [
     "include_object",
     "is_partition",
     "partition_name",
+    "read_partitions",
 ]
 
+DAYS_AHEAD = 3
+"""Days after today whose partitions each retention pass makes sure exist."""
 EPOCH = date(1970, 1, 1)
 DAY_MS = 86_400_000
 PARTITIONED = {"executions": "id", "step_runs": "execution_id"}
@@ -157,7 +161,7 @@ class PartitionService(ServiceBase):
         if not self.enabled:
             return []
         async with self._auto() as conn:
-            return await _partitions(conn)
+            return await read_partitions(conn)
 
     async def ensure(self, now: datetime, days_ahead: int) -> builtins.list[str]:
         """Create the partitions of ``now``'s day and of ``days_ahead`` days after it that do
@@ -167,7 +171,7 @@ class PartitionService(ServiceBase):
         today = now.astimezone(UTC).date()
         created: builtins.list[str] = []
         async with self._auto() as conn:
-            existing = {p.name for p in await _partitions(conn)}
+            existing = {p.name for p in await read_partitions(conn)}
         for offset in range(days_ahead + 1):
             day = today + timedelta(days=offset)
             names = [partition_name(t, day) for t in PARTITIONED]
@@ -185,12 +189,12 @@ class PartitionService(ServiceBase):
 
     async def due(self, now: datetime, min_retention_s: int) -> builtins.list[date]:
         """Days whose executions partition ended more than ``min_retention_s`` (the shortest
-        retention of any tenant) before ``now``: the candidates :meth:`drop_due` checks."""
+        retention of any tenant) before ``now``: the candidates :meth:`drop_if_due` checks."""
         if not self.enabled:
             return []
         horizon = now - timedelta(seconds=min_retention_s)
         async with self._auto() as conn:
-            parts = await _partitions(conn)
+            parts = await read_partitions(conn)
         return sorted(
             p.day
             for p in parts
@@ -216,7 +220,7 @@ class PartitionService(ServiceBase):
         try:
             async with self._tx() as conn:
                 await conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-                parts = {p.name: p for p in await _partitions(conn)}
+                parts = {p.name: p for p in await read_partitions(conn)}
                 if exe not in parts:
                     return None
                 # no write to the partition from here on; then check again under the lock
@@ -230,7 +234,9 @@ class PartitionService(ServiceBase):
             return None
 
 
-async def _partitions(conn: AsyncConnection) -> builtins.list[Partition]:
+async def read_partitions(conn: AsyncConnection) -> builtins.list[Partition]:
+    """The partitions of ``executions`` and ``step_runs`` (PostgreSQL), by table then lower
+    bound, each table's default partition last."""
     rows = (
         await conn.execute(
             text(
