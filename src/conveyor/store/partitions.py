@@ -33,13 +33,18 @@ no row for it. SQLite keeps plain tables, its unique index and batched deletes.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
 import re
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
+from typing import TypeVar
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.errors import StoreError
@@ -47,6 +52,7 @@ from conveyor.store._base import ServiceBase
 from conveyor.store.schema import ACTIVE_STATUSES, TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "DAYS_AHEAD",
@@ -72,10 +78,24 @@ PARTITIONED = {"executions": "id", "step_runs": "execution_id"}
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^(executions|step_runs)_(?:p(\d{8})|default)$")
 _BOUNDS = re.compile(r"FROM \('([^']*)'\) TO \('([^']*)'\)")
-LOCK_TIMEOUT = "1s"
-"""How long dropping a partition waits for its locks (DETACH takes ACCESS EXCLUSIVE on the
-parent: a long wait would queue every query behind it); a drop that times out is retried by
-the next pass."""
+LOCK_ATTEMPTS = 40
+LOCK_RETRY_S = 0.05
+"""Creating or dropping a partition takes ACCESS EXCLUSIVE locks: on ``executions`` and
+``step_runs`` (ATTACH/DETACH) and on the tables their partitions' foreign keys point at,
+``tenants`` and ``workflows`` (adding or dropping a partition adds or drops its foreign keys).
+It takes them all at the start of its transaction, in that order, with ``NOWAIT``: it never
+waits while holding a lock others need (no deadlock with triggers or workers, which lock
+``workflows`` or ``tenants`` before ``executions``) nor queues every query behind it; refused,
+it tries again after :data:`LOCK_RETRY_S`, at most :data:`LOCK_ATTEMPTS` times, then leaves it
+to the next pass (a day not dropped loses its due rows by batched deletes meanwhile). Held for
+a few milliseconds."""
+_LOCK = "LOCK TABLE tenants, workflows, executions, step_runs IN ACCESS EXCLUSIVE MODE NOWAIT"
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+class _Busy(Exception):
+    """The tables' locks were not granted (someone is using them): try again."""
+
 
 # Tables whose rows name an execution (no FK from schedule ticks and keys; FKs from the rest):
 # deleted by id range before a day's executions partition is detached.
@@ -178,14 +198,33 @@ class PartitionService(ServiceBase):
             if all(n in existing for n in names):
                 continue
             try:
-                async with self._tx() as conn:
-                    created += await _create_day(conn, day, existing)
-            except StoreError as exc:  # e.g. a concurrent insert into default: next pass
+                made = await self._exclusively(partial(_create_day, day=day, existing=existing))
+            except StoreError as exc:  # logged; the next pass tries again
                 log.warning("partitions.create_failed", extra={"day": day.isoformat(),
                                                                "error": repr(exc)})  # fmt: skip
+                continue
+            created += made or []
         if created:
             log.info("partitions.created", extra={"partitions": created})
         return created
+
+    async def _exclusively(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T | None:
+        """``work`` in a transaction that first locks both tables (see :data:`LOCK_ATTEMPTS`);
+        ``None`` when the locks were never granted."""
+        for _ in range(LOCK_ATTEMPTS):
+            try:
+                async with self._tx() as conn:
+                    try:
+                        await conn.execute(text(_LOCK))
+                    except DBAPIError as exc:
+                        if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                            raise _Busy from exc
+                        raise
+                    return await work(conn)
+            except _Busy:
+                await asyncio.sleep(LOCK_RETRY_S)
+        log.warning("partitions.busy", extra={"attempts": LOCK_ATTEMPTS})
+        return None
 
     async def due(self, now: datetime, min_retention_s: int) -> builtins.list[date]:
         """Days whose executions partition ended more than ``min_retention_s`` (the shortest
@@ -214,24 +253,34 @@ class PartitionService(ServiceBase):
             return None
         exe, steps = (partition_name(t, day) for t in PARTITIONED)
         params = {"now": now, "default": retention_s}
-        async with self._auto() as conn:  # cheap checks first, without locks
-            if await _keeps(conn, exe, params):
+        async with self._auto() as conn:  # the checks and the counting, without locks
+            parts = {p.name: p for p in await read_partitions(conn)}
+            if exe not in parts or await _keeps(conn, exe, params):
                 return None
+            report = await _count_day(conn, day, exe, steps if steps in parts else None)
+        bounds = {"lo": parts[exe].lower, "hi": parts[exe].upper}
+        async with self._tx() as conn:  # rows naming its executions (all due) go first
+            deleted = await _delete_referencing(conn, bounds)
+        report.timers, report.schedule_ticks = deleted["timers"], deleted["schedule_ticks"]
+
+        async def drop(conn: AsyncConnection) -> bool:
+            if await _active(conn, exe):  # the one change that matters since the check
+                return False
+            await _delete_referencing(conn, bounds)  # any made since: none, mostly
+            if steps in parts:
+                await conn.execute(text(f"ALTER TABLE step_runs DETACH PARTITION {steps}"))
+                await conn.execute(text(f"DROP TABLE {steps}"))
+            await conn.execute(text(f"ALTER TABLE executions DETACH PARTITION {exe}"))
+            await conn.execute(text(f"DROP TABLE {exe}"))
+            return True
+
         try:
-            async with self._tx() as conn:
-                await conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-                parts = {p.name: p for p in await read_partitions(conn)}
-                if exe not in parts:
-                    return None
-                # no write to the partition from here on; then check again under the lock
-                await conn.execute(text(f"LOCK TABLE {exe} IN SHARE MODE"))
-                if await _keeps(conn, exe, params):
-                    return None
-                return await _drop_day(conn, day, parts[exe], steps if steps in parts else None)
-        except StoreError as exc:  # a lock not granted in time, a deadlock: next pass
+            dropped = await self._exclusively(drop)
+        except StoreError as exc:
             log.warning("partitions.drop_failed", extra={"day": day.isoformat(),
                                                          "error": repr(exc)})  # fmt: skip
             return None
+        return report if dropped else None
 
 
 async def read_partitions(conn: AsyncConnection) -> builtins.list[Partition]:
@@ -301,13 +350,18 @@ _ACTIVE = ", ".join(f"'{s}'" for s in ACTIVE_STATUSES)
 _TERMINAL = ", ".join(f"'{s}'" for s in TERMINAL_STATUSES)
 
 
-async def _keeps(conn: AsyncConnection, partition: str, params: dict[str, object]) -> bool:
-    """Whether ``partition`` holds an execution that is not due: unfinished (an index read),
-    finished within its tenant's retention, or leased."""
-    active = await conn.execute(
+async def _active(conn: AsyncConnection, partition: str) -> bool:
+    """Whether ``partition`` holds an unfinished execution (an index read)."""
+    found = await conn.execute(
         text(f"SELECT 1 FROM {partition} WHERE status IN ({_ACTIVE}) LIMIT 1")
     )
-    if active.first() is not None:
+    return found.first() is not None
+
+
+async def _keeps(conn: AsyncConnection, partition: str, params: dict[str, object]) -> bool:
+    """Whether ``partition`` holds an execution that is not due: unfinished, finished within
+    its tenant's retention, or leased."""
+    if await _active(conn, partition):
         return True
     kept = await conn.execute(
         text(
@@ -322,29 +376,30 @@ async def _keeps(conn: AsyncConnection, partition: str, params: dict[str, object
     return kept.first() is not None
 
 
-async def _drop_day(
-    conn: AsyncConnection, day: date, exe: Partition, steps: str | None
+async def _count_day(
+    conn: AsyncConnection, day: date, exe: str, steps: str | None
 ) -> DroppedPartition:
     report = DroppedPartition(day)
     per_tenant = await conn.execute(
-        text(f"SELECT tenant_id, count(*) AS n FROM {exe.name} GROUP BY tenant_id")
+        text(f"SELECT tenant_id, count(*) AS n FROM {exe} GROUP BY tenant_id")
     )
     report.tenants = {r.tenant_id: int(r.n) for r in per_tenant}
     report.executions = sum(report.tenants.values())
-    bounds = {"lo": exe.lower, "hi": exe.upper}
+    if steps is not None:
+        counted = await conn.execute(text(f"SELECT count(*) FROM {steps}"))
+        report.step_runs = int(counted.scalar_one())
+    return report
+
+
+async def _delete_referencing(
+    conn: AsyncConnection, bounds: Mapping[str, object]
+) -> dict[str, int]:
+    """Delete the rows of :data:`_REFERENCING` naming an execution id in ``bounds``."""
+    deleted = {}
     for table in _REFERENCING:
         result = await conn.execute(
             text(f"DELETE FROM {table} WHERE execution_id >= :lo AND execution_id < :hi"),
             bounds,
         )
-        if table in ("timers", "schedule_ticks"):
-            setattr(report, table, int(result.rowcount or 0))
-    if steps is not None:
-        report.step_runs = int(
-            (await conn.execute(text(f"SELECT count(*) FROM {steps}"))).scalar_one()
-        )
-        await conn.execute(text(f"ALTER TABLE step_runs DETACH PARTITION {steps}"))
-        await conn.execute(text(f"DROP TABLE {steps}"))
-    await conn.execute(text(f"ALTER TABLE executions DETACH PARTITION {exe.name}"))
-    await conn.execute(text(f"DROP TABLE {exe.name}"))
-    return report
+        deleted[table] = int(result.rowcount or 0)
+    return deleted
