@@ -41,15 +41,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conveyor.errors import StoreError
 from conveyor.store._base import ServiceBase
 from conveyor.store.schema import ACTIVE_STATUSES, TERMINAL_STATUSES
+
+if TYPE_CHECKING:
+    from conveyor.settings import Settings
+    from conveyor.store.statements import Statements
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -172,6 +176,13 @@ class DroppedPartition:
 class PartitionService(ServiceBase):
     """Lists, creates and drops the daily partitions (PostgreSQL; no-ops on SQLite)."""
 
+    def __init__(self, engine: AsyncEngine, settings: Settings, statements: Statements) -> None:
+        super().__init__(engine, settings, statements)
+        self._kept_until: dict[str, datetime] = {}
+        """Partition -> the instant its last finished execution is due (its tenant's
+        retention, a lease): not read again before then. An unfinished execution is looked
+        for on every pass (an index read); the rest costs a scan of the day, so once."""
+
     @property
     def enabled(self) -> bool:
         return self._dialect == "postgresql"
@@ -255,7 +266,13 @@ class PartitionService(ServiceBase):
         params = {"now": now, "default": retention_s}
         async with self._auto() as conn:  # the checks and the counting, without locks
             parts = {p.name: p for p in await read_partitions(conn)}
-            if exe not in parts or await _keeps(conn, exe, params):
+            if exe not in parts or await _active(conn, exe):
+                return None
+            if now < self._kept_until.get(exe, now):  # a tenant keeps it: known until then
+                return None
+            kept_until = await _kept_until(conn, exe, params)
+            if kept_until is not None and kept_until >= now:
+                self._kept_until[exe] = kept_until
                 return None
             report = await _count_day(conn, day, exe, steps if steps in parts else None)
         bounds = {"lo": parts[exe].lower, "hi": parts[exe].upper}
@@ -358,22 +375,24 @@ async def _active(conn: AsyncConnection, partition: str) -> bool:
     return found.first() is not None
 
 
-async def _keeps(conn: AsyncConnection, partition: str, params: dict[str, object]) -> bool:
-    """Whether ``partition`` holds an execution that is not due: unfinished, finished within
-    its tenant's retention, or leased."""
-    if await _active(conn, partition):
-        return True
-    kept = await conn.execute(
+async def _kept_until(
+    conn: AsyncConnection, partition: str, params: dict[str, object]
+) -> datetime | None:
+    """When the last execution of ``partition`` is due: the latest of its executions'
+    ``finished_at`` + their tenant's retention and of their leases (one scan of the day);
+    ``None`` for an empty partition. (Only finished executions: look for unfinished ones
+    first.)"""
+    found = await conn.execute(
         text(
-            f"SELECT 1 FROM {partition} e LEFT JOIN tenants t ON t.id = e.tenant_id "
-            f"WHERE NOT (e.status IN ({_TERMINAL}) AND e.finished_at IS NOT NULL "
-            "AND e.finished_at < CAST(:now AS timestamptz) - make_interval("
-            "secs => coalesce(t.retention_s, CAST(:default AS integer))) "
-            "AND (e.lease_expires_at IS NULL OR e.lease_expires_at < :now)) LIMIT 1"
+            "SELECT greatest(max(e.finished_at + make_interval(secs => coalesce("
+            "t.retention_s, CAST(:default AS integer)))), max(e.lease_expires_at)) "
+            f"FROM {partition} e LEFT JOIN tenants t ON t.id = e.tenant_id "
+            f"WHERE e.status IN ({_TERMINAL})"
         ),
-        params,
+        {"default": params["default"]},
     )
-    return kept.first() is not None
+    value = found.scalar()
+    return None if value is None else cast(datetime, value)
 
 
 async def _count_day(
