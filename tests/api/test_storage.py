@@ -53,6 +53,7 @@ async def test_storage_on_postgres(api: Api) -> None:
     assert set(queues) >= {"workflow.execute.us", "workflow.execute.eu"}
     us = queues["workflow.execute.us"]
     assert (us["completed"], us["failed"]) == (0, 0) and us["events"] >= 1  # "waiting" event
+    assert all(t["bytes"] > 0 for t in data["database"]["tables"])  # partitioned or not
     # the daily partitions (today's holds the execution; its bytes count in the table's)
     partitions = data["database"]["partitions"]
     names = {p["name"] for p in partitions}

@@ -106,14 +106,15 @@ async def _pg_sizes(conn: AsyncConnection) -> tuple[dict[str, int], dict[str, in
     rows = (
         await conn.execute(
             text(
-                "SELECT c.relname, sum(pg_total_relation_size(t.relid)) AS bytes, "
+                "SELECT c.relname, sum(pg_total_relation_size(l.oid)) AS bytes, "
                 "CASE WHEN bool_and(l.reltuples < 0) THEN -1 "
                 "ELSE sum(greatest(l.reltuples, 0)) END::bigint AS estimate FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "CROSS JOIN LATERAL pg_partition_tree(c.oid) t "
+                "CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(c.oid) WHERE isleaf "
+                "UNION ALL SELECT c.oid WHERE c.relkind = 'r') t "
                 "JOIN pg_class l ON l.oid = t.relid "
                 "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') "
-                "AND c.relname = ANY(:names) AND t.isleaf GROUP BY c.relname"
+                "AND c.relname = ANY(:names) GROUP BY c.relname"
             ),
             {"names": names},
         )
