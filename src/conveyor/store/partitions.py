@@ -220,7 +220,7 @@ class PartitionService(ServiceBase):
         return created
 
     async def _exclusively(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T | None:
-        """``work`` in a transaction that first locks both tables (see :data:`LOCK_ATTEMPTS`);
+        """``work`` in a transaction that first locks the tables (see :data:`LOCK_ATTEMPTS`);
         ``None`` when the locks were never granted."""
         for _ in range(LOCK_ATTEMPTS):
             try:
@@ -276,8 +276,8 @@ class PartitionService(ServiceBase):
                 return None
             report = await _count_day(conn, day, exe, steps if steps in parts else None)
         bounds = {"lo": parts[exe].lower, "hi": parts[exe].upper}
-        async with self._tx() as conn:  # rows naming its executions (all due) go first
-            deleted = await _delete_referencing(conn, bounds)
+        async with self._tx() as conn:  # rows naming its (finished) executions go first
+            deleted = await _delete_referencing(conn, bounds, finished_in=exe)
         report.timers, report.schedule_ticks = deleted["timers"], deleted["schedule_ticks"]
 
         async def drop(conn: AsyncConnection) -> bool:
@@ -411,13 +411,19 @@ async def _count_day(
 
 
 async def _delete_referencing(
-    conn: AsyncConnection, bounds: Mapping[str, object]
+    conn: AsyncConnection, bounds: Mapping[str, object], *, finished_in: str | None = None
 ) -> dict[str, int]:
-    """Delete the rows of :data:`_REFERENCING` naming an execution id in ``bounds``."""
+    """Delete the rows of :data:`_REFERENCING` naming an execution id in ``bounds`` (only
+    those of a finished execution of ``finished_in``, when given: before the lock)."""
+    only = (
+        ""
+        if finished_in is None
+        else f" AND execution_id IN (SELECT id FROM {finished_in} WHERE status IN ({_TERMINAL}))"
+    )
     deleted = {}
     for table in _REFERENCING:
         result = await conn.execute(
-            text(f"DELETE FROM {table} WHERE execution_id >= :lo AND execution_id < :hi"),
+            text(f"DELETE FROM {table} WHERE execution_id >= :lo AND execution_id < :hi{only}"),
             bounds,
         )
         deleted[table] = int(result.rowcount or 0)
