@@ -1,6 +1,6 @@
 """Benchmark: newest-first execution lists over daily partitions (PostgreSQL, migration 0012).
 
-Creates a throwaway database, migrates it, creates ``--days`` daily partitions ending today
+Creates a throwaway database (``_exec_common.bench_env``), migrates it, creates ``--days`` daily partitions ending today
 and inserts ``--rows`` executions spread evenly over them (10 tenants, 5 workflows each, 3%
 failed, time-ordered ids: each row lands in its day's partition), then copies them into a
 plain table with the same indexes (``executions_plain``: the pre-0012 layout) and runs each
@@ -24,19 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
-from conveyor.settings import load_settings
-from conveyor.store import asyncpg_dsn, migrate
+from _exec_common import bench_env
+from conveyor.store import asyncpg_dsn
 from conveyor.store.partitions import day_bound, partition_name
 
-ADMIN_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PAGE = 51  # limit + 1, as _page asks
 
 _SEED = """
@@ -50,14 +47,6 @@ SELECT lpad(to_hex(ms), 12, '0') || '7' || substr(md5(g::text), 1, 19),
                to_timestamp(($1::bigint + g::bigint * $2::bigint) / 1000.0) AS at
           FROM generate_series(0, $3::int - 1) g) s
 """
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DSN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 def _cursor_sql(where: str) -> str:
@@ -100,18 +89,12 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    name = f"conveyor_bench_{uuid.uuid4().hex[:10]}"
-    await _admin(f'CREATE DATABASE "{name}"')
-    url = f"{ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
-    try:
-        await migrate(load_settings({}, database_url=url))
-        conn = await asyncpg.connect(asyncpg_dsn(url))
+    async with bench_env() as env:  # a migrated throwaway database, dropped afterwards
+        conn = await asyncpg.connect(asyncpg_dsn(env.url))
         try:
             await _run(conn, args)
         finally:
             await conn.close()
-    finally:
-        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _run(conn: Any, args: argparse.Namespace) -> None:
