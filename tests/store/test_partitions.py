@@ -116,6 +116,8 @@ async def test_days_ahead_created_and_due_days_dropped_on_time(pg: Store) -> Non
     assert set(first.partitions_created) <= await _names(pg)
 
     clock.at = at(16) + 12 * HOUR
+    assert await retention.plan_days() == [D]  # the dry run (conveyor prune --dry-run)
+    assert partition_name("executions", D) in await _names(pg)
     report = await retention.run_pass()
     assert report.partitions_dropped == [D]  # D+1: a waiting execution; D+2: bank's
     names = await _names(pg)

@@ -254,6 +254,19 @@ class PartitionService(ServiceBase):
             <= horizon
         )
 
+    async def is_due(self, day: date, now: datetime, retention_s: int) -> bool:
+        """Whether :meth:`drop_if_due` would drop ``day``'s partitions at ``now`` (the dry
+        run of ``conveyor prune``; nothing is cached or changed)."""
+        exe = partition_name("executions", day)
+        async with self._auto() as conn:
+            if not any(p.name == exe for p in await read_partitions(conn)):
+                return False
+            if await _active(conn, exe):
+                return False
+            params = {"now": now, "default": retention_s}
+            kept_until = await _kept_until(conn, exe, params)
+        return kept_until is None or kept_until < now
+
     async def drop_if_due(
         self, day: date, now: datetime, retention_s: int
     ) -> DroppedPartition | None:

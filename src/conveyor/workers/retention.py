@@ -226,6 +226,22 @@ class Retention:
             self.metrics.count_pruned(table, rows)
 
     # --- dry run -----------------------------------------------------------------------------
+    async def plan_days(self) -> list[date]:
+        """PostgreSQL: the days whose partitions a pass at ``clock()`` would drop whole (their
+        rows are in :meth:`plan`'s counts too); nothing is dropped."""
+        partitions = self.store.partitions
+        if not partitions.enabled:
+            return []
+        now = self.clock()
+        policies = await self.policies()
+        default_s = self.settings.execution_retention
+        shortest = min([default_s, *(p.retention_s for p in policies)])
+        return [
+            day
+            for day in await partitions.due(now, shortest)
+            if await partitions.is_due(day, now, default_s)
+        ]
+
     async def plan(self) -> list[TenantPlan]:
         """Per tenant, what a pass at ``clock()`` would delete (nothing is deleted)."""
         now = self.clock()
