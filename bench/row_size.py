@@ -47,9 +47,12 @@ async def _sizes(store: Store) -> dict[str, int]:
         if store.is_postgres:
             await conn.execute(text("COMMIT"))
             await conn.execute(text("VACUUM ANALYZE"))
-            rows = await conn.execute(
-                text("SELECT relname, pg_total_relation_size(oid) FROM pg_class "
-                     "WHERE relname = ANY(:n) AND relkind = 'r'"), {"n": list(TABLES)})  # fmt: skip
+            rows = await conn.execute(  # a partitioned table: the sum of its partitions
+                text("SELECT c.relname, sum(pg_total_relation_size(t.relid)) FROM pg_class c "
+                     "CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(c.oid) WHERE isleaf "
+                     "UNION ALL SELECT c.oid WHERE c.relkind = 'r') t WHERE c.relname = ANY(:n) "
+                     "AND c.relkind IN ('r', 'p') GROUP BY c.relname"),
+                {"n": list(TABLES)})  # fmt: skip
         else:
             rows = await conn.execute(
                 text("SELECT m.tbl_name, SUM(d.pgsize) FROM dbstat d JOIN sqlite_master m "

@@ -53,6 +53,16 @@ async def test_storage_on_postgres(api: Api) -> None:
     assert set(queues) >= {"workflow.execute.us", "workflow.execute.eu"}
     us = queues["workflow.execute.us"]
     assert (us["completed"], us["failed"]) == (0, 0) and us["events"] >= 1  # "waiting" event
+    assert all(t["bytes"] > 0 for t in data["database"]["tables"])  # partitioned or not
+    # the daily partitions (today's holds the execution; its bytes count in the table's)
+    partitions = data["database"]["partitions"]
+    names = {p["name"] for p in partitions}
+    assert {"executions_default", "step_runs_default"} <= names
+    days = [p for p in partitions if p["table"] == "executions" and p["day"] is not None]
+    assert len(days) >= 4 and all(p["lower"] < p["upper"] for p in days)
+    assert sum(p["bytes"] for p in partitions if p["table"] == "executions") == next(
+        t["bytes"] for t in data["database"]["tables"] if t["name"] == "executions"
+    )
 
 
 async def test_storage_on_sqlite(api_env: dict[str, str], tmp_path: Path) -> None:
@@ -63,6 +73,7 @@ async def test_storage_on_sqlite(api_env: dict[str, str], tmp_path: Path) -> Non
         r = await api.client.get("/api/admin/storage", headers=ADMIN)
         assert r.status_code == 200, r.text
         _assert_storage(r.json()["data"], "sqlite")
+        assert r.json()["data"]["database"]["partitions"] == []  # plain tables
 
 
 async def test_storage_answers_when_redis_is_down(api_env: dict[str, str]) -> None:

@@ -1,5 +1,6 @@
 """The leading scheduler runs retention passes on their own loop (SQLite + Redis lock, and
-PostgreSQL + advisory lock); a standby that does not lead prunes nothing."""
+PostgreSQL + advisory lock: there a due day's partitions go whole); a standby that does not
+lead prunes nothing."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from conveyor.queue import QueueFactory
 from conveyor.runtime import Supervisor
 from conveyor.store import Store, utcnow
+from conveyor.store.partitions import partition_name
 from conveyor.workers.retention import Retention
 from conveyor.workers.scheduler import Scheduler
 from tests.scheduler._support import async_wait_until, base_env, migrate, settings_for
@@ -40,8 +42,11 @@ async def test_the_leading_scheduler_prunes(env: dict[str, str]) -> None:
     async with Store(settings, pool_size=4) as store, QueueFactory(settings) as queues:
         owner = await seed.tenant(store, "t", now - timedelta(days=60))
         old = now - timedelta(days=20)
-        gone = await seed.execution(store, owner, "succeeded", created=old, finished=old)
-        kept = await seed.execution(store, owner, "waiting", created=old, timer=True)
+        await store.partitions.ensure(old, 1)  # PostgreSQL: the days of these two
+        gone = await seed.execution(store, owner, "succeeded", created=old, finished=old,
+                                    id_at=old)  # fmt: skip
+        kept = await seed.execution(store, owner, "waiting", created=old, timer=True,
+                                    id_at=old + timedelta(days=1))  # fmt: skip
 
         supervisor = Supervisor("scheduler")
         scheduler = Scheduler(settings, store, queues, supervisor)
@@ -49,6 +54,10 @@ async def test_the_leading_scheduler_prunes(env: dict[str, str]) -> None:
         try:
             await async_wait_until(lambda: _gone(store, gone), 15)
             assert await seed.ids(store) == {kept}
+            if store.is_postgres:  # its day went whole; the waiting one's day stays
+                names = {p.name for p in await store.partitions.list()}
+                assert partition_name("executions", old.date()) not in names
+                assert partition_name("executions", (old + timedelta(days=1)).date()) in names
             late = now - timedelta(days=15)  # finished while the scheduler runs: next pass
             later = await seed.execution(store, owner, "failed", created=late, finished=late)
             await async_wait_until(lambda: _gone(store, later), 15)

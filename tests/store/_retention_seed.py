@@ -54,10 +54,12 @@ async def execution(
     timer: bool = False,
     tick: bool = False,
     lease_until: datetime | None = None,
+    id_at: datetime | None = None,
 ) -> str:
     """One execution of ``owner`` in ``status`` with ``steps`` step runs, optionally a fired
-    timer and the schedule tick that created it; returns its id."""
-    eid = new_id()
+    timer and the schedule tick that created it; returns its id (made at ``id_at``, which picks
+    its partition on PostgreSQL; default now)."""
+    eid = new_id(id_at)
     row: dict[str, Any] = dict(
         id=eid, tenant_id=owner.id, workflow_id=owner.workflow_id, workflow_version=1,
         status=status, region="us", triggered_by="schedule" if tick else "api",

@@ -33,7 +33,9 @@ WITH e AS (
   INSERT INTO executions (id, tenant_id, workflow_id, workflow_version, status, region,
       triggered_by, input, output, next_step, steps_run, created_at, queued_at, started_at,
       finished_at, updated_at)
-  SELECT md5('old' || g), $1::text, $2::text, 1, 'succeeded', 'us', 'api', '{"order": 12345}'::jsonb,
+  SELECT CASE WHEN $5 THEN lpad(to_hex((extract(epoch FROM $3::timestamptz) * 1000)::bigint
+                                       + g * 10000), 12, '0') || '7' || substr(md5(g::text), 1, 19)
+              ELSE md5('old' || g) END, $1::text, $2::text, 1, 'succeeded', 'us', 'api', '{"order": 12345}'::jsonb,
          '{"ok": true, "total": 99.5}'::jsonb, 2, 2, $3::timestamptz, $3::timestamptz, $3::timestamptz, $3::timestamptz + g * interval '1 ms', $3::timestamptz
     FROM generate_series(1, $4::int) g
   RETURNING id, tenant_id, workflow_id, created_at
@@ -84,16 +86,25 @@ async def _triggers(
 
 
 @pytest.mark.slow
-async def test_prune_under_load_loses_no_trigger(fresh_pg_url: str, redis_prefix: str) -> None:
+@pytest.mark.parametrize("layout", ["rows", "partitions"])
+async def test_prune_under_load_loses_no_trigger(
+    fresh_pg_url: str, redis_prefix: str, layout: str
+) -> None:
+    """``rows``: ids that are not time-ordered (all in the default partition): batched
+    deletes. ``partitions``: time-ordered ids 30 days old, 10 s apart (a day's partitions hold
+    8,640): whole days are dropped — DETACH locks the tables for a moment — while triggers
+    run."""
     settings = load_settings({}, database_url=fresh_pg_url)
     await migrate(settings)
     async with Store(settings, pool_size=CONCURRENCY + 2) as store:
         owner = await seed.tenant(store, "busy", utcnow() - timedelta(days=90))
+        old = utcnow() - timedelta(days=30)
+        by_day = layout == "partitions"
+        if by_day:  # the days the ids fall in, as the scheduler would have made them
+            await store.partitions.ensure(old, ROWS * 10 // 86400 + 1)
         async with store.engine.begin() as conn:
             raw: Any = (await conn.get_raw_connection()).driver_connection
-            await raw.execute(
-                _SEED_SQL, owner.id, owner.workflow_id, utcnow() - timedelta(days=30), ROWS
-            )
+            await raw.execute(_SEED_SQL, owner.id, owner.workflow_id, old, ROWS, by_day)
             await raw.execute("ANALYZE")
         live = await store.workflows.create(owner.id, seed.NOOP)
 
@@ -124,6 +135,7 @@ async def test_prune_under_load_loses_no_trigger(fresh_pg_url: str, redis_prefix
         assert total[-4:-1] == [str(ROWS), str(2 * ROWS), str(ROWS)], (
             printed
         )  # execs, steps, timers
+        assert ("partitions dropped" in printed) is by_day, printed
 
         after, later = await _triggers(store, owner.id, live.id, 2000)  # without, once more
         baseline += after
@@ -131,7 +143,8 @@ async def test_prune_under_load_loses_no_trigger(fresh_pg_url: str, redis_prefix
         remaining = await seed.ids(store)  # every trigger's execution, and nothing old
         assert len(made) > 0 and set(made) <= remaining and set(before) <= remaining
         assert len(remaining) == len(warm) + len(before) + len(made)
-        figures = {
+        figures: dict[str, object] = {
+            "layout": layout,
             "rows": ROWS,
             "prune_s": round(prune_s, 1),  # the process's start-up included
             "rows_per_s": round(ROWS / prune_s),
@@ -143,4 +156,4 @@ async def test_prune_under_load_loses_no_trigger(fresh_pg_url: str, redis_prefix
             "max_ms_during": round(max(during), 2),
         }
         print(f"\nprune under load: {figures}")
-        assert figures["p99_ms_during"] < P99_BOUND_MS, figures
+        assert _pct(during, 0.99) < P99_BOUND_MS, figures

@@ -74,12 +74,17 @@ async def _run(dry_run: bool, settings: Settings, out: TextIO) -> int:
         async with Store(settings, pool_size=2, fast_path=False) as store:
             await store.check_schema()
             if dry_run:
-                plans = await Retention(store, settings).plan()
+                retention = Retention(store, settings)
+                plans = await retention.plan()
                 rows = [_row(p.policy, p.pruned) for p in plans if p.pruned.total]
                 total = Pruned()
                 for p in plans:
                     total.add(p.pruned)
                 out.write(render(rows, total, dry_run=True))
+                days = await retention.plan_days()
+                if days:  # PostgreSQL: these days would go whole
+                    listed = ", ".join(d.isoformat() for d in days)
+                    out.write(f"partitions that would be dropped (days): {listed}\n")
                 return 0
             async with QueueFactory(settings) as queues:
                 metrics = MetricsPublisher(queues)
@@ -92,6 +97,9 @@ async def _run(dry_run: bool, settings: Settings, out: TextIO) -> int:
         return 1
     rows = [_row(policies[t], pruned) for t, pruned in report.tenants.items() if t in policies]
     out.write(render(rows, report.pruned, dry_run=False))
+    if report.partitions_dropped:  # PostgreSQL: whole days went at once
+        dropped = ", ".join(d.isoformat() for d in report.partitions_dropped)
+        out.write(f"partitions dropped (days): {dropped}\n")
     return 0
 
 

@@ -38,6 +38,7 @@ from conveyor.store.events import Event, EventWait, Sent
 from conveyor.store.executions import RetryFrom
 from conveyor.store.insights import Activity, ExecutionFilter, VersionInfo
 from conveyor.store.limits import TenantLimits
+from conveyor.store.partitions import DAYS_AHEAD, DroppedPartition, Partition
 from conveyor.store.records import (
     ApiKey,
     Execution,
@@ -72,6 +73,7 @@ from conveyor.store.usage import DatabaseUsage, TableUsage
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "DAYS_AHEAD",
     "EXECUTION_STATUSES",
     "MAX_SECRET_BYTES",
     "MIN_SECRET_CHARS",
@@ -83,6 +85,7 @@ __all__ = [
     "Claim",
     "Cutoff",
     "DatabaseUsage",
+    "DroppedPartition",
     "Event",
     "EventWait",
     "Execution",
@@ -91,6 +94,7 @@ __all__ = [
     "FiredTick",
     "IssuedApiKey",
     "Page",
+    "Partition",
     "PlannedTicks",
     "Pruned",
     "RetentionOverride",

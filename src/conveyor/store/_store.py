@@ -21,6 +21,7 @@ from conveyor.store.events import EventService
 from conveyor.store.executions import ExecutionService
 from conveyor.store.insights import InsightService
 from conveyor.store.limits import TenantLimitsService
+from conveyor.store.partitions import PartitionService
 from conveyor.store.pg import PgRunStore, PgStatements
 from conveyor.store.retention import RetentionService
 from conveyor.store.runs import RunStore
@@ -70,6 +71,7 @@ class Store:
     retention: RetentionService
     limits: TenantLimitsService
     storage: StorageService
+    partitions: PartitionService
     secrets: SecretService
     events: EventService
     children: ChildService
@@ -113,6 +115,7 @@ class Store:
         self.retention = RetentionService(engine, s, statements)
         self.limits = TenantLimitsService(engine, s, statements)
         self.storage = StorageService(engine, s, statements)
+        self.partitions = PartitionService(engine, s, statements)
         self.secrets = SecretService(engine, s, statements)
         self.events = EventService(engine, s, statements)
         self.children = ChildService(engine, s, statements, self.workflows, self.events)

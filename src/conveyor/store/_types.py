@@ -67,9 +67,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def new_id() -> str:
-    """A time-ordered random id: 48-bit milliseconds + 80 random bits, as 32 hex digits."""
-    ms = time.time_ns() // 1_000_000
+def new_id(at: datetime | None = None) -> str:
+    """A time-ordered random id: 48-bit milliseconds (now, or ``at``) + 80 random bits, as 32
+    hex digits. On PostgreSQL the id's instant picks the execution's daily partition
+    (:mod:`conveyor.store.partitions`)."""
+    ms = time.time_ns() // 1_000_000 if at is None else int(at.timestamp() * 1000)
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms << 80) | rand
     # Set the UUID version (7) and variant bits so the value is also a valid UUIDv7.

@@ -314,7 +314,9 @@ class ExecutionService(ServiceBase):
         values = {**insert_values(execution), "next_step": resume_at, "steps_run": reused}
         try:
             async with self._tx() as conn:
-                await conn.execute(executions.insert().values(values))
+                inserted = await conn.execute(executions.insert().values(values))
+                if not inserted.rowcount:  # PostgreSQL: the key trigger skipped it (key taken)
+                    raise Conflict("idempotency key already used", execution_id=execution_id)
                 if reused:
                     await conn.execute(_copy_step_runs(original, execution.id, reused))
         except Conflict:

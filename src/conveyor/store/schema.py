@@ -12,6 +12,11 @@ tenant data filters on it in SQL. Indexes serve the hot queries:
 * schedule ticks: ``PRIMARY KEY (schedule_id, fire_time)`` makes each tick fire once;
 * retention (:mod:`conveyor.store.retention`): a tenant's finished executions oldest first
   (partial, finished only) and a tick by its execution.
+
+PostgreSQL (migration 0013, :mod:`conveyor.store.partitions`): ``executions`` and
+``step_runs`` are partitioned by day of the execution id (``PARTITION BY RANGE``); their
+partitions are not declared here. ``uq_executions_idempotency`` is then a plain index of
+each partition, and ``execution_keys`` (filled by a trigger) keeps keys unique.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = [
     "api_keys",
     "event_waits",
     "events",
+    "execution_keys",
     "executions",
     "metadata",
     "schedule_ticks",
@@ -195,7 +201,8 @@ executions = Table(
     # runs (``None``: the whole workflow) and its index in the parent's step.
     Column("branch", String(512), nullable=True),
     Column("parent_index", Integer, nullable=True),
-    # Partial: executions without a key (most) cost no entry in this index.
+    # Partial: executions without a key (most) cost no entry in this index. Unique on SQLite;
+    # on PostgreSQL (partitioned) a plain index, and execution_keys keeps keys unique.
     Index(
         "uq_executions_idempotency",
         "tenant_id",
@@ -232,6 +239,19 @@ executions = Table(
         postgresql_where=text("parent_execution_id IS NOT NULL"),
         sqlite_where=text("parent_execution_id IS NOT NULL"),
     ),
+    postgresql_partition_by="RANGE (id)",
+)
+
+# The idempotency keys of executions on PostgreSQL (migration 0013): claimed by a BEFORE
+# INSERT trigger on executions (an insert whose key is taken is skipped), released by an AFTER
+# DELETE trigger and with a dropped partition. Empty on SQLite (its unique index suffices).
+execution_keys = Table(
+    "execution_keys",
+    metadata,
+    Column("tenant_id", ID, primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("execution_id", ID, nullable=False),
+    Index("ix_execution_keys_execution_id", "execution_id"),
 )
 
 step_runs = Table(
@@ -258,6 +278,7 @@ step_runs = Table(
     # A copy made by a retry from the failed step (migration 0006): the execution whose step
     # run with the same seq this one reuses; NULL for a step that ran.
     Column("reused_from", ID, nullable=True),
+    postgresql_partition_by="RANGE (execution_id)",
 )
 
 timers = Table(

@@ -1,7 +1,8 @@
 """Storage used by Conveyor's tables: rows, bytes and the oldest row of each
 (``GET /api/admin/storage``, ``conveyor status``).
 
-PostgreSQL: bytes are ``pg_total_relation_size`` (table, indexes and TOAST); rows are the
+PostgreSQL: bytes are ``pg_total_relation_size`` (table, indexes and TOAST; of every partition
+for ``executions`` and ``step_runs``, listed too: :mod:`conveyor.store.partitions`); rows are the
 planner's estimate (``pg_class.reltuples``, kept by autovacuum) for tables past
 :data:`EXACT_BELOW` rows, an exact ``count(*)`` below (or before the first analyze). SQLite:
 bytes from the ``dbstat`` table (pages of the table and its indexes) when SQLite has it, else
@@ -11,7 +12,7 @@ unknown (the file's size is given); rows are counted. The oldest row is read thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.store._base import ServiceBase
+from conveyor.store.partitions import Partition, read_partitions
 from conveyor.store.schema import (
     api_keys,
     executions,
@@ -70,6 +72,8 @@ class DatabaseUsage:
     tables: list[TableUsage]
     total_bytes: int | None
     """Whole database (PostgreSQL: ``pg_database_size``; SQLite: page count x page size)."""
+    partitions: list[Partition] = field(default_factory=list)
+    """PostgreSQL: the daily partitions of ``executions`` and ``step_runs``."""
 
 
 class StorageService(ServiceBase):
@@ -88,7 +92,8 @@ class StorageService(ServiceBase):
                     await conn.execute(select(shown).order_by(order).limit(1))
                 ).scalar_one_or_none()
                 out.append(TableUsage(table.name, rows, exact, sizes.get(table.name), oldest))
-        return DatabaseUsage(self._dialect, out, total)
+            partitions = await read_partitions(conn) if self._dialect == "postgresql" else []
+        return DatabaseUsage(self._dialect, out, total, partitions)
 
 
 async def _count(conn: AsyncConnection, table: Table) -> int:
@@ -97,14 +102,19 @@ async def _count(conn: AsyncConnection, table: Table) -> int:
 
 async def _pg_sizes(conn: AsyncConnection) -> tuple[dict[str, int], dict[str, int], int | None]:
     names = [t.name for t in _OLDEST]
+    # a partitioned table (PostgreSQL: executions, step runs) weighs what its partitions do
     rows = (
         await conn.execute(
             text(
-                "SELECT c.relname, pg_total_relation_size(c.oid) AS bytes, "
-                "c.reltuples::bigint AS estimate FROM pg_class c "
+                "SELECT c.relname, sum(pg_total_relation_size(l.oid)) AS bytes, "
+                "CASE WHEN bool_and(l.reltuples < 0) THEN -1 "
+                "ELSE sum(greatest(l.reltuples, 0)) END::bigint AS estimate FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = current_schema() AND c.relkind = 'r' "
-                "AND c.relname = ANY(:names)"
+                "CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(c.oid) WHERE isleaf "
+                "UNION ALL SELECT c.oid WHERE c.relkind = 'r') t "
+                "JOIN pg_class l ON l.oid = t.relid "
+                "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') "
+                "AND c.relname = ANY(:names) GROUP BY c.relname"
             ),
             {"names": names},
         )

@@ -1,6 +1,9 @@
 """Retention passes: the leading scheduler's loop and ``conveyor prune``.
 
-A pass (:meth:`Retention.run_pass`) goes through every tenant
+On PostgreSQL a pass first creates the daily partitions of the days ahead and drops the
+partitions of each day whose executions are all due (:mod:`conveyor.store.partitions`): a
+whole day goes at the cost of a ``DROP TABLE``. Then (the only step on SQLite) it goes through
+every tenant
 (:meth:`RetentionService.policies <conveyor.store.retention.RetentionService.policies>`),
 computes what it loses at the pass's instant, and deletes it in batches of
 ``RETENTION_BATCH_SIZE`` executions — each batch one short transaction with the executions'
@@ -26,11 +29,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from conveyor.errors import StoreError
-from conveyor.store import Pruned, RetentionPolicy
+from conveyor.store import DAYS_AHEAD, Pruned, RetentionPolicy
 
 if TYPE_CHECKING:
     from conveyor.runtime import MetricsPublisher
@@ -69,6 +72,11 @@ class PassReport:
     seconds: float = 0.0
     complete: bool = True
     """``False``: stopped before the end (leadership lost, shutting down)."""
+    partitions_created: list[str] = field(default_factory=list)
+    """PostgreSQL: the partitions this pass created (the days ahead)."""
+    partitions_dropped: list[date] = field(default_factory=list)
+    """PostgreSQL: the days whose partitions this pass dropped (their rows are counted in
+    ``pruned`` and ``tenants``: step runs, timers and ticks only in ``pruned``)."""
 
 
 class Retention:
@@ -107,6 +115,7 @@ class Retention:
         report = PassReport(at=self.clock())
         service = self.store.retention
         policies = await self.policies()
+        await self._partitions(policies, report, keep_going)
         for policy in policies:
             cutoff = await service.cutoff(policy, report.at)
             tenant = Pruned()
@@ -124,7 +133,7 @@ class Retention:
                     break
                 await self.sleep(self.pause_s)
             if tenant.total:
-                report.tenants[policy.tenant_id] = tenant
+                report.tenants.setdefault(policy.tenant_id, Pruned()).add(tenant)
                 report.pruned.add(tenant)
                 log.info("retention.pruned", extra={"tenantId": policy.tenant_id,
                     "retentionS": policy.retention_s, "maxExecutions": policy.max_executions,
@@ -140,6 +149,35 @@ class Retention:
             "batches": report.batches, "seconds": report.seconds,
             "complete": report.complete})  # fmt: skip
         return report
+
+    async def _partitions(
+        self, policies: list[RetentionPolicy], report: PassReport, keep_going: Callable[[], bool]
+    ) -> None:
+        """PostgreSQL: create the partitions of the days ahead, then drop each day's partitions
+        whose executions are all due (:mod:`conveyor.store.partitions`); what is left of a day
+        kept goes row by row (the tenant loop)."""
+        partitions = self.store.partitions
+        if not partitions.enabled:
+            return
+        report.partitions_created = await partitions.ensure(report.at, DAYS_AHEAD)
+        default_s = self.settings.execution_retention
+        shortest = min([default_s, *(p.retention_s for p in policies)])
+        for day in await partitions.due(report.at, shortest):
+            if not keep_going():
+                report.complete = False
+                return
+            dropped = await partitions.drop_if_due(day, report.at, default_s)
+            if dropped is None:
+                continue
+            report.partitions_dropped.append(day)
+            rows = Pruned(dropped.executions, dropped.step_runs, dropped.timers,
+                          dropped.schedule_ticks)  # fmt: skip
+            report.pruned.add(rows)
+            self._count(rows)
+            for tenant_id, n in dropped.tenants.items():
+                report.tenants.setdefault(tenant_id, Pruned()).executions += n
+            log.info("retention.partition_dropped", extra={"day": day.isoformat(),
+                **rows.as_dict()})  # fmt: skip
 
     async def _idle_ticks(
         self, policies: list[RetentionPolicy], report: PassReport, keep_going: Callable[[], bool]
@@ -188,6 +226,22 @@ class Retention:
             self.metrics.count_pruned(table, rows)
 
     # --- dry run -----------------------------------------------------------------------------
+    async def plan_days(self) -> list[date]:
+        """PostgreSQL: the days whose partitions a pass at ``clock()`` would drop whole (their
+        rows are in :meth:`plan`'s counts too); nothing is dropped."""
+        partitions = self.store.partitions
+        if not partitions.enabled:
+            return []
+        now = self.clock()
+        policies = await self.policies()
+        default_s = self.settings.execution_retention
+        shortest = min([default_s, *(p.retention_s for p in policies)])
+        return [
+            day
+            for day in await partitions.due(now, shortest)
+            if await partitions.is_due(day, now, default_s)
+        ]
+
     async def plan(self) -> list[TenantPlan]:
         """Per tenant, what a pass at ``clock()`` would delete (nothing is deleted)."""
         now = self.clock()

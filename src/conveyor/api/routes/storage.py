@@ -91,7 +91,8 @@ async def put_retention(ctx: CtxDep, tenant_id: TenantId, body: RetentionIn) -> 
     summary="Storage used: database tables and Redis",
     description=(
         "Rows, bytes and the oldest row of every table (PostgreSQL: `pg_total_relation_size`, "
-        "large tables' rows estimated by the planner; SQLite: `dbstat` pages and counts), "
+        "large tables' rows estimated by the planner; SQLite: `dbstat` pages and counts), the "
+        "daily partitions of `executions` and `step_runs` (PostgreSQL), "
         "Redis `used_memory` and, per `workflow.execute.<region>` queue, the completed and "
         "failed jobs kept and the events stream's length, and the retention settings. Answers "
         "200 also when Redis is down (`redis.status` = `unreachable`)."
@@ -117,6 +118,18 @@ async def storage(ctx: CtxDep) -> dict[str, Any]:
                     "oldest": t.oldest,
                 }
                 for t in usage.tables
+            ],
+            "partitions": [
+                {
+                    "table": p.table,
+                    "name": p.name,
+                    "day": p.day,
+                    "lower": p.lower,
+                    "upper": p.upper,
+                    "rows": p.rows,
+                    "bytes": p.bytes,
+                }
+                for p in usage.partitions
             ],
         },
         "redis": await _redis(ctx),

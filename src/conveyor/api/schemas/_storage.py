@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -79,10 +79,28 @@ class TableStorage(ApiModel):
     oldest: datetime | None = Field(description="Time of the oldest row (`null`: empty).")
 
 
+class PartitionStorage(ApiModel):
+    table: str = Field(description="`executions` or `step_runs`.", examples=["executions"])
+    name: str = Field(examples=["executions_p20240515"])
+    day: date | None = Field(
+        description="The UTC day of the execution ids it holds; `null`: the default partition "
+        "(ids no daily partition covers)."
+    )
+    lower: str | None = Field(description="Lowest execution id it holds (inclusive).")
+    upper: str | None = Field(description="Execution ids below this one.")
+    rows: int = Field(description="The planner's estimate (0 before the first analyze).")
+    bytes: int = Field(description="Table, indexes and TOAST.")
+
+
 class DatabaseStorage(ApiModel):
     dialect: str = Field(examples=["postgresql"])
     total_bytes: int | None = Field(description="The whole database.")
     tables: list[TableStorage]
+    partitions: list[PartitionStorage] = Field(
+        default_factory=list,
+        description="PostgreSQL: the daily partitions of `executions` and `step_runs` (by "
+        "table, oldest first, the default partition last); SQLite: none.",
+    )
 
 
 class QueueStorage(ApiModel):
@@ -126,6 +144,12 @@ class StorageData(ApiModel):
                         "tables": [
                             {"name": "executions", "rows": 1250000, "rowsExact": False,
                              "bytes": 2831155200, "oldest": "2024-05-01T18:19:00Z"},
+                        ],
+                        "partitions": [
+                            {"table": "executions", "name": "executions_p20240515",
+                             "day": "2024-05-15", "lower": "018f798c780000000000000000000000",
+                             "upper": "018f7eb2d40000000000000000000000", "rows": 89000,
+                             "bytes": 201326592},
                         ],
                     },
                     "redis": {

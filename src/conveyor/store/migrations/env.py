@@ -12,6 +12,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from conveyor.store.partitions import include_name, include_object
 from conveyor.store.schema import metadata
 
 config = context.config
@@ -23,6 +24,8 @@ def _run(connection: Connection) -> None:
         target_metadata=metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_name=include_name,  # the daily partitions come and go at run time
+        include_object=include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -6,6 +6,11 @@ verifying the API key is one prepared statement here, and so is the trigger itse
 input was validated against) and inserts the execution (idempotency key honoured) in ONE round
 trip. The contract is :class:`conveyor.store.statements.Statements`; on SQLite the same
 statements run on SQLAlchemy Core (:mod:`conveyor.store.sql`).
+
+Idempotency keys: ``executions`` is partitioned (migration 0013), so no unique index can back
+``ON CONFLICT (tenant_id, idempotency_key)``; the ``BEFORE INSERT`` trigger that claims the
+key in ``execution_keys`` skips an insert whose key is taken (``RETURNING`` gives no row), as
+``ON CONFLICT DO NOTHING`` did — also for a second request with the same key in one batch.
 """
 
 from __future__ import annotations
@@ -73,12 +78,11 @@ INSERT INTO executions (id, tenant_id, workflow_id, workflow_version, status, re
                         triggered_by, input, idempotency_key, schedule_id, retry_of,
                         created_at, queued_at, updated_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13, $14)
-ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
 # One round trip for a trigger whose input was validated against version $4: the execution is
-# inserted only if the tenant's workflow is live, enabled and still at version $4 (ON CONFLICT:
-# idempotency key already used → nothing inserted). The workflow row comes back in every case
+# inserted only if the tenant's workflow is live, enabled and still at version $4 (the key
+# trigger: idempotency key already used → nothing inserted). The workflow row comes back in every case
 # (no row: no such workflow for this tenant), so the caller can tell why nothing was inserted.
 # Data-modifying CTEs always run to completion, whether or not the outer query reads them.
 _TRIGGER = """
@@ -93,15 +97,14 @@ WITH wf AS (
            $8::timestamptz, $8::timestamptz, $8::timestamptz
       FROM wf
      WHERE wf.enabled AND wf.current_version = $4::integer
-    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 )
 SELECT current_version, region, enabled, EXISTS (SELECT 1 FROM ins) AS inserted FROM wf
 """
 # The group commit of :data:`_TRIGGER`: the requests of a batch, as arrays, go in ONE statement
 # (one round trip, one commit). Each request gets its own workflow row and ``inserted`` flag,
-# in order (``ord``); requests that share an idempotency key insert one row (ON CONFLICT DO
-# NOTHING also skips a row conflicting with one inserted earlier by the same statement).
+# in order (``ord``); requests that share an idempotency key insert one row (the key trigger
+# also skips a row whose key a row inserted earlier by the same statement claimed).
 _TRIGGER_MANY = """
 WITH req AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[],
@@ -121,7 +124,6 @@ WITH req AS (
       FROM wf
      WHERE enabled AND current_version = version
      ORDER BY ord
-    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 )
 SELECT ord, current_version, region, enabled, id IN (SELECT id FROM ins) AS inserted

@@ -66,15 +66,13 @@ class SqlStatements:
         return row
 
     def _insert_statement(self, execution: Execution) -> Any:
-        return (
-            self._insert(executions)
-            .values(insert_values(execution))
-            .on_conflict_do_nothing(
+        statement = self._insert(executions).values(insert_values(execution))
+        if self._engine.dialect.name != "postgresql":  # PostgreSQL: the key trigger (0013)
+            statement = statement.on_conflict_do_nothing(
                 index_elements=["tenant_id", "idempotency_key"],
                 index_where=executions.c.idempotency_key.is_not(None),
             )
-            .returning(executions.c.id)
-        )
+        return statement.returning(executions.c.id)
 
     async def trigger(
         self,
