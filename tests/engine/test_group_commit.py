@@ -107,6 +107,33 @@ async def test_a_fenced_out_execution_in_a_batch_writes_nothing_and_the_others_c
     )
 
 
+async def test_a_stale_runner_and_the_racer_in_one_batch_only_the_racer_writes(
+    store: Store, db_url: str
+) -> None:
+    """Both runners of one execution in the same batch (same process): the rows of each are
+    matched by id AND lease, so the stale one's step run and timer are not written under the
+    racer's update."""
+    tenant, b = await start(store, [{"id": "n", "type": "noop"}])
+    runs, now = _runs(store), utcnow()
+    stale = await runs.claim(b, now, now + timedelta(seconds=1))
+    later = now + timedelta(seconds=5)
+    racer = await runs.claim(b, later, later + timedelta(seconds=30))
+    assert stale is not None and racer is not None and (stale.lease, racer.lease) == (1, 2)
+    timer = TimerWrite(new_id(), stale.workflow_id, stale.region, 0, now + timedelta(hours=1))
+    writes = runs.writes.batches
+    results = await asyncio.gather(
+        runs.write(stale, _end(stale, "waiting", now, wake_at=timer.due_at),
+                   [_step(1, "stale", now)], timer),
+        runs.write(racer, _end(racer, "succeeded", later), [_step(0, "racer", later)]),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert runs.writes.batches == writes + 1
+    assert isinstance(results[0], LeaseLost) and results[1] == "succeeded"
+    done = await store.executions.get(tenant, b, with_steps=True)
+    assert done.status == "succeeded" and [s.step_id for s in done.steps] == ["racer"]
+    assert await _rows(db_url, "SELECT id FROM timers WHERE execution_id = $1", b) == []
+
+
 async def test_an_execution_whose_value_the_database_refuses_fails_alone(store: Store) -> None:
     """A batch the database refuses (here: one execution's output it cannot store) is sent
     again row by row: only that execution sees the error."""

@@ -331,7 +331,8 @@ class PgRunStore:
         first: dict[str, _ClaimRequest] = {}
         for r in requests:  # the same execution twice: the first asks, the others find it BUSY
             first.setdefault(r.execution_id, r)
-        unique = list(first.values())
+        # in id order: two processes' batches lock their common rows in the same order
+        unique = sorted(first.values(), key=lambda r: r.execution_id)
         try:
             rows = await call(
                 self._pool,
@@ -366,7 +367,7 @@ class PgRunStore:
         return None if status is None else str(status)
 
     async def _write_many(self, requests: Sequence[_WriteRequest]) -> list[_Written]:
-        values = _write_many_values(requests)
+        values = _write_many_values(sorted(requests, key=lambda r: r.claim.execution_id))
         try:
             rows = await call(
                 self._pool, "fetch", _WRITE_MANY, *[values[n] for n in _WRITE_MANY_ORDER]
