@@ -47,7 +47,7 @@ async def test_lone_item_goes_at_once_and_concurrent_ones_share_a_batch() -> Non
     results = await asyncio.gather(*(group.submit(n) for n in range(1, 6)))
     assert results == ["r1", "r2", "r3", "r4", "r5"], "each caller gets its own result"
     assert recorder.calls[1:] == [[1, 2, 3, 4, 5]], "submitted in one turn: one batch"
-    assert group.batches == 2
+    assert (group.batches, group.items) == (2, 6)
 
 
 async def test_arrivals_during_a_send_go_together_next() -> None:

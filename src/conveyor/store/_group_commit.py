@@ -1,7 +1,8 @@
 """Group commit: concurrent callers share one statement and one commit.
 
-Each trigger request must know its execution row was committed before it enqueues the job, and
-one insert is a round trip and a commit (a WAL flush on Postgres, a file sync on SQLite) — the
+Used by the API's triggers (:mod:`conveyor.store.triggers`) and by the worker's claims and
+step writes on PostgreSQL (:mod:`conveyor.store.pg.runs`). Each trigger request must know its
+execution row was committed before it enqueues the job, and one insert is a round trip and a commit (a WAL flush on Postgres, a file sync on SQLite) — the
 database's share of a trigger. :class:`GroupCommit` lets concurrent callers share it, as
 :class:`~conveyor.dispatch.EnqueueBatcher` does for the Redis round trips: a caller hands its
 item over and waits; while one batch is on its way to the database, the items that arrive
@@ -62,6 +63,8 @@ class GroupCommit(Generic[In, Out]):
         self._starting = False  # a sender was started and has not taken its batch yet
         self.batches = 0
         """Batches sent so far (of any size): tests and metrics read it."""
+        self.items = 0
+        """Items sent so far (``items / batches`` is the mean batch size)."""
 
     @property
     def waiting(self) -> int:
@@ -106,6 +109,7 @@ class GroupCommit(Generic[In, Out]):
 
     async def _send(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
         self.batches += 1
+        self.items += len(batch)
         try:
             if len(batch) == 1:
                 results: Sequence[Out] = [await self._send_one(batch[0][0])]

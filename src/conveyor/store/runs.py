@@ -8,7 +8,9 @@ opens:
   (SQLite; any backend);
 * :class:`~conveyor.store.pg.PgRunStore` — raw asyncpg prepared statements on Postgres,
   one round trip per claim and one per step (the step run insert, the execution update and a
-  timer insert are one statement with data-modifying CTEs).
+  timer insert are one statement with data-modifying CTEs); claims and writes of concurrent
+  runs made in the same loop turn share one statement and one commit (group commit), each
+  row fenced by its own lease.
 
 Fencing: :meth:`RunStore.claim` increments ``lease`` with a compare-and-set (only a queued
 execution, a running one whose lease expired, or a waiting one whose wake time passed can be

@@ -1,11 +1,26 @@
 """The engine's hot path on Postgres: raw asyncpg prepared statements.
 
-Per execution of a one-step workflow this is two round trips and two commits: the claim
-(``UPDATE … RETURNING``) and the step write, in which the step run insert, the execution
-update (fenced by ``lease``) and, for a ``delay`` step, the timer insert are ONE statement
-(data-modifying CTEs are atomic); pure steps run before it ride along in the same statement
-(``unnest`` of one array per column). Connections come from a dedicated asyncpg pool whose release
-costs no round trip. Statements run in autocommit mode: each is its own transaction.
+Per execution of a one-step workflow this is two statements: the claim (``UPDATE …
+RETURNING``) and the step write, in which the step run insert, the execution update (fenced by
+``lease``) and, for a ``delay`` step, the timer insert are ONE statement (data-modifying CTEs
+are atomic); pure steps run before it ride along in the same statement (``unnest`` of one
+array per column). Connections come from a dedicated asyncpg pool whose release costs no round
+trip. Statements run in autocommit mode: each is its own transaction.
+
+**Group commit.** The worker runs many executions at once in one event loop, and most of
+them claim and write at about the same moments. Claims and writes go through a
+:class:`~conveyor.store._group_commit.GroupCommit` each: those made in the same loop turn (or
+while the previous batch is on its way) share ONE statement and ONE commit —
+``UPDATE … FROM unnest(ids, nows, …) … RETURNING`` for claims, and for writes one statement
+whose execution update joins ``unnest`` of one array per column, each row fenced by its OWN
+``lease``, and whose step run / timer inserts join the rows that update returned (by id AND
+lease). The statement says which rows it changed: an execution whose row is not among them
+was fenced out (a racer holds a newer lease) — only it raises ``LeaseLost``; the others are
+committed. A lone claim or write is sent at once, on its own (the single-row statements
+above): nothing waits for a batch to fill. A batch the database refuses for a reason of its
+own (a value one execution cannot store, a deadlock with another process's batch) is sent
+again row by row, so that error reaches only its own execution; a lost connection fails the
+batch (each engine then retries its write, asking first whether it committed).
 """
 
 from __future__ import annotations
@@ -14,15 +29,21 @@ import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from conveyor.errors import DatabaseUnavailable, LeaseLost
+from conveyor.errors import ConveyorError, DatabaseUnavailable, LeaseLost
 from conveyor.store._errors import never_sent, translate_errors
-from conveyor.store.pg._conn import discard
+from conveyor.store._group_commit import GroupCommit
+from conveyor.store.pg._conn import call, discard
 from conveyor.store.runs import Claim, ExecutionWrite, StepWrite, TimerWrite, Unclaimed
 
 __all__ = ["PgRunStore"]
+
+_CLAIMED = """tenant_id, workflow_id, workflow_version, region, input, next_step, steps_run,
+          lease, attempts, queued_at, started_at, step_attempt, step_errors, step_started_at,
+          parent_execution_id, depth"""
 
 
 def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
@@ -38,7 +59,8 @@ def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
     return re.sub(r"(?<!:):([a-z_]+)", number, sql), tuple(order)
 
 
-_CLAIM = """
+_CLAIM = (
+    """
 UPDATE executions
    SET lease = lease + 1, status = 'running',
        -- a delivery that runs work is an attempt; resuming when a delay timer is due is not
@@ -49,10 +71,23 @@ UPDATE executions
    AND (status = 'queued'
         OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at <= $2))
         OR (status = 'waiting' AND wake_at <= $2))
-RETURNING tenant_id, workflow_id, workflow_version, region, input, next_step, steps_run,
-          lease, attempts, queued_at, started_at, step_attempt, step_errors, step_started_at,
-          parent_execution_id, depth
-"""
+RETURNING """
+    + _CLAIMED
+)
+
+_CLAIM_MANY = """
+UPDATE executions e
+   SET lease = e.lease + 1, status = 'running',
+       attempts = e.attempts + CASE WHEN e.status = 'waiting' THEN 0 ELSE 1 END,
+       started_at = COALESCE(e.started_at, x.now), lease_expires_at = x.lease_until,
+       wake_at = NULL, updated_at = x.now
+  FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS x(id, now, lease_until)
+ WHERE e.id = x.id
+   AND (e.status = 'queued'
+        OR (e.status = 'running' AND (e.lease_expires_at IS NULL OR e.lease_expires_at <= x.now))
+        OR (e.status = 'waiting' AND e.wake_at <= x.now))
+RETURNING e.id, """ + ", ".join(f"e.{c.strip()}" for c in _CLAIMED.split(","))
+"""Many claims in one statement (each row with its own condition; one commit)."""
 
 _UNCLAIMED = "SELECT status, lease_expires_at, wake_at FROM executions WHERE id = $1"
 
@@ -138,20 +173,109 @@ def _write_sql(steps: int, with_timer: bool) -> tuple[str, tuple[str, ...]]:
 _WRITES = {(s, t): _write_sql(s, t) for s in (0, 1, 2) for t in (False, True)}
 """By (number of step runs: none, one, several; with a timer)."""
 
+_WRITE_MANY, _WRITE_MANY_ORDER = _numbered("""
+WITH x AS (
+  SELECT * FROM unnest(:ids::text[], :leases::int[], :statuses::text[], :next_steps::int[],
+                       :steps_runs::int[], :outputs::text[], :errors::text[],
+                       :finished::timestamptz[], :wakes::timestamptz[],
+                       :lease_untils::timestamptz[], :cursor_attempts::int[],
+                       :cursor_errors::text[], :cursor_started::timestamptz[],
+                       :nows::timestamptz[])
+    AS x(id, lease, status, next_step, steps_run, output, error, finished_at, wake_at,
+         lease_expires_at, cursor_attempt, cursor_errors, cursor_started, now)
+),
+u AS (
+  UPDATE executions e SET
+    status = CASE WHEN e.status = 'cancelled' THEN e.status ELSE x.status END,
+    next_step = x.next_step, steps_run = x.steps_run,
+    output = CASE WHEN e.status = 'cancelled' THEN e.output ELSE x.output::jsonb END,
+    error = CASE WHEN e.status = 'cancelled' THEN e.error ELSE x.error::jsonb END,
+    finished_at = CASE WHEN e.status = 'cancelled' THEN e.finished_at ELSE x.finished_at END,
+    wake_at = CASE WHEN e.status = 'cancelled' THEN NULL ELSE x.wake_at END,
+    lease_expires_at = x.lease_expires_at, step_attempt = x.cursor_attempt,
+    step_errors = x.cursor_errors::jsonb, step_started_at = x.cursor_started,
+    updated_at = x.now
+  FROM x
+  WHERE e.id = x.id AND e.lease = x.lease
+  RETURNING e.id, e.lease, e.tenant_id, e.status
+),
+s AS (
+  INSERT INTO step_runs (execution_id, seq, tenant_id, step_id, step_type, status, attempts,
+                         input, output, output_truncated, error, started_at, finished_at)
+  SELECT u.id, r.seq, u.tenant_id, r.step_id, r.step_type, r.status, r.attempts,
+         r.input::jsonb, r.output::jsonb, r.truncated, r.error::jsonb, r.started, r.finished
+    FROM unnest(:step_execs::text[], :step_leases::int[], :seqs::int[], :step_ids::text[],
+                :step_types::text[], :step_statuses::text[], :steps_attempts::int[],
+                :step_inputs::text[], :step_outputs::text[], :steps_truncated::bool[],
+                :step_errors::text[], :steps_started::timestamptz[],
+                :steps_finished::timestamptz[])
+         AS r(execution_id, lease, seq, step_id, step_type, status, attempts, input, output,
+              truncated, error, started, finished)
+    JOIN u ON u.id = r.execution_id AND u.lease = r.lease
+),
+t AS (
+  INSERT INTO timers (id, tenant_id, execution_id, workflow_id, region, seq, due_at, status,
+                      created_at)
+  SELECT tm.id, u.tenant_id, u.id, tm.workflow_id, tm.region, tm.seq, tm.due_at, 'pending',
+         tm.now
+    FROM unnest(:timer_execs::text[], :timer_leases::int[], :timer_ids::text[],
+                :timer_workflows::text[], :timer_regions::text[], :timer_seqs::int[],
+                :timer_dues::timestamptz[], :timer_nows::timestamptz[])
+         AS tm(execution_id, lease, id, workflow_id, region, seq, due_at, now)
+    JOIN u ON u.id = tm.execution_id AND u.lease = tm.lease
+   WHERE u.status = 'waiting'
+  ON CONFLICT (execution_id, seq) DO UPDATE
+     SET id = EXCLUDED.id, due_at = EXCLUDED.due_at, status = 'pending', claimed_by = NULL,
+         claimed_until = NULL, fired_at = NULL, created_at = EXCLUDED.created_at
+)
+SELECT id, lease, status FROM u
+""")
+"""Many executions' writes in one statement: each row fenced by its own lease; the step runs
+and timers of the rows the update returned (by id and lease) inserted with them. The rows
+returned are the writes that happened."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ClaimRequest:
+    execution_id: str
+    now: datetime
+    lease_until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _WriteRequest:
+    claim: Claim
+    execution: ExecutionWrite
+    steps: Sequence[StepWrite]
+    timer: TimerWrite | None
+
+
+_Written = str | None | ConveyorError
+"""A write's answer in a batch: the execution's status, ``None`` when it was fenced out, or the
+error the database gave for it alone."""
+
 
 class PgRunStore:
     """:class:`~conveyor.store.runs.RunStore` on a raw asyncpg pool.
 
     :meth:`session` binds one pooled connection to a run (acquired on first use, given back
     by :meth:`_PgSession.idle` before a step waits on I/O), saving a pool round per statement.
+    Claims and writes go through the group commits :attr:`claims` and :attr:`writes` (see the
+    module docstring), on connections of their own.
     """
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
+        self.claims: GroupCommit[_ClaimRequest, Claim | None] = GroupCommit(
+            self._claim_one, self._claim_many, name="store.claim_batch"
+        )
+        self.writes: GroupCommit[_WriteRequest, _Written] = GroupCommit(
+            self._write_one, self._write_many, name="store.write_batch"
+        )
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[_PgSession]:
-        session = _PgSession(self._pool)
+        session = _PgSession(self)
         try:
             yield session
         finally:
@@ -161,8 +285,7 @@ class PgRunStore:
         return None
 
     async def claim(self, execution_id: str, now: datetime, lease_until: datetime) -> Claim | None:
-        async with self.session() as session:
-            return await session.claim(execution_id, now, lease_until)
+        return await self.claims.submit(_ClaimRequest(execution_id, now, lease_until))
 
     async def unclaimed(self, execution_id: str) -> Unclaimed:
         async with self.session() as session:
@@ -179,8 +302,12 @@ class PgRunStore:
         steps: Sequence[StepWrite],
         timer: TimerWrite | None = None,
     ) -> str:
-        async with self.session() as session:
-            return await session.write(claim, execution, steps, timer)
+        written = await self.writes.submit(_WriteRequest(claim, execution, steps, timer))
+        if isinstance(written, ConveyorError):
+            raise written
+        if written is None:
+            raise LeaseLost(execution_id=claim.execution_id, lease=claim.lease)
+        return written
 
     async def renew(self, claim: Claim, lease_until: datetime) -> None:
         async with self.session() as session:
@@ -194,12 +321,195 @@ class PgRunStore:
         async with self.session() as session:
             return await session.written(claim, seq)
 
+    # --- the group commits' senders ---------------------------------------------------------
+
+    async def _claim_one(self, r: _ClaimRequest) -> Claim | None:
+        row = await call(self._pool, "fetchrow", _CLAIM, r.execution_id, r.now, r.lease_until)
+        return None if row is None else _claim_of(r.execution_id, row)
+
+    async def _claim_many(self, requests: Sequence[_ClaimRequest]) -> list[Claim | None]:
+        first: dict[str, _ClaimRequest] = {}
+        for r in requests:  # the same execution twice: the first asks, the others find it BUSY
+            first.setdefault(r.execution_id, r)
+        # in id order: two processes' batches lock their common rows in the same order
+        unique = sorted(first.values(), key=lambda r: r.execution_id)
+        try:
+            rows = await call(
+                self._pool,
+                "fetch",
+                _CLAIM_MANY,
+                [r.execution_id for r in unique],
+                [r.now for r in unique],
+                [r.lease_until for r in unique],
+            )
+        except DatabaseUnavailable:
+            raise
+        except ConveyorError:  # e.g. a deadlock with another process's batch: one by one
+            return [await self._claim_one(r) if first[r.execution_id] is r else None
+                    for r in requests]  # fmt: skip
+        claimed = {row["id"]: row for row in rows}
+        return [
+            _claim_of(r.execution_id, claimed[r.execution_id])
+            if first[r.execution_id] is r and r.execution_id in claimed
+            else None
+            for r in requests
+        ]
+
+    async def _write_one(self, r: _WriteRequest) -> _Written:
+        sql, order = _WRITES[(min(len(r.steps), 2), r.timer is not None)]
+        values = _write_values(r.claim, r.execution, r.steps, r.timer)
+        try:
+            status = await call(self._pool, "fetchval", sql, *[values[n] for n in order])
+        except DatabaseUnavailable:
+            raise
+        except ConveyorError as exc:
+            return exc
+        return None if status is None else str(status)
+
+    async def _write_many(self, requests: Sequence[_WriteRequest]) -> list[_Written]:
+        values = _write_many_values(sorted(requests, key=lambda r: r.claim.execution_id))
+        try:
+            rows = await call(
+                self._pool, "fetch", _WRITE_MANY, *[values[n] for n in _WRITE_MANY_ORDER]
+            )
+        except DatabaseUnavailable:
+            raise
+        except ConveyorError:  # refused for one execution's sake (or a deadlock): one by one
+            return [await self._write_one(r) for r in requests]
+        written = {(row["id"], row["lease"]): str(row["status"]) for row in rows}
+        return [written.get((r.claim.execution_id, r.claim.lease)) for r in requests]
+
+
+def _claim_of(execution_id: str, row: Any) -> Claim:
+    raw_input = row["input"]
+    return Claim(
+        execution_id=execution_id,
+        tenant_id=row["tenant_id"],
+        workflow_id=row["workflow_id"],
+        workflow_version=row["workflow_version"],
+        region=row["region"],
+        input=None if raw_input is None else json.loads(raw_input),
+        next_step=row["next_step"],
+        steps_run=row["steps_run"],
+        lease=row["lease"],
+        attempts=row["attempts"],
+        queued_at=row["queued_at"],
+        started_at=row["started_at"],
+        step_attempt=row["step_attempt"],
+        step_errors=None if row["step_errors"] is None else json.loads(row["step_errors"]),
+        step_started_at=row["step_started_at"],
+        parent_execution_id=row["parent_execution_id"],
+        depth=row["depth"],
+    )
+
+
+def _write_values(
+    claim: Claim, x: ExecutionWrite, steps: Sequence[StepWrite], timer: TimerWrite | None
+) -> dict[str, Any]:
+    """The arguments of one execution's write (:data:`_WRITES`), by name."""
+    values: dict[str, Any] = {
+        "id": claim.execution_id,
+        "lease": claim.lease,
+        "status": x.status,
+        "next_step": x.next_step,
+        "steps_run": x.steps_run,
+        "output": x.output_json,
+        "error": x.error_json,
+        "finished_at": x.finished_at,
+        "wake_at": x.wake_at,
+        "lease_expires_at": x.lease_expires_at,
+        "cursor_attempt": x.step_attempt,
+        "cursor_errors": x.step_errors_json,
+        "cursor_started": x.step_started_at,
+        "now": x.now,
+    }
+    if len(steps) > 1:
+        values.update(_step_columns(steps))
+    elif steps:
+        step = steps[0]
+        values.update(
+            seq=step.seq,
+            step_id=step.step_id,
+            step_type=step.step_type,
+            step_status=step.status,
+            step_attempts=step.attempts,
+            step_input=step.input_json,
+            step_output=step.output_json,
+            step_truncated=step.output_truncated,
+            step_error=step.error_json,
+            step_started=step.started_at,
+            step_finished=step.finished_at,
+        )
+    if timer is not None:
+        values.update(
+            timer_id=timer.id,
+            timer_workflow=timer.workflow_id,
+            timer_region=timer.region,
+            timer_seq=timer.seq,
+            timer_due=timer.due_at,
+        )
+    return values
+
+
+def _step_columns(steps: Sequence[StepWrite]) -> dict[str, list[Any]]:
+    """Step runs as one array per column (the ``unnest`` of :data:`_STEPS`)."""
+    return {
+        "seqs": [st.seq for st in steps],
+        "step_ids": [st.step_id for st in steps],
+        "step_types": [st.step_type for st in steps],
+        "step_statuses": [st.status for st in steps],
+        "steps_attempts": [st.attempts for st in steps],
+        "step_inputs": [st.input_json for st in steps],
+        "step_outputs": [st.output_json for st in steps],
+        "steps_truncated": [st.output_truncated for st in steps],
+        "step_errors": [st.error_json for st in steps],
+        "steps_started": [st.started_at for st in steps],
+        "steps_finished": [st.finished_at for st in steps],
+    }
+
+
+def _write_many_values(requests: Sequence[_WriteRequest]) -> dict[str, list[Any]]:
+    """The arguments of :data:`_WRITE_MANY`, by name: one array per column."""
+    steps = [(r.claim, st) for r in requests for st in r.steps]
+    timers = [(r.claim, r.execution.now, r.timer) for r in requests if r.timer is not None]
+    return {
+        "ids": [r.claim.execution_id for r in requests],
+        "leases": [r.claim.lease for r in requests],
+        "statuses": [r.execution.status for r in requests],
+        "next_steps": [r.execution.next_step for r in requests],
+        "steps_runs": [r.execution.steps_run for r in requests],
+        "outputs": [r.execution.output_json for r in requests],
+        "errors": [r.execution.error_json for r in requests],
+        "finished": [r.execution.finished_at for r in requests],
+        "wakes": [r.execution.wake_at for r in requests],
+        "lease_untils": [r.execution.lease_expires_at for r in requests],
+        "cursor_attempts": [r.execution.step_attempt for r in requests],
+        "cursor_errors": [r.execution.step_errors_json for r in requests],
+        "cursor_started": [r.execution.step_started_at for r in requests],
+        "nows": [r.execution.now for r in requests],
+        "step_execs": [claim.execution_id for claim, _st in steps],
+        "step_leases": [claim.lease for claim, _st in steps],
+        **_step_columns([st for _claim, st in steps]),
+        "timer_execs": [claim.execution_id for claim, _now, _t in timers],
+        "timer_leases": [claim.lease for claim, _now, _t in timers],
+        "timer_ids": [t.id for _c, _now, t in timers],
+        "timer_workflows": [t.workflow_id for _c, _now, t in timers],
+        "timer_regions": [t.region for _c, _now, t in timers],
+        "timer_seqs": [t.seq for _c, _now, t in timers],
+        "timer_dues": [t.due_at for _c, _now, t in timers],
+        "timer_nows": [now for _c, now, _t in timers],
+    }
+
 
 class _PgSession:
-    """The statements, on one connection held between calls until :meth:`idle`."""
+    """The statements, on one connection held between calls until :meth:`idle`; claims and
+    writes go to the store's group commits (the held connection is given back first: a batch
+    needs a connection of its own, and runs holding the pool's connections while they wait for
+    it would starve it)."""
 
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
+    def __init__(self, store: PgRunStore) -> None:
+        self._store = store
+        self._pool = store._pool
         self._con: Any = None
 
     async def _connection(self) -> Any:
@@ -237,29 +547,8 @@ class _PgSession:
         yield self
 
     async def claim(self, execution_id: str, now: datetime, lease_until: datetime) -> Claim | None:
-        row = await self._call("fetchrow", _CLAIM, execution_id, now, lease_until)
-        if row is None:
-            return None
-        raw_input = row["input"]
-        return Claim(
-            execution_id=execution_id,
-            tenant_id=row["tenant_id"],
-            workflow_id=row["workflow_id"],
-            workflow_version=row["workflow_version"],
-            region=row["region"],
-            input=None if raw_input is None else json.loads(raw_input),
-            next_step=row["next_step"],
-            steps_run=row["steps_run"],
-            lease=row["lease"],
-            attempts=row["attempts"],
-            queued_at=row["queued_at"],
-            started_at=row["started_at"],
-            step_attempt=row["step_attempt"],
-            step_errors=None if row["step_errors"] is None else json.loads(row["step_errors"]),
-            step_started_at=row["step_started_at"],
-            parent_execution_id=row["parent_execution_id"],
-            depth=row["depth"],
-        )
+        await self.idle()
+        return await self._store.claim(execution_id, now, lease_until)
 
     async def unclaimed(self, execution_id: str) -> Unclaimed:
         row = await self._call("fetchrow", _UNCLAIMED, execution_id)
@@ -280,65 +569,8 @@ class _PgSession:
         steps: Sequence[StepWrite],
         timer: TimerWrite | None = None,
     ) -> str:
-        sql, order = _WRITES[(min(len(steps), 2), timer is not None)]
-        x = execution
-        values: dict[str, Any] = {
-            "id": claim.execution_id,
-            "lease": claim.lease,
-            "status": x.status,
-            "next_step": x.next_step,
-            "steps_run": x.steps_run,
-            "output": x.output_json,
-            "error": x.error_json,
-            "finished_at": x.finished_at,
-            "wake_at": x.wake_at,
-            "lease_expires_at": x.lease_expires_at,
-            "cursor_attempt": x.step_attempt,
-            "cursor_errors": x.step_errors_json,
-            "cursor_started": x.step_started_at,
-            "now": x.now,
-        }
-        if len(steps) > 1:
-            values.update(
-                seqs=[st.seq for st in steps],
-                step_ids=[st.step_id for st in steps],
-                step_types=[st.step_type for st in steps],
-                step_statuses=[st.status for st in steps],
-                steps_attempts=[st.attempts for st in steps],
-                step_inputs=[st.input_json for st in steps],
-                step_outputs=[st.output_json for st in steps],
-                steps_truncated=[st.output_truncated for st in steps],
-                step_errors=[st.error_json for st in steps],
-                steps_started=[st.started_at for st in steps],
-                steps_finished=[st.finished_at for st in steps],
-            )
-        elif steps:
-            step = steps[0]
-            values.update(
-                seq=step.seq,
-                step_id=step.step_id,
-                step_type=step.step_type,
-                step_status=step.status,
-                step_attempts=step.attempts,
-                step_input=step.input_json,
-                step_output=step.output_json,
-                step_truncated=step.output_truncated,
-                step_error=step.error_json,
-                step_started=step.started_at,
-                step_finished=step.finished_at,
-            )
-        if timer is not None:
-            values.update(
-                timer_id=timer.id,
-                timer_workflow=timer.workflow_id,
-                timer_region=timer.region,
-                timer_seq=timer.seq,
-                timer_due=timer.due_at,
-            )
-        status = await self._call("fetchval", sql, *[values[name] for name in order])
-        if status is None:
-            raise LeaseLost(execution_id=claim.execution_id, lease=claim.lease)
-        return str(status)
+        await self.idle()
+        return await self._store.write(claim, execution, steps, timer)
 
     async def renew(self, claim: Claim, lease_until: datetime) -> None:
         found = await self._call("fetchval", _RENEW, claim.execution_id, claim.lease, lease_until)
