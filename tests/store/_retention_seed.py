@@ -55,6 +55,7 @@ async def execution(
     tick: bool = False,
     lease_until: datetime | None = None,
     id_at: datetime | None = None,
+    parent: str | None = None,
 ) -> str:
     """One execution of ``owner`` in ``status`` with ``steps`` step runs, optionally a fired
     timer and the schedule tick that created it; returns its id (made at ``id_at``, which picks
@@ -66,7 +67,8 @@ async def execution(
         input={"n": 1}, output={"ok": True} if status == "succeeded" else None,
         created_at=created, queued_at=created, started_at=created, finished_at=finished,
         updated_at=finished or created, lease_expires_at=lease_until,
-        next_step=steps, steps_run=steps,
+        next_step=steps, steps_run=steps, parent_execution_id=parent,
+        parent_seq=None if parent is None else 0, depth=0 if parent is None else 1,
     )  # fmt: skip
     async with store.engine.begin() as conn:
         await conn.execute(executions.insert().values(**row))

@@ -169,6 +169,29 @@ async def test_a_leased_execution_keeps_its_day(pg: Store) -> None:
     assert D in report.partitions_dropped and await seed.ids(pg) == set()
 
 
+async def test_a_child_whose_parent_waits_keeps_its_day(pg: Store) -> None:
+    """A foreach item (or branch, or sub-workflow) finished long ago stays while its parent,
+    created a day later, still waits: the parent reads it when it joins."""
+    clock = Clock(T)
+    retention = _retention(pg, clock)
+    await retention.run_pass()
+    a = await seed.tenant(pg, "acme", T - 60 * DAY)
+    parent = await seed.execution(pg, a, "waiting", created=T + DAY, id_at=T + DAY)
+    child = await seed.execution(pg, a, "succeeded", created=T, finished=T, id_at=T,
+                                 parent=parent)  # fmt: skip
+    clock.at = T + 20 * DAY
+    report = await retention.run_pass()
+    assert D not in report.partitions_dropped and await seed.ids(pg) == {parent, child}
+    async with pg.engine.begin() as conn:  # the parent joins and ends
+        await conn.execute(
+            update(executions)
+            .where(executions.c.id == parent)
+            .values(status="succeeded", finished_at=T + DAY)
+        )
+    report = await retention.run_pass()
+    assert {D, D + DAY} <= set(report.partitions_dropped) and await seed.ids(pg) == set()
+
+
 async def test_ids_no_day_covers_go_to_default_and_a_late_day_starts_above_them(
     pg: Store,
 ) -> None:

@@ -15,7 +15,7 @@ from conveyor.queue import QueueFactory
 from conveyor.runtime import MetricsPublisher
 from conveyor.settings import Settings, load_settings
 from conveyor.store import Store
-from conveyor.store.schema import schedule_ticks, step_runs, timers
+from conveyor.store.schema import executions, schedule_ticks, step_runs, timers
 from conveyor.workers.retention import Retention
 from tests.conftest import REDIS_HOST, REDIS_PORT
 from tests.store import _retention_seed as seed
@@ -78,6 +78,25 @@ async def test_a_pass_deletes_finished_old_executions_and_nothing_unfinished(
 
     again = await _retention(store).run_pass()  # nothing left to do
     assert again.pruned.total == 0 and await seed.ids(store) == kept
+
+
+async def test_a_child_stays_while_its_parent_has_not_ended(store: Store) -> None:
+    """A finished child (sub-workflow, parallel branch, foreach item) is not pruned while its
+    parent waits: the parent reads it when it joins, and would start a missing item again."""
+    a = await seed.tenant(store, "acme", NOW - 60 * DAY)
+    old = NOW - 15 * DAY
+    parent = await seed.execution(store, a, "waiting", created=old)
+    child = await seed.execution(store, a, "succeeded", created=old, finished=old, parent=parent)
+    report = await _retention(store).run_pass()
+    assert report.pruned.executions == 0 and await seed.ids(store) == {parent, child}
+    async with store.engine.begin() as conn:  # the parent joins and ends
+        await conn.execute(
+            executions.update()
+            .where(executions.c.id == parent)
+            .values(status="succeeded", finished_at=old)
+        )
+    report = await _retention(store).run_pass()
+    assert report.pruned.executions == 2 and await seed.ids(store) == set()
 
 
 async def test_tenant_override_and_count_cap(store: Store) -> None:

@@ -381,9 +381,20 @@ _TERMINAL = ", ".join(f"'{s}'" for s in TERMINAL_STATUSES)
 
 
 async def _active(conn: AsyncConnection, partition: str) -> bool:
-    """Whether ``partition`` holds an unfinished execution (an index read)."""
+    """Whether ``partition`` holds an unfinished execution (an index read), or a child
+    (sub-workflow, branch, item) whose parent has not ended: the parent reads it when it joins
+    (one probe by id per child of the day)."""
     found = await conn.execute(
         text(f"SELECT 1 FROM {partition} WHERE status IN ({_ACTIVE}) LIMIT 1")
+    )
+    if found.first() is not None:
+        return True
+    found = await conn.execute(
+        text(
+            f"SELECT 1 FROM {partition} c WHERE c.parent_execution_id IS NOT NULL AND EXISTS"
+            " (SELECT 1 FROM executions p WHERE p.id = c.parent_execution_id"
+            f" AND p.status IN ({_ACTIVE})) LIMIT 1"
+        )
     )
     return found.first() is not None
 

@@ -27,12 +27,13 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, tuple_, update
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, tuple_, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from conveyor.errors import NotFound
 from conveyor.store._base import ServiceBase
 from conveyor.store.schema import (
+    ACTIVE_STATUSES,
     TERMINAL_STATUSES,
     event_waits,
     events,
@@ -46,6 +47,7 @@ from conveyor.store.schema import timers as timers_table
 __all__ = ["Cutoff", "Pruned", "RetentionOverride", "RetentionPolicy", "RetentionService"]
 
 _E = executions.c
+_P = executions.alias("parent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +195,12 @@ class RetentionService(ServiceBase):
             older,
             _E.status.in_(TERMINAL_STATUSES),
             or_(_E.lease_expires_at.is_(None), _E.lease_expires_at < cutoff.now),
-        )
+            # a child (sub-workflow, branch, item) stays while its parent has not ended: the
+            # parent reads its result when it joins, and would start a missing item again
+            or_(_E.parent_execution_id.is_(None), ~exists().where(
+                _P.c.id == _E.parent_execution_id, _P.c.status.in_(ACTIVE_STATUSES)
+            )),
+        )  # fmt: skip
 
     def _batch(self, cutoff: Cutoff, limit: int) -> Select[Any]:
         return (
