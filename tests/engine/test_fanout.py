@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -323,3 +324,34 @@ async def test_children_are_created_once_per_index(store: Store, settings: Setti
         now=clock(),
     )
     assert [c.parent_index for c in again] == [3] and len(await _kids(store, parent.id)) == 4
+
+
+async def test_a_timeout_fails_the_step_and_cancels_what_still_runs(
+    store: Store, settings: Settings
+) -> None:
+    clock = Clock()
+    tenant = (await store.tenants.create("acme")).id
+    wf = await _workflow(store, tenant, [
+        {"id": "fan", "type": "parallel", "timeout_s": 60, "branches": [
+            [{"id": "quick", "type": "noop"}],
+            [{"id": "stuck", "type": "wait", "event": "never"}],
+        ]},
+    ], "timeout")  # fmt: skip
+    parent, _ = await store.executions.create(tenant, wf)
+    engine = _engine(store, settings, clock)
+    parked = await engine.run(parent.id)
+    assert parked.kind is OutcomeKind.WAITING and parked.timer_id is not None
+    assert parked.wake_at == clock.now + timedelta(seconds=60)
+    quick, stuck = await _kids(store, parent.id)
+    await engine.run(quick.id)
+    await engine.run(stuck.id)
+    woken = await engine.run(parent.id)  # the quick branch's end: not joined yet
+    assert woken.kind is OutcomeKind.WAITING and woken.wake_at == parked.wake_at
+    assert (await engine.run(parent.id)).kind is OutcomeKind.NOT_DUE
+    clock.advance(61)
+    assert (await engine.run(parent.id)).kind is OutcomeKind.FAILED
+    done = await store.executions.get(tenant, parent.id)
+    assert done.error is not None and done.error["type"] == "WaitTimeout"
+    assert "did not end within 60s" in done.error["message"]
+    assert (await store.executions.get(tenant, stuck.id)).status == "cancelled"
+    assert (await store.executions.get(tenant, quick.id)).status == "succeeded"
