@@ -134,7 +134,9 @@ class Load:
         tasks: set[asyncio.Task[None]] = set()
         while (due := t0 + n * period) < until:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            task = asyncio.create_task(self.trigger(workflow_id, {"input": {"orderId": 100 + n % 50}}, kind))
+            task = asyncio.create_task(
+                self.trigger(workflow_id, {"input": {"orderId": 100 + n % 50}}, kind)
+            )
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             n += 1
@@ -184,7 +186,9 @@ async def prefix_memory(r: aioredis.Redis, prefix: str) -> tuple[int, float]:
     return len(keys), total / 2**20
 
 
-async def create(c: httpx.AsyncClient, path: str, body: dict[str, Any], auth: dict[str, str]) -> str:
+async def create(
+    c: httpx.AsyncClient, path: str, body: dict[str, Any], auth: dict[str, str]
+) -> str:
     r = await c.post(path, json=body, headers=auth)
     if r.status_code >= 300:
         raise RuntimeError(f"POST {path}: {r.status_code} {r.text}")
@@ -295,12 +299,14 @@ async def soak(args: argparse.Namespace, prefix: str, db: str, base: str, port: 
             "SELECT count(*) FROM executions WHERE status IN ('queued','running','waiting')"
             " AND created_at < now() - make_interval(secs => $1)", float(args.delay_s + 30))  # fmt: skip
         scheduled = await admin.fetchval(
-            "SELECT count(*) FROM executions WHERE schedule_id IS NOT NULL")
+            "SELECT count(*) FROM executions WHERE schedule_id IS NOT NULL"
+        )
         sched_bad = await admin.fetchval(
             "SELECT count(*) FROM executions WHERE schedule_id IS NOT NULL"
             " AND status IN ('failed','cancelled')")  # fmt: skip
         pruned = await admin.fetchval(
-            "SELECT count(*) FROM executions WHERE id = ANY($1::text[])", list(load.accepted))
+            "SELECT count(*) FROM executions WHERE id = ANY($1::text[])", list(load.accepted)
+        )
     await admin.close()
     await r.aclose()
     return analyse(args, samples, load, stuck, scheduled, sched_bad,
@@ -332,8 +338,9 @@ def analyse(args: argparse.Namespace, samples: list[dict[str, Any]], load: Load,
         "samples": len(samples),
         "steady_from_s": round(warmup),
         "rss_mb_per_h": {k: rnd(v) for k, v in rss.items()},
-        "rss_mb_first_last": {k: [steady[0]["rss_mb"][k], steady[-1]["rss_mb"][k]]
-                              for k in rss} if steady else {},  # fmt: skip
+        "rss_mb_first_last": {k: [steady[0]["rss_mb"][k], steady[-1]["rss_mb"][k]] for k in rss}
+        if steady
+        else {},
         "db_mb_per_h": rnd(slope_per_h([(s["t"], s["db_mb"]) for s in steady])),
         "db_mb_first_last": span("db_mb"),
         "redis_mb_per_h": rnd(slope_per_h([(s["t"], s["redis_mb"]) for s in steady])),
@@ -361,8 +368,10 @@ def analyse(args: argparse.Namespace, samples: list[dict[str, Any]], load: Load,
 
 
 def report(out: dict[str, Any]) -> None:
-    print(f"soak {out['minutes']} min, {out['samples']} samples, slopes from "
-          f"t={out['steady_from_s']} s (per hour):")
+    print(
+        f"soak {out['minutes']} min, {out['samples']} samples, slopes from "
+        f"t={out['steady_from_s']} s (per hour):"
+    )
     for k, v in out["rss_mb_per_h"].items():
         print(f"  RSS {k:<9} {v} MB/h  (first→last {out['rss_mb_first_last'].get(k)})")
     print(f"  database  {out['db_mb_per_h']} MB/h  (first→last {out['db_mb_first_last']})")
@@ -376,8 +385,11 @@ def report(out: dict[str, Any]) -> None:
           f"{out['lost']}, still pending {out['still_pending']}, rejected {out['rejected']}, "
           f"HTTP errors {out['http_errors']}, stuck {out['stuck']}, pruned {out['pruned']}; "
           f"trigger p99 {out['trigger_p99_ms']} ms")  # fmt: skip
-    print(f"  scheduled executions in the table at the end {out['scheduled_executions_left']}"
-          f" (failed/cancelled {out['scheduled_failed']})", flush=True)
+    print(
+        f"  scheduled executions in the table at the end {out['scheduled_executions_left']}"
+        f" (failed/cancelled {out['scheduled_failed']})",
+        flush=True,
+    )
 
 
 def main() -> None:
