@@ -16,7 +16,9 @@ Every ``--sample-s`` seconds (default 10): the RSS of every process (api, worker
 timers, target), ``pg_database_size`` of the run's database, Redis ``used_memory`` (of the whole
 server: other runs on the machine add noise) and the run's Redis keys. At the end: least-squares
 slopes per hour over the samples after the warm-up (``--warmup-min``, default 5; a quarter of the
-run when shorter).
+run when shorter). Where the server runs with ``autovacuum = off`` (this development machine's
+PostgreSQL does), a plain ``VACUUM`` of the run's database every ``--vacuum-s`` s (default 60)
+stands in for it: without it the rows retention deletes are never reclaimed.
 
 Nothing lost: every accepted trigger is followed (its status read every 5 s) until it is seen
 ``succeeded``; one that is seen failed, or that disappears (pruned) before it was seen finished,
@@ -255,11 +257,17 @@ async def soak(args: argparse.Namespace, prefix: str, db: str, base: str, port: 
         t0 = time.monotonic()
         until = t0 + args.minutes * 60
         samples: list[dict[str, Any]] = []
-        pruned_total = 0
+        # This machine's PostgreSQL may run with autovacuum off: then deleted rows are never
+        # reclaimed and the database grows whatever retention does; a plain VACUUM every
+        # --vacuum-s seconds stands in for autovacuum (reported as "vacuum").
+        autovacuum = await admin.fetchval("SHOW autovacuum") == "on"
+        vacuum_s = 0.0 if autovacuum else args.vacuum_s
+        vacuum = "autovacuum" if autovacuum else (f"VACUUM every {vacuum_s:g} s (autovacuum off)"
+                                                  if vacuum_s else "none (autovacuum off)")  # fmt: skip
+        print(f"vacuum: {vacuum}", flush=True)
 
         async def sampler() -> None:
-            nonlocal pruned_total
-            next_sample = t0
+            next_sample, next_vacuum = t0, t0 + vacuum_s
             while True:
                 now = time.monotonic()
                 if now >= next_sample:
@@ -282,6 +290,9 @@ async def soak(args: argparse.Namespace, prefix: str, db: str, base: str, port: 
                     samples.append(sample)
                     print(json.dumps(sample), flush=True)
                     next_sample += args.sample_s
+                if vacuum_s and now >= next_vacuum:
+                    await admin.execute("VACUUM")
+                    next_vacuum += vacuum_s
                 if procs.any_exited():
                     raise RuntimeError(f"a process exited; logs in {procs.logdir}")
                 await load.follow(admin)
@@ -309,7 +320,7 @@ async def soak(args: argparse.Namespace, prefix: str, db: str, base: str, port: 
         )
     await admin.close()
     await r.aclose()
-    return analyse(args, samples, load, stuck, scheduled, sched_bad,
+    return {"vacuum": vacuum} | analyse(args, samples, load, stuck, scheduled, sched_bad,
                    len(load.accepted) - pruned)  # fmt: skip
 
 
@@ -374,6 +385,7 @@ def report(out: dict[str, Any]) -> None:
     )
     for k, v in out["rss_mb_per_h"].items():
         print(f"  RSS {k:<9} {v} MB/h  (first→last {out['rss_mb_first_last'].get(k)})")
+    print(f"  vacuum: {out['vacuum']}")
     print(f"  database  {out['db_mb_per_h']} MB/h  (first→last {out['db_mb_first_last']})")
     print(f"  Redis, this run's keys {out['redis_run_mb_per_h']} MB/h (first→last "
           f"{out['redis_run_mb_first_last']}), {out['redis_keys_per_h']} keys/h "
@@ -403,6 +415,8 @@ def main() -> None:
     parser.add_argument("--retention-s", type=int, default=120, help="EXECUTION_RETENTION")
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--warmup-min", type=float, default=5.0)
+    parser.add_argument("--vacuum-s", type=float, default=60.0,
+                        help="VACUUM period when the server's autovacuum is off (0: never)")  # fmt: skip
     args = parser.parse_args()
     if args.minutes <= 0 or args.retention_s < 60:
         parser.error("--minutes must be > 0 and --retention-s >= 60")
