@@ -131,6 +131,7 @@ async def grow_executions(conn: asyncpg.Connection, ids: dict[str, str], start: 
                            ids["other_workflow"], ids["workflow2"], lo, hi)  # fmt: skip
     await conn.execute("VACUUM ANALYZE executions")
     await conn.execute("VACUUM ANALYZE step_runs")
+    await conn.execute("CHECKPOINT")  # the seeding's writes flushed now, not while measuring
 
 
 def timed(client: httpx.Client, n: int, method: str, url: str, **kw: Any) -> list[float]:
@@ -363,6 +364,7 @@ async def timers_dim(args: argparse.Namespace) -> dict[str, Any]:
                 have = size
                 await conn.execute("VACUUM ANALYZE executions")
                 await conn.execute("VACUUM ANALYZE timers")
+                await conn.execute("CHECKPOINT")
                 seed_s = time.monotonic() - t0
                 timers, rec, cpu = await conveyor_phase(settings, env_vars, redis, args.timers,
                                                         args.timer_window)  # fmt: skip
