@@ -39,6 +39,7 @@ from typing import Any
 
 import asyncpg
 import bullmq
+import psutil
 import redis.asyncio as aioredis
 
 from conveyor.dispatch import keys
@@ -140,16 +141,20 @@ def offsets(count: int, window: float) -> list[float]:
 
 async def conveyor_phase(
     settings: Settings, env: dict[str, str], redis: aioredis.Redis, count: int, window: float
-) -> tuple[dict[str, float], Recorder]:
-    """One ``conveyor timers`` process fires ``count`` timers; a worker here receives them."""
+) -> tuple[dict[str, float], Recorder, float]:
+    """One ``conveyor timers`` process fires ``count`` timers; a worker here receives them.
+    Returns ({timer id: due epoch}, the arrivals, the dispatcher's CPU seconds from when it
+    ran until the window's end — start-up excluded)."""
     from conveyor.store import migrate
 
     await migrate(settings)
     log_path = Path(f"/tmp/{settings.queue_prefix}-timers.log")
     proc = start_dispatcher(env, log_path)
     rec = Recorder()
+    cpu = 0.0
     try:
         await wait_started(redis, settings.queue_prefix, proc, log_path)
+        cpu0 = proc_cpu_s(proc.pid)
         start_at = datetime.now(UTC) + timedelta(seconds=LEAD_S)
         due_at = [start_at + timedelta(seconds=o) for o in offsets(count, window)]
         timers = await seed(settings, due_at)
@@ -165,6 +170,7 @@ async def conveyor_phase(
             await asyncio.gather(task, return_exceptions=True)
         if proc.poll() is not None:
             raise RuntimeError(f"dispatcher died, see {log_path}")
+        cpu = proc_cpu_s(proc.pid) - cpu0
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -178,7 +184,12 @@ async def conveyor_phase(
     within = {le: fields.get(f"|le={le}", 0.0) / total for le in ("0.01", "0.05")}
     print(f"conveyor dispatcher's own lag (its histogram): <=10 ms {within['0.01']:.1%}, "
           f"<=50 ms {within['0.01'] + within['0.05']:.1%} of {int(total)} timers")  # fmt: skip
-    return timers, rec
+    return timers, rec, cpu
+
+
+def proc_cpu_s(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 async def raw_phase(settings: Settings, count: int, window: float) -> tuple[dict[str, float],
@@ -232,7 +243,7 @@ async def run(count: int, window: float) -> dict[str, Any]:
     gc.freeze()
     gc.disable()  # keep collector pauses out of this process's (the consumers') measurements
     try:
-        timers, rec = await conveyor_phase(settings, env, redis, count, window)
+        timers, rec, _cpu = await conveyor_phase(settings, env, redis, count, window)
         raw_due, raw_rec = await raw_phase(settings, count, window)
     finally:
         gc.enable()
