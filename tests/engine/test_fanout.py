@@ -10,9 +10,11 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from conveyor.engine import Engine, OutcomeKind
+from conveyor.errors import LeaseLost
 from conveyor.settings import Settings
 from conveyor.store import Execution, Store
 from conveyor.store.children import Fanout
@@ -355,3 +357,29 @@ async def test_a_timeout_fails_the_step_and_cancels_what_still_runs(
     assert "did not end within 60s" in done.error["message"]
     assert (await store.executions.get(tenant, stuck.id)).status == "cancelled"
     assert (await store.executions.get(tenant, quick.id)).status == "succeeded"
+
+
+async def test_a_stale_runner_creates_no_children(store: Store, settings: Settings) -> None:
+    """Creating children is fenced by the parent's lease: a runner whose lease expired while
+    it decided (another took over) would start items beyond the window."""
+    clock = Clock()
+    tenant = (await store.tenants.create("acme")).id
+    wf = await _workflow(store, tenant, [
+        {"id": "each", "type": "foreach", "items": "input.xs",
+         "steps": [{"id": "n", "type": "noop"}]},
+    ], "stale")  # fmt: skip
+    parent, _ = await store.executions.create(tenant, wf, {"xs": [1, 2]})
+    stale = await store.runs.claim(parent.id, clock(), clock() + timedelta(seconds=30))
+    assert stale is not None
+    clock.advance(31)  # its lease expired: the next runner takes over
+    assert await store.runs.claim(parent.id, clock(), clock() + timedelta(seconds=30))
+    with pytest.raises(LeaseLost):
+        await store.children.start_branches(
+            stale,
+            seq=0,
+            branch="each",
+            kind="foreach",
+            inputs=[(0, None, {"item": 1})],
+            now=clock(),
+        )
+    assert await _kids(store, parent.id) == []

@@ -760,7 +760,7 @@ class Engine:
 
     async def _wait(self, run: _Run, step: WaitStep) -> RunOutcome | None:
         """Receive the event, take the timeout's branch, or park (see the module, 4b)."""
-        claim, index, events = run.claim, run.index, self.store.events
+        claim, events = run.claim, self.store.events
         now = self._clock()
         recorded: dict[str, Any] = {"event": step.event}
         try:
@@ -789,7 +789,7 @@ class Engine:
             if event is not None:
                 output = {"event": event.name, "payload": event.payload,
                           "receivedAt": _iso(event.received_at)}  # fmt: skip
-                done = self._wait_done(
+                done = self._done_with(
                     step, started, now, output, {**recorded, "eventId": event.id}
                 )
                 try:
@@ -798,24 +798,45 @@ class Engine:
                     continue
             if deadline is not None and now >= deadline:
                 return await self._wait_timed_out(run, step, started, now, recorded)
-            wait = EventWait(
-                execution_id=claim.execution_id, tenant_id=claim.tenant_id,
-                workflow_id=claim.workflow_id, name=step.event, correlation=correlation,
-                seq=run.seq, deadline=deadline, created_at=started,
-            )  # fmt: skip
-            timer = None
-            if parked is None and deadline is not None:
-                timer = TimerWrite(new_id(), claim.workflow_id, claim.region, run.seq, deadline)
-            write = ExecutionWrite(
-                status="waiting", next_step=index, steps_run=run.seq, now=now,
-                lease_expires_at=None, wake_at=deadline,
-            )  # fmt: skip
-            final = await events.park(claim, write, run.pending, timer, wait)
-            if final is None:
+            first = parked is None
+            outcome = await self._park(run, step.event, correlation, started, deadline, first)
+            if outcome is None:
                 continue  # an event arrived meanwhile: receive it
-            run.pending.clear()
-            timer_id = timer.id if timer is not None else None
-            return self._outcome(claim, final, run.ran, wake_at=deadline, timer_id=timer_id)
+            return outcome
+
+    async def _park(
+        self,
+        run: _Run,
+        name: str,
+        correlation: str | None,
+        started: datetime,
+        deadline: datetime | None,
+        first: bool,
+        consume: Sequence[str] = (),
+    ) -> RunOutcome | None:
+        """Park the execution on the event ``name`` (a wait step's, or a child's end) until
+        ``deadline``: one fenced write (with the pending pure steps' runs, the timeout timer on
+        the ``first`` park, consuming ``consume``) that looks for a matching event once more —
+        ``None`` when one is there (nothing written: look again); else the run's outcome."""
+        claim, now = run.claim, self._clock()
+        wait = EventWait(
+            execution_id=claim.execution_id, tenant_id=claim.tenant_id,
+            workflow_id=claim.workflow_id, name=name, correlation=correlation,
+            seq=run.seq, deadline=deadline, created_at=started,
+        )  # fmt: skip
+        timer = None
+        if first and deadline is not None:
+            timer = TimerWrite(new_id(), claim.workflow_id, claim.region, run.seq, deadline)
+        write = ExecutionWrite(
+            status="waiting", next_step=run.index, steps_run=run.seq, now=now,
+            lease_expires_at=None, wake_at=deadline,
+        )  # fmt: skip
+        final = await self.store.events.park(claim, write, run.pending, timer, wait, consume)
+        if final is None:
+            return None
+        run.pending.clear()
+        timer_id = timer.id if timer is not None else None
+        return self._outcome(claim, final, run.ran, wake_at=deadline, timer_id=timer_id)
 
     def _correlation(self, run: _Run, step: WaitStep) -> str | None:
         """The value of the step's ``correlation`` expression, as text (string or number)."""
@@ -836,14 +857,16 @@ class Engine:
             raise PermanentStepError("correlation must be 1 to 512 characters")
         return text
 
-    def _wait_done(
+    def _done_with(
         self,
-        step: WaitStep,
+        step: AnyStep,
         started: datetime,
         now: datetime,
         output: Any,
         recorded: dict[str, Any],
     ) -> _StepDone:
+        """A step the engine runs itself (wait, workflow, parallel, foreach) succeeded with
+        ``output`` — or fails for good when it cannot be stored (``output_too_large`` ...)."""
         try:
             encoded = encode_output(step, output, self._max_output)
         except OutputRejected as exc:
@@ -867,7 +890,7 @@ class Engine:
             error = {"type": "WaitTimeout", "message": message}
             done = _StepDone(1, started, now, error=error, input=_encoded(recorded))
         else:
-            done = self._wait_done(step, started, now, {"timedOut": True}, recorded)
+            done = self._done_with(step, started, now, {"timedOut": True}, recorded)
         return await self._wait_end(run, step, done, now, action, None)
 
     async def _wait_end(
@@ -952,7 +975,7 @@ class Engine:
         self, run: _Run, step: WorkflowStep, child: Execution, recorded: dict[str, Any]
     ) -> RunOutcome | None:
         """Receive the child's end (its output or error), time out, or park until it ends."""
-        claim, index, events = run.claim, run.index, self.store.events
+        claim, events = run.claim, self.store.events
         now = self._clock()
         name = child_event(run.seq)
         parked = await events.wait_of(claim.execution_id)
@@ -982,26 +1005,12 @@ class Engine:
                 error = {"type": "WaitTimeout", "message": message, "childId": child.id}
                 done = _StepDone(1, started, now, error=error, input=_encoded(recorded))
                 return await self._wait_end(run, step, done, now, "continue", event_id)
-            wait = EventWait(
-                execution_id=claim.execution_id, tenant_id=claim.tenant_id,
-                workflow_id=claim.workflow_id, name=name, correlation=None,
-                seq=run.seq, deadline=deadline, created_at=started,
-            )  # fmt: skip
-            timer = None
-            if parked is None and deadline is not None:
-                timer = TimerWrite(new_id(), claim.workflow_id, claim.region, run.seq, deadline)
-            write = ExecutionWrite(
-                status="waiting", next_step=index, steps_run=run.seq, now=now,
-                lease_expires_at=None, wake_at=deadline,
-            )  # fmt: skip
-            final = await events.park(claim, write, run.pending, timer, wait)
-            if final is None:
+            outcome = await self._park(run, name, None, started, deadline, parked is None)
+            if outcome is None:
                 continue  # the child ended meanwhile
-            run.pending.clear()
-            if final == "cancelled":  # cancelled before the child was: cancel it too
+            if outcome.status == "cancelled":  # cancelled before the child was: cancel it too
                 await self._cancel_child(child)
-            timer_id = timer.id if timer is not None else None
-            return self._outcome(claim, final, run.ran, wake_at=deadline, timer_id=timer_id)
+            return outcome
 
     def _child_done(
         self,
@@ -1013,15 +1022,7 @@ class Engine:
     ) -> _StepDone:
         """The step's result: the child's output, or ``ChildFailed`` with the child's error."""
         if child.status == "succeeded":
-            try:
-                encoded = encode_output(step, child.output, self._max_output)
-            except OutputRejected as exc:
-                return _StepDone(1, started, now, error=describe_error(exc),
-                                 input=_encoded(recorded))  # fmt: skip
-            return _StepDone(
-                1, started, now, result=StepResult(output=child.output), output=encoded,
-                input=_encoded(recorded),
-            )  # fmt: skip
+            return self._done_with(step, started, now, child.output, recorded)
         error = {
             "type": "ChildFailed", "code": f"child_{child.status}",
             "message": f"workflow {step.workflow!r} (execution {child.id}) {child.status}",
@@ -1061,7 +1062,11 @@ class Engine:
             deadline = started + timedelta(seconds=step.timeout_s)
             recorded["deadline"] = _iso(deadline)
         children = self.store.children
+        renewed = time.monotonic()
         while True:
+            if time.monotonic() - renewed >= self.renew_every_s:  # children keep ending
+                await self._renew(run)
+                renewed = time.monotonic()
             now = self._clock()
             seen = await events.pending(claim.tenant_id, claim.execution_id, name)
             state = await children.fanout(claim.tenant_id, claim.execution_id, run.seq)
@@ -1083,24 +1088,10 @@ class Engine:
                     await self._cancel_children(claim.tenant_id, claim.execution_id, run.seq)
                     done = _StepDone(1, started, now, error=error, input=_encoded(recorded))
                     return await self._wait_end(run, step, done, now, "continue", None, seen)
-            wait = EventWait(
-                execution_id=claim.execution_id, tenant_id=claim.tenant_id,
-                workflow_id=claim.workflow_id, name=name, correlation=None,
-                seq=run.seq, deadline=deadline, created_at=started,
-            )  # fmt: skip
-            timer = None
-            if parked is None and deadline is not None:
-                timer = TimerWrite(new_id(), claim.workflow_id, claim.region, run.seq, deadline)
-            write = ExecutionWrite(
-                status="waiting", next_step=run.index, steps_run=run.seq, now=now,
-                lease_expires_at=None, wake_at=deadline,
-            )  # fmt: skip
-            final = await events.park(claim, write, run.pending, timer, wait, seen)
-            if final is None:
+            outcome = await self._park(run, name, None, started, deadline, parked is None, seen)
+            if outcome is None:
                 continue  # a child ended meanwhile
-            run.pending.clear()
-            timer_id = timer.id if timer is not None else None
-            return self._outcome(claim, final, run.ran, wake_at=deadline, timer_id=timer_id)
+            return outcome
 
     def _fanout_items(
         self, run: _Run, step: ParallelStep | ForeachStep
@@ -1199,7 +1190,7 @@ class Engine:
         if isinstance(step, ParallelStep) and step.mode == "any":
             if state.winner is not None:
                 value: Any = {"branch": state.winner.index, "output": state.winner.output}
-                return self._fanout_output(step, value, started, now, recorded)
+                return self._done_with(step, started, now, value, recorded)
             if state.started < total or state.active or state.failed is None:
                 return None
             first = state.failed
@@ -1212,7 +1203,7 @@ class Engine:
             outputs = await self.store.children.fanout_outputs(
                 claim.tenant_id, claim.execution_id, run.seq
             )
-            return self._fanout_output(step, outputs, started, now, recorded)
+            return self._done_with(step, started, now, outputs, recorded)
         else:
             return None
         error = {
@@ -1221,23 +1212,6 @@ class Engine:
                         "error": first.error},
         }  # fmt: skip
         return _StepDone(1, started, now, error=error, input=_encoded(recorded))
-
-    def _fanout_output(
-        self,
-        step: ParallelStep | ForeachStep,
-        value: Any,
-        started: datetime,
-        now: datetime,
-        recorded: dict[str, Any],
-    ) -> _StepDone:
-        try:
-            encoded = encode_output(step, value, self._max_output)
-        except OutputRejected as exc:
-            return _StepDone(1, started, now, error=describe_error(exc), input=_encoded(recorded))
-        return _StepDone(
-            1, started, now, result=StepResult(output=value), output=encoded,
-            input=_encoded(recorded),
-        )  # fmt: skip
 
     async def _cancel_children(self, tenant_id: str, parent_id: str, seq: int) -> None:
         """Cancel the children of a joined (or failed) fan-out step that are still running."""

@@ -27,9 +27,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import and_, case, func, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from conveyor.errors import Conflict, InputInvalid, NotFound
+from conveyor.errors import Conflict, InputInvalid, LeaseLost, NotFound
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase
 from conveyor.store._types import check_storable
@@ -89,6 +89,19 @@ class Fanout:
     """The first (lowest index) that failed or was cancelled."""
     winner: FanoutChild | None
     """The first that succeeded (earliest end; then lowest index), with its output."""
+
+
+async def _fence(conn: AsyncConnection, parent: Claim) -> None:
+    """Children are created only by the parent's current runner (a stale one, whose lease
+    expired while it decided, would start items beyond the window): its lease, locked until
+    the insert commits. Raises ``LeaseLost``."""
+    held = await conn.execute(
+        select(executions.c.id)
+        .where(executions.c.id == parent.execution_id, executions.c.lease == parent.lease)
+        .with_for_update()
+    )
+    if held.first() is None:
+        raise LeaseLost(execution_id=parent.execution_id, lease=parent.lease)
 
 
 def child_event(seq: int) -> str:
@@ -238,6 +251,7 @@ class ChildService(ServiceBase):
         made: set[str] = set()
         try:
             async with self._tx() as conn:
+                await _fence(conn, parent)
                 for at in range(0, len(values), _INSERT_CHUNK):
                     chunk = values[at : at + _INSERT_CHUNK]
                     added = await conn.execute(
@@ -249,6 +263,7 @@ class ChildService(ServiceBase):
             for row in values:
                 try:
                     async with self._tx() as conn:
+                        await _fence(conn, parent)
                         added = await conn.execute(
                             insert(executions).values(**row).returning(executions.c.id)
                         )

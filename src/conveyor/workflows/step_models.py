@@ -449,8 +449,7 @@ class WorkflowStep(_StepBase):
     @field_validator("input")
     @classmethod
     def _check_input(cls, value: Any) -> Any:
-        check_json(value, MAX_BODY_BYTES)
-        return check_template(value)
+        return check_input_template(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> WorkflowStep:
@@ -482,8 +481,7 @@ class _FanoutStep(_StepBase):
     @field_validator("input")
     @classmethod
     def _check_input(cls, value: Any) -> Any:
-        check_json(value, MAX_BODY_BYTES)
-        return check_template(value)
+        return check_input_template(value)
 
     @model_validator(mode="after")
     def _no_retry(self) -> _FanoutStep:
@@ -542,7 +540,7 @@ class NoopStep(_StepBase):
     type: Literal["noop"]
 
 
-Step = Annotated[
+AnyStep = (
     HttpStep
     | TransformStep
     | ConditionStep
@@ -551,9 +549,11 @@ Step = Annotated[
     | WorkflowStep
     | ParallelStep
     | ForeachStep
-    | NoopStep,
-    Field(discriminator="type"),
-]
+    | NoopStep
+)
+"""Any step model (what a step runner receives)."""
+Step = Annotated[AnyStep, Field(discriminator="type")]
+"""A step of a definition: the models discriminated by ``type``."""
 ParallelStep.model_rebuild()
 ForeachStep.model_rebuild()
 
@@ -568,6 +568,13 @@ def parse_until(value: str) -> datetime:
         raise ValueError(
             "must be an ISO-8601 timestamp with a UTC offset, e.g. 2030-01-01T09:00:00Z"
         ) from None
+
+
+def check_input_template(value: Any) -> Any:
+    """A child's ``input`` (workflow, parallel, foreach steps): JSON of at most
+    ``MAX_BODY_BYTES`` whose string leaves are templates."""
+    check_json(value, MAX_BODY_BYTES)
+    return check_template(value)
 
 
 def check_json(value: Any, max_bytes: int) -> None:

@@ -57,6 +57,7 @@ from conveyor.workflows.expressions import (
 from conveyor.workflows.http import SafeHttpClient, execute_http
 from conveyor.workflows.step_models import (
     Action,
+    AnyStep,
     ConditionStep,
     DelayStep,
     ForeachStep,
@@ -80,17 +81,6 @@ __all__ = [
     "run_step",
 ]
 
-AnyStep = (
-    HttpStep
-    | TransformStep
-    | ConditionStep
-    | DelayStep
-    | WaitStep
-    | WorkflowStep
-    | ParallelStep
-    | ForeachStep
-    | NoopStep
-)
 
 SecretResolver = Callable[[Collection[str]], Awaitable[Mapping[str, str]]]
 """The values of the named secrets of the execution's tenant. Raises
