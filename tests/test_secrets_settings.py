@@ -44,6 +44,7 @@ def _run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
         f"{KEY_A},",  # an empty second key
         f"{KEY_A},{KEY_A[:-4]}",
     ],
+    ids=["not-base64", "16-bytes", "33-bytes", "empty-second-key", "short-second-key"],
 )
 def test_a_malformed_key_is_refused_naming_secrets_key(bad: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -144,6 +144,7 @@ def test_single_redis_and_sentinel_keep_their_key_names() -> None:
         (f"127.0.0.1:{free_port()}", "no node of QUEUE_REDIS_CLUSTER_NODES answered"),
         (f"127.0.0.1:{REDIS_PORT}", "is not a cluster"),  # the tests' Redis: no cluster mode
     ],
+    ids=["unreachable", "not-a-cluster"],
 )
 def test_check_names_an_unreachable_cluster_or_a_redis_without_cluster_mode(
     nodes: str, says: str
