@@ -436,7 +436,8 @@ async def timers_dim(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def pg_counters(conn: asyncpg.Connection) -> dict[str, int]:
-    """This database's block and tuple counters, the checkpoints, and the timers' dead rows."""
+    """This database's block and tuple counters, the checkpoints, the timers' dead rows, and the
+    machine's CPU and I/O pressure stall time (``/proc/pressure``)."""
     row = await conn.fetchrow(
         "SELECT blks_read, blks_hit, tup_updated, xact_commit,"
         " (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter) AS checkpoints,"
@@ -444,7 +445,21 @@ async def pg_counters(conn: asyncpg.Connection) -> dict[str, int]:
         " (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'timers') AS timers_dead"
         " FROM pg_stat_database WHERE datname = current_database()"
     )
-    return {k: int(v or 0) for k, v in dict(row).items()}
+    out = {k: int(v or 0) for k, v in dict(row).items()}
+    out.update(pressure())
+    return out
+
+
+def pressure() -> dict[str, int]:
+    """Pressure stall totals (ms): how long some task waited for a core / for I/O."""
+    out: dict[str, int] = {}
+    for kind in ("cpu", "io"):
+        try:
+            line = Path(f"/proc/pressure/{kind}").read_text().splitlines()[0]
+            out[f"psi_{kind}_some_ms"] = int(line.rsplit("total=", 1)[1]) // 1000
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
 
 
 def timer_trace(prefix: str, due: dict[str, float], rec: Any) -> dict[str, Any]:
