@@ -15,7 +15,10 @@ Dimensions (``--dims``, default all four):
 * **timers** pending — 10k → 100k → 1M pending timers due in a day or more (background, seeded
   by SQL), then ``bench/timer_precision.py``'s measurement: a fresh ``conveyor timers`` process
   fires ``--timers`` timers due over ``--timer-window`` s; its CPU per fired timer and the
-  lateness p99 (arrival at a consumer - due instant).
+  lateness p99 (arrival at a consumer - due instant). ``--timer-trace``: the dispatcher at DEBUG
+  (its claim/mark durations and late fires, split into wake-up and Redis call), the timers that
+  reached the consumer > 50 ms late, and the database's counters and the machine's pressure
+  stall time (``/proc/pressure``) over the window.
 * **schedules** — 100 → 1,000 → 10,000 every-minute schedules through ``bench/cron_scale.py``'s
   ``run_size`` (scheduler + worker processes, fresh database per size): scheduler CPU per fired
   tick, and the lag of the last tick of a minute (the latest minute tick made runnable).
