@@ -15,17 +15,31 @@ Dimensions (``--dims``, default all four):
 * **timers** pending — 10k → 100k → 1M pending timers due in a day or more (background, seeded
   by SQL), then ``bench/timer_precision.py``'s measurement: a fresh ``conveyor timers`` process
   fires ``--timers`` timers due over ``--timer-window`` s; its CPU per fired timer and the
-  lateness p99 (arrival at a consumer - due instant).
+  lateness p99 (arrival at a consumer - due instant). ``--timer-trace``: the dispatcher at DEBUG
+  (its claim/mark durations and late fires, split into wake-up and Redis call), the timers that
+  reached the consumer > 50 ms late, and the database's counters and the machine's pressure
+  stall time (``/proc/pressure``) over the window.
 * **schedules** — 100 → 1,000 → 10,000 every-minute schedules through ``bench/cron_scale.py``'s
   ``run_size`` (scheduler + worker processes, fresh database per size): scheduler CPU per fired
   tick, and the lag of the last tick of a minute (the latest minute tick made runnable).
 * **tenants** with a backlog — 10 → 100 → 1,000 tenants (``--tenant-sizes``; add 10000 if time
-  allows) sharing a ``--backlog`` of noop executions evenly; enqueued through
+  allows) sharing a backlog of noop executions evenly (``--backlog``, at least
+  ``--per-tenant-min`` per tenant, so that every tenant has one); enqueued through
   ``ExecutionDispatcher.enqueue_many`` (batches of 1,000, tenants interleaved): this process's
-  CPU + Redis's CPU per enqueue; then one worker drains it while a light tenant submits
-  ``--light`` executions one by one (``--light-spacing`` s apart, from 1 s after the worker
-  started): their enqueue→start p99 (the light tenant's), and the
-  worker's CPU per execution.
+  CPU + Redis's CPU per enqueue. Then one worker drains it while light tenants submit, one
+  execution at a time through ``ExecutionDispatcher.enqueue``; their enqueue→start p50/p99:
+
+  - **steady**: ``--light`` tenants with nothing pending, one execution each,
+    ``--light-spacing`` s apart, from when the first round (one job of every tenant) has run —
+    the headline figure, "a light tenant arriving into a backlog";
+  - **together**: ``--light`` such tenants, 0.1 s apart from 1 s after the worker started: with
+    1,000 tenants or more they arrive during the first round, whose rest runs before them (FIFO
+    among equal priorities); the bound is one round (tenants ÷ throughput, printed);
+  - **busy**: one tenant submitting ``--light`` executions ``--light-spacing`` s apart from 1 s
+    after the worker started (the figure of the first run): once that rate exceeds its fair
+    share (throughput ÷ tenants), its k-th pending job waits about k rounds.
+
+  And the worker's CPU per execution.
 
 Each dimension creates and drops its own databases and Redis key prefixes.
 
@@ -365,7 +379,8 @@ async def timers_dim(args: argparse.Namespace) -> dict[str, Any]:
     async with bench_env() as env, seeded(env) as seed:
         tenant = await seed.tenant("background")
         env_vars = {k: v for k, v in os.environ.items() if not k.startswith(("QUEUE_", "TIMER_"))}
-        env_vars.update(env.env(PYTHONPATH=str(ROOT / "src")))
+        env_vars.update(env.env(PYTHONPATH=str(ROOT / "src"), LOG_FORMAT="json",
+                                LOG_LEVEL="DEBUG" if args.timer_trace else "WARNING"))  # fmt: skip
         settings = load_settings(env_vars)
         redis = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT)
         conn = await asyncpg.connect(env.url)
@@ -381,8 +396,10 @@ async def timers_dim(args: argparse.Namespace) -> dict[str, Any]:
                 await conn.execute("VACUUM ANALYZE timers")
                 await conn.execute("CHECKPOINT")
                 seed_s = time.monotonic() - t0
+                pg0 = await pg_counters(conn)
                 timers, rec, cpu = await conveyor_phase(settings, env_vars, redis, args.timers,
                                                         args.timer_window)  # fmt: skip
+                pg1 = await pg_counters(conn)
                 late, early = lateness(timers, rec, "timer:{}")
                 pending = await conn.fetchval(
                     "SELECT count(*) FROM timers WHERE status = 'pending'"
@@ -396,7 +413,12 @@ async def timers_dim(args: argparse.Namespace) -> dict[str, Any]:
                     "cpu_ms_per_timer": round(1000 * cpu / max(1, len(late)), 3),
                     "p50_late_ms": round(percentile(late, 50), 2),
                     "p99_late_ms": round(percentile(late, 99), 2),
+                    "pg_during": {k: pg1[k] - pg0[k] for k in pg0},
                 }
+                if args.timer_trace:
+                    results[size]["trace"] = timer_trace(settings.queue_prefix, timers, rec)
+                    print(f"  trace: {json.dumps(results[size]['trace'])}")
+                    print(f"  postgres during the window: {json.dumps(results[size]['pg_during'])}")
                 r = results[size]
                 print(f"timers pending {pending:>9,} (seeded in {r['seed_s']} s): fired "
                       f"{r['fired']} (missing {r['missing']}, early {r['early']}), dispatcher CPU "
@@ -414,6 +436,73 @@ async def timers_dim(args: argparse.Namespace) -> dict[str, Any]:
     print(f"timers: CPU per timer ratio {out['cost_ratio']}, lateness p99 ratio "
           f"{out['p99_late_ratio']}", flush=True)  # fmt: skip
     return out
+
+
+async def pg_counters(conn: asyncpg.Connection) -> dict[str, int]:
+    """This database's block and tuple counters, the checkpoints, the timers' dead rows, and the
+    machine's CPU and I/O pressure stall time (``/proc/pressure``)."""
+    row = await conn.fetchrow(
+        "SELECT blks_read, blks_hit, tup_updated, xact_commit,"
+        " (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter) AS checkpoints,"
+        " (SELECT buffers_backend FROM pg_stat_bgwriter) AS buffers_backend,"
+        " (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'timers') AS timers_dead"
+        " FROM pg_stat_database WHERE datname = current_database()"
+    )
+    out = {k: int(v or 0) for k, v in dict(row).items()}
+    out.update(pressure())
+    return out
+
+
+def pressure() -> dict[str, int]:
+    """Pressure stall totals (ms): how long some task waited for a core / for I/O."""
+    out: dict[str, int] = {}
+    for kind in ("cpu", "io"):
+        try:
+            line = Path(f"/proc/pressure/{kind}").read_text().splitlines()[0]
+            out[f"psi_{kind}_some_ms"] = int(line.rsplit("total=", 1)[1]) // 1000
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def timer_trace(prefix: str, due: dict[str, float], rec: Any) -> dict[str, Any]:
+    """Where the late timers were late (``--timer-trace``): each one over 50 ms at the consumer
+    (seconds since the first due instant, ms late), and the dispatcher's own debug log — its
+    late fires, and its slowest claims and marks."""
+    start = min(due.values())
+    late = sorted(
+        (round(due[i] - start, 2), round((rec.arrivals[f"timer:{i}"][0] - due[i]) * 1000))
+        for i in due
+        if f"timer:{i}" in rec.arrivals and rec.arrivals[f"timer:{i}"][0] - due[i] > 0.05
+    )
+    claims: list[float] = []
+    stages: list[float] = []
+    marks: list[float] = []
+    fired_late: list[list[Any]] = []
+    for line in Path(f"/tmp/{prefix}-timers.log").read_text().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("msg") == "timers.claimed":
+            claims.append(doc["claimMs"])
+            stages.append(doc["stageMs"])
+        elif doc.get("msg") == "timers.marked":
+            marks.append(doc["ms"])
+        elif doc.get("msg") == "timers.late":
+            fired_late.append([doc["ts"][11:23], doc["lagMs"], doc["startMs"], doc["callMs"],
+                               doc["staged"], doc["promoted"]])  # fmt: skip
+    return {
+        "consumer_late_over_50ms": late,
+        "dispatcher_late": fired_late,
+        "claims": len(claims),
+        "claim_ms_max": max(claims, default=0.0),
+        "claim_ms_p50": percentile(claims, 50) if claims else 0.0,
+        "stage_ms_max": max(stages, default=0.0),
+        "marks": len(marks),
+        "mark_ms_max": max(marks, default=0.0),
+        "mark_ms_p50": percentile(marks, 50) if marks else 0.0,
+    }
 
 
 # --- schedules -----------------------------------------------------------------------------
@@ -457,21 +546,39 @@ async def redis_cpu_s(client: aioredis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+async def submit_spaced(seed: Any, jobs: list[tuple[str, str]], spacing: float,
+                        sent: dict[str, float]) -> None:  # fmt: skip
+    """Enqueue ``(tenant, execution id)`` one by one, ``spacing`` s apart (send times kept)."""
+    for tenant, eid in jobs:
+        sent[eid] = time.time()
+        await seed.dispatcher.enqueue(seed.payload(tenant, eid))
+        await asyncio.sleep(spacing)
+
+
 async def tenants_once(args: argparse.Namespace, n_tenants: int) -> dict[str, Any]:
-    backlog = max(args.backlog, n_tenants)
+    """``n_tenants`` tenants enqueue a backlog at once; one worker drains it while three kinds
+    of light tenant submit (each kind ``--light`` executions, see the module docstring)."""
+    backlog = max(args.backlog, n_tenants * args.per_tenant_min)
+    k = args.light
     async with bench_env() as env, seeded(env) as seed:
         t0 = time.monotonic()
         heavy = [await seed.tenant(f"t{i}") for i in range(n_tenants)]
-        light = await seed.tenant("light")
         per = {t: backlog // n_tenants + (1 if i < backlog % n_tenants else 0)
                for i, t in enumerate(heavy)}  # fmt: skip
         ids = {t: await seed.insert(t, n) for t, n in per.items()}
-        light_ids = await seed.insert(light, args.light)
+        busy = await seed.tenant("busy")
+        busy_jobs = [(busy, e) for e in await seed.insert(busy, k)]
+        together, steady = [], []
+        for i in range(k):
+            t = await seed.tenant(f"together{i}")
+            together += [(t, e) for e in await seed.insert(t, 1)]
+            t = await seed.tenant(f"steady{i}")
+            steady += [(t, e) for e in await seed.insert(t, 1)]
         seed_s = time.monotonic() - t0
         # tenants interleaved, as many producers would enqueue them
         payloads = []
-        for k in range(max(per.values())):
-            payloads += [seed.payload(t, ids[t][k]) for t in heavy if k < len(ids[t])]
+        for j in range(max(per.values())):
+            payloads += [seed.payload(t, ids[t][j]) for t in heavy if j < len(ids[t])]
         client = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT)
         try:
             r0, c0, w0 = await redis_cpu_s(client), time.process_time(), time.perf_counter()
@@ -481,23 +588,42 @@ async def tenants_once(args: argparse.Namespace, n_tenants: int) -> dict[str, An
         finally:
             await client.aclose()
         sent: dict[str, float] = {}
+        total = backlog + 3 * k
         async with workers_up(env, 1, **worker_env(args.concurrency)) as proc:
             with RssSampler(proc.pid) as worker:
                 w_start = time.time()
                 await asyncio.sleep(1.0)
                 rate = float(await seed.succeeded())
-                spacing = args.light_spacing
-                for eid in light_ids:
-                    sent[eid] = time.time()
-                    await seed.dispatcher.enqueue(seed.payload(light, eid))
-                    await asyncio.sleep(spacing)
-                await seed.wait_succeeded(backlog + args.light, timeout_s=max(120.0, backlog / 20),
-                                          proc=proc)  # fmt: skip
-        started = await seed.started_at(light_ids)
-        _first, last_finish = await seed.span_s()
-    lat = [(started[i] - sent[i]) * 1000 for i in light_ids]
+                # arriving with the backlog (within the first round when it is long enough):
+                # one tenant submitting --light executions 0.5 s apart, and --light tenants with
+                # one execution each, 0.1 s apart
+                first = asyncio.gather(
+                    submit_spaced(seed, busy_jobs, args.light_spacing, sent),
+                    submit_spaced(seed, together, 0.1, sent),
+                )
+                # steady state: once the first round (one job of every tenant) has started
+                while True:
+                    if await seed.succeeded() >= n_tenants + 2 * k + args.concurrency:
+                        break
+                    await asyncio.sleep(0.05)
+                steady_at = time.time()
+                await submit_spaced(seed, steady, args.light_spacing, sent)
+                left = backlog + 2 * k - await seed.succeeded()
+                await first
+                await seed.wait_succeeded(total, timeout_s=max(120.0, backlog / 20), proc=proc)
+        started = await seed.started_at([e for _t, e in busy_jobs + together + steady])
+        first_start, last_finish = await seed.span_s()
+    throughput = total / (last_finish - first_start)
+
+    def lat(jobs: list[tuple[str, str]]) -> list[float]:
+        return [(started[e] - sent[e]) * 1000 for _t, e in jobs]
+
+    def trace(jobs: list[tuple[str, str]]) -> list[list[float]]:
+        return [[round(sent[e] - w_start, 1), round((started[e] - sent[e]) * 1000)]
+                for _t, e in jobs]  # fmt: skip
+
     n = len(payloads)
-    return {
+    out: dict[str, Any] = {
         "tenants": n_tenants,
         "backlog": backlog,
         "seed_s": round(seed_s, 1),
@@ -505,15 +631,21 @@ async def tenants_once(args: argparse.Namespace, n_tenants: int) -> dict[str, An
         "enqueue_redis_cpu_us": round(1e6 * (r1 - r0) / n, 1),
         "enqueue_cost_us": round(1e6 * ((c1 - c0) + (r1 - r0)) / n, 1),
         "enqueue_wall_us": round(1e6 * (w1 - w0) / n, 1),
-        "worker_cpu_ms_per_execution": round(1000 * worker.cpu_s / (backlog + args.light), 3),
-        "light_p50_ms": round(percentile(lat, 50), 1),
-        "light_p99_ms": round(percentile(lat, 99), 1),
+        "worker_cpu_ms_per_execution": round(1000 * worker.cpu_s / total, 3),
         "drain_rate_first_s": round(rate, 1),
+        "throughput_per_s": round(throughput, 1),
+        "round_ms": round(1000 * (n_tenants + 2) / throughput),
         "drained_after_s": round(last_finish - w_start, 1),
-        "light_ms": [
-            [round(sent[i] - w_start, 1), round(v)] for i, v in zip(light_ids, lat, strict=True)
-        ],
+        "steady_from_s": round(steady_at - w_start, 1),
+        "steady_backlog_left": left,
     }
+    for name, jobs in (("steady", steady), ("together", together), ("busy", busy_jobs)):
+        values = lat(jobs)
+        out[f"{name}_p50_ms"] = round(percentile(values, 50), 1)
+        out[f"{name}_p99_ms"] = round(percentile(values, 99), 1)
+        out[f"{name}_max_ms"] = round(max(values), 1)
+        out[f"{name}_ms"] = trace(jobs)
+    return out
 
 
 async def tenants_dim(args: argparse.Namespace) -> dict[str, Any]:
@@ -524,8 +656,14 @@ async def tenants_dim(args: argparse.Namespace) -> dict[str, Any]:
         print(f"tenants {size:>6,} sharing a backlog of {r['backlog']:,}: enqueue cost "
               f"{r['enqueue_cost_us']} µs/job (this process {r['enqueue_client_cpu_us']} + Redis "
               f"{r['enqueue_redis_cpu_us']}; wall {r['enqueue_wall_us']}), worker CPU "
-              f"{r['worker_cpu_ms_per_execution']} ms/execution, light tenant enqueue→start "
-              f"p50 {r['light_p50_ms']} ms, p99 {r['light_p99_ms']} ms", flush=True)  # fmt: skip
+              f"{r['worker_cpu_ms_per_execution']} ms/execution, {r['throughput_per_s']}/s "
+              f"(one round {r['round_ms']} ms); light tenants enqueue→start p50 / p99 / max: "
+              f"steady state (from {r['steady_from_s']} s, {r['steady_backlog_left']:,} left) "
+              f"{r['steady_p50_ms']} / {r['steady_p99_ms']} / {r['steady_max_ms']} ms, arriving "
+              f"with the backlog {r['together_p50_ms']} / {r['together_p99_ms']} / "
+              f"{r['together_max_ms']} ms, one tenant {args.light} jobs "
+              f"{args.light_spacing} s apart {r['busy_p50_ms']} / {r['busy_p99_ms']} / "
+              f"{r['busy_max_ms']} ms", flush=True)  # fmt: skip
     small, big = results[sizes[0]], results[sizes[-1]]
     out = {
         "sizes": {str(k): v for k, v in results.items()},
@@ -534,11 +672,11 @@ async def tenants_dim(args: argparse.Namespace) -> dict[str, Any]:
         "worker_cost_ratio": ratio(
             small["worker_cpu_ms_per_execution"], big["worker_cpu_ms_per_execution"]
         ),
-        "light_p99_ratio": ratio(small["light_p99_ms"], big["light_p99_ms"]),
+        "light_p99_ratio": ratio(small["steady_p99_ms"], big["steady_p99_ms"]),
     }
     print(f"tenants: enqueue cost ratio {out['cost_ratio']} (this process only "
-          f"{out['client_cost_ratio']}), worker CPU ratio {out['worker_cost_ratio']}, light p99 "
-          f"ratio {out['light_p99_ratio']}", flush=True)  # fmt: skip
+          f"{out['client_cost_ratio']}), worker CPU ratio {out['worker_cost_ratio']}, steady "
+          f"light p99 ratio {out['light_p99_ratio']}", flush=True)  # fmt: skip
     return out
 
 
@@ -582,9 +720,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, help="requests per API figure (default 500)")
     parser.add_argument("--timers", type=int, help="timers fired per size (default 2000)")
     parser.add_argument("--timer-window", type=float, help="their due instants' spread, s")
+    parser.add_argument("--timer-trace", action="store_true",
+                        help="the dispatcher at DEBUG: where the late timers were late")  # fmt: skip
     parser.add_argument("--schedule-minutes", type=int, help="minute boundaries per size")
     parser.add_argument("--backlog", type=int, help="executions shared by the tenants")
-    parser.add_argument("--light", type=int, default=20, help="the light tenant's executions")
+    parser.add_argument("--per-tenant-min", type=int, default=3,
+                        help="at least this many backlog executions per tenant")  # fmt: skip
+    parser.add_argument("--light", type=int, default=20,
+                        help="executions of each kind of light tenant")  # fmt: skip
     parser.add_argument("--light-spacing", type=float, default=0.5,
                         help="seconds between two of the light tenant's executions")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=16, help="worker concurrency")

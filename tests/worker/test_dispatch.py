@@ -69,6 +69,31 @@ async def test_enqueue_many_counts_per_tenant(
     assert (await _order(redis_client, redis_prefix))[:2] == ["first-a", "b-0"]
 
 
+async def test_newcomers_wait_one_round_at_most_and_a_busy_tenant_one_round_per_job(
+    qf: QueueFactory, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """The bounds docs/fairness.md states: a tenant with nothing pending joins the end of the
+    first round while it runs, and goes ahead of every later round once it has run; each further
+    pending job of a tenant waits one round more."""
+    dispatcher = ExecutionDispatcher(qf, qf.settings)
+    heavy = ["tenant-a", "tenant-b", "tenant-c"]
+    await dispatcher.enqueue_many([payload(t, f"{t[-1]}-{k}") for k in range(3) for t in heavy])
+    await dispatcher.enqueue(payload("tenant-n", "n-0"))  # arrives with the first round
+    order = await _order(redis_client, redis_prefix)
+    assert order[:5] == ["a-0", "b-0", "c-0", "n-0", "a-1"]
+    # the first round runs: its jobs leave the queue and the worker's ledger counts them started
+    ledger = FairnessLedger(qf, qf.settings, [QUEUE])
+    for job_id in order[:4]:
+        assert await redis_client.zrem(f"{redis_prefix}:{QUEUE}:prioritized", job_id) == 1
+        ledger.started(QUEUE, f"tenant-{job_id[0]}")
+    await ledger.flush()
+    await dispatcher.enqueue(payload("tenant-m", "m-0"))  # a newcomer now: ahead of round 2
+    await dispatcher.enqueue(payload("tenant-n", "n-1"))  # nothing pending any more: the same
+    await dispatcher.enqueue(payload("tenant-n", "n-2"))  # its 2nd pending job: a round later
+    order = await _order(redis_client, redis_prefix)
+    assert order == ["m-0", "n-1", "a-1", "b-1", "c-1", "n-2", "a-2", "b-2", "c-2"]
+
+
 async def test_ledger_decrements_in_batches_and_clamps(
     qf: QueueFactory, redis_client: aioredis.Redis
 ) -> None:

@@ -60,6 +60,14 @@ _STAGE_MARGIN_MS = 2
 _RETRY_S = 1.0
 
 
+_LATE_S = 0.05
+"""A timer fired later than this is logged (debug: ``timers.late``)."""
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
 def _iso(at: datetime | float | None) -> str | None:
     if at is None:
         return None
@@ -115,6 +123,7 @@ class TimerDispatcher:
             got = 0
             if self.active and len(self.wheel) < 4 * limit:
                 try:
+                    t0 = time.perf_counter()
                     claimed = await self.store.timers.claim(
                         datetime.now(UTC),
                         owner=self.owner,
@@ -122,9 +131,14 @@ class TimerDispatcher:
                         claim_ttl_s=horizon + CLAIM_MARGIN_S,
                         limit=limit,
                     )
+                    t1 = time.perf_counter()
                     fresh = [t for t in claimed if t.id not in self.wheel]
                     got = self.wheel.add(fresh)
                     await self._stage(fresh)
+                    if claimed:
+                        log.debug("timers.claimed", extra={
+                            "timers": len(claimed), "new": got, "claimMs": _ms(t1 - t0),
+                            "stageMs": _ms(time.perf_counter() - t1)})  # fmt: skip
                 except StoreError as exc:
                     log.warning("timers.claim_failed", extra={"error": repr(exc)})
                     await self.supervisor.pause(_RETRY_S)
@@ -163,13 +177,20 @@ class TimerDispatcher:
     async def _fire(self, timer: Timer) -> None:
         """At (never before) the due instant: promote the staged job, or enqueue it now."""
         promoted = False
-        if timer.id in self._staged:
+        begin = time.time()
+        staged = timer.id in self._staged
+        if staged:
             promoted = await self.queue(timer.region).promote(timer.job_id)
         if not promoted:  # not staged, or already run by BullMQ: a duplicate add is a no-op
             await self.dispatcher.enqueue(payload_for(timer, reason="timer"), job_id=timer.job_id)
         self._staged.discard(timer.id)
         now = time.time()
         lag = max(0.0, now - timer.due_at.timestamp())
+        if lag > _LATE_S:  # where the lag came from: before the call (wake-up) or in it
+            log.debug("timers.late", extra={
+                "timerId": timer.id, "lagMs": _ms(lag),
+                "startMs": _ms(begin - timer.due_at.timestamp()), "callMs": _ms(now - begin),
+                "staged": staged, "promoted": promoted})  # fmt: skip
         self.metrics.observe_timer_lag(lag)
         self.last_lag_ms = round(lag * 1000, 3)
         self.last_fired_at = now
@@ -200,12 +221,15 @@ class TimerDispatcher:
         batch, self._marks = self._marks, []
         if not batch:
             return True
+        t0 = time.perf_counter()
         try:
             await self.store.timers.mark_fired(batch, owner=self.owner, at=datetime.now(UTC))
         except StoreError as exc:
             log.warning("timers.mark_failed", extra={"error": repr(exc), "timers": len(batch)})
             self._marks[:0] = batch
             return False
+        log.debug("timers.marked", extra={"timers": len(batch),
+                                          "ms": _ms(time.perf_counter() - t0)})  # fmt: skip
         return True
 
     async def info(self) -> dict[str, Any]:
