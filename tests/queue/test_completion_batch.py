@@ -5,10 +5,16 @@ whose lock was lost fails alone. A lone completion goes at once, alone. Real Red
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from conveyor.queue import JobContext, QueueFactory
 from conveyor.queue.bullmq import compat
+from conveyor.queue.scripts import ScriptBatcher
+from tests.conftest import REDIS_HOST, REDIS_PORT
 from tests.queue.conftest import TEST_QUEUE, eventually, make_settings, running
 from tests.queue.payload import Probe
 
@@ -106,3 +112,39 @@ async def _completed(queue: Any, n: int) -> bool:
 def test_the_batched_completion_is_bullmqs_call() -> None:
     """The pieces of bullmq it reuses are still there (checked with the other internals)."""
     assert not [p for p in compat.missing_internals() if "moveTo" in p or "finished" in p]
+
+
+async def test_a_script_batch_keeps_each_calls_reply_in_order(redis_prefix: str) -> None:
+    """One batch: replies in order, an error reply is its call's own error, a script Redis
+    does not know yet is loaded and sent again; the connection stays usable."""
+    client = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT, decode_responses=True)
+    echo = "return ARGV[1]"
+    fail = "return redis.error_reply('boom ' .. ARGV[1])"
+    fresh = f"return '{redis_prefix}:' .. KEYS[1] .. ARGV[1]"  # never loaded before
+    try:
+        await client.script_load(echo)
+        await client.script_load(fail)
+        batcher = ScriptBatcher(client)
+        calls: list[tuple[str, list[Any]]] = [
+            (echo, ["a"]),
+            (fail, ["b"]),
+            (fresh, [1.5]),
+            (echo, [7]),
+        ]
+        futures = [
+            batcher.submit(src, _sha(src), ["k"] if src == fresh else [], args)
+            for src, args in calls
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert results[0] == "a" and results[3] == "7"
+        assert isinstance(results[1], ResponseError) and "boom b" in str(results[1])
+        assert results[2] == f"{redis_prefix}:k1.5"
+        assert batcher.batches == 1 and batcher.loads == 1
+        assert await batcher.call(echo, _sha(echo), [], ["again"]) == "again"
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+def _sha(source: str) -> str:
+    return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
