@@ -250,13 +250,16 @@ async def seeded(env: Env) -> AsyncIterator[Seed]:
 
 class RssSampler:
     """Samples a process's RSS every 50 ms in a thread (``peak_mb``) and the CPU time it used
-    while sampled (``cpu_s``, user + system)."""
+    while sampled (``cpu_s``, user + system; :meth:`cpu_since` for the part after a moment,
+    e.g. without the process's start-up)."""
 
     def __init__(self, pid: int) -> None:
         self._proc = psutil.Process(pid)
         self.peak = 0
         self.cpu_s = 0.0
         self._cpu0 = 0.0
+        self._samples: list[tuple[float, float]] = []
+        """(epoch seconds, ``cpu_s``) at each sample."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -269,6 +272,7 @@ class RssSampler:
             try:
                 self.peak = max(self.peak, self._proc.memory_info().rss)
                 self.cpu_s = self._cpu() - self._cpu0
+                self._samples.append((time.time(), self.cpu_s))
             except psutil.Error:
                 return
             self._stop.wait(0.05)
@@ -287,6 +291,11 @@ class RssSampler:
     @property
     def peak_mb(self) -> float:
         return self.peak / (1024 * 1024)
+
+    def cpu_since(self, epoch_s: float) -> float:
+        """CPU seconds used from the last sample at or before ``epoch_s`` to the end."""
+        before = [cpu for t, cpu in self._samples if t <= epoch_s]
+        return self.cpu_s - (before[-1] if before else 0.0)
 
 
 @asynccontextmanager

@@ -186,17 +186,17 @@ async def test_a_graceful_close_finishes_every_job_it_fetched(bull_qf: QueueFact
 def slow_completion(worker: Any, n: int, delay_s: float) -> asyncio.Event:
     """Delay the Redis call that completes job ``n`` (and fetches the next one); the event is
     set when that call starts."""
-    backend = worker.bullmq_worker.backend
-    complete = backend.moveToCompleted
+    bull = worker.bullmq_worker
+    complete = bull._move_to_completed
     started = asyncio.Event()
 
-    async def slow(job: Any, *args: Any, **kwargs: Any) -> Any:
+    async def slow(job: Any, *args: Any) -> Any:
         if job.data.get("n") == n:
             started.set()
             await asyncio.sleep(delay_s)
-        return await complete(job, *args, **kwargs)
+        return await complete(job, *args)
 
-    backend.moveToCompleted = slow
+    bull._move_to_completed = slow
     return started
 
 

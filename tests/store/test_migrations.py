@@ -456,3 +456,47 @@ async def test_0011_adds_parents_sqlite(tmp_path: Path) -> None:
 
 async def test_0011_adds_parents_postgres(fresh_pg_url: str) -> None:
     await _assert_0011_adds_parents(fresh_pg_url)
+
+
+def test_revision_graph_is_alembics() -> None:
+    """The graph :func:`check_schema` reads from the files (without importing Alembic) is the
+    one Alembic builds: same revisions, same parents, same heads."""
+    from alembic.script import ScriptDirectory
+
+    from conveyor.store._migrate import alembic_config, revision_graph
+
+    script = ScriptDirectory.from_config(alembic_config())
+    alembics = {rev.revision: tuple(rev._all_down_revisions) for rev in script.walk_revisions()}
+    assert revision_graph() == alembics
+    assert head_revisions() == tuple(sorted(script.get_heads()))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_current_revisions_read_like_alembic(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The version table read directly gives what Alembic's ``get_current_heads`` gives,
+    before (no table: nothing) and after migrating."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/revisions.db"
+    else:
+        url = request.getfixturevalue("fresh_pg_url")
+    asyncio.run(_compare_current_revisions(url))
+
+
+async def _compare_current_revisions(url: str) -> None:
+    from conveyor.store._migrate import current_revisions
+
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        seen = [await current_revisions(store.engine), await _alembic_heads(store)]
+        await store.migrate()
+        seen += [await current_revisions(store.engine), await _alembic_heads(store)]
+    assert seen == [(), (), head_revisions(), head_revisions()]
+
+
+async def _alembic_heads(store: Store) -> tuple[str, ...]:
+    def heads(connection: Connection) -> tuple[str, ...]:
+        return tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
+
+    async with store.engine.connect() as connection:
+        return await connection.run_sync(heads)

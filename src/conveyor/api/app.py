@@ -37,7 +37,7 @@ from conveyor.api.routes import (
     webhooks,
     workflows,
 )
-from conveyor.runtime import ConveyorCollector
+from conveyor.runtime.prometheus import ConveyorCollector
 from conveyor.settings import Settings
 from conveyor.workflows.definition import workflow_json_schema
 

@@ -14,8 +14,8 @@
 
 Every decision is one Lua script (atomic); the scripts and key names are in
 :mod:`conveyor.dispatch.keys`. Concurrent calls of one process share round trips
-(:class:`ScriptBatcher`: a lone call goes at once, calls made while it is on its way go together
-as the next pipeline). Nothing here is the source of truth: losing these keys loses no
+(:class:`~conveyor.queue.scripts.ScriptBatcher`: a lone call goes at once, calls made while it
+is on its way go together as the next pipeline). Nothing here is the source of truth: losing these keys loses no
 execution (at worst a parked job waits for its fallback delay).
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from conveyor.dispatch import keys
-from conveyor.queue import is_missing_script
+from conveyor.queue.scripts import ScriptBatcher
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -95,114 +95,6 @@ class Verdict:
     wait_ms: int = 0
     """For ``rate``: until the job's reserved start; for ``concurrency``: until the earliest
     lease expires (a hint)."""
-
-
-_Call = tuple[str, str, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
-
-
-class ScriptBatcher:
-    """Group commit for Lua script calls: concurrent callers share one pipeline
-    (``EVALSHA`` each, no transaction); at most one pipeline is on its way at a time. A script
-    Redis does not know (restart, ``SCRIPT FLUSH``, a promoted replica) is loaded and its
-    calls sent again.
-
-    ``cluster``: ``redis`` is a ``RedisCluster``, whose pipeline sends ``EVALSHA`` without
-    ever loading a script — each script is loaded (``SCRIPT LOAD``: on every master) before
-    its first call, and again on a ``NOSCRIPT``, once per batch whatever the number of calls
-    the master refused (a plain client's ``SCRIPT LOAD`` reaches its one server the same way).
-    """
-
-    def __init__(self, redis: aioredis.Redis, *, cluster: bool = False) -> None:
-        self._redis = redis
-        self._cluster = cluster
-        self._loaded: set[str] = set()
-        """On Redis Cluster: the sources loaded on the masters (until a ``NOSCRIPT``)."""
-        self._pending: list[_Call] = []
-        self._sender: asyncio.Task[None] | None = None
-        self.batches = 0
-        self.loads = 0
-        """``SCRIPT LOAD`` calls made (each reaches every master on a cluster)."""
-
-    def submit(
-        self, source: str, sha: str, names: Sequence[Any], args: Sequence[Any]
-    ) -> asyncio.Future[Any]:
-        """Queue one call now (calls reach Redis in the order they were submitted)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((source, sha, names, args, future))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_all(), name="limits.script_batch")
-        return future
-
-    async def call(self, source: str, sha: str, names: Sequence[Any], args: Sequence[Any]) -> Any:
-        return await self.submit(source, sha, names, args)
-
-    async def _send_all(self) -> None:
-        try:
-            while self._pending:  # the last check and the reset below are one step
-                batch, self._pending = self._pending, []
-                await self._send(batch)
-        finally:
-            self._sender = None
-            for *_rest, future in self._pending:  # cancelled: nobody else sends
-                if not future.done():
-                    future.cancel()
-
-    async def _load(self, source: str) -> None:
-        self.loads += 1
-        await self._redis.script_load(source)
-        self._loaded.add(source)
-
-    async def _send(self, batch: list[_Call]) -> None:
-        self.batches += 1
-        try:
-            results = await self._execute(batch)
-        except BaseException as exc:
-            self._loaded.clear()  # a failover may be why: check again next time
-            for *_rest, future in batch:
-                if not future.done():
-                    future.set_exception(exc) if isinstance(exc, Exception) else future.cancel()
-            if not isinstance(exc, Exception):
-                raise
-            return
-        await self._send_missing_again(batch, results)
-        for (*_rest, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
-        if self._cluster:
-            for source in dict.fromkeys(call[0] for call in batch):
-                if source not in self._loaded:
-                    await self._load(source)
-        pipe = self._redis.pipeline(transaction=False)
-        for _source, sha, names, args, _future in batch:
-            pipe.evalsha(sha, len(names), *names, *args)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def _send_missing_again(self, batch: list[_Call], results: list[Any]) -> None:
-        """Load each script Redis did not know once, then send its refused calls again (in
-        order); ``results`` is updated in place."""
-        missing = [i for i, result in enumerate(results) if is_missing_script(result)]
-        if not missing:
-            return
-        try:
-            for source in dict.fromkeys(batch[i][0] for i in missing):
-                self._loaded.discard(source)
-                await self._load(source)
-        except Exception as exc:
-            for i in missing:
-                results[i] = exc
-            return
-        for i in missing:
-            _source, sha, names, args, _future = batch[i]
-            try:
-                results[i] = await self._redis.evalsha(sha, len(names), *names, *args)
-            except Exception as exc:
-                results[i] = exc
 
 
 def _sha(source: str) -> str:

@@ -2,11 +2,11 @@
 entry, event loop, signals, supervised loops, checked start, heartbeat loop, heap freeze), and
 the status it publishes through Redis for the API and operators —
 :mod:`~conveyor.runtime.heartbeat` (live processes) and :mod:`~conveyor.runtime.metrics`
-(counters and histograms behind ``/metrics``)."""
+(counters and histograms behind ``/metrics``, rendered by
+:mod:`~conveyor.runtime.prometheus`, which only the API imports)."""
 
 from conveyor.runtime.heartbeat import TIMER_ROLES, Heartbeat, list_processes
 from conveyor.runtime.metrics import (
-    ConveyorCollector,
     MetricsPublisher,
     MetricsSnapshot,
     read_metrics,
@@ -26,7 +26,6 @@ from conveyor.runtime.process import (
 
 __all__ = [
     "TIMER_ROLES",
-    "ConveyorCollector",
     "Heartbeat",
     "LoopDied",
     "MetricsPublisher",

@@ -23,15 +23,17 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import delete, func, select, update
 
 from conveyor.errors import ConfigError, Conflict, InvalidValue, NotFound, SecretsUnavailable
 from conveyor.store._base import ServiceBase
 from conveyor.store._types import new_id, utcnow
 from conveyor.store.schema import secrets, tenants
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "MAX_SECRET_BYTES",
@@ -92,11 +94,18 @@ def check_value(value: str) -> str:
 
 
 class _Keyring:
-    """The AEADs of ``SECRETS_KEY``, by key id; the first one encrypts."""
+    """The AEADs of ``SECRETS_KEY``, by key id; the first one encrypts.
+
+    ``cryptography`` is imported only when there are keys: its Rust extension is ~7 MB of
+    every process's memory, for nothing where ``SECRETS_KEY`` is unset."""
 
     def __init__(self, keys: tuple[bytes, ...]) -> None:
         self.ids = tuple(key_id(key) for key in keys)
-        self._aeads = {kid: AESGCM(key) for kid, key in zip(self.ids, keys, strict=True)}
+        self._aeads: dict[str, AESGCM] = {}
+        if keys:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._aeads = {kid: AESGCM(key) for kid, key in zip(self.ids, keys, strict=True)}
 
     def _require(self) -> None:
         if not self.ids:
@@ -118,6 +127,8 @@ class _Keyring:
                 f"SECRETS_KEY lacks the key (id {kid}) that encrypted secret {name!r}",
                 key_id=kid,
             )
+        from cryptography.exceptions import InvalidTag  # loaded with the keys: no cost here
+
         try:
             raw = base64.b64decode(ciphertext, validate=True)
             plain = aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], _aad(tenant_id, name))

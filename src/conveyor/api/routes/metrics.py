@@ -22,7 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from conveyor.api import probes
 from conveyor.api.deps import CtxDep
 from conveyor.api.routes.health import readiness
-from conveyor.runtime import ConveyorCollector, MetricsSnapshot, read_metrics
+from conveyor.runtime import MetricsSnapshot, read_metrics
+from conveyor.runtime.prometheus import ConveyorCollector
 
 router = APIRouter(tags=["metrics"])
 

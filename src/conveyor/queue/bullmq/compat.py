@@ -31,7 +31,13 @@ puts every new job behind a queue of useless round trips (a p99 enqueue-to-start
   the jobs in progress.
 * A finishing job **fetches the next one in the same call** (``moveToFinished`` with
   ``fetchNext``) as long as the worker is not over its concurrency, so a busy worker makes one
-  round trip per job.
+  call per job.
+* Jobs that finish together **complete together**: their ``moveToFinished`` calls (one each,
+  as bullmq's — same keys, arguments, lock token, events and ``removeOnComplete``) go to Redis
+  in one pipeline (:class:`~conveyor.queue.scripts.ScriptBatcher`), one write and one read for
+  all. A lone completion goes at once; those made while a pipeline is on its way go with the
+  next. Each job's call succeeds or fails on its own (a job whose lock was lost fails as with
+  bullmq's own call, the others complete).
 
 Everything else (locks, stalled-job checks, events, pause and close) is bullmq's own; only
 ``run`` and ``processJob`` are replaced, and both keep bullmq's bookkeeping (``processing``,
@@ -54,12 +60,14 @@ import bullmq
 import redis.asyncio as aioredis
 from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildrenError
 from bullmq.redis_connection import RedisConnection
+from bullmq.scripts import raw2NextJobData
 from bullmq.timer import Timer
 from bullmq.utils import extract_result, is_redis_cluster
 
 from conveyor.queue._base import QueueEvent, ScriptCall
 from conveyor.queue._emitter import Emitter
 from conveyor.queue.connection import is_missing_script
+from conveyor.queue.scripts import ScriptBatcher
 
 __all__ = [
     "RELIED_ON",
@@ -104,6 +112,9 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         self._tokens = 0
         self._loop_done = asyncio.Event()
         """Set when :meth:`run` has returned (every job it started has ended)."""
+        conn = self.backend.connection.conn
+        self._finisher = ScriptBatcher(conn, cluster=is_redis_cluster(conn))
+        """Sends the completions of jobs that finish together in one pipeline."""
 
     # -- connection names ---------------------------------------------------------------------
     async def _ensure_client_names(self) -> None:
@@ -280,13 +291,13 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
                     and not self.paused
                     and len(self.processing) <= opts["concurrency"]
                 )
-                done = await self.backend.moveToCompleted(
-                    job, result, job.opts.get("removeOnComplete", False), token, fetch_next=fetch
+                done = await self._move_to_completed(
+                    job, result, job.opts.get("removeOnComplete", False), token, fetch
                 )
                 job.returnvalue = result
                 job.attemptsMade = job.attemptsMade + 1
                 if fetch:
-                    fetched = done["result"]
+                    fetched = done
         except (DelayedError, WaitingChildrenError):
             return None
         except Exception as err:
@@ -307,6 +318,24 @@ class FetchingWorker(bullmq.Worker):  # type: ignore[misc]  # bullmq is untyped
         except Exception as err:
             self.emit("error", err, job)
             return None  # a fetched job left active is recovered as stalled
+
+    async def _move_to_completed(
+        self, job: Any, result: Any, remove_on_complete: Any, token: str, fetch: bool
+    ) -> Any:
+        """bullmq's ``moveToCompleted`` (``Scripts.moveToFinished``: same keys, arguments and
+        error mapping) with the call sent through :attr:`_finisher`; the next job's raw data
+        when ``fetch``."""
+        scripts = self.backend.scripts
+        keys, args = scripts.moveToCompletedArgs(job, result, remove_on_complete, token, fetch)
+        script = self.backend.connection.commands["moveToFinished"]
+        raw = await self._finisher.call(script.script, script.sha, keys, args)
+        if raw is None:
+            return None
+        if isinstance(raw, int) and raw < 0:
+            raise scripts.finishedErrors(
+                {"code": raw, "jobId": job.id, "command": "moveToFinished", "state": "active"}
+            )
+        return raw2NextJobData(raw)
 
     async def _next_from(self, result: Any, token: str) -> Any:
         """The job ``moveToFinished`` fetched (``None`` when the queue was empty)."""
@@ -532,10 +561,11 @@ RELIED_ON: tuple[Internal, ...] = (
     Internal("LockManager", "track_job", ("job_id", "token", "ts", "should_create_controller")),
     Internal("LockManager", "untrack_job", ("job_id",)),
     Internal(
-        "RedisBackend",
-        "moveToCompleted",
-        ("job", "return_value", "remove_on_complete", "token", "fetch_next"),
+        "Scripts",
+        "moveToCompletedArgs",
+        ("job", "return_value", "shouldRemove", "token", "fetchNext"),
     ),
+    Internal("Scripts", "finishedErrors", ("opts",)),
     Internal("RedisBackend", "extendLocks", ("job_ids", "tokens", "duration")),
     Internal("RedisBackend", "changePriority", ("job_id", "priority")),
     Internal("RedisBackend", "getCounts", ("types",)),

@@ -1,0 +1,150 @@
+"""Jobs that finish together complete together: their ``moveToFinished`` calls share one
+pipeline, each keeping bullmq's semantics (lock token, events, ``removeOnComplete``), and a job
+whose lock was lost fails alone. A lone completion goes at once, alone. Real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from conveyor.queue import JobContext, QueueFactory
+from conveyor.queue.bullmq import compat
+from conveyor.queue.scripts import ScriptBatcher
+from tests.conftest import REDIS_HOST, REDIS_PORT
+from tests.queue.conftest import TEST_QUEUE, eventually, make_settings, running
+from tests.queue.payload import Probe
+
+
+def batch_sizes(worker: Any) -> list[int]:
+    """The number of completions in each pipeline ``worker`` sends (recorded as sent)."""
+    finisher = worker.bullmq_worker._finisher
+    sizes: list[int] = []
+    send = finisher._send
+
+    async def counted(batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        await send(batch)
+
+    finisher._send = counted
+    return sizes
+
+
+async def _events(client: Any, prefix: str) -> list[tuple[str, str]]:
+    entries = await client.xrange(f"{prefix}:{TEST_QUEUE}:events")
+    return [(f["event"], f.get("jobId", "")) for _id, f in entries if f["event"] == "completed"]
+
+
+async def test_jobs_finishing_together_complete_in_one_pipeline_and_a_lost_lock_fails_alone(
+    redis_prefix: str, redis_client: Any
+) -> None:
+    async with QueueFactory(make_settings(redis_prefix)) as qf:
+        queue = qf.create_queue(TEST_QUEUE)
+        started: dict[int, str] = {}
+        release = asyncio.Event()
+
+        async def process(payload: Probe, ctx: JobContext) -> dict[str, int]:
+            started[payload.n] = ctx.id
+            await release.wait()
+            return {"n": payload.n}
+
+        worker = qf.create_worker(TEST_QUEUE, process, concurrency=6, lock_duration_ms=10_000)
+        bull = worker.bullmq_worker  # type: ignore[attr-defined]
+        errors: list[BaseException] = []
+        bull.on("error", lambda err, *_: errors.append(err))
+        sizes = batch_sizes(worker)
+        producer: Any = getattr(queue, "bullmq_queue")  # noqa: B009 - the driver's handle
+        for n in range(6):  # keep 3 completed jobs (bullmq's keepJobs, per job)
+            await producer.add("probe", {"n": n}, {"removeOnComplete": 3})
+        async with running(worker):
+            await eventually(lambda: len(started) == 6)
+            lost = started[4]
+            await redis_client.delete(f"{redis_prefix}:{TEST_QUEUE}:{lost}:lock")  # a racer
+            release.set()  # all six finish in the same turn of the loop
+            await eventually(lambda: len(errors) == 1)
+            counts = await queue.get_job_counts("active", "completed", "failed")
+        assert sizes == [6]  # one pipeline for the six completions
+        assert counts == {"active": 1, "completed": 3, "failed": 0}  # 5 completed, 3 kept
+        assert await redis_client.hget(f"{redis_prefix}:{TEST_QUEUE}:{lost}", "finishedOn") is None
+        assert "Missing lock" in str(errors[0])
+        completed = await _events(redis_client, redis_prefix)
+        others = {started[n] for n in range(6) if n != 4}
+        assert {job_id for _event, job_id in completed} == others  # one event each, none for 4
+        assert len(completed) == 5
+        kept = await redis_client.zrange(f"{redis_prefix}:{TEST_QUEUE}:completed", 0, -1)
+        assert len(kept) == 3 and set(kept) <= others
+        for job_id in kept:  # bullmq's fields, as its own call writes them
+            fields = await redis_client.hgetall(f"{redis_prefix}:{TEST_QUEUE}:{job_id}")
+            assert fields["returnvalue"] == f'{{"n":{_n(started, job_id)}}}'
+            assert fields["finishedOn"] and fields["processedOn"]
+            assert "lock" not in fields
+
+
+def _n(started: dict[int, str], job_id: str) -> int:
+    return next(n for n, jid in started.items() if jid == job_id)
+
+
+async def test_a_lone_completion_goes_at_once_alone(bull_qf: QueueFactory) -> None:
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    done: list[int] = []
+
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        done.append(payload.n)
+
+    worker = bull_qf.create_worker(TEST_QUEUE, process, concurrency=10)
+    sizes = batch_sizes(worker)
+    async with running(worker):
+        for n in range(5):
+            await queue.add(Probe(n=n))
+            await eventually(lambda n=n: _completed(queue, n + 1), within=5, interval=0.005)
+    assert done == [0, 1, 2, 3, 4]
+    assert sizes == [1, 1, 1, 1, 1]  # nobody waited for a batch to fill
+
+
+async def _completed(queue: Any, n: int) -> bool:
+    counts = await queue.get_job_counts("completed")
+    return bool(counts["completed"] == n)
+
+
+def test_the_batched_completion_is_bullmqs_call() -> None:
+    """The pieces of bullmq it reuses are still there (checked with the other internals)."""
+    assert not [p for p in compat.missing_internals() if "moveTo" in p or "finished" in p]
+
+
+async def test_a_script_batch_keeps_each_calls_reply_in_order(redis_prefix: str) -> None:
+    """One batch: replies in order, an error reply is its call's own error, a script Redis
+    does not know yet is loaded and sent again; the connection stays usable."""
+    client = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT, decode_responses=True)
+    echo = "return ARGV[1]"
+    fail = "return redis.error_reply('boom ' .. ARGV[1])"
+    fresh = f"return '{redis_prefix}:' .. KEYS[1] .. ARGV[1]"  # never loaded before
+    try:
+        await client.script_load(echo)
+        await client.script_load(fail)
+        batcher = ScriptBatcher(client)
+        calls: list[tuple[str, list[Any]]] = [
+            (echo, ["a"]),
+            (fail, ["b"]),
+            (fresh, [1.5]),
+            (echo, [7]),
+        ]
+        futures = [
+            batcher.submit(src, _sha(src), ["k"] if src == fresh else [], args)
+            for src, args in calls
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert results[0] == "a" and results[3] == "7"
+        assert isinstance(results[1], ResponseError) and "boom b" in str(results[1])
+        assert results[2] == f"{redis_prefix}:k1.5"
+        assert batcher.batches == 1 and batcher.loads == 1
+        assert await batcher.call(echo, _sha(echo), [], ["again"]) == "again"
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+def _sha(source: str) -> str:
+    return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
