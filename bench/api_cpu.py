@@ -80,12 +80,12 @@ async def main() -> None:
     print(json.dumps(out))
 
 
-async def _measure(c: httpx.AsyncClient, url: str, args: argparse.Namespace) -> dict[str, Any]:
-    auth, ids = await _setup(c)
+async def _seed(url: str, ids: dict[str, str], rows: int) -> list[str]:
+    """``rows`` executions as ``bench/scale.py`` seeds them; some of the tenant's ids."""
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
-        for lo in range(0, args.rows, 100_000):
-            hi = min(args.rows, lo + 100_000) - 1
+        for lo in range(0, rows, 100_000):
+            hi = min(rows, lo + 100_000) - 1
             await conn.execute(SEED_SQL, ids["tenant"], ids["workflow"], ids["other_tenant"],
                                ids["other_workflow"], ids["workflow2"], lo, hi)  # fmt: skip
         await conn.execute("VACUUM ANALYZE executions")
@@ -94,6 +94,12 @@ async def _measure(c: httpx.AsyncClient, url: str, args: argparse.Namespace) -> 
             "SELECT id FROM executions WHERE tenant_id = $1 LIMIT 5000", ids["tenant"])]  # fmt: skip
     finally:
         await conn.close()
+    return sample
+
+
+async def _measure(c: httpx.AsyncClient, url: str, args: argparse.Namespace) -> dict[str, Any]:
+    auth, ids = await _setup(c)
+    sample = await _seed(url, ids, args.rows)
     detail_ids = random.Random(1).choices(sample, k=args.requests)
 
     async def get(path: str, params: dict[str, Any] | None = None) -> httpx.Response:

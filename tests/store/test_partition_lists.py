@@ -44,7 +44,7 @@ def _row(tenant: str, workflow: str, status: str, created: datetime, eid: str) -
 
 
 async def _seed(store: Store) -> tuple[str, str, str, list[dict[str, Any]]]:
-    """Two tenants' executions over the last 12 days; returns (busy tenant, its second
+    """Two tenants' executions over the last 25 days; returns (busy tenant, its second
     workflow, the sparse tenant, every row)."""
     rnd = random.Random(13)
     now = datetime.now(UTC)
@@ -54,12 +54,13 @@ async def _seed(store: Store) -> tuple[str, str, str, list[dict[str, Any]]]:
     wf1 = (await store.workflows.create(busy.id, {"name": "a", "steps": [{"id": "a", "type": "noop"}]})).id  # fmt: skip
     wf2 = (await store.workflows.create(busy.id, {"name": "b", "steps": [{"id": "a", "type": "noop"}]})).id  # fmt: skip
     wf3 = (await store.workflows.create(sparse.id, {"name": "c", "steps": [{"id": "a", "type": "noop"}]})).id  # fmt: skip
-    # Daily partitions for today - 11 .. today + 1, except today - 4 (its rows: DEFAULT);
-    # today - 6 and today - 7 stay empty.
+    # Daily partitions for today - 11 .. today + 1 except today - 4 (its rows: DEFAULT),
+    # and today - 25; today - 6 and today - 7 stay empty.
     await store.partitions.ensure(today - 11 * DAY, 6)
     await store.partitions.ensure(today - 3 * DAY, 4)
+    await store.partitions.ensure(today - 25 * DAY, 0)  # far back, past the walk's tries
     rows: list[dict[str, Any]] = []
-    for back in range(12):
+    for back in (*range(12), 20, 25):  # day 20 has no partition (DEFAULT)
         if back in (6, 7):
             continue
         day = today - back * DAY

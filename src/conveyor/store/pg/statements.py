@@ -142,24 +142,28 @@ def step_run_from_record(row: Any) -> StepRun:
 # ``executions`` is partitioned by id range, one partition a day (migration 0013); a list is
 # ordered by ``created_at``. A plain ``ORDER BY created_at DESC, id DESC LIMIT n`` therefore
 # reads every partition's index (a ``Merge Append`` of one index scan per day kept). A page
-# instead first reads only the partitions of the last days before its start (``id >= lo``:
-# the other daily partitions are pruned) plus the whole DEFAULT partition, and falls back to
-# more days, then to every partition, only when that did not provably fill the page.
+# instead first reads only the partitions from a few days before its start on (``id >= lo``:
+# the older daily partitions are pruned when the statement is planned) plus the whole DEFAULT
+# partition, and reads more days, then every partition, only when that did not provably fill
+# the page.
 #
 # Why that is exact: an execution's id is made by ``new_id()`` when it is created, after the
 # creation instant ``created_at`` was read, so its id's instant (the first 12 hex digits, ms)
-# is never much earlier than its ``created_at``: ``created_at <= id instant + MARGIN``. A row
-# of a daily partition left out has ``id < lo = day_bound(day of (T - MARGIN))``, hence an id
-# instant before ``T - MARGIN`` and ``created_at < T``. So when the page read has ``limit``
-# rows with ``created_at >= T`` and one more, no row left out can come before any of them:
-# they are the page, and more follow. Rows of the DEFAULT partition (ids of a day nobody
-# created a partition for, ids that are not time-ordered) are always read.
+# is never much earlier than its ``created_at``: ``created_at < id instant + MARGIN``. A row of
+# a daily partition left out has ``id < lo = day_bound(D)``, so an id instant before D and
+# ``created_at < D + MARGIN``. So when the rows read hold ``limit`` rows with ``created_at >=
+# D + MARGIN`` and one more, no row left out can come before any of them: they are the page,
+# and more follow. Rows of the DEFAULT partition (ids of a day nobody created a partition for,
+# ids that are not time-ordered) are always read. The cursor is a row comparison, ``(created_at,
+# id) < (at, id)`` (the same rows as ``created_at <= at AND (created_at < at OR id < id)``):
+# the planner estimates it better and keeps ordered index scans on every partition.
 MARGIN = timedelta(days=1)
 """How much later than its id's instant an execution's ``created_at`` may be (see above);
 ``new_id()`` is called after ``now`` is read, so in practice it is never later at all."""
-WALK = (timedelta(days=1), timedelta(days=8), None)
-"""How far before the page's start (the cursor's ``created_at``, or now) each try reads:
-``T = start - span``; ``None``: every partition (the plain query)."""
+WALK = (3, 15, None)
+"""How many days before the page's start (the cursor's ``created_at``, or now) each try reads
+from: ``D = day of start - days``, exact down to ``D + MARGIN`` (2 and 14 days of rows at the
+least); ``None``: every partition (the plain statement)."""
 _ORDER = "ORDER BY created_at DESC, id DESC"
 _PAGE_SQL: dict[tuple[int, bool, bool, bool], str] = {}
 
@@ -183,7 +187,7 @@ def _page_sql(statuses: int, workflow: bool, cursor: bool, bounded: bool) -> str
         n += 1
         where.append(f"workflow_id = ${n}")
     if cursor:
-        where.append(f"created_at <= ${n + 1} AND (created_at < ${n + 1} OR id < ${n + 2})")
+        where.append(f"(created_at, id) < (${n + 1}, ${n + 2})")
         n += 2
     limit = f"${n + 1}"
     cols = ", ".join(_EXECUTION_COLUMNS)
@@ -201,10 +205,11 @@ def _page_sql(statuses: int, workflow: bool, cursor: bool, bounded: bool) -> str
     return sql
 
 
-def lowest_id(t: datetime) -> str:
-    """The lowest id a page that must be exact down to ``created_at >= t`` reads from the
-    daily partitions (the first id of the day of ``t - MARGIN``)."""
-    return day_bound((t - MARGIN).astimezone(UTC).date())
+def walk_from(start: datetime, days: int) -> tuple[str, datetime]:
+    """The lowest id a try ``days`` before ``start`` reads from the daily partitions, and the
+    ``created_at`` down to which its rows are exact."""
+    day = start.astimezone(UTC).date() - timedelta(days=days)
+    return day_bound(day), datetime(day.year, day.month, day.day, tzinfo=UTC) + MARGIN
 
 
 class PgStatements:
@@ -311,8 +316,8 @@ class PgStatements:
         after: tuple[datetime, str] | None,
     ) -> tuple[list[Execution], bool]:
         """See :class:`~conveyor.store.statements.Statements`; newest partitions first (see
-        :data:`MARGIN`): one statement reading a day or two of partitions for a page whose
-        rows are that recent, at most three for any page."""
+        :data:`MARGIN`): one statement reading the last few days' partitions for a page whose
+        rows are that recent, at most three statements for any page."""
         args: list[Any] = [tenant_id]
         if statuses:
             args.append(statuses[0] if len(statuses) == 1 else list(statuses))
@@ -323,13 +328,13 @@ class PgStatements:
         args.append(limit + 1)
         shape = (len(statuses or ()), workflow_id is not None, after is not None)
         start = after[0] if after is not None else datetime.now(UTC)
-        for span in WALK:
-            if span is None:
+        for days in WALK:
+            if days is None:
                 rows = await call(self._pool, "fetch", _page_sql(*shape, False), *args)
                 break
-            t = start - span
-            rows = await call(self._pool, "fetch", _page_sql(*shape, True), *args, lowest_id(t))
-            if len(rows) > limit and rows[limit - 1]["created_at"] >= t:
+            lo, exact = walk_from(start, days)
+            rows = await call(self._pool, "fetch", _page_sql(*shape, True), *args, lo)
+            if len(rows) > limit and rows[limit - 1]["created_at"] >= exact:
                 break
         items = [execution_from_record(r) for r in rows[:limit]]
         return items, len(rows) > limit
