@@ -238,7 +238,8 @@ async def test_lists_and_details_answer_as_fastapi_does(pair: Pair) -> None:
         assert r.status_code == status, (path, r.text)
     assert len(pair.handed_over) == len(handed), pair.handed_over
 
-    pages, cursor = [], None  # cursor pages, 2 at a time, through both
+    pages: list[str] = []
+    cursor = None  # cursor pages, 2 at a time, through both
     while True:
         params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
         page = (await pair.both("GET", "/api/executions", params=params, headers=auth)).json()

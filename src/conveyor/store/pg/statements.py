@@ -125,7 +125,8 @@ def execution_from_record(row: Any, steps: tuple[StepRun, ...] = ()) -> Executio
         raw = values[i]
         if raw is not None:
             values[i] = loads(raw)
-    return Execution(*values, steps=steps)
+    values.append(steps)  # the last field
+    return Execution(*values)
 
 
 def step_run_from_record(row: Any) -> StepRun:

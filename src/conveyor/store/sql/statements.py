@@ -178,7 +178,8 @@ class SqlStatements:
                 if row is None:
                     return None
                 steps = (await conn.execute(_STEPS, {"tid": tenant_id, "eid": execution_id})).all()
-        return Execution(*row, steps=tuple(StepRun(*r) for r in steps))
+        values: list[Any] = [*row, tuple(StepRun(*r) for r in steps)]  # steps: the last field
+        return Execution(*values)
 
     async def execution_page(
         self,
