@@ -16,7 +16,12 @@ best run is kept). The queries are those of ``GET /api/executions`` (``ServiceBa
 
     python bench/partition_lists.py [--rows 200000] [--days 20] [--repeat 5]
 
-Prints per query the plan's top nodes and the execution time on both layouts; last line JSON.
+A third figure per list query, ``walk``: what the store runs since the newest-first walk
+(``conveyor.store.pg.statements``: the newest days' partitions plus the DEFAULT partition
+first, more days only when that did not fill the page): each try's ``EXPLAIN ANALYZE``
+execution time summed over the tries the page needed (``tries``).
+
+Prints per query the plan's top nodes and the execution time on each layout; last line JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import asyncpg  # type: ignore[import-untyped]
 from _exec_common import bench_env
 from conveyor.store import asyncpg_dsn
 from conveyor.store.partitions import day_bound, partition_name
+from conveyor.store.pg.statements import WALK, _page_sql, walk_from
 
 PAGE = 51  # limit + 1, as _page asks
 
@@ -150,6 +156,14 @@ async def _run(conn: Any, args: argparse.Namespace) -> None:
         n = len(params)
         sql = _cursor_sql(where).replace("$c1", f"${n + 1}").replace("$c2", f"${n + 2}")
         queries[label] = (sql, [*params, at, ident])
+    # The walk: (statuses, workflow, cursor) of each list query, as the store passes them.
+    walks: dict[str, tuple[list[Any], tuple[int, bool, bool], Any]] = {
+        "tenant_first": (["t3"], (0, False, False), None),
+        "tenant_failed": (["t3", "failed"], (1, False, False), None),
+    }
+    for label, shape in (("tenant_page100", (0, False, True)),
+                         ("tenant_workflow_page50", (0, True, True))):  # fmt: skip
+        walks[label] = (queries[label][1], shape, queries[label][1][-2])
     some = await conn.fetchval("SELECT id FROM executions OFFSET 12345 LIMIT 1")
     queries["by_id"] = ("SELECT * FROM {t} WHERE tenant_id = $1 AND id = $2", ["t5", some])
 
@@ -160,8 +174,37 @@ async def _run(conn: Any, args: argparse.Namespace) -> None:
             ms, nodes = await _explain(conn, sql.format(t=table), params, args.repeat)
             figures[layout] = round(ms, 3)
             print(f"{label:26} {layout:12} {ms:8.3f} ms  {' > '.join(nodes)}")
+        if label in walks:
+            params, shape, at = walks[label]
+            ms, tries, nodes = await _walk(conn, params, shape, at, args.repeat)
+            figures["walk"], figures["walk_tries"] = round(ms, 3), tries
+            print(f"{label:26} {'walk':12} {ms:8.3f} ms  {tries} tr{'y' if tries == 1 else 'ies'}"
+                  f"  {' > '.join(nodes)}")  # fmt: skip
         out[label] = figures
     print(json.dumps({"rows": args.rows, "days": args.days, "ms": out}))
+
+
+async def _walk(
+    conn: Any, params: list[Any], shape: tuple[int, bool, bool], at: Any, repeat: int
+) -> tuple[float, int, list[str]]:
+    """The store's walk for one page: the summed best execution time of its tries."""
+    start = at if at is not None else datetime.now(UTC)
+    total, tries, nodes = 0.0, 0, []
+    for days in WALK:
+        tries += 1
+        args = [*params, PAGE]
+        if days is None:
+            sql = _page_sql(*shape, False)
+        else:
+            lo, exact = walk_from(start, days)
+            sql = _page_sql(*shape, True)
+            args.append(lo)
+        ms, nodes = await _explain(conn, sql, args, repeat)
+        total += ms
+        rows = await conn.fetch(sql, *args)
+        if days is None or (len(rows) >= PAGE and rows[PAGE - 2]["created_at"] >= exact):
+            break
+    return total, tries, nodes
 
 
 if __name__ == "__main__":

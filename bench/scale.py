@@ -195,9 +195,22 @@ def find_cursor(doc: Any) -> str | None:
 
 
 async def explain(conn: asyncpg.Connection, tenant: str) -> dict[str, str]:
+    walked: dict[str, tuple[str, list[Any]]] = {}
+    try:  # what the API runs first (the newest days' partitions; see PgStatements)
+        from conveyor.store.pg.statements import WALK, _page_sql, walk_from
+    except ImportError:  # a checkout from before the walk (a baseline run)
+        pass
+    else:
+        lo, _ = walk_from(datetime.now(UTC), WALK[0] or 0)
+        walked = {
+            "first page, walk's first try": (_page_sql(0, False, False, True), [tenant, 51, lo]),
+            "status=failed&status=cancelled, walk's first try": (
+                _page_sql(2, False, False, True), [tenant, ["failed", "cancelled"], 51, lo]),
+        }  # fmt: skip
     out = {}
-    for name, sql in LIST_SQL.items():
-        rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", tenant)
+    for name, (sql, params) in {**{k: (v, [tenant]) for k, v in LIST_SQL.items()},
+                                **walked}.items():  # fmt: skip
+        rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", *params)
         plan = [r[0] for r in rows]
         out[name] = " | ".join(p.strip() for p in plan if "->" in p or p is plan[0])[:400] + \
             " | " + plan[-1].strip()  # fmt: skip

@@ -24,6 +24,8 @@ from conveyor.api.app import create_app
 from conveyor.api.context import ApiContext, open_context
 from conveyor.api.fastlane import FastLane
 from conveyor.api.middleware import MAX_JSON_DEPTH
+from conveyor.store import utcnow
+from conveyor.store.schema import executions, step_runs
 from tests.api.conftest import NOOP_WORKFLOW, Api, make_settings
 
 TRIGGER_ROUTE = "/api/workflows/{workflowId}/executions"
@@ -54,15 +56,19 @@ class Pair:
 
 
 class _Spy:
-    """Wraps the application behind the fast lane: records the trigger and health requests
-    it hands over (other routes always go there)."""
+    """Wraps the application behind the fast lane: records the trigger, health, list and
+    detail requests it hands over (other routes always go there)."""
 
     def __init__(self, app: ASGIApp, seen: list[str]) -> None:
         self.app, self.seen = app, seen
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = str(scope.get("path"))
-        if path.endswith(("/executions", "/executions/")) or path == "/api/health":
+        if (
+            path.endswith(("/executions", "/executions/"))
+            or path == "/api/health"
+            or path.startswith("/api/executions/")
+        ):
             self.seen.append(f"{scope.get('method')} {path}")
         await self.app(scope, receive, send)
 
@@ -159,6 +165,93 @@ async def test_errors_answer_as_fastapi_does(pair: Pair) -> None:
         if status != 307:
             assert r.json()["success"] is (status < 400)
     assert len(pair.handed_over) == len(handed)
+
+
+async def _seeded_executions(pair: Pair, auth: dict[str, str]) -> tuple[str, list[str]]:
+    """Seven executions of one workflow and two of another; one failed with an error and
+    an output, one with step runs whose JSON has floats, unicode and nesting."""
+    wf = await pair.api.workflow(auth)
+    other = await pair.api.workflow(auth)
+    ids = []
+    for i, target in enumerate([wf] * 7 + [other] * 2):
+        r = await pair.lane.post(
+            f"/api/workflows/{target}/executions", json={"input": {"n": i}}, headers=auth
+        )
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["data"]["id"])
+    now = utcnow()
+    odd: Any = [1.5, 1e300, -0.0, 10**20, "é😀\u2028", {"a": {"b": [None, True]}}]
+    async with pair.api.ctx.store.engine.begin() as conn:
+        await conn.execute(
+            executions.update()
+            .where(executions.c.id == ids[2])
+            .values(status="failed", output=odd, error={"type": "Boom", "message": "x"},
+                    started_at=now, finished_at=now, step_errors=[{"attempt": 1}])
+        )  # fmt: skip
+        tenant = (await conn.execute(executions.select().where(executions.c.id == ids[3]))).one()
+        for seq in range(3):
+            await conn.execute(
+                step_runs.insert().values(
+                    execution_id=ids[3], seq=seq, tenant_id=tenant.tenant_id, step_id=f"s{seq}",
+                    step_type="noop", status="succeeded", attempts=seq + 1, input={"i": seq},
+                    output=odd, output_truncated=seq == 2, error=None, started_at=now,
+                    finished_at=now, reused_from=ids[0] if seq == 0 else None,
+                )
+            )  # fmt: skip
+    return wf, ids
+
+
+async def test_lists_and_details_answer_as_fastapi_does(pair: Pair) -> None:
+    auth = await pair.api.tenant()
+    wf, ids = await _seeded_executions(pair, auth)
+    stranger = await pair.api.tenant("other")
+    served: list[tuple[str, dict[str, Any], int]] = [
+        ("/api/executions", {}, 200),
+        ("/api/executions?limit=200", {}, 200),
+        ("/api/executions?status=failed", {}, 200),
+        ("/api/executions?status=failed&status=queued&limit=3", {}, 200),
+        (f"/api/executions?workflowId={wf}&limit=4", {}, 200),
+        ("/api/executions?workflowId=nope", {}, 200),
+        ("/api/executions?cursor=bm90LWEtY3Vyc29y", {}, 400),
+        ("/api/executions", {"headers": {}}, 401),
+        (f"/api/executions/{ids[0]}", {"headers": {}}, 401),
+        (f"/api/executions/{ids[0]}", {"headers": stranger}, 404),
+        ("/api/executions/nope", {}, 404),
+        *((f"/api/executions/{eid}", {}, 200) for eid in ids),
+    ]
+    handed: list[tuple[str, dict[str, Any], int]] = [  # handed over to FastAPI
+        ("/api/executions?status=bogus", {}, 422),
+        ("/api/executions?status=", {}, 422),
+        ("/api/executions?limit=0", {}, 422),
+        ("/api/executions?limit=201", {}, 422),
+        ("/api/executions?limit=abc", {}, 422),
+        ("/api/executions?limit=050", {}, 200),
+        ("/api/executions?limit=2&limit=3", {}, 200),
+        ("/api/executions?other=1", {}, 200),
+        (f"/api/executions?workflowId={'x' * 65}", {}, 422),
+        (f"/api/executions?cursor={'x' * 513}", {}, 422),
+        (f"/api/executions/{'x' * 65}", {}, 422),
+        ("/api/executions/", {}, 307),
+    ]
+    for path, kwargs, status in served + handed:
+        r = await pair.both("GET", path, **{"headers": auth, **kwargs})
+        assert r.status_code == status, (path, r.text)
+    assert len(pair.handed_over) == len(handed), pair.handed_over
+
+    pages: list[str] = []
+    cursor = None  # cursor pages, 2 at a time, through both
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = (await pair.both("GET", "/api/executions", params=params, headers=auth)).json()
+        pages.extend(e["id"] for e in page["data"]["items"])
+        cursor = page["data"]["nextCursor"]
+        if cursor is None:
+            break
+    assert pages == ids[::-1]
+    detail = (await pair.lane.get(f"/api/executions/{ids[3]}", headers=auth)).json()["data"]
+    assert [s["seq"] for s in detail["steps"]] == [0, 1, 2]
+    assert detail["steps"][0]["reusedFrom"] == ids[0]
+    assert len(pair.handed_over) == len(handed), "the pages and details were served"
 
 
 async def test_health_and_metrics(pair: Pair) -> None:

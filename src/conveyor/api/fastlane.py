@@ -1,9 +1,12 @@
-"""A fast lane in front of FastAPI's routing for the two hottest routes.
+"""A fast lane in front of FastAPI's routing for the hottest routes.
 
-``POST /api/workflows/{workflowId}/executions`` (the trigger) and ``GET /api/health`` are what
-clients and probes call most. FastAPI's generic machinery (route matching over every route,
-dependency solving, parameter models) costs more CPU than the work of these routes, so
-:class:`FastLane` serves them directly — but only in the common, well-formed case, and with the
+``POST /api/workflows/{workflowId}/executions`` (the trigger), ``GET /api/executions`` (the
+list), ``GET /api/executions/{executionId}`` (an execution with its step runs) and ``GET
+/api/health`` are what clients, consoles and probes call most. FastAPI's generic machinery
+(route matching over every route, dependency solving, parameter models) costs more CPU than the
+work of these routes, so :class:`FastLane` serves them directly — but only in the common,
+well-formed case (for the list: only the known query parameters, each status one of the
+statuses, ``limit`` a plain number within bounds, scalar parameters given once), and with the
 SAME code: the route's own endpoint function and dependencies (:func:`require_tenant`),
 the same request model (:class:`TriggerIn`), the same response model and serialisation, the
 same exception handlers. Anything unusual — another content type, no ``Content-Length``, a
@@ -34,6 +37,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -43,21 +47,30 @@ from conveyor.api.context import ApiContext
 from conveyor.api.deps import require_tenant
 from conveyor.api.routes import executions
 from conveyor.api.routes import health as health_routes
-from conveyor.api.routes.executions import trigger_execution
+from conveyor.api.routes.executions import get_execution, list_executions, trigger_execution
 from conveyor.api.routes.health import health
-from conveyor.api.schemas import Envelope, ExecutionOut, HealthData, TriggerIn
+from conveyor.api.schemas import Envelope, ExecutionOut, HealthData, Page, TriggerIn
 
 __all__ = ["FastLane"]
 
 TRIGGER_PATH = "/api/workflows/{workflowId}/executions"
 HEALTH_PATH = "/api/health"
+LIST_PATH = "/api/executions"
+DETAIL_PATH = "/api/executions/{executionId}"
 _TRIGGER_RE = re.compile(r"/api/workflows/([^/]+)/executions")
+_DETAIL_PREFIX = "/api/executions/"
+_STATUSES = frozenset(("queued", "running", "waiting", "succeeded", "failed", "cancelled"))
+"""``ExecutionStatus``: a list's ``status`` values (anything else: FastAPI answers 422)."""
+_LIMIT_RE = re.compile(r"[1-9][0-9]{0,2}")
+_MAX_LIMIT = 200
+_MAX_CURSOR = 512
 _MAX_ID = 64
 """``workflowId`` path parameter: 1..64 characters (as declared on the route)."""
 _MAX_IDEMPOTENCY_KEY = 255
 
 _EXECUTION_OUT: TypeAdapter[Envelope[ExecutionOut]] = TypeAdapter(Envelope[ExecutionOut])
 _HEALTH_OUT: TypeAdapter[Envelope[HealthData]] = TypeAdapter(Envelope[HealthData])
+_LIST_OUT: TypeAdapter[Envelope[Page[ExecutionOut]]] = TypeAdapter(Envelope[Page[ExecutionOut]])
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -126,6 +139,17 @@ class FastLane:
                 _enter_route(scope, self._route("GET", HEALTH_PATH), {})
                 await self._health(scope, receive, send)
                 return
+            elif method == "GET" and path == LIST_PATH:
+                _enter_route(scope, self._route("GET", LIST_PATH), {})
+                await self._list(scope, receive, send)
+                return
+            elif method == "GET" and path.startswith(_DETAIL_PREFIX):
+                execution_id = path[len(_DETAIL_PREFIX) :]
+                if execution_id and "/" not in execution_id:
+                    route = self._route("GET", DETAIL_PATH)
+                    _enter_route(scope, route, {"executionId": execution_id})
+                    await self._detail(scope, receive, send, execution_id)
+                    return
         await self.app(scope, receive, send)
 
     # --- the routes ------------------------------------------------------------------------
@@ -192,6 +216,59 @@ class FastLane:
         payload = _HEALTH_OUT.dump_json(_HEALTH_OUT.validate_python(content), by_alias=True)
         await _respond(scope, receive, send, payload, None, None)
 
+    async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = self._ctx()
+        try:
+            headers = _Headers(scope)
+            if ctx is None:
+                raise _Fallback
+        except _Fallback:
+            await self.app(scope, receive, send)
+            return
+        # FastAPI's order: the dependencies (authentication) first, then the parameters.
+        try:
+            auth = await require_tenant(ctx, _credentials(headers.authorization))
+        except Exception as exc:
+            await self._handle(exc, scope, receive, send)
+            return
+        try:
+            params = _list_params(scope)
+        except _Fallback:
+            await self.app(scope, receive, send)
+            return
+        try:
+            content = await list_executions(ctx, auth, **params)
+        except Exception as exc:
+            await self._handle(exc, scope, receive, send)
+            return
+        payload = _LIST_OUT.dump_json(_LIST_OUT.validate_python(content), by_alias=True)
+        await _respond(scope, receive, send, payload, None, None)
+
+    async def _detail(self, scope: Scope, receive: Receive, send: Send, execution_id: str) -> None:
+        ctx = self._ctx()
+        try:
+            headers = _Headers(scope)
+            if ctx is None:
+                raise _Fallback
+        except _Fallback:
+            await self.app(scope, receive, send)
+            return
+        try:
+            auth = await require_tenant(ctx, _credentials(headers.authorization))
+        except Exception as exc:
+            await self._handle(exc, scope, receive, send)
+            return
+        if len(execution_id) > _MAX_ID:
+            await self.app(scope, receive, send)
+            return
+        try:
+            content = await get_execution(ctx, auth, execution_id)
+        except Exception as exc:
+            await self._handle(exc, scope, receive, send)
+            return
+        payload = _EXECUTION_OUT.dump_json(_EXECUTION_OUT.validate_python(content), by_alias=True)
+        await _respond(scope, receive, send, payload, None, None)
+
     # --- plumbing --------------------------------------------------------------------------
     def _ctx(self) -> ApiContext | None:
         ctx: ApiContext | None = getattr(self.api.state, "ctx", None)
@@ -254,6 +331,41 @@ async def _read_json(receive: Receive, received: list[Message]) -> Any:
     if not isinstance(document, dict):
         raise _Fallback
     return document
+
+
+def _list_params(scope: Scope) -> dict[str, Any]:
+    """``GET /api/executions``'s parameters as the route declares them, parsed as Starlette
+    does; ``_Fallback`` for anything FastAPI might answer otherwise (an unknown or repeated
+    parameter, an empty value, a status that is not one, a limit that is not a plain number
+    within 1..200, an over-long workflow id or cursor)."""
+    status: list[str] = []
+    seen: dict[str, str] = {}
+    for name, value in QueryParams(scope["query_string"]).multi_items():
+        if not value:
+            raise _Fallback
+        if name == "status":
+            if value not in _STATUSES:
+                raise _Fallback
+            status.append(value)
+        elif name in ("workflowId", "limit", "cursor") and name not in seen:
+            seen[name] = value
+        else:
+            raise _Fallback
+    limit = seen.get("limit", "50")
+    workflow_id = seen.get("workflowId")
+    cursor = seen.get("cursor")
+    if _LIMIT_RE.fullmatch(limit) is None or int(limit) > _MAX_LIMIT:
+        raise _Fallback
+    if (workflow_id is not None and len(workflow_id) > _MAX_ID) or (
+        cursor is not None and len(cursor) > _MAX_CURSOR
+    ):
+        raise _Fallback
+    return {
+        "status": status or None,
+        "workflow_id": workflow_id,
+        "limit": int(limit),
+        "cursor": cursor,
+    }
 
 
 def _replay(received: list[Message], receive: Receive) -> Receive:

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conveyor.errors import Conflict, NotFound
 from conveyor.settings import Settings
-from conveyor.store._base import ServiceBase
+from conveyor.store._base import ServiceBase, decode_cursor, encode_cursor, page_limit
 from conveyor.store._group_commit import GroupCommit
 from conveyor.store._types import utcnow
 from conveyor.store.records import Execution, Page, StepRun
@@ -107,25 +107,13 @@ class ExecutionService(ServiceBase):
         self, tenant_id: str, execution_id: str, *, with_steps: bool = False
     ) -> Execution:
         """One execution (and its step runs, in order, with ``with_steps``)."""
-        if not with_steps:
+        if with_steps:
+            found = await self._statements.execution_with_steps(tenant_id, execution_id)
+        else:
             found = await self._statements.execution(tenant_id, execution_id)
-            if found is None:
-                raise NotFound("execution not found", execution_id=execution_id)
-            return found
-        async with self._auto() as conn:
-            row = (
-                await conn.execute(
-                    select(executions).where(
-                        executions.c.tenant_id == tenant_id, executions.c.id == execution_id
-                    )
-                )
-            ).first()
-            if row is None:
-                raise NotFound("execution not found", execution_id=execution_id)
-            steps: tuple[StepRun, ...] = ()
-            if with_steps:
-                steps = await self._step_runs(conn, tenant_id, execution_id)
-        return Execution.from_mapping(row._mapping, steps=steps)
+        if found is None:
+            raise NotFound("execution not found", execution_id=execution_id)
+        return found
 
     async def step_runs(self, tenant_id: str, execution_id: str) -> list[StepRun]:
         async with self._auto() as conn:
@@ -155,14 +143,18 @@ class ExecutionService(ServiceBase):
     ) -> Page[Execution]:
         """Executions of ``tenant_id``, newest first; ``next_cursor`` continues the list
         (stable under concurrent inserts: the cursor is the last row's (created_at, id))."""
-        query = select(executions).where(executions.c.tenant_id == tenant_id)
-        if isinstance(status, str):
-            query = query.where(executions.c.status == status)
-        elif status:
-            query = query.where(executions.c.status.in_(list(status)))
-        if workflow_id is not None:
-            query = query.where(executions.c.workflow_id == workflow_id)
-        return await self._page(query, executions, Execution, limit=limit, cursor=cursor)
+        statuses = (status,) if isinstance(status, str) else tuple(status or ())
+        items, more = await self._statements.execution_page(
+            tenant_id,
+            statuses=statuses or None,
+            workflow_id=workflow_id,
+            limit=page_limit(limit),
+            after=None if cursor is None else decode_cursor(cursor),
+        )
+        if not more:
+            return Page(items, None)
+        last = items[-1]
+        return Page(items, encode_cursor(last.created_at, last.id))
 
     async def cancel(self, tenant_id: str, execution_id: str) -> Execution:
         """Cancel a queued, running or waiting execution (idempotent for cancelled ones).

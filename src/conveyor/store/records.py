@@ -11,6 +11,8 @@ from datetime import datetime
 from typing import Any, Generic, Self, TypeVar
 
 __all__ = [
+    "EXECUTION_COLUMNS",
+    "STEP_RUN_COLUMNS",
     "TICK_OUTCOMES",
     "ApiKey",
     "Execution",
@@ -200,6 +202,13 @@ class Execution(_Record):
             "enqueuedAt": enqueued_at_ms,
             "reason": reason,
         }
+
+
+EXECUTION_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Execution) if f.name != "steps")
+"""The ``executions`` columns of an :class:`Execution`, in field order: a row selected with
+these columns in this order is ``Execution(*row)`` (no per-column lookups by name)."""
+STEP_RUN_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(StepRun))
+"""The ``step_runs`` columns of a :class:`StepRun`, in field order (``StepRun(*row)``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,25 @@ class Statements(Protocol):
 
     async def execution(self, tenant_id: str, execution_id: str) -> Execution | None: ...
 
+    async def execution_with_steps(self, tenant_id: str, execution_id: str) -> Execution | None:
+        """The execution with its step runs (``steps``, in ``seq`` order); ``None`` if the
+        tenant has no such execution."""
+        ...
+
+    async def execution_page(
+        self,
+        tenant_id: str,
+        *,
+        statuses: Sequence[str] | None,
+        workflow_id: str | None,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> tuple[list[Execution], bool]:
+        """The tenant's executions newest first (``created_at DESC, id DESC``), filtered by
+        ``statuses`` (any of) and ``workflow_id``, strictly after ``after`` (a cursor's
+        ``(created_at, id)``): at most ``limit`` of them, and whether more follow."""
+        ...
+
     async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None: ...
 
     async def executions_by_keys(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Path, Query, Response
@@ -69,18 +70,19 @@ def step_out(step: StepRun) -> dict[str, Any]:
     }
 
 
+_OUT_FIELDS = (
+    "id", "workflow_id", "workflow_version", "status", "region", "triggered_by",
+    "input", "output", "error", "attempts", "steps_run", "step_attempt", "step_errors",
+    "idempotency_key",
+    "schedule_id", "retry_of", "scheduled_for", "created_at", "queued_at", "started_at",
+    "finished_at", "updated_at", "parent_execution_id", "parent_seq", "depth",
+    "branch", "parent_index",
+)  # fmt: skip
+_out_values = attrgetter(*_OUT_FIELDS)
+
+
 def execution_out(execution: Execution, *, with_steps: bool = False) -> dict[str, Any]:
-    out = {
-        name: getattr(execution, name)
-        for name in (
-            "id", "workflow_id", "workflow_version", "status", "region", "triggered_by",
-            "input", "output", "error", "attempts", "steps_run", "step_attempt", "step_errors",
-            "idempotency_key",
-            "schedule_id", "retry_of", "scheduled_for", "created_at", "queued_at", "started_at",
-            "finished_at", "updated_at", "parent_execution_id", "parent_seq", "depth",
-            "branch", "parent_index",
-        )
-    }  # fmt: skip
+    out = dict(zip(_OUT_FIELDS, _out_values(execution), strict=True))
     if with_steps:
         out["steps"] = [step_out(s) for s in execution.steps]
     return out

@@ -10,14 +10,14 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, tuple_
+from sqlalchemy import and_, bindparam, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.store._db import autocommit
 from conveyor.store._errors import translate_errors
-from conveyor.store.records import Execution
-from conveyor.store.schema import api_keys, executions, workflows
+from conveyor.store.records import EXECUTION_COLUMNS, STEP_RUN_COLUMNS, Execution, StepRun
+from conveyor.store.schema import api_keys, executions, step_runs, workflows
 from conveyor.store.statements import TriggerRequest
 from conveyor.store.triggers import insert_values, new_execution
 
@@ -38,6 +38,15 @@ _TRIGGER_TARGET = select(
     workflows.c.tenant_id == bindparam("tid"),
     workflows.c.id == bindparam("wid"),
     workflows.c.deleted_at.is_(None),
+)
+
+
+_EXECUTION = select(*(executions.c[name] for name in EXECUTION_COLUMNS))
+"""The columns of an :class:`Execution` in field order: ``Execution(*row)``."""
+_STEPS = (
+    select(*(step_runs.c[name] for name in STEP_RUN_COLUMNS))
+    .where(step_runs.c.tenant_id == bindparam("tid"), step_runs.c.execution_id == bindparam("eid"))
+    .order_by(step_runs.c.seq)
 )
 
 
@@ -158,6 +167,47 @@ class SqlStatements:
 
     async def execution_by_key(self, tenant_id: str, key: str) -> Execution | None:
         return await self._one(executions.c.idempotency_key == key, tenant_id)
+
+    async def execution_with_steps(self, tenant_id: str, execution_id: str) -> Execution | None:
+        statement = _EXECUTION.where(
+            executions.c.tenant_id == tenant_id, executions.c.id == execution_id
+        )
+        with translate_errors():
+            async with self._autocommit.connect() as conn:
+                row = (await conn.execute(statement)).first()
+                if row is None:
+                    return None
+                steps = (await conn.execute(_STEPS, {"tid": tenant_id, "eid": execution_id})).all()
+        values: list[Any] = [*row, tuple(StepRun(*r) for r in steps)]  # steps: the last field
+        return Execution(*values)
+
+    async def execution_page(
+        self,
+        tenant_id: str,
+        *,
+        statuses: Sequence[str] | None,
+        workflow_id: str | None,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> tuple[list[Execution], bool]:
+        query = _EXECUTION.where(executions.c.tenant_id == tenant_id)
+        if statuses:
+            query = query.where(
+                executions.c.status == statuses[0]
+                if len(statuses) == 1
+                else executions.c.status.in_(list(statuses))
+            )
+        if workflow_id is not None:
+            query = query.where(executions.c.workflow_id == workflow_id)
+        if after is not None:
+            at, row_id = after
+            created, ident = executions.c.created_at, executions.c.id
+            query = query.where(and_(created <= at, or_(created < at, ident < row_id)))
+        query = query.order_by(executions.c.created_at.desc(), executions.c.id.desc())
+        with translate_errors():
+            async with self._autocommit.connect() as conn:
+                rows = (await conn.execute(query.limit(limit + 1))).all()
+        return [Execution(*r) for r in rows[:limit]], len(rows) > limit
 
     async def executions_by_keys(
         self, keys: Sequence[tuple[str, str]]
