@@ -27,6 +27,7 @@ from tests.store import _retention_seed as seed
 
 ROWS = int(os.environ.get("PRUNE_ROWS", "20000"))
 TRIGGERS = int(os.environ.get("PRUNE_TRIGGERS", "1000"))
+SEED_CHUNK = 25_000
 CONCURRENCY = 4
 P99_BOUND_MS = 250.0
 """Generous: a 2-core machine shared with other work. Measured figures are printed."""
@@ -37,10 +38,10 @@ WITH e AS (
       triggered_by, input, output, next_step, steps_run, created_at, queued_at, started_at,
       finished_at, updated_at)
   SELECT CASE WHEN $5 THEN lpad(to_hex((extract(epoch FROM $3::timestamptz) * 1000)::bigint
-                                       + g * 10000), 12, '0') || '7' || substr(md5(g::text), 1, 19)
+                                       + g::bigint * 10000), 12, '0') || '7' || substr(md5(g::text), 1, 19)
               ELSE md5('old' || g) END, $1::text, $2::text, 1, 'succeeded', 'us', 'api', '{"order": 12345}'::jsonb,
          '{"ok": true, "total": 99.5}'::jsonb, 2, 2, $3::timestamptz, $3::timestamptz, $3::timestamptz, $3::timestamptz + g * interval '1 ms', $3::timestamptz
-    FROM generate_series(1, $4::int) g
+    FROM generate_series($6::int + 1, $6::int + $4::int) g
   RETURNING id, tenant_id, workflow_id, created_at
 ), s AS (
   INSERT INTO step_runs (execution_id, seq, tenant_id, step_id, step_type, status, attempts,
@@ -107,7 +108,9 @@ async def test_prune_under_load_loses_no_trigger(
             await store.partitions.ensure(old, ROWS * 10 // 86400 + 1)
         async with store.engine.begin() as conn:
             raw: Any = (await conn.get_raw_connection()).driver_connection
-            await raw.execute(_SEED_SQL, owner.id, owner.workflow_id, old, ROWS, by_day)
+            for start in range(0, ROWS, SEED_CHUNK):  # statements of bounded duration
+                count = min(SEED_CHUNK, ROWS - start)
+                await raw.execute(_SEED_SQL, owner.id, owner.workflow_id, old, count, by_day, start)
             await raw.execute("ANALYZE")
         live = await store.workflows.create(owner.id, seed.NOOP)
 
