@@ -98,6 +98,8 @@ def test_values_are_parsed() -> None:
         ("SCHEDULER_LOOKAHEAD_MAX_MS", "50"),
         ("WORKFLOW_MAX_FANOUT", "0"),
         ("WORKFLOW_MAX_FANOUT", "1000001"),
+        ("WORKFLOW_CACHE_SIZE", "0"),
+        ("WORKFLOW_CACHE_SIZE", "lots"),
     ],
 )
 def test_malformed_value_names_the_variable(name: str, value: str) -> None:
@@ -122,6 +124,7 @@ def test_secrets_are_not_echoed() -> None:
         ("QUEUE_REDIS_PORT", "abc"),
         ("QUEUE_REDIS_TLS", "maybe"),
         ("EXECUTION_WORKER_CONCURRENCY", "-1"),
+        ("WORKFLOW_CACHE_SIZE", "0"),
     ],
 )
 def test_cli_exits_2_with_one_line(name: str, value: str) -> None:

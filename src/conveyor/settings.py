@@ -175,6 +175,11 @@ class Settings(BaseSettings):
     """Deepest nesting of sub-workflows (``workflow`` steps): a top-level execution is depth 0;
     a ``workflow`` step that would start a child deeper than this fails (``parallel`` branches
     and ``foreach`` items are children too)."""
+    workflow_cache_size: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    """Workflow versions one process keeps parsed (its ``DefinitionCache``) and, in a worker,
+    compiled into plans (the engine's ``PlanCache``): each an LRU of this many entries, made
+    only for versions actually used. A version costs about 2 KB for a one-step workflow and
+    17 KB for five ``http`` steps (docs/operations.md); a miss costs one batched fetch."""
     workflow_max_fanout: Annotated[int, Field(ge=1, le=100_000)] = 10_000
     """Most child executions one ``foreach`` step may start (its items); more fails the step
     with ``fanout_exceeded``. A ``parallel`` step's branches are bounded on save."""

@@ -229,3 +229,29 @@ def _probe(execution_id: str) -> _ClaimRequest:
     """A claim request that matches no row (the execution ended): one round trip."""
     now = utcnow()
     return _ClaimRequest(execution_id, now, now)
+
+
+async def test_a_claimed_batch_of_different_workflows_costs_one_definitions_fetch(
+    settings: Settings,
+) -> None:
+    """Eight executions of eight workflows, none cached in the worker: their claims go in one
+    statement, and so do the definitions their plans need (not one round trip per miss); each
+    version is then cached as a parsed definition and a plan, within ``WORKFLOW_CACHE_SIZE``."""
+    async with Store(settings) as seeding:
+        tenant = (await seeding.tenants.create("acme")).id
+        ids = []
+        for i in range(8):
+            workflow = await seeding.workflows.create(
+                tenant, {"name": f"wf{i}", "steps": [{"id": f"n{i}", "type": "noop"}]}
+            )
+            ids.append((await seeding.executions.create(tenant, workflow.id))[0].id)
+    small = settings.model_copy(update={"workflow_cache_size": 6})
+    async with Store(small) as store:  # a worker's own store: nothing cached
+        runs, fetches = _runs(store), store.workflows.fetches
+        engine = Engine(store, small)
+        claims, batches = runs.claims.batches, fetches.batches
+        outcomes = await asyncio.gather(*(engine.run(x) for x in ids))
+        assert [o.kind for o in outcomes] == [OutcomeKind.SUCCEEDED] * 8
+        assert runs.claims.batches - claims == 1, "eight claims in one turn: one statement"
+        assert fetches.batches - batches == 1, "their eight workflows: one definitions fetch"
+        assert len(store.definitions) == 6 and len(engine._plans) == 6

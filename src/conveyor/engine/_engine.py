@@ -263,7 +263,7 @@ class Engine:
         self._clock = clock
         self._http = http
         self._owned_http: SafeHttpClient | None = None
-        self._plans = PlanCache()
+        self._plans = PlanCache(settings.workflow_cache_size)
         self._max_output = settings.step_output_max_bytes
 
     async def __aenter__(self) -> Engine:

@@ -98,9 +98,11 @@ PlanKey = tuple[str, str, int, str]
 
 
 class PlanCache:
-    """LRU of plans keyed by :data:`PlanKey`: versions are immutable."""
+    """LRU of plans keyed by :data:`PlanKey`: versions are immutable. ``maxsize`` is
+    ``WORKFLOW_CACHE_SIZE`` (as the store's ``DefinitionCache``; a plan holds the same parsed
+    definition, so the two share it)."""
 
-    def __init__(self, maxsize: int = 1024) -> None:
+    def __init__(self, maxsize: int = 10_000) -> None:
         self.maxsize = maxsize
         self._items: OrderedDict[PlanKey, Plan] = OrderedDict()
 
@@ -115,6 +117,9 @@ class PlanCache:
         self._items.move_to_end(key)
         while len(self._items) > self.maxsize:
             self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class OutputRejected(PermanentStepError):

@@ -81,7 +81,7 @@ class Store:
     ) -> None:
         self.settings = settings
         self.dialect = dialect_of(settings.database_url)
-        self.definitions = DefinitionCache()
+        self.definitions = DefinitionCache(settings.workflow_cache_size)
         self._pool_size = pool_size
         self._fast_path = fast_path
         self._pg_pool: Any = None

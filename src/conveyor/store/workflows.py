@@ -12,16 +12,17 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.errors import NotFound, WorkflowInvalid
+from conveyor.errors import ConveyorError, NotFound, WorkflowInvalid
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase
+from conveyor.store._group_commit import GroupCommit
 from conveyor.store._types import check_storable, new_id, utcnow
 from conveyor.store.records import Page, Workflow, WorkflowVersion
 from conveyor.store.schema import schedules, tenants, workflow_versions, workflows
@@ -30,6 +31,11 @@ from conveyor.store.tenants import hash_secret
 from conveyor.workflows.definition import WorkflowDefinition, parse_definition
 
 __all__ = ["DefinitionCache", "WorkflowService"]
+
+VersionKey = tuple[str, str, int]
+"""(tenant_id, workflow_id, version)."""
+_Fetched = WorkflowDefinition | ConveyorError
+"""A fetch's answer in a batch: the parsed version, or the error for it alone."""
 
 WEBHOOK_SECRET_PREFIX = "whs"
 _COLUMNS = (
@@ -47,23 +53,38 @@ _COLUMNS = (
 
 
 class DefinitionCache:
-    """LRU cache of parsed workflow versions keyed by (tenant_id, workflow_id, version)."""
+    """LRU cache of parsed workflow versions keyed by (tenant_id, workflow_id, version).
 
-    def __init__(self, maxsize: int = 2048) -> None:
+    ``maxsize`` is ``WORKFLOW_CACHE_SIZE``; entries are made only for versions used, so a large
+    bound costs nothing until that many workflows run. ``hits`` / ``misses`` count lookups."""
+
+    def __init__(self, maxsize: int = 10_000) -> None:
         self.maxsize = maxsize
-        self._items: OrderedDict[tuple[str, str, int], WorkflowDefinition] = OrderedDict()
+        self._items: OrderedDict[VersionKey, WorkflowDefinition] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
 
-    def get(self, key: tuple[str, str, int]) -> WorkflowDefinition | None:
+    def get(self, key: VersionKey) -> WorkflowDefinition | None:
         found = self._items.get(key)
         if found is not None:
+            self.hits += 1
             self._items.move_to_end(key)
+        else:
+            self.misses += 1
         return found
 
-    def put(self, key: tuple[str, str, int], definition: WorkflowDefinition) -> None:
+    def peek(self, key: VersionKey) -> WorkflowDefinition | None:
+        """``get`` without counting or reordering."""
+        return self._items.get(key)
+
+    def put(self, key: VersionKey, definition: WorkflowDefinition) -> None:
         self._items[key] = definition
         self._items.move_to_end(key)
         while len(self._items) > self.maxsize:
             self._items.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
 
     def __len__(self) -> int:
         return len(self._items)
@@ -81,6 +102,11 @@ class WorkflowService(ServiceBase):
     ) -> None:
         super().__init__(engine, settings, statements)
         self.cache = cache
+        self.fetches: GroupCommit[VersionKey, _Fetched] = GroupCommit(
+            self._fetch_one, self._fetch_many, name="store.definition_fetch"
+        )
+        """Cache misses of concurrent callers (e.g. the runs of one claimed batch) share ONE
+        statement; its ``batches`` count is read by tests."""
 
     async def create(self, tenant_id: str, definition: Mapping[str, Any] | str | bytes) -> Workflow:
         """Validate and store a new workflow (version 1). Raises ``WorkflowInvalid``.
@@ -213,14 +239,52 @@ class WorkflowService(ServiceBase):
     async def get_definition(
         self, tenant_id: str, workflow_id: str, version: int
     ) -> WorkflowDefinition:
-        """The parsed definition of one version (cached in process; versions are immutable)."""
+        """The parsed definition of one version (cached in process; versions are immutable).
+
+        Misses of concurrent callers go to the database together (:attr:`fetches`): one
+        statement for a batch of versions, each parsed once."""
         key = (tenant_id, workflow_id, version)
         found = self.cache.get(key)
-        if found is None:
-            stored = await self.get_version(tenant_id, workflow_id, version)
-            found = parse_definition(stored.definition)
-            self.cache.put(key, found)
-        return found
+        if found is not None:
+            return found
+        fetched = await self.fetches.submit(key)
+        if isinstance(fetched, ConveyorError):
+            raise fetched
+        return fetched
+
+    async def _fetch_one(self, key: VersionKey) -> _Fetched:
+        return (await self._fetch_many([key]))[0]
+
+    async def _fetch_many(self, keys: Sequence[VersionKey]) -> list[_Fetched]:
+        found: dict[VersionKey, _Fetched] = {}
+        for key in keys:  # cached meanwhile (by an earlier batch, or a create/update)
+            cached = self.cache.peek(key)
+            if cached is not None:
+                found[key] = cached
+        missing = sorted({k for k in keys if k not in found})
+        if missing:
+            # two IN lists (one cached statement whatever the batch's size), then only the
+            # rows asked for (a workflow's other versions in the set are read and dropped)
+            c = workflow_versions.c
+            query = select(c.tenant_id, c.workflow_id, c.version, c.definition).where(
+                c.workflow_id.in_(sorted({w for _t, w, _v in missing})),
+                c.version.in_(sorted({v for _t, _w, v in missing})),
+            )
+            wanted = set(missing)
+            async with self._auto() as conn:
+                rows = (await conn.execute(query)).all()
+            for row in rows:
+                key = (row.tenant_id, row.workflow_id, row.version)
+                if key not in wanted:
+                    continue
+                try:
+                    parsed = parse_definition(row.definition)
+                except WorkflowInvalid as exc:  # stored before a stricter release: this one fails
+                    found[key] = exc
+                    continue
+                found[key] = parsed
+                self.cache.put(key, parsed)
+        return [found[key] if key in found else _not_found(key) for key in keys]
 
     async def list(
         self,
@@ -331,6 +395,10 @@ def _parse(
         error.details = cast(Any, [{"step": None, "index": None, "field": "", "message": str(exc)}])
         raise error from None
     return parsed, doc
+
+
+def _not_found(key: VersionKey) -> NotFound:
+    return NotFound("workflow version not found", workflow_id=key[1], version=key[2])
 
 
 def _new_webhook_secret() -> str:
