@@ -44,7 +44,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.api.context import ApiContext
-from conveyor.api.deps import require_tenant
+from conveyor.api.deps import TenantAuth, require_tenant
 from conveyor.api.routes import executions
 from conveyor.api.routes import health as health_routes
 from conveyor.api.routes.executions import get_execution, list_executions, trigger_execution
@@ -208,43 +208,36 @@ class FastLane:
         if ctx is None:
             await self.app(scope, receive, send)
             return
-        try:
-            content = await health(ctx)
-        except Exception as exc:
-            await self._handle(exc, scope, receive, send)
-            return
-        payload = _HEALTH_OUT.dump_json(_HEALTH_OUT.validate_python(content), by_alias=True)
-        await _respond(scope, receive, send, payload, None, None)
+        await self._answer(scope, receive, send, health(ctx), _HEALTH_OUT)
 
     async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ctx = self._ctx()
-        try:
-            headers = _Headers(scope)
-            if ctx is None:
-                raise _Fallback
-        except _Fallback:
-            await self.app(scope, receive, send)
+        tenant = await self._tenant(scope, receive, send)
+        if tenant is None:
             return
         # FastAPI's order: the dependencies (authentication) first, then the parameters.
-        try:
-            auth = await require_tenant(ctx, _credentials(headers.authorization))
-        except Exception as exc:
-            await self._handle(exc, scope, receive, send)
-            return
         try:
             params = _list_params(scope)
         except _Fallback:
             await self.app(scope, receive, send)
             return
-        try:
-            content = await list_executions(ctx, auth, **params)
-        except Exception as exc:
-            await self._handle(exc, scope, receive, send)
-            return
-        payload = _LIST_OUT.dump_json(_LIST_OUT.validate_python(content), by_alias=True)
-        await _respond(scope, receive, send, payload, None, None)
+        ctx, auth = tenant
+        await self._answer(scope, receive, send, list_executions(ctx, auth, **params), _LIST_OUT)
 
     async def _detail(self, scope: Scope, receive: Receive, send: Send, execution_id: str) -> None:
+        tenant = await self._tenant(scope, receive, send)
+        if tenant is None:
+            return
+        if len(execution_id) > _MAX_ID:
+            await self.app(scope, receive, send)
+            return
+        ctx, auth = tenant
+        content = get_execution(ctx, auth, execution_id)
+        await self._answer(scope, receive, send, content, _EXECUTION_OUT)
+
+    async def _tenant(
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[ApiContext, TenantAuth] | None:
+        """A GET's context and authenticated tenant; ``None`` once answered or handed over."""
         ctx = self._ctx()
         try:
             headers = _Headers(scope)
@@ -252,21 +245,29 @@ class FastLane:
                 raise _Fallback
         except _Fallback:
             await self.app(scope, receive, send)
-            return
+            return None
         try:
-            auth = await require_tenant(ctx, _credentials(headers.authorization))
+            return ctx, await require_tenant(ctx, _credentials(headers.authorization))
+        except Exception as exc:
+            await self._handle(exc, scope, receive, send)
+            return None
+
+    async def _answer(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        content: Awaitable[Any],
+        adapter: TypeAdapter[Any],
+    ) -> None:
+        """Await the endpoint's ``content`` and send it serialised as the route's response
+        model (200), or answer its exception with the application's handler."""
+        try:
+            result = await content
         except Exception as exc:
             await self._handle(exc, scope, receive, send)
             return
-        if len(execution_id) > _MAX_ID:
-            await self.app(scope, receive, send)
-            return
-        try:
-            content = await get_execution(ctx, auth, execution_id)
-        except Exception as exc:
-            await self._handle(exc, scope, receive, send)
-            return
-        payload = _EXECUTION_OUT.dump_json(_EXECUTION_OUT.validate_python(content), by_alias=True)
+        payload = adapter.dump_json(adapter.validate_python(result), by_alias=True)
         await _respond(scope, receive, send, payload, None, None)
 
     # --- plumbing --------------------------------------------------------------------------

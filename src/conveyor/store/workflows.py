@@ -263,10 +263,12 @@ class WorkflowService(ServiceBase):
                 found[key] = cached
         missing = sorted({k for k in keys if k not in found})
         if missing:
-            # two IN lists (one cached statement whatever the batch's size), then only the
-            # rows asked for (a workflow's other versions in the set are read and dropped)
+            # three IN lists (one cached statement whatever the batch's size; tenant-scoped like
+            # every query), then only the rows asked for (a workflow's other versions in the set
+            # are read and dropped)
             c = workflow_versions.c
             query = select(c.tenant_id, c.workflow_id, c.version, c.definition).where(
+                c.tenant_id.in_(sorted({t for t, _w, _v in missing})),
                 c.workflow_id.in_(sorted({w for _t, w, _v in missing})),
                 c.version.in_(sorted({v for _t, _w, v in missing})),
             )
