@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -97,11 +98,11 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
             pool_size=size,
             max_overflow=0,
             pool_timeout=30,
-            pool_pre_ping=True,  # a connection killed while idle is replaced, not used
             json_serializer=dumps,
             connect_args={"timeout": timeout_s, "command_timeout": 60},
         )
         _discard_broken_connections(pg)
+        _replace_closed_connections(pg)
         return pg
     path = sqlite_path(url)
     kwargs: dict[str, Any] = {"json_serializer": dumps}
@@ -115,6 +116,23 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
     engine = create_async_engine(url, **kwargs)
     _configure_sqlite(engine)
     return engine
+
+
+def _replace_closed_connections(engine: AsyncEngine) -> None:
+    """A pooled connection whose server side went away while it was idle (a backend killed,
+    a server restarted: asyncpg has seen the socket close) is replaced at checkout, not used.
+
+    Instead of SQLAlchemy's ``pool_pre_ping``, which costs every checkout three round trips
+    (``BEGIN``, an empty query, ``ROLLBACK``: it starts a transaction for pgbouncer's sake):
+    asyncpg's own view of the socket costs none. A connection that dies between the checkout
+    and its statement fails that statement, and :func:`_discard_broken_connections` then
+    replaces the pool's connections — as it would after a ping that passed a moment too early.
+    """
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise DisconnectionError("the connection was closed while idle in the pool")
 
 
 def _discard_broken_connections(engine: AsyncEngine) -> None:
