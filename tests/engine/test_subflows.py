@@ -441,3 +441,55 @@ async def test_concurrent_starts_of_one_step_run_create_one_child(store: Store) 
     assert len({child.id for child, _ in results}) == 1
     assert [created for _, created in results].count(True) == 1
     assert len(await _children(store, parent.id)) == 1
+
+
+async def test_a_childs_end_is_told_once_and_wakes_only_a_parked_parent(
+    store: Store, settings: Settings
+) -> None:
+    """The child's end, told (by the runner that ended it, or read back by a redelivery): one
+    event per child, stored in one transaction that wakes the parent only when it is parked
+    on the step; a repeat, or a parent that has ended, stores nothing."""
+    clock = Clock()
+    tenant = (await store.tenants.create("told")).id
+    leaf = await _workflow(store, tenant, [{"id": "c", "type": "noop"}], "leaf")
+    top = await _workflow(
+        store, tenant, [{"id": "call", "type": "workflow", "workflow": leaf}], "top"
+    )
+    parent, _ = await store.executions.create(tenant, top)
+    engine = _engine(store, settings, clock)
+    assert (await engine.run(parent.id)).kind is OutcomeKind.WAITING
+    (child_id,) = await _children(store, parent.id)
+    children = store.children
+    assert await children.notify_parent(child_id, clock()) is None  # not ended yet: no event
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            executions.update().where(executions.c.id == child_id).values(status="succeeded")
+        )
+    told = await children.notify_parent(child_id, clock())
+    assert told is not None
+    sent, woken = told
+    assert sent.woken == (parent.id,) and woken is not None and woken.id == parent.id
+    assert (woken.tenant_id, woken.workflow_id, woken.status) == (tenant, top, "waiting")
+    assert await store.events.pending(tenant, parent.id, "conveyor.workflow.0") == [sent.event_id]
+    assert await children.notify_parent(child_id, clock()) is None  # told once
+    # a parent that is not parked (running) gets the event, unwoken
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            executions.update().where(executions.c.id == parent.id).values(status="running")
+        )
+    second, third = [(await store.executions.create(tenant, leaf))[0] for _ in range(2)]
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            executions.update()
+            .where(executions.c.id.in_([second.id, third.id]))
+            .values(status="succeeded", parent_execution_id=parent.id, parent_seq=0)
+        )
+    told = await children.notify_parent(second.id, clock())
+    assert told is not None and told[0].woken == () and told[1] is None
+    pending = await store.events.pending(tenant, parent.id, "conveyor.workflow.0")
+    assert sorted(pending) == sorted([sent.event_id, told[0].event_id])
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            executions.update().where(executions.c.id == parent.id).values(status="failed")
+        )
+    assert await children.notify_parent(third.id, clock()) is None  # the parent has ended

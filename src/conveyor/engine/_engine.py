@@ -304,7 +304,7 @@ class Engine:
                 outcome = await self._drive(runs, claim, abandon)
                 if outcome.finished and claim.parent_execution_id is not None:
                     await runs.idle()
-                    await self._tell_parent(execution_id)
+                    await self._tell_parent(execution_id, claim, str(outcome.status))
                 return outcome
             except LeaseLost:
                 log.warning(
@@ -323,12 +323,16 @@ class Engine:
                 await asyncio.shield(self._release_after_cancel(runs, claim))
                 raise
 
-    async def _tell_parent(self, execution_id: str) -> None:
-        """A sub-workflow ended: wake its parent (best effort, never raises — a later delivery
-        of this execution's job, answered SKIPPED, tells it again)."""
+    async def _tell_parent(
+        self, execution_id: str, ended: Claim | None = None, status: str = ""
+    ) -> None:
+        """A sub-workflow ended (``ended``: the claim it ended with and its ``status``, when
+        this runner ended it): wake its parent (best effort, never raises — a later delivery of
+        this execution's job, answered SKIPPED, tells it again)."""
         try:
-            told = await self.store.children.notify_parent(execution_id, self._clock())
-            if told is not None and told[0].woken:
+            children = self.store.children
+            told = await children.notify_parent(execution_id, self._clock(), ended, status)
+            if told is not None and told[0].woken and told[1] is not None:
                 await self._enqueue(told[1], "child", f"child:{execution_id}")
         except Exception as exc:
             log.warning(
@@ -392,9 +396,7 @@ class Engine:
             )
 
     async def _plan(self, claim: Claim) -> Plan:
-        branch = None
-        if claim.parent_execution_id is not None:  # a branch / item runs one step list of it
-            branch = await self.store.children.branch_of(claim.execution_id)
+        branch = claim.branch  # a branch / item of a fan-out runs one step list of it
         key = (claim.tenant_id, claim.workflow_id, claim.workflow_version, branch or "")
         plan = self._plans.get(key)
         if plan is None:

@@ -14,8 +14,8 @@
 * :meth:`ChildService.notify_parent` — called by the engine once a child has ended (and again
   by any later delivery of its job, so a crash between the child's last write and the call is
   repaired when the job is redelivered), and by a cancel — sends the parent the event
-  ``conveyor.workflow.<seq>`` through :meth:`EventService.send` (idempotent: one event per
-  child), which wakes the parent if it is parked on that step. The parent reads the child's
+  ``conveyor.workflow.<seq>`` through :meth:`EventService.send_child_end` (one transaction;
+  idempotent: one event per child), which wakes the parent if it is parked on that step. The parent reads the child's
   status and output itself: the event only wakes it.
 """
 
@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 CHILD_EVENT_PREFIX = "conveyor.workflow."
+_ENDED = ("succeeded", "failed", "cancelled")
 _INSERT_CHUNK = 500
 """Children per INSERT statement (bind parameters stay under the drivers' limits)."""
 
@@ -330,45 +331,39 @@ class ChildService(ServiceBase):
         async with self._auto() as conn:
             return list((await conn.execute(query)).scalars())
 
-    async def branch_of(self, execution_id: str) -> str | None:
-        """The step list a child of a ``parallel`` / ``foreach`` step runs (else ``None``)."""
-        async with self._auto() as conn:
-            return (
-                await conn.execute(
-                    select(executions.c.branch).where(executions.c.id == execution_id)
-                )
-            ).scalar()
-
     async def notify_parent(
-        self, execution_id: str, now: datetime
-    ) -> tuple[Sent, Execution] | None:
+        self, execution_id: str, now: datetime, ended: Claim | None = None, status: str = ""
+    ) -> tuple[Sent, Execution | None] | None:
         """Tell the parent of ``execution_id`` (if any, still running) that it ended: the event
-        sent (``woken`` names the parent when it was parked on the step: enqueue it) and the
-        parent, or ``None`` when there is nothing to tell."""
-        async with self._auto() as conn:
-            row = (
-                await conn.execute(
-                    select(
-                        executions.c.tenant_id,
-                        executions.c.status,
-                        executions.c.parent_execution_id,
-                        executions.c.parent_seq,
-                    ).where(executions.c.id == execution_id)
-                )
-            ).first()
-        if row is None or row.parent_execution_id is None or row.parent_seq is None:
+        sent (``woken`` names the parent when it was parked on the step: enqueue the parent
+        returned with it), or ``None`` when there is nothing to tell (no parent, the parent
+        ended, or it was told already). ``ended`` and ``status``: the child's claim and final
+        status when the caller just finished it (saves reading them back)."""
+        if ended is not None and status in _ENDED:
+            tenant_id, parent_id, seq = ended.tenant_id, ended.parent_execution_id, ended.parent_seq
+        else:
+            async with self._auto() as conn:
+                row = (
+                    await conn.execute(
+                        select(
+                            executions.c.tenant_id,
+                            executions.c.status,
+                            executions.c.parent_execution_id,
+                            executions.c.parent_seq,
+                        ).where(executions.c.id == execution_id)
+                    )
+                ).first()
+            if row is None:
+                return None
+            tenant_id, parent_id, seq = row.tenant_id, row.parent_execution_id, row.parent_seq
+            status = row.status
+        if parent_id is None or seq is None or status not in _ENDED:
             return None
-        if row.status not in ("succeeded", "failed", "cancelled"):
-            return None
-        try:
-            return await self._events.send(
-                row.tenant_id,
-                row.parent_execution_id,
-                child_event(row.parent_seq),
-                {"childId": execution_id, "status": row.status},
-                now,
-                source="workflow",
-                idempotency_key=f"conveyor.child:{execution_id}",
-            )
-        except (NotFound, Conflict):  # the parent is gone or already ended
-            return None
+        return await self._events.send_child_end(
+            tenant_id,
+            parent_id,
+            child_event(seq),
+            {"childId": execution_id, "status": status},
+            now,
+            idempotency_key=f"conveyor.child:{execution_id}",
+        )

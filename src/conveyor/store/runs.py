@@ -63,6 +63,10 @@ class Claim:
     """The parent execution of a sub-workflow (told when this one ends)."""
     depth: int = 0
     """Nesting depth of sub-workflows (0 at the top)."""
+    parent_seq: int | None = None
+    """The parent's step run that started this one (its end is told to that step)."""
+    branch: str | None = None
+    """The step list a child of a ``parallel`` / ``foreach`` step runs."""
     first_run: bool = False
     """Set by the engine: this claim started the execution (``started_at`` is its instant) —
     also for one that starts with steps behind it (a retry from the failed step)."""

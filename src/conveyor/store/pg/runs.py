@@ -43,7 +43,7 @@ __all__ = ["PgRunStore"]
 
 _CLAIMED = """tenant_id, workflow_id, workflow_version, region, input, next_step, steps_run,
           lease, attempts, queued_at, started_at, step_attempt, step_errors, step_started_at,
-          parent_execution_id, depth"""
+          parent_execution_id, depth, parent_seq, branch"""
 
 
 def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
@@ -400,6 +400,8 @@ def _claim_of(execution_id: str, row: Any) -> Claim:
         step_started_at=row["step_started_at"],
         parent_execution_id=row["parent_execution_id"],
         depth=row["depth"],
+        parent_seq=row["parent_seq"],
+        branch=row["branch"],
     )
 
 

@@ -40,6 +40,8 @@ _CLAIM_RETURNS = (
     executions.c.step_started_at,
     executions.c.parent_execution_id,
     executions.c.depth,
+    executions.c.parent_seq,
+    executions.c.branch,
 )
 
 
