@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import select
 import socket
@@ -396,7 +397,7 @@ async def test_userinfo_does_not_hide_the_real_host(local_server: LocalServer) -
 
 # --- stale kept-alive connections -----------------------------------------------------------------
 
-Ending = Literal["reset", "eof", "unanswered", "partial"]
+Ending = Literal["reset", "eof", "unanswered", "partial", "idle"]
 
 
 class KeepAliveServer:
@@ -410,7 +411,9 @@ class KeepAliveServer:
       before the close, so the peer sees a clean end of stream: "Server disconnected without
       sending a response";
     * ``partial`` — reads the next request, sends half a status line and closes;
-    * ``unanswered`` — does not answer even the first request: reads it and closes.
+    * ``unanswered`` — does not answer even the first request: reads it and closes;
+    * ``idle`` — closes it right after the answer (its idle timeout fired before the client's
+      next request: the client can see the end of stream before it sends).
     """
 
     def __init__(self, ending: Ending) -> None:
@@ -443,6 +446,8 @@ class KeepAliveServer:
             conn.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
             )
+            if self.ending == "idle":
+                return
             select.select([conn], [], [], 10)  # the client's next request is here
             if self.ending == "eof":
                 conn.recv(65536)
@@ -526,6 +531,21 @@ async def test_a_post_without_an_idempotency_key_is_never_sent_twice(
         with pytest.raises(RetryableStepError):
             await run_step(post_step(keepalive_server, 1), ctx(http=client))
     assert keepalive_server.requests == [b"POST /hook/0 HTTP/1.1"]
+
+
+@pytest.mark.parametrize("keepalive_server", ["idle"], indirect=True)
+async def test_a_connection_the_server_closed_while_idle_is_not_used(
+    keepalive_server: KeepAliveServer,
+) -> None:
+    """The pool sees that an idle connection's server end closed (its socket reads the end of
+    stream) and opens a new one: even a plain POST, never sent twice, goes through."""
+    async with SafeHttpClient(make_settings(f"127.0.0.1:{keepalive_server.port}")) as client:
+        for n in range(3):
+            result = await run_step(post_step(keepalive_server, n), ctx(http=client))
+            assert result.output["status"] == 200
+            await asyncio.sleep(0.05)  # the server's close reaches the client's socket
+    assert keepalive_server.requests == [f"POST /hook/{n} HTTP/1.1".encode() for n in range(3)]
+    assert keepalive_server.connections == 3
 
 
 @pytest.mark.parametrize("keepalive_server", ["unanswered"], indirect=True)
