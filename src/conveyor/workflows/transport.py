@@ -21,6 +21,13 @@ of answer looks the same on the wire, so — as RFC 9110 §9.2.2 says of automat
 second attempt is made only for a request that may safely arrive twice: an idempotent method
 (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or one carrying an ``Idempotency-Key`` header. A
 ``POST`` without one relies on the short keep-alive alone (and on the step's retry policy).
+
+**Pool shards.** httpcore's pool looks at every one of its connections on every request and
+every response's end — some of those scans nested, so the cost grows with the square of the
+pool's size (with 50 kept-alive connections, ~10% of a worker's CPU in the five-step
+workflow). The transport therefore runs several pools of at most
+:data:`POOL_SHARD_CONNECTIONS` connections (together exactly ``max_connections``) and sends
+each request through the one with the fewest requests in flight.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import logging
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +47,7 @@ import httpx
 __all__ = [
     "KEEPALIVE_EXPIRY_S",
     "PINS",
+    "POOL_SHARD_CONNECTIONS",
     "RESENDABLE_METHODS",
     "PinnedBackend",
     "PinnedTransport",
@@ -59,6 +67,16 @@ KEEPALIVE_EXPIRY_S = 5.0
 """How long an idle connection stays in the pool: no longer than most servers keep one (5 s for
 Node.js, uvicorn and Apache httpd; 60-75 s for nginx and cloud load balancers), so a connection
 is seldom reused just as its server drops it; the one resend covers the rest."""
+
+POOL_SHARD_CONNECTIONS = 10
+"""Most connections in one httpcore pool of the transport (see the module's docstring)."""
+
+_CORE_ERRORS = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+)
 
 
 @dataclass(slots=True)
@@ -259,8 +277,9 @@ def _translate(exc: Exception) -> Exception:
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, on_close: Callable[[], None]) -> None:
         self._stream = stream
+        self._on_close: Callable[[], None] | None = on_close
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -272,8 +291,13 @@ class _ResponseStream(httpx.AsyncByteStream):
             raise _translate(exc) from exc
 
     async def aclose(self) -> None:
-        if hasattr(self._stream, "aclose"):
-            await self._stream.aclose()
+        try:
+            if hasattr(self._stream, "aclose"):
+                await self._stream.aclose()
+        finally:
+            done, self._on_close = self._on_close, None
+            if done is not None:
+                done()
 
 
 class PinnedTransport(httpx.AsyncBaseTransport):
@@ -286,36 +310,63 @@ class PinnedTransport(httpx.AsyncBaseTransport):
     def __init__(
         self, max_connections: int, *, keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S
     ) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=keepalive_expiry_s,
-            network_backend=PinnedBackend(),
-        )
+        shards = -(-max_connections // POOL_SHARD_CONNECTIONS)
+        sizes = [
+            max_connections // shards + (1 if i < max_connections % shards else 0)
+            for i in range(shards)
+        ]
+        ssl_context, backend = httpx.create_ssl_context(), PinnedBackend()
+        self._pools = [
+            httpcore.AsyncConnectionPool(
+                ssl_context=ssl_context,
+                max_connections=size,
+                max_keepalive_connections=size,
+                keepalive_expiry=keepalive_expiry_s,
+                network_backend=backend,
+            )
+            for size in sizes
+        ]
+        self._in_flight = [0] * shards
+        """Requests sent through each pool whose response has not been closed yet."""
+
+    def _least_busy(self) -> int:
+        """The pool with the fewest requests in flight (the first of them: at low rates the
+        requests, and so the kept-alive connections, gather in the first pools)."""
+        in_flight = self._in_flight
+        best = 0
+        for i in range(1, len(in_flight)):
+            if in_flight[i] < in_flight[best]:
+                best = i
+        return best
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        shard = self._least_busy()
+        self._in_flight[shard] += 1
         try:
-            response = await self._send_again_if_unseen(request)
-        except (
-            httpcore.TimeoutException,
-            httpcore.NetworkError,
-            httpcore.ProtocolError,
-            httpcore.UnsupportedProtocol,
-        ) as exc:
-            raise _translate(exc) from exc
+            response = await self._send_again_if_unseen(request, self._pools[shard])
+        except BaseException as exc:
+            self._in_flight[shard] -= 1
+            if isinstance(exc, _CORE_ERRORS):
+                raise _translate(exc) from exc
+            raise
+
+        def closed() -> None:
+            self._in_flight[shard] -= 1
+
         return httpx.Response(
             status_code=response.status,
             headers=response.headers,
-            stream=_ResponseStream(response.stream),
+            stream=_ResponseStream(response.stream, closed),
             extensions=response.extensions,
         )
 
-    async def _send_again_if_unseen(self, request: httpx.Request) -> httpcore.Response:
+    async def _send_again_if_unseen(
+        self, request: httpx.Request, pool: httpcore.AsyncConnectionPool
+    ) -> httpcore.Response:
         """Send ``request``; once more if the first attempt never reached the server."""
         first = _Exchange()
         try:
-            return await self._send(request, first)
+            return await self._send(request, first, pool)
         except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
             if not (
                 first.unseen_by_server
@@ -327,17 +378,20 @@ class PinnedTransport(httpx.AsyncBaseTransport):
                 "http.stale_connection",
                 extra={"host": request.url.host, "error": f"{type(exc).__name__}: {exc}"},
             )
-        return await self._send(request, _Exchange())
+        return await self._send(request, _Exchange(), pool)
 
-    async def _send(self, request: httpx.Request, exchange: _Exchange) -> httpcore.Response:
+    async def _send(
+        self, request: httpx.Request, exchange: _Exchange, pool: httpcore.AsyncConnectionPool
+    ) -> httpcore.Response:
         token = _EXCHANGE.set(exchange)
         try:
-            return await self._pool.handle_async_request(_core_request(request))
+            return await pool.handle_async_request(_core_request(request))
         finally:
             _EXCHANGE.reset(token)
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        for pool in self._pools:
+            await pool.aclose()
 
 
 def _may_arrive_twice(request: httpx.Request) -> bool:
