@@ -121,3 +121,8 @@ async def test_a_failed_request_gives_its_place_back() -> None:
             with pytest.raises(RetryableStepError):
                 await run_step(http_step(url=f"http://127.0.0.1:{port}/"), ctx(allow, http=client))
         assert _transport(client)._in_flight == [0, 0]
+
+
+def test_a_transport_needs_a_connection() -> None:
+    with pytest.raises(ValueError, match="max_connections must be at least 1"):
+        PinnedTransport(0)

@@ -310,6 +310,8 @@ class PinnedTransport(httpx.AsyncBaseTransport):
     def __init__(
         self, max_connections: int, *, keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S
     ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         shards = -(-max_connections // POOL_SHARD_CONNECTIONS)
         sizes = [
             max_connections // shards + (1 if i < max_connections % shards else 0)
