@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, insert, literal, or_, select, text, update
+from sqlalchemy import and_, delete, exists, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -194,55 +194,14 @@ class EventService(ServiceBase):
         is the child's, so a repeat is the same event); else the event and, when woken, the
         parent's row (to enqueue)."""
         event_id = new_id()
-        x = executions.c
-        stored = (
-            self._insert(events)
-            .from_select(
-                [
-                    "id",
-                    "tenant_id",
-                    "workflow_id",
-                    "execution_id",
-                    "name",
-                    "payload",
-                    "source",
-                    "received_at",
-                    "idempotency_key",
-                ],
-                select(
-                    literal(event_id, _E.id.type),
-                    x.tenant_id,
-                    x.workflow_id,
-                    x.id,
-                    literal(name, _E.name.type),
-                    literal(payload, _E.payload.type),
-                    literal("workflow", _E.source.type),
-                    literal(now, _E.received_at.type),
-                    literal(idempotency_key, _E.idempotency_key.type),
-                ).where(
-                    x.id == execution_id,
-                    x.tenant_id == tenant_id,
-                    x.status.not_in(TERMINAL_STATUSES),
-                ),
-            )
-            .on_conflict_do_nothing()
-            .returning(_E.id)
-        )
-        parked = exists().where(_W.execution_id == execution_id, _W.name == name)
-        wake = (
-            update(executions)
-            .where(x.id == execution_id, x.tenant_id == tenant_id, x.status == "waiting", parked)
-            .values(wake_at=now)
-            .returning(*executions.c)
-        )
-        async with self._tx() as conn:
-            await self._lock(conn, _execution_key(execution_id))
-            if (await conn.execute(stored)).scalar() is None:
-                return None
-            row = (await conn.execute(wake)).first()
-        if row is None:
+        stored, parent = await self._statements.child_end(
+            tenant_id, execution_id, event_id=event_id, name=name, payload=payload, now=now,
+            idempotency_key=idempotency_key, lock_key=_execution_key(execution_id),
+        )  # fmt: skip
+        if not stored:
+            return None
+        if parent is None:
             return Sent(event_id, ()), None
-        parent = Execution.from_mapping(row._mapping)
         return Sent(event_id, (execution_id,), (parent.region,)), parent
 
     async def send_webhook(

@@ -108,3 +108,23 @@ class Statements(Protocol):
         """The executions with these ``(tenant_id, idempotency_key)`` pairs, in ONE statement,
         by pair (pairs with no execution are absent)."""
         ...
+
+    async def child_end(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        *,
+        event_id: str,
+        name: str,
+        payload: Any,
+        now: datetime,
+        idempotency_key: str,
+        lock_key: str,
+    ) -> tuple[bool, Execution | None]:
+        """Store the event ``event_id`` (``name``, ``payload``, source ``workflow``) for the
+        parent ``execution_id`` of ``tenant_id`` — only if it has not finished and the key is
+        new — and make the parent due if it is parked on a wait for ``name``; in ONE
+        transaction that first takes the advisory lock ``lock_key`` (the park's, so that one
+        of the two sees the other). Returns whether the event was stored and the parent's row
+        when it was woken."""
+        ...

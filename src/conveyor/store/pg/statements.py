@@ -21,9 +21,11 @@ from typing import Any
 
 from pydantic_core import from_json
 
+from conveyor.errors import DatabaseUnavailable
+from conveyor.store._errors import translate_errors
 from conveyor.store._types import dumps
 from conveyor.store.partitions import day_bound
-from conveyor.store.pg._conn import call
+from conveyor.store.pg._conn import call, discard
 from conveyor.store.records import EXECUTION_COLUMNS, STEP_RUN_COLUMNS, Execution, StepRun
 from conveyor.store.statements import TriggerRequest
 
@@ -104,6 +106,32 @@ _BY_KEYS = (
     " JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, idempotency_key)"
     " ON e.tenant_id = k.tenant_id AND e.idempotency_key = k.idempotency_key"
 )
+
+
+# A child's end told to its parent (after the lock, in the same transaction): the event is
+# stored only for a live parent and a new key; the parent is woken only when the event was
+# stored and it is parked on that name — and then comes back whole (to enqueue it).
+_CHILD_END = f"""
+WITH parent AS (
+    SELECT id, tenant_id, workflow_id FROM executions
+     WHERE tenant_id = $1 AND id = $2 AND status NOT IN ('succeeded', 'failed', 'cancelled')
+), stored AS (
+    INSERT INTO events (id, tenant_id, workflow_id, execution_id, name, payload, source,
+                        received_at, idempotency_key)
+    SELECT $3, p.tenant_id, p.workflow_id, p.id, $4, $5::jsonb, 'workflow', $6, $7 FROM parent p
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), woken AS (
+    UPDATE executions e SET wake_at = $6
+     WHERE e.tenant_id = $1 AND e.id = $2 AND e.status = 'waiting'
+       AND EXISTS (SELECT 1 FROM event_waits w WHERE w.execution_id = $2 AND w.name = $4)
+       AND EXISTS (SELECT 1 FROM stored)
+    RETURNING {", ".join("e." + c for c in _EXECUTION_COLUMNS)}
+)
+SELECT (SELECT count(*) FROM stored) AS stored, woken.* FROM (SELECT 1) AS one
+  LEFT JOIN woken ON true
+"""
+_LOCK = "SELECT pg_advisory_xact_lock(hashtext($1))"
 
 
 _JSON_AT = tuple(_EXECUTION_COLUMNS.index(name) for name in _JSON)
@@ -295,6 +323,44 @@ class PgStatements:
             e.updated_at,
         )
         return row is not None
+
+    async def child_end(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        *,
+        event_id: str,
+        name: str,
+        payload: Any,
+        now: datetime,
+        idempotency_key: str,
+        lock_key: str,
+    ) -> tuple[bool, Execution | None]:
+        """The lock, then :data:`_CHILD_END`, in one transaction (four round trips with
+        ``BEGIN`` and ``COMMIT``). A broken connection is discarded, never reused; the caller
+        (best effort: the child's job redelivery tells again) sees ``DatabaseUnavailable``."""
+        with translate_errors():
+            con = await self._pool.acquire()
+        try:
+            with translate_errors():
+                async with con.transaction():
+                    await con.execute(_LOCK, lock_key)
+                    row = await con.fetchrow(
+                        _CHILD_END, tenant_id, execution_id, event_id, name, dumps(payload),
+                        now, idempotency_key,
+                    )  # fmt: skip
+        except DatabaseUnavailable:
+            await discard(self._pool, con)
+            raise
+        except BaseException:
+            await self._pool.release(con)
+            raise
+        await self._pool.release(con)
+        if not row["stored"]:
+            return False, None
+        if row["id"] is None:
+            return True, None
+        return True, execution_from_record(tuple(row)[1:])
 
     async def execution(self, tenant_id: str, execution_id: str) -> Execution | None:
         row = await self._fetchrow(_BY_ID, tenant_id, execution_id)

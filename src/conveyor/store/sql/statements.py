@@ -10,14 +10,22 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select, tuple_
+from sqlalchemy import and_, bindparam, exists, literal, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.store._db import autocommit
 from conveyor.store._errors import translate_errors
 from conveyor.store.records import EXECUTION_COLUMNS, STEP_RUN_COLUMNS, Execution, StepRun
-from conveyor.store.schema import api_keys, executions, step_runs, workflows
+from conveyor.store.schema import (
+    TERMINAL_STATUSES,
+    api_keys,
+    event_waits,
+    events,
+    executions,
+    step_runs,
+    workflows,
+)
 from conveyor.store.statements import TriggerRequest
 from conveyor.store.triggers import insert_values, new_execution
 
@@ -161,6 +169,58 @@ class SqlStatements:
         with translate_errors():
             async with self._autocommit.connect() as conn:
                 return (await conn.execute(self._insert_statement(execution))).first() is not None
+
+    async def child_end(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        *,
+        event_id: str,
+        name: str,
+        payload: Any,
+        now: datetime,
+        idempotency_key: str,
+        lock_key: str,
+    ) -> tuple[bool, Execution | None]:
+        """The lock (PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers anyway),
+        the insert, the wake: three statements in one transaction."""
+        x, e = executions.c, events.c
+        stored = (
+            self._insert(events)
+            .from_select(
+                ["id", "tenant_id", "workflow_id", "execution_id", "name", "payload", "source",
+                 "received_at", "idempotency_key"],
+                select(
+                    literal(event_id, e.id.type), x.tenant_id, x.workflow_id, x.id,
+                    literal(name, e.name.type), literal(payload, e.payload.type),
+                    literal("workflow", e.source.type), literal(now, e.received_at.type),
+                    literal(idempotency_key, e.idempotency_key.type),
+                ).where(
+                    x.id == execution_id, x.tenant_id == tenant_id,
+                    x.status.not_in(TERMINAL_STATUSES),
+                ),
+            )
+            .on_conflict_do_nothing()
+            .returning(e.id)
+        )  # fmt: skip
+        parked = exists().where(
+            event_waits.c.execution_id == execution_id, event_waits.c.name == name
+        )
+        wake = (
+            update(executions)
+            .where(x.id == execution_id, x.tenant_id == tenant_id, x.status == "waiting", parked)
+            .values(wake_at=now)
+            .returning(*_EXECUTION.selected_columns)
+        )
+        with translate_errors():
+            async with self._engine.begin() as conn:
+                if self._engine.dialect.name == "postgresql":
+                    lock = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
+                    await conn.execute(lock, {"key": lock_key})
+                if (await conn.execute(stored)).scalar() is None:
+                    return False, None
+                row = (await conn.execute(wake)).first()
+        return True, None if row is None else Execution(*row)
 
     async def execution(self, tenant_id: str, execution_id: str) -> Execution | None:
         return await self._one(executions.c.id == execution_id, tenant_id)
