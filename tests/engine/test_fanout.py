@@ -6,7 +6,6 @@ the parent decides (no lost wake-up). On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -257,11 +256,13 @@ async def test_a_child_ending_while_the_parent_decides_is_not_lost(
     assert (await engine.run(parent.id)).kind is OutcomeKind.WAITING
     first, second = await _kids(store, parent.id)
     assert (await engine.run(first.id)).kind is OutcomeKind.SUCCEEDED
-    real: Callable[[str, str, int], Awaitable[Fanout]] = store.children.fanout
+    real = store.children.fanout
     raced: list[str] = []
 
-    async def stale_then_end(tenant_id: str, parent_id: str, seq: int) -> Fanout:
-        state = await real(tenant_id, parent_id, seq)
+    async def stale_then_end(
+        tenant_id: str, parent_id: str, seq: int, *, winner: bool = True
+    ) -> Fanout:
+        state = await real(tenant_id, parent_id, seq, winner=winner)
         if not raced:  # the last child ends right after the parent's read
             raced.append(second.id)
             assert (await engine.run(second.id)).kind is OutcomeKind.SUCCEEDED

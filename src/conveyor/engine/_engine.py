@@ -1064,6 +1064,7 @@ class Engine:
             deadline = started + timedelta(seconds=step.timeout_s)
             recorded["deadline"] = _iso(deadline)
         children = self.store.children
+        first_wins = isinstance(step, ParallelStep) and step.mode == "any"
         renewed = time.monotonic()
         while True:
             if time.monotonic() - renewed >= self.renew_every_s:  # children keep ending
@@ -1071,7 +1072,9 @@ class Engine:
                 renewed = time.monotonic()
             now = self._clock()
             seen = await events.pending(claim.tenant_id, claim.execution_id, name)
-            state = await children.fanout(claim.tenant_id, claim.execution_id, run.seq)
+            state = await children.fanout(
+                claim.tenant_id, claim.execution_id, run.seq, winner=first_wins
+            )
             done: _StepDone | None = await self._fanout_joined(
                 run, step, state, total, started, now, recorded
             )

@@ -273,8 +273,12 @@ class ChildService(ServiceBase):
                     continue
         return [child for child in children if child.id in made]
 
-    async def fanout(self, tenant_id: str, parent_id: str, seq: int) -> Fanout:
-        """The children of ``parent_id``'s step run ``seq``, summarised (see :class:`Fanout`)."""
+    async def fanout(
+        self, tenant_id: str, parent_id: str, seq: int, *, winner: bool = True
+    ) -> Fanout:
+        """The children of ``parent_id``'s step run ``seq``, summarised (see :class:`Fanout`);
+        ``winner=False`` leaves :attr:`Fanout.winner` out (only a ``parallel`` step of mode
+        ``any`` needs it: the query orders every child that succeeded)."""
         e = executions.c
         mine = and_(e.tenant_id == tenant_id, e.parent_execution_id == parent_id,
                     e.parent_seq == seq)  # fmt: skip
@@ -297,16 +301,16 @@ class ChildService(ServiceBase):
         )
         async with self._auto() as conn:
             started, active, succeeded = (await conn.execute(counts)).one()
-            failed = winner = None
+            failed = first = None
             if int(started) - int(active) - int(succeeded) > 0:
                 row = (await conn.execute(bad)).first()
                 if row is not None:
                     failed = FanoutChild(row.parent_index, row.id, row.status, error=row.error)
-            if int(succeeded) > 0:
+            if winner and int(succeeded) > 0:
                 row = (await conn.execute(good)).first()
                 if row is not None:
-                    winner = FanoutChild(row.parent_index, row.id, row.status, output=row.output)
-        return Fanout(int(started), int(active), int(succeeded), failed, winner)
+                    first = FanoutChild(row.parent_index, row.id, row.status, output=row.output)
+        return Fanout(int(started), int(active), int(succeeded), failed, first)
 
     async def fanout_outputs(self, tenant_id: str, parent_id: str, seq: int) -> list[Any]:
         """The outputs of the children of ``parent_id``'s step run ``seq``, in index order."""
