@@ -15,8 +15,8 @@
   by any later delivery of its job, so a crash between the child's last write and the call is
   repaired when the job is redelivered), and by a cancel — sends the parent the event
   ``conveyor.workflow.<seq>`` through :meth:`EventService.send_child_end` (one transaction;
-  idempotent: one event per child), which wakes the parent if it is parked on that step. The parent reads the child's
-  status and output itself: the event only wakes it.
+  idempotent: one event per child), which wakes the parent if it is parked on that step. The
+  parent reads the child's status and output itself: the event only wakes it.
 """
 
 from __future__ import annotations
