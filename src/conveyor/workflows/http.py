@@ -348,15 +348,16 @@ class SafeHttpClient:
             finally:
                 PINS.reset(token)
             try:
-                logger.debug(
-                    "http.response",
-                    extra={
-                        "url": _shown(str(url)),
-                        "status": response.status_code,
-                        "hop": hop,
-                        "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
-                    },
-                )
+                if logger.isEnabledFor(logging.DEBUG):  # the URL's redaction costs otherwise
+                    logger.debug(
+                        "http.response",
+                        extra={
+                            "url": _shown(str(url)),
+                            "status": response.status_code,
+                            "hop": hop,
+                            "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
+                        },
+                    )
                 location = response.headers.get("location")
                 if not follow or response.status_code not in REDIRECT_STATUSES or not location:
                     body = await _read_capped(response, max_bytes)
