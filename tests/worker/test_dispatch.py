@@ -135,7 +135,8 @@ async def test_an_enqueue_is_one_round_trip_and_a_wrong_guess_is_corrected(
     redis_prefix: str,
 ) -> None:
     """Count and add go in one MULTI; the add's priority is a guess (1 for a tenant without
-    backlog, else one more than this process last counted), re-ranked when the count differs."""
+    backlog, else one more than this process last counted), re-ranked (without holding the
+    caller) when the count differs."""
     with redis_server() as server:
         settings = make_settings(redis_prefix, QUEUE_REDIS_PORT=str(server.port))
         client = aioredis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
@@ -155,6 +156,7 @@ async def test_an_enqueue_is_one_round_trip_and_a_wrong_guess_is_corrected(
                 await elsewhere.enqueue(payload("tenant-a", f"a-{i}"))
             before = await _calls(client)
             await here.enqueue(payload("tenant-a", "a-3"))  # guessed 1; the count says 4
+            await here.reranked()  # the re-rank goes on after the enqueue returned
             after = await _calls(client)
             assert after["evalsha"] - before["evalsha"] == 3  # count + add + re-rank
             job = f"{redis_prefix}:{QUEUE}:"

@@ -15,7 +15,8 @@ BullMQ priority derived from its tenant's backlog:
 The increment and the duplicate check run in one Lua script: a job id that already exists (the
 same execution dispatched twice) is neither counted nor added again. :meth:`enqueue` sends that
 script and the add in one ``MULTI`` (one round trip), the add with a guessed priority that is
-corrected (``changePriority``) when the count differs — see :meth:`ExecutionDispatcher._guess`.
+corrected (``changePriority``, in the background: the caller does not wait for it) when the
+count differs — see :meth:`ExecutionDispatcher._guess`.
 
 Concurrent :meth:`~ExecutionDispatcher.enqueue` calls share their Redis round trips through an
 :class:`~conveyor.dispatch.EnqueueBatcher` (each still returns only once its own job was added),
@@ -24,6 +25,7 @@ so the API, the scheduler, the timer dispatcher and the reconciler all batch ali
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -96,6 +98,9 @@ class ExecutionDispatcher:
         self._prefix = settings.queue_prefix
         self._cluster = settings.uses_cluster
         self._batcher = EnqueueBatcher(self._enqueue_one, self.enqueue_many)
+        self._reranks: set[asyncio.Task[None]] = set()
+        """Re-ranks of jobs whose guessed priority was wrong, on their way (see
+        :meth:`_enqueue_one`)."""
         self._count_script: Any = None
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}
         """``(queue, tenant) -> (last count, when)``: where :meth:`_guess` starts from."""
@@ -106,8 +111,20 @@ class ExecutionDispatcher:
         return self._queues.create_queue(execution_queue_name(region))
 
     async def aclose(self, timeout_s: float = 2.0) -> None:
-        """Let batched enqueues on their way finish (at most ``timeout_s``), then cancel them."""
+        """Let batched enqueues and re-ranks on their way finish (at most ``timeout_s`` each),
+        then cancel them."""
         await self._batcher.close(timeout_s)
+        await self.reranked(timeout_s)
+
+    async def reranked(self, timeout_s: float = 2.0) -> None:
+        """Wait until the re-ranks on their way are done (at most ``timeout_s``; the late ones
+        are cancelled: a job keeps its guessed rank, a fairness detail the ledger's clamp and
+        the next counts absorb)."""
+        if not self._reranks:
+            return
+        _done, late = await asyncio.wait(list(self._reranks), timeout=timeout_s)
+        for task in late:
+            task.cancel()
 
     def _count_call(self, queue_name: str, items: Sequence[tuple[str, str]]) -> ScriptCall:
         """The count script's call for ``(tenant, job_id)`` items (see ``keys.COUNT_SCRIPT``)."""
@@ -229,8 +246,22 @@ class ExecutionDispatcher:
             return job_id
         self._remember(queue.name, tenant, pending)
         if priority_for(pending) != guess:
-            await queue.change_priority(job_id, priority_for(pending))
+            # The job is added (the caller may go on); only its rank is off. Re-rank it
+            # without holding the caller for a second round trip: at a steady rate the guess
+            # misses each time the worker's ledger flushes its decrements (every ~50 ms).
+            task = asyncio.create_task(
+                self._rerank(queue, job_id, priority_for(pending)), name="dispatch.rerank"
+            )
+            self._reranks.add(task)
+            task.add_done_callback(self._reranks.discard)
         return job_id
+
+    @staticmethod
+    async def _rerank(queue: Queue, job_id: str, priority: int) -> None:
+        try:
+            await queue.change_priority(job_id, priority)
+        except Exception as exc:  # Redis down: the job runs at its guessed rank
+            log.warning("dispatch.rerank_failed", extra={"jobId": job_id, "error": repr(exc)})
 
     def _remember(self, queue_name: str, tenant: str, pending: int) -> None:
         now = time.monotonic()
