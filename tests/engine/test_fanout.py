@@ -231,7 +231,10 @@ async def test_a_crash_after_creating_the_children_creates_none_twice(
     clock.advance(31)  # its lease expires: the next delivery takes over
     engine.enqueue = Enqueued()
     assert (await engine.run(parent.id)).kind is OutcomeKind.WAITING
-    assert len(await _kids(store, parent.id)) == 4  # the same four
+    kids = await _kids(store, parent.id)
+    assert len(kids) == 4  # the same four
+    # none of them ever had a job (the crash came first): the new run enqueues them
+    assert _jobs(engine) == [(k.id, "foreach", k.id) for k in kids]
     await _run_all(engine, store, tenant, [parent.id])
     done = await store.executions.get(tenant, parent.id)
     assert done.status == "succeeded" and done.output == list(range(6))

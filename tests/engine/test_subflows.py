@@ -227,6 +227,34 @@ async def test_a_crash_before_parking_finds_the_same_child(
     assert (await store.executions.get(tenant, child_id)).attempts == 1
 
 
+async def test_a_child_created_by_a_run_that_died_before_enqueueing_it_is_enqueued(
+    store: Store, settings: Settings
+) -> None:
+    """The parent's run dies between creating the child and enqueueing it: the child has no
+    job; the run that takes over (the lease expired) enqueues it, and still creates no other."""
+    clock = Clock()
+    tenant = (await store.tenants.create("acme")).id
+    child_wf = await _workflow(store, tenant, [{"id": "c", "type": "noop"}], "child")
+    parent_wf = await _workflow(
+        store, tenant, [{"id": "call", "type": "workflow", "workflow": child_wf}], "parent"
+    )
+    parent, _ = await store.executions.create(tenant, parent_wf)
+    engine = _engine(store, settings, clock, lease_ttl_s=30)
+
+    async def crash(execution: Execution, reason: str, job_id: str) -> None:
+        raise Crash
+
+    engine.enqueue = crash
+    with pytest.raises(Crash):
+        await engine.run(parent.id)
+    (child_id,) = await _children(store, parent.id)
+    clock.advance(31)
+    engine.enqueue = Enqueued()
+    assert (await engine.run(parent.id)).kind is OutcomeKind.WAITING
+    assert await _children(store, parent.id) == [child_id]
+    assert engine.enqueue.jobs == [(child_id, "workflow", child_id)]
+
+
 async def test_a_child_ending_before_the_parent_parks_is_not_missed(
     store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -969,7 +969,9 @@ class Engine:
                 error["details"] = exc.details
             message = f"cannot start workflow {step.workflow!r}: {error['message']}"
             return {**error, "message": message}
-        if created:
+        # A run of the parent that died after creating the child may not have enqueued it
+        # (job id = child id: a job still there is not added twice).
+        if created or (claim.attempts > 1 and child.status == "queued"):
             await self._enqueue(child, "workflow", child.id)
         return child
 
@@ -1064,6 +1066,7 @@ class Engine:
             deadline = started + timedelta(seconds=step.timeout_s)
             recorded["deadline"] = _iso(deadline)
         children = self.store.children
+        await self._enqueue_queued_children(run, step.type)
         first_wins = isinstance(step, ParallelStep) and step.mode == "any"
         renewed = time.monotonic()
         while True:
@@ -1097,6 +1100,21 @@ class Engine:
             if outcome is None:
                 continue  # a child ended meanwhile
             return outcome
+
+    async def _enqueue_queued_children(self, run: _Run, reason: str) -> None:
+        """After a run of the parent died (``attempts`` > 1: a delivery took over its expired
+        lease), enqueue (again) the step's children that are still ``queued``: a run that died
+        between creating children and enqueueing them left them without a job, and only this
+        parent knows they must run (job id = child id: a job still there is not added twice)."""
+        claim = run.claim
+        if claim.attempts <= 1:
+            return
+        await run.runs.idle()
+        queued = await self.store.children.fanout_queued(
+            claim.tenant_id, claim.execution_id, run.seq
+        )
+        if queued:
+            await asyncio.gather(*(self._enqueue(c, reason, c.id) for c in queued))
 
     def _fanout_items(
         self, run: _Run, step: ParallelStep | ForeachStep

@@ -325,6 +325,17 @@ class ChildService(ServiceBase):
         async with self._auto() as conn:
             return list((await conn.execute(query)).scalars())
 
+    async def fanout_queued(self, tenant_id: str, parent_id: str, seq: int) -> list[Execution]:
+        """The children of ``parent_id``'s step run ``seq`` that are still ``queued``."""
+        e = executions.c
+        query = select(executions).where(
+            e.tenant_id == tenant_id, e.parent_execution_id == parent_id, e.parent_seq == seq,
+            e.status == "queued",
+        ).order_by(e.parent_index)  # fmt: skip
+        async with self._auto() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Execution.from_mapping(r._mapping) for r in rows]
+
     async def fanout_active(self, tenant_id: str, parent_id: str, seq: int) -> list[str]:
         """The children of ``parent_id``'s step run ``seq`` that have not ended."""
         e = executions.c
