@@ -51,7 +51,10 @@
    starts the next items, and parks again consuming exactly the events it read — in the same
    fenced transaction that looks for any other (a child that ended after the read): none is
    lost, and the join (the step's result: the outputs in index order, the first branch of
-   ``mode: any``, or the first failure, which cancels the rest) is one fenced write.
+   ``mode: any``, or the first failure, which cancels the rest) is one fenced write. A run
+   that takes over from one that died (``attempts`` > 1) first enqueues the step's children
+   still ``queued`` — the dead run may have created them without enqueueing them (a
+   ``workflow`` step's child likewise); a job still there is not added twice.
 5. A step that fails retryably (its ``retry`` policy: which errors, how many tries, what
    backoff) is tried again. When the wait before the next try is at least
    :data:`~conveyor.workflows.step_models.DURABLE_RETRY_MIN_S` (1 s), it is durable, like a
