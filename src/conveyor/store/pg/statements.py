@@ -142,29 +142,28 @@ _STEPS = (
 )
 
 
-def execution_from_record(row: Any, steps: tuple[StepRun, ...] = ()) -> Execution:
-    """An :class:`Execution` from a row of :data:`_EXECUTION_COLUMNS` (positional: the
-    columns are in field order; the JSON columns come as text, parsed by pydantic-core's
-    parser: the same values as ``json.loads`` — ints of any size, floats to the last bit —
-    at a sixth of its CPU)."""
+def _decoded(row: Any, json_at: tuple[int, ...]) -> list[Any]:
+    """``row``'s values with the JSON columns at ``json_at`` (text) parsed by pydantic-core's
+    parser: the same values as ``json.loads`` — ints of any size, floats to the last bit — at
+    a sixth of its CPU."""
     values = list(row)
-    loads = from_json
-    for i in _JSON_AT:
+    for i in json_at:
         raw = values[i]
         if raw is not None:
-            values[i] = loads(raw)
+            values[i] = from_json(raw)
+    return values
+
+
+def execution_from_record(row: Any, steps: tuple[StepRun, ...] = ()) -> Execution:
+    """An :class:`Execution` from a row of :data:`_EXECUTION_COLUMNS` (positional: the
+    columns are in field order)."""
+    values = _decoded(row, _JSON_AT)
     values.append(steps)  # the last field
     return Execution(*values)
 
 
 def step_run_from_record(row: Any) -> StepRun:
-    values = list(row)
-    loads = from_json
-    for i in _STEP_JSON_AT:
-        raw = values[i]
-        if raw is not None:
-            values[i] = loads(raw)
-    return StepRun(*values)
+    return StepRun(*_decoded(row, _STEP_JSON_AT))
 
 
 # --- newest-first pages over daily partitions --------------------------------------------
