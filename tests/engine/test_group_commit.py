@@ -6,7 +6,9 @@ or write is sent at once, on its own."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,7 +20,7 @@ from conveyor.errors import LeaseLost
 from conveyor.settings import Settings
 from conveyor.store import Claim, ExecutionWrite, StepWrite, Store, TimerWrite, new_id, utcnow
 from conveyor.store.pg import PgRunStore
-from conveyor.store.pg.runs import _ClaimRequest
+from conveyor.store.pg.runs import _CLAIM_MANY, _ClaimRequest
 from conveyor.workflows import StepContext, StepResult
 from tests.engine._support import Recorder, start
 
@@ -255,3 +257,59 @@ async def test_a_claimed_batch_of_different_workflows_costs_one_definitions_fetc
         assert runs.claims.batches - claims == 1, "eight claims in one turn: one statement"
         assert fetches.batches - batches == 1, "their eight workflows: one definitions fetch"
         assert len(store.definitions) == 6 and len(engine._plans) == 6
+
+
+async def test_a_batch_of_claims_reads_its_own_rows_whatever_the_backlog(
+    store: Store, db_url: str
+) -> None:
+    """The batched claim is ten primary-key lookups, even where the planner's statistics lag
+    behind a backlog (the partition analyzed while it held 3,000 finished executions, then
+    3,000 queued): no node of its plan reads more rows than the batch has. Written as
+    ``status = 'queued' OR …``, the claim used the partial index of active executions and
+    hash-joined the whole backlog with the batch."""
+    tenant, first = await start(store, [{"id": "n", "type": "noop"}])
+    workflow = (await store.executions.get(tenant, first)).workflow_id
+    con = await asyncpg.connect(db_url.replace("postgresql+asyncpg", "postgresql"))
+    insert = (
+        "INSERT INTO executions (id, tenant_id, workflow_id, workflow_version, status, region,"
+        " triggered_by, created_at, queued_at, updated_at)"
+        " SELECT id, $2, $3, 1, $4, 'us', 'api', now(), now(), now()"
+        " FROM unnest($1::text[]) AS id"
+    )
+    try:
+        finished = [new_id() for _ in range(3000)]
+        await con.execute(insert, finished, tenant, workflow, "succeeded")
+        await con.execute("ANALYZE executions")
+        ids = sorted(new_id() for _ in range(3000))
+        await con.execute(insert, ids, tenant, workflow, "queued")
+        batch = ids[1000:1010]
+        now = utcnow()
+        async with con.transaction():
+            plan = await con.fetchval(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + _CLAIM_MANY,
+                batch, [now] * 10, [now + timedelta(seconds=30)] * 10,
+            )  # fmt: skip
+            claimed = await con.fetchval(
+                "SELECT count(*) FROM executions WHERE id = ANY($1) AND status = 'running'", batch
+            )
+            assert claimed == 10
+            raise _Rollback
+    except _Rollback:
+        pass
+    finally:
+        await con.close()
+    nodes = list(_plan_nodes(json.loads(plan)[0]["Plan"]))
+    read = max(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in nodes)
+    assert read <= 10, f"a node read {read} rows for a batch of 10: {nodes}"
+    indexes = {n["Index Name"] for n in nodes if "Index Name" in n}
+    assert indexes and all(name.endswith("_pkey") for name in indexes), indexes
+
+
+class _Rollback(Exception):
+    pass
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)

@@ -59,6 +59,24 @@ def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
     return re.sub(r"(?<!:):([a-z_]+)", number, sql), tuple(order)
 
 
+def _claimable(e: str, now: str) -> str:
+    """The claim's condition on a row (columns prefixed ``e``; ``now`` the claim's clock):
+    queued, running with its lease expired, or waiting and due.
+
+    A ``CASE`` on purpose: written as ``status = 'queued' OR …`` it implies the predicate of
+    the partial index of active executions (``ix_executions_active``), and where the
+    planner's statistics lag behind a backlog (a new day's partition, a burst of triggers
+    before autovacuum's next ``ANALYZE``) it chose that index and hash-joined every active row
+    of the partition with the batch: 9.3 ms for a batch of 10 claims with 20,000 executions
+    queued, against 1.3 ms for ten primary-key lookups. The ``CASE`` leaves the primary key as
+    the only index the claim can use."""
+    return (
+        f"CASE {e}status WHEN 'queued' THEN true"
+        f" WHEN 'running' THEN ({e}lease_expires_at IS NULL OR {e}lease_expires_at <= {now})"
+        f" WHEN 'waiting' THEN {e}wake_at <= {now} ELSE false END"
+    )
+
+
 _CLAIM = (
     """
 UPDATE executions
@@ -68,26 +86,29 @@ UPDATE executions
        started_at = COALESCE(started_at, $2), lease_expires_at = $3, wake_at = NULL,
        updated_at = $2
  WHERE id = $1
-   AND (status = 'queued'
-        OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at <= $2))
-        OR (status = 'waiting' AND wake_at <= $2))
+   AND """
+    + _claimable("", "$2")
+    + """
 RETURNING """
     + _CLAIMED
 )
 
-_CLAIM_MANY = """
+_CLAIM_MANY = (
+    """
 UPDATE executions e
    SET lease = e.lease + 1, status = 'running',
        attempts = e.attempts + CASE WHEN e.status = 'waiting' THEN 0 ELSE 1 END,
        started_at = COALESCE(e.started_at, x.now), lease_expires_at = x.lease_until,
        wake_at = NULL, updated_at = x.now
   FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS x(id, now, lease_until)
- WHERE e.id = x.id
-   AND (e.status = 'queued'
-        OR (e.status = 'running' AND (e.lease_expires_at IS NULL OR e.lease_expires_at <= x.now))
-        OR (e.status = 'waiting' AND e.wake_at <= x.now))
-RETURNING e.id, """ + ", ".join(f"e.{c.strip()}" for c in _CLAIMED.split(","))
-"""Many claims in one statement (each row with its own condition; one commit)."""
+ WHERE e.id = x.id AND """
+    + _claimable("e.", "x.now")
+    + """
+RETURNING e.id, """
+    + ", ".join(f"e.{c.strip()}" for c in _CLAIMED.split(","))
+)
+"""Many claims in one statement (each row with its own condition; one commit): a nested loop
+of primary-key lookups, whatever the backlog (see :func:`_claimable`)."""
 
 _UNCLAIMED = "SELECT status, lease_expires_at, wake_at FROM executions WHERE id = $1"
 
