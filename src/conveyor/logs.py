@@ -91,5 +91,5 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
     # alembic: its migration and plugin set-up lines ("setup plugin …") at INFO on every start
-    for noisy in ("httpx", "httpcore", "asyncio", "aiosqlite", "alembic"):
+    for noisy in ("httpx", "httpcore", "aiohttp", "asyncio", "aiosqlite", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

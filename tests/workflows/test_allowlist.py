@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 
-import httpcore
 import httpx
 import pytest
+from multidict import CIMultiDict
+from yarl import URL
 
 from conveyor.errors import PermanentStepError
 from conveyor.settings import AllowlistEntry, parse_allowlist_entry
@@ -139,10 +140,15 @@ async def test_a_redirect_to_another_port_is_refused(local_server: LocalServer) 
 
 
 async def test_a_connection_to_an_unchecked_port_is_refused() -> None:
-    backend = transport.PinnedBackend()
+    session = transport.PinnedSession(1, user_agent="t")
     token = transport.PINS.set({("127.0.0.1", 8080): ("127.0.0.1",)})
     try:
-        with pytest.raises(httpcore.ConnectError, match=r"unchecked host '127\.0\.0\.1' port 6379"):
-            await backend.connect_tcp("127.0.0.1", 6379)
+        with pytest.raises(
+            transport.UncheckedDestination, match=r"unchecked host '127\.0\.0\.1' port 6379"
+        ):
+            await session.send("GET", URL("http://127.0.0.1:6379/"), CIMultiDict(), None)
+        with pytest.raises(OSError, match=r"unchecked host 'localhost' port 6379"):
+            await transport.PinnedResolver().resolve("localhost", 6379)
     finally:
         transport.PINS.reset(token)
+        await session.aclose()

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import select
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
-import httpcore
 import pytest
+from aiohttp.abc import ResolveResult
+from multidict import CIMultiDict
+from yarl import URL
 
 from conveyor.errors import PermanentStepError, RetryableStepError
 from conveyor.workflows import http as http_module
@@ -137,9 +140,14 @@ async def test_templated_url_is_checked_at_run_time(no_dns: list[str]) -> None:
 
 
 async def test_unpinned_connections_are_refused() -> None:
-    backend = transport.PinnedBackend()
-    with pytest.raises(httpcore.ConnectError, match="unchecked host"):
-        await backend.connect_tcp("127.0.0.1", 80)
+    with pytest.raises(OSError, match="unchecked host"):
+        await transport.PinnedResolver().resolve("example.com", 80)
+    session = transport.PinnedSession(1, user_agent="t")
+    try:
+        with pytest.raises(transport.UncheckedDestination, match="unchecked host"):
+            await session.send("GET", URL("http://127.0.0.1:80/"), CIMultiDict(), None)
+    finally:
+        await session.aclose()
 
 
 # --- allow-list, redirects ------------------------------------------------------------------------
@@ -239,21 +247,19 @@ async def test_connects_only_to_the_resolved_public_address(
         lookups.append(host)
         return ["93.184.216.34"] if len(lookups) == 1 else ["127.0.0.1"]
 
-    async def open_tcp(
-        backend: Any,
-        address: str,
-        port: int,
-        _timeout: float | None,
-        local: str | None,
-        options: Iterable[Any] | None,
-    ) -> httpcore.AsyncNetworkStream:
-        connects.append((address, port))
-        raise httpcore.ConnectError("no internet in tests")
+    real = transport.PinnedResolver.resolve
+
+    async def pinned(
+        self: transport.PinnedResolver, host: str, port: int = 0, family: Any = 0
+    ) -> list[ResolveResult]:
+        """What the connector is told to connect to (recorded; no internet in tests)."""
+        connects.extend((r["host"], r["port"]) for r in await real(self, host, port, family))
+        raise OSError("no internet in tests")
 
     monkeypatch.setattr(http_module, "_resolve", resolve)
-    monkeypatch.setattr(transport, "open_tcp", open_tcp)
+    monkeypatch.setattr(transport.PinnedResolver, "resolve", pinned)
     step = http_step(url=f"http://public.example:{local_server.port}/json")
-    with pytest.raises(RetryableStepError, match="ConnectError"):
+    with pytest.raises(RetryableStepError, match="ClientConnectorDNSError"):
         await run_step(step, ctx())
     assert lookups == ["public.example"]
     assert connects == [("93.184.216.34", local_server.port)]
@@ -278,6 +284,13 @@ async def test_templated_request(local_server: LocalServer) -> None:
     assert echoed["headers"]["x-count"] == "2"
     assert echoed["headers"]["content-type"] == "application/json"
     assert echoed["body"] == '{"items":[1,2],"note":"hi Ada","n":3}'
+
+
+async def test_header_values_go_out_as_utf8(local_server: LocalServer) -> None:
+    step = http_step(url=local_server.url("/echo", "localhost"), headers={"X-User": "Zoë · 東京"})
+    await run_step(step, ctx("localhost"))
+    (seen,) = local_server.requests  # http.server reads header bytes as ISO-8859-1
+    assert seen.headers["x-user"].encode("latin-1").decode("utf-8") == "Zoë · 東京"
 
 
 async def test_head_and_text_bodies(local_server: LocalServer) -> None:
@@ -324,11 +337,13 @@ async def test_permanent_statuses(local_server: LocalServer, status: int) -> Non
 
 
 async def test_userinfo_never_reaches_outputs_or_errors(local_server: LocalServer) -> None:
-    """A password in the URL is sent (httpx makes it Basic auth) but never stored: not in the
-    output's ``url``, not in an error's message or details."""
+    """A password in the URL is sent as Basic auth but never stored: not in the output's
+    ``url``, not in an error's message or details."""
     ok = local_server.url("/json", "localhost").replace("http://", "http://ada:hunter2@")
     result = await run_step(http_step(url=ok), ctx("localhost"))
     assert "hunter2" not in str(result.output) and "[redacted]@" in result.output["url"]
+    (seen,) = local_server.requests
+    assert seen.headers["authorization"] == "Basic " + base64.b64encode(b"ada:hunter2").decode()
     failing = local_server.url("/status/500", "localhost").replace("http://", "http://ada:hunter2@")
     with pytest.raises(RetryableStepError) as info:
         await run_step(http_step(url=failing), ctx("localhost"))
@@ -347,7 +362,7 @@ async def test_expected_status(local_server: LocalServer) -> None:
 
 async def test_connection_refused_is_retryable() -> None:
     step = http_step(url=f"http://localhost:{free_port()}/")
-    with pytest.raises(RetryableStepError, match="ConnectError"):
+    with pytest.raises(RetryableStepError, match="ClientConnectorError"):
         await run_step(step, ctx("localhost"))
 
 
@@ -549,23 +564,41 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used(
 
 
 @pytest.mark.parametrize("keepalive_server", ["unanswered"], indirect=True)
-async def test_a_request_the_server_read_is_not_sent_again(
+async def test_a_plain_post_the_server_read_is_not_sent_again(
     keepalive_server: KeepAliveServer,
 ) -> None:
     async with SafeHttpClient(make_settings(f"127.0.0.1:{keepalive_server.port}")) as client:
-        with pytest.raises(RetryableStepError, match="RemoteProtocolError"):
+        with pytest.raises(RetryableStepError, match="ServerDisconnectedError"):
             await run_step(post_step(keepalive_server, 0), ctx(http=client))
     assert keepalive_server.requests == [b"POST /hook/0 HTTP/1.1"]
     assert keepalive_server.connections == 1
 
 
-@pytest.mark.parametrize("keepalive_server", ["partial"], indirect=True)
-async def test_a_request_with_part_of_an_answer_is_not_sent_again(
+@pytest.mark.parametrize("keepalive_server", ["unanswered"], indirect=True)
+async def test_an_unanswered_get_is_sent_once_more_and_only_once(
     keepalive_server: KeepAliveServer,
 ) -> None:
+    """Closed without a byte of answer, an idempotent request goes again on a new connection —
+    once: the second close is the step's (retryable) failure."""
     async with SafeHttpClient(make_settings(f"127.0.0.1:{keepalive_server.port}")) as client:
-        await run_step(post_step(keepalive_server, 0), ctx(http=client))
-        with pytest.raises(RetryableStepError, match="RemoteProtocolError"):
-            await run_step(post_step(keepalive_server, 1), ctx(http=client))
-    assert keepalive_server.requests == [b"POST /hook/0 HTTP/1.1", b"POST /hook/1 HTTP/1.1"]
+        with pytest.raises(RetryableStepError, match="ServerDisconnectedError"):
+            await run_step(get_step(keepalive_server, 0), ctx(http=client))
+    assert keepalive_server.requests == [b"GET /hook/0 HTTP/1.1"] * 2
+    assert keepalive_server.connections == 2
+
+
+@pytest.mark.parametrize("keepalive_server", ["partial"], indirect=True)
+@pytest.mark.parametrize(
+    ("make_step", "method"),
+    [(post_step, "POST"), (get_step, "GET"), (keyed_post_step, "POST")],
+)
+async def test_a_request_with_part_of_an_answer_is_not_sent_again(
+    keepalive_server: KeepAliveServer, make_step: Any, method: str
+) -> None:
+    """Part of a status line came back: the server handled the request, whatever its method."""
+    async with SafeHttpClient(make_settings(f"127.0.0.1:{keepalive_server.port}")) as client:
+        await run_step(make_step(keepalive_server, 0), ctx(http=client))
+        with pytest.raises(RetryableStepError, match="ServerDisconnectedError"):
+            await run_step(make_step(keepalive_server, 1), ctx(http=client))
+    assert keepalive_server.requests == [f"{method} /hook/{n} HTTP/1.1".encode() for n in (0, 1)]
     assert keepalive_server.connections == 1

@@ -232,6 +232,7 @@ async def test_http_step_records_the_request_it_sent_with_credentials_redacted(
     (seen,) = local_server.requests
     assert json.loads(seen.body) == result.rendered_input["body"]  # the JSON actually sent
     assert seen.path == "/echo?o=A%2F1" and seen.headers["x-api-key"] == "k1"
+    assert seen.headers["authorization"] == "Bearer s3cr3t"  # the step's header beats the URL's
 
 
 async def test_a_text_body_is_recorded_as_sent(local_server: LocalServer) -> None:

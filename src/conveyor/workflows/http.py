@@ -15,8 +15,8 @@ For every hop (the first request and each redirect, followed by hand):
    names the host (``name``, ``*.suffix``) or an address/CIDR containing the address. If any
    address of a host is refused, the host is refused.
 4. The connection goes to the checked addresses and port only
-   (:mod:`conveyor.workflows.transport`): the network backend looks ``(host, port)`` up in a
-   per-request pin table and never resolves names itself, so there is no DNS-rebinding window
+   (:mod:`conveyor.workflows.transport`): the connector's resolver looks ``(host, port)`` up in
+   a per-request pin table and never resolves names itself, so there is no DNS-rebinding window
    and no connection to a port that was not checked. Host header, TLS SNI and certificate
    verification still use the original host name. A connection for a host with no pin is
    refused (fail closed). Proxies from the environment are ignored; cookies are never kept.
@@ -40,8 +40,8 @@ a request that fails (refused, timed out) still shows what it was: a step run's 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
-import http.cookiejar
 import ipaddress
 import json
 import logging
@@ -53,7 +53,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import httpx
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from conveyor import tracing
 from conveyor.errors import PermanentStepError, RetryableStepError
@@ -61,7 +64,7 @@ from conveyor.redaction import Redactor
 from conveyor.settings import Settings
 from conveyor.workflows.expressions import render_template
 from conveyor.workflows.netguard import AllowList, address_refusal, parse_ip_literal
-from conveyor.workflows.transport import PINS, PinnedTransport
+from conveyor.workflows.transport import PINS, PinnedSession
 
 if TYPE_CHECKING:
     from conveyor.workflows.step_models import HttpStep
@@ -135,7 +138,7 @@ class CheckedDestination:
     """Where one hop may connect after the SSRF check: the pin a connection must match."""
 
     host: str
-    """The URL's host as httpcore sees it (lower-case, trailing dot kept): the pin key."""
+    """The URL's host as the connector sees it (lower-case, trailing dot kept): the pin key."""
     port: int
     """The destination port: the URL's, or 80/443 from its scheme."""
     addresses: tuple[str, ...]
@@ -152,7 +155,7 @@ class HttpResponse:
     """A complete (size-capped) response to the last hop."""
 
     status: int
-    headers: httpx.Headers
+    headers: CIMultiDictProxy[str]
     content: bytes
     url: str
 
@@ -165,21 +168,13 @@ class SafeHttpClient:
 
     def __init__(self, settings: Settings, *, max_connections: int = 100) -> None:
         self._allow = AllowList.from_entries(settings.http_allowlist)
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         self._max_connections = max_connections
-        self._client: httpx.AsyncClient | None = None
+        self._client: PinnedSession | None = None
 
     async def __aenter__(self) -> SafeHttpClient:
-        # the client is shared by every tenant: never keep cookies between requests
-        no_cookies = http.cookiejar.CookieJar(
-            http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
-        )
-        self._client = httpx.AsyncClient(
-            transport=PinnedTransport(self._max_connections),
-            trust_env=False,
-            follow_redirects=False,
-            headers={"user-agent": USER_AGENT},
-            cookies=no_cookies,
-        )
+        self._client = PinnedSession(self._max_connections, user_agent=USER_AGENT)
         return self
 
     async def __aexit__(
@@ -270,7 +265,7 @@ class SafeHttpClient:
             target = httpx.URL(url)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
             raise PermanentStepError(f"invalid URL {redact_url(url)!r:.200}: {exc}") from exc
-        encoded = _encode_headers(headers or {})
+        encoded = CIMultiDict(headers or {})
         limits = (timeout_s, max_response_bytes, max_redirects, follow_redirects)
         if not tracing.enabled:
             return await self._send(method, url, target, encoded, content, limits)
@@ -287,7 +282,7 @@ class SafeHttpClient:
         method: str,
         url: str,
         target: httpx.URL,
-        headers: httpx.Headers,
+        headers: CIMultiDict[str],
         content: bytes | None,
         limits: tuple[float, int, int, bool],
     ) -> HttpResponse:
@@ -300,7 +295,6 @@ class SafeHttpClient:
                     target,
                     headers,
                     content,
-                    timeout_s,
                     max_response_bytes,
                     max_redirects if follow_redirects else 0,
                     follow_redirects,
@@ -309,28 +303,23 @@ class SafeHttpClient:
             raise RetryableStepError(
                 f"request timed out after {timeout_s}s", kind="timeout", url=redact_url(url)
             ) from exc
-        except httpx.TimeoutException as exc:
-            raise RetryableStepError(
-                f"request timed out: {exc}", kind="timeout", url=redact_url(url)
-            ) from exc
-        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+        except (aiohttp.InvalidURL, ValueError) as exc:
             raise PermanentStepError(f"request refused: {exc}", url=redact_url(url)) from exc
-        except httpx.DecodingError as exc:
-            raise PermanentStepError(f"undecodable response: {exc}", url=redact_url(url)) from exc
-        except httpx.HTTPError as exc:
-            raise RetryableStepError(
-                f"request failed: {type(exc).__name__}: {exc}",
-                kind="connection",
-                url=redact_url(url),
-            ) from exc
+        except aiohttp.ClientPayloadError as exc:
+            if _undecodable(exc):
+                raise PermanentStepError(
+                    f"undecodable response: {exc}", url=redact_url(url)
+                ) from exc
+            raise _failed(exc, url) from exc
+        except aiohttp.ClientError as exc:
+            raise _failed(exc, url) from exc
 
     async def _follow(
         self,
         method: str,
         url: httpx.URL,
-        headers: httpx.Headers,
+        headers: CIMultiDict[str],
         content: bytes | None,
-        timeout_s: float,
         max_bytes: int,
         max_redirects: int,
         follow: bool,
@@ -338,13 +327,10 @@ class SafeHttpClient:
         assert self._client is not None
         for hop in range(max_redirects + 1):
             destination = await self.check_url(url)
-            request = self._client.build_request(
-                method, url, headers=headers, content=content, timeout=timeout_s
-            )
             token = PINS.set(destination.pins)
             started = time.monotonic()
             try:
-                response = await self._client.send(request, stream=True)
+                response = await self._client.send(method, *_wire(url, headers), content)
             finally:
                 PINS.reset(token)
             try:
@@ -353,22 +339,22 @@ class SafeHttpClient:
                         "http.response",
                         extra={
                             "url": _shown(str(url)),
-                            "status": response.status_code,
+                            "status": response.status,
                             "hop": hop,
                             "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
                         },
                     )
                 location = response.headers.get("location")
-                if not follow or response.status_code not in REDIRECT_STATUSES or not location:
+                if not follow or response.status not in REDIRECT_STATUSES or not location:
                     body = await _read_capped(response, max_bytes)
                     return HttpResponse(
-                        response.status_code, response.headers, body, redact_url(str(url))
+                        response.status, response.headers, body, redact_url(str(url))
                     )
             finally:
-                await response.aclose()
+                response.release()
             next_url = _join(url, location)
             method, content, headers = _redirect_request(
-                response.status_code, method, content, headers, url, next_url
+                response.status, method, content, headers, url, next_url
             )
             url = next_url
         raise PermanentStepError(
@@ -387,9 +373,29 @@ def _span_attributes(method: str, url: httpx.URL) -> dict[str, Any]:
     }
 
 
-def _encode_headers(headers: Mapping[str, str]) -> httpx.Headers:
-    """Header values as UTF-8 bytes (httpx would insist on ASCII)."""
-    return httpx.Headers({name.encode(): value.encode() for name, value in headers.items()})
+def _wire(url: httpx.URL, headers: CIMultiDict[str]) -> tuple[URL, CIMultiDict[str]]:
+    """The URL and headers as sent: credentials in the URL become Basic authentication unless
+    the step sets its own Authorization header (which then wins); they never go on the wire
+    in the URL itself."""
+    sent = URL(str(url), encoded=True)
+    if sent.raw_user is None and sent.raw_password is None:
+        return sent, headers
+    if "authorization" not in headers:
+        headers = headers.copy()
+        credentials = f"{sent.user or ''}:{sent.password or ''}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()  # RFC 7617
+    return sent.with_user(None), headers
+
+
+def _failed(exc: Exception, url: str) -> RetryableStepError:
+    return RetryableStepError(
+        f"request failed: {type(exc).__name__}: {exc}", kind="connection", url=redact_url(url)
+    )
+
+
+def _undecodable(exc: aiohttp.ClientPayloadError) -> bool:
+    """The body's content encoding could not be decoded (not: the connection broke)."""
+    return "content-encoding" in str(exc).lower() or "decompress" in str(exc).lower()
 
 
 def _join(url: httpx.URL, location: str) -> httpx.URL:
@@ -403,23 +409,25 @@ def _redirect_request(
     status: int,
     method: str,
     content: bytes | None,
-    headers: httpx.Headers,
+    headers: CIMultiDict[str],
     url: httpx.URL,
     next_url: httpx.URL,
-) -> tuple[str, bytes | None, httpx.Headers]:
-    headers = httpx.Headers(headers)
+) -> tuple[str, bytes | None, CIMultiDict[str]]:
+    headers = headers.copy()
     if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
         method, content = "GET", None
         for name in ("content-type", "content-encoding"):
-            headers.pop(name, None)
+            headers.popall(name, None)
     if (url.scheme, url.host, url.port) != (next_url.scheme, next_url.host, next_url.port):
         for name in _SENSITIVE_HEADERS:
-            headers.pop(name, None)
+            headers.popall(name, None)
         _keep_secrets_home(headers, content, next_url)
     return method, content, headers
 
 
-def _keep_secrets_home(headers: httpx.Headers, content: bytes | None, next_url: httpx.URL) -> None:
+def _keep_secrets_home(
+    headers: CIMultiDict[str], content: bytes | None, next_url: httpx.URL
+) -> None:
     """A redirect to another origin never carries the step's secrets: headers that hold one
     are dropped; a body that holds one is not sent again (the step fails, for good)."""
     redactor = _REDACTOR.get()
@@ -427,7 +435,7 @@ def _keep_secrets_home(headers: httpx.Headers, content: bytes | None, next_url: 
         return
     for name, value in list(headers.items()):
         if redactor.contains(value):
-            del headers[name]
+            headers.popall(name, None)
     if content is not None and redactor.contains(content.decode("utf-8", "replace")):
         raise PermanentStepError(
             "refused to follow a redirect to another origin: it would send a secret of the "
@@ -436,7 +444,7 @@ def _keep_secrets_home(headers: httpx.Headers, content: bytes | None, next_url: 
         )
 
 
-async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if (
         declared.isdigit()
@@ -448,7 +456,7 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.content.iter_any():
         size += len(chunk)
         if size > max_bytes:
             raise PermanentStepError(
@@ -592,9 +600,9 @@ def _body(
     return body, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _kept_headers(headers: httpx.Headers, extra: list[str]) -> dict[str, str]:
+def _kept_headers(headers: CIMultiDictProxy[str], extra: list[str]) -> dict[str, str]:
     wanted = (*KEPT_RESPONSE_HEADERS, *extra)
-    return {name: headers[name] for name in wanted if name in headers}
+    return {name: ", ".join(headers.getall(name)) for name in wanted if name in headers}
 
 
 def _parse_body(response: HttpResponse) -> Any:
@@ -610,7 +618,7 @@ def _parse_body(response: HttpResponse) -> Any:
     return text
 
 
-def _charset(headers: httpx.Headers) -> str | None:
+def _charset(headers: CIMultiDictProxy[str]) -> str | None:
     for part in headers.get("content-type", "").split(";")[1:]:
         name, _, value = part.strip().partition("=")
         if name.lower() == "charset" and value:
