@@ -1,5 +1,5 @@
-"""A realistic five-step workflow through one ``conveyor worker`` vs a raw ``bullmq`` + ``httpx``
-worker making the same two HTTP calls with no durability at all (issue #16).
+"""A realistic five-step workflow through one ``conveyor worker`` vs a raw ``bullmq`` worker (with
+``httpx``, and with ``aiohttp``) making the same two HTTP calls with no durability at all (issue #16).
 
 The workflow: ``http`` GET an order → ``transform`` (JMESPath) → ``condition`` → ``http`` POST a
 templated body → ``noop``, against a local target server (asyncio, HTTP/1.1 keep-alive, run in
@@ -10,16 +10,21 @@ start to the last one's finish (read from the database).
 
 Baseline in the same run: a raw ``bullmq.Worker`` process (same Redis, same concurrency, same
 job options, uvloop) whose processor GETs the order with a shared ``httpx.AsyncClient``,
-reshapes it in Python, and POSTs the same body — what a user would write without Conveyor.
+reshapes it in Python, and POSTs the same body — what a user would write without Conveyor; the
+issue's target (``ratio``) is against it. A second baseline does the same with a shared
+``aiohttp.ClientSession`` — the fastest asyncio HTTP client here and the one Conveyor's steps
+use — so ``ratio_aiohttp`` is Conveyor's own cost with the HTTP client's taken out.
 
 CPU per execution: the worker's user+system time over the run; PostgreSQL's is the sum of every
 ``postgres`` process's CPU time over the same span (other databases on the machine count too:
 run it on a quiet machine).
 
     .venv/bin/python bench/workflow_throughput.py [--executions 5000] [--concurrency 50]
+        [--rounds 1]
 
 Last line: JSON with ``executions_per_s``, ``raw_per_s``, ``ratio``, ``cpu_ms_per_execution``,
-``pg_cpu_ms_per_execution``.
+``pg_cpu_ms_per_execution`` (``raw_*`` and ``ratio`` against raw + httpx), and
+``raw_aiohttp_per_s``, ``ratio_aiohttp``.
 """
 
 from __future__ import annotations
@@ -185,18 +190,56 @@ def postgres_cpu_s() -> float:
 
 
 # --- the raw baseline ------------------------------------------------------------------------
-async def _raw_http_worker_main(prefix: str, port: int, concurrency: int, expect: int) -> None:
+RAW_CLIENTS = ("httpx", "aiohttp")
+
+
+class _RawClient:
+    """The baseline's HTTP client: GET and POST JSON over one shared keep-alive pool."""
+
+    def __init__(self, kind: str, port: int, concurrency: int) -> None:
+        base = f"http://127.0.0.1:{port}"
+        if kind == "aiohttp":
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(limit=concurrency)
+            self._aiohttp = aiohttp.ClientSession(base, connector=connector)
+        else:
+            import httpx
+
+            limits = httpx.Limits(
+                max_connections=concurrency, max_keepalive_connections=concurrency
+            )
+            self._httpx = httpx.AsyncClient(base_url=base, limits=limits, timeout=10)
+        self.kind = kind
+
+    async def get(self, path: str) -> Any:
+        if self.kind == "aiohttp":
+            async with self._aiohttp.get(path) as response:
+                return await response.json()
+        return (await self._httpx.get(path)).json()
+
+    async def post(self, path: str, headers: dict[str, str], doc: Any) -> Any:
+        if self.kind == "aiohttp":
+            async with self._aiohttp.post(path, headers=headers, json=doc) as response:
+                return await response.json()
+        return (await self._httpx.post(path, headers=headers, json=doc)).json()
+
+    async def close(self) -> None:
+        if self.kind == "aiohttp":
+            await self._aiohttp.close()
+        else:
+            await self._httpx.aclose()
+
+
+async def _raw_http_worker_main(
+    prefix: str, port: int, concurrency: int, expect: int, kind: str
+) -> None:
     import bullmq
-    import httpx
 
     from conveyor.queue.payloads import DEFAULT_JOB_OPTIONS
 
     client = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT)
-    http = httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{port}",
-        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        timeout=10,
-    )
+    http = _RawClient(kind, port, concurrency)
     done = 0
     first = 0.0
     finished = asyncio.Event()
@@ -206,7 +249,7 @@ async def _raw_http_worker_main(prefix: str, port: int, concurrency: int, expect
         if not first:
             first = time.time()
         order_id = job.data["i"]
-        fetched = (await http.get(f"/orders/{order_id}")).json()
+        fetched = await http.get(f"/orders/{order_id}")
         summary = {
             "orderId": fetched["id"],
             "total": fetched["total"],
@@ -214,12 +257,11 @@ async def _raw_http_worker_main(prefix: str, port: int, concurrency: int, expect
         }
         result = None
         if summary["total"] >= 100:
-            response = await http.post(
+            result = await http.post(
                 "/hooks/fulfilment",
-                headers={"Idempotency-Key": f"order-{summary['orderId']}"},
-                json={"text": f"Large order {summary['orderId']}", "order": summary},
+                {"Idempotency-Key": f"order-{summary['orderId']}"},
+                {"text": f"Large order {summary['orderId']}", "order": summary},
             )
-            result = response.json()
         done += 1
         if done >= expect:
             finished.set()
@@ -242,17 +284,16 @@ async def _raw_http_worker_main(prefix: str, port: int, concurrency: int, expect
     await client.set(f"{prefix}:raw:result", json.dumps({"first": first, "last": last, "n": done}))
     await worker.close()
     await task
-    await http.aclose()
+    await http.close()
     await client.aclose()
 
 
 @asynccontextmanager
 async def raw_http_worker(
-    prefix: str, port: int, concurrency: int, n: int
+    prefix: str, port: int, concurrency: int, n: int, kind: str
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waits are bounded
-        [sys.executable, __file__, "raw-worker", prefix, str(port), str(concurrency), str(n)]
-    )
+    argv = [sys.executable, __file__, "raw-worker", prefix, str(port), str(concurrency), str(n)]
+    proc = subprocess.Popen([*argv, kind])  # noqa: ASYNC220 - returns at once; waits are bounded
     try:
         yield proc
     finally:
@@ -265,7 +306,9 @@ async def raw_http_worker(
                 proc.wait(timeout=10)
 
 
-async def run_raw(n: int, concurrency: int, port: int, target: psutil.Process) -> dict[str, float]:
+async def run_raw(
+    n: int, concurrency: int, port: int, target: psutil.Process, kind: str
+) -> dict[str, float]:
     prefix = f"wfbenchraw{uuid.uuid4().hex[:8]}"
     queue = raw_queue(prefix)
     try:
@@ -277,7 +320,7 @@ async def run_raw(n: int, concurrency: int, port: int, target: psutil.Process) -
                 jobs.append(job)
             await queue.addBulk(jobs)
         target0 = _cpu(target)
-        async with raw_http_worker(prefix, port, concurrency, n) as proc:
+        async with raw_http_worker(prefix, port, concurrency, n, kind) as proc:
             with RssSampler(proc.pid) as usage:
                 result = await raw_result(prefix, proc, timeout_s=max(120.0, n / 20))
         per_s = float(result["n"]) / (result["last"] - result["first"])
@@ -338,41 +381,49 @@ async def run_conveyor(
         }
 
 
-async def main(args: argparse.Namespace) -> dict[str, float]:
-    raw: list[dict[str, float]] = []
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, list[dict[str, float]]] = {kind: [] for kind in RAW_CLIENTS}
     ours: list[dict[str, float]] = []
     with target_server() as (port, target):
         for r in range(args.rounds):
-            raw.append(await run_raw(args.executions, args.concurrency, port, target))
-            print(
-                f"[round {r + 1}] raw bullmq+httpx : {raw[-1]['per_s']:7.0f} jobs/s, "
-                f"{raw[-1]['cpu_ms']:.2f} ms CPU/job, target {raw[-1]['target_cpu_ms']:.2f} ms",
-                flush=True,
-            )
+            for kind in RAW_CLIENTS:
+                raw[kind].append(
+                    await run_raw(args.executions, args.concurrency, port, target, kind)
+                )
+                print(
+                    f"[round {r + 1}] raw bullmq+{kind:7}: {raw[kind][-1]['per_s']:7.0f} jobs/s, "
+                    f"{raw[kind][-1]['cpu_ms']:.2f} ms CPU/job, "
+                    f"target {raw[kind][-1]['target_cpu_ms']:.2f} ms",
+                    flush=True,
+                )
             ours.append(await run_conveyor(args.executions, args.concurrency, port, target))
             print(
-                f"[round {r + 1}] conveyor         : {ours[-1]['per_s']:7.0f} executions/s, "
+                f"[round {r + 1}] conveyor          : {ours[-1]['per_s']:7.0f} executions/s, "
                 f"{ours[-1]['cpu_ms']:.2f} ms CPU/execution (start-up included), "
                 f"PostgreSQL {ours[-1]['pg_cpu_ms']:.2f} ms, target "
                 f"{ours[-1]['target_cpu_ms']:.2f} ms, peak RSS {ours[-1]['peak_rss_mb']:.0f} MB",
                 flush=True,
             )
-    best_raw = max(raw, key=lambda x: x["per_s"])
+    best_raw = {kind: max(runs, key=lambda x: x["per_s"]) for kind, runs in raw.items()}
     best = max(ours, key=lambda x: x["per_s"])
-    ratio = best["per_s"] / best_raw["per_s"]
+    ratio = {kind: best["per_s"] / b["per_s"] for kind, b in best_raw.items()}
     print(
         f"{args.executions} five-step executions (http GET, transform, condition, http POST, "
         f"noop), concurrency {args.concurrency}, best of {args.rounds}: conveyor "
-        f"{best['per_s']:.0f}/s vs raw bullmq+httpx {best_raw['per_s']:.0f}/s, ratio {ratio:.2f} "
-        "(target >= 1.0)"
+        f"{best['per_s']:.0f}/s vs raw bullmq+httpx {best_raw['httpx']['per_s']:.0f}/s, ratio "
+        f"{ratio['httpx']:.2f} (target >= 1.0); vs raw bullmq+aiohttp "
+        f"{best_raw['aiohttp']['per_s']:.0f}/s, ratio {ratio['aiohttp']:.2f}"
     )
     return {
         "executions_per_s": round(best["per_s"], 1),
-        "raw_per_s": round(best_raw["per_s"], 1),
-        "ratio": round(ratio, 3),
+        "raw_per_s": round(best_raw["httpx"]["per_s"], 1),
+        "ratio": round(ratio["httpx"], 3),
         "cpu_ms_per_execution": round(best["cpu_ms"], 2),
         "pg_cpu_ms_per_execution": round(best["pg_cpu_ms"], 2),
-        "raw_cpu_ms_per_job": round(best_raw["cpu_ms"], 2),
+        "raw_cpu_ms_per_job": round(best_raw["httpx"]["cpu_ms"], 2),
+        "raw_aiohttp_per_s": round(best_raw["aiohttp"]["per_s"], 1),
+        "ratio_aiohttp": round(ratio["aiohttp"], 3),
+        "raw_aiohttp_cpu_ms_per_job": round(best_raw["aiohttp"]["cpu_ms"], 2),
         "peak_rss_mb": round(max(o["peak_rss_mb"] for o in ours), 1),
     }
 
@@ -381,8 +432,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["target"]:
         uvloop.run(_serve_target(int(sys.argv[2])))
     elif sys.argv[1:2] == ["raw-worker"]:
-        _p, _port, _c, _n = sys.argv[2:6]
-        uvloop.run(_raw_http_worker_main(_p, int(_port), int(_c), int(_n)))
+        _p, _port, _c, _n, _kind = sys.argv[2:7]
+        uvloop.run(_raw_http_worker_main(_p, int(_port), int(_c), int(_n), _kind))
     else:
         parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
         parser.add_argument("--executions", type=int, default=5_000)
