@@ -22,7 +22,8 @@ its command loop is single-threaded), PostgreSQL, or this machine's cores.
 
     .venv/bin/python bench/scaling.py [--noop 5000] [--http 2000] [--concurrency 50]
 
-About 2 minutes on a quiet 2-core host (3 under a load average of 9).
+About 40 s on a quiet 2-core host (2026-12-07; 3 minutes under a load average of 9 before the
+worker got faster).
 
 Last line: JSON with ``per_s_1``, ``per_s_2``, ``per_s_4`` (noop), ``http_per_s_*``,
 ``efficiency_*``, ``ceiling``, and ``per_core_workers|redis|postgres``: the executions/s one
