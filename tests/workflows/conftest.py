@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,6 +104,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, b"x" * int(query["n"]), "application/octet-stream")
         elif route == "/chunked":
             self._chunked(int(query["n"]))
+        elif route == "/gzip":  # {"pad": "zz…"} with n z's, gzip-encoded (a bomb when large)
+            body = b"not gzip" if "bad" in query else gzipped_json_pad(int(query.get("n", "10")))
+            self._reply(200, body, "application/json", Content_Encoding="gzip")
         elif route == "/slow":
             time.sleep(float(query.get("s", "2")))
             self._json(200, {"slow": True})
@@ -124,6 +129,20 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client stopped reading: that is the point
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
+
+
+@functools.cache
+def gzipped_json_pad(n: int) -> bytes:
+    """``{"pad": "zz…"}`` with ``n`` z's, gzip-compressed a megabyte at a time (never held
+    whole: tests measuring the client's memory call this before they start)."""
+    out = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [out.compress(b'{"pad": "')]
+    block = b"z" * 1_000_000
+    for start in range(0, n, len(block)):
+        parts.append(out.compress(block[: min(len(block), n - start)]))
+    parts.append(out.compress(b'"}'))
+    parts.append(out.flush())
+    return b"".join(parts)
 
 
 class _Server(ThreadingHTTPServer):

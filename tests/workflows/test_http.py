@@ -9,6 +9,7 @@ import select
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from conveyor.workflows.definition import HttpStep, parse_definition
 from conveyor.workflows.http import SafeHttpClient, address_refusal, parse_ip_literal
 from conveyor.workflows.steps import StepContext, run_step
 from tests.helpers import free_port
-from tests.workflows.conftest import LocalServer, make_settings
+from tests.workflows.conftest import LocalServer, gzipped_json_pad, make_settings
 
 
 def http_step(**fields: Any) -> HttpStep:
@@ -311,6 +312,40 @@ async def test_response_size_cap(local_server: LocalServer, path: str) -> None:
     with pytest.raises(PermanentStepError, match="larger than max_response_bytes"):
         await run_step(step, ctx("localhost"))
     assert time.monotonic() - started < 5
+
+
+async def test_a_compressed_response_is_decoded(local_server: LocalServer) -> None:
+    result = await run_step(
+        http_step(url=local_server.url("/gzip?n=5", "localhost")), ctx("localhost")
+    )
+    assert result.output["body"] == {"pad": "zzzzz"}
+    assert local_server.requests[0].headers["accept-encoding"].startswith("gzip")
+
+
+async def test_a_decompression_bomb_stops_at_the_cap_without_inflating(
+    local_server: LocalServer,
+) -> None:
+    """~50 KB on the wire, 50 MB decoded: the cap counts decoded bytes, and decoding stops
+    there — the process never holds the 50 MB."""
+    step = http_step(
+        url=local_server.url("/gzip?n=50000000", "localhost"), max_response_bytes=100_000
+    )
+    assert len(gzipped_json_pad(50_000_000)) < 100_000  # made (and kept) before measuring
+    tracemalloc.start()
+    try:
+        with pytest.raises(PermanentStepError, match="larger than max_response_bytes"):
+            await run_step(step, ctx("localhost"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000
+
+
+async def test_an_undecodable_body_fails_for_good(local_server: LocalServer) -> None:
+    with pytest.raises(PermanentStepError, match="undecodable response"):
+        await run_step(
+            http_step(url=local_server.url("/gzip?bad=1", "localhost")), ctx("localhost")
+        )
 
 
 async def test_response_under_cap(local_server: LocalServer) -> None:
