@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     http_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
     """Destinations ``http`` steps may reach although private/loopback: ``host``, ``host:port``,
     ``cidr``, ``cidr:port`` (see :func:`parse_allowlist_entry`); without a port, any port."""
+    http_dns_cache_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    """Seconds a process reuses the DNS answer for an ``http`` step's host (0: a lookup per
+    request). Every request still checks the addresses it connects to."""
     step_output_max_bytes: PositiveInt = 256 * 1024
     workflow_max_depth: Annotated[int, Field(ge=1, le=50)] = 5
     """Deepest nesting of sub-workflows (``workflow`` steps): a top-level execution is depth 0;

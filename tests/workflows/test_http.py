@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from conveyor.errors import PermanentStepError, RetryableStepError
+from conveyor.settings import load_settings
 from conveyor.workflows import http as http_module
 from conveyor.workflows import transport
 from conveyor.workflows.definition import HttpStep, parse_definition
@@ -225,7 +226,8 @@ async def test_one_resolution_and_connect_to_checked_address(
 
     monkeypatch.setattr(http_module, "_resolve", resolve)
     step = http_step(url=f"http://rebind.test:{checked.port}/json")
-    async with SafeHttpClient(make_settings("127.0.0.2/32")) as client:
+    no_dns_cache = load_settings({}, http_allowlist="127.0.0.2/32", http_dns_cache_s=0)
+    async with SafeHttpClient(no_dns_cache) as client:  # (a kept answer: test_dns_cache.py)
         result = await run_step(step, ctx(http=client))
         assert result.output["body"]["server"] == "127.0.0.2"
         assert lookups == ["rebind.test"]

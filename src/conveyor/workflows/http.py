@@ -6,7 +6,9 @@ For every hop (the first request and each redirect, followed by hand):
    from its scheme.
 2. The host is resolved **once**, in this module (:func:`_resolve`); IP literals — also the
    legacy forms ``connect()`` accepts, such as ``127.1``, ``0x7f000001``, ``2130706433``,
-   ``0177.0.0.1`` — are parsed as addresses without any lookup.
+   ``0177.0.0.1`` — are parsed as addresses without any lookup. A client reuses a name's
+   answer for ``settings.http_dns_cache_s`` (:class:`DnsCache`; concurrent lookups of one
+   name are one lookup); the answer is checked on every hop all the same.
 3. Every address is checked: loopback, private (RFC 1918, fc00::/7), CGNAT (100.64/10),
    link-local (169.254/16 with the cloud metadata address, fe80::/10), unspecified,
    multicast, reserved and other non-global ranges are refused — also when embedded in IPv6
@@ -24,8 +26,8 @@ For every hop (the first request and each redirect, followed by hand):
 Bodies are streamed and the request fails as soon as more than ``max_response_bytes`` (after
 content decoding) arrive; the whole call — lookups, redirects, body — runs under one timeout.
 
-The transport sends a request a second time only when a kept-alive connection that the server
-had closed failed it before any byte of answer (see :mod:`conveyor.workflows.transport`).
+The transport sends a request a second time only when a connection ended before any byte of
+answer and the request may arrive twice (see :mod:`conveyor.workflows.transport`).
 
 Errors: network errors, timeouts, 408/425/429 and 5xx → :class:`RetryableStepError`; refusals,
 bad URLs, oversize responses and other 4xx → :class:`PermanentStepError`. Each carries its
@@ -130,6 +132,57 @@ async def _resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+class DnsCache:
+    """Answers of :func:`_resolve` per ``(host, port)``, kept ``ttl_s`` seconds (0: none), at
+    most :attr:`MAX_ENTRIES`; concurrent lookups of one name share one (a caller that gives up
+    does not cancel it for the others). Failed or empty lookups are not kept.
+
+    Reusing an answer opens no rebinding window: what a request connects to is what it
+    checked, and the addresses were a real answer at most ``ttl_s`` ago — the time an answer
+    lives in most HTTP clients' caches (aiohttp's default is 10 s). What it saves: a
+    ``getaddrinfo`` per request, run in the event loop's thread pool (a handful of threads
+    for every concurrent step of the process).
+    """
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self, ttl_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._answers: dict[tuple[str, int], tuple[float, tuple[str, ...]]] = {}
+        self._lookups: dict[tuple[str, int], asyncio.Task[list[str]]] = {}
+        self.misses = 0
+        """Lookups made (tests read it)."""
+
+    async def resolve(self, host: str, port: int) -> tuple[str, ...]:
+        key = (host, port)
+        kept = self._answers.get(key)
+        if kept is not None:
+            if kept[0] > self._clock():
+                return kept[1]
+            del self._answers[key]
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            self.misses += 1
+            lookup = asyncio.ensure_future(_resolve(host, port))
+            self._lookups[key] = lookup
+            lookup.add_done_callback(lambda done: self._keep(key, done))
+        return tuple(await asyncio.shield(lookup))
+
+    def _keep(self, key: tuple[str, int], done: asyncio.Task[list[str]]) -> None:
+        self._lookups.pop(key, None)
+        if done.cancelled() or done.exception() is not None or not done.result():
+            return  # (the exception is retrieved: each waiter raises its own copy)
+        if self.ttl_s <= 0:
+            return
+        if len(self._answers) >= self.MAX_ENTRIES:
+            now = self._clock()
+            self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+            while len(self._answers) >= self.MAX_ENTRIES:
+                del self._answers[next(iter(self._answers))]  # the oldest
+        self._answers[key] = (self._clock() + self.ttl_s, tuple(done.result()))
+
+
 # --- client ---------------------------------------------------------------------------------------
 
 
@@ -172,6 +225,7 @@ class SafeHttpClient:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         self._max_connections = max_connections
         self._client: PinnedSession | None = None
+        self.dns = DnsCache(settings.http_dns_cache_s)
 
     async def __aenter__(self) -> SafeHttpClient:
         self._client = PinnedSession(self._max_connections, user_agent=USER_AGENT)
@@ -210,12 +264,12 @@ class SafeHttpClient:
         return CheckedDestination(key, port, addresses)
 
     async def _addresses(self, url: httpx.URL, host: str, port: int) -> tuple[str, ...]:
-        """The addresses ``host`` denotes: an IP literal itself, else one DNS lookup."""
+        """The addresses ``host`` denotes: an IP literal itself, else its DNS answer."""
         literal = parse_ip_literal(host)
         if literal is not None:
             return (str(literal),)
         try:
-            addresses = await _resolve(host, port)
+            addresses = await self.dns.resolve(host, port)
         except (OSError, UnicodeError) as exc:
             raise RetryableStepError(
                 f"could not resolve host {host!r}: {exc}",
