@@ -22,8 +22,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         _Handler.hits.append(self.path)
         body = json.dumps({"path": self.path, "total": 150}).encode()
+        if self.path == "/odd":  # a lone surrogate escape: valid JSON text, not storable
+            body = b'{"note": "caf\\udce9", "ok": true}'
         self.send_response(200)
         self.send_header("content-type", "application/json")
+        self.send_header("x-request-id", "caf\u00e9")  # sent as ISO-8859-1: one byte 0xe9
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -89,3 +92,23 @@ async def test_refused_address_fails_without_retry(
     assert outcome.kind is OutcomeKind.FAILED
     (step,) = await store.executions.step_runs(tenant, execution_id)
     assert step.attempts == 1 and step.error["type"] == "PermanentStepError"
+
+
+async def test_odd_text_in_an_answer_is_stored_not_fatal(
+    store: Store, settings: Settings, server: str
+) -> None:
+    """A header byte that is not UTF-8 reads as ISO-8859-1; a lone surrogate escape in the JSON
+    body (no backend stores one) becomes U+FFFD. The step succeeds and is stored once."""
+    allowed = settings_for(settings.database_url, http_allowlist="127.0.0.1")
+    _Handler.hits.clear()
+    tenant, execution_id = await start(
+        store, [{"id": "odd", "type": "http", "url": server + "/odd"}]
+    )
+    async with Engine(store, allowed) as engine:
+        outcome = await engine.run(execution_id)
+    assert outcome.kind is OutcomeKind.SUCCEEDED, outcome
+    done = await store.executions.get(tenant, execution_id, with_steps=True)
+    (step,) = done.steps
+    assert step.output["headers"]["x-request-id"] == "caf\u00e9"
+    assert step.output["body"] == {"note": "caf\ufffd", "ok": True}
+    assert _Handler.hits == ["/odd"]

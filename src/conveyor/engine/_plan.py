@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from conveyor.errors import ConveyorError, PermanentStepError
-from conveyor.store import dumps, has_nul, without_nul
+from conveyor.store import dumps, storable_text, without_nul
 from conveyor.workflows import (
     ConditionStep,
     DelayStep,
@@ -188,10 +188,8 @@ def _encode(value: Any, max_bytes: int, who: str, too_large: Callable[[int], str
     except (TypeError, ValueError, RecursionError) as exc:
         reason = str(exc)[:300] or type(exc).__name__
         raise OutputNotJson(f"{who} produced output that is not JSON: {reason}") from None
-    if has_nul(text):  # Postgres cannot store NUL characters in JSON
-        text = without_nul(text)
-        value = json.loads(text)
-    size = len(text) if text.isascii() else len(text.encode())
+    value, text = storable_text(value, text)  # no NUL, no lone surrogate (U+FFFD instead)
+    size = _size(text)
     if size > max_bytes:
         raise OutputTooLarge(too_large(size), size_bytes=size, limit_bytes=max_bytes)
     return Encoded(value, text)
@@ -218,9 +216,7 @@ def encode_input(value: Any, max_bytes: int) -> Encoded:
     except (TypeError, ValueError, RecursionError) as exc:
         value = {NOT_JSON: str(exc)[:300] or type(exc).__name__}
         text = dumps(value)
-    if has_nul(text):
-        text = without_nul(text)
-        value = json.loads(text)
+    value, text = storable_text(value, text)
     size = _size(text)
     if size <= max_bytes:
         return Encoded(value, text)

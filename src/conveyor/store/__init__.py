@@ -33,7 +33,14 @@ shipped in ``conveyor/store/migrations``; ``await store.check_schema()`` raises
 from conveyor.store._db import asyncpg_dsn, sqlalchemy_url, sqlite_path
 from conveyor.store._migrate import head_revisions
 from conveyor.store._store import Store, migrate
-from conveyor.store._types import dumps, has_nul, new_id, utcnow, without_nul
+from conveyor.store._types import (
+    dumps,
+    has_nul,
+    new_id,
+    storable_text,
+    utcnow,
+    without_nul,
+)
 from conveyor.store.events import Event, EventWait, Sent
 from conveyor.store.executions import RetryFrom
 from conveyor.store.insights import Activity, ExecutionFilter, VersionInfo
@@ -127,6 +134,7 @@ __all__ = [
     "next_fire_time",
     "sqlalchemy_url",
     "sqlite_path",
+    "storable_text",
     "utcnow",
     "validate_schedule",
     "without_nul",

@@ -99,6 +99,29 @@ def without_nul(text: str) -> str:
     return _NUL_ESCAPE.sub(lambda m: m.group(1) + "\\ufffd", text)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate (a ``\\udce9`` escape in parsed JSON, a header byte
+    that was not UTF-8) replaced by U+FFFD: neither backend stores one, nor is it UTF-8."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def storable_text(value: Any, text: str) -> tuple[Any, str]:
+    """``(value, text)`` as both backends can store them: encoded NULs and lone surrogates
+    replaced by U+FFFD (and ``value`` parsed again from the text when it changed)."""
+    changed = False
+    if has_nul(text):  # Postgres cannot store NUL characters in JSON
+        text, changed = without_nul(text), True
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text, changed = without_surrogates(text), True
+    return (json.loads(text), text) if changed else (value, text)
+
+
 def check_storable(value: Any, what: str = "value") -> None:
     """Raise ``ValueError`` unless ``value`` is JSON both backends can store."""
     try:

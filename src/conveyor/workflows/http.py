@@ -656,7 +656,22 @@ def _body(
 
 def _kept_headers(headers: CIMultiDictProxy[str], extra: list[str]) -> dict[str, str]:
     wanted = (*KEPT_RESPONSE_HEADERS, *extra)
-    return {name: ", ".join(headers.getall(name)) for name in wanted if name in headers}
+    return {
+        name: _answer_header_text(", ".join(headers.getall(name)))
+        for name in wanted
+        if name in headers
+    }
+
+
+def _answer_header_text(value: str) -> str:
+    """A response header's value as text: UTF-8 when its bytes are (aiohttp decodes them so, keeping any
+    other byte as a lone surrogate), else ISO-8859-1 — HTTP's historical charset, as httpx
+    read them."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("latin-1")
+    return value
 
 
 def _parse_body(response: HttpResponse) -> Any:
