@@ -21,11 +21,16 @@ class FakeDns:
         self.answer: list[str] | OSError = answer
         self.lookups: list[str] = []
         self.delay_s = 0.0
+        self.cancelled: list[str] = []
         monkeypatch.setattr(http_module, "_resolve", self.resolve)
 
     async def resolve(self, host: str, port: int) -> list[str]:
         self.lookups.append(host)
-        await asyncio.sleep(self.delay_s)
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled.append(host)
+            raise
         if isinstance(self.answer, OSError):
             raise self.answer
         return list(self.answer)
@@ -97,6 +102,38 @@ async def test_a_caller_giving_up_does_not_cancel_the_shared_lookup(
         with pytest.raises(asyncio.CancelledError):
             await impatient
     assert dns.lookups == ["svc.example"]
+
+
+async def test_the_last_caller_giving_up_cancels_the_lookup(
+    local_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name whose DNS does not answer holds no resolver thread after its callers timed out
+    (the thread pool is shared by every lookup of the process)."""
+    dns = FakeDns(monkeypatch, ["127.0.0.1"])
+    dns.delay_s = 5
+    async with client_for(local_server, 10) as client:
+        with pytest.raises(RetryableStepError, match="timed out"):
+            await client.request("GET", url(local_server, "slow.example"), timeout_s=0.05)
+        await asyncio.sleep(0)
+        assert dns.cancelled == ["slow.example"]
+        dns.delay_s = 0
+        assert (await client.request("GET", url(local_server, "slow.example"))).status == 200
+    assert dns.lookups == ["slow.example"] * 2
+
+
+async def test_closing_the_client_cancels_its_lookups(
+    local_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dns = FakeDns(monkeypatch, ["127.0.0.1"])
+    dns.delay_s = 5
+    client = client_for(local_server, 10)
+    async with client:
+        pending = asyncio.ensure_future(client.request("GET", url(local_server)))
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0)
+    assert dns.cancelled == ["svc.example"]
+    with pytest.raises((asyncio.CancelledError, RetryableStepError)):
+        await pending
 
 
 async def test_a_failed_lookup_is_not_kept(

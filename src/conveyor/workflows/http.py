@@ -134,8 +134,10 @@ async def _resolve(host: str, port: int) -> list[str]:
 
 class DnsCache:
     """Answers of :func:`_resolve` per ``(host, port)``, kept ``ttl_s`` seconds (0: none), at
-    most :attr:`MAX_ENTRIES`; concurrent lookups of one name share one (a caller that gives up
-    does not cancel it for the others). Failed or empty lookups are not kept.
+    most :attr:`MAX_ENTRIES` (the oldest go first). Concurrent lookups of one name share one:
+    a caller that gives up leaves it to the others, and the last one to give up cancels it
+    (a lookup still queued for the resolver threads is then dropped, as it was before
+    lookups were shared). Failed or empty lookups are not kept.
 
     Reusing an answer opens no rebinding window: what a request connects to is what it
     checked, and the addresses were a real answer at most ``ttl_s`` ago — the time an answer
@@ -149,8 +151,9 @@ class DnsCache:
     def __init__(self, ttl_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
         self._clock = clock
+        # in the order they were kept: with one ttl, also the order they expire in
         self._answers: dict[tuple[str, int], tuple[float, tuple[str, ...]]] = {}
-        self._lookups: dict[tuple[str, int], asyncio.Task[list[str]]] = {}
+        self._lookups: dict[tuple[str, int], _Lookup] = {}
         self.misses = 0
         """Lookups made (tests read it)."""
 
@@ -162,25 +165,41 @@ class DnsCache:
                 return kept[1]
             del self._answers[key]
         lookup = self._lookups.get(key)
-        if lookup is None:
+        if lookup is None or lookup.task.cancelling() or lookup.task.cancelled():
             self.misses += 1
-            lookup = asyncio.ensure_future(_resolve(host, port))
+            lookup = _Lookup(asyncio.ensure_future(_resolve(host, port)))
             self._lookups[key] = lookup
-            lookup.add_done_callback(lambda done: self._keep(key, done))
-        return tuple(await asyncio.shield(lookup))
+            lookup.task.add_done_callback(lambda done: self._keep(key, done))
+        lookup.waiters += 1
+        try:
+            return tuple(await asyncio.shield(lookup.task))
+        finally:
+            lookup.waiters -= 1
+            if not lookup.waiters and not lookup.task.done():
+                lookup.task.cancel()  # nobody wants it any more
+
+    def cancel(self) -> None:
+        """Cancel the lookups on their way (the client is closing)."""
+        for lookup in list(self._lookups.values()):
+            lookup.task.cancel()
 
     def _keep(self, key: tuple[str, int], done: asyncio.Task[list[str]]) -> None:
-        self._lookups.pop(key, None)
+        if self._lookups.get(key) is not None and self._lookups[key].task is done:
+            del self._lookups[key]
         if done.cancelled() or done.exception() is not None or not done.result():
-            return  # (the exception is retrieved: each waiter raises its own copy)
+            return  # (retrieved here; each waiter raises it from its own await)
         if self.ttl_s <= 0:
             return
-        if len(self._answers) >= self.MAX_ENTRIES:
-            now = self._clock()
-            self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
-            while len(self._answers) >= self.MAX_ENTRIES:
-                del self._answers[next(iter(self._answers))]  # the oldest
+        while len(self._answers) >= self.MAX_ENTRIES:
+            del self._answers[next(iter(self._answers))]  # the oldest, O(1)
+        self._answers.pop(key, None)  # kept again: to the end of the order
         self._answers[key] = (self._clock() + self.ttl_s, tuple(done.result()))
+
+
+@dataclass(slots=True)
+class _Lookup:
+    task: asyncio.Task[list[str]]
+    waiters: int = 0
 
 
 # --- client ---------------------------------------------------------------------------------------
@@ -238,6 +257,7 @@ class SafeHttpClient:
         tb: TracebackType | None,
     ) -> None:
         client, self._client = self._client, None
+        self.dns.cancel()
         if client is not None:
             await client.aclose()
 
