@@ -26,8 +26,9 @@ For every hop (the first request and each redirect, followed by hand):
 Bodies are streamed and the request fails as soon as more than ``max_response_bytes`` (after
 content decoding) arrive; the whole call — lookups, redirects, body — runs under one timeout.
 
-The transport sends a request a second time only when a connection ended before any byte of
-answer and the request may arrive twice (see :mod:`conveyor.workflows.transport`).
+The transport sends a request a second time only when a kept-alive connection reused from the
+pool ended before any byte of answer and the request may arrive twice (see
+:mod:`conveyor.workflows.transport`).
 
 Errors: network errors, timeouts, 408/425/429 and 5xx → :class:`RetryableStepError`; refusals,
 bad URLs, oversize responses and other 4xx → :class:`PermanentStepError`. Each carries its

@@ -19,13 +19,15 @@ CPU in a workflow of two ``http`` steps.
 **Stale kept-alive connections.** A server may close an idle connection just as a request is
 sent on it; the request then fails although the server never saw it. Idle connections are
 therefore kept only :data:`KEEPALIVE_EXPIRY_S` (a connection whose end of stream has already
-arrived is never reused), and a request is sent once more, on a new connection, when its first
-attempt failed because the connection was closed before a byte of answer came, or was reset
-before the answer's head — but only a request that may safely arrive twice: an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE, TRACE, as
+arrived is never reused), and a request is sent once more when its first attempt went out on
+a kept-alive connection from the pool and that connection was closed before anything of an
+answer was read (aiohttp's C parser reports the part of a head it read; an interim ``1xx``
+answer alone counts as nothing), or was reset (a reset does not say whether part of a head had
+arrived) — but only a request that may safely arrive twice: an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE, TRACE, as
 RFC 9110 §9.2.2 allows automatic retries of) or one carrying an ``Idempotency-Key`` header. A
 ``POST`` without one relies on the short keep-alive alone (and on the step's retry policy). A
-connection that could not be opened, a timeout, a connection closed after part of an answer, or
-an answer never lead to a second attempt. (aiohttp's own resend, of idempotent methods on any
+new connection, a connection that could not be opened, a timeout, a connection closed after
+part of an answer, or an answer never lead to a second attempt. (aiohttp's own resend, of idempotent methods on any
 broken connection, is off: this rule is stricter and also covers ``Idempotency-Key``.)
 """
 
@@ -36,6 +38,7 @@ import socket
 import ssl
 from collections.abc import Mapping
 from contextvars import ContextVar
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -156,6 +159,7 @@ class PinnedSession:
             headers={"user-agent": user_agent},
             trust_env=False,
             auto_decompress=True,
+            trace_configs=[_REUSE_TRACE],
         )
         # aiohttp resends an idempotent request on a broken connection by itself, but not
         # one with an Idempotency-Key and without telling: resends are made (and logged) here.
@@ -174,26 +178,55 @@ class PinnedSession:
         """Send the request (its URL's host and port pinned); the response's head has arrived,
         its body is to be read (then :meth:`aiohttp.ClientResponse.release`)."""
         pinned_addresses(url.raw_host or "", url.port or 0)  # fail closed before any I/O
+        attempt = {"reused": False}
         try:
-            return await self._request(method, url, headers, content)
+            return await self._request(method, url, headers, content, attempt)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if not _ended_unanswered(exc) or not _may_arrive_twice(method, headers):
+            if not (
+                attempt["reused"] and _ended_unanswered(exc) and _may_arrive_twice(method, headers)
+            ):
                 raise
             logger.info(
                 "http.stale_connection",
                 extra={"host": url.host, "error": f"{type(exc).__name__}: {exc}"},
             )
-        return await self._request(method, url, headers, content)
+        return await self._request(method, url, headers, content, {"reused": False})
 
     async def _request(
-        self, method: str, url: URL, headers: CIMultiDict[str], content: bytes | None
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        content: bytes | None,
+        attempt: dict[str, bool],
     ) -> aiohttp.ClientResponse:
         return await self._session.request(
-            method, url, headers=headers, data=content, allow_redirects=False
+            method,
+            url,
+            headers=headers,
+            data=content,
+            allow_redirects=False,
+            trace_request_ctx=attempt,
         )
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+async def _mark_reused(
+    _session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    _params: aiohttp.TraceConnectionReuseconnParams,
+) -> None:
+    attempt = context.trace_request_ctx
+    if isinstance(attempt, dict):
+        attempt["reused"] = True
+
+
+_REUSE_TRACE = aiohttp.TraceConfig()
+"""Marks the attempt (``trace_request_ctx``) whose connection came from the pool."""
+_REUSE_TRACE.on_connection_reuseconn.append(_mark_reused)
+_REUSE_TRACE.freeze()
 
 
 def _ended_unanswered(exc: aiohttp.ClientOSError | aiohttp.ServerDisconnectedError) -> bool:
