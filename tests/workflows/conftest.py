@@ -104,14 +104,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, b"x" * int(query["n"]), "application/octet-stream")
         elif route == "/chunked":
             self._chunked(int(query["n"]))
-        elif route == "/gzip":  # {"pad": "zz…"} with n z's, gzip-encoded (a bomb when large)
-            body = b"not gzip" if "bad" in query else gzipped_json_pad(int(query.get("n", "10")))
-            self._reply(200, body, "application/json", Content_Encoding="gzip")
+        elif route in ("/heads", "/gzip"):
+            getattr(self, "_" + route[1:])(query)
         elif route == "/slow":
             time.sleep(float(query.get("s", "2")))
             self._json(200, {"slow": True})
         else:
             self._json(404, {"error": "no route"})
+
+    def _heads(self, query: dict[str, str]) -> None:
+        """One header of ``size`` bytes and ``count`` small ones."""
+        extra = {f"X_H{i}": "v" for i in range(int(query.get("count", "0")))}
+        self._json(200, {}, X_Big="b" * int(query.get("size", "1")), **extra)
+
+    def _gzip(self, query: dict[str, str]) -> None:
+        """``{"pad": "zz…"}`` with ``n`` z's, gzip-encoded (a bomb when large; ``bad``: not
+        gzip at all)."""
+        body = b"not gzip" if "bad" in query else gzipped_json_pad(int(query.get("n", "10")))
+        self._reply(200, body, "application/json", Content_Encoding="gzip")
 
     def _chunked(self, total: int) -> None:
         self.send_response(200)

@@ -350,6 +350,29 @@ async def test_an_undecodable_body_fails_for_good(local_server: LocalServer) -> 
         )
 
 
+@pytest.mark.parametrize("host", ["127.1", "2130706433"])
+async def test_a_legacy_ipv4_form_is_refused_for_good_even_when_allowed(
+    local_server: LocalServer, host: str
+) -> None:
+    """Checked as 127.0.0.1 (allow-listed here), then refused by the connector, which wants the
+    canonical form of an all-decimal host: nothing is sent. (``0x7f000001`` is a name to it:
+    it connects to the checked address through the pin.)"""
+    step = http_step(url=f"http://{host}:{local_server.port}/json")
+    with pytest.raises(PermanentStepError, match="not a canonical IPv4 address"):
+        await run_step(step, ctx(f"127.0.0.1:{local_server.port}"))
+    assert local_server.requests == []
+
+
+async def test_large_response_heads_are_read_as_httpx_read_them(local_server: LocalServer) -> None:
+    for query in ("size=12000", "count=200"):
+        step = http_step(url=local_server.url(f"/heads?{query}", "localhost"))
+        assert (await run_step(step, ctx("localhost"))).output["status"] == 200
+    step = http_step(url=local_server.url("/heads?size=20000", "localhost"))
+    with pytest.raises(RetryableStepError, match=r"^invalid response: .*bytes") as info:
+        await run_step(step, ctx("localhost"))
+    assert "400" not in info.value.message  # not a status the server sent
+
+
 async def test_response_under_cap(local_server: LocalServer) -> None:
     step = http_step(url=local_server.url("/big?n=10000", "localhost"), max_response_bytes=10_000)
     assert len((await run_step(step, ctx("localhost"))).output["body"]) == 10_000

@@ -6,9 +6,11 @@ For every hop (the first request and each redirect, followed by hand):
    from its scheme.
 2. The host is resolved **once**, in this module (:func:`_resolve`); IP literals — also the
    legacy forms ``connect()`` accepts, such as ``127.1``, ``0x7f000001``, ``2130706433``,
-   ``0177.0.0.1`` — are parsed as addresses without any lookup. A client reuses a name's
-   answer for ``settings.http_dns_cache_s`` (:class:`DnsCache`; concurrent lookups of one
-   name are one lookup); the answer is checked on every hop all the same.
+   ``0177.0.0.1`` — are parsed as addresses without any lookup (and checked as such; an
+   all-decimal legacy form such as ``127.1`` is then refused for good by the connector, which
+   wants ``127.0.0.1``: "request refused: … is not a canonical IPv4 address"). A client
+   reuses a name's answer for ``settings.http_dns_cache_s`` (:class:`DnsCache`; concurrent
+   lookups of one name are one lookup); the answer is checked on every hop all the same.
 3. Every address is checked: loopback, private (RFC 1918, fc00::/7), CGNAT (100.64/10),
    link-local (169.254/16 with the cloud metadata address, fe80::/10), unspecified,
    multicast, reserved and other non-global ranges are refused — also when embedded in IPv6
@@ -386,6 +388,10 @@ class SafeHttpClient:
                     f"undecodable response: {exc}", url=redact_url(url)
                 ) from exc
             raise _failed(exc, url) from exc
+        except aiohttp.ClientResponseError as exc:  # the head did not parse (not a status)
+            raise RetryableStepError(
+                f"invalid response: {exc.message}", kind="connection", url=redact_url(url)
+            ) from exc
         except aiohttp.ClientError as exc:
             raise _failed(exc, url) from exc
 

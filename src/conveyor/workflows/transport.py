@@ -72,6 +72,11 @@ KEEPALIVE_EXPIRY_S = 5.0
 Node.js, uvicorn and Apache httpd; 60-75 s for nginx and cloud load balancers), so a connection
 is seldom reused just as its server drops it; the one resend covers the rest."""
 
+MAX_HEADER_BYTES = 16 * 1024
+"""Longest status line or response header accepted (aiohttp's default is 8,190 bytes)."""
+MAX_HEADERS = 256
+"""Most response headers accepted (aiohttp's default is 128)."""
+
 _NO_TIMEOUTS = aiohttp.ClientTimeout(total=None, connect=None, sock_read=None, sock_connect=None)
 """The caller bounds the whole request (lookups, redirects, body) with one ``asyncio.timeout``:
 no timers of aiohttp's own per request."""
@@ -160,6 +165,10 @@ class PinnedSession:
             trust_env=False,
             auto_decompress=True,
             trace_configs=[_REUSE_TRACE],
+            # a response head as large as httpx (h11) took: 16 KiB lines and fields
+            max_line_size=MAX_HEADER_BYTES,
+            max_field_size=MAX_HEADER_BYTES,
+            max_headers=MAX_HEADERS,
         )
         # aiohttp resends an idempotent request on a broken connection by itself, but not
         # one with an Idempotency-Key and without telling: resends are made (and logged) here.
