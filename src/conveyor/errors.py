@@ -1,7 +1,8 @@
 """Conveyor's exception tree.
 
 Every error Conveyor raises on purpose derives from :class:`ConveyorError`; third-party
-errors (redis, SQLAlchemy, aiohttp, httpx) are translated where they enter with ``raise ... from exc``.
+errors (redis, SQLAlchemy, aiohttp, httpx) are translated where they enter with
+``raise ... from exc``.
 
     ConveyorError
     ├── ConfigError              a setting is malformed (the CLI exits 2)

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
+from aiohttp.http_exceptions import ContentEncodingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -187,7 +188,8 @@ class DnsCache:
             lookup.task.cancel()
 
     def _keep(self, key: tuple[str, int], done: asyncio.Task[list[str]]) -> None:
-        if self._lookups.get(key) is not None and self._lookups[key].task is done:
+        current = self._lookups.get(key)
+        if current is not None and current.task is done:  # (not a newer lookup of the name)
             del self._lookups[key]
         if done.cancelled() or done.exception() is not None or not done.result():
             return  # (retrieved here; each waiter raises it from its own await)
@@ -476,7 +478,7 @@ def _failed(exc: Exception, url: str) -> RetryableStepError:
 
 def _undecodable(exc: aiohttp.ClientPayloadError) -> bool:
     """The body's content encoding could not be decoded (not: the connection broke)."""
-    return "content-encoding" in str(exc).lower() or "decompress" in str(exc).lower()
+    return isinstance(exc.__cause__, ContentEncodingError)
 
 
 def _join(url: httpx.URL, location: str) -> httpx.URL:
@@ -691,9 +693,9 @@ def _kept_headers(headers: CIMultiDictProxy[str], extra: list[str]) -> dict[str,
 
 
 def _answer_header_text(value: str) -> str:
-    """A response header's value as text: UTF-8 when its bytes are (aiohttp decodes them so, keeping any
-    other byte as a lone surrogate), else ISO-8859-1 — HTTP's historical charset, as httpx
-    read them."""
+    """A response header's value as text: UTF-8 when its bytes are (aiohttp decodes them so,
+    keeping any other byte as a lone surrogate), else ISO-8859-1 — HTTP's historical charset,
+    as httpx read them."""
     try:
         value.encode()
     except UnicodeEncodeError:

@@ -22,13 +22,14 @@ therefore kept only :data:`KEEPALIVE_EXPIRY_S` (a connection whose end of stream
 arrived is never reused), and a request is sent once more when its first attempt went out on
 a kept-alive connection from the pool and that connection was closed before anything of an
 answer was read (aiohttp's C parser reports the part of a head it read; an interim ``1xx``
-answer alone counts as nothing), or was reset (a reset does not say whether part of a head had
-arrived) — but only a request that may safely arrive twice: an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE, TRACE, as
-RFC 9110 §9.2.2 allows automatic retries of) or one carrying an ``Idempotency-Key`` header. A
-``POST`` without one relies on the short keep-alive alone (and on the step's retry policy). A
-new connection, a connection that could not be opened, a timeout, a connection closed after
-part of an answer, or an answer never lead to a second attempt. (aiohttp's own resend, of idempotent methods on any
-broken connection, is off: this rule is stricter and also covers ``Idempotency-Key``.)
+answer alone counts as nothing), or was reset (a reset does not say whether part of a head
+had arrived) — but only a request that may safely arrive twice: an idempotent method (GET,
+HEAD, OPTIONS, PUT, DELETE, TRACE, as RFC 9110 §9.2.2 allows automatic retries of) or one
+carrying an ``Idempotency-Key`` header. A ``POST`` without one relies on the short keep-alive
+alone (and on the step's retry policy). A new connection, a connection that could not be
+opened, a timeout, a connection closed after part of an answer, or an answer never lead to a
+second attempt. (aiohttp's own resend, of idempotent methods on any broken connection, is
+off: this rule is stricter and also covers ``Idempotency-Key``.)
 """
 
 from __future__ import annotations
@@ -173,13 +174,6 @@ class PinnedSession:
         # aiohttp resends an idempotent request on a broken connection by itself, but not
         # one with an Idempotency-Key and without telling: resends are made (and logged) here.
         self._session._retry_connection = False
-        self.max_connections = max_connections
-
-    @property
-    def connector(self) -> aiohttp.BaseConnector:
-        connector = self._session.connector
-        assert connector is not None
-        return connector
 
     async def send(
         self, method: str, url: URL, headers: CIMultiDict[str], content: bytes | None
