@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from conveyor.workflows import expressions
 from conveyor.workflows.expressions import (
     ExpressionError,
     build_context,
@@ -102,6 +103,23 @@ def test_templates_render_values_and_text() -> None:
         render_template("/u/{{ input.q }}", CONTEXT, url=True) == "/u/%7B%7B%20input.user%20%7D%7D"
     )
     assert list(template_expressions({"a": ["x {{ b }} {{ c.d }}"]})) == ["b", "c.d"]
+
+
+def test_templates_are_split_once_and_huge_ones_are_not_kept() -> None:
+    template = "order {{ input.n }} for {{ input.user.name }}"
+    before = expressions._cached_parts.cache_info()
+    assert render_template(template, CONTEXT) == "order 3 for Ada"
+    assert render_template(template, CONTEXT) == "order 3 for Ada"
+    after = expressions._cached_parts.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    # a template longer than the cache's bound renders the same, split each time
+    huge = "x" * expressions._PARSED_TEMPLATE_MAX_CHARS + " {{ input.n }}"
+    assert render_template(huge, CONTEXT) == "x" * expressions._PARSED_TEMPLATE_MAX_CHARS + " 3"
+    assert expressions._cached_parts.cache_info().currsize == after.currsize
+    # a bad template is refused every time (errors are not cached as parts)
+    for _ in range(2):
+        with pytest.raises(ExpressionError, match="unclosed"):
+            render_template("a {{ input.n", CONTEXT)
 
 
 def test_template_output_is_not_rendered_again() -> None:

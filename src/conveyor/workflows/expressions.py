@@ -47,9 +47,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import jmespath
@@ -287,8 +287,25 @@ def _placeholder_end(text: str, start: int) -> int:
     return -1
 
 
-def _parts(text: str) -> list[tuple[bool, str]]:
+_PARSED_TEMPLATE_MAX_CHARS = 4096
+"""Templates up to this long are split once and the parts kept (:func:`_cached_parts`); a
+workflow's templates are rendered for every execution, but a huge one is split each time
+rather than held twice in memory."""
+
+
+def _parts(text: str) -> tuple[tuple[bool, str], ...]:
     """Split a template into ``(is_expression, text)`` parts. Raises ``ValueError``."""
+    if len(text) <= _PARSED_TEMPLATE_MAX_CHARS:
+        return _cached_parts(text)
+    return _split_parts(text)
+
+
+@lru_cache(maxsize=4096)
+def _cached_parts(text: str) -> tuple[tuple[bool, str], ...]:
+    return _split_parts(text)
+
+
+def _split_parts(text: str) -> tuple[tuple[bool, str], ...]:
     parts: list[tuple[bool, str]] = []
     pos = 0
     while True:
@@ -296,7 +313,7 @@ def _parts(text: str) -> list[tuple[bool, str]]:
         if start < 0:
             if pos < len(text):
                 parts.append((False, text[pos:]))
-            return parts
+            return tuple(parts)
         end = _placeholder_end(text, start + 2)
         if end < 0:
             raise ValueError(f"unclosed '{{{{' at character {start}")
@@ -460,6 +477,8 @@ def value_size(value: Any, *, limit: int = MAX_VALUE_SIZE) -> int:
     Stops counting once ``limit`` is passed (returns a number > ``limit``), so it is cheap
     for huge values. Raises :class:`ExpressionError` when nested deeper than the limit.
     """
+    if not isinstance(value, dict | list):
+        return _scalar_size(value)
     total = 0
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
@@ -517,10 +536,19 @@ class _BudgetInterpreter(TreeInterpreter):  # type: ignore[misc]
         self._deadline = time.monotonic() + MAX_EVAL_SECONDS
         self._sizes: dict[int, tuple[Any, int]] = {}
 
+    _methods: ClassVar[dict[str, Callable[..., Any]]] = {}
+    """Node type -> this class's ``visit_*`` function (shared by every evaluation, where
+    jmespath's ``Visitor`` builds a cache of bound methods per interpreter)."""
+
     def visit(self, node: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         self._work += 1
-        result = super().visit(node, *args, **kwargs)
-        if node["type"] in _CREATING and isinstance(result, (str, list, dict)):
+        node_type = node["type"]
+        method = self._methods.get(node_type)
+        if method is None:
+            method = getattr(type(self), f"visit_{node_type}", type(self).default_visit)
+            self._methods[node_type] = method
+        result = method(self, node, *args, **kwargs)
+        if node_type in _CREATING and isinstance(result, (str, list, dict)):
             # a value this evaluation built: charge it, and measure it (values that merely
             # point into the context are free: the context's size is bounded elsewhere)
             self._work += len(result)
