@@ -152,3 +152,22 @@ async def test_a_connection_to_an_unchecked_port_is_refused() -> None:
     finally:
         transport.PINS.reset(token)
         await session.aclose()
+
+
+async def test_allowed_verdicts_are_kept_per_port_refusals_never(
+    local_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(f"127.0.0.1:{local_server.port}")
+    async with SafeHttpClient(settings) as client:
+        for _ in range(2):  # the second request is answered from the kept verdict
+            assert (await client.request("GET", local_server.url("/json"))).status == 200
+        assert ("127.0.0.1", local_server.port) in client._allowed
+        for _ in range(2):  # the same address on another port: refused each time
+            with pytest.raises(PermanentStepError, match="refused to connect"):
+                await client.check_url(httpx.URL("http://127.0.0.1:6379/"))
+        assert ("127.0.0.1", 6379) not in client._allowed
+        # bounded: a client that has seen many destinations forgets them all and goes on
+        monkeypatch.setattr(http_module, "_ALLOWED_MAX", 3)
+        for port in range(1, 6):
+            client._check_address("public.example", "93.184.215.14", port)
+        assert 1 <= len(client._allowed) <= 3

@@ -237,6 +237,10 @@ class HttpResponse:
     url: str
 
 
+_ALLOWED_MAX = 4096
+"""Allowed destinations a client remembers (see ``SafeHttpClient._allowed``)."""
+
+
 class SafeHttpClient:
     """SSRF-guarded HTTP client; one per process, shared by every ``http`` step.
 
@@ -250,6 +254,9 @@ class SafeHttpClient:
         self._max_connections = max_connections
         self._client: PinnedSession | None = None
         self.dns = DnsCache(settings.http_dns_cache_s)
+        self._allowed: set[tuple[str, int]] = set()
+        """``(address, port)`` pairs found allowed: the verdict depends only on them and on
+        the allow-list, fixed for the client's life (bounded: cleared when full)."""
 
     async def __aenter__(self) -> SafeHttpClient:
         self._client = PinnedSession(self._max_connections, user_agent=USER_AGENT)
@@ -308,9 +315,14 @@ class SafeHttpClient:
         return tuple(addresses)
 
     def _check_address(self, host: str, address: str, port: int) -> None:
+        if (address, port) in self._allowed:
+            return
         ip = ipaddress.ip_address(address.split("%", 1)[0])
         reason = address_refusal(ip)
         if reason is None or self._allow.contains(ip, port):
+            if len(self._allowed) >= _ALLOWED_MAX:
+                self._allowed.clear()
+            self._allowed.add((address, port))
             return
         logger.warning(
             "http.refused",

@@ -19,6 +19,7 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from conveyor.settings import AllowlistEntry, parse_allowlist_entry
 
@@ -37,8 +38,20 @@ def parse_ip_literal(host: str) -> IPAddress | None:
     """The address ``host`` denotes if it is an IP literal in any form ``connect()`` accepts.
 
     ``[::1]``, ``::ffff:127.0.0.1``, ``127.0.0.1`` and the legacy IPv4 forms of
-    ``inet_aton`` (``127.1``, ``0x7f000001``, ``2130706433``, ``0177.0.0.1``).
+    ``inet_aton`` (``127.1``, ``0x7f000001``, ``2130706433``, ``0177.0.0.1``). Answers for
+    host names of DNS length are kept (every request asks again for the same few hosts).
     """
+    if len(host) <= 255:
+        return _cached_ip_literal(host)
+    return _ip_literal(host)
+
+
+@lru_cache(maxsize=4096)
+def _cached_ip_literal(host: str) -> IPAddress | None:
+    return _ip_literal(host)
+
+
+def _ip_literal(host: str) -> IPAddress | None:
     text = host.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
     if "%" in text:  # IPv6 zone id
         text = text.split("%", 1)[0]
