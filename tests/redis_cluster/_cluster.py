@@ -34,9 +34,35 @@ class ClusterNode:
     bus_port: int = 0
     """The cluster bus (node-to-node) port; by default Redis takes ``port + 10000``."""
     proc: subprocess.Popen[bytes] | None = None
+    started: bool = False
+    """Started once already (then its client port is known to the cluster: kept)."""
 
     def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Start the node; a port another process took between being picked free and the
+        bind (the bus port, picked anew each start, or the client port before the node's first
+        start) is picked again, up to five times."""
+        for attempt in range(5):
+            log_path = self.dir / "redis.log"
+            self.dir.mkdir(parents=True, exist_ok=True)
+            offset = log_path.stat().st_size if log_path.exists() else 0
+            self._spawn(self.bus_port or free_port())
+            try:
+                wait_for(self._up, timeout=10)
+                self.started = True
+                return
+            except RuntimeError:
+                text = log_path.read_text()[offset:]
+                taken = "Address already in use" in text
+                if not taken or attempt == 4:
+                    raise
+                if "(cluster)" in text and not self.bus_port:
+                    continue
+                if not self.started:  # nothing knows the client port yet
+                    self.port = free_port()
+                    continue
+                raise
+
+    def _spawn(self, bus_port: int) -> None:
         with open(self.dir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -44,12 +70,11 @@ class ClusterNode:
                     "--dir", str(self.dir), "--cluster-enabled", "yes",
                     "--cluster-config-file", str(self.dir / "nodes.conf"),
                     "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                    "--cluster-port", str(self.bus_port or free_port()),
+                    "--cluster-port", str(bus_port),
                     "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction",
                 ],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        wait_for(self._up, timeout=10)
 
     def _up(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
