@@ -14,7 +14,7 @@ from conveyor.dispatch import keys
 from conveyor.engine import Engine, OutcomeKind
 from conveyor.queue import QueueFactory, WorkflowExecute
 from conveyor.runtime import Heartbeat, MetricsPublisher, Supervisor
-from conveyor.runtime.metrics import OTHER_TENANT, TENANT_LIMIT
+from conveyor.runtime.metrics import BUCKETS, OTHER_TENANT, TENANT_LIMIT, _Hist
 from conveyor.workers import execution
 from tests.api._support import restartable_redis
 from tests.api.conftest import Api, make_settings
@@ -282,3 +282,17 @@ async def test_a_worker_publishes_tenant_and_step_metrics_of_what_it_runs(api: A
     assert labels["tenant"] not in ("", OTHER_TENANT)
     step = ("conveyor_step_duration_seconds_count", (("status", "succeeded"), ("type", "noop")))
     assert s[step] == 1
+
+
+@pytest.mark.parametrize(
+    ("seconds", "le"),
+    [(0.0, "0.001"), (0.001, "0.001"), (0.0011, "0.005"), (300.0, "300"), (300.5, "+Inf")],
+)
+def test_an_observation_lands_in_the_first_bucket_whose_bound_holds_it(
+    seconds: float, le: str
+) -> None:
+    bounds = BUCKETS["step_duration_seconds"]
+    hist = _Hist([0] * (len(bounds) + 1))
+    hist.observe(bounds, seconds)
+    labels = [*(format(b, "g") for b in bounds), "+Inf"]
+    assert hist.buckets == [1 if x == le else 0 for x in labels]

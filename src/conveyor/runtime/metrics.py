@@ -24,8 +24,10 @@ import contextlib
 import logging
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from conveyor.dispatch import keys
@@ -70,6 +72,12 @@ def _labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
+@lru_cache(maxsize=256)
+def _step_labels(step_type: str, status: str) -> str:
+    """The labels of a step observation (a closed set: step types x statuses), built once."""
+    return _labels({"type": step_type, "status": status})
+
+
 def _parse_labels(text: str) -> dict[str, str]:
     if not text:
         return {}
@@ -83,12 +91,8 @@ class _Hist:
     count: int = 0
 
     def observe(self, bounds: tuple[float, ...], value: float) -> None:
-        index = len(bounds)  # +Inf
-        for i, bound in enumerate(bounds):
-            if value <= bound:
-                index = i
-                break
-        self.buckets[index] += 1
+        # the first bucket whose bound is >= value (len(bounds): +Inf)
+        self.buckets[bisect_left(bounds, value)] += 1
         self.sum += value
         self.count += 1
 
@@ -145,8 +149,7 @@ class MetricsPublisher:
     def observe_step(self, step_type: str, status: str, duration_s: float) -> None:
         """One step of type ``step_type`` ended (``succeeded``/``failed``) after ``duration_s``
         seconds. Step types are the closed set the workflow schema accepts."""
-        self._observe("step_duration_seconds", duration_s,
-                      _labels({"type": step_type, "status": status}))  # fmt: skip
+        self._observe("step_duration_seconds", duration_s, _step_labels(step_type, status))
 
     def count_tenant_execution(self, tenant: str, status: str) -> None:
         """One execution run of ``tenant`` ended in ``status``. Only the first
