@@ -166,6 +166,20 @@ async def test_allowed_verdicts_are_kept_per_port_refusals_never(
             with pytest.raises(PermanentStepError, match="refused to connect"):
                 await client.check_url(httpx.URL("http://127.0.0.1:6379/"))
         assert ("127.0.0.1", 6379) not in client._allowed
+        # kept by resolved address, not by name: a name re-pointed at a refused address is
+        # refused although the same name was allowed a moment ago (no DNS cache here)
+        answers = ["127.0.0.1"]
+
+        async def resolve(host: str, port: int) -> list[str]:
+            return list(answers)
+
+        monkeypatch.setattr(http_module, "_resolve", resolve)
+        monkeypatch.setattr(client.dns, "ttl_s", 0.0)
+        named = httpx.URL(f"http://hooks.test:{local_server.port}/")
+        assert (await client.check_url(named)).addresses == ("127.0.0.1",)
+        answers[:] = ["10.1.2.3"]
+        with pytest.raises(PermanentStepError, match=r"10\.1\.2\.3 is a private address"):
+            await client.check_url(named)
         # bounded: a client that has seen many destinations forgets them all and goes on
         monkeypatch.setattr(http_module, "_ALLOWED_MAX", 3)
         for port in range(1, 6):

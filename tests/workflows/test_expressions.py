@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -106,16 +107,23 @@ def test_templates_render_values_and_text() -> None:
 
 
 def test_templates_are_split_once_and_huge_ones_are_not_kept() -> None:
-    template = "order {{ input.n }} for {{ input.user.name }}"
+    tag = uuid.uuid4().hex  # a template this process has not seen
+    template = f"order {{{{ input.n }}}} for {{{{ input.user.name }}}} {tag}"
+    expressions._cached_parts.cache_clear()  # room for what this test adds, whatever ran before
     before = expressions._cached_parts.cache_info()
-    assert render_template(template, CONTEXT) == "order 3 for Ada"
-    assert render_template(template, CONTEXT) == "order 3 for Ada"
+    assert render_template(template, CONTEXT) == f"order 3 for Ada {tag}"
+    assert render_template(template, CONTEXT) == f"order 3 for Ada {tag}"
     after = expressions._cached_parts.cache_info()
     assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
-    # a template longer than the cache's bound renders the same, split each time
-    huge = "x" * expressions._PARSED_TEMPLATE_MAX_CHARS + " {{ input.n }}"
-    assert render_template(huge, CONTEXT) == "x" * expressions._PARSED_TEMPLATE_MAX_CHARS + " 3"
-    assert expressions._cached_parts.cache_info().currsize == after.currsize
+    # one at the bound is kept; one longer renders the same, split each time
+    bound = expressions._PARSED_TEMPLATE_MAX_CHARS
+    at_bound = tag + "x" * (bound - len(tag) - len(" {{ input.n }}")) + " {{ input.n }}"
+    assert len(at_bound) == bound
+    assert render_template(at_bound, CONTEXT) == at_bound.replace("{{ input.n }}", "3")
+    assert expressions._cached_parts.cache_info().currsize == after.currsize + 1
+    huge = "y" + at_bound
+    assert render_template(huge, CONTEXT) == huge.replace("{{ input.n }}", "3")
+    assert expressions._cached_parts.cache_info().currsize == after.currsize + 1
     # a bad template is refused every time (errors are not cached as parts)
     for _ in range(2):
         with pytest.raises(ExpressionError, match="unclosed"):

@@ -287,10 +287,10 @@ def _placeholder_end(text: str, start: int) -> int:
     return -1
 
 
-_PARSED_TEMPLATE_MAX_CHARS = 4096
-"""Templates up to this long are split once and the parts kept (:func:`_cached_parts`); a
-workflow's templates are rendered for every execution, but a huge one is split each time
-rather than held twice in memory."""
+_PARSED_TEMPLATE_MAX_CHARS = 1024
+"""Templates up to this long are split once and the parts kept (:func:`_cached_parts`, at
+most 1,024 of them: a few MB at worst, whatever tenants submit); a workflow's templates are
+rendered for every execution, but a longer one is split each time."""
 
 
 def _parts(text: str) -> tuple[tuple[bool, str], ...]:
@@ -300,7 +300,7 @@ def _parts(text: str) -> tuple[tuple[bool, str], ...]:
     return _split_parts(text)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def _cached_parts(text: str) -> tuple[tuple[bool, str], ...]:
     return _split_parts(text)
 
