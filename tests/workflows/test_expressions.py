@@ -17,6 +17,7 @@ from conveyor.workflows.expressions import (
     render_template,
     template_expressions,
     truthy,
+    value_size,
 )
 
 CONTEXT = build_context(
@@ -173,6 +174,26 @@ def test_output_size_limit() -> None:
         evaluate("input.s", context, max_size=500)
     with pytest.raises(ExpressionError, match="result is larger"):
         evaluate("[input.s, input.s, input.s]", context, max_size=2500)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "{n: input.n, user: input.user, tags: input.user.tags}",  # built, sharing the context
+        "[input.user, input.user, {k: 'v'}]",  # one value twice: counted as two copies
+        "steps.fetch.body.items[*].p",  # a projection
+        "input.user",  # not built: a value of the context
+        "merge(input.user, {extra: [`1`, `2.5`, null, `true`]})",
+    ],
+)
+def test_the_output_limit_is_exact_whether_the_result_was_built_or_found(
+    expression: str,
+) -> None:
+    result = evaluate(expression, CONTEXT)
+    size = value_size(result)
+    assert evaluate(expression, CONTEXT, max_size=size) == result
+    with pytest.raises(ExpressionError, match=f"result is larger than {size - 1} bytes"):
+        evaluate(expression, CONTEXT, max_size=size - 1)
 
 
 def test_deep_values_are_rejected_cleanly() -> None:

@@ -452,7 +452,11 @@ def evaluate(
         raise ExpressionError("expression failed: value nested too deeply") from exc
     except (TypeError, ValueError, ArithmeticError) as exc:
         raise ExpressionError(f"expression failed: {type(exc).__name__}") from exc
-    _check_output(result, max_size)
+    known = interpreter.known_size(result)
+    if known is None:
+        _check_output(result, max_size)
+    elif known > max_size:
+        raise ExpressionError(f"result is larger than {max_size} bytes")
     return result
 
 
@@ -521,6 +525,10 @@ _CREATING = frozenset(
 )
 
 
+_OPTIONS = Options(dict_cls=dict, custom_functions=jmespath.functions.Functions())
+"""Shared by every evaluation (jmespath's ``Functions`` holds no state of its own)."""
+
+
 class _BudgetInterpreter(TreeInterpreter):  # type: ignore[misc]
     """JMESPath's tree interpreter with a work budget, a deadline and a value-size cap.
 
@@ -530,7 +538,7 @@ class _BudgetInterpreter(TreeInterpreter):  # type: ignore[misc]
     """
 
     def __init__(self) -> None:
-        super().__init__(Options(dict_cls=dict))
+        super().__init__(_OPTIONS)
         self._work = 0
         self._next_clock_check = 256
         self._deadline = time.monotonic() + MAX_EVAL_SECONDS
@@ -562,6 +570,14 @@ class _BudgetInterpreter(TreeInterpreter):  # type: ignore[misc]
             if time.monotonic() > self._deadline:
                 raise ExpressionError(f"expression took longer than {MAX_EVAL_SECONDS}s")
         return result
+
+    def known_size(self, value: Any) -> int | None:
+        """The size of ``value`` if this evaluation built and measured it (the same measure
+        as :func:`value_size`), else ``None``."""
+        if not isinstance(value, list | dict):
+            return None
+        known = self._sizes.get(id(value))
+        return None if known is None or known[0] is not value else known[1]
 
     def _size(self, value: Any) -> int:
         """Memoised tree size (iterative post-order; depth-limited)."""
