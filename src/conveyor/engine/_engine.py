@@ -635,6 +635,15 @@ class Engine:
             started_at=done.started_at,
             finished_at=done.finished_at,
         )
+        if status == "running" and run.plan.pure[index]:
+            # Deterministic, no side effects: after a crash it simply runs again, so its record
+            # waits for the next durable write (an http step's, a delay's, the end's).
+            if tracing.enabled:
+                _annotate_step_span(step_write.status, status, done.attempts, done.error)
+            run.pending.append(step_write)
+            run.ran += 1
+            self._advance(run, step, output, index + 1 if next_index is None else next_index)
+            return None
         terminal = status in ("succeeded", "failed")
         exec_error = None if done.error is None else {"step": step.id, **done.error}
         exec_output = output
@@ -667,26 +676,25 @@ class Engine:
             )
         if tracing.enabled:
             _annotate_step_span(step_write.status, status, done.attempts, done.error)
-        if status == "running" and run.plan.pure[index]:
-            # Deterministic, no side effects: after a crash it simply runs again, so its record
-            # waits for the next durable write (an http step's, a delay's, the end's).
-            run.pending.append(step_write)
-            final = "running"
-        elif persist is not None:
+        if persist is not None:
             final = await persist(write, [*run.pending, step_write])
-            run.pending.clear()
         else:
             final = await self._persist(run, write, [*run.pending, step_write], timer)
-            run.pending.clear()
+        run.pending.clear()
         run.ran += 1
         if final != "running":
             timer_id = timer.id if timer is not None else None
             return self._outcome(claim, final, run.ran, wake_at=wake_at, timer_id=timer_id)
+        self._advance(run, step, output, write.next_step)
+        return None
+
+    @staticmethod
+    def _advance(run: _Run, step: AnyStep, output: Encoded, next_step: int) -> None:
+        """The step is done and the run goes on: its output is seen by the next steps."""
         run.outputs[step.id] = output.value
         run.last_output = output
-        run.index = write.next_step
+        run.index = next_step
         run.seq += 1
-        return None
 
     async def _write_retry_wait(
         self, run: _Run, step: AnyStep, done: _StepDone, now: datetime
