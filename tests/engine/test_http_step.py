@@ -112,3 +112,21 @@ async def test_odd_text_in_an_answer_is_stored_not_fatal(
     assert step.output["headers"]["x-request-id"] == "caf\u00e9"
     assert step.output["body"] == {"note": "caf\ufffd", "ok": True}
     assert _Handler.hits == ["/odd"]
+
+
+async def test_odd_text_in_a_step_error_is_stored_not_fatal(
+    store: Store, settings: Settings, server: str
+) -> None:
+    """A ``select`` that fails on the raw answer quotes the lone surrogate in its message: the
+    step fails (for good) and its error is stored with U+FFFD, the execution ends ``failed``."""
+    allowed = settings_for(settings.database_url, http_allowlist="127.0.0.1")
+    tenant, execution_id = await start(
+        store, [{"id": "odd", "type": "http", "url": server + "/odd", "select": "abs(body.note)"}]
+    )
+    async with Engine(store, allowed) as engine:
+        outcome = await engine.run(execution_id)
+    assert outcome.kind is OutcomeKind.FAILED, outcome
+    done = await store.executions.get(tenant, execution_id, with_steps=True)
+    (step,) = done.steps
+    assert step.status == "failed" and "caf\ufffd" in step.error["message"]
+    assert done.error is not None and "caf\ufffd" in done.error["message"]

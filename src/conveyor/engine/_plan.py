@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from conveyor.errors import ConveyorError, PermanentStepError
-from conveyor.store import dumps, storable_text, without_nul
+from conveyor.store import dumps, storable_text, without_surrogates
 from conveyor.workflows import (
     ConditionStep,
     DelayStep,
@@ -276,7 +276,8 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
     """A JSON description of a step error (type, code for rejected outputs, message,
     JSON-safe details)."""
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    text = str(message)[:2000].replace("\x00", "\ufffd")
+    # storable as the outputs are: a message may quote a value (a lone surrogate, a NUL)
+    text = without_surrogates(str(message)[:2000].replace("\x00", "\ufffd"))
     error: dict[str, Any] = {"type": type(exc).__name__}
     if isinstance(exc, OutputRejected):
         error["code"] = exc.code
@@ -287,5 +288,5 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
             encoded = dumps(details)
         except (TypeError, ValueError, RecursionError):
             encoded = dumps({"repr": repr(details)[:1000]})
-        error["details"] = json.loads(without_nul(encoded))
+        error["details"] = json.loads(storable_text(None, encoded)[1])
     return error

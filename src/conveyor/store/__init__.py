@@ -40,6 +40,7 @@ from conveyor.store._types import (
     storable_text,
     utcnow,
     without_nul,
+    without_surrogates,
 )
 from conveyor.store.events import Event, EventWait, Sent
 from conveyor.store.executions import RetryFrom
@@ -138,4 +139,5 @@ __all__ = [
     "utcnow",
     "validate_schedule",
     "without_nul",
+    "without_surrogates",
 ]
