@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from conveyor.engine import Engine, OutcomeKind
+from conveyor.engine._plan import describe_error
+from conveyor.errors import PermanentStepError
 from conveyor.settings import Settings
-from conveyor.store import Store
+from conveyor.store import Store, dumps, has_nul
 from conveyor.workflows import StepContext, StepResult
 from tests.engine._support import Recorder, slow_step, start
 from tests.store._fixtures import settings_for
@@ -225,3 +227,14 @@ async def test_http_step_with_select(store: Store, settings: Settings, big_serve
     done = await store.executions.get(tenant, selected_id, with_steps=True)
     assert done.steps[0].output == {"status": 200, "ids": list(range(100))}
     assert done.output == sum(range(100))
+
+
+def test_an_error_description_is_storable_json() -> None:
+    """What a step error quotes (a value of the answer, a NUL) is stored like an output:
+    lone surrogates and NULs become U+FFFD, in the message and in the details."""
+    exc = PermanentStepError("bad value caf\udce9\x00!", header="x\udce9", raw="a\x00b")
+    error = describe_error(exc)
+    assert error["message"] == "bad value caf\ufffd\ufffd!"
+    assert error["details"] == {"header": "x\ufffd", "raw": "a\ufffdb"}
+    text = dumps(error)
+    assert not has_nul(text) and text.encode()  # UTF-8, no NUL: what both backends store

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from conveyor.errors import ConveyorError, PermanentStepError
-from conveyor.store import dumps, storable_text, without_surrogates
+from conveyor.store import dumps, storable_text, without_nul, without_surrogates
 from conveyor.workflows import (
     ConditionStep,
     DelayStep,
@@ -288,5 +288,5 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
             encoded = dumps(details)
         except (TypeError, ValueError, RecursionError):
             encoded = dumps({"repr": repr(details)[:1000]})
-        error["details"] = json.loads(storable_text(None, encoded)[1])
+        error["details"] = json.loads(without_surrogates(without_nul(encoded)))
     return error
