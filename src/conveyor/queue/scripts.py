@@ -1,7 +1,8 @@
 """Group commit for Lua script calls: concurrent callers share one pipeline.
 
 Used by the fleet's tenant limits (:mod:`conveyor.dispatch.limits`) and by the bullmq worker to
-complete the jobs that finish together (:mod:`conveyor.queue.bullmq.compat`).
+complete the jobs that finish together (:mod:`conveyor.queue.bullmq.compat`); :func:`transaction`
+sends a ``MULTI``/``EXEC`` the same way (the producer's bulk add).
 
 On a plain (non-cluster) client the batch's ``EVALSHA`` commands are packed by ``hiredis`` in
 one call each and written and read on one pooled connection, with the client's retry policy:
@@ -12,6 +13,7 @@ a ``moveToFinished`` call's 22 arguments here, against ~7 us).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ from conveyor.queue.connection import is_missing_script
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ["ScriptBatcher"]
+__all__ = ["ScriptBatcher", "transaction"]
 
 _Call = tuple[str, str, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
@@ -113,22 +115,13 @@ class ScriptBatcher:
         return list(await pipe.execute(raise_on_error=False))
 
     async def _execute_packed(self, batch: list[_Call]) -> list[Any]:
-        """The batch written at once and its replies read in order on one pooled connection
-        (an error reply is that call's result); a connection error is retried as the client's
-        commands are, on a fresh connection."""
+        """The batch written at once and its replies read in order (an error reply is that
+        call's result), see :func:`_send_packed`."""
         packed = b"".join(
             pack_command((b"EVALSHA", sha, len(names), *names, *[_plain(arg) for arg in args]))
             for _source, sha, names, args, _future in batch
         )
-        pool: Any = self._redis.connection_pool
-        conn = await pool.get_connection()
-        try:
-            results: list[Any] = await conn.retry.call_with_retry(
-                lambda: _round_trip(conn, packed, len(batch)), lambda _error: conn.disconnect()
-            )
-        finally:
-            await pool.release(conn)
-        return results
+        return await _send_packed(self._redis, packed, len(batch))
 
     async def _send_missing_again(self, batch: list[_Call], results: list[Any]) -> None:
         """Load each script Redis did not know once, then send its refused calls again (in
@@ -152,19 +145,73 @@ class ScriptBatcher:
                 results[i] = exc
 
 
+_MULTI = pack_command((b"MULTI",))
+_EXEC = pack_command((b"EXEC",))
+
+
+async def transaction(redis: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """``MULTI``, ``commands``, ``EXEC`` on a plain (non-cluster) client, packed by ``hiredis``
+    and written at once, the replies read in order on one pooled connection: redis-py's
+    transaction pipeline without its per-argument encoding in Python and without the
+    ``SCRIPT EXISTS`` round trip it makes before any ``EVALSHA`` (the caller handles
+    ``NOSCRIPT``).
+
+    Returns ``EXEC``'s reply: one result per command, a command's error reply being its result
+    (a ``ResponseError``, as Redis runs the others — a ``NOSCRIPT`` among them). A command Redis
+    refuses when queued aborts the whole transaction: its error is raised and nothing ran.
+
+    The replies are read without the client's per-read socket timeout (one timer per reply
+    costs more than packing the commands): the caller bounds the call (``asyncio.timeout``),
+    and a cancelled read closes the connection."""
+    packed = b"".join(
+        (_MULTI, *[pack_command(tuple(_plain(arg) for arg in cmd)) for cmd in commands], _EXEC)
+    )
+    replies = await _send_packed(redis, packed, len(commands) + 2, read_timeout=math.inf)
+    for reply in replies[:-1]:  # MULTI's OK, then QUEUED for each command
+        if isinstance(reply, Exception):
+            raise reply
+    result = replies[-1]
+    if isinstance(result, Exception):  # EXECABORT
+        raise result
+    if not isinstance(result, list) or len(result) != len(commands):
+        raise ResponseError(f"unexpected EXEC reply: {result!r:.200}")
+    return result
+
+
+async def _send_packed(
+    redis: aioredis.Redis, packed: bytes, replies: int, *, read_timeout: float | None = None
+) -> list[Any]:
+    """``packed`` written at once and ``replies`` replies read in order on one pooled
+    connection (an error reply is returned, not raised); a connection error is retried as the
+    client's commands are, on a fresh connection. ``read_timeout``: each read's, as redis-py's
+    ``read_response`` takes it (``None``: the client's socket timeout; ``math.inf``: none)."""
+    pool: Any = redis.connection_pool
+    conn = await pool.get_connection()
+    try:
+        results: list[Any] = await conn.retry.call_with_retry(
+            lambda: _round_trip(conn, packed, replies, read_timeout),
+            lambda _error: conn.disconnect(),
+        )
+    finally:
+        await pool.release(conn)
+    return results
+
+
 def _plain(arg: Any) -> Any:
     """An argument as redis-py would send it (``repr`` of a float); ``hiredis`` packs str,
     bytes and int alike and refuses anything else (a bool too, as redis-py does)."""
     return repr(arg) if type(arg) is float else arg
 
 
-async def _round_trip(conn: Any, packed: bytes, replies: int) -> list[Any]:
+async def _round_trip(
+    conn: Any, packed: bytes, replies: int, read_timeout: float | None = None
+) -> list[Any]:
     await conn.send_packed_command(packed)
     results: list[Any] = []
     try:
         for _ in range(replies):
             try:
-                results.append(await conn.read_response())
+                results.append(await conn.read_response(timeout=read_timeout))
             except ResponseError as exc:
                 results.append(exc)
     except BaseException:

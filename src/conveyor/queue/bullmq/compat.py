@@ -9,7 +9,8 @@ upgrade breaks in one place:
 * :class:`StreamConsumer` — ``bullmq.QueueEvents`` that hands stream entries to our emitter.
 * small functions for what the worker and queue wrappers do to bullmq objects: a dedicated
   blocking connection, observers on lock renewals and fetches, server capabilities, the
-  count-and-add transaction, counts, priorities and promotion through bullmq's scripts.
+  count-and-add transaction, the bulk add (bullmq's own script calls, sent without redis-py's
+  pipeline), counts, priorities and promotion through bullmq's scripts.
 
 :data:`RELIED_ON` lists every internal attribute used here and :func:`missing_internals`
 checks them against the installed bullmq (``tests/queue/test_bullmq_compat.py`` runs it), so an
@@ -63,11 +64,12 @@ from bullmq.redis_connection import RedisConnection
 from bullmq.scripts import raw2NextJobData
 from bullmq.timer import Timer
 from bullmq.utils import extract_result, is_redis_cluster
+from redis.exceptions import ResponseError
 
 from conveyor.queue._base import QueueEvent, ScriptCall
 from conveyor.queue._emitter import Emitter
 from conveyor.queue.connection import is_missing_script
-from conveyor.queue.scripts import ScriptBatcher
+from conveyor.queue.scripts import ScriptBatcher, transaction
 
 __all__ = [
     "RELIED_ON",
@@ -75,6 +77,7 @@ __all__ = [
     "Internal",
     "StreamConsumer",
     "active_job_count",
+    "add_bulk",
     "add_in_transaction",
     "change_priority",
     "concurrency",
@@ -458,6 +461,66 @@ async def add_in_transaction(
 
 ADD_SCRIPTS = ("addStandardJob", "addPrioritizedJob", "addDelayedJob")
 """The bullmq scripts ``Scripts.addJob`` picks from (by the job's delay and priority)."""
+
+
+class _CallRecorder:
+    """Stands in for the pipeline ``Scripts.addJob`` queues its ``EVALSHA`` on: records it."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
+        self.calls.append((b"EVALSHA", sha, numkeys, *keys_and_args))
+
+
+async def add_bulk(queue: Any, jobs: Sequence[dict[str, Any]]) -> list[Any]:
+    """bullmq's ``Queue.addBulk`` on a plain (non-cluster) client: the same ``Job`` objects
+    (the queue's default options under each job's) and the same script calls, made by bullmq's
+    own ``Scripts.addJob``, in one ``MULTI``/``EXEC`` — sent by :func:`transaction` (one
+    write and one read, ``hiredis`` packing) instead of redis-py's pipeline, which also asks
+    ``SCRIPT EXISTS`` before every transaction (a round trip of its own).
+
+    Returns the job ids (bullmq's replies). A script Redis does not know (restart, ``SCRIPT
+    FLUSH``, a promoted replica) is loaded and the adds it refused are sent again; any other
+    error reply is raised, as redis-py's pipeline raises it."""
+    conn = queue.backend.connection.conn
+    scripts = queue.backend.scripts
+    defaults = queue.jobsOpts
+    recorder = _CallRecorder()
+    for entry in jobs:
+        opts = {**defaults, **(entry.get("opts") or {})}
+        job = bullmq.Job(queue, entry.get("name"), entry.get("data"), opts, opts.get("jobId"))
+        await scripts.addJob(job, recorder)
+    calls = recorder.calls
+    try:
+        results = await transaction(conn, calls)
+    except ResponseError as exc:  # refused when queued (EXECABORT): nothing ran
+        if not is_missing_script(exc):
+            raise
+        await _load_scripts(queue, calls)
+        results = await transaction(conn, calls)
+    missing = [i for i, result in enumerate(results) if is_missing_script(result)]
+    if missing:
+        again = [calls[i] for i in missing]
+        await _load_scripts(queue, again)
+        for i, result in zip(missing, await transaction(conn, again), strict=True):
+            results[i] = result
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
+async def _load_scripts(queue: Any, calls: Sequence[tuple[Any, ...]]) -> None:
+    """``SCRIPT LOAD`` the add scripts ``calls`` use (``EVALSHA`` calls recorded from
+    ``Scripts.addJob``)."""
+    commands = queue.backend.connection.commands
+    shas = {call[1] for call in calls}
+    for name in ADD_SCRIPTS:
+        if commands[name].sha in shas:
+            await queue.backend.connection.conn.script_load(commands[name].script)
 
 
 async def load_add_scripts(queue: Any, *extra: str) -> bool:

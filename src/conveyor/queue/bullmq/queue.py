@@ -190,13 +190,16 @@ class BullQueue:
                 added = await self._add_bulk(jobs)
         except connection.QUEUE_ERRORS as exc:
             raise connection.translate(exc, self._settings, "enqueue on") from exc
-        job_ids = [str(job.id) for job in added]
+        job_ids = [str(job_id) for job_id in added]
         self._added(job_ids)
         return job_ids
 
     async def _add_bulk(self, jobs: list[dict[str, Any]]) -> list[Any]:
-        """bullmq's ``addBulk`` (one ``MULTI`` of add scripts); on Redis Cluster with the add
-        scripts loaded on the masters first, once, and again after a ``NOSCRIPT``."""
+        """bullmq's ``addBulk`` (one ``MULTI`` of add scripts): on a plain client sent by
+        :func:`compat.add_bulk`; on Redis Cluster bullmq's own, with the add scripts loaded on
+        the masters first, once, and again after a ``NOSCRIPT``."""
+        if not self._settings.uses_cluster:
+            return await compat.add_bulk(self._bull, jobs)
         if not self._add_scripts_loaded:
             await compat.load_add_scripts(self._bull)
             self._add_scripts_loaded = True
@@ -207,7 +210,7 @@ class BullQueue:
                 raise
             await compat.load_add_scripts(self._bull)
             added = await self._bull.addBulk(jobs)
-        return added
+        return [job.id for job in added]
 
     async def get_job_counts(self, *states: str) -> dict[str, int]:
         wanted = states or JOB_COUNT_STATES
