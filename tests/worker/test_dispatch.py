@@ -173,3 +173,34 @@ async def test_an_enqueue_is_one_round_trip_and_a_wrong_guess_is_corrected(
                 == "1"
             )
         await client.aclose()
+
+
+async def test_a_batch_enqueue_survives_lost_scripts_and_counts_each_job_once(
+    redis_prefix: str,
+) -> None:
+    """The batch path (count, then bulk add): a server that lost its scripts (a restart,
+    ``SCRIPT FLUSH``) gets them again, each new job is counted and added once, and an id that
+    exists is neither counted nor added again."""
+    with redis_server() as server:  # a throwaway server: SCRIPT FLUSH touches nobody else
+        settings = make_settings(redis_prefix, QUEUE_REDIS_PORT=str(server.port))
+        client = aioredis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+        try:
+            async with QueueFactory(settings) as factory:
+                dispatcher = ExecutionDispatcher(factory, settings)
+                first = [payload("t-a", "a-0"), payload("t-a", "a-1"), payload("t-b", "b-0")]
+                assert await dispatcher.enqueue_many(first) == ["a-0", "a-1", "b-0"]
+                await client.script_flush()
+                again = [payload("t-a", "a-1"), payload("t-a", "a-2"), payload("t-b", "b-1")]
+                assert await dispatcher.enqueue_many(again) == ["a-1", "a-2", "b-1"]
+                fair = await client.hgetall(keys.fair(settings.queue_prefix, QUEUE))
+                job = f"{redis_prefix}:{QUEUE}:"
+                priorities = {
+                    j: await client.hget(job + j, "priority")
+                    for j in ("a-0", "a-1", "a-2", "b-0", "b-1")
+                }
+                order = await client.zrange(job + "prioritized", 0, -1)
+        finally:
+            await client.aclose()
+    assert fair == {"t-a": "3", "t-b": "2"}  # a-1 (already there) not counted twice
+    assert priorities == {"a-0": "1", "a-1": "2", "a-2": "3", "b-0": "1", "b-1": "2"}
+    assert sorted(order) == ["a-0", "a-1", "a-2", "b-0", "b-1"]  # five jobs, none twice

@@ -38,6 +38,7 @@ from conveyor.dispatch import keys
 from conveyor.dispatch._batching import EnqueueBatcher
 from conveyor.errors import QueueUnavailable
 from conveyor.queue import ScriptCall, WorkflowExecute, execution_queue_name
+from conveyor.queue.scripts import call_script
 from conveyor.store import Execution, Timer
 
 if TYPE_CHECKING:
@@ -141,8 +142,14 @@ class ExecutionDispatcher:
         call = self._count_call(queue_name, items)
         if self._count_script is None:
             self._count_script = self._queues.redis.register_script(keys.COUNT_SCRIPT)
+        script = self._count_script
         try:
-            result = await self._count_script(keys=call.keys, args=call.args)
+            if self._cluster:
+                result = await script(keys=call.keys, args=call.args)
+            else:
+                result = await call_script(
+                    self._queues.redis, script.script, script.sha, call.keys, call.args
+                )
         except (RedisError, RedisClusterException, OSError) as exc:
             raise QueueUnavailable(f"cannot enqueue on {queue_name}: {exc}") from exc
         return [int(n) for n in result]

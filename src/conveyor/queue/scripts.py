@@ -25,7 +25,7 @@ from conveyor.queue.connection import is_missing_script
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ["ScriptBatcher", "transaction"]
+__all__ = ["ScriptBatcher", "call_script", "transaction"]
 
 _Call = tuple[str, str, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
@@ -143,6 +143,23 @@ class ScriptBatcher:
                 results[i] = await self._redis.evalsha(sha, len(names), *names, *args)
             except Exception as exc:
                 results[i] = exc
+
+
+async def call_script(
+    redis: aioredis.Redis, source: str, sha: str, names: Sequence[Any], args: Sequence[Any]
+) -> Any:
+    """One ``EVALSHA`` on a plain (non-cluster) client, packed as :class:`ScriptBatcher` packs
+    its calls, for a caller that makes one call at a time: redis-py's ``Script`` call without
+    its per-argument encoding in Python. A script Redis does not know (restart, ``SCRIPT
+    FLUSH``, a promoted replica) is loaded and the call sent again; an error reply is raised."""
+    packed = pack_command((b"EVALSHA", sha, len(names), *names, *[_plain(arg) for arg in args]))
+    (result,) = await _send_packed(redis, packed, 1)
+    if is_missing_script(result):
+        await redis.script_load(source)
+        (result,) = await _send_packed(redis, packed, 1)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 _MULTI = pack_command((b"MULTI",))
