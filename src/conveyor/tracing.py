@@ -49,6 +49,7 @@ __all__ = [
     "set_attributes",
     "shutdown",
     "start_span",
+    "tracer_provider",
     "traces_endpoint",
 ]
 
@@ -130,6 +131,11 @@ def _configure(
         trace.set_tracer_provider(provider)
     enabled = True
     log.info("tracing.configured", extra={"service": service, "endpoint": endpoint or "custom"})
+
+
+def tracer_provider() -> TracerProvider | None:
+    """This process's provider while tracing is on (:func:`configure`), else ``None``."""
+    return _provider if enabled else None
 
 
 def shutdown(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:

@@ -51,6 +51,20 @@ from conveyor.api.routes.executions import get_execution, list_executions, trigg
 from conveyor.api.routes.health import health
 from conveyor.api.schemas import Envelope, ExecutionOut, HealthData, Page, TriggerIn
 
+
+def _telemetry_hook() -> Callable[..., None] | None:
+    """What FastAPI's router calls on a match for its telemetry (private, hence looked up: a
+    FastAPI without it leaves the request span named after the method alone)."""
+    try:
+        from fastapi.telemetry import _api
+    except ImportError:  # pragma: no cover - a FastAPI without native telemetry
+        return None
+    hook: Callable[..., None] | None = getattr(_api, "_route_selected", None)
+    return hook
+
+
+_route_selected = _telemetry_hook()
+
 __all__ = ["FastLane"]
 
 TRIGGER_PATH = "/api/workflows/{workflowId}/executions"
@@ -401,10 +415,13 @@ def _idempotency_key(header: bytes | None) -> str | None:
 
 
 def _enter_route(scope: Scope, route: APIRoute, path_params: dict[str, str]) -> None:
-    """What the router records in the scope for a matched route."""
+    """What the router records in the scope for a matched route (and, while FastAPI traces
+    the request, tells its telemetry the route: the request span is named after it)."""
     scope["route"] = route
     scope["endpoint"] = route.endpoint
     scope["path_params"] = path_params
+    if "fastapi.telemetry" in scope and _route_selected is not None:
+        _route_selected(scope=scope, path=route.path_format)
 
 
 def _sub_response() -> Response:
