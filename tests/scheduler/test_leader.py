@@ -74,6 +74,27 @@ async def test_postgres_lock_lost_when_session_terminated(fresh_pg_url: str) -> 
         await admin.close()
 
 
+async def test_postgres_lock_checked_at_the_moment_its_session_dies_is_lost_not_fatal(
+    fresh_pg_url: str,
+) -> None:
+    """A check sent just as the backend is terminated (before the connection noticed) gets
+    asyncpg's ``InternalClientError`` ("cannot switch to state …"): the lock is lost, the
+    process goes on (it was a dead election loop and a scheduler exit)."""
+    dsn = asyncpg_dsn(fresh_pg_url)
+    a = PostgresAdvisoryLock(dsn, "scheduler", "a")
+    admin = await asyncpg.connect(dsn)
+    try:
+        assert await a.try_acquire()
+        assert a._conn is not None
+        await admin.execute("SELECT pg_terminate_backend($1)", a._conn.get_server_pid())
+        assert await a.keep() is False  # at once: the termination not yet read
+        assert not a.held and a.lost.is_set()
+        assert await a.try_acquire()  # a new session takes the lock again
+    finally:
+        await a.release()
+        await admin.close()
+
+
 async def test_redis_lock_owner_checks(redis_prefix: str) -> None:
     client = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT)
     key = f"{redis_prefix}:conveyor:scheduler:leader"

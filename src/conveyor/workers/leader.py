@@ -41,7 +41,13 @@ Strategy = Literal["postgres", "redis"]
 LOCK_NAMESPACE = 0x43564C4B
 """First key of every Conveyor advisory lock (``pg_locks.classid``)."""
 
-_PG_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+_PG_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # "cannot switch to state …": the backend just died
+    TimeoutError,
+)
 
 
 class LeaderLock(Protocol):
