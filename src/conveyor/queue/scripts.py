@@ -118,8 +118,7 @@ class ScriptBatcher:
         """The batch written at once and its replies read in order (an error reply is that
         call's result), see :func:`_send_packed`."""
         packed = b"".join(
-            pack_command((b"EVALSHA", sha, len(names), *names, *[_plain(arg) for arg in args]))
-            for _source, sha, names, args, _future in batch
+            _evalsha(sha, names, args) for _source, sha, names, args, _future in batch
         )
         return await _send_packed(self._redis, packed, len(batch))
 
@@ -152,7 +151,7 @@ async def call_script(
     its calls, for a caller that makes one call at a time: redis-py's ``Script`` call without
     its per-argument encoding in Python. A script Redis does not know (restart, ``SCRIPT
     FLUSH``, a promoted replica) is loaded and the call sent again; an error reply is raised."""
-    packed = pack_command((b"EVALSHA", sha, len(names), *names, *[_plain(arg) for arg in args]))
+    packed = _evalsha(sha, names, args)
     (result,) = await _send_packed(redis, packed, 1)
     if is_missing_script(result):
         await redis.script_load(source)
@@ -212,6 +211,14 @@ async def _send_packed(
     finally:
         await pool.release(conn)
     return results
+
+
+def _evalsha(sha: str, names: Sequence[Any], args: Sequence[Any]) -> bytes:
+    """One ``EVALSHA`` call packed by ``hiredis``."""
+    packed: bytes = pack_command(
+        (b"EVALSHA", sha, len(names), *names, *[_plain(arg) for arg in args])
+    )
+    return packed
 
 
 def _plain(arg: Any) -> Any:

@@ -31,6 +31,7 @@ shipped in ``conveyor/store/migrations``; ``await store.check_schema()`` raises
 """
 
 from conveyor.store._db import asyncpg_dsn, sqlalchemy_url, sqlite_path
+from conveyor.store._errors import ASYNCPG_CONNECTION_ERRORS
 from conveyor.store._migrate import head_revisions
 from conveyor.store._store import Store, migrate
 from conveyor.store._types import (
@@ -81,6 +82,7 @@ from conveyor.store.usage import DatabaseUsage, TableUsage
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "ASYNCPG_CONNECTION_ERRORS",
     "DAYS_AHEAD",
     "EXECUTION_STATUSES",
     "MAX_SECRET_BYTES",

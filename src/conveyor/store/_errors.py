@@ -15,7 +15,7 @@ from sqlalchemy import exc as sa_exc
 
 from conveyor.errors import Conflict, DatabaseUnavailable, InvalidValue, StoreError
 
-__all__ = ["is_connection_error", "never_sent", "translate_errors"]
+__all__ = ["ASYNCPG_CONNECTION_ERRORS", "is_connection_error", "never_sent", "translate_errors"]
 
 
 class translate_errors:
@@ -56,11 +56,12 @@ _MISCONFIGURED_SQLSTATES = ("3D000", "28000", "28P01")
 """The database named in DATABASE_URL does not exist, or refuses the role or its password:
 nothing works until the setting is fixed."""
 
-_ASYNCPG_CONNECTION_ERRORS = (
+ASYNCPG_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.InterfaceError,  # includes ConnectionDoesNotExistError ("closed in the middle")
     asyncpg.exceptions.InternalClientError,  # "cannot switch to state …": the backend died
     asyncpg.PostgresConnectionError,
 )
+"""asyncpg's errors of a connection that is unusable (what it raises, not what it wraps)."""
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -69,7 +70,7 @@ def is_connection_error(exc: BaseException) -> bool:
     connection must be discarded, never handed out again, and the error is "database
     unavailable" (retry later), not a failure of the statement."""
     for candidate in _chain(exc):
-        if isinstance(candidate, (*_ASYNCPG_CONNECTION_ERRORS, OSError, ConnectionError)):
+        if isinstance(candidate, (*ASYNCPG_CONNECTION_ERRORS, OSError, ConnectionError)):
             return True
         if isinstance(candidate, sa_exc.DBAPIError) and candidate.connection_invalidated:
             return True

@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisClusterException, RedisError
 
 from conveyor.dispatch import keys
+from conveyor.store import ASYNCPG_CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,9 @@ Strategy = Literal["postgres", "redis"]
 LOCK_NAMESPACE = 0x43564C4B
 """First key of every Conveyor advisory lock (``pg_locks.classid``)."""
 
-_PG_ERRORS = (
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError,  # "cannot switch to state …": the backend just died
-    TimeoutError,
-)
+_PG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, *ASYNCPG_CONNECTION_ERRORS)
+"""Any failure of the lock session's query (a session whose backend just died included:
+asyncpg's "cannot switch to state …") loses the lock; the process goes back to standby."""
 
 
 class LeaderLock(Protocol):
