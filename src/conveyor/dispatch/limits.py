@@ -163,6 +163,8 @@ class TenantLimiter:
         """Take a slot (and a start token) for ``job_id``, or say why not: at the cap the job
         is parked in the tenant's set; over the rate its start time is reserved. ``replaces``:
         a lease of the same tenant to drop first (a run that ended here, not released yet)."""
+        if replaces is not None:
+            self.held.pop(replaces, None)  # dropped by the script: no longer ours to renew
         names = keys.limit_acquire_keys(self._prefix, tenant, cluster=self._cluster)
         args: list[Any] = [
             self._now(),

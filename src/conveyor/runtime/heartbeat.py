@@ -11,8 +11,8 @@ prune index members older than the expiry. A process removes its own key on clea
 
 The JSON document: ``id, role, regions, pid, host, startedAt, lastHeartbeat`` plus whatever the
 role's ``info_fn`` returns (worker: ``concurrency, tenantConcurrency`` (fleet-wide),
-``tenantConcurrencyPerProcess, activeJobs, activeByTenant, leasesHeld, jobsDone, jobsFailed,
-jobsParkedFleet, jobsParkedRate, ...``; scheduler: ``strategy, lockHeld, lastTick, lagMs``; timers:
+``tenantConcurrencyPerProcess, activeJobs, activeByTenant, leasesHeld, fleetSlotsWarm,
+fleetSlotsReused, jobsDone, jobsFailed, jobsParkedFleet, jobsParkedRate, ...``; scheduler: ``strategy, lockHeld, lastTick, lagMs``; timers:
 ``nextDueAt, backlog, lagMs``).
 """
 

@@ -166,6 +166,8 @@ class ExecutionWorker:
             "activeByTenant": self.limits.active_by_tenant(),
             "parkedJobs": self.limits.parked_count,
             "leasesHeld": len(self.fleet.held),
+            "fleetSlotsWarm": self.runner.warm_slots,
+            "fleetSlotsReused": c.slots_reused,
             "jobsDone": c.done,
             "jobsFailed": c.failed,
             "jobsParked": c.parked,

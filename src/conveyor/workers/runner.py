@@ -64,6 +64,11 @@ _REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 """What an unreachable Redis (or a cluster in the middle of a failover) raises."""
 RELEASE_LINGER_S = 0.002
 """Leases released within this long are given back together (one pipeline)."""
+WARM_SLOT_S = 0.025
+"""An ended run's fleet slot stays with its process this long before it is given back, when the
+tenant has no start rate: the tenant's next run here takes it over with no Redis round trip
+(:meth:`ExecutionRunner._take_warm`). The cap is never exceeded; a slot sits idle this long at
+most before a parked job elsewhere can have it."""
 _RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "error"))
 """Outcomes of runs that really executed something (observed in the metrics)."""
 
@@ -72,6 +77,19 @@ class EngineLike(Protocol):
     def run(
         self, execution_id: str, *, abandon: asyncio.Event | None = None
     ) -> Awaitable[RunOutcome]: ...
+
+
+@dataclass(slots=True)
+class _Ended:
+    """A fleet slot to give back: the lease of a run that ended here (``lease`` empty: none,
+    only fill the tenant's free slots)."""
+
+    tenant: str
+    lease: str
+    cap: int
+    """The cap the lease was taken under; 0: not to be reused (the tenant has a start rate)."""
+    due: float
+    """When it is given back (``time.monotonic()``) unless a run of its tenant takes it over."""
 
 
 @dataclass
@@ -84,6 +102,8 @@ class Counters:
     parked_fleet: int = 0
     parked_rate: int = 0
     leases_lost: int = 0
+    slots_reused: int = 0
+    """Runs that took over a warm fleet slot of an ended run here (no acquire sent)."""
 
 
 _SAYS = {
@@ -148,8 +168,12 @@ class ExecutionRunner:
         """Set when the process stops: a job cancelled now is handed back, not failed."""
         self._promotions: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
         self._fleet_promotions: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
-        self._releases: list[tuple[str, str]] = []
-        """Fleet leases to give back, sent together every :data:`RELEASE_LINGER_S`."""
+        self._releases: list[_Ended] = []
+        """Fleet leases to give back, sent together every :data:`RELEASE_LINGER_S` once due."""
+        self._slots: dict[str, tuple[str, int]] = {}
+        """The fleet slot each running job holds: job id -> (lease id, the cap it was taken
+        under). The lease id is the job id of the run that acquired it (a warm slot taken over
+        keeps its lease)."""
         self._releases_ready = asyncio.Event()
 
     # --- the processor ----------------------------------------------------------------------
@@ -229,17 +253,32 @@ class ExecutionRunner:
         own = self.book.get(tenant) if self.book is not None else None
         if own is None:
             return
-        replaces = self._take_release(tenant)
+        ended = self._take_release(tenant)
+        if (
+            ended is not None
+            and ended.cap
+            and own.start_rate is None
+            and own.concurrency >= ended.cap
+        ):
+            # the slot of a run that ended here passes to this one: the tenant's count in
+            # Redis does not change, so the cap holds without asking (a lowered cap, or a
+            # start rate, goes through the acquire script below)
+            self._slots[ctx.id] = (ended.lease, ended.cap)
+            self.counters.slots_reused += 1
+            return
+        replaces = ended.lease if ended is not None else None
         try:
             verdict = await self.fleet.acquire(
                 tenant, ctx.id, ctx.queue_name, own, replaces=replaces
             )
         except _REDIS_ERRORS as exc:
-            if replaces is not None:
-                self._release_later(tenant, replaces)
+            if ended is not None:
+                self._releases.append(ended)
+                self._releases_ready.set()
             log.warning("worker.limits_unavailable", extra={"error": repr(exc)})
             raise JobDeferred(LIMITS_DOWN_DEFER_MS, "tenant limits unavailable") from exc
         if verdict.started:
+            self._slots[ctx.id] = (ctx.id, 0 if own.start_rate is not None else own.concurrency)
             return
         if replaces is not None:  # the ended run's slot was freed: parked jobs may take it
             self._release_later(tenant, "")
@@ -297,8 +336,9 @@ class ExecutionRunner:
             promote = self.limits.finish(tenant, duration)
             if promote is not None:
                 self._promotions.put_nowait((tenant, *promote))
-            if self.fleet is not None and self.fleet.held.pop(ctx.id, None) is not None:
-                self._release_later(tenant, ctx.id)
+            slot = self._slots.pop(ctx.id, None)
+            if slot is not None:
+                self._release_later(tenant, *slot)
             if self._metrics is not None and status in _RAN:
                 self._metrics.observe_execution(duration, status)
                 if latency_s is not None:
@@ -343,46 +383,74 @@ class ExecutionRunner:
         return outcome
 
     # --- the fleet's limits --------------------------------------------------------------------
-    def _release_later(self, tenant: str, job_id: str) -> None:
-        """Queue a lease to give back (``""``: none, only fill the tenant's free slots)."""
-        self._releases.append((tenant, job_id))
+    def _release_later(self, tenant: str, lease: str, cap: int = 0) -> None:
+        """Queue a lease to give back (``""``: none, only fill the tenant's free slots). A lease
+        with a ``cap`` stays warm for :data:`WARM_SLOT_S` first; the others go with the next
+        flush."""
+        due = time.monotonic() + (WARM_SLOT_S if cap else 0.0)
+        self._releases.append(_Ended(tenant, lease, cap, due))
         self._releases_ready.set()
 
-    def _take_release(self, tenant: str) -> str | None:
-        """A lease of ``tenant`` waiting to be given back: the next run of the tenant in this
-        process takes its slot over, in its acquire (no spurious park behind our own
-        unsent release, one round trip for both)."""
-        for i, (t, job_id) in enumerate(self._releases):
-            if t == tenant and job_id:
-                del self._releases[i]
-                return job_id
+    def _take_release(self, tenant: str) -> _Ended | None:
+        """The latest lease of ``tenant`` waiting to be given back: the next run of the tenant
+        in this process takes its slot over — warm, with no round trip, or in its acquire (no
+        spurious park behind our own unsent release, one round trip for both)."""
+        releases = self._releases
+        for i in range(len(releases) - 1, -1, -1):
+            ended = releases[i]
+            if ended.tenant == tenant and ended.lease:
+                del releases[i]
+                return ended
         return None
 
-    async def flush_releases(self) -> int:
-        """Give the fleet slots of finished runs back, all in one pipeline (best effort: an
-        unreleased lease expires by itself), and queue the parked jobs they free room for."""
-        batch, self._releases = self._releases, []
-        self._releases_ready.clear()
+    @property
+    def warm_slots(self) -> int:
+        """Fleet slots of ended runs this process keeps for a while (:data:`WARM_SLOT_S`)."""
+        return sum(1 for e in self._releases if e.cap and e.lease)
+
+    def cool(self, leases: list[str]) -> None:
+        """Give these leases back with the next flush instead of keeping them warm (their
+        renewal found them expired: this process was frozen, the slot may be someone else's)."""
+        lost = set(leases)
+        for ended in self._releases:
+            if ended.lease in lost:
+                ended.cap = 0
+                ended.due = 0.0
+
+    async def flush_releases(self, *, due_only: bool = False) -> int:
+        """Give the fleet slots of ended runs back, all in one pipeline (best effort: an
+        unreleased lease expires by itself), and queue the parked jobs they free room for.
+        ``due_only``: keep the warm slots whose time has not come (:data:`WARM_SLOT_S`)."""
+        if due_only:
+            now = time.monotonic()
+            batch = [e for e in self._releases if e.due <= now]
+            self._releases = [e for e in self._releases if e.due > now]
+        else:
+            batch, self._releases = self._releases, []
+        if not self._releases:
+            self._releases_ready.clear()
         if self.fleet is None or not batch:
             return 0
-        results = await self.fleet.release_many([(t, job_id or None) for t, job_id in batch])
-        for (tenant, job_id), result in zip(batch, results, strict=True):
+        results = await self.fleet.release_many([(e.tenant, e.lease or None) for e in batch])
+        for ended, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning(
-                    "worker.limits_release_failed", extra={"jobId": job_id, "error": repr(result)}
+                    "worker.limits_release_failed",
+                    extra={"jobId": ended.lease, "error": repr(result)},
                 )
                 continue
             for queue_name, parked_id in result:
-                self._fleet_promotions.put_nowait((tenant, queue_name, parked_id))
+                self._fleet_promotions.put_nowait((ended.tenant, queue_name, parked_id))
         return len(batch)
 
     async def run_releases(self) -> None:
-        """Send released leases every :data:`RELEASE_LINGER_S` while there are some (a run's
-        end does not wait on Redis; concurrent ends share one round trip). Never ends."""
+        """Send the released leases that are due every :data:`RELEASE_LINGER_S` while there
+        are some (a run's end does not wait on Redis; concurrent ends share one round trip;
+        warm slots wait :data:`WARM_SLOT_S`). Never ends."""
         while True:
             await self._releases_ready.wait()
             await asyncio.sleep(RELEASE_LINGER_S)
-            await self.flush_releases()
+            await self.flush_releases(due_only=True)
 
     async def run_fleet(self, interval_s: float | None = None) -> None:
         """Renew this process's leases (a third of their TTL apart, like the job locks' half)
@@ -403,6 +471,7 @@ class ExecutionRunner:
                     next_renew = time.monotonic() + interval
                     lost = await fleet.renew()
                     if lost:
+                        self.cool(lost)
                         self.counters.leases_lost += len(lost)
                         log.warning("worker.leases_expired", extra={"jobIds": lost[:20]})
                 popped, wait_ms = await fleet.sweep()
