@@ -266,6 +266,7 @@ class ExecutionWorker:
                 "parkedHandedBack": handed,
                 "jobsDone": c.done,
                 "jobsFailed": c.failed,
+                "fleetSlotsReused": c.slots_reused,
             },
         )
 
