@@ -204,3 +204,44 @@ async def test_a_batch_enqueue_survives_lost_scripts_and_counts_each_job_once(
     assert fair == {"t-a": "3", "t-b": "2"}  # a-1 (already there) not counted twice
     assert priorities == {"a-0": "1", "a-1": "2", "a-2": "3", "b-0": "1", "b-1": "2"}
     assert sorted(order) == ["a-0", "a-1", "a-2", "b-0", "b-1"]  # five jobs, none twice
+
+
+@pytest.mark.parametrize("kept", ["count", "add"])
+async def test_an_enqueue_that_lost_one_script_sends_only_that_call_again(
+    redis_prefix: str, kept: str
+) -> None:
+    """Count and add go in one ``MULTI``; a server that knows only one of the two scripts runs
+    that one and refuses the other (``NOSCRIPT`` inside ``EXEC`` does not stop the rest): only
+    the refused call is sent again, so the job is added once and counted at most once — never
+    twice. (With the count lost and the add run, the count finds the job already there: 0, as
+    for a duplicate delivery; the fairness ledger's clamp repairs that drift.)"""
+    with redis_server() as server:  # a fresh server: no script loaded yet
+        settings = make_settings(redis_prefix, QUEUE_REDIS_PORT=str(server.port))
+        client = aioredis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+        try:
+            async with QueueFactory(settings) as factory:
+                dispatcher = ExecutionDispatcher(factory, settings)
+                commands = dispatcher.queue("us")._bull.backend.connection.commands  # type: ignore[attr-defined]
+                if kept == "count":
+                    await client.script_load(keys.COUNT_SCRIPT)
+                else:
+                    await client.script_load(commands["addStandardJob"].script)
+                    await client.script_load(commands["addPrioritizedJob"].script)
+                before = await _calls(client)
+                assert await dispatcher.enqueue(payload("t-a", "a-0")) == "a-0"
+                after = await _calls(client)
+                fair = await client.hgetall(keys.fair(settings.queue_prefix, QUEUE))
+                job = f"{redis_prefix}:{QUEUE}:"
+                waiting = await client.zrange(job + "prioritized", 0, -1)
+                waiting += await client.lrange(job + "wait", 0, -1)
+                # a second enqueue of the same id: neither counted nor added again
+                assert await dispatcher.enqueue(payload("t-a", "a-0")) == "a-0"
+                fair_again = await client.hgetall(keys.fair(settings.queue_prefix, QUEUE))
+        finally:
+            await client.aclose()
+    assert waiting == ["a-0"]  # added once
+    # the transaction, then the refused call alone: count + add, then one of them again
+    assert after["exec"] - before.get("exec", 0) == 2
+    assert after["evalsha"] - before.get("evalsha", 0) == 3
+    assert fair == ({"t-a": "1"} if kept == "count" else {})
+    assert fair_again == fair

@@ -439,24 +439,52 @@ async def add_in_transaction(
     queue: Any, script: Any, call: ScriptCall, job: Any, *, check_scripts: bool
 ) -> list[Any]:
     """``MULTI; EVALSHA call; EVALSHA addJob; EXEC`` in one write (``script`` is ``call``'s
-    source registered on the queue's client). With ``check_scripts`` false
-    redis-py's ``SCRIPT EXISTS`` check before the transaction is skipped (the caller knows the
-    scripts are loaded; on ``NoScriptError`` it calls again with the check).
+    source registered on the queue's client); ``[call's result, the job id]``.
 
-    On Redis Cluster redis-py's cluster pipeline never checks nor loads scripts: with
-    ``check_scripts`` this loads ``script`` and bullmq's add scripts on every master first
-    (``SCRIPT LOAD``). Every key of both calls is in the queue's slot (a hash tag), as a
-    transaction on a cluster requires."""
+    On a plain client the two calls go through :func:`transaction` (hiredis packing, one
+    write, one read, no ``SCRIPT EXISTS``), bullmq's own ``Scripts.addJob`` recording its call
+    as in :func:`add_bulk`. A script Redis lost (restart, ``SCRIPT FLUSH``) is loaded and only
+    the call it refused is sent again: Redis ran the other one (a ``NOSCRIPT`` inside ``EXEC``
+    does not stop the rest), so nothing runs twice. (A lost count script with the add run
+    counts the job as already there — 0 — as a duplicate delivery would: drift the fairness
+    ledger's clamp repairs.) ``check_scripts`` is then not needed.
+
+    On Redis Cluster redis-py's cluster pipeline is used; it never checks nor loads scripts:
+    with ``check_scripts`` this loads ``script`` and bullmq's add scripts on every master first
+    (``SCRIPT LOAD``), and the caller calls again with it on ``NoScriptError``. Every key of
+    both calls is in the queue's slot (a hash tag), as a transaction on a cluster requires."""
     conn = queue.backend.connection.conn
-    if check_scripts:
-        await load_add_scripts(queue, script.script)
-    async with conn.pipeline(transaction=True) as pipe:
-        await script(keys=list(call.keys), args=list(call.args), client=pipe)
-        await queue.backend.scripts.addJob(job, pipe)
-        if not check_scripts and hasattr(pipe, "scripts"):
-            pipe.scripts.clear()
-        results: list[Any] = await pipe.execute()
-        return results
+    if is_redis_cluster(conn):
+        if check_scripts:
+            await load_add_scripts(queue, script.script)
+        async with conn.pipeline(transaction=True) as pipe:
+            await script(keys=list(call.keys), args=list(call.args), client=pipe)
+            await queue.backend.scripts.addJob(job, pipe)
+            results: list[Any] = await pipe.execute()
+            return results
+    recorder = _CallRecorder()
+    await queue.backend.scripts.addJob(job, recorder)
+    calls = [(b"EVALSHA", script.sha, len(call.keys), *call.keys, *call.args), *recorder.calls]
+    try:
+        results = await transaction(conn, calls)
+    except ResponseError as exc:  # refused when queued (EXECABORT): nothing ran
+        if not is_missing_script(exc):
+            raise
+        await conn.script_load(script.script)
+        await _load_scripts(queue, calls)
+        results = await transaction(conn, calls)
+    missing = [i for i, result in enumerate(results) if is_missing_script(result)]
+    if missing:
+        if 0 in missing:
+            await conn.script_load(script.script)
+        again = [calls[i] for i in missing]
+        await _load_scripts(queue, again)
+        for i, result in zip(missing, await transaction(conn, again), strict=True):
+            results[i] = result
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
 
 
 ADD_SCRIPTS = ("addStandardJob", "addPrioritizedJob", "addDelayedJob")
