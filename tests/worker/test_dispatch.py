@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -232,8 +233,8 @@ async def test_an_enqueue_that_lost_one_script_sends_only_that_call_again(
                 after = await _calls(client)
                 fair = await client.hgetall(keys.fair(settings.queue_prefix, QUEUE))
                 job = f"{redis_prefix}:{QUEUE}:"
-                waiting = await client.zrange(job + "prioritized", 0, -1)
-                waiting += await client.lrange(job + "wait", 0, -1)
+                waiting: list[Any] = list(await client.zrange(job + "prioritized", 0, -1))
+                waiting += list(await client.lrange(job + "wait", 0, -1))
                 # a second enqueue of the same id: neither counted nor added again
                 assert await dispatcher.enqueue(payload("t-a", "a-0")) == "a-0"
                 fair_again = await client.hgetall(keys.fair(settings.queue_prefix, QUEUE))
