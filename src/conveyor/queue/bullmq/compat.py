@@ -464,27 +464,8 @@ async def add_in_transaction(
             return results
     recorder = _CallRecorder()
     await queue.backend.scripts.addJob(job, recorder)
-    calls = [(b"EVALSHA", script.sha, len(call.keys), *call.keys, *call.args), *recorder.calls]
-    try:
-        results = await transaction(conn, calls)
-    except ResponseError as exc:  # refused when queued (EXECABORT): nothing ran
-        if not is_missing_script(exc):
-            raise
-        await conn.script_load(script.script)
-        await _load_scripts(queue, calls)
-        results = await transaction(conn, calls)
-    missing = [i for i, result in enumerate(results) if is_missing_script(result)]
-    if missing:
-        if 0 in missing:
-            await conn.script_load(script.script)
-        again = [calls[i] for i in missing]
-        await _load_scripts(queue, again)
-        for i, result in zip(missing, await transaction(conn, again), strict=True):
-            results[i] = result
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    return results
+    count = (b"EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+    return await _send_adds(queue, [count, *recorder.calls], script)
 
 
 ADD_SCRIPTS = ("addStandardJob", "addPrioritizedJob", "addDelayedJob")
@@ -513,7 +494,6 @@ async def add_bulk(queue: Any, jobs: Sequence[dict[str, Any]]) -> list[Any]:
     Returns the job ids (bullmq's replies). A script Redis does not know (restart, ``SCRIPT
     FLUSH``, a promoted replica) is loaded and the adds it refused are sent again; any other
     error reply is raised, as redis-py's pipeline raises it."""
-    conn = queue.backend.connection.conn
     scripts = queue.backend.scripts
     defaults = queue.jobsOpts
     recorder = _CallRecorder()
@@ -521,18 +501,27 @@ async def add_bulk(queue: Any, jobs: Sequence[dict[str, Any]]) -> list[Any]:
         opts = {**defaults, **(entry.get("opts") or {})}
         job = bullmq.Job(queue, entry.get("name"), entry.get("data"), opts, opts.get("jobId"))
         await scripts.addJob(job, recorder)
-    calls = recorder.calls
+    return await _send_adds(queue, recorder.calls)
+
+
+async def _send_adds(queue: Any, calls: list[tuple[Any, ...]], *extra: Any) -> list[Any]:
+    """``calls`` (``EVALSHA`` of bullmq's add scripts, and of the ``extra`` registered
+    scripts) in one ``MULTI``/``EXEC`` by :func:`transaction`; their replies. A script Redis
+    does not know is loaded and only the calls Redis refused are sent again (a ``NOSCRIPT``
+    inside ``EXEC`` does not stop the others); any other error reply is raised, as redis-py's
+    pipeline raises it."""
+    conn = queue.backend.connection.conn
     try:
         results = await transaction(conn, calls)
     except ResponseError as exc:  # refused when queued (EXECABORT): nothing ran
         if not is_missing_script(exc):
             raise
-        await _load_scripts(queue, calls)
+        await _load_scripts(queue, calls, extra)
         results = await transaction(conn, calls)
     missing = [i for i, result in enumerate(results) if is_missing_script(result)]
     if missing:
         again = [calls[i] for i in missing]
-        await _load_scripts(queue, again)
+        await _load_scripts(queue, again, extra)
         for i, result in zip(missing, await transaction(conn, again), strict=True):
             results[i] = result
     for result in results:
@@ -541,14 +530,17 @@ async def add_bulk(queue: Any, jobs: Sequence[dict[str, Any]]) -> list[Any]:
     return results
 
 
-async def _load_scripts(queue: Any, calls: Sequence[tuple[Any, ...]]) -> None:
-    """``SCRIPT LOAD`` the add scripts ``calls`` use (``EVALSHA`` calls recorded from
-    ``Scripts.addJob``)."""
+async def _load_scripts(
+    queue: Any, calls: Sequence[tuple[Any, ...]], extra: Sequence[Any] = ()
+) -> None:
+    """``SCRIPT LOAD`` the scripts ``calls`` use: bullmq's add scripts (``EVALSHA`` calls
+    recorded from ``Scripts.addJob``) and those of the ``extra`` registered scripts."""
     commands = queue.backend.connection.commands
     shas = {call[1] for call in calls}
-    for name in ADD_SCRIPTS:
-        if commands[name].sha in shas:
-            await queue.backend.connection.conn.script_load(commands[name].script)
+    sources = [commands[name].script for name in ADD_SCRIPTS if commands[name].sha in shas]
+    sources += [script.script for script in extra if script.sha in shas]
+    for source in sources:
+        await queue.backend.connection.conn.script_load(source)
 
 
 async def load_add_scripts(queue: Any, *extra: str) -> bool:
