@@ -1,7 +1,9 @@
 """Warm fleet slots: the fleet slot of a run that ended passes to the tenant's next run in the
-same process without a Redis round trip, the cap still holds fleet-wide, a start rate or a
-lowered cap goes through the acquire script, and an unused slot is given back (popping the
-parked jobs) after ``WARM_SLOT_S``. In-process runners, real Postgres and Redis."""
+same process without a Redis round trip, the cap still holds fleet-wide (also when a job comes
+back while its old slot runs another job), a start rate, a lowered cap, a lease found expired,
+a job parked before or a slot passed on long enough go through the acquire script, and an
+unused slot is given back (popping the parked jobs) after ``WARM_SLOT_S``. In-process
+runners, real Postgres and Redis."""
 
 from __future__ import annotations
 
@@ -12,30 +14,42 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conveyor.dispatch import FairnessLedger, TenantLimiter, keys
 from conveyor.engine import Engine
-from conveyor.queue import JobDeferred
+from conveyor.queue import JobContext, JobDeferred
 from conveyor.settings import Settings
 from conveyor.store import TenantLimits
 from conveyor.workers import runner as runner_mod
 from conveyor.workers.limits import ConcurrencyLimits, TenantLimitsBook
-from conveyor.workers.runner import WARM_SLOT_S, ExecutionRunner
+from conveyor.workers.runner import ExecutionRunner
 from tests.worker.conftest import Seeder, seeder
 from tests.worker.test_runner import QUEUE, job
 
 NOOP = [{"id": "n", "type": "noop"}]
+WARM_S = 0.5
+"""The warm time in these tests (long enough for a slow CI between two steps of a test)."""
+
+
+@pytest.fixture(autouse=True)
+def warm_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner_mod, "WARM_SLOT_S", WARM_S)
 
 
 class Counting:
-    """Counts the acquire scripts a limiter sends."""
+    """Records the acquire scripts a limiter sends: (job id, the lease it replaces)."""
 
-    def __init__(self, fleet: TenantLimiter) -> None:
+    def __init__(self, fleet: TenantLimiter, fail: bool = False) -> None:
         self.acquires: list[tuple[str, str | None]] = []
+        self.fail = fail
         inner = fleet.acquire
 
         async def acquire(tenant: str, job_id: str, *args: Any, **kw: Any) -> Any:
             self.acquires.append((job_id, kw.get("replaces")))
+            if self.fail:
+                fleet.held.pop(kw.get("replaces") or "", None)  # as the real call does first
+                raise RedisConnectionError("Redis went away")
             return await inner(tenant, job_id, *args, **kw)
 
         fleet.acquire = acquire  # type: ignore[method-assign]
@@ -69,9 +83,15 @@ async def fleet_runners(
         yield runners, s
 
 
+def capped(settings: Settings, cap: int, **update: Any) -> Settings:
+    return settings.model_copy(update={"execution_tenant_concurrency": cap, **update})
+
+
 async def leases(s: Seeder, tenant: str) -> list[str]:
+    """The tenant's lease members in Redis, each as the job id of the run that took it."""
     members = await s.queues.redis.zrange(keys.limit_leases(s.settings.queue_prefix, tenant), 0, -1)
-    return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+    names = (m.decode() if isinstance(m, bytes) else str(m) for m in members)
+    return sorted(name.split("@")[0] for name in names)
 
 
 async def executions(s: Seeder, tenant: str, n: int) -> list[str]:
@@ -79,22 +99,26 @@ async def executions(s: Seeder, tenant: str, n: int) -> list[str]:
     return await s.executions(tenant, wf, [None] * n, dispatch=False)
 
 
-def held(gate: asyncio.Event, engine: Any) -> Any:
-    class Held:
-        async def run(self, execution_id: str, *, abandon: asyncio.Event | None = None) -> Any:
-            await gate.wait()
-            return await engine.run(execution_id, abandon=abandon)
+class Gate:
+    """Holds the runs of a runner's engine until opened."""
 
-    return Held()
+    def __init__(self, runner: ExecutionRunner) -> None:
+        self.open = asyncio.Event()
+        engine = runner._engine
+        gate = self.open
+
+        class Held:
+            async def run(self, execution_id: str, *, abandon: asyncio.Event | None = None) -> Any:
+                await gate.wait()
+                return await engine.run(execution_id, abandon=abandon)
+
+        runner._engine = Held()
 
 
 async def test_the_next_run_takes_the_ended_runs_slot_without_a_round_trip(
     wsettings: Settings,
 ) -> None:
-    async with fleet_runners(wsettings.model_copy(update={"execution_tenant_concurrency": 2})) as (
-        (runner,),
-        s,
-    ):
+    async with fleet_runners(capped(wsettings, 2)) as ((runner,), s):
         assert runner.fleet is not None
         counting = Counting(runner.fleet)
         t = await s.tenant()
@@ -103,27 +127,25 @@ async def test_the_next_run_takes_the_ended_runs_slot_without_a_round_trip(
         assert counting.acquires == [(ids[0], None)]
         assert runner.warm_slots == 1
         assert await leases(s, t) == [ids[0]]  # kept, not given back yet
+        assert await runner.flush_releases(due_only=True) == 0  # not due yet
 
         # the next two runs: the first takes the warm slot (no script), the second acquires
-        gate = asyncio.Event()
-        engine = runner._engine
-        runner._engine = held(gate, engine)
+        gate = Gate(runner)
         second = asyncio.create_task(runner.process(*job(ids[1], t)))
         third = asyncio.create_task(runner.process(*job(ids[2], t)))
         await asyncio.sleep(0.05)
         assert counting.acquires == [(ids[0], None), (ids[2], None)]
         assert runner.counters.slots_reused == 1
-        # two running, two leases: the warm one (named after the run that took it) and ids[2]
+        # two running, two leases: the warm one (named after the run that took it) and ids[2]'s
         assert await leases(s, t) == sorted([ids[0], ids[2]])
         assert runner.warm_slots == 0
-        gate.set()
+        gate.open.set()
         assert (await second)["status"] == "succeeded"
         assert (await third)["status"] == "succeeded"
         assert runner.warm_slots == 2
 
-        # nobody takes them: given back once WARM_SLOT_S has passed, not before
-        assert await runner.flush_releases(due_only=True) == 0
-        await asyncio.sleep(WARM_SLOT_S + 0.01)
+        # nobody takes them: given back once their warm time has passed
+        await asyncio.sleep(WARM_S + 0.05)
         assert await runner.flush_releases(due_only=True) == 2
         assert await leases(s, t) == []
         assert runner.fleet.held == {}
@@ -132,12 +154,7 @@ async def test_the_next_run_takes_the_ended_runs_slot_without_a_round_trip(
 async def test_the_cap_holds_across_processes_and_a_warm_slot_frees_for_a_parked_job(
     wsettings: Settings,
 ) -> None:
-    async with fleet_runners(
-        wsettings.model_copy(update={"execution_tenant_concurrency": 1}), n=2
-    ) as (
-        (a, b),
-        s,
-    ):
+    async with fleet_runners(capped(wsettings, 1), n=2) as ((a, b), s):
         t = await s.tenant()
         ids = await executions(s, t, 3)
         assert (await a.process(*job(ids[0], t)))["status"] == "succeeded"
@@ -147,15 +164,42 @@ async def test_the_cap_holds_across_processes_and_a_warm_slot_frees_for_a_parked
             await b.process(*job(ids[1], t))
         assert deferred.value.parked
         assert "across all workers" in str(deferred.value.reason)
-        # ... and when a's slot is given back, the parked job is popped for promotion
-        await asyncio.sleep(WARM_SLOT_S + 0.01)
-        assert await a.flush_releases(due_only=True) == 1
-        assert a._fleet_promotions.get_nowait() == (t, QUEUE, ids[1])
-        assert await leases(s, t) == []
-        # a run in a that takes a warm slot is still one of the tenant's 1
-        assert (await a.process(*job(ids[2], t)))["status"] == "succeeded"
+        # a run in a takes the warm slot over: still one of the tenant's 1
+        gate = Gate(a)
+        running = asyncio.create_task(a.process(*job(ids[2], t)))
+        await asyncio.sleep(0.05)
+        assert a.counters.slots_reused == 1
         with pytest.raises(JobDeferred):
             await b.process(*job(ids[1], t))
+        gate.open.set()
+        assert (await running)["status"] == "succeeded"
+        # ... and when a's slot is given back, the parked job is popped for promotion
+        assert await a.flush_releases() == 1
+        assert a._fleet_promotions.get_nowait() == (t, QUEUE, ids[1])
+        assert await leases(s, t) == []
+
+
+async def test_a_job_that_comes_back_does_not_share_its_old_slot(wsettings: Settings) -> None:
+    """Job X ended here (its slot warm); run Y takes X's slot over; X comes back (redelivered,
+    deferred and due again) while Y runs: its acquire must count Y's slot — a lease named
+    after the job alone would let X in on it, two runs on one slot of a cap of 1."""
+    async with fleet_runners(capped(wsettings, 1), n=2) as ((a, b), s):
+        t = await s.tenant()
+        x, y = await executions(s, t, 2)
+        assert (await a.process(*job(x, t)))["status"] == "succeeded"
+        gate = Gate(a)
+        running = asyncio.create_task(a.process(*job(y, t)))
+        await asyncio.sleep(0.05)
+        assert a.counters.slots_reused == 1
+        for runner in (b, a):  # in another process, and in this one
+            with pytest.raises(JobDeferred) as deferred:
+                await runner.process(*job(x, t))
+            assert deferred.value.parked
+        assert await leases(s, t) == [x]  # one lease: the slot y took over
+        gate.open.set()
+        assert (await running)["status"] == "succeeded"
+        await a.flush_releases()
+        assert await leases(s, t) == []
 
 
 @pytest.mark.parametrize(
@@ -170,47 +214,113 @@ async def test_a_start_rate_or_a_lowered_cap_goes_through_the_acquire_script(
     wsettings: Settings, update: dict[str, Any], override: TenantLimits | None
 ) -> None:
     rows: list[TenantLimits] = []
-    settings = wsettings.model_copy(update={"execution_tenant_concurrency": 2, **update})
-    async with fleet_runners(settings, overrides=rows) as ((runner,), s):
+    async with fleet_runners(capped(wsettings, 2, **update), overrides=rows) as ((runner,), s):
         assert runner.fleet is not None and runner.book is not None
         counting = Counting(runner.fleet)
         t = await s.tenant()
         ids = await executions(s, t, 2)
         assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
+        (first,) = runner.fleet.held
         if override is not None:  # the limits changed since the slot was taken (a PUT)
             rows.append(dataclasses.replace(override, tenant_id=t))
             await runner.book.refresh()
         assert (await runner.process(*job(ids[1], t)))["status"] == "succeeded"
         # the ended run's lease is handed to the script (dropped there), not reused here
-        assert counting.acquires == [(ids[0], None), (ids[1], ids[0])]
+        assert counting.acquires == [(ids[0], None), (ids[1], first)]
         assert runner.counters.slots_reused == 0
-        assert ids[0] not in runner.fleet.held
+        assert first not in runner.fleet.held
         await runner.flush_releases()
         assert await leases(s, t) == []
 
 
-async def test_a_lease_found_expired_is_not_kept_warm(wsettings: Settings) -> None:
-    async with fleet_runners(wsettings) as ((runner,), s):
+async def test_a_job_parked_before_and_an_old_slot_go_through_the_acquire_script(
+    wsettings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with fleet_runners(capped(wsettings, 2)) as ((runner,), s):
+        assert runner.fleet is not None
+        counting = Counting(runner.fleet)
         t = await s.tenant()
-        (eid,) = await executions(s, t, 1)
-        assert (await runner.process(*job(eid, t)))["status"] == "succeeded"
-        assert runner.warm_slots == 1
-        runner.cool([eid])  # what run_fleet does with the leases its renewal found expired
+        ids = await executions(s, t, 3)
+        assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
+        (first,) = runner.fleet.held
+        # a job that was parked before: its acquire drops its entry in the parked set
+        payload, ctx = job(ids[1], t)
+        parked = JobContext(ctx.id, ctx.name, ctx.queue_name, 0, ctx.timestamp_ms, parked=True)
+        assert (await runner.process(payload, parked))["status"] == "succeeded"
+        assert counting.acquires[-1] == (ids[1], first)
+        (second,) = runner.fleet.held
+        # a slot passed on for WARM_SLOT_MAX_AGE_S: given back, the next run asks afresh
+        monkeypatch.setattr(runner_mod, "WARM_SLOT_MAX_AGE_S", 0.0)
+        assert (await runner.process(*job(ids[2], t)))["status"] == "succeeded"
+        assert counting.acquires[-1][0] == ids[2]
+        assert counting.acquires[-1][1] is None  # not handed over: released, popping parked jobs
+        assert runner.counters.slots_reused == 0
+        assert await runner.flush_releases(due_only=True) == 1  # the old one, at once
+        assert await leases(s, t) == [ids[2]]
+        assert second not in runner.fleet.held
+
+
+async def test_a_lease_found_expired_is_never_passed_on(wsettings: Settings) -> None:
+    async with fleet_runners(wsettings) as ((runner,), s):
+        assert runner.fleet is not None
+        counting = Counting(runner.fleet)
+        t = await s.tenant()
+        ids = await executions(s, t, 3)
+        # an ended run's slot, found expired by the renewal: given back at once
+        assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
+        runner.cool(list(runner.fleet.held))
+        assert runner.warm_slots == 0
+        assert await runner.flush_releases(due_only=True) == 1
+        # a running run's slot found expired: given back when the run ends, not passed on
+        gate = Gate(runner)
+        running = asyncio.create_task(runner.process(*job(ids[1], t)))
+        await asyncio.sleep(0.05)
+        runner.cool(list(runner.fleet.held))
+        gate.open.set()
+        assert (await running)["status"] == "succeeded"
+        assert runner.warm_slots == 0
+        assert (await runner.process(*job(ids[2], t)))["status"] == "succeeded"
+        assert [j for j, _ in counting.acquires] == ids
+        assert runner.counters.slots_reused == 0
+
+
+async def test_an_acquire_that_failed_gives_the_old_slot_back(wsettings: Settings) -> None:
+    async with fleet_runners(capped(wsettings, 2)) as ((runner,), s):
+        assert runner.fleet is not None
+        t = await s.tenant()
+        ids = await executions(s, t, 2)
+        assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
+        (first,) = runner.fleet.held
+        Counting(runner.fleet, fail=True)
+        payload, ctx = job(ids[1], t)
+        parked = JobContext(ctx.id, ctx.name, ctx.queue_name, 0, ctx.timestamp_ms, parked=True)
+        with pytest.raises(JobDeferred) as deferred:
+            await runner.process(payload, parked)
+        assert "tenant limits unavailable" in str(deferred.value.reason)
+        # no longer renewed (the script may have dropped it): never passed on, given back now
+        assert first not in runner.fleet.held
         assert runner.warm_slots == 0
         assert await runner.flush_releases(due_only=True) == 1
         assert await leases(s, t) == []
 
 
-async def test_run_releases_gives_warm_slots_back_after_their_time(wsettings: Settings) -> None:
+async def test_run_releases_gives_slots_back_in_time(wsettings: Settings) -> None:
     async with fleet_runners(wsettings) as ((runner,), s):
+        assert runner.fleet is not None
         t = await s.tenant()
-        ids = await executions(s, t, 1)
+        ids = await executions(s, t, 2)
         task = asyncio.create_task(runner.run_releases())
         try:
             assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
-            await asyncio.sleep(runner_mod.RELEASE_LINGER_S * 3)
-            assert await leases(s, t) == ids  # still warm
-            await _eventually(lambda: leases(s, t), [], within=WARM_SLOT_S + 1.0)
+            await asyncio.sleep(runner_mod.RELEASE_LINGER_S * 5)
+            assert await leases(s, t) == ids[:1]  # still warm
+            await _eventually(lambda: leases(s, t), [], within=WARM_S + 1.0)
+            # a release that is not warm does not wait for a warm one's time
+            assert (await runner.process(*job(ids[1], t)))["status"] == "succeeded"
+            await asyncio.sleep(runner_mod.RELEASE_LINGER_S * 5)
+            assert await leases(s, t) == ids[1:]
+            runner.cool(list(runner.fleet.held))
+            await _eventually(lambda: leases(s, t), [], within=WARM_S / 2)
         finally:
             task.cancel()
 

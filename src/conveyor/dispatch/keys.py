@@ -292,7 +292,9 @@ local function fmt(x) return string.format('%.3f', x) end
 # ARGV[5] cap (0 = none), ARGV[6] lease ttl ms, ARGV[7] rate per second (0 = none),
 # ARGV[8] burst, ARGV[9] longest reservation ms, ARGV[10] parked set ttl ms, ARGV[11] slack ms,
 # ARGV[12] a lease of the same tenant to drop first ("" = none: a run of this process that just
-# ended, whose release had not been sent yet — its slot goes to this job).
+# ended, whose release had not been sent yet — its slot goes to this job), ARGV[13] the lease's
+# member ("" = the job id; a worker names each lease it takes apart, so a job that comes back
+# never finds a lease of its earlier run passed on to another run).
 # Returns {1} (started: lease taken, token used) or {0, reason, parked count, wait ms}:
 #   "concurrency": at the cap; the job is in the parked set, wait = the first lease's expiry;
 #   "rate": wait = until its reserved start (a reservation is kept for the job id), or, beyond
@@ -301,10 +303,12 @@ LIMIT_ACQUIRE_SCRIPT = (
     _NOW
     + """
 local cap, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local lease = ARGV[13]
+if not lease or lease == '' then lease = ARGV[3] end
 if ARGV[12] ~= '' then redis.call('ZREM', KEYS[1], ARGV[12]) end
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  if not redis.call('ZSCORE', KEYS[1], ARGV[3]) and redis.call('ZCARD', KEYS[1]) >= cap then
+  if not redis.call('ZSCORE', KEYS[1], lease) and redis.call('ZCARD', KEYS[1]) >= cap then
     redis.call('ZADD', KEYS[2], 'NX', fmt(now), ARGV[4])
     redis.call('PEXPIRE', KEYS[2], ARGV[10])
     redis.call('HSET', KEYS[4], ARGV[2], cap)
@@ -343,7 +347,7 @@ if rate > 0 then
   end
 end
 if cap > 0 then
-  redis.call('ZADD', KEYS[1], fmt(now + ttl), ARGV[3])
+  redis.call('ZADD', KEYS[1], fmt(now + ttl), lease)
   redis.call('PEXPIRE', KEYS[1], 2 * ttl)
   redis.call('HSET', KEYS[4], ARGV[2], cap)
   if redis.call('ZREM', KEYS[2], ARGV[4]) == 1 and redis.call('ZCARD', KEYS[2]) == 0 then

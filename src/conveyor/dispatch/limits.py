@@ -159,10 +159,12 @@ class TenantLimiter:
         limits: EffectiveLimits,
         *,
         replaces: str | None = None,
+        lease: str | None = None,
     ) -> Verdict:
         """Take a slot (and a start token) for ``job_id``, or say why not: at the cap the job
         is parked in the tenant's set; over the rate its start time is reserved. ``replaces``:
-        a lease of the same tenant to drop first (a run that ended here, not released yet)."""
+        a lease of the same tenant to drop first (a run that ended here, not released yet).
+        ``lease``: the lease's member in Redis (default: the job id)."""
         if replaces is not None:
             self.held.pop(replaces, None)  # dropped by the script: no longer ours to renew
         names = keys.limit_acquire_keys(self._prefix, tenant, cluster=self._cluster)
@@ -179,10 +181,11 @@ class TenantLimiter:
             PARKED_TTL_MS,
             RESERVATION_SLACK_MS,
             replaces or "",
+            lease or "",
         ]
         result = await self._run(keys.LIMIT_ACQUIRE_SCRIPT, names, args)
         if int(result[0]) == 1:
-            self.held[job_id] = tenant
+            self.held[lease or job_id] = tenant
             return Verdict(True)
         reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
         return Verdict(False, reason, int(result[2]), int(result[3]))

@@ -90,12 +90,20 @@ class JobContext:
         "id",
         "lock_lost",
         "name",
+        "parked",
         "queue_name",
         "timestamp_ms",
     )
 
     def __init__(
-        self, id: str, name: str, queue_name: str, attempts_made: int, timestamp_ms: int
+        self,
+        id: str,
+        name: str,
+        queue_name: str,
+        attempts_made: int,
+        timestamp_ms: int,
+        *,
+        parked: bool = False,
     ) -> None:
         self.id = id
         """The job id (for an execution: the execution id)."""
@@ -107,6 +115,8 @@ class JobContext:
         """Failed attempts before this one (0 on the first run; deferrals do not count)."""
         self.timestamp_ms = timestamp_ms
         """When the job was created, ms since the epoch."""
+        self.parked = parked
+        """The job was parked by a limit before (its data says ``parked: …``)."""
         self.lock_lost = asyncio.Event()
         """Set when the worker could not renew this job's lock: another worker may run it now."""
         self._renewed_at = time.monotonic()

@@ -403,7 +403,10 @@ class MemoryWorker:
 
     async def _run_job(self, job: _Job) -> None:
         st = self._state
-        ctx = JobContext(job.id, job.name, self._name, job.attempts_made, job.timestamp)
+        parked = isinstance(job.data, dict) and "parked" in job.data
+        ctx = JobContext(
+            job.id, job.name, self._name, job.attempts_made, job.timestamp, parked=parked
+        )
         try:
             payload = self._spec.validate(self._name, job.data)
             result = await self._processor(payload, ctx)

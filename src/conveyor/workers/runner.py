@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -67,8 +68,10 @@ RELEASE_LINGER_S = 0.002
 WARM_SLOT_S = 0.025
 """An ended run's fleet slot stays with its process this long before it is given back, when the
 tenant has no start rate: the tenant's next run here takes it over with no Redis round trip
-(:meth:`ExecutionRunner._take_warm`). The cap is never exceeded; a slot sits idle this long at
-most before a parked job elsewhere can have it."""
+(see :meth:`ExecutionRunner._fleet_admit`). The cap is never exceeded."""
+WARM_SLOT_MAX_AGE_S = 1.0
+"""A slot is passed from run to run for this long at most after it was taken; then it is given
+back (the release pops the oldest parked job of the tenant, if any) and the next run asks."""
 _RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "error"))
 """Outcomes of runs that really executed something (observed in the metrics)."""
 
@@ -80,16 +83,30 @@ class EngineLike(Protocol):
 
 
 @dataclass(slots=True)
+class _Slot:
+    """The fleet slot a run holds: its lease in Redis."""
+
+    lease: str
+    """The lease's member (named apart for each acquire: job id, this process, a number)."""
+    cap: int
+    """The cap it was taken under; 0: not to be passed on (a start rate; found expired)."""
+    since: float
+    """When it was taken (``time.monotonic()``)."""
+
+
+@dataclass(slots=True)
 class _Ended:
-    """A fleet slot to give back: the lease of a run that ended here (``lease`` empty: none,
-    only fill the tenant's free slots)."""
+    """A fleet slot to give back: the slot of a run that ended here (``slot`` None: none, only
+    fill the tenant's free slots)."""
 
     tenant: str
-    lease: str
-    cap: int
-    """The cap the lease was taken under; 0: not to be reused (the tenant has a start rate)."""
+    slot: _Slot | None
     due: float
     """When it is given back (``time.monotonic()``) unless a run of its tenant takes it over."""
+
+    @property
+    def warm(self) -> bool:
+        return self.slot is not None and self.slot.cap > 0
 
 
 @dataclass
@@ -170,11 +187,14 @@ class ExecutionRunner:
         self._fleet_promotions: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
         self._releases: list[_Ended] = []
         """Fleet leases to give back, sent together every :data:`RELEASE_LINGER_S` once due."""
-        self._slots: dict[str, tuple[str, int]] = {}
-        """The fleet slot each running job holds: job id -> (lease id, the cap it was taken
-        under). The lease id is the job id of the run that acquired it (a warm slot taken over
-        keeps its lease)."""
+        self._slots: dict[str, _Slot] = {}
+        """The fleet slot each running job holds, by job id (a warm slot taken over keeps its
+        lease)."""
+        self._lease_tag = f"{uuid.uuid4().hex[:8]}."
+        self._lease_seq = 0
         self._releases_ready = asyncio.Event()
+        self._release_soon = asyncio.Event()
+        """Set when a release that is not a warm slot is queued (the loop waits no longer)."""
 
     # --- the processor ----------------------------------------------------------------------
     async def process(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
@@ -254,34 +274,46 @@ class ExecutionRunner:
         if own is None:
             return
         ended = self._take_release(tenant)
+        slot = ended.slot if ended is not None else None
+        now = time.monotonic()
         if (
-            ended is not None
-            and ended.cap
+            slot is not None
+            and slot.cap
+            and not ctx.parked
             and own.start_rate is None
-            and own.concurrency >= ended.cap
+            and own.concurrency >= slot.cap
         ):
-            # the slot of a run that ended here passes to this one: the tenant's count in
-            # Redis does not change, so the cap holds without asking (a lowered cap, or a
-            # start rate, goes through the acquire script below)
-            self._slots[ctx.id] = (ended.lease, ended.cap)
-            self.counters.slots_reused += 1
-            return
-        replaces = ended.lease if ended is not None else None
+            if now - slot.since < WARM_SLOT_MAX_AGE_S:
+                # the slot of a run that ended here passes to this one: the tenant's count in
+                # Redis does not change, so the cap holds without asking
+                self._slots[ctx.id] = slot
+                self.counters.slots_reused += 1
+                return
+            # passed on long enough: given back (parked jobs get their turn), this run asks
+            self._release_later(tenant, _Slot(slot.lease, 0, slot.since))
+            slot = None
+        # a start rate, a lowered cap, a lease found expired, a job parked before (its parked
+        # entry is dropped by the script): the acquire script decides, dropping the old lease
+        self._lease_seq += 1
+        lease = f"{ctx.id}@{self._lease_tag}{self._lease_seq}"
+        replaces = slot.lease if slot is not None else None
         try:
             verdict = await self.fleet.acquire(
-                tenant, ctx.id, ctx.queue_name, own, replaces=replaces
+                tenant, ctx.id, ctx.queue_name, own, replaces=replaces, lease=lease
             )
-        except _REDIS_ERRORS as exc:
-            if ended is not None:
-                self._releases.append(ended)
-                self._releases_ready.set()
+        except BaseException as exc:
+            if slot is not None:  # maybe dropped by the script, no longer renewed: give it back
+                self._release_later(tenant, _Slot(slot.lease, 0, slot.since))
+            if not isinstance(exc, _REDIS_ERRORS):
+                raise
             log.warning("worker.limits_unavailable", extra={"error": repr(exc)})
             raise JobDeferred(LIMITS_DOWN_DEFER_MS, "tenant limits unavailable") from exc
         if verdict.started:
-            self._slots[ctx.id] = (ctx.id, 0 if own.start_rate is not None else own.concurrency)
+            cap = 0 if own.start_rate is not None else own.concurrency
+            self._slots[ctx.id] = _Slot(lease, cap, now)
             return
         if replaces is not None:  # the ended run's slot was freed: parked jobs may take it
-            self._release_later(tenant, "")
+            self._release_later(tenant, None)
         self.counters.parked += 1
         self._count_parked(verdict.reason)
         if verdict.reason == "rate":
@@ -338,7 +370,7 @@ class ExecutionRunner:
                 self._promotions.put_nowait((tenant, *promote))
             slot = self._slots.pop(ctx.id, None)
             if slot is not None:
-                self._release_later(tenant, *slot)
+                self._release_later(tenant, slot)
             if self._metrics is not None and status in _RAN:
                 self._metrics.observe_execution(duration, status)
                 if latency_s is not None:
@@ -383,22 +415,24 @@ class ExecutionRunner:
         return outcome
 
     # --- the fleet's limits --------------------------------------------------------------------
-    def _release_later(self, tenant: str, lease: str, cap: int = 0) -> None:
-        """Queue a lease to give back (``""``: none, only fill the tenant's free slots). A lease
-        with a ``cap`` stays warm for :data:`WARM_SLOT_S` first; the others go with the next
+    def _release_later(self, tenant: str, slot: _Slot | None) -> None:
+        """Queue a slot to give back (``None``: none, only fill the tenant's free slots). A
+        slot with a cap stays warm for :data:`WARM_SLOT_S` first; the others go with the next
         flush."""
-        due = time.monotonic() + (WARM_SLOT_S if cap else 0.0)
-        self._releases.append(_Ended(tenant, lease, cap, due))
+        warm = slot is not None and slot.cap > 0
+        self._releases.append(_Ended(tenant, slot, time.monotonic() + WARM_SLOT_S if warm else 0.0))
+        if not warm:
+            self._release_soon.set()
         self._releases_ready.set()
 
     def _take_release(self, tenant: str) -> _Ended | None:
-        """The latest lease of ``tenant`` waiting to be given back: the next run of the tenant
-        in this process takes its slot over — warm, with no round trip, or in its acquire (no
+        """The latest slot of ``tenant`` waiting to be given back: the next run of the tenant
+        in this process takes it over — warm, with no round trip, or in its acquire (no
         spurious park behind our own unsent release, one round trip for both)."""
         releases = self._releases
         for i in range(len(releases) - 1, -1, -1):
             ended = releases[i]
-            if ended.tenant == tenant and ended.lease:
+            if ended.tenant == tenant and ended.slot is not None:
                 del releases[i]
                 return ended
         return None
@@ -406,16 +440,21 @@ class ExecutionRunner:
     @property
     def warm_slots(self) -> int:
         """Fleet slots of ended runs this process keeps for a while (:data:`WARM_SLOT_S`)."""
-        return sum(1 for e in self._releases if e.cap and e.lease)
+        return sum(1 for e in self._releases if e.warm)
 
     def cool(self, leases: list[str]) -> None:
-        """Give these leases back with the next flush instead of keeping them warm (their
-        renewal found them expired: this process was frozen, the slot may be someone else's)."""
+        """Never pass these leases on (their renewal found them expired: this process was
+        frozen, the slot may be someone else's by now): those of ended runs are given back
+        with the next flush, those of running runs when the run ends."""
         lost = set(leases)
         for ended in self._releases:
-            if ended.lease in lost:
-                ended.cap = 0
+            if ended.slot is not None and ended.slot.lease in lost:
+                ended.slot.cap = 0
                 ended.due = 0.0
+                self._release_soon.set()
+        for slot in self._slots.values():
+            if slot.lease in lost:
+                slot.cap = 0
 
     async def flush_releases(self, *, due_only: bool = False) -> int:
         """Give the fleet slots of ended runs back, all in one pipeline (best effort: an
@@ -431,12 +470,12 @@ class ExecutionRunner:
             self._releases_ready.clear()
         if self.fleet is None or not batch:
             return 0
-        results = await self.fleet.release_many([(e.tenant, e.lease or None) for e in batch])
-        for ended, result in zip(batch, results, strict=True):
+        items = [(e.tenant, e.slot.lease if e.slot is not None else None) for e in batch]
+        results = await self.fleet.release_many(items)
+        for ended, (_tenant, lease), result in zip(batch, items, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning(
-                    "worker.limits_release_failed",
-                    extra={"jobId": ended.lease, "error": repr(result)},
+                    "worker.limits_release_failed", extra={"lease": lease, "error": repr(result)}
                 )
                 continue
             for queue_name, parked_id in result:
@@ -449,6 +488,12 @@ class ExecutionRunner:
         warm slots wait :data:`WARM_SLOT_S`). Never ends."""
         while True:
             await self._releases_ready.wait()
+            self._release_soon.clear()
+            due = min(e.due for e in self._releases) if self._releases else 0.0
+            wait = max(RELEASE_LINGER_S, due - time.monotonic())
+            if wait > RELEASE_LINGER_S:  # only warm slots: until the first is due, or sooner
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._release_soon.wait(), wait)
             await asyncio.sleep(RELEASE_LINGER_S)
             await self.flush_releases(due_only=True)
 

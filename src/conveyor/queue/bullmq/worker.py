@@ -235,7 +235,11 @@ class BullWorker:
             )
             raise UnrecoverableError(reason) from None
         job_id = job.id
-        ctx = JobContext(job_id, job.name, self._name, job.attemptsMade, job.timestamp)
+        data = job.data
+        parked = isinstance(data, dict) and "parked" in data
+        ctx = JobContext(
+            job_id, job.name, self._name, job.attemptsMade, job.timestamp, parked=parked
+        )
         contexts = self._contexts
         contexts[job_id] = ctx
         try:
