@@ -164,6 +164,27 @@ async def test_job_deferred_goes_back_to_delayed_without_using_an_attempt(qf: Qu
     assert failed == []
 
 
+async def test_a_parked_job_comes_back_knowing_it_was_parked(qf: QueueFactory) -> None:
+    """A job deferred as parked (held back by a limit) runs again with ``ctx.parked`` set;
+    one deferred for another reason, or never deferred, without (the worker's fleet limits
+    send a parked job through the acquire script, which drops its parked entry)."""
+    queue = qf.create_queue(TEST_QUEUE)
+    seen: dict[str, list[bool]] = {}
+
+    async def process(payload: Probe, ctx: JobContext) -> str:
+        runs = seen.setdefault(ctx.id, [])
+        runs.append(ctx.parked)
+        if len(runs) == 1 and ctx.id != "plain":
+            raise JobDeferred(50, "tenant limit", parked=ctx.id == "parked")
+        return "done"
+
+    for job_id in ("parked", "deferred", "plain"):
+        await queue.add(Probe(n=1), job_id=job_id)
+    async with running(qf.create_worker(TEST_QUEUE, process)):
+        await eventually(lambda: sum(map(len, seen.values())) == 5, within=5)
+    assert seen == {"parked": [False, True], "deferred": [False, False], "plain": [False]}
+
+
 async def test_concurrency_is_honoured(qf: QueueFactory) -> None:
     queue = qf.create_queue(TEST_QUEUE)
     in_flight = 0

@@ -14,16 +14,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conveyor.dispatch import FairnessLedger, TenantLimiter, keys
 from conveyor.engine import Engine
-from conveyor.queue import JobContext, JobDeferred
+from conveyor.queue import JobContext, JobDeferred, WorkflowExecute
 from conveyor.settings import Settings
 from conveyor.store import TenantLimits
 from conveyor.workers import runner as runner_mod
 from conveyor.workers.limits import ConcurrencyLimits, TenantLimitsBook
 from conveyor.workers.runner import ExecutionRunner
+from tests.helpers import redis_server
 from tests.worker.conftest import Seeder, seeder
 from tests.worker.test_runner import QUEUE, job
 
@@ -38,18 +38,15 @@ def warm_time(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Counting:
-    """Records the acquire scripts a limiter sends: (job id, the lease it replaces)."""
+    """Records the acquire scripts a limiter sends (then sends them): (job id, the lease it
+    replaces)."""
 
-    def __init__(self, fleet: TenantLimiter, fail: bool = False) -> None:
+    def __init__(self, fleet: TenantLimiter) -> None:
         self.acquires: list[tuple[str, str | None]] = []
-        self.fail = fail
         inner = fleet.acquire
 
         async def acquire(tenant: str, job_id: str, *args: Any, **kw: Any) -> Any:
             self.acquires.append((job_id, kw.get("replaces")))
-            if self.fail:
-                fleet.held.pop(kw.get("replaces") or "", None)  # as the real call does first
-                raise RedisConnectionError("Redis went away")
             return await inner(tenant, job_id, *args, **kw)
 
         fleet.acquire = acquire  # type: ignore[method-assign]
@@ -99,6 +96,23 @@ async def executions(s: Seeder, tenant: str, n: int) -> list[str]:
     return await s.executions(tenant, wf, [None] * n, dispatch=False)
 
 
+async def first_run(runner: ExecutionRunner, s: Seeder, n: int) -> tuple[Counting, str, list[str]]:
+    """A tenant with ``n`` executions, the first of them run (its slot now warm); the acquires
+    counted from the start."""
+    assert runner.fleet is not None
+    counting = Counting(runner.fleet)
+    t = await s.tenant()
+    ids = await executions(s, t, n)
+    assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
+    return counting, t, ids
+
+
+def parked_job(execution_id: str, tenant: str) -> tuple[WorkflowExecute, JobContext]:
+    """A job whose data says it was parked by a limit before."""
+    payload, ctx = job(execution_id, tenant)
+    return payload, JobContext(ctx.id, ctx.name, ctx.queue_name, 0, ctx.timestamp_ms, parked=True)
+
+
 class Gate:
     """Holds the runs of a runner's engine until opened."""
 
@@ -120,10 +134,7 @@ async def test_the_next_run_takes_the_ended_runs_slot_without_a_round_trip(
 ) -> None:
     async with fleet_runners(capped(wsettings, 2)) as ((runner,), s):
         assert runner.fleet is not None
-        counting = Counting(runner.fleet)
-        t = await s.tenant()
-        ids = await executions(s, t, 3)
-        assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
+        counting, t, ids = await first_run(runner, s, 3)
         assert counting.acquires == [(ids[0], None)]
         assert runner.warm_slots == 1
         assert await leases(s, t) == [ids[0]]  # kept, not given back yet
@@ -216,10 +227,7 @@ async def test_a_start_rate_or_a_lowered_cap_goes_through_the_acquire_script(
     rows: list[TenantLimits] = []
     async with fleet_runners(capped(wsettings, 2, **update), overrides=rows) as ((runner,), s):
         assert runner.fleet is not None and runner.book is not None
-        counting = Counting(runner.fleet)
-        t = await s.tenant()
-        ids = await executions(s, t, 2)
-        assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
+        counting, t, ids = await first_run(runner, s, 2)
         (first,) = runner.fleet.held
         if override is not None:  # the limits changed since the slot was taken (a PUT)
             rows.append(dataclasses.replace(override, tenant_id=t))
@@ -238,15 +246,10 @@ async def test_a_job_parked_before_and_an_old_slot_go_through_the_acquire_script
 ) -> None:
     async with fleet_runners(capped(wsettings, 2)) as ((runner,), s):
         assert runner.fleet is not None
-        counting = Counting(runner.fleet)
-        t = await s.tenant()
-        ids = await executions(s, t, 3)
-        assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
+        counting, t, ids = await first_run(runner, s, 3)
         (first,) = runner.fleet.held
         # a job that was parked before: its acquire drops its entry in the parked set
-        payload, ctx = job(ids[1], t)
-        parked = JobContext(ctx.id, ctx.name, ctx.queue_name, 0, ctx.timestamp_ms, parked=True)
-        assert (await runner.process(payload, parked))["status"] == "succeeded"
+        assert (await runner.process(*parked_job(ids[1], t)))["status"] == "succeeded"
         assert counting.acquires[-1] == (ids[1], first)
         (second,) = runner.fleet.held
         # a slot passed on for WARM_SLOT_MAX_AGE_S: given back, the next run asks afresh
@@ -263,11 +266,8 @@ async def test_a_job_parked_before_and_an_old_slot_go_through_the_acquire_script
 async def test_a_lease_found_expired_is_never_passed_on(wsettings: Settings) -> None:
     async with fleet_runners(wsettings) as ((runner,), s):
         assert runner.fleet is not None
-        counting = Counting(runner.fleet)
-        t = await s.tenant()
-        ids = await executions(s, t, 3)
+        counting, t, ids = await first_run(runner, s, 3)
         # an ended run's slot, found expired by the renewal: given back at once
-        assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
         runner.cool(list(runner.fleet.held))
         assert runner.warm_slots == 0
         assert await runner.flush_releases(due_only=True) == 1
@@ -285,23 +285,24 @@ async def test_a_lease_found_expired_is_never_passed_on(wsettings: Settings) -> 
 
 
 async def test_an_acquire_that_failed_gives_the_old_slot_back(wsettings: Settings) -> None:
-    async with fleet_runners(capped(wsettings, 2)) as ((runner,), s):
-        assert runner.fleet is not None
-        t = await s.tenant()
-        ids = await executions(s, t, 2)
-        assert (await runner.process(*job(ids[0], t)))["status"] == "succeeded"
-        (first,) = runner.fleet.held
-        Counting(runner.fleet, fail=True)
-        payload, ctx = job(ids[1], t)
-        parked = JobContext(ctx.id, ctx.name, ctx.queue_name, 0, ctx.timestamp_ms, parked=True)
-        with pytest.raises(JobDeferred) as deferred:
-            await runner.process(payload, parked)
-        assert "tenant limits unavailable" in str(deferred.value.reason)
-        # no longer renewed (the script may have dropped it): never passed on, given back now
-        assert first not in runner.fleet.held
-        assert runner.warm_slots == 0
-        assert await runner.flush_releases(due_only=True) == 1
-        assert await leases(s, t) == []
+    """Redis goes away (a throwaway server, stopped) while a run's acquire hands the ended run's
+    slot over: the job is deferred, and the old slot — maybe dropped by the script, no longer
+    renewed — is never passed on: it is given back with the next flush."""
+    with redis_server() as server:
+        settings = capped(wsettings, 2, queue_redis_port=server.port)
+        async with fleet_runners(settings) as ((runner,), s):
+            assert runner.fleet is not None
+            _counting, t, ids = await first_run(runner, s, 2)
+            (first,) = runner.fleet.held
+            server.stop()
+            with pytest.raises(JobDeferred) as deferred:
+                await runner.process(*parked_job(ids[1], t))  # a parked one asks Redis
+            assert "tenant limits unavailable" in str(deferred.value.reason)
+            assert first not in runner.fleet.held
+            assert runner.warm_slots == 0
+            (ended,) = runner._releases
+            assert ended.slot is not None and ended.slot.lease == first
+            assert ended.due == 0.0  # due at once, not warm
 
 
 async def test_run_releases_gives_slots_back_in_time(wsettings: Settings) -> None:

@@ -81,6 +81,11 @@ class JobDeferred(Exception):
         return {"parked" if self.parked else "deferred": self.reason}
 
 
+def parked_before(data: Any) -> bool:
+    """The job's data says a limit parked it before (the note of a parked ``JobDeferred``)."""
+    return isinstance(data, dict) and "parked" in data
+
+
 class JobContext:
     """What a processor knows about the job it runs (besides the typed payload)."""
 

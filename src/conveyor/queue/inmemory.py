@@ -35,6 +35,7 @@ from conveyor.queue._base import (
     Processor,
     QueueEvent,
     ScriptCall,
+    parked_before,
 )
 from conveyor.queue._emitter import Emitter
 from conveyor.queue.payloads import PayloadSpec, job_options
@@ -403,7 +404,7 @@ class MemoryWorker:
 
     async def _run_job(self, job: _Job) -> None:
         st = self._state
-        parked = isinstance(job.data, dict) and "parked" in job.data
+        parked = parked_before(job.data)
         ctx = JobContext(
             job.id, job.name, self._name, job.attempts_made, job.timestamp, parked=parked
         )

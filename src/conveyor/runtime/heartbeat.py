@@ -12,8 +12,8 @@ prune index members older than the expiry. A process removes its own key on clea
 The JSON document: ``id, role, regions, pid, host, startedAt, lastHeartbeat`` plus whatever the
 role's ``info_fn`` returns (worker: ``concurrency, tenantConcurrency`` (fleet-wide),
 ``tenantConcurrencyPerProcess, activeJobs, activeByTenant, leasesHeld, fleetSlotsWarm,
-fleetSlotsReused, jobsDone, jobsFailed, jobsParkedFleet, jobsParkedRate, ...``; scheduler: ``strategy, lockHeld, lastTick, lagMs``; timers:
-``nextDueAt, backlog, lagMs``).
+fleetSlotsReused, jobsDone, jobsFailed, jobsParkedFleet, jobsParkedRate, ...``; scheduler:
+``strategy, lockHeld, lastTick, lagMs``; timers: ``nextDueAt, backlog, lagMs``).
 """
 
 from __future__ import annotations

@@ -518,7 +518,7 @@ class ExecutionRunner:
                     if lost:
                         self.cool(lost)
                         self.counters.leases_lost += len(lost)
-                        log.warning("worker.leases_expired", extra={"jobIds": lost[:20]})
+                        log.warning("worker.leases_expired", extra={"leases": lost[:20]})
                 popped, wait_ms = await fleet.sweep()
             except _REDIS_ERRORS as exc:
                 log.warning("worker.limits_sweep_failed", extra={"error": repr(exc)})

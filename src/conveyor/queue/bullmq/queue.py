@@ -142,11 +142,13 @@ class BullQueue:
         return result, job_id
 
     async def _count_and_add(self, call: ScriptCall, job: Any) -> list[Any]:
-        """``MULTI; EVALSHA call; EVALSHA add; EXEC`` in one write. redis-py would first ask
-        ``SCRIPT EXISTS`` (a round trip of its own) on every call; that check is made once,
-        and again when Redis lost the scripts (restart, ``SCRIPT FLUSH``) before the
-        transaction is sent again. (If only one of the two scripts was lost, the other ran: a
-        count without its job, or the reverse — drift the fairness ledger's clamp repairs.)"""
+        """``MULTI; EVALSHA call; EVALSHA add; EXEC`` in one write
+        (:func:`compat.add_in_transaction`). On a plain client a script Redis lost is loaded
+        and only the call it refused sent again, there. On Redis Cluster the scripts are loaded
+        on the masters once, and again (the whole transaction sent again) after a
+        ``NOSCRIPT``: if only one of the two scripts was lost, the other runs twice — a count
+        counted twice (drift the fairness ledger's clamp repairs), or an add (a no-op the
+        second time)."""
         bull = self._bull
         script = self._scripts.get(call.source)
         if script is None:

@@ -38,7 +38,14 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from conveyor.errors import PayloadInvalid, QueueError, QueueUnavailable
 from conveyor.queue import connection
-from conveyor.queue._base import EventHandler, JobContext, JobDeferred, Processor, QueueEvent
+from conveyor.queue._base import (
+    EventHandler,
+    JobContext,
+    JobDeferred,
+    Processor,
+    QueueEvent,
+    parked_before,
+)
 from conveyor.queue._emitter import Emitter
 from conveyor.queue.bullmq import compat
 from conveyor.queue.health import parse_version
@@ -235,8 +242,7 @@ class BullWorker:
             )
             raise UnrecoverableError(reason) from None
         job_id = job.id
-        data = job.data
-        parked = isinstance(data, dict) and "parked" in data
+        parked = parked_before(job.data)
         ctx = JobContext(
             job_id, job.name, self._name, job.attemptsMade, job.timestamp, parked=parked
         )
