@@ -105,7 +105,7 @@ def test_migrate_command(backend: str, tmp_path: Path, request: pytest.FixtureRe
     for _ in range(2):  # idempotent
         done = _migrate(url)
         assert done.returncode == 0, done.stderr
-    assert head_revisions() == ("0013",)
+    assert head_revisions() == ("0014",)
     asyncio.run(_check(url))
 
 
@@ -200,7 +200,7 @@ async def _crons(store: Store) -> list[str]:
 async def _assert_0002_reorders_cron(url: str) -> None:
     async with Store(load_settings({}, database_url=url), pool_size=1) as store:
         await _at(store, "upgrade", "0001")
-        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0013"):
+        with pytest.raises(SchemaOutOfDate, match="revision 0001, expected 0014"):
             await store.check_schema()
         await _seed_0001(store)
 
@@ -500,3 +500,58 @@ async def _alembic_heads(store: Store) -> tuple[str, ...]:
 
     async with store.engine.connect() as connection:
         return await connection.run_sync(heads)
+
+
+def _step_run_keys(connection: Connection) -> list[str | None]:
+    """The keys of ``step_runs`` to ``executions`` (PostgreSQL keeps one more per partition)."""
+    keys = inspect(connection).get_foreign_keys("step_runs")
+    return [fk["name"] for fk in keys if fk["referred_table"] == "executions"]
+
+
+async def _step_runs_of(store: Store) -> list[tuple[str, int]]:
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(select(step_runs.c.execution_id, step_runs.c.seq))).all()
+    return sorted((r.execution_id, r.seq) for r in rows)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_0014_drops_the_step_runs_key_and_keeps_every_row(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """0014 drops step_runs -> executions (each step run is written with its execution's
+    locked row and deleted before it); downgrade removes step runs without an execution and
+    puts the key, and its cascade, back."""
+    url = (
+        f"sqlite:///{tmp_path}/c.db"
+        if backend == "sqlite"
+        else request.getfixturevalue("fresh_pg_url")
+    )
+    asyncio.run(_assert_0014(url))
+
+
+async def _assert_0014(url: str) -> None:
+    from tests.store import _retention_seed as seed
+
+    async with Store(load_settings({}, database_url=url), pool_size=1) as store:
+        await _at(store, "upgrade", "0013")
+        owner = await seed.tenant(store, "acme", T0)
+        eid = await seed.execution(store, owner, "succeeded", created=T0, finished=T0, steps=3)
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(_step_run_keys) == ["fk_step_runs_execution_id_executions"]
+
+        await store.migrate()
+        await store.check_schema()
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(_step_run_keys) == []
+        assert await _step_runs_of(store) == [(eid, 0), (eid, 1), (eid, 2)]
+        async with store.engine.begin() as conn:  # what the key used to refuse
+            await conn.execute(step_runs.insert().values(
+                execution_id="gone", seq=0, tenant_id=owner.id, step_id="a", step_type="noop",
+                status="succeeded", attempts=1, started_at=T0, finished_at=T0))  # fmt: skip
+
+        await _at(store, "downgrade", "0013")
+        assert await _step_runs_of(store) == [(eid, 0), (eid, 1), (eid, 2)]
+        async with store.engine.begin() as conn:
+            assert await conn.run_sync(_step_run_keys) == ["fk_step_runs_execution_id_executions"]
+            await conn.execute(executions.delete().where(executions.c.id == eid))
+        assert await _step_runs_of(store) == []  # the cascade is back

@@ -254,15 +254,12 @@ execution_keys = Table(
     Index("ix_execution_keys_execution_id", "execution_id"),
 )
 
+# No foreign key to executions (migration 0014): each step run is inserted by the statement
+# that updated its execution's row, and deleted before it (retention, partition drops).
 step_runs = Table(
     "step_runs",
     metadata,
-    Column(
-        "execution_id",
-        ID,
-        ForeignKey("executions.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    Column("execution_id", ID, primary_key=True),
     Column("seq", Integer, primary_key=True),
     Column("tenant_id", ID, nullable=False),
     Column("step_id", String(64), nullable=False),
