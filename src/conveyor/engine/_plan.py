@@ -160,7 +160,10 @@ def encode_output(step: AnyStep, value: Any, max_bytes: int) -> Encoded:
     must never read a stand-in as if it were the data.
     """
     return _encode(
-        value, max_bytes, f"step {step.id!r}", lambda size: _too_large(step, size, max_bytes)
+        value,
+        max_bytes,
+        lambda: f"step {step.id!r}",
+        lambda size: _too_large(step, size, max_bytes),
     )
 
 
@@ -177,17 +180,20 @@ def encode_execution_output(value: Any, max_bytes: int) -> Encoded:
             "(STEP_OUTPUT_MAX_BYTES)"
         )
 
-    return _encode(value, max_bytes, OUTPUT_EXPRESSION, too_large)
+    return _encode(value, max_bytes, lambda: OUTPUT_EXPRESSION, too_large)
 
 
-def _encode(value: Any, max_bytes: int, who: str, too_large: Callable[[int], str]) -> Encoded:
+def _encode(
+    value: Any, max_bytes: int, who: Callable[[], str], too_large: Callable[[int], str]
+) -> Encoded:
+    """``value`` encoded; ``who`` (what produced it) is only built for an error's message."""
     if value is None:
         return NO_OUTPUT
     try:
         text = dumps(value)
     except (TypeError, ValueError, RecursionError) as exc:
         reason = str(exc)[:300] or type(exc).__name__
-        raise OutputNotJson(f"{who} produced output that is not JSON: {reason}") from None
+        raise OutputNotJson(f"{who()} produced output that is not JSON: {reason}") from None
     value, text = storable_text(value, text)  # no NUL, no lone surrogate (U+FFFD instead)
     size = _size(text)
     if size > max_bytes:

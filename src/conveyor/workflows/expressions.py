@@ -366,13 +366,17 @@ def template_secrets(value: Any) -> set[str]:
     return names
 
 
+_TEXT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""How a template part that is not a string becomes text (built once, not per call)."""
+
+
 def _as_text(value: Any, *, url: bool) -> str:
     if value is None:
         text = ""
     elif isinstance(value, str):
         text = value
     else:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        text = _TEXT_JSON.encode(value)
     return quote(text, safe="") if url else text
 
 

@@ -675,6 +675,10 @@ def _header_text(value: Any) -> str:
     return text
 
 
+_JSON_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""A JSON body's encoder, built once (``json.dumps`` with arguments builds one per call)."""
+
+
 def _body(
     step: HttpStep, context: Mapping[str, Any], headers: dict[str, str]
 ) -> tuple[Any, bytes | None]:
@@ -692,7 +696,7 @@ def _body(
         return body, body.encode()
     if not has_type:
         headers["content-type"] = "application/json"
-    return body, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return body, _JSON_BODY.encode(body).encode()
 
 
 def _kept_headers(headers: CIMultiDictProxy[str], extra: list[str]) -> dict[str, str]:
