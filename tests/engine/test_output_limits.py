@@ -118,11 +118,16 @@ async def test_a_selected_output_that_still_does_not_fit_says_so(
     assert failed.error == {"step": "fetch", **_too_large("fetch", BLOB_BYTES, 4096, hint)}
 
 
+_CYCLE: list[Any] = []
+_CYCLE.append(_CYCLE)
+
+
 @pytest.mark.parametrize(
     ("output", "reason"),
     [
         ({"at": datetime(2026, 1, 1, tzinfo=UTC)}, "Object of type datetime"),
         ([1.0, float("nan")], "Out of range float values"),
+        ({"self": _CYCLE}, "recursion"),  # a custom runner's output that contains itself
     ],
 )
 async def test_an_output_that_is_not_json_fails_the_step_for_good(
