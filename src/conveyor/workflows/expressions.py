@@ -552,14 +552,15 @@ class _BudgetInterpreter(TreeInterpreter):  # type: ignore[misc]
     """Node type -> this class's ``visit_*`` function (shared by every evaluation, where
     jmespath's ``Visitor`` builds a cache of bound methods per interpreter)."""
 
-    def visit(self, node: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def visit(self, node: dict[str, Any], value: Any) -> Any:
+        # jmespath always calls it with (node, value); no *args/**kwargs packing per node
         self._work += 1
         node_type = node["type"]
         method = self._methods.get(node_type)
         if method is None:
             method = getattr(type(self), f"visit_{node_type}", type(self).default_visit)
             self._methods[node_type] = method
-        result = method(self, node, *args, **kwargs)
+        result = method(self, node, value)
         if node_type in _CREATING and isinstance(result, (str, list, dict)):
             # a value this evaluation built: charge it, and measure it (values that merely
             # point into the context are free: the context's size is bounded elsewhere)
