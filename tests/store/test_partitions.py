@@ -70,6 +70,15 @@ def _days(first: date, n: int) -> list[date]:
     return [first + timedelta(days=i) for i in range(n)]
 
 
+async def _orphans(store: Store) -> int:
+    """Step runs whose execution is gone (no foreign key refuses them: migration 0014)."""
+    async with store.engine.connect() as conn:
+        found = await conn.execute(text(
+            "SELECT count(*) FROM step_runs s "
+            "WHERE NOT EXISTS (SELECT 1 FROM executions e WHERE e.id = s.execution_id)"))  # fmt: skip
+        return int(found.scalar_one())
+
+
 def test_day_bounds_follow_new_id() -> None:
     at = datetime(2031, 3, 10, 23, 59, 59, 999000, tzinfo=UTC)
     eid = new_id(at)
@@ -132,6 +141,7 @@ async def test_days_ahead_created_and_due_days_dropped_on_time(pg: Store) -> Non
     assert report.tenants[a.id].executions == 4 and b.id not in report.tenants
     for gone in (a1, a2, a4, a5):
         assert await seed.children(pg, gone) == (0, 0, 0)
+    assert await _orphans(pg) == 0
     assert await seed.children(pg, a3) == (2, 1, 0)
 
     clock.at = at(33)  # bank's execution is 31 days old: D+2 goes; D+1 still waits
@@ -151,6 +161,44 @@ async def test_days_ahead_created_and_due_days_dropped_on_time(pg: Store) -> Non
     assert D + DAY in report.partitions_dropped and await seed.ids(pg) == set()
     assert partition_name("executions", D + DAY) not in await _names(pg)
     assert await seed.count(pg, executions) == 0
+
+
+async def test_a_day_without_its_own_step_runs_partition_takes_its_step_runs_along(
+    pg: Store,
+) -> None:
+    """A day whose step runs are not in a partition of their own (it was dropped by hand, or
+    made with other bounds): they are deleted by id range when the day's executions go, since
+    no foreign key cascades to them; a step_runs partition of other bounds is not dropped."""
+    clock = Clock(T)
+    retention = _retention(pg, clock)
+    await retention.run_pass()
+    steps_d, steps_d1 = partition_name("step_runs", D), partition_name("step_runs", D + DAY)
+    async with pg.engine.begin() as conn:  # D: no step_runs partition; D+1: one for D+1, D+2
+        for name in (steps_d, steps_d1, partition_name("step_runs", D + 2 * DAY)):
+            await conn.execute(text(f"ALTER TABLE step_runs DETACH PARTITION {name}"))
+            await conn.execute(text(f"DROP TABLE {name}"))
+        await conn.execute(text(
+            f"CREATE TABLE {steps_d1} PARTITION OF step_runs FOR VALUES FROM "
+            f"('{day_bound(D + DAY)}') TO ('{day_bound(D + 3 * DAY)}')"))  # fmt: skip
+    a = await seed.tenant(pg, "acme", T - 60 * DAY)
+    done = [
+        await seed.execution(pg, a, "succeeded", created=T + i * DAY, finished=T + i * DAY,
+                             steps=3, id_at=T + i * DAY)
+        for i in (0, 0, 1)
+    ]  # fmt: skip
+    keep = await seed.execution(pg, a, "waiting", created=T + 2 * DAY, steps=2,
+                                id_at=T + 2 * DAY)  # fmt: skip
+
+    clock.at = T + 17 * DAY
+    report = await retention.run_pass()
+    assert D in report.partitions_dropped and D + DAY in report.partitions_dropped
+    assert await seed.ids(pg) == {keep}
+    assert report.pruned.executions == 3 and report.pruned.step_runs == 9
+    assert await _orphans(pg) == 0
+    assert steps_d1 in await _names(pg)  # D+1's executions went; D+2's step runs live there
+    assert await seed.children(pg, keep) == (2, 0, 0)
+    for gone in done:
+        assert await seed.children(pg, gone) == (0, 0, 0)
 
 
 async def test_a_leased_execution_keeps_its_day(pg: Store) -> None:

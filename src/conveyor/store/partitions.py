@@ -37,7 +37,7 @@ import asyncio
 import builtins
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -287,17 +287,28 @@ class PartitionService(ServiceBase):
             if kept_until is not None and kept_until >= now:
                 self._kept_until[exe] = kept_until
                 return None
-            report = await _count_day(conn, day, exe, steps if steps in parts else None)
+            # The day's step runs go with their own partition when it has the same bounds.
+            # Otherwise (none, or other bounds: made by hand) they are elsewhere, in the default
+            # partition mostly, and are deleted by id range: no foreign key cascades to them
+            # (migration 0014), and a partition of other bounds is not this day's to drop.
+            own_steps = steps in parts and (parts[steps].lower, parts[steps].upper) == (
+                parts[exe].lower,
+                parts[exe].upper,
+            )
+            report = await _count_day(conn, day, exe, steps if own_steps else None)
         bounds = {"lo": parts[exe].lower, "hi": parts[exe].upper}
+        tables = _REFERENCING if own_steps else (*_REFERENCING, "step_runs")
         async with self._tx() as conn:  # rows naming its (finished) executions go first
-            deleted = await _delete_referencing(conn, bounds, finished_in=exe)
+            deleted = await _delete_referencing(conn, bounds, tables, finished_in=exe)
         report.timers, report.schedule_ticks = deleted["timers"], deleted["schedule_ticks"]
+        report.step_runs += deleted.get("step_runs", 0)
 
         async def drop(conn: AsyncConnection) -> bool:
             if await _active(conn, exe):  # the one change that matters since the check
                 return False
-            await _delete_referencing(conn, bounds)  # any made since: none, mostly
-            if steps in parts:
+            since = await _delete_referencing(conn, bounds, tables)  # none, mostly
+            report.step_runs += since.get("step_runs", 0)
+            if own_steps:
                 await conn.execute(text(f"ALTER TABLE step_runs DETACH PARTITION {steps}"))
                 await conn.execute(text(f"DROP TABLE {steps}"))
             await conn.execute(text(f"ALTER TABLE executions DETACH PARTITION {exe}"))
@@ -435,17 +446,22 @@ async def _count_day(
 
 
 async def _delete_referencing(
-    conn: AsyncConnection, bounds: Mapping[str, object], *, finished_in: str | None = None
+    conn: AsyncConnection,
+    bounds: Mapping[str, object],
+    tables: Sequence[str] = _REFERENCING,
+    *,
+    finished_in: str | None = None,
 ) -> dict[str, int]:
-    """Delete the rows of :data:`_REFERENCING` naming an execution id in ``bounds`` (only
-    those of a finished execution of ``finished_in``, when given: before the lock)."""
+    """Delete the rows of ``tables`` (:data:`_REFERENCING`, and ``step_runs`` when the day has
+    no partition of its own there) naming an execution id in ``bounds`` (only those of a
+    finished execution of ``finished_in``, when given: before the lock)."""
     only = (
         ""
         if finished_in is None
         else f" AND execution_id IN (SELECT id FROM {finished_in} WHERE status IN ({_TERMINAL}))"
     )
     deleted = {}
-    for table in _REFERENCING:
+    for table in tables:
         result = await conn.execute(
             text(f"DELETE FROM {table} WHERE execution_id >= :lo AND execution_id < :hi{only}"),
             bounds,
