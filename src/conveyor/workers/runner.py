@@ -419,10 +419,12 @@ class ExecutionRunner:
         """Queue a slot to give back (``None``: none, only fill the tenant's free slots). A
         slot with a cap stays warm for :data:`WARM_SLOT_S` first; the others go with the next
         flush."""
-        warm = slot is not None and slot.cap > 0
-        self._releases.append(_Ended(tenant, slot, time.monotonic() + WARM_SLOT_S if warm else 0.0))
-        if not warm:
+        ended = _Ended(tenant, slot, 0.0)
+        if ended.warm:
+            ended.due = time.monotonic() + WARM_SLOT_S
+        else:
             self._release_soon.set()
+        self._releases.append(ended)
         self._releases_ready.set()
 
     def _take_release(self, tenant: str) -> _Ended | None:

@@ -71,6 +71,7 @@ __all__ = [
     "build_context",
     "check_expression",
     "check_template",
+    "compact_json",
     "compile_expression",
     "evaluate",
     "is_template",
@@ -366,8 +367,10 @@ def template_secrets(value: Any) -> set[str]:
     return names
 
 
-_TEXT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-"""How a template part that is not a string becomes text (built once, not per call)."""
+compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""``json.dumps(value, separators=(",", ":"), ensure_ascii=False)`` with its encoder built
+once, not per call: how a template part that is not a string becomes text, and an ``http``
+step's JSON body."""
 
 
 def _as_text(value: Any, *, url: bool) -> str:
@@ -376,7 +379,7 @@ def _as_text(value: Any, *, url: bool) -> str:
     elif isinstance(value, str):
         text = value
     else:
-        text = _TEXT_JSON.encode(value)
+        text = compact_json(value)
     return quote(text, safe="") if url else text
 
 

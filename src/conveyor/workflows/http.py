@@ -68,7 +68,7 @@ from conveyor import tracing
 from conveyor.errors import PermanentStepError, RetryableStepError
 from conveyor.redaction import Redactor
 from conveyor.settings import Settings
-from conveyor.workflows.expressions import render_template
+from conveyor.workflows.expressions import compact_json, render_template
 from conveyor.workflows.netguard import AllowList, address_refusal, parse_ip_literal
 from conveyor.workflows.transport import PINS, PinnedSession
 
@@ -675,10 +675,6 @@ def _header_text(value: Any) -> str:
     return text
 
 
-_JSON_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-"""A JSON body's encoder, built once (``json.dumps`` with arguments builds one per call)."""
-
-
 def _body(
     step: HttpStep, context: Mapping[str, Any], headers: dict[str, str]
 ) -> tuple[Any, bytes | None]:
@@ -696,7 +692,7 @@ def _body(
         return body, body.encode()
     if not has_type:
         headers["content-type"] = "application/json"
-    return body, _JSON_BODY.encode(body).encode()
+    return body, compact_json(body).encode()
 
 
 def _kept_headers(headers: CIMultiDictProxy[str], extra: list[str]) -> dict[str, str]:
