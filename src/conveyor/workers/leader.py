@@ -43,6 +43,8 @@ LOCK_NAMESPACE = 0x43564C4B
 """First key of every Conveyor advisory lock (``pg_locks.classid``)."""
 
 _PG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, *ASYNCPG_CONNECTION_ERRORS)
+_SESSION_GONE = (OSError, asyncpg.exceptions.AdminShutdownError, *ASYNCPG_CONNECTION_ERRORS)
+"""What a check raises on a session whose backend is gone (killed, or the server down)."""
 """Any failure of the lock session's query (a session whose backend just died included:
 asyncpg's "cannot switch to state …") loses the lock; the process goes back to standby."""
 
@@ -155,8 +157,12 @@ class PostgresAdvisoryLock:
                         self.key,
                     )
                 except _PG_ERRORS as exc:
+                    # the session was killed: the check may fail on it before asyncpg calls
+                    # the termination listener (which then finds the lock already let go)
+                    gone = conn.is_closed() or isinstance(exc, _SESSION_GONE)
                     log.warning(
-                        "leader.check_failed", extra={"lock": self.name, "error": repr(exc)}
+                        "leader.session_terminated" if gone else "leader.check_failed",
+                        extra={"lock": self.name, "error": repr(exc)},
                     )
             if still:
                 return True
