@@ -313,3 +313,89 @@ def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield node
     for child in node.get("Plans", []):
         yield from _plan_nodes(child)
+
+
+# --- unleased runs (pure steps only): a peek, and a write that claims ------------------------
+async def test_an_unleased_write_claims_the_execution_and_a_racer_in_between_fences_it_out(
+    store: Store, db_url: str
+) -> None:
+    """A peek reads without writing; the write claims as it writes (lease and attempts as a
+    claim sets them), unless a claim or a cancel came in between: then it writes nothing and
+    only it is told ``LeaseLost``. Peeks of the same turn share one read."""
+    tenant, a = await start(store, [{"id": "n", "type": "noop"}])
+    workflow = (await store.executions.get(tenant, a)).workflow_id
+    b, c, d = [(await store.executions.create(tenant, workflow))[0].id for _ in range(3)]
+    runs, now = _runs(store), utcnow()
+    peeks, claims = runs.peeks.batches, runs.claims.batches
+    read = await asyncio.gather(*(runs.peek(x, now) for x in (a, b, c, d)))
+    assert runs.peeks.batches == peeks + 1 and runs.claims.batches == claims
+    pa, pb, pc, pd = read
+    assert pa is not None and pb is not None and pc is not None and pd is not None
+    assert all(p.unleased and p.lease == 1 and p.attempts == 1 for p in read if p is not None)
+    assert pa.started_at == now
+    untouched = await _rows(db_url, "SELECT status, lease, attempts, started_at FROM executions"
+                            " WHERE id = ANY($1)", [a, b, c, d])  # fmt: skip
+    assert {(r["status"], r["lease"], r["attempts"], r["started_at"]) for r in untouched} == {
+        ("queued", 0, 0, None)
+    }, "a peek writes nothing"
+
+    racer = await runs.claim(b, now, now + timedelta(seconds=30))  # a claim in between
+    assert racer is not None and racer.lease == 1
+    await store.executions.cancel(tenant, c)  # a cancel in between
+
+    results = await asyncio.gather(
+        runs.write(pa, _end(pa, "succeeded", now), [_step(0, "n", now)]),
+        runs.write(pb, _end(pb, "succeeded", now), [_step(0, "n", now)]),
+        runs.write(pc, _end(pc, "succeeded", now), [_step(0, "n", now)]),
+        runs.write(pd, _end(pd, "succeeded", now), [_step(0, "n", now)]),
+        return_exceptions=True,
+    )
+    assert results[0] == "succeeded" and results[3] == "succeeded"
+    assert isinstance(results[1], LeaseLost) and isinstance(results[2], LeaseLost)
+    got = {r["id"]: r for r in await _rows(
+        db_url, "SELECT id, status, lease, attempts, started_at FROM executions"
+        " WHERE id = ANY($1)", [a, b, c, d]
+    )}  # fmt: skip
+    assert (got[a]["status"], got[a]["lease"], got[a]["attempts"]) == ("succeeded", 1, 1)
+    assert got[a]["started_at"] == now
+    assert (got[b]["status"], got[b]["lease"]) == ("running", 1), "the racer's, untouched"
+    assert (got[c]["status"], got[c]["lease"]) == ("cancelled", 0)
+    steps = await _rows(
+        db_url, "SELECT execution_id FROM step_runs WHERE execution_id = ANY($1)", [a, b, c, d]
+    )
+    assert sorted(r["execution_id"] for r in steps) == sorted([a, d])
+
+    # alone (no batch): the single-row statement claims and fences the same way
+    e = (await store.executions.create(tenant, workflow))[0].id
+    pe = await runs.peek(e, now)
+    assert pe is not None
+    assert await runs.write(pe, _end(pe, "succeeded", now), [_step(0, "n", now)]) == "succeeded"
+    again = await store.executions.create(tenant, workflow)
+    pf = await runs.peek(again[0].id, now)
+    assert pf is not None
+    assert await runs.claim(pf.execution_id, now, now + timedelta(seconds=30)) is not None
+    with pytest.raises(LeaseLost):
+        await runs.write(pf, _end(pf, "succeeded", now), [_step(0, "n", now)])
+    assert await runs.peek(pf.execution_id, now) is None, "running: not peeked, claimed"
+    assert await runs.peek(e, now) is None and await runs.peek("missing", now) is None
+
+
+async def test_two_unleased_runs_of_one_execution_in_one_batch_write_once(
+    store: Store, db_url: str
+) -> None:
+    """Both read the same lease: the first write of the pair is sent, the other is told it
+    lost — one set of step runs, not two."""
+    _tenant, a = await start(store, [{"id": "n", "type": "noop"}])
+    runs, now = _runs(store), utcnow()
+    one, two = await asyncio.gather(runs.peek(a, now), runs.peek(a, now))
+    assert one is not None and two is not None and one.lease == two.lease == 1
+    writes = runs.writes.batches
+    results = await asyncio.gather(
+        runs.write(one, _end(one, "succeeded", now), [_step(0, "n", now)]),
+        runs.write(two, _end(two, "succeeded", now), [_step(0, "n", now)]),
+        return_exceptions=True,
+    )
+    assert runs.writes.batches == writes + 1
+    assert results[0] == "succeeded" and isinstance(results[1], LeaseLost)
+    steps = await _rows(db_url, "SELECT seq FROM step_runs WHERE execution_id = $1", a)
+    assert [r["seq"] for r in steps] == [0]

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
@@ -136,9 +137,15 @@ async def test_tenant_at_cap_is_parked_and_promoted_in_order(wsettings: Settings
         )
 
         class Held:
-            async def run(self, execution_id: str, *, abandon: asyncio.Event | None = None):  # type: ignore[no-untyped-def]
+            async def run(
+                self,
+                execution_id: str,
+                *,
+                abandon: asyncio.Event | None = None,
+                workflow: tuple[str, str] | None = None,
+            ) -> Any:
                 await gate.wait()
-                return await engine.run(execution_id, abandon=abandon)
+                return await engine.run(execution_id, abandon=abandon, workflow=workflow)
 
         engine = runner._engine
         runner._engine = Held()

@@ -122,7 +122,13 @@ class Gate:
         gate = self.open
 
         class Held:
-            async def run(self, execution_id: str, *, abandon: asyncio.Event | None = None) -> Any:
+            async def run(
+                self,
+                execution_id: str,
+                *,
+                abandon: asyncio.Event | None = None,
+                workflow: Any = None,
+            ) -> Any:
                 await gate.wait()
                 return await engine.run(execution_id, abandon=abandon)
 

@@ -268,6 +268,9 @@ class Engine:
         self._owned_http: SafeHttpClient | None = None
         self._plans = PlanCache(settings.workflow_cache_size)
         self._max_output = settings.step_output_max_bytes
+        self._unleased: set[tuple[str, str]] = set()
+        """(tenant, workflow) whose latest version seen here runs unleased (``Plan.unleased``):
+        its executions are peeked, not claimed (:meth:`_run_unleased`)."""
 
     async def __aenter__(self) -> Engine:
         if self._http is None:
@@ -288,15 +291,27 @@ class Engine:
 
     # --- the run ------------------------------------------------------------------------------
 
-    async def run(self, execution_id: str, *, abandon: asyncio.Event | None = None) -> RunOutcome:
+    async def run(
+        self,
+        execution_id: str,
+        *,
+        abandon: asyncio.Event | None = None,
+        workflow: tuple[str, str] | None = None,
+    ) -> RunOutcome:
         """Run ``execution_id`` from its cursor until it finishes, parks on a timer, is
         cancelled, or this runner loses its lease. Safe to call any number of times, from any
         number of processes, concurrently: at most one runner makes progress.
 
         ``abandon``: set it (e.g. when the queue job's lock is lost) to cancel the step in
         progress without writing anything; the lease is released for the next runner.
+        ``workflow``: the execution's (tenant, workflow), when the caller knows it (the job's
+        payload): a workflow of pure steps only is run unleased (:meth:`_run_unleased`).
         Raises ``DatabaseUnavailable`` / ``StoreError`` when the database fails.
         """
+        if workflow is not None and workflow in self._unleased:
+            outcome = await self._run_unleased(execution_id, workflow, abandon)
+            if outcome is not None:
+                return outcome
         async with self.store.runs.session() as runs:
             now = self._clock()
             claim = await runs.claim(execution_id, now, now + self.lease_ttl)
@@ -325,6 +340,42 @@ class Engine:
             except asyncio.CancelledError:
                 await asyncio.shield(self._release_after_cancel(runs, claim))
                 raise
+
+    async def _run_unleased(
+        self, execution_id: str, workflow: tuple[str, str], abandon: asyncio.Event | None
+    ) -> RunOutcome | None:
+        """Run a queued execution of pure steps only without claiming it first: one read, the
+        steps, and one write that claims and finishes it (or parks it, or fails it) together —
+        a statement and a commit fewer than a claim. ``None``: run it the usual way (claim
+        first) — it is not queued, its version is not all pure, its workflow cannot be read,
+        or another runner claimed (or someone cancelled) it meanwhile: this run wrote nothing,
+        and its steps, deterministic, are harmless to run again."""
+        async with self.store.runs.session() as runs:
+            now = self._clock()
+            claim = await runs.peek(execution_id, now)
+            if claim is None:
+                return None
+            claim.first_run = claim.started_at == now  # never started before
+            try:
+                plan = await self._plan(claim)
+            except (NotFound, WorkflowInvalid):
+                return None
+            if not plan.unleased:
+                self._unleased.discard(workflow)
+                return None
+            try:
+                outcome = await self._drive(runs, claim, abandon)
+            except LeaseLost:
+                return None
+            except _Abandoned:
+                log.info("engine.abandoned", extra={"execution_id": execution_id})
+                return RunOutcome(
+                    execution_id, OutcomeKind.ABANDONED, "queued", tenant_id=claim.tenant_id
+                )
+            if outcome.finished and claim.parent_execution_id is not None:
+                await runs.idle()
+                await self._tell_parent(execution_id, claim, str(outcome.status))
+            return outcome
 
     async def _tell_parent(
         self, execution_id: str, ended: Claim | None = None, status: str = ""
@@ -426,6 +477,14 @@ class Engine:
             return await self._finish(
                 runs, claim, _Progress(claim.next_step, claim.steps_run), "failed", error=error
             )
+        if claim.branch is None:  # the next execution of this workflow: peek or claim
+            workflow = (claim.tenant_id, claim.workflow_id)
+            if not plan.unleased:
+                self._unleased.discard(workflow)
+            elif workflow not in self._unleased:
+                if len(self._unleased) >= self._plans.maxsize:
+                    self._unleased.clear()
+                self._unleased.add(workflow)
         outputs: dict[str, Any] = {}
         if claim.next_step > 0:
             outputs = await runs.completed_outputs(claim.tenant_id, claim.execution_id)

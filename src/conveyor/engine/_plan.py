@@ -61,6 +61,9 @@ class Plan:
     """Steps that never wait on I/O (run inline, no lease-renewal task)."""
     pure: tuple[bool, ...]
     """Steps whose record waits for the next durable write (:data:`PURE_STEPS`)."""
+    unleased: bool = False
+    """Every step is pure and tried once: a run of it needs no lease (see
+    :meth:`conveyor.store.runs.RunStore.peek`), its one write claims the execution."""
     branch: str | None = None
     """The step list of the workflow this plan runs (a ``parallel`` branch's or a
     ``foreach``'s, see :meth:`WorkflowDefinition.branch`); ``None``: the workflow's own."""
@@ -77,6 +80,10 @@ class Plan:
             inputs_json=tuple(dumps(i) for i in inputs),
             local=tuple(isinstance(s, LOCAL_STEPS) for s in steps),
             pure=tuple(isinstance(s, PURE_STEPS) for s in steps),
+            unleased=all(
+                isinstance(s, PURE_STEPS) and (s.retry is None or s.retry.attempts == 1)
+                for s in steps
+            ),
             branch=branch,
         )
 

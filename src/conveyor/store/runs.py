@@ -17,6 +17,14 @@ execution, a running one whose lease expired, or a waiting one whose wake time p
 claimed) and returns the new number; every later write says ``WHERE lease = :mine`` and raises
 :class:`~conveyor.errors.LeaseLost` when no row matched. A write never overrides a
 ``cancelled`` status: it returns ``cancelled`` and the engine stops (step boundary).
+
+Unleased runs: a run of pure steps only (``transform``, ``condition``, ``noop``: deterministic,
+no side effects) needs no lease while it runs. :meth:`RunStore.peek` reads a queued execution
+without writing; its first (and only) write claims it in the same statement, by compare-and-set
+on what the peek read (still ``queued``, the same ``lease``), and increments the lease as a
+claim does. A runner that lost that race (a claim or a cancel came in between) wrote nothing
+and is told ``LeaseLost``; its steps are harmless to run again. One write per execution
+instead of two (a claim's update costs the database ~35 µs of CPU and a commit).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ __all__ = [
     "StepWrite",
     "TimerWrite",
     "Unclaimed",
+    "unleased_claim",
 ]
 
 
@@ -70,6 +79,20 @@ class Claim:
     first_run: bool = False
     """Set by the engine: this claim started the execution (``started_at`` is its instant) —
     also for one that starts with steps behind it (a retry from the failed step)."""
+    unleased: bool = False
+    """Read by :meth:`RunStore.peek`, not claimed: ``lease``, ``attempts`` and ``started_at``
+    are what the claim would have set, and the first write sets them — only if the row is
+    still queued under the lease read (``lease - 1``); else ``LeaseLost``."""
+
+
+def unleased_claim(read: Claim, now: datetime) -> Claim:
+    """A peeked execution's row (``read``) as the claim its first write makes of it: the next
+    lease, one more attempt, started now unless it had started before."""
+    read.lease += 1
+    read.attempts += 1
+    read.started_at = read.started_at or now
+    read.unleased = True
+    return read
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +174,11 @@ class RunStore(Protocol):
         self, execution_id: str, now: datetime, lease_until: datetime
     ) -> Claim | None: ...
 
+    async def peek(self, execution_id: str, now: datetime) -> Claim | None:
+        """A queued execution read without claiming it (an unleased :class:`Claim`: its first
+        write claims it); ``None`` when it is not queued (or missing): claim it instead."""
+        ...
+
     async def unclaimed(self, execution_id: str) -> Unclaimed: ...
 
     async def completed_outputs(self, tenant_id: str, execution_id: str) -> dict[str, Any]: ...
@@ -165,7 +193,8 @@ class RunStore(Protocol):
         """Persist atomically — the execution's new state, the step runs it records (none,
         one, or a run of pure steps with the durable step after them, in ``seq`` order) and
         the timer; return the execution's status afterwards (``cancelled`` if it was
-        cancelled meanwhile). Raises LeaseLost if ``claim.lease`` is no longer current."""
+        cancelled meanwhile). Raises LeaseLost if ``claim.lease`` is no longer current (an
+        unleased claim: if the execution is no longer queued under the lease it read)."""
         ...
 
     async def renew(self, claim: Claim, lease_until: datetime) -> None: ...

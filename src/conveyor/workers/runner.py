@@ -78,7 +78,11 @@ _RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "
 
 class EngineLike(Protocol):
     def run(
-        self, execution_id: str, *, abandon: asyncio.Event | None = None
+        self,
+        execution_id: str,
+        *,
+        abandon: asyncio.Event | None = None,
+        workflow: tuple[str, str] | None = None,
     ) -> Awaitable[RunOutcome]: ...
 
 
@@ -382,7 +386,11 @@ class ExecutionRunner:
         if ctx.lock_lost.is_set():
             raise JobDeferred(LOCK_LOST_DEFER_MS, "job lock lost")
         try:
-            outcome = await self._engine.run(execution_id, abandon=ctx.lock_lost)
+            outcome = await self._engine.run(
+                execution_id,
+                abandon=ctx.lock_lost,
+                workflow=(payload.tenant_id, payload.workflow_id),
+            )
         except DatabaseUnavailable as exc:
             log.warning(
                 "execution.db_unavailable", extra={"executionId": execution_id, "error": str(exc)}

@@ -7,6 +7,10 @@ are atomic); pure steps run before it ride along in the same statement (``unnest
 array per column). Connections come from a dedicated asyncpg pool whose release costs no round
 trip. Statements run in autocommit mode: each is its own transaction.
 
+An execution of a workflow of pure steps only is not claimed: it is peeked (a ``SELECT`` of
+the claim's columns, batched as claims are), and its one write claims it (``WHERE lease =
+:read AND status = 'queued'``; see :mod:`conveyor.store.runs`).
+
 **Group commit.** The worker runs many executions at once in one event loop, and most of
 them claim and write at about the same moments. Claims and writes go through a
 :class:`~conveyor.store._group_commit.GroupCommit` each: those made in the same loop turn (or
@@ -37,7 +41,14 @@ from conveyor.errors import ConveyorError, DatabaseUnavailable, LeaseLost
 from conveyor.store._errors import never_sent, translate_errors
 from conveyor.store._group_commit import GroupCommit
 from conveyor.store.pg._conn import call, discard
-from conveyor.store.runs import Claim, ExecutionWrite, StepWrite, TimerWrite, Unclaimed
+from conveyor.store.runs import (
+    Claim,
+    ExecutionWrite,
+    StepWrite,
+    TimerWrite,
+    Unclaimed,
+    unleased_claim,
+)
 
 __all__ = ["PgRunStore"]
 
@@ -110,6 +121,10 @@ RETURNING e.id, """
 """Many claims in one statement (each row with its own condition; one commit): a nested loop
 of primary-key lookups, whatever the backlog (see :func:`_claimable`)."""
 
+_PEEK = "SELECT status, " + _CLAIMED + " FROM executions WHERE id = $1"
+_PEEK_MANY = "SELECT id, status, " + _CLAIMED + " FROM executions WHERE id = ANY($1::text[])"
+"""An unleased run's read (no write, no commit): see :func:`conveyor.store.runs.unleased_claim`."""
+
 _UNCLAIMED = "SELECT status, lease_expires_at, wake_at FROM executions WHERE id = $1"
 
 _OUTPUTS = """
@@ -130,7 +145,7 @@ UPDATE executions SET lease_expires_at = $3
 
 _UPDATE = """
 u AS (
-  UPDATE executions SET
+  UPDATE executions SET{claims}
     status = CASE WHEN status = 'cancelled' THEN status ELSE :status::text END,
     next_step = :next_step::int, steps_run = :steps_run::int,
     output = CASE WHEN status = 'cancelled' THEN output ELSE :output::jsonb END,
@@ -141,9 +156,16 @@ u AS (
     lease_expires_at = :lease_expires_at::timestamptz, step_attempt = :cursor_attempt::int,
     step_errors = :cursor_errors::jsonb, step_started_at = :cursor_started::timestamptz,
     updated_at = :now::timestamptz
-  WHERE id = :id::text AND lease = :lease::int
+  WHERE id = :id::text AND {fence}
   RETURNING tenant_id, status
 )"""
+
+_FENCE = "lease = :lease::int"
+_CLAIMING = """
+    lease = :lease::int, attempts = attempts + 1,
+    started_at = COALESCE(started_at, :started::timestamptz),"""
+_CLAIMING_FENCE = "lease = :lease::int - 1 AND status = 'queued'"
+"""An unleased run's write claims the execution: still queued under the lease it read."""
 
 _STEP = """
 s AS (
@@ -186,13 +208,18 @@ s AS (
 """Several step runs in the write: pure steps recorded with the durable step after them."""
 
 
-def _write_sql(steps: int, with_timer: bool) -> tuple[str, tuple[str, ...]]:
-    parts = [_UPDATE] + [[], [_STEP], [_STEPS]][steps] + ([_TIMER] if with_timer else [])
+def _write_sql(steps: int, with_timer: bool, claiming: bool) -> tuple[str, tuple[str, ...]]:
+    update = _UPDATE.format(
+        claims=_CLAIMING if claiming else "", fence=_CLAIMING_FENCE if claiming else _FENCE
+    )
+    parts = [update] + [[], [_STEP], [_STEPS]][steps] + ([_TIMER] if with_timer else [])
     return _numbered("WITH " + ",".join(parts) + "\nSELECT status FROM u")
 
 
-_WRITES = {(s, t): _write_sql(s, t) for s in (0, 1, 2) for t in (False, True)}
-"""By (number of step runs: none, one, several; with a timer)."""
+_WRITES = {
+    (s, t, c): _write_sql(s, t, c) for s in (0, 1, 2) for t in (False, True) for c in (False, True)
+}
+"""By (number of step runs: none, one, several; with a timer; claiming: an unleased run's)."""
 
 _WRITE_MANY, _WRITE_MANY_ORDER = _numbered("""
 WITH x AS (
@@ -201,12 +228,15 @@ WITH x AS (
                        :finished::timestamptz[], :wakes::timestamptz[],
                        :lease_untils::timestamptz[], :cursor_attempts::int[],
                        :cursor_errors::text[], :cursor_started::timestamptz[],
-                       :nows::timestamptz[])
+                       :nows::timestamptz[], :claims::int[], :started::timestamptz[])
     AS x(id, lease, status, next_step, steps_run, output, error, finished_at, wake_at,
-         lease_expires_at, cursor_attempt, cursor_errors, cursor_started, now)
+         lease_expires_at, cursor_attempt, cursor_errors, cursor_started, now, claims, started)
 ),
 u AS (
   UPDATE executions e SET
+    -- claims = 1: an unleased run's write, which claims the execution as it writes
+    lease = x.lease, attempts = e.attempts + x.claims,
+    started_at = COALESCE(e.started_at, x.started),
     status = CASE WHEN e.status = 'cancelled' THEN e.status ELSE x.status END,
     next_step = x.next_step, steps_run = x.steps_run,
     output = CASE WHEN e.status = 'cancelled' THEN e.output ELSE x.output::jsonb END,
@@ -217,7 +247,7 @@ u AS (
     step_errors = x.cursor_errors::jsonb, step_started_at = x.cursor_started,
     updated_at = x.now
   FROM x
-  WHERE e.id = x.id AND e.lease = x.lease
+  WHERE e.id = x.id AND e.lease = x.lease - x.claims AND (x.claims = 0 OR e.status = 'queued')
   RETURNING e.id, e.lease, e.tenant_id, e.status
 ),
 s AS (
@@ -251,9 +281,10 @@ t AS (
 )
 SELECT id, lease, status FROM u
 """)
-"""Many executions' writes in one statement: each row fenced by its own lease; the step runs
-and timers of the rows the update returned (by id and lease) inserted with them. The rows
-returned are the writes that happened."""
+"""Many executions' writes in one statement: each row fenced by its own lease (an unleased
+run's: claimed by it, see :data:`_CLAIMING_FENCE`); the step runs and timers of the rows the
+update returned (by id and lease) inserted with them. The rows returned are the writes that
+happened."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +324,9 @@ class PgRunStore:
         self.writes: GroupCommit[_WriteRequest, _Written] = GroupCommit(
             self._write_one, self._write_many, name="store.write_batch"
         )
+        self.peeks: GroupCommit[tuple[str, datetime], Claim | None] = GroupCommit(
+            self._peek_one, self._peek_many, name="store.peek_batch"
+        )
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[_PgSession]:
@@ -307,6 +341,9 @@ class PgRunStore:
 
     async def claim(self, execution_id: str, now: datetime, lease_until: datetime) -> Claim | None:
         return await self.claims.submit(_ClaimRequest(execution_id, now, lease_until))
+
+    async def peek(self, execution_id: str, now: datetime) -> Claim | None:
+        return await self.peeks.submit((execution_id, now))
 
     async def unclaimed(self, execution_id: str) -> Unclaimed:
         async with self.session() as session:
@@ -376,8 +413,17 @@ class PgRunStore:
             for r in requests
         ]
 
+    async def _peek_one(self, r: tuple[str, datetime]) -> Claim | None:
+        row = await call(self._pool, "fetchrow", _PEEK, r[0])
+        return _peeked(r[0], row, r[1])
+
+    async def _peek_many(self, requests: Sequence[tuple[str, datetime]]) -> list[Claim | None]:
+        rows = await call(self._pool, "fetch", _PEEK_MANY, list({r[0]: r for r in requests}))
+        read = {row["id"]: row for row in rows}
+        return [_peeked(eid, read.get(eid), now) for eid, now in requests]
+
     async def _write_one(self, r: _WriteRequest) -> _Written:
-        sql, order = _WRITES[(min(len(r.steps), 2), r.timer is not None)]
+        sql, order = _WRITES[(min(len(r.steps), 2), r.timer is not None, r.claim.unleased)]
         values = _write_values(r.claim, r.execution, r.steps, r.timer)
         try:
             status = await call(self._pool, "fetchval", sql, *[values[n] for n in order])
@@ -388,7 +434,13 @@ class PgRunStore:
         return None if status is None else str(status)
 
     async def _write_many(self, requests: Sequence[_WriteRequest]) -> list[_Written]:
-        values = _write_many_values(sorted(requests, key=lambda r: r.claim.execution_id))
+        # one row per (execution, lease): two unleased runs of one execution in this process
+        # read the same lease; the first is sent, the other is told it lost (it wrote nothing)
+        first: dict[tuple[str, int], _WriteRequest] = {}
+        for r in requests:
+            first.setdefault((r.claim.execution_id, r.claim.lease), r)
+        unique = sorted(first.values(), key=lambda r: r.claim.execution_id)
+        values = _write_many_values(unique)
         try:
             rows = await call(
                 self._pool, "fetch", _WRITE_MANY, *[values[n] for n in _WRITE_MANY_ORDER]
@@ -398,7 +450,18 @@ class PgRunStore:
         except ConveyorError:  # refused for one execution's sake (or a deadlock): one by one
             return [await self._write_one(r) for r in requests]
         written = {(row["id"], row["lease"]): str(row["status"]) for row in rows}
-        return [written.get((r.claim.execution_id, r.claim.lease)) for r in requests]
+        return [
+            written.get(key) if first[key] is r else None
+            for r in requests
+            for key in ((r.claim.execution_id, r.claim.lease),)
+        ]
+
+
+def _peeked(execution_id: str, row: Any, now: datetime) -> Claim | None:
+    """A peek's answer: the unleased claim of a queued execution, else ``None``."""
+    if row is None or row["status"] != "queued":
+        return None
+    return unleased_claim(_claim_of(execution_id, row), now)
 
 
 def _claim_of(execution_id: str, row: Any) -> Claim:
@@ -433,6 +496,7 @@ def _write_values(
     values: dict[str, Any] = {
         "id": claim.execution_id,
         "lease": claim.lease,
+        "started": claim.started_at,
         "status": x.status,
         "next_step": x.next_step,
         "steps_run": x.steps_run,
@@ -510,6 +574,8 @@ def _write_many_values(requests: Sequence[_WriteRequest]) -> dict[str, list[Any]
         "cursor_errors": [r.execution.step_errors_json for r in requests],
         "cursor_started": [r.execution.step_started_at for r in requests],
         "nows": [r.execution.now for r in requests],
+        "claims": [1 if r.claim.unleased else 0 for r in requests],
+        "started": [r.claim.started_at if r.claim.unleased else None for r in requests],
         "step_execs": [claim.execution_id for claim, _st in steps],
         "step_leases": [claim.lease for claim, _st in steps],
         **_step_columns([st for _claim, st in steps]),
@@ -572,6 +638,10 @@ class _PgSession:
     async def claim(self, execution_id: str, now: datetime, lease_until: datetime) -> Claim | None:
         await self.idle()
         return await self._store.claim(execution_id, now, lease_until)
+
+    async def peek(self, execution_id: str, now: datetime) -> Claim | None:
+        await self.idle()
+        return await self._store.peek(execution_id, now)
 
     async def unclaimed(self, execution_id: str) -> Unclaimed:
         row = await self._call("fetchrow", _UNCLAIMED, execution_id)

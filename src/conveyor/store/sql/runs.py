@@ -17,7 +17,14 @@ from conveyor.errors import LeaseLost
 from conveyor.store._db import autocommit
 from conveyor.store._errors import translate_errors
 from conveyor.store._types import JSONType
-from conveyor.store.runs import Claim, ExecutionWrite, StepWrite, TimerWrite, Unclaimed
+from conveyor.store.runs import (
+    Claim,
+    ExecutionWrite,
+    StepWrite,
+    TimerWrite,
+    Unclaimed,
+    unleased_claim,
+)
 from conveyor.store.schema import executions, step_runs, timers
 
 __all__ = ["SqlRunStore", "write_in"]
@@ -77,22 +84,35 @@ def _build_statements() -> dict[str, Any]:
         )
         .returning(*_CLAIM_RETURNS)
     )
+    written = {
+        "status": _keep_if_cancelled(e.status, bindparam("status", type_=e.status.type)),
+        "next_step": bindparam("next_step"),
+        "steps_run": bindparam("steps_run"),
+        "output": _keep_if_cancelled(e.output, bindparam("output", type_=JSONType)),
+        "error": _keep_if_cancelled(e.error, bindparam("error", type_=JSONType)),
+        "finished_at": _keep_if_cancelled(e.finished_at, bindparam("finished_at", type_=when)),
+        "wake_at": _keep_if_cancelled(null(), bindparam("wake_at", type_=when)),
+        "lease_expires_at": bindparam("lease_until", type_=when),
+        "step_attempt": bindparam("step_attempt"),
+        "step_errors": bindparam("step_errors", type_=JSONType),
+        "step_started_at": bindparam("step_started_at", type_=when),
+        "updated_at": now,
+    }
     write = (
         update(executions)
         .where(e.id == bindparam("eid"), e.lease == bindparam("mine"))
+        .values(**written)
+        .returning(e.status)
+    )
+    # an unleased run's write claims the execution too: still queued under the lease it read
+    claiming_write = (
+        update(executions)
+        .where(e.id == bindparam("eid"), e.lease == bindparam("mine") - 1, e.status == "queued")
         .values(
-            status=_keep_if_cancelled(e.status, bindparam("status", type_=e.status.type)),
-            next_step=bindparam("next_step"),
-            steps_run=bindparam("steps_run"),
-            output=_keep_if_cancelled(e.output, bindparam("output", type_=JSONType)),
-            error=_keep_if_cancelled(e.error, bindparam("error", type_=JSONType)),
-            finished_at=_keep_if_cancelled(e.finished_at, bindparam("finished_at", type_=when)),
-            wake_at=_keep_if_cancelled(null(), bindparam("wake_at", type_=when)),
-            lease_expires_at=bindparam("lease_until", type_=when),
-            step_attempt=bindparam("step_attempt"),
-            step_errors=bindparam("step_errors", type_=JSONType),
-            step_started_at=bindparam("step_started_at", type_=when),
-            updated_at=now,
+            **written,
+            lease=bindparam("mine"),
+            attempts=e.attempts + 1,
+            started_at=func.coalesce(e.started_at, bindparam("started", type_=when)),
         )
         .returning(e.status)
     )
@@ -100,6 +120,8 @@ def _build_statements() -> dict[str, Any]:
     return {
         "claim": claim,
         "write": write,
+        "claiming_write": claiming_write,
+        "peek": select(e.status, *_CLAIM_RETURNS).where(e.id == bindparam("eid")),
         "unclaimed": select(e.status, e.lease_expires_at, e.wake_at).where(
             e.id == bindparam("eid")
         ),
@@ -160,6 +182,15 @@ class SqlRunStore:
         if row is None:
             return None
         return Claim(execution_id=execution_id, **row._mapping)
+
+    async def peek(self, execution_id: str, now: datetime) -> Claim | None:
+        with translate_errors():
+            async with self._single.connect() as conn:
+                row = (await conn.execute(_SQL["peek"], {"eid": execution_id})).first()
+        if row is None or row.status != "queued":
+            return None
+        read = {k: v for k, v in row._mapping.items() if k != "status"}
+        return unleased_claim(Claim(execution_id=execution_id, **read), now)
 
     async def unclaimed(self, execution_id: str) -> Unclaimed:
         with translate_errors():
@@ -244,7 +275,11 @@ async def write_in(
         "step_started_at": x.step_started_at,
         "now": x.now,
     }
-    row = (await conn.execute(_SQL["write"], params)).first()
+    if claim.unleased:
+        params["started"] = claim.started_at
+    row = (
+        await conn.execute(_SQL["claiming_write" if claim.unleased else "write"], params)
+    ).first()
     if row is None:
         return None
     if steps:
