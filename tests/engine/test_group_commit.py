@@ -399,3 +399,22 @@ async def test_two_unleased_runs_of_one_execution_in_one_batch_write_once(
     assert results[0] == "succeeded" and isinstance(results[1], LeaseLost)
     steps = await _rows(db_url, "SELECT seq FROM step_runs WHERE execution_id = $1", a)
     assert [r["seq"] for r in steps] == [0]
+
+
+async def test_an_unleased_write_and_the_claim_made_since_its_read_the_claim_writes(
+    store: Store,
+) -> None:
+    """Same process, same batch: an unleased write (read lease 0, writes under 1) and the
+    write of a claim made in between (lease 1) share a number; the claim's write is the one
+    sent — the read is stale — and the row ends as the lease holder wrote it."""
+    _tenant, x = await start(store, [{"id": "n", "type": "noop"}])
+    runs, now = _runs(store), utcnow()
+    read = await runs.peek(x, now)
+    racer = await runs.claim(x, now, now + timedelta(seconds=30))
+    assert read is not None and racer is not None and read.lease == racer.lease == 1
+    results = await asyncio.gather(
+        runs.write(read, _end(read, "succeeded", now), [_step(0, "n", now)]),
+        runs.write(racer, _end(racer, "succeeded", now), [_step(0, "n", now)]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], LeaseLost) and results[1] == "succeeded"

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from conveyor.engine import Engine, OutcomeKind
+from conveyor.errors import DatabaseUnavailable
 from conveyor.settings import Settings
-from conveyor.store import Store
+from conveyor.store import Claim, Store
 from conveyor.store.pg import PgRunStore
 from conveyor.workflows import StepContext, StepResult
 from tests.engine._support import Recorder, slow_step, start
@@ -187,3 +188,54 @@ async def test_a_new_version_with_a_durable_step_is_claimed_before_it_runs(
         done = await store.executions.get(tenant, execution_id, with_steps=True)
         assert (done.attempts, done.lease) == (1, 1)
         assert [s.step_id for s in done.steps] == ["call", "a"]
+
+
+async def test_a_lost_answer_is_not_mistaken_for_a_racers_write(
+    store: Store, settings: Settings
+) -> None:
+    """An unleased run's write fails with the connection (nothing committed) while another
+    process claims and finishes the execution under the lease number the unleased run would
+    have taken. Its retry must not take the racer's step runs for its own: exactly one runner
+    reports the execution succeeded."""
+    engine, _recorder, tenant, workflow = await _learned(store, settings, PURE)
+    racer = Engine(store, settings, step_runner=Recorder())
+    execution_id = await _new(store, workflow)
+    runs = store.runs
+    real_write = runs.write
+    outcomes: dict[str, OutcomeKind] = {}
+
+    async def connection_lost(claim: Claim, *args: Any) -> str:
+        if claim.unleased and "racer" not in outcomes:
+            outcomes["racer"] = (await racer.run(execution_id)).kind  # claims, finishes
+            raise DatabaseUnavailable("connection lost before the write was sent")
+        return await real_write(claim, *args)
+
+    runs.write = connection_lost  # type: ignore[method-assign,assignment]
+    try:
+        outcomes["unleased"] = (await engine.run(execution_id, workflow=workflow)).kind
+    finally:
+        del runs.write
+    assert outcomes == {"racer": OutcomeKind.SUCCEEDED, "unleased": OutcomeKind.SKIPPED}
+    done = await store.executions.get(tenant, execution_id, with_steps=True)
+    assert (done.status, done.lease, done.attempts) == ("succeeded", 1, 1)
+    assert [s.step_id for s in done.steps] == list("abcd")
+
+
+async def test_an_output_expression_that_fails_fails_the_execution_in_the_one_write(
+    store: Store, settings: Settings
+) -> None:
+    engine, _recorder, tenant, workflow = await _learned(store, settings, PURE)
+    await store.workflows.update(
+        tenant, workflow[1], {"name": "wf", "steps": PURE, "output": "sum(steps.a)"}
+    )  # sum() of an object: a type error at run time
+    execution_id = await _new(store, workflow)
+    before = _counts(store)
+    outcome = await engine.run(execution_id, workflow=workflow)
+    assert outcome.kind is OutcomeKind.FAILED
+    if before is not None:
+        after = _counts(store)
+        assert after == (before[0] + 1, before[1], before[2] + 1), "still a peek and a write"
+    done = await store.executions.get(tenant, execution_id, with_steps=True)
+    assert (done.status, done.lease, done.attempts) == ("failed", 1, 1)
+    assert done.error["code"] == "output_expression_failed"
+    assert [(s.step_id, s.status) for s in done.steps] == [(x, "succeeded") for x in "abcd"]

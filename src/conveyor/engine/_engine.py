@@ -5,6 +5,12 @@
 1. **Claim** (one statement): compare-and-set the execution's ``lease`` (+1) if it is queued,
    running with an expired lease (its runner died), or waiting with its wake time passed.
    Otherwise answer BUSY / NOT_DUE / SKIPPED / MISSING without touching it.
+   **Unleased** (``run(..., workflow=...)`` of a workflow whose last plan here was all pure
+   steps, each tried once): no claim — a read of the queued execution, the steps, and ONE
+   write that claims and finishes it together (fenced by what it read: still queued, same
+   lease). A claim or a cancel in between fences it out, having written nothing; the run
+   then claims as above (and finds it running elsewhere, or ended: a cancel wins, no step
+   runs recorded). A crash leaves it queued. See :meth:`Engine._run_unleased`.
 2. Load the workflow version (cached in process: versions are immutable) and, when resuming,
    the outputs of the steps already done. Completed steps are never run again.
 3. For each step from the cursor: run it (retry policy, timeout, lease renewal while a slow
@@ -76,7 +82,8 @@
    and the step runs before it copied from the original: step 2 restores their outputs, and
    they are not run again.
 
-Statuses: ``queued → running → (waiting ↔ running) → succeeded | failed | cancelled``.
+Statuses: ``queued → running → (waiting ↔ running) → succeeded | failed | cancelled`` (an
+unleased run goes from ``queued`` to its end in one commit).
 """
 
 from __future__ import annotations
@@ -269,8 +276,8 @@ class Engine:
         self._plans = PlanCache(settings.workflow_cache_size)
         self._max_output = settings.step_output_max_bytes
         self._unleased: set[tuple[str, str]] = set()
-        """(tenant, workflow) whose latest version seen here runs unleased (``Plan.unleased``):
-        its executions are peeked, not claimed (:meth:`_run_unleased`)."""
+        """(tenant, workflow) whose last plan run here was unleased (``Plan.unleased``): its
+        next executions are peeked, not claimed (:meth:`_run_unleased`)."""
 
     async def __aenter__(self) -> Engine:
         if self._http is None:
@@ -805,13 +812,17 @@ class Engine:
         result stays in memory and the write is retried (backoff 0.1 s doubling to 2 s) for up
         to half the lease — which the last renewal guarantees for at least two thirds — instead
         of giving the job up, which would run the step again. A retry first asks whether the
-        earlier attempt committed after all (its answer was lost with the connection)."""
+        earlier attempt committed after all (its answer was lost with the connection) — not
+        an unleased run's: the lease it writes under is the one the next claim takes, so a
+        racer's write would look like its own; it sends the write again, which a committed
+        first attempt fences out (``LeaseLost``: the run falls back to claiming and finds the
+        execution ended)."""
         claim = run.claim
         deadline = time.monotonic() + self.lease_ttl.total_seconds() / 2
         delay, tries = 0.1, 0
         while True:
             try:
-                if tries and steps:
+                if tries and steps and not claim.unleased:
                     status = await run.runs.written(claim, steps[-1].seq)
                     if status is not None:
                         return status

@@ -435,10 +435,15 @@ class PgRunStore:
 
     async def _write_many(self, requests: Sequence[_WriteRequest]) -> list[_Written]:
         # one row per (execution, lease): two unleased runs of one execution in this process
-        # read the same lease; the first is sent, the other is told it lost (it wrote nothing)
+        # read the same lease — the first is sent, the other is told it lost (it wrote
+        # nothing); an unleased run and the claim made since its read have the same number —
+        # the claim's write is sent (the read is stale: its write could only be fenced out)
         first: dict[tuple[str, int], _WriteRequest] = {}
         for r in requests:
-            first.setdefault((r.claim.execution_id, r.claim.lease), r)
+            key = (r.claim.execution_id, r.claim.lease)
+            kept = first.get(key)
+            if kept is None or (kept.claim.unleased and not r.claim.unleased):
+                first[key] = r
         unique = sorted(first.values(), key=lambda r: r.claim.execution_id)
         values = _write_many_values(unique)
         try:
