@@ -418,3 +418,30 @@ async def test_an_unleased_write_and_the_claim_made_since_its_read_the_claim_wri
         return_exceptions=True,
     )
     assert isinstance(results[0], LeaseLost) and results[1] == "succeeded"
+
+
+async def test_at_one_execution_per_second_an_unleased_run_waits_for_no_batch(
+    store: Store, settings: Settings
+) -> None:
+    """The same for a workflow of pure steps: each run is one peek and one write, each a batch
+    of one sent at once."""
+    tenant, first = await start(store, [{"id": "n", "type": "noop"}])
+    workflow = (tenant, (await store.executions.get(tenant, first)).workflow_id)
+    ids = [(await store.executions.create(tenant, workflow[1]))[0].id for _ in range(2)]
+    runs = _runs(store)
+    engine = Engine(store, settings)
+    await engine.run(first, workflow=workflow)  # warm, and learns that the workflow is pure
+    for x in ids:
+        await asyncio.sleep(1.0)
+        before = (runs.peeks.batches, runs.peeks.items, runs.claims.items, runs.writes.batches)
+        began = time.perf_counter()
+        outcome = await engine.run(x, workflow=workflow)
+        took = time.perf_counter() - began
+        assert outcome.kind is OutcomeKind.SUCCEEDED
+        after = (runs.peeks.batches, runs.peeks.items, runs.claims.items, runs.writes.batches)
+        assert after == (before[0] + 1, before[1] + 1, before[2], before[3] + 1)
+        began = time.perf_counter()
+        await runs._peek_one((x, utcnow()))
+        await runs._claim_one(_probe(x))
+        alone = time.perf_counter() - began
+        assert took < alone + 0.05, f"the run took {took:.4f}s, its statements {alone:.4f}s"
