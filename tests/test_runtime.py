@@ -131,3 +131,19 @@ async def test_finish_lets_loops_end_between_transactions() -> None:
     assert ended_cleanly == ["loop"]
     assert time.monotonic() - started < 1.0
     await supervisor.cancel_all(1.0)
+
+
+def test_the_startup_heap_is_frozen_and_the_young_generation_collected_less_often() -> None:
+    import gc
+
+    from conveyor.runtime.process import GC_YOUNG_THRESHOLD, freeze_startup_heap
+
+    before = gc.get_threshold()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0, "start-up objects out of the collector's reach"
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+        assert before[0] < GC_YOUNG_THRESHOLD
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
