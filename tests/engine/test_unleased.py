@@ -123,18 +123,25 @@ async def test_a_crash_inside_an_unleased_run_leaves_it_queued_and_it_runs_again
 
 
 async def test_racing_unleased_runners_write_once(store: Store, settings: Settings) -> None:
-    """Runners in two engines (processes) and two in one, all peeking the same execution: one
-    write claims it; the others wrote nothing, claim, find it ended (``SKIPPED``)."""
-    engine, _recorder1, tenant, workflow = await _learned(store, settings, PURE)
-    other, _recorder, _tenant, _workflow = await _learned(store, settings, PURE)
-    other._unleased.add(workflow)  # it has run this workflow too
-    execution_id = await _new(store, workflow)
-    outcomes = await asyncio.gather(
-        engine.run(execution_id, workflow=workflow),
-        engine.run(execution_id, workflow=workflow),
-        other.run(execution_id, workflow=workflow),
-        other.run(execution_id, workflow=workflow),
-    )
+    """Runners of two processes (each its own store: its own pool and batches) and two in one,
+    all peeking the same execution: one write claims it; the others wrote nothing, claim, find
+    it ended (``SKIPPED``)."""
+    engine, _recorder, tenant, workflow = await _learned(store, settings, PURE)
+    async with Store(settings, pool_size=5) as second:
+        other = Engine(second, settings, step_runner=Recorder())
+        learn = await _new(store, workflow)  # the other process has run this workflow too
+        assert (await other.run(learn, workflow=workflow)).kind is OutcomeKind.SUCCEEDED
+        execution_id = await _new(store, workflow)
+        before = _counts(second)
+        outcomes = await asyncio.gather(
+            engine.run(execution_id, workflow=workflow),
+            engine.run(execution_id, workflow=workflow),
+            other.run(execution_id, workflow=workflow),
+            other.run(execution_id, workflow=workflow),
+        )
+        after = _counts(second)
+    if before is not None:
+        assert after is not None and after[0] > before[0], "the other process peeked too"
     kinds = [o.kind for o in outcomes]
     assert kinds.count(OutcomeKind.SUCCEEDED) == 1, kinds
     assert set(kinds) <= {OutcomeKind.SUCCEEDED, OutcomeKind.SKIPPED, OutcomeKind.BUSY}

@@ -316,7 +316,7 @@ class Engine:
         Raises ``DatabaseUnavailable`` / ``StoreError`` when the database fails.
         """
         if workflow is not None and workflow in self._unleased:
-            outcome = await self._run_unleased(execution_id, workflow, abandon)
+            outcome = await self._run_unleased(execution_id, abandon)
             if outcome is not None:
                 return outcome
         async with self.store.runs.session() as runs:
@@ -349,14 +349,15 @@ class Engine:
                 raise
 
     async def _run_unleased(
-        self, execution_id: str, workflow: tuple[str, str], abandon: asyncio.Event | None
+        self, execution_id: str, abandon: asyncio.Event | None
     ) -> RunOutcome | None:
         """Run a queued execution of pure steps only without claiming it first: one read, the
         steps, and one write that claims and finishes it (or parks it, or fails it) together —
         a statement and a commit fewer than a claim. ``None``: run it the usual way (claim
         first) — it is not queued, its version is not all pure, its workflow cannot be read,
         or another runner claimed (or someone cancelled) it meanwhile: this run wrote nothing,
-        and its steps, deterministic, are harmless to run again."""
+        and its steps, deterministic, are harmless to run again. (The claimed run's plan then
+        takes the workflow out of :attr:`_unleased`, in :meth:`_drive`.)"""
         async with self.store.runs.session() as runs:
             now = self._clock()
             claim = await runs.peek(execution_id, now)
@@ -368,7 +369,6 @@ class Engine:
             except (NotFound, WorkflowInvalid):
                 return None
             if not plan.unleased:
-                self._unleased.discard(workflow)
                 return None
             try:
                 outcome = await self._drive(runs, claim, abandon)

@@ -43,10 +43,10 @@ LOCK_NAMESPACE = 0x43564C4B
 """First key of every Conveyor advisory lock (``pg_locks.classid``)."""
 
 _PG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, *ASYNCPG_CONNECTION_ERRORS)
-_SESSION_GONE = (OSError, asyncpg.exceptions.AdminShutdownError, *ASYNCPG_CONNECTION_ERRORS)
-"""What a check raises on a session whose backend is gone (killed, or the server down)."""
 """Any failure of the lock session's query (a session whose backend just died included:
 asyncpg's "cannot switch to state …") loses the lock; the process goes back to standby."""
+_SESSION_GONE = (OSError, asyncpg.exceptions.AdminShutdownError, *ASYNCPG_CONNECTION_ERRORS)
+"""What a check raises on a session whose backend is gone (killed, or the server down)."""
 
 
 class LeaderLock(Protocol):

@@ -418,7 +418,9 @@ class PgRunStore:
         return _peeked(r[0], row, r[1])
 
     async def _peek_many(self, requests: Sequence[tuple[str, datetime]]) -> list[Claim | None]:
-        rows = await call(self._pool, "fetch", _PEEK_MANY, list({r[0]: r for r in requests}))
+        rows = await call(
+            self._pool, "fetch", _PEEK_MANY, list(dict.fromkeys(eid for eid, _now in requests))
+        )
         read = {row["id"]: row for row in rows}
         return [_peeked(eid, read.get(eid), now) for eid, now in requests]
 
