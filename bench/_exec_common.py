@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import psutil
+import redis as redis_sync
 import redis.asyncio as aioredis
 from sqlalchemy import func, select
 
@@ -296,6 +297,79 @@ class RssSampler:
         """CPU seconds used from the last sample at or before ``epoch_s`` to the end."""
         before = [cpu for t, cpu in self._samples if t <= epoch_s]
         return self.cpu_s - (before[-1] if before else 0.0)
+
+    def cpu_within(self, start_s: float, end_s: float) -> float:
+        """CPU seconds used from the last sample at or before ``start_s`` to the first one at
+        or after ``end_s`` (the end when none is)."""
+        after = [cpu for t, cpu in self._samples if t >= end_s]
+        return (after[0] if after else self.cpu_s) - self.cpu_s + self.cpu_since(start_s)
+
+
+class ServiceCpu:
+    """CPU time used by PostgreSQL (every ``postgres`` process: the postmaster, its helpers and
+    each backend) and by Redis (``INFO cpu``), sampled every ``interval_s`` in a thread, so a
+    phase's share can be read for its steady part alone (:meth:`within`, e.g. from the first
+    job's start to the last one's end). Per backend: one that exits takes its time with it,
+    one that starts counts from zero."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self._interval_s = interval_s
+        self._redis = redis_sync.Redis(host=REDIS_HOST, port=REDIS_PORT)
+        self._procs: dict[int, psutil.Process] = {}
+        self._samples: list[tuple[float, dict[int, float], float]] = []
+        """(epoch seconds, CPU seconds of each postgres pid, Redis CPU seconds)."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _postgres(self) -> dict[int, float]:
+        for p in psutil.process_iter(["name"]):
+            if p.pid not in self._procs and (p.info.get("name") or "").startswith("postgres"):
+                self._procs[p.pid] = p
+        cpu: dict[int, float] = {}
+        for pid, p in list(self._procs.items()):
+            try:
+                times = p.cpu_times()
+            except psutil.Error:
+                del self._procs[pid]
+                continue
+            cpu[pid] = float(times.user + times.system)
+        return cpu
+
+    def _sample(self) -> None:
+        info = self._redis.info("cpu")
+        redis_s = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        self._samples.append((time.time(), self._postgres(), redis_s))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._sample()
+
+    def __enter__(self) -> ServiceCpu:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+        self._redis.close()
+
+    def within(self, start_s: float, end_s: float) -> dict[str, float]:
+        """CPU seconds of ``postgres`` and ``redis`` from the last sample at or before
+        ``start_s`` to the first one at or after ``end_s`` (epoch seconds); a backend that
+        exited in between counts up to its last sample."""
+        first = max([i for i, s in enumerate(self._samples) if s[0] <= start_s], default=0)
+        last = min(
+            [i for i, s in enumerate(self._samples) if s[0] >= end_s],
+            default=len(self._samples) - 1,
+        )
+        _t0, pg0, redis0 = self._samples[first]
+        seen: dict[int, float] = {}
+        for _t, pg, _redis in self._samples[first : last + 1]:
+            seen.update(pg)
+        postgres = sum(cpu - pg0.get(pid, 0.0) for pid, cpu in seen.items())
+        return {"postgres": postgres, "redis": self._samples[last][2] - redis0}
 
 
 @asynccontextmanager
