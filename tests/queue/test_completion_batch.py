@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
+import time
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from conveyor.queue import JobContext, QueueFactory
 from conveyor.queue.bullmq import compat
 from conveyor.queue.scripts import ScriptBatcher
 from tests.conftest import REDIS_HOST, REDIS_PORT
+from tests.helpers import redis_server
 from tests.queue.conftest import TEST_QUEUE, eventually, make_settings, running
 from tests.queue.payload import Probe
 
@@ -148,3 +155,51 @@ async def test_a_script_batch_keeps_each_calls_reply_in_order(redis_prefix: str)
 
 def _sha(source: str) -> str:
     return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+SLOW = """local t = redis.call('TIME')
+local until_us = t[1] * 1000000 + t[2] + tonumber(ARGV[1]) * 1000
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= until_us
+return ARGV[1]"""
+"""Busy for ARGV[1] ms on the server, then its argument back."""
+
+
+async def test_a_script_batch_has_one_timer_bounded_by_the_socket_timeout() -> None:
+    """A batch's replies are read under one timer, the client's socket timeout: three calls
+    of 150 ms each (Redis sends a pipeline's replies together, after the last) do not fit in
+    0.3 s — every call gets redis-py's timeout, the connection is dropped (its replies are
+    still coming) and the next batch is served on a fresh one. A frozen server is a timeout
+    too, not a hang; once it thaws, calls succeed again. A throwaway ``redis-server``."""
+    with redis_server() as server:
+        client = aioredis.Redis(
+            host="127.0.0.1",
+            port=server.port,
+            socket_timeout=0.3,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+        try:
+            await client.script_load(SLOW)
+            batcher = ScriptBatcher(client)
+            assert await batcher.call(SLOW, _sha(SLOW), [], [150]) == "150"  # alone: in time
+            calls = [batcher.submit(SLOW, _sha(SLOW), [], [150]) for _ in range(3)]
+            started = time.monotonic()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert 0.25 < time.monotonic() - started < 0.45
+            assert batcher.batches == 2
+            assert all(isinstance(r, RedisTimeoutError) for r in results), results
+            assert "3 replies due within 0.3 s" in str(results[0])
+            assert await batcher.call(SLOW, _sha(SLOW), [], [1]) == "1"
+
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(RedisTimeoutError):
+                    await batcher.call(SLOW, _sha(SLOW), [], [1])
+                assert time.monotonic() - started < 1.0
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert await batcher.call(SLOW, _sha(SLOW), [], [2]) == "2"
+        finally:
+            await client.aclose()

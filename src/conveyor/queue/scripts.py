@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from hiredis import pack_command  # redis[hiredis] is a dependency
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from conveyor.queue.connection import is_missing_script
 
@@ -199,8 +200,8 @@ async def _send_packed(
 ) -> list[Any]:
     """``packed`` written at once and ``replies`` replies read in order on one pooled
     connection (an error reply is returned, not raised); a connection error is retried as the
-    client's commands are, on a fresh connection. ``read_timeout``: each read's, as redis-py's
-    ``read_response`` takes it (``None``: the client's socket timeout; ``math.inf``: none)."""
+    client's commands are, on a fresh connection (a timeout too). ``read_timeout``: the bound on
+    reading every reply (``None``: the client's socket timeout; ``math.inf``: none)."""
     pool: Any = redis.connection_pool
     conn = await pool.get_connection()
     try:
@@ -230,14 +231,25 @@ def _plain(arg: Any) -> Any:
 async def _round_trip(
     conn: Any, packed: bytes, replies: int, read_timeout: float | None = None
 ) -> list[Any]:
+    """One write, then the replies: all of them within ``read_timeout`` (``None``: the
+    client's socket timeout; ``math.inf``: no bound), under ONE timer for the batch — redis-py
+    arms one per reply, which cost more than reading the reply."""
     await conn.send_packed_command(packed)
     results: list[Any] = []
+    bound = conn.socket_timeout if read_timeout is None else read_timeout
     try:
-        for _ in range(replies):
-            try:
-                results.append(await conn.read_response(timeout=read_timeout))
-            except ResponseError as exc:
-                results.append(exc)
+        async with asyncio.timeout(None if bound is None or bound == math.inf else bound):
+            for _ in range(replies):
+                try:
+                    results.append(await conn.read_response(timeout=math.inf))
+                except ResponseError as exc:
+                    results.append(exc)
+    except TimeoutError as exc:  # the batch's timer: a slow server, as redis-py reports it
+        await conn.disconnect(nowait=True)
+        raise RedisTimeoutError(
+            f"Timeout reading from {conn.host}:{conn.port}: {replies} replies due within "
+            f"{bound} s, {len(results)} arrived"
+        ) from exc
     except BaseException:
         # Replies still on the socket: never hand the connection back to be read by another.
         await conn.disconnect(nowait=True)
