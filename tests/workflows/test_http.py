@@ -663,3 +663,31 @@ async def test_a_request_with_part_of_an_answer_is_not_sent_again(
             await run_step(make_step(keepalive_server, 1), ctx(http=client))
     assert keepalive_server.requests == [f"{method} /hook/{n} HTTP/1.1".encode() for n in (0, 1)]
     assert keepalive_server.connections == 1
+
+
+# --- parsed URLs ----------------------------------------------------------------------------------
+
+
+async def test_a_url_called_again_is_parsed_once(local_server: LocalServer) -> None:
+    """The same short URL is parsed once and the parse reused (an ``httpx.URL`` is
+    immutable): both calls reach the server and answer alike. A longer URL, or one that does
+    not parse, is parsed (and refused) every time; the cache is bounded."""
+    http_module._parse_cached.cache_clear()
+    url = local_server.url("/json", "localhost")
+    first = await run_step(http_step(url=url), ctx("localhost"))
+    second = await run_step(http_step(url=url), ctx("localhost"))
+    assert first.output == second.output and first.output["status"] == 200
+    assert len(local_server.requests) == 2
+    info = http_module._parse_cached.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    assert http_module.parse_url(url) is http_module.parse_url(url)
+    assert str(http_module.parse_url(url)) == url
+
+    long = url + "?pad=" + "x" * http_module.PARSED_URL_MAX_CHARS
+    assert http_module.parse_url(long) is not http_module.parse_url(long)
+    assert http_module.parse_url(long) == http_module.parse_url(long)
+    for _ in range(2):
+        with pytest.raises(PermanentStepError, match="invalid URL"):
+            await run_step(http_step(url="http://[::1/"), ctx("localhost"))
+    assert http_module._parse_cached.cache_info().currsize == 1
+    assert http_module._parse_cached.cache_info().maxsize == http_module.PARSED_URLS_CACHED

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import functools
 import ipaddress
 import json
 import logging
@@ -353,7 +354,7 @@ class SafeHttpClient:
         if self._client is None:
             raise RuntimeError("SafeHttpClient is not open: use 'async with'")
         try:
-            target = httpx.URL(url)
+            target = parse_url(url)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
             raise PermanentStepError(f"invalid URL {redact_url(url)!r:.200}: {exc}") from exc
         encoded = CIMultiDict(headers or {})
@@ -455,6 +456,28 @@ class SafeHttpClient:
         raise PermanentStepError(
             f"too many redirects (more than {max_redirects})", url=redact_url(str(url))
         )
+
+
+PARSED_URLS_CACHED = 512
+"""Parsed URLs kept (:func:`parse_url`): a step that calls the same URL every time parses it
+once."""
+PARSED_URL_MAX_CHARS = 512
+"""A longer URL is parsed every time (the cache's memory stays under ~1 MB)."""
+
+
+def parse_url(url: str) -> httpx.URL:
+    """``httpx.URL(url)`` — ~9 us of CPU for a short URL, a fifth of what its request costs
+    the worker besides the round trip — remembered for the last :data:`PARSED_URLS_CACHED`
+    URLs up to :data:`PARSED_URL_MAX_CHARS` characters (an ``httpx.URL`` is immutable: its
+    ``copy_with``/``join`` return new ones). A URL that does not parse raises every time."""
+    if len(url) > PARSED_URL_MAX_CHARS:
+        return httpx.URL(url)
+    return _parse_cached(url)
+
+
+@functools.lru_cache(maxsize=PARSED_URLS_CACHED)
+def _parse_cached(url: str) -> httpx.URL:
+    return httpx.URL(url)
 
 
 def _span_attributes(method: str, url: httpx.URL) -> dict[str, Any]:
