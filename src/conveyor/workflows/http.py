@@ -458,18 +458,21 @@ class SafeHttpClient:
         )
 
 
-PARSED_URLS_CACHED = 512
+PARSED_URLS_CACHED = 128
 """Parsed URLs kept (:func:`parse_url`): a step that calls the same URL every time parses it
 once."""
-PARSED_URL_MAX_CHARS = 512
-"""A longer URL is parsed every time (the cache's memory stays under ~1 MB)."""
+PARSED_URL_MAX_CHARS = 256
+"""A longer URL is parsed every time: the cache stays under ~0.5 MB even when its URLs are
+percent-encoded at length."""
 
 
 def parse_url(url: str) -> httpx.URL:
     """``httpx.URL(url)`` — ~9 us of CPU for a short URL, a fifth of what its request costs
     the worker besides the round trip — remembered for the last :data:`PARSED_URLS_CACHED`
     URLs up to :data:`PARSED_URL_MAX_CHARS` characters (an ``httpx.URL`` is immutable: its
-    ``copy_with``/``join`` return new ones). A URL that does not parse raises every time."""
+    ``copy_with``/``join`` return new ones; every hop is still checked). A URL that does not
+    parse raises every time. Like the requests themselves, it holds rendered URLs, any
+    credentials in them included, in this process's memory only."""
     if len(url) > PARSED_URL_MAX_CHARS:
         return httpx.URL(url)
     return _parse_cached(url)
