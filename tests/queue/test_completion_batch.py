@@ -165,9 +165,8 @@ return ARGV[1]"""
 
 
 async def test_a_script_batch_times_out_only_when_no_reply_came_for_the_socket_timeout() -> None:
-    """A batch's replies are read under one timer for the batch, pushed back as replies come:
-    it fails when no reply came for the client's socket timeout (0.3 s here), as redis-py's
-    per-read timeout would, never sooner. Eight calls of 100 ms with 100 kB arguments each
+    """Each reply of a batch is due within the client's socket timeout (0.3 s here) of the
+    one before, as redis-py bounds each read. Eight calls of 100 ms with 100 kB arguments each
     (Redis reads them in pieces and answers each call in turn) take 0.8 s and succeed; three
     calls of 150 ms with small arguments (Redis answers them together, after 0.45 s) time
     out as redis-py's ``TimeoutError``, the connection dropped (its replies are still coming)
@@ -199,7 +198,6 @@ async def test_a_script_batch_times_out_only_when_no_reply_came_for_the_socket_t
             assert time.monotonic() - started < 1.0
             assert batcher.batches == 2
             assert all(isinstance(r, RedisTimeoutError) for r in results), results
-            assert "no reply for 0.3 s (0 of 3 arrived)" in str(results[0])
             assert await batcher.call(SLOW, sha, [], [1]) == "1"
 
             assert server.proc is not None

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from hiredis import pack_command  # redis[hiredis] is a dependency
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from conveyor.queue.connection import is_missing_script
 
@@ -200,8 +199,8 @@ async def _send_packed(
 ) -> list[Any]:
     """``packed`` written at once and ``replies`` replies read in order on one pooled
     connection (an error reply is returned, not raised); a connection error is retried as the
-    client's commands are, on a fresh connection (a timeout too). ``read_timeout``: the bound on
-    reading every reply (``None``: the client's socket timeout; ``math.inf``: none)."""
+    client's commands are, on a fresh connection. ``read_timeout``: each read's, as redis-py's
+    ``read_response`` takes it (``None``: the client's socket timeout; ``math.inf``: none)."""
     pool: Any = redis.connection_pool
     conn = await pool.get_connection()
     try:
@@ -231,33 +230,14 @@ def _plain(arg: Any) -> Any:
 async def _round_trip(
     conn: Any, packed: bytes, replies: int, read_timeout: float | None = None
 ) -> list[Any]:
-    """One write, then the replies, each due within ``read_timeout`` of the one before
-    (``None``: the client's socket timeout; ``math.inf``: no bound) — as redis-py bounds each
-    read, but with one timer for the batch instead of one per reply (arming them cost more
-    than reading the replies): the timer is pushed back (to 1.5 times the bound after the latest
-    reply) only once less than the bound is left. So a batch fails only when no reply came
-    for the whole bound, and is found out at most half a bound later."""
     await conn.send_packed_command(packed)
     results: list[Any] = []
-    bound = conn.socket_timeout if read_timeout is None else read_timeout
-    limited = bound is not None and bound != math.inf
-    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(bound if limited else None) as timer:
-            for left in range(replies - 1, -1, -1):
-                try:
-                    results.append(await conn.read_response(timeout=math.inf))
-                except ResponseError as exc:
-                    results.append(exc)
-                deadline = timer.when()
-                if left and deadline is not None and deadline - (now := loop.time()) < bound:
-                    timer.reschedule(now + 1.5 * bound)
-    except TimeoutError as exc:  # the batch's timer: a slow server, as redis-py reports it
-        await conn.disconnect(nowait=True)
-        raise RedisTimeoutError(
-            f"Timeout reading from Redis: no reply for {bound} s "
-            f"({len(results)} of {replies} arrived)"
-        ) from exc
+        for _ in range(replies):
+            try:
+                results.append(await conn.read_response(timeout=read_timeout))
+            except ResponseError as exc:
+                results.append(exc)
     except BaseException:
         # Replies still on the socket: never hand the connection back to be read by another.
         await conn.disconnect(nowait=True)
