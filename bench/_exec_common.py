@@ -309,8 +309,8 @@ class ServiceCpu:
     """CPU time used by PostgreSQL (every ``postgres`` process: the postmaster, its helpers and
     each backend) and by Redis (``INFO cpu``), sampled every ``interval_s`` in a thread, so a
     phase's share can be read for its steady part alone (:meth:`within`, e.g. from the first
-    job's start to the last one's end). Per backend: one that exits takes its time with it,
-    one that starts counts from zero."""
+    job's start to the last one's end). Per backend: one that exits counts up to its last
+    sample, one that starts counts from zero."""
 
     def __init__(self, interval_s: float = 0.25) -> None:
         self._interval_s = interval_s
