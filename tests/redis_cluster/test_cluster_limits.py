@@ -150,48 +150,52 @@ async def test_cap_and_start_rate_hold_across_two_workers_on_a_cluster(
         **cluster.env(),
     )
     rate, n_rate = 10.0, 21
-    with http_recorder() as rec:
-        async with seeder(settings) as s:
-            a, b = await s.tenant("capped"), await s.tenant("rated")
-            await s.store.limits.set(TenantLimits(a, concurrency=2))
-            await s.store.limits.set(
-                TenantLimits(b, concurrency=100, start_rate=rate, start_burst=1)
-            )
-            slow = [{"id": "c", "type": "http", "url": rec.url("/slow", ms=150)}]
-            wa = await s.workflow(a, slow)
-            wb = await s.workflow(b, [{"id": "n", "type": "noop"}])
-            with ExitStack() as stack:
-                procs = [
-                    stack.enter_context(worker_process(env, tmp_path, f"w{i}")) for i in range(2)
-                ]
-                for wp in procs:
-                    await asyncio.to_thread(wait_started, wp)
-                a_ids = await s.executions(a, wa, [None] * 16)
-                b_ids = await s.executions(b, wb, [None] * n_rate)
-                samples: list[int] = []
-                lease_counts: list[int] = []
-                leases = keys.limit_leases(redis_prefix, a, cluster=True)
+    # Bounded below pytest-timeout: a hang then fails with the traceback of the await that
+    # hung (pytest-timeout dumps threads, not coroutines).
+    async with asyncio.timeout(100):
+        with http_recorder() as rec:
+            async with seeder(settings) as s:
+                a, b = await s.tenant("capped"), await s.tenant("rated")
+                await s.store.limits.set(TenantLimits(a, concurrency=2))
+                await s.store.limits.set(
+                    TenantLimits(b, concurrency=100, start_rate=rate, start_burst=1)
+                )
+                slow = [{"id": "c", "type": "http", "url": rec.url("/slow", ms=150)}]
+                wa = await s.workflow(a, slow)
+                wb = await s.workflow(b, [{"id": "n", "type": "noop"}])
+                with ExitStack() as stack:
+                    procs = [
+                        stack.enter_context(worker_process(env, tmp_path, f"w{i}"))
+                        for i in range(2)
+                    ]
+                    for wp in procs:
+                        await asyncio.to_thread(wait_started, wp)
+                    a_ids = await s.executions(a, wa, [None] * 16)
+                    b_ids = await s.executions(b, wb, [None] * n_rate)
+                    samples: list[int] = []
+                    lease_counts: list[int] = []
+                    leases = keys.limit_leases(redis_prefix, a, cluster=True)
 
-                async def sample() -> None:
-                    while True:
-                        samples.append(await _running(s, a))
-                        lease_counts.append(int(await s.queues.redis.zcard(leases)))
-                        await asyncio.sleep(0.01)
+                    async def sample() -> None:
+                        while True:
+                            samples.append(await _running(s, a))
+                            lease_counts.append(int(await s.queues.redis.zcard(leases)))
+                            await asyncio.sleep(0.01)
 
-                sampler = asyncio.create_task(sample())
-                try:
-                    await s.wait_status(a_ids + b_ids, within=60)
-                finally:
-                    sampler.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await sampler
-                for wp in procs:
-                    wp.signal(signal.SIGTERM)
-                for wp in procs:
-                    assert await asyncio.to_thread(wp.wait, 20) == 0, wp.output()[-2000:]
-                    assert "CROSSSLOT" not in wp.output() and "NOSCRIPT" not in wp.output()
-                    assert "limits_unavailable" not in wp.output(), wp.output()[-2000:]
-            starts = await _start_times(s, b_ids)
+                    sampler = asyncio.create_task(sample())
+                    try:
+                        await s.wait_status(a_ids + b_ids, within=60)
+                    finally:
+                        sampler.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await sampler
+                    for wp in procs:
+                        wp.signal(signal.SIGTERM)
+                    for wp in procs:
+                        assert await asyncio.to_thread(wp.wait, 20) == 0, wp.output()[-2000:]
+                        assert "CROSSSLOT" not in wp.output() and "NOSCRIPT" not in wp.output()
+                        assert "limits_unavailable" not in wp.output(), wp.output()[-2000:]
+                starts = await _start_times(s, b_ids)
     assert len(samples) > 30, len(samples)  # sampled throughout the run
     assert max(samples) <= 2, max(samples)  # never more than the cap, across both workers
     assert max(samples) == 2  # ... and the cap is used
