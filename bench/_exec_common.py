@@ -318,6 +318,8 @@ class ServiceCpu:
         self._procs: dict[int, psutil.Process] = {}
         self._samples: list[tuple[float, dict[int, float], float]] = []
         """(epoch seconds, CPU seconds of each postgres pid, Redis CPU seconds)."""
+        self._lock = threading.Lock()
+        """Samples are taken by the thread and by :meth:`sample` callers, one at a time."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -335,24 +337,26 @@ class ServiceCpu:
             cpu[pid] = float(times.user + times.system)
         return cpu
 
-    def _sample(self) -> None:
-        info = self._redis.info("cpu")
-        redis_s = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-        self._samples.append((time.time(), self._postgres(), redis_s))
+    def sample(self) -> None:
+        """Take a sample now (the thread takes one every ``interval_s``)."""
+        with self._lock:
+            info = self._redis.info("cpu")
+            redis_s = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+            self._samples.append((time.time(), self._postgres(), redis_s))
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
-            self._sample()
+            self.sample()
 
     def __enter__(self) -> ServiceCpu:
-        self._sample()
+        self.sample()
         self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._sample()
+        self.sample()
         self._redis.close()
 
     def within(self, start_s: float, end_s: float) -> dict[str, float]:

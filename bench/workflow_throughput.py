@@ -50,6 +50,7 @@ from _exec_common import (
     REDIS_HOST,
     REDIS_PORT,
     RssSampler,
+    ServiceCpu,
     bench_env,
     conveyor_worker,
     delete_prefix,
@@ -174,19 +175,6 @@ def target_server() -> Iterator[tuple[int, psutil.Process]]:
 def _cpu(p: psutil.Process) -> float:
     t = p.cpu_times()
     return float(t.user + t.system)
-
-
-def postgres_cpu_s() -> float:
-    """Total CPU time of every running ``postgres`` process (backends come and go: a backend
-    that exits during the run takes its time with it, so the pool is kept open throughout)."""
-    total = 0.0
-    for p in psutil.process_iter(["name"]):
-        if (p.info.get("name") or "").startswith("postgres"):
-            try:
-                total += _cpu(p)
-            except psutil.Error:
-                continue
-    return total
 
 
 # --- the raw baseline ------------------------------------------------------------------------
@@ -366,11 +354,14 @@ async def run_conveyor(
             "DATABASE_POOL_SIZE": str(min(concurrency, 20)),
             "HTTP_ALLOWLIST": f"127.0.0.1:{port}",
         }
-        target0, pg0 = _cpu(target), postgres_cpu_s()
-        async with conveyor_worker(env, **extra) as proc:
-            with RssSampler(proc.pid) as usage:
-                await seed.wait_succeeded(n, timeout_s=max(180.0, n / 20), proc=proc)
-            pg_cpu = postgres_cpu_s() - pg0
+        target0 = _cpu(target)
+        with ServiceCpu() as services:
+            began = time.time()
+            async with conveyor_worker(env, **extra) as proc:
+                with RssSampler(proc.pid) as usage:
+                    await seed.wait_succeeded(n, timeout_s=max(180.0, n / 20), proc=proc)
+                services.sample()  # the worker's backends still there
+                pg_cpu = services.within(began, time.time())["postgres"]
         first, last = await seed.span_s()
         return {
             "per_s": n / (last - first),

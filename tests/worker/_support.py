@@ -16,12 +16,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
 from conveyor.queue import WorkflowExecute
 from conveyor.settings import Settings, load_settings
 from tests.conftest import REDIS_HOST, REDIS_PORT
+
+if TYPE_CHECKING:
+    from conveyor.workers.runner import ExecutionRunner
 
 
 def worker_env(prefix: str, database_url: str, **extra: str) -> dict[str, str]:
@@ -196,3 +199,25 @@ async def eventually(predicate: Callable[[], Awaitable[object]], within: float, 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {within}s")
         await asyncio.sleep(0.05)
+
+
+class Gate:
+    """Holds the runs of a runner's engine until opened."""
+
+    def __init__(self, runner: ExecutionRunner) -> None:
+        self.open = asyncio.Event()
+        engine = runner._engine
+        gate = self.open
+
+        class Held:
+            async def run(
+                self,
+                execution_id: str,
+                *,
+                abandon: asyncio.Event | None = None,
+                workflow: tuple[str, str] | None = None,
+            ) -> Any:
+                await gate.wait()
+                return await engine.run(execution_id, abandon=abandon, workflow=workflow)
+
+        runner._engine = Held()

@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
 
@@ -18,7 +17,7 @@ from conveyor.queue import JobContext, JobDeferred, WorkflowExecute
 from conveyor.settings import Settings
 from conveyor.workers.limits import ConcurrencyLimits
 from conveyor.workers.runner import ExecutionRunner
-from tests.worker._support import eventually, http_recorder
+from tests.worker._support import Gate, eventually, http_recorder
 from tests.worker.conftest import Seeder, seeder
 
 QUEUE = "workflow.execute.us"
@@ -130,25 +129,11 @@ async def test_busy_execution_is_deferred_not_failed(wsettings: Settings) -> Non
 async def test_tenant_at_cap_is_parked_and_promoted_in_order(wsettings: Settings) -> None:
     async with runner_for(wsettings) as (runner, s):
         runner.limits = ConcurrencyLimits(4, 1)
-        gate = asyncio.Event()
         t = await s.tenant()
         ids = await s.executions(
             t, await s.workflow(t, [{"id": "n", "type": "noop"}]), [None] * 3, dispatch=False
         )
-
-        class Held:
-            async def run(
-                self,
-                execution_id: str,
-                *,
-                abandon: asyncio.Event | None = None,
-                workflow: tuple[str, str] | None = None,
-            ) -> Any:
-                await gate.wait()
-                return await engine.run(execution_id, abandon=abandon, workflow=workflow)
-
-        engine = runner._engine
-        runner._engine = Held()
+        gate = Gate(runner)
         first = asyncio.create_task(runner.process(*job(ids[0], t)))
         await asyncio.sleep(0.05)
         for parked in ids[1:]:
@@ -158,7 +143,7 @@ async def test_tenant_at_cap_is_parked_and_promoted_in_order(wsettings: Settings
         assert runner.limits.parked_count == 2 and runner.limits.active == 1
         promoter = asyncio.create_task(runner.run_promoter())
         try:
-            gate.set()
+            gate.open.set()
             assert (await first)["status"] == "succeeded"
             # ids[1] is handed to the promoter (it is not a delayed BullMQ job here, so the
             # promotion is skipped and the next parked one is tried), oldest first

@@ -24,6 +24,7 @@ from conveyor.workers import runner as runner_mod
 from conveyor.workers.limits import ConcurrencyLimits, TenantLimitsBook
 from conveyor.workers.runner import ExecutionRunner
 from tests.helpers import redis_server
+from tests.worker._support import Gate
 from tests.worker.conftest import Seeder, seeder
 from tests.worker.test_runner import QUEUE, job
 
@@ -111,28 +112,6 @@ def parked_job(execution_id: str, tenant: str) -> tuple[WorkflowExecute, JobCont
     """A job whose data says it was parked by a limit before."""
     payload, ctx = job(execution_id, tenant)
     return payload, JobContext(ctx.id, ctx.name, ctx.queue_name, 0, ctx.timestamp_ms, parked=True)
-
-
-class Gate:
-    """Holds the runs of a runner's engine until opened."""
-
-    def __init__(self, runner: ExecutionRunner) -> None:
-        self.open = asyncio.Event()
-        engine = runner._engine
-        gate = self.open
-
-        class Held:
-            async def run(
-                self,
-                execution_id: str,
-                *,
-                abandon: asyncio.Event | None = None,
-                workflow: Any = None,
-            ) -> Any:
-                await gate.wait()
-                return await engine.run(execution_id, abandon=abandon)
-
-        runner._engine = Held()
 
 
 async def test_the_next_run_takes_the_ended_runs_slot_without_a_round_trip(

@@ -440,9 +440,9 @@ class PgRunStore:
         # read the same lease — the first is sent, the other is told it lost (it wrote
         # nothing); an unleased run and the claim made since its read have the same number —
         # the claim's write is sent (the read is stale: its write could only be fenced out)
+        keys = [(r.claim.execution_id, r.claim.lease) for r in requests]
         first: dict[tuple[str, int], _WriteRequest] = {}
-        for r in requests:
-            key = (r.claim.execution_id, r.claim.lease)
+        for r, key in zip(requests, keys, strict=True):
             kept = first.get(key)
             if kept is None or (kept.claim.unleased and not r.claim.unleased):
                 first[key] = r
@@ -458,9 +458,7 @@ class PgRunStore:
             return [await self._write_one(r) for r in requests]
         written = {(row["id"], row["lease"]): str(row["status"]) for row in rows}
         return [
-            written.get(key) if first[key] is r else None
-            for r in requests
-            for key in ((r.claim.execution_id, r.claim.lease),)
+            written.get(k) if first[k] is r else None for r, k in zip(requests, keys, strict=True)
         ]
 
 
