@@ -11,15 +11,17 @@ import pytest
 from conveyor.errors import PermanentStepError, StepError
 from conveyor.workflows import (
     GotoAction,
+    RenderedInput,
     SafeHttpClient,
     StepContext,
     StepResult,
     parse_definition,
+    run_pure_step,
     run_step,
 )
 from conveyor.workflows.expressions import ExpressionError
 from conveyor.workflows.http import redact_headers, redact_url
-from conveyor.workflows.steps import AnyStep
+from conveyor.workflows.steps import AnyStep, PureStep
 from tests.workflows.conftest import LocalServer, make_settings
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -123,6 +125,47 @@ async def test_condition_cases() -> None:
     fallthrough = await run_step(condition, ctx({"n": 1}))
     assert fallthrough.next == "continue"
     assert fallthrough.rendered_input == {"cases": whens, "branch": "else"}
+
+
+PURE = [
+    ({"type": "noop"}, None),
+    ({"type": "transform", "expression": "{n: input.n, run: execution.id, a: steps.a}"}, None),
+    ({"type": "transform", "expression": "input", "select": "n"}, None),
+    ({"type": "condition", "expression": "input.n > `1`", "then": {"goto": "later"}}, None),
+    ({"type": "condition", "cases": [{"when": "input.n > `5`", "then": "end"}]}, None),
+    ({"type": "transform", "expression": "sum(input)"}, ExpressionError),
+    ({"type": "transform", "expression": "input", "select": "sum(@)"}, ExpressionError),
+    ({"type": "condition", "expression": "abs(input)"}, ExpressionError),
+]
+
+
+@pytest.mark.parametrize(("fields", "raises"), PURE)
+async def test_the_engines_fast_path_for_pure_steps_does_what_run_step_does(
+    fields: dict[str, Any], raises: type[Exception] | None
+) -> None:
+    """``run_pure_step`` (the engine's fast path) against ``run_step``: the same result, the
+    same recorded input — also what a failing try had rendered — and the same error."""
+    pure: PureStep = step(**fields)  # type: ignore[assignment]
+    context = ctx({"n": 3}, {"a": [1, 2]})
+    rendered = RenderedInput()
+    if raises is not None:
+        with pytest.raises(raises) as slow:
+            await run_step(pure, context)
+        with pytest.raises(raises) as fast:
+            run_pure_step(pure, context.expression_context(), rendered)
+        assert str(fast.value) == str(slow.value)
+        assert rendered.value == context.rendered.value is not None
+        return
+    expected = await run_step(pure, context)
+    result = run_pure_step(pure, context.expression_context(), rendered)
+    assert (result.output, result.next, result.suspend_until) == (
+        expected.output,
+        expected.next,
+        expected.suspend_until,
+    )
+    assert rendered.value == expected.rendered_input
+    if fields["type"] != "noop":
+        assert rendered.value is not None and expected.output is not None
 
 
 async def test_delay_seconds() -> None:

@@ -96,7 +96,7 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping,
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from conveyor import tracing
 from conveyor.engine._outcome import OutcomeKind, RunOutcome
@@ -142,18 +142,20 @@ from conveyor.workflows import (
     ExpressionError,
     ForeachStep,
     ParallelStep,
+    RenderedInput,
     SafeHttpClient,
     SecretResolver,
     StepContext,
     StepResult,
     WaitStep,
     WorkflowStep,
+    run_pure_step,
     run_step,
 )
 from conveyor.workflows.definition import RetryPolicy
 from conveyor.workflows.expressions import build_context, evaluate, render_template
 from conveyor.workflows.step_models import DURABLE_RETRY_MIN_S
-from conveyor.workflows.steps import AnyStep
+from conveyor.workflows.steps import AnyStep, PureStep
 
 log = logging.getLogger(__name__)
 
@@ -645,7 +647,11 @@ class Engine:
             return await self._subflow(run, step)
         if isinstance(step, ParallelStep | ForeachStep):
             return await self._fanout(run, step)
-        if plan.local[index] and (step.retry is None or step.retry.attempts == 1):
+        if plan.pure[index] and run.resume is None and self._runner is run_step:
+            # a try that fails is made again the regular way: deterministic, it fails alike,
+            # and that records why (its error, its tries, what it had rendered)
+            done = self._pure_try(run, cast(PureStep, step)) or await self._attempts(run, step)
+        elif plan.local[index] and (step.retry is None or step.retry.attempts == 1):
             done = await self._attempts(run, step)
         else:
             await run.runs.idle()  # hold no connection while the step waits
@@ -1396,6 +1402,29 @@ class Engine:
                     retry_at=now + timedelta(seconds=wait),
                 )
             await asyncio.sleep(wait)
+
+    def _pure_try(self, run: _Run, step: PureStep) -> _StepDone | None:
+        """A pure step's first try, when it succeeds: what :meth:`_attempts` would make of it,
+        without what only a step that waits or fails needs (a :class:`StepContext`, a timeout,
+        the retry policy, a coroutine per layer) — most of a ``transform``'s cost. ``None``
+        when the try fails in any way (its output cannot be stored included)."""
+        claim = run.claim
+        started = self._clock()
+        rendered = RenderedInput()
+        context = build_context(
+            claim.input,
+            run.outputs,
+            execution_id=claim.execution_id,
+            workflow_id=claim.workflow_id,
+            tenant_id=claim.tenant_id,
+        )
+        try:
+            result = run_pure_step(step, context, rendered)
+            output = encode_output(step, result.output, self._max_output)
+        except Exception:
+            return None
+        did = None if rendered.value is None else encode_input(rendered.value, self._max_output)
+        return _StepDone(1, started, self._clock(), result=result, output=output, input=did)
 
     def _secrets_of(self, tenant_id: str) -> SecretResolver:
         """What ``http`` steps read the tenant's secrets with (at the step, when it runs): a

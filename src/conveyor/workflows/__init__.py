@@ -36,6 +36,7 @@ from conveyor.workflows.steps import (
     SecretResolver,
     StepContext,
     StepResult,
+    run_pure_step,
     run_step,
 )
 
@@ -62,6 +63,7 @@ __all__ = [
     "WorkflowDefinition",
     "WorkflowStep",
     "parse_definition",
+    "run_pure_step",
     "run_step",
     "validate_input",
     "workflow_json_schema",

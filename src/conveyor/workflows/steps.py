@@ -73,11 +73,13 @@ from conveyor.workflows.step_models import (
 
 __all__ = [
     "AnyStep",
+    "PureStep",
     "RenderedInput",
     "SecretResolver",
     "StepContext",
     "StepResult",
     "http_step_secrets",
+    "run_pure_step",
     "run_step",
 ]
 
@@ -167,15 +169,34 @@ async def run_step(step: AnyStep, ctx: StepContext) -> StepResult:
     return StepResult(result.output, result.next, result.suspend_until, ctx.rendered.value)
 
 
-async def _run(step: AnyStep, ctx: StepContext) -> StepResult:
+PureStep = NoopStep | TransformStep | ConditionStep
+"""The step types :func:`run_pure_step` runs: deterministic, without side effects."""
+
+_NOTHING = StepResult()
+
+
+def run_pure_step(
+    step: PureStep, context: Mapping[str, Any], rendered: RenderedInput
+) -> StepResult:
+    """Run a pure step once, synchronously, over the expression ``context``
+    (:func:`~conveyor.workflows.expressions.build_context`'s document): what :func:`run_step`
+    does for it, without the :class:`StepContext` (the engine's fast path for pure steps).
+
+    What it did goes to ``rendered`` as it renders (not into the result); raises
+    :class:`~conveyor.workflows.expressions.ExpressionError` (permanent) as ``run_step`` does.
+    """
     if isinstance(step, NoopStep):
-        return StepResult()
+        return _NOTHING
     if isinstance(step, TransformStep):
-        ctx.rendered.value = _transform_input(step)
-        output = evaluate(step.expression, ctx.expression_context())
+        rendered.value = _transform_input(step)
+        output = evaluate(step.expression, context)
         return StepResult(output=_select_output(step, output))
-    if isinstance(step, ConditionStep):
-        return _run_condition(step, ctx)
+    return _run_condition(step, context, rendered)
+
+
+async def _run(step: AnyStep, ctx: StepContext) -> StepResult:
+    if isinstance(step, NoopStep | TransformStep | ConditionStep):
+        return run_pure_step(step, ctx.expression_context(), ctx.rendered)
     if isinstance(step, DelayStep):
         return _run_delay(step, ctx)
     if isinstance(step, HttpStep):
@@ -272,25 +293,26 @@ def _redacted_error(exc: StepError, redactor: Redactor) -> StepError:
     return type(exc)(redactor.text(exc.message), details)
 
 
-def _run_condition(step: ConditionStep, ctx: StepContext) -> StepResult:
-    context = ctx.expression_context()
+def _run_condition(
+    step: ConditionStep, context: Mapping[str, Any], rendered: RenderedInput
+) -> StepResult:
     branch: str | int
     action: Action
     if step.cases is None:
         assert step.expression is not None
         evaluated: dict[str, Any] = {"expression": step.expression}
-        ctx.rendered.value = evaluated
+        rendered.value = evaluated
         matched = truthy(evaluate(step.expression, context))
         branch, action = ("then", step.then_action) if matched else ("else", step.else_action)
     else:
         evaluated = {"cases": [case.when for case in step.cases]}
-        ctx.rendered.value = evaluated
+        rendered.value = evaluated
         branch, action = "else", step.else_action
         for index, case in enumerate(step.cases):
             if truthy(evaluate(case.when, context)):
                 branch, action = index, case.then
                 break
-    ctx.rendered.value = {**evaluated, "branch": branch}
+    rendered.value = {**evaluated, "branch": branch}
     shown = action.model_dump() if isinstance(action, GotoAction) else action
     return StepResult(output={"branch": branch, "action": shown}, next=action)
 
