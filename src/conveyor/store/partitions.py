@@ -69,6 +69,7 @@ __all__ = [
     "include_name",
     "include_object",
     "is_partition",
+    "partition_bounds",
     "partition_name",
     "read_partitions",
 ]
@@ -117,6 +118,13 @@ def day_of(execution_id: str) -> date | None:
     if not _HEX_ID.match(execution_id):
         return None
     return EPOCH + timedelta(days=int(execution_id[:12], 16) // DAY_MS)
+
+
+def partition_bounds(bound: str | None) -> tuple[str, str] | None:
+    """A daily partition's ``[lower, upper)`` id range from its bound expression
+    (``pg_get_expr(relpartbound, oid)``); ``None`` for the default partition."""
+    match = _BOUNDS.search(bound or "")
+    return None if match is None else (match.group(1), match.group(2))
 
 
 def partition_name(table: str, day: date) -> str:
@@ -348,8 +356,7 @@ async def read_partitions(conn: AsyncConnection) -> builtins.list[Partition]:
         day = None
         if match is not None and match.group(2) is not None:
             day = datetime.strptime(match.group(2), "%Y%m%d").date()
-        bounds = _BOUNDS.search(r.bound or "")
-        lower, upper = (bounds.group(1), bounds.group(2)) if bounds else (None, None)
+        lower, upper = partition_bounds(r.bound) or (None, None)
         out.append(Partition(r.parent, r.name, day, lower, upper, int(r.rows), int(r.bytes)))
     out.sort(key=lambda p: (p.table, p.lower is None, p.lower or ""))
     return out

@@ -25,12 +25,19 @@ above): nothing waits for a batch to fill. A batch the database refuses for a re
 own (a value one execution cannot store, a deadlock with another process's batch) is sent
 again row by row, so that error reaches only its own execution; a lost connection fails the
 batch (each engine then retries its write, asking first whether it committed).
+
+A batch whose executions are all of one day is sent on that day's partitions of
+``executions`` and ``step_runs`` rather than on the parent tables (:class:`PartitionMap`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
+import time
+from bisect import bisect_right
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +47,7 @@ from typing import Any
 from conveyor.errors import ConveyorError, DatabaseUnavailable, LeaseLost
 from conveyor.store._errors import never_sent, translate_errors
 from conveyor.store._group_commit import GroupCommit
+from conveyor.store.partitions import PARTITIONED, is_partition, partition_bounds
 from conveyor.store.pg._conn import call, discard
 from conveyor.store.runs import (
     Claim,
@@ -50,7 +58,9 @@ from conveyor.store.runs import (
     unleased_claim,
 )
 
-__all__ = ["PgRunStore"]
+__all__ = ["PartitionMap", "PgRunStore"]
+
+log = logging.getLogger(__name__)
 
 _CLAIMED = """tenant_id, workflow_id, workflow_version, region, input, next_step, steps_run,
           lease, attempts, queued_at, started_at, step_attempt, step_errors, step_started_at,
@@ -287,6 +297,102 @@ update returned (by id and lease) inserted with them. The rows returned are the 
 happened."""
 
 
+_PARTITIONS = """
+SELECT p.relname AS parent, c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
+  FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+  JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace
+ WHERE n.nspname = current_schema() AND p.relname = ANY($1::text[])
+"""
+
+
+class PartitionMap:
+    """Which daily partition of ``executions`` / ``step_runs`` holds an execution id, read
+    from the catalog (see :mod:`conveyor.store.partitions`) at most every
+    :attr:`refresh_s` seconds.
+
+    Why: a batch's statement joins ``unnest`` of its ids, which leaves PostgreSQL nothing to
+    prune partitions with when it plans, so on the parent table it plans and opens every
+    partition, for every batch (custom plans: the batch's size changes the best plan). Named
+    partitions, measured with five partitions (a retention of 30 days keeps 34): the write of
+    20 one-step executions planned in 0.25 ms instead of 0.52-0.81 ms and ran in 0.65 ms
+    instead of 0.75-1.09 ms; the writing backend's CPU per statement went from ~1.7 ms to
+    ~1.1 ms (20 executions), ~1.2 to ~0.7 ms (5), ~1.0 to ~0.6 ms (1). And with statistics
+    behind a burst (20,000 executions inserted, not analyzed yet), the parent's plan for 50
+    hash-joined a sequential scan of the whole day (7.9 ms) where the partition's kept its
+    primary key lookups (2.0 ms).
+
+    Safe with a stale map: a partition's bounds never change while it exists; an id no
+    partition known here covers (a day created since the last read, the default partition)
+    gets ``None`` — the parent table — never a guess; and a statement naming a partition
+    dropped since fails and is sent again on the parent table (:meth:`forget` first).
+    """
+
+    refresh_s = 60.0
+    retry_s = 5.0
+    """After a failed read of the catalog: the parent tables until then."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._ranges: dict[str, list[tuple[str, str, str]]] = {}
+        """Table -> its daily partitions' ``(lower, upper, name)``, by lower bound."""
+        self._lowers: dict[str, list[str]] = {}
+        self._due = 0.0
+        """``time.monotonic()`` from which the catalog is read again."""
+        self._lock = asyncio.Lock()
+
+    async def holding(self, table: str, first: str, last: str) -> str | None:
+        """The daily partition of ``table`` holding every id from ``first`` to ``last``;
+        ``None`` when none known here does (use the parent table)."""
+        if time.monotonic() >= self._due:
+            await self._read()
+        lowers = self._lowers.get(table)
+        if not lowers:
+            return None
+        i = bisect_right(lowers, first) - 1
+        if i < 0:
+            return None
+        lower, upper, name = self._ranges[table][i]
+        return name if lower <= first and last < upper else None
+
+    def forget(self) -> None:
+        """Read the catalog again before the next answer (a named partition was refused)."""
+        self._due = 0.0
+
+    async def _read(self) -> None:
+        async with self._lock:
+            if time.monotonic() < self._due:
+                return  # read meanwhile
+            try:
+                rows = await call(self._pool, "fetch", _PARTITIONS, list(PARTITIONED))
+            except ConveyorError as exc:
+                log.warning("store.partitions_unread", extra={"error": repr(exc)})
+                self._ranges, self._lowers = {}, {}
+                self._due = time.monotonic() + self.retry_s
+                return
+            ranges: dict[str, list[tuple[str, str, str]]] = {}
+            for row in rows:
+                bounds = partition_bounds(row["bound"])
+                if bounds is not None and is_partition(row["name"]):
+                    ranges.setdefault(row["parent"], []).append((*bounds, row["name"]))
+            for parts in ranges.values():
+                parts.sort()
+            self._ranges = ranges
+            self._lowers = {table: [p[0] for p in parts] for table, parts in ranges.items()}
+            self._due = time.monotonic() + self.refresh_s
+
+
+def _on_partitions(sql: str, executions: str, step_runs: str | None) -> str:
+    """``sql`` (:data:`_CLAIM_MANY` / :data:`_WRITE_MANY`) on the named partitions rather
+    than on their parent tables."""
+    targets = [("UPDATE executions e", f"UPDATE {executions} e")]
+    if step_runs is not None:
+        targets.append(("INSERT INTO step_runs ", f"INSERT INTO {step_runs} "))
+    for parent, partition in targets:
+        assert sql.count(parent) == 1, parent
+        sql = sql.replace(parent, partition)
+    return sql
+
+
 @dataclass(frozen=True, slots=True)
 class _ClaimRequest:
     execution_id: str
@@ -318,6 +424,8 @@ class PgRunStore:
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
+        self.partitions = PartitionMap(pool)
+        self._targeted: dict[tuple[str, str, str | None], str] = {}
         self.claims: GroupCommit[_ClaimRequest, Claim | None] = GroupCommit(
             self._claim_one, self._claim_many, name="store.claim_batch"
         )
@@ -391,11 +499,12 @@ class PgRunStore:
             first.setdefault(r.execution_id, r)
         # in id order: two processes' batches lock their common rows in the same order
         unique = sorted(first.values(), key=lambda r: r.execution_id)
+        sql = await self._statement(_CLAIM_MANY, unique[0].execution_id, unique[-1].execution_id)
         try:
             rows = await call(
                 self._pool,
                 "fetch",
-                _CLAIM_MANY,
+                sql,
                 [r.execution_id for r in unique],
                 [r.now for r in unique],
                 [r.lease_until for r in unique],
@@ -403,6 +512,8 @@ class PgRunStore:
         except DatabaseUnavailable:
             raise
         except ConveyorError:  # e.g. a deadlock with another process's batch: one by one
+            if sql is not _CLAIM_MANY:
+                self.partitions.forget()  # perhaps a partition dropped since the last read
             return [await self._claim_one(r) if first[r.execution_id] is r else None
                     for r in requests]  # fmt: skip
         claimed = {row["id"]: row for row in rows}
@@ -412,6 +523,26 @@ class PgRunStore:
             else None
             for r in requests
         ]
+
+    async def _statement(self, sql: str, first: str, last: str) -> str:
+        """``sql`` (a batch's: :data:`_CLAIM_MANY`, :data:`_WRITE_MANY`) on the daily
+        partitions that hold the ids from ``first`` to ``last`` when one of each table
+        does, else ``sql`` itself (see :class:`PartitionMap`)."""
+        executions = await self.partitions.holding("executions", first, last)
+        if executions is None:
+            return sql
+        step_runs = None
+        if sql is _WRITE_MANY:
+            step_runs = await self.partitions.holding("step_runs", first, last)
+            if step_runs is None:
+                return sql
+        key = (sql, executions, step_runs)
+        targeted = self._targeted.get(key)
+        if targeted is None:
+            if len(self._targeted) >= 64:  # a few days' worth; the statement cache's share
+                self._targeted.clear()
+            targeted = self._targeted[key] = _on_partitions(sql, executions, step_runs)
+        return targeted
 
     async def _peek_one(self, r: tuple[str, datetime]) -> Claim | None:
         row = await call(self._pool, "fetchrow", _PEEK, r[0])
@@ -448,13 +579,16 @@ class PgRunStore:
                 first[key] = r
         unique = sorted(first.values(), key=lambda r: r.claim.execution_id)
         values = _write_many_values(unique)
+        sql = await self._statement(
+            _WRITE_MANY, unique[0].claim.execution_id, unique[-1].claim.execution_id
+        )
         try:
-            rows = await call(
-                self._pool, "fetch", _WRITE_MANY, *[values[n] for n in _WRITE_MANY_ORDER]
-            )
+            rows = await call(self._pool, "fetch", sql, *[values[n] for n in _WRITE_MANY_ORDER])
         except DatabaseUnavailable:
             raise
         except ConveyorError:  # refused for one execution's sake (or a deadlock): one by one
+            if sql is not _WRITE_MANY:
+                self.partitions.forget()  # perhaps a partition dropped since the last read
             return [await self._write_one(r) for r in requests]
         written = {(row["id"], row["lease"]): str(row["status"]) for row in rows}
         return [

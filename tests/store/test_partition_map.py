@@ -1,0 +1,170 @@
+"""The run store's batches on the daily partitions (:class:`conveyor.store.pg.runs.PartitionMap`):
+a batch whose executions one day's partitions hold is sent on those partitions (planned for one
+table, not for every partition), and writes exactly what the statement on the parent tables
+writes; a batch over two days, ids in the default partition, a day created after the map was
+read and a day dropped since all go to the parent tables — nothing is ever written to a guess,
+nothing is lost. Each test has a database of its own (partitions outlive a truncate)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from conveyor.errors import LeaseLost
+from conveyor.store import Claim, ExecutionWrite, StepWrite, Store, migrate
+from conveyor.store.partitions import partition_name
+from conveyor.store.pg import PgRunStore
+from conveyor.store.pg.runs import _CLAIM_MANY, _WRITE_MANY
+from tests.store import _retention_seed as seed
+from tests.store._fixtures import settings_for
+
+D = date(2031, 3, 10)
+T = datetime(2031, 3, 10, 9, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+LEASE = timedelta(seconds=30)
+
+
+@pytest.fixture
+async def pg(fresh_pg_url: str) -> AsyncIterator[Store]:
+    settings = settings_for(fresh_pg_url)
+    await migrate(settings)
+    async with Store(settings, pool_size=3) as store:
+        yield store
+
+
+def _runs(store: Store) -> PgRunStore:
+    assert isinstance(store.runs, PgRunStore)
+    return store.runs
+
+
+async def _queued(store: Store, owner: seed.Tenant, at: datetime, n: int) -> list[str]:
+    return sorted(
+        [await seed.execution(store, owner, "queued", created=at, id_at=at, steps=0)
+         for _ in range(n)]
+    )  # fmt: skip
+
+
+async def _claim_all(runs: PgRunStore, ids: list[str]) -> list[Claim]:
+    claims = await asyncio.gather(*(runs.claim(e, T, T + LEASE) for e in ids))
+    assert all(c is not None for c in claims)
+    return [c for c in claims if c is not None]
+
+
+async def _finish_all(runs: PgRunStore, claims: list[Claim]) -> list[str]:
+    def write(claim: Claim) -> ExecutionWrite:
+        return ExecutionWrite(status="succeeded", next_step=1, steps_run=1, now=T,
+                              lease_expires_at=None, output={"n": 1}, output_json='{"n":1}',
+                              finished_at=T)  # fmt: skip
+
+    def step(claim: Claim) -> StepWrite:
+        return StepWrite(seq=0, step_id="s", step_type="noop", status="succeeded", attempts=1,
+                         input=None, input_json=None, output={"id": claim.execution_id},
+                         output_json=f'{{"id":"{claim.execution_id}"}}', output_truncated=False,
+                         error=None, error_json=None, started_at=T, finished_at=T)  # fmt: skip
+
+    return list(await asyncio.gather(*(runs.write(c, write(c), [step(c)]) for c in claims)))
+
+
+async def _homes(store: Store, ids: list[str]) -> dict[str, tuple[str, str, str | None]]:
+    """id -> (its executions partition, its status, its step run's partition)."""
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT e.id, e.tableoid::regclass::text, e.status, s.tableoid::regclass::text "
+                "FROM executions e LEFT JOIN step_runs s ON s.execution_id = e.id "
+                "WHERE e.id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        )
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+async def test_a_batch_of_one_days_executions_is_sent_on_that_days_partitions(
+    pg: Store,
+) -> None:
+    await pg.partitions.ensure(T, 1)
+    owner = await seed.tenant(pg, "acme", T)
+    today = await _queued(pg, owner, T, 3)
+    tomorrow = await _queued(pg, owner, T + DAY, 1)
+    runs = _runs(pg)
+    executions, step_runs = partition_name("executions", D), partition_name("step_runs", D)
+    assert await runs.partitions.holding("executions", today[0], today[-1]) == executions
+    assert await runs.partitions.holding("step_runs", today[0], today[-1]) == step_runs
+    assert await runs.partitions.holding("executions", today[0], tomorrow[0]) is None
+    on_day = await runs._statement(_WRITE_MANY, today[0], today[-1])
+    assert f"UPDATE {executions} e" in on_day and f"INSERT INTO {step_runs} " in on_day
+    assert await runs._statement(_WRITE_MANY, today[0], tomorrow[0]) is _WRITE_MANY
+    assert f"UPDATE {executions} e" in await runs._statement(_CLAIM_MANY, today[0], today[1])
+
+    # one day's batch and a batch over two days: both claimed and written in full
+    batches = runs.claims.batches, runs.writes.batches
+    runs._targeted.clear()
+    claims = await _claim_all(runs, today)
+    assert await _finish_all(runs, claims) == ["succeeded"] * 3
+    assert set(runs._targeted) == {
+        (_CLAIM_MANY, executions, None),
+        (_WRITE_MANY, executions, step_runs),
+    }, "the day's batches were sent on its partitions"
+    both = await _claim_all(runs, [*tomorrow, *(await _queued(pg, owner, T, 1))])
+    assert await _finish_all(runs, both) == ["succeeded"] * 2
+    assert (runs.claims.batches, runs.writes.batches) == (batches[0] + 2, batches[1] + 2)
+    homes = await _homes(pg, [*today, *[c.execution_id for c in both]])
+    assert len(homes) == 5 and all(status == "succeeded" for _e, status, _s in homes.values())
+    for eid in today:
+        assert homes[eid] == (executions, "succeeded", step_runs)
+    tomorrows = (partition_name("executions", D + DAY), "succeeded",
+                 partition_name("step_runs", D + DAY))  # fmt: skip
+    assert homes[tomorrow[0]] == tomorrows
+
+
+async def test_ids_of_the_default_partition_and_of_a_day_created_since_go_to_the_parent(
+    pg: Store,
+) -> None:
+    owner = await seed.tenant(pg, "acme", T)
+    early = await _queued(pg, owner, T, 2)  # no day yet: the default partition
+    runs = _runs(pg)
+    assert await runs.partitions.holding("executions", early[0], early[-1]) is None
+    await pg.partitions.ensure(T + DAY, 0)  # created after the map was read
+    later = await _queued(pg, owner, T + DAY, 2)
+    assert await runs._statement(_CLAIM_MANY, later[0], later[-1]) is _CLAIM_MANY
+
+    assert await _finish_all(runs, await _claim_all(runs, early)) == ["succeeded"] * 2
+    assert await _finish_all(runs, await _claim_all(runs, later)) == ["succeeded"] * 2
+    homes = await _homes(pg, [*early, *later])
+    assert {homes[e] for e in early} == {("executions_default", "succeeded", "step_runs_default")}
+    day = (partition_name("executions", D + DAY), "succeeded",
+           partition_name("step_runs", D + DAY))  # fmt: skip
+    assert {homes[e] for e in later} == {day}
+
+    runs.partitions.forget()  # read again: the new day is known
+    assert await runs.partitions.holding("executions", later[0], later[-1]) == day[0]
+
+
+async def test_a_day_dropped_since_the_map_was_read_is_refused_and_sent_to_the_parent(
+    pg: Store,
+) -> None:
+    await pg.partitions.ensure(T, 0)
+    owner = await seed.tenant(pg, "acme", T)
+    gone = await _queued(pg, owner, T, 2)
+    runs = _runs(pg)
+    claims = await _claim_all(runs, gone)
+    assert await runs.partitions.holding("executions", gone[0], gone[-1]) is not None
+    async with pg.engine.begin() as conn:  # gone (a retention pass detaches, then drops)
+        for table in ("step_runs", "executions"):
+            await conn.execute(text(f"DROP TABLE {partition_name(table, D)} CASCADE"))
+
+    # the batch on the dropped day's partitions fails; sent again on the parent tables, each
+    # execution is told what the parent says: it is gone (nothing written, nothing raised
+    # but that)
+    results = await asyncio.gather(
+        *(runs.write(c, ExecutionWrite(status="succeeded", next_step=1, steps_run=1, now=T,
+                                       lease_expires_at=None, finished_at=T), [])
+          for c in claims),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert [type(r) for r in results] == [LeaseLost, LeaseLost]
+    assert await runs.partitions.holding("executions", gone[0], gone[-1]) is None  # read again
