@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from typing import Any
+
+import pytest
 
 from conveyor.engine import Engine, OutcomeKind
 from conveyor.errors import PermanentStepError, RetryableStepError
 from conveyor.settings import Settings
 from conveyor.store import Store, utcnow
-from conveyor.workflows import StepContext, StepResult
+from conveyor.workflows import StepContext, StepResult, expressions
+from conveyor.workflows import steps as steps_module
 from tests.engine._support import Recorder, slow_step, start
 
 
@@ -282,3 +286,42 @@ async def test_nul_characters_in_outputs_are_stored_replaced(
     assert outcome.kind is OutcomeKind.SUCCEEDED
     done = await store.executions.get(tenant, execution_id)
     assert done.output == {"body": "a\ufffdb"}
+
+
+async def test_a_pure_step_is_tried_once_on_its_fast_path_and_a_failed_try_is_recorded(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pure steps run on the engine's fast path (no StepContext per try); one whose try fails
+    is handed to the regular path as it is — evaluated once, not again (an expression stopped
+    by its deadline would block the loop twice) — and recorded as before: its error, one
+    attempt, what it had rendered."""
+    evaluated: list[str] = []
+    real = expressions.evaluate
+
+    def counting(expression: str, context: Any, **kw: Any) -> Any:
+        evaluated.append(expression)
+        return real(expression, context, **kw)
+
+    monkeypatch.setattr(steps_module, "evaluate", counting)
+    steps: list[dict[str, Any]] = [
+        {"id": "a", "type": "transform", "expression": "{n: input.n}"},
+        {"id": "b", "type": "condition", "expression": "steps.a.n > `1`"},
+        {"id": "c", "type": "transform", "expression": "sum(input.s)", "retry": {"attempts": 3}},
+        {"id": "d", "type": "noop"},
+    ]
+    tenant, execution_id = await start(store, steps, {"n": 2, "s": "text"})
+    engine = Engine(store, settings)
+    seen: list[tuple[str, str]] = []
+    engine.on_step = lambda step_type, status, _seconds: seen.append((step_type, status))
+    outcome = await engine.run(execution_id)
+    assert outcome.kind is OutcomeKind.FAILED
+    assert evaluated == ["{n: input.n}", "steps.a.n > `1`", "sum(input.s)"]
+    assert seen == [("transform", "succeeded"), ("condition", "succeeded"),
+                    ("transform", "failed")]  # fmt: skip
+    got = await store.executions.get(tenant, execution_id, with_steps=True)
+    a, b, c = got.steps
+    assert (a.status, a.output, a.input) == ("succeeded", {"n": 2}, {"expression": "{n: input.n}"})
+    assert b.input == {"expression": "steps.a.n > `1`", "branch": "then"}
+    assert (c.status, c.attempts, c.input) == ("failed", 1, {"expression": "sum(input.s)"})
+    assert c.error is not None and c.error["type"] == "ExpressionError"
+    assert got.error is not None and got.error["step"] == "c"

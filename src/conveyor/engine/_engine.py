@@ -212,6 +212,16 @@ class _Tried:
     """The HTTP status of a ``status`` error."""
 
 
+@dataclass(frozen=True, slots=True)
+class _FirstTry:
+    """A step's first try, made before :meth:`Engine._attempts` (a pure step's fast path)."""
+
+    tried: _Tried
+    rendered: RenderedInput
+    """What it had rendered."""
+    started: datetime
+
+
 @dataclass(slots=True)
 class _Progress:
     index: int
@@ -648,9 +658,11 @@ class Engine:
         if isinstance(step, ParallelStep | ForeachStep):
             return await self._fanout(run, step)
         if plan.pure[index] and run.resume is None and self._runner is run_step:
-            # a try that fails is made again the regular way: deterministic, it fails alike,
-            # and that records why (its error, its tries, what it had rendered)
-            done = self._pure_try(run, cast(PureStep, step)) or await self._attempts(run, step)
+            first = self._pure_try(run, cast(PureStep, step))
+            if isinstance(first, _StepDone):
+                done = first
+            else:  # it failed: recorded (and retried, by its policy) the regular way
+                done = await self._attempts(run, step, first)
         elif plan.local[index] and (step.retry is None or step.retry.attempts == 1):
             done = await self._attempts(run, step)
         else:
@@ -1331,12 +1343,15 @@ class Engine:
 
     # --- one step: attempts, timeout, retries, lease renewal -------------------------------
 
-    async def _attempts(self, run: _Run, step: AnyStep) -> _StepDone:
+    async def _attempts(
+        self, run: _Run, step: AnyStep, first: _FirstTry | None = None
+    ) -> _StepDone:
+        """The step's tries, by its retry policy (``first``: the first, already made)."""
         policy = step.retry or _NO_RETRY
         timeout = step.timeout_s
         if timeout is None and not run.plan.local[run.index]:
             timeout = self.default_step_timeout_s
-        started = self._clock()
+        started = self._clock() if first is None else first.started
         history: list[dict[str, Any]] = []
         attempt = 0
         if run.resume is not None:  # the tries made before a retry wait
@@ -1354,9 +1369,13 @@ class Engine:
                 http=self._http,
                 now=self._clock(),
                 attempt=attempt,
+                rendered=RenderedInput() if first is None else first.rendered,
                 secrets=self._secrets_of(run.claim.tenant_id),
             )
-            tried = await self._attempt(step, ctx, timeout)
+            if first is None:
+                tried = await self._attempt(step, ctx, timeout)
+            else:
+                tried, first = first.tried, None
             result, error = tried.result, tried.error
             if error is None:
                 assert result is not None
@@ -1403,11 +1422,12 @@ class Engine:
                 )
             await asyncio.sleep(wait)
 
-    def _pure_try(self, run: _Run, step: PureStep) -> _StepDone | None:
-        """A pure step's first try, when it succeeds: what :meth:`_attempts` would make of it,
-        without what only a step that waits or fails needs (a :class:`StepContext`, a timeout,
-        the retry policy, a coroutine per layer) — most of a ``transform``'s cost. ``None``
-        when the try fails in any way (its output cannot be stored included)."""
+    def _pure_try(self, run: _Run, step: PureStep) -> _StepDone | _FirstTry:
+        """A pure step's first try. Succeeded: what :meth:`_attempts` makes of it, without
+        what only a step that waits or fails needs (a :class:`StepContext`, a timeout, the
+        retry policy, a coroutine per layer) — most of a ``transform``'s cost. Failed (or its
+        output cannot be stored): the try, for :meth:`_attempts` to take from there — never
+        made again (an expression stopped by its deadline would block the loop twice)."""
         claim = run.claim
         started = self._clock()
         rendered = RenderedInput()
@@ -1420,9 +1440,13 @@ class Engine:
         )
         try:
             result = run_pure_step(step, context, rendered)
+        except Exception as exc:
+            return _FirstTry(self._failed(exc, step, claim.execution_id, step.timeout_s),
+                             rendered, started)  # fmt: skip
+        try:
             output = encode_output(step, result.output, self._max_output)
-        except Exception:
-            return None
+        except OutputRejected:
+            return _FirstTry(_Tried(result), rendered, started)
         did = None if rendered.value is None else encode_input(rendered.value, self._max_output)
         return _StepDone(1, started, self._clock(), result=result, output=output, input=did)
 
@@ -1462,21 +1486,25 @@ class Engine:
             else:
                 async with asyncio.timeout(limit_s):
                     result = await self._runner(step, ctx)
-        except TimeoutError:
+        except Exception as exc:
+            return self._failed(exc, step, ctx.execution_id, limit_s)
+        return _Tried(result)
+
+    @staticmethod
+    def _failed(exc: Exception, step: AnyStep, execution_id: str, limit_s: float | None) -> _Tried:
+        """A try that raised ``exc`` (called where it is handled: a crash logs its
+        traceback)."""
+        if isinstance(exc, TimeoutError):
             error = {"type": "StepTimeout", "message": f"step timed out after {limit_s}s"}
             return _Tried(None, error, True, "timeout")
-        except (RetryableStepError, PermanentStepError) as exc:
+        if isinstance(exc, RetryableStepError | PermanentStepError):
             retryable = isinstance(exc, RetryableStepError)
             status = exc.details.get("status") if isinstance(exc.details, dict) else None
             code = status if exc.kind == "status" and isinstance(status, int) else None
             return _Tried(None, describe_error(exc), retryable, exc.kind, code)
-        except Exception as exc:
-            log.exception(
-                "engine.step_crashed", extra={"execution_id": ctx.execution_id, "step": step.id}
-            )
-            message = f"{type(exc).__name__}: {exc}"[:2000]
-            return _Tried(None, {"type": "InternalError", "message": message})
-        return _Tried(result)
+        log.exception("engine.step_crashed", extra={"execution_id": execution_id, "step": step.id})
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+        return _Tried(None, {"type": "InternalError", "message": message})
 
     async def _renew(self, run: _Run) -> None:
         """Extend the lease; LeaseLost stops the step. A database blip only logs: the lease
