@@ -8,6 +8,7 @@ nothing is lost. Each test has a database of its own (partitions outlive a trunc
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
@@ -95,10 +96,12 @@ async def test_a_batch_of_one_days_executions_is_sent_on_that_days_partitions(
     assert await runs.partitions.holding("executions", today[0], today[-1]) == executions
     assert await runs.partitions.holding("step_runs", today[0], today[-1]) == step_runs
     assert await runs.partitions.holding("executions", today[0], tomorrow[0]) is None
-    on_day = await runs._statement(_WRITE_MANY, today[0], today[-1])
-    assert f"UPDATE {executions} e" in on_day and f"INSERT INTO {step_runs} " in on_day
-    assert await runs._statement(_WRITE_MANY, today[0], tomorrow[0]) is _WRITE_MANY
-    assert f"UPDATE {executions} e" in await runs._statement(_CLAIM_MANY, today[0], today[1])
+    on_day = await runs._statement(_WRITE_MANY, today)
+    assert f'UPDATE "{executions}" e' in on_day and f'INSERT INTO "{step_runs}" ' in on_day
+    assert await runs._statement(_WRITE_MANY, [today[0], tomorrow[0]]) is _WRITE_MANY
+    assert f'UPDATE "{executions}" e' in await runs._statement(_CLAIM_MANY, today[:2])
+    odd = [today[0], today[0][:-1] + "Z", today[-1]]  # not an id new_id makes: the parent
+    assert await runs._statement(_CLAIM_MANY, odd) is _CLAIM_MANY
 
     # one day's batch and a batch over two days: both claimed and written in full
     batches = runs.claims.batches, runs.writes.batches
@@ -130,7 +133,7 @@ async def test_ids_of_the_default_partition_and_of_a_day_created_since_go_to_the
     assert await runs.partitions.holding("executions", early[0], early[-1]) is None
     await pg.partitions.ensure(T + DAY, 0)  # created after the map was read
     later = await _queued(pg, owner, T + DAY, 2)
-    assert await runs._statement(_CLAIM_MANY, later[0], later[-1]) is _CLAIM_MANY
+    assert await runs._statement(_CLAIM_MANY, later) is _CLAIM_MANY
 
     assert await _finish_all(runs, await _claim_all(runs, early)) == ["succeeded"] * 2
     assert await _finish_all(runs, await _claim_all(runs, later)) == ["succeeded"] * 2
@@ -140,7 +143,7 @@ async def test_ids_of_the_default_partition_and_of_a_day_created_since_go_to_the
            partition_name("step_runs", D + DAY))  # fmt: skip
     assert {homes[e] for e in later} == {day}
 
-    runs.partitions.forget()  # read again: the new day is known
+    runs.partitions._due = 0.0  # read again (every refresh_s): the new day is known
     assert await runs.partitions.holding("executions", later[0], later[-1]) == day[0]
 
 
@@ -167,4 +170,49 @@ async def test_a_day_dropped_since_the_map_was_read_is_refused_and_sent_to_the_p
         return_exceptions=True,
     )  # fmt: skip
     assert [type(r) for r in results] == [LeaseLost, LeaseLost]
-    assert await runs.partitions.holding("executions", gone[0], gone[-1]) is None  # read again
+    # refused: the parent tables for a while (one failure a minute if partitions cannot be
+    # named, not one a batch), then the catalog is read again
+    assert await runs.partitions.holding("executions", gone[0], gone[-1]) is None
+    assert runs.partitions._due > time.monotonic() + runs.partitions.refresh_s - 5
+
+
+async def test_a_wrong_map_costs_a_statement_never_a_row(pg: Store) -> None:
+    """Whatever the map says — a day dropped and made again with other bounds, ids whose order
+    the database's collation sees otherwise — the executions a statement on the named
+    partitions did not find are asked again on the parent tables: claimed and written."""
+    await pg.partitions.ensure(T, 1)
+    owner = await seed.tenant(pg, "acme", T)
+    today = await _queued(pg, owner, T, 3)
+    runs = _runs(pg)
+    assert await runs.partitions.holding("executions", today[0], today[-1]) is not None
+    wrong = {table: [(today[0], today[-1] + "0", partition_name(table, D + DAY))]
+             for table in ("executions", "step_runs")}  # fmt: skip
+    runs.partitions._ranges = wrong
+    runs.partitions._lowers = {table: [today[0]] for table in wrong}
+    on_wrong = await runs._statement(_WRITE_MANY, today)
+    assert partition_name("executions", D + DAY) in on_wrong
+    claims = await _claim_all(runs, today)
+    assert await _finish_all(runs, claims) == ["succeeded"] * 3
+    homes = await _homes(pg, today)
+    day = (partition_name("executions", D), "succeeded", partition_name("step_runs", D))
+    assert {homes[e] for e in today} == {day}
+
+
+async def test_a_detached_day_is_not_written_through_its_old_name(pg: Store) -> None:
+    """An operator detaches a day (to archive it) after the map was read: the statement on
+    its name matches nothing (each partition must still be attached), and the parent — which
+    no longer has those executions — says so: nothing claimed, nothing written outside
+    ``executions``."""
+    await pg.partitions.ensure(T, 0)
+    owner = await seed.tenant(pg, "acme", T)
+    archived = await _queued(pg, owner, T, 2)
+    runs = _runs(pg)
+    name = partition_name("executions", D)
+    assert await runs.partitions.holding("executions", archived[0], archived[-1]) == name
+    async with pg.engine.begin() as conn:
+        await conn.execute(text(f"ALTER TABLE executions DETACH PARTITION {name}"))
+    claims = await asyncio.gather(*(runs.claim(e, T, T + LEASE) for e in archived))
+    assert claims == [None, None]
+    async with pg.engine.connect() as conn:
+        leases = await conn.execute(text(f"SELECT lease, status FROM {name}"))
+        assert {tuple(r) for r in leases} == {(0, "queued")}, "the archived rows are untouched"

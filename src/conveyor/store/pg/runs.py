@@ -47,7 +47,7 @@ from typing import Any
 from conveyor.errors import ConveyorError, DatabaseUnavailable, LeaseLost
 from conveyor.store._errors import never_sent, translate_errors
 from conveyor.store._group_commit import GroupCommit
-from conveyor.store.partitions import PARTITIONED, is_partition, partition_bounds
+from conveyor.store.partitions import PARTITIONED, partition_bounds
 from conveyor.store.pg._conn import call, discard
 from conveyor.store.runs import (
     Claim,
@@ -302,7 +302,12 @@ SELECT p.relname AS parent, c.relname AS name, pg_get_expr(c.relpartbound, c.oid
   FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
   JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace
  WHERE n.nspname = current_schema() AND p.relname = ANY($1::text[])
+   AND c.relnamespace = p.relnamespace
 """
+_PARTITION_NAME = re.compile(r"(executions|step_runs)_p[0-9]{8}", re.ASCII)
+_CANONICAL_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
+"""An id as :func:`~conveyor.store.new_id` makes them: the only ids whose order here (Python's)
+is the partition key's order under any collation the database may use."""
 
 
 class PartitionMap:
@@ -321,10 +326,15 @@ class PartitionMap:
     hash-joined a sequential scan of the whole day (7.9 ms) where the partition's kept its
     primary key lookups (2.0 ms).
 
-    Safe with a stale map: a partition's bounds never change while it exists; an id no
+    What it answers is a hint, never trusted for correctness (:meth:`PgRunStore._statement`):
+    only ids as :func:`~conveyor.store.new_id` makes them are mapped (32 lowercase hex digits:
+    in that alphabet Python's order is the key's order under any collation); an id no
     partition known here covers (a day created since the last read, the default partition)
-    gets ``None`` — the parent table — never a guess; and a statement naming a partition
-    dropped since fails and is sent again on the parent table (:meth:`forget` first).
+    gets ``None`` — the parent table; the statement on a partition checks that it is still
+    attached to its parent, and the executions it did not find are asked again on the parent
+    (a partition detached, or dropped and created again with other bounds, since the last
+    read); one that fails (a partition dropped since, no privilege on partitions) is sent
+    again on the parent, and the map answers ``None`` for :attr:`refresh_s` (:meth:`refused`).
     """
 
     refresh_s = 60.0
@@ -338,13 +348,18 @@ class PartitionMap:
         self._lowers: dict[str, list[str]] = {}
         self._due = 0.0
         """``time.monotonic()`` from which the catalog is read again."""
+        self._refusals = 0
+        """:meth:`refused` calls so far: a read that started before one keeps nothing."""
         self._lock = asyncio.Lock()
 
     async def holding(self, table: str, first: str, last: str) -> str | None:
-        """The daily partition of ``table`` holding every id from ``first`` to ``last``;
-        ``None`` when none known here does (use the parent table)."""
+        """The daily partition of ``table`` holding every id from ``first`` to ``last``
+        (canonical ids, see the class); ``None`` when none known here does (use the parent
+        table)."""
         if time.monotonic() >= self._due:
             await self._read()
+        if not (_CANONICAL_ID.fullmatch(first) and _CANONICAL_ID.fullmatch(last)):
+            return None
         lowers = self._lowers.get(table)
         if not lowers:
             return None
@@ -354,14 +369,19 @@ class PartitionMap:
         lower, upper, name = self._ranges[table][i]
         return name if lower <= first and last < upper else None
 
-    def forget(self) -> None:
-        """Read the catalog again before the next answer (a named partition was refused)."""
-        self._due = 0.0
+    def refused(self) -> None:
+        """A statement naming partitions failed: the parent tables for :attr:`refresh_s`
+        (one failure a minute, not one a batch, when partitions cannot be named), then the
+        catalog is read again."""
+        self._refusals += 1
+        self._ranges, self._lowers = {}, {}
+        self._due = time.monotonic() + self.refresh_s
 
     async def _read(self) -> None:
         async with self._lock:
             if time.monotonic() < self._due:
-                return  # read meanwhile
+                return  # read (or refused) meanwhile
+            refusals = self._refusals
             try:
                 rows = await call(self._pool, "fetch", _PARTITIONS, list(PARTITIONED))
             except ConveyorError as exc:
@@ -369,10 +389,13 @@ class PartitionMap:
                 self._ranges, self._lowers = {}, {}
                 self._due = time.monotonic() + self.retry_s
                 return
+            if refusals != self._refusals:
+                return  # refused while reading: what was read may predate it
             ranges: dict[str, list[tuple[str, str, str]]] = {}
             for row in rows:
                 bounds = partition_bounds(row["bound"])
-                if bounds is not None and is_partition(row["name"]):
+                name = _PARTITION_NAME.fullmatch(row["name"])
+                if bounds is not None and name is not None and name.group(1) == row["parent"]:
                     ranges.setdefault(row["parent"], []).append((*bounds, row["name"]))
             for parts in ranges.values():
                 parts.sort()
@@ -383,10 +406,19 @@ class PartitionMap:
 
 def _on_partitions(sql: str, executions: str, step_runs: str | None) -> str:
     """``sql`` (:data:`_CLAIM_MANY` / :data:`_WRITE_MANY`) on the named partitions rather
-    than on their parent tables."""
-    targets = [("UPDATE executions e", f"UPDATE {executions} e")]
+    than on their parent tables, its update matching no row unless each is still attached
+    to its parent (an uncorrelated ``EXISTS``: one catalog lookup per statement)."""
+    named = {"executions": executions}
+    targets = [("UPDATE executions e", f'UPDATE "{executions}" e')]
     if step_runs is not None:
-        targets.append(("INSERT INTO step_runs ", f"INSERT INTO {step_runs} "))
+        named["step_runs"] = step_runs
+        targets.append(("INSERT INTO step_runs ", f'INSERT INTO "{step_runs}" '))
+    attached = " AND ".join(
+        f"EXISTS (SELECT FROM pg_inherits WHERE inhrelid = '\"{name}\"'::regclass"
+        f" AND inhparent = '{parent}'::regclass)"
+        for parent, name in named.items()
+    )
+    targets.append(("WHERE e.id = x.id AND ", f"WHERE e.id = x.id AND {attached} AND "))
     for parent, partition in targets:
         assert sql.count(parent) == 1, parent
         sql = sql.replace(parent, partition)
@@ -493,13 +525,17 @@ class PgRunStore:
         row = await call(self._pool, "fetchrow", _CLAIM, r.execution_id, r.now, r.lease_until)
         return None if row is None else _claim_of(r.execution_id, row)
 
-    async def _claim_many(self, requests: Sequence[_ClaimRequest]) -> list[Claim | None]:
+    async def _claim_many(
+        self, requests: Sequence[_ClaimRequest], *, parent: bool = False
+    ) -> list[Claim | None]:
         first: dict[str, _ClaimRequest] = {}
         for r in requests:  # the same execution twice: the first asks, the others find it BUSY
             first.setdefault(r.execution_id, r)
         # in id order: two processes' batches lock their common rows in the same order
         unique = sorted(first.values(), key=lambda r: r.execution_id)
-        sql = await self._statement(_CLAIM_MANY, unique[0].execution_id, unique[-1].execution_id)
+        sql = _CLAIM_MANY
+        if not parent:
+            sql = await self._statement(_CLAIM_MANY, [r.execution_id for r in unique])
         try:
             rows = await call(
                 self._pool,
@@ -512,24 +548,28 @@ class PgRunStore:
         except DatabaseUnavailable:
             raise
         except ConveyorError:  # e.g. a deadlock with another process's batch: one by one
-            if sql is not _CLAIM_MANY:
-                self.partitions.forget()  # perhaps a partition dropped since the last read
+            if sql is not _CLAIM_MANY:  # or the partitions could not be named: the parent
+                self.partitions.refused()
+                return await self._claim_many(requests, parent=True)
             return [await self._claim_one(r) if first[r.execution_id] is r else None
                     for r in requests]  # fmt: skip
-        claimed = {row["id"]: row for row in rows}
+        claims: dict[str, Claim | None] = {row["id"]: _claim_of(row["id"], row) for row in rows}
+        if sql is not _CLAIM_MANY:  # what the partition did not have, the parent may
+            missed = [r for r in unique if r.execution_id not in claims]
+            if missed:
+                again = await self._claim_many(missed, parent=True)
+                claims.update(zip([r.execution_id for r in missed], again, strict=True))
         return [
-            _claim_of(r.execution_id, claimed[r.execution_id])
-            if first[r.execution_id] is r and r.execution_id in claimed
-            else None
-            for r in requests
+            claims.get(r.execution_id) if first[r.execution_id] is r else None for r in requests
         ]
 
-    async def _statement(self, sql: str, first: str, last: str) -> str:
+    async def _statement(self, sql: str, ids: Sequence[str]) -> str:
         """``sql`` (a batch's: :data:`_CLAIM_MANY`, :data:`_WRITE_MANY`) on the daily
-        partitions that hold the ids from ``first`` to ``last`` when one of each table
-        does, else ``sql`` itself (see :class:`PartitionMap`)."""
+        partitions that hold ``ids`` (sorted) when one of each table does, else ``sql`` itself
+        (see :class:`PartitionMap`: a hint; the callers ask the parent for what it missed)."""
+        first, last = ids[0], ids[-1]
         executions = await self.partitions.holding("executions", first, last)
-        if executions is None:
+        if executions is None or not all(map(_CANONICAL_ID.fullmatch, ids)):
             return sql
         step_runs = None
         if sql is _WRITE_MANY:
@@ -566,7 +606,9 @@ class PgRunStore:
             return exc
         return None if status is None else str(status)
 
-    async def _write_many(self, requests: Sequence[_WriteRequest]) -> list[_Written]:
+    async def _write_many(
+        self, requests: Sequence[_WriteRequest], *, parent: bool = False
+    ) -> list[_Written]:
         # one row per (execution, lease): two unleased runs of one execution in this process
         # read the same lease — the first is sent, the other is told it lost (it wrote
         # nothing); an unleased run and the claim made since its read have the same number —
@@ -579,18 +621,28 @@ class PgRunStore:
                 first[key] = r
         unique = sorted(first.values(), key=lambda r: r.claim.execution_id)
         values = _write_many_values(unique)
-        sql = await self._statement(
-            _WRITE_MANY, unique[0].claim.execution_id, unique[-1].claim.execution_id
-        )
+        sql = _WRITE_MANY
+        if not parent:
+            sql = await self._statement(_WRITE_MANY, values["ids"])
         try:
             rows = await call(self._pool, "fetch", sql, *[values[n] for n in _WRITE_MANY_ORDER])
         except DatabaseUnavailable:
             raise
         except ConveyorError:  # refused for one execution's sake (or a deadlock): one by one
-            if sql is not _WRITE_MANY:
-                self.partitions.forget()  # perhaps a partition dropped since the last read
+            if sql is not _WRITE_MANY:  # or the partitions could not be named: the parent
+                self.partitions.refused()
+                return await self._write_many(requests, parent=True)
             return [await self._write_one(r) for r in requests]
-        written = {(row["id"], row["lease"]): str(row["status"]) for row in rows}
+        written: dict[tuple[str, int], _Written] = {
+            (row["id"], row["lease"]): str(row["status"]) for row in rows
+        }
+        if sql is not _WRITE_MANY:  # what the partition did not have, the parent may
+            missed = [r for r in unique if (r.claim.execution_id, r.claim.lease) not in written]
+            if missed:
+                again = await self._write_many(missed, parent=True)
+                written.update(
+                    zip([(r.claim.execution_id, r.claim.lease) for r in missed], again, strict=True)
+                )
         return [
             written.get(k) if first[k] is r else None for r, k in zip(requests, keys, strict=True)
         ]
