@@ -82,3 +82,12 @@ def settings(db_url: str) -> Settings:
 async def store(settings: Settings) -> AsyncIterator[Store]:
     async with Store(settings, pool_size=5) as opened:
         yield opened
+
+
+@pytest.fixture
+async def pg(fresh_pg_url: str) -> AsyncIterator[Store]:
+    """A migrated PostgreSQL database of the test's own (partitions outlive a truncate)."""
+    settings = settings_for(fresh_pg_url)
+    await migrate(settings)
+    async with Store(settings, pool_size=3) as store:
+        yield store

@@ -10,29 +10,19 @@ older than the walk's first tries. The days are around today: the walk starts fr
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
-from conveyor.store import Store, migrate, new_id
+from conveyor.store import Store, new_id
 from conveyor.store.schema import executions
 from conveyor.store.sql.statements import SqlStatements
-from tests.store._fixtures import settings_for
 
 DAY = timedelta(days=1)
 MS = timedelta(milliseconds=1)
 STATUSES = ("succeeded", "succeeded", "succeeded", "failed", "cancelled", "queued")
-
-
-@pytest.fixture
-async def pg(fresh_pg_url: str) -> AsyncIterator[Store]:
-    settings = settings_for(fresh_pg_url)
-    await migrate(settings)
-    async with Store(settings, pool_size=2) as store:
-        yield store
 
 
 def _row(tenant: str, workflow: str, status: str, created: datetime, eid: str) -> dict[str, Any]:

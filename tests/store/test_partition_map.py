@@ -9,32 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
-import pytest
 from sqlalchemy import text
 
 from conveyor.errors import LeaseLost
-from conveyor.store import Claim, ExecutionWrite, StepWrite, Store, migrate
+from conveyor.store import Claim, ExecutionWrite, StepWrite, Store
 from conveyor.store.partitions import partition_name
 from conveyor.store.pg import PgRunStore
 from conveyor.store.pg.runs import _CLAIM_MANY, _WRITE_MANY
 from tests.store import _retention_seed as seed
-from tests.store._fixtures import settings_for
 
 D = date(2031, 3, 10)
 T = datetime(2031, 3, 10, 9, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 LEASE = timedelta(seconds=30)
-
-
-@pytest.fixture
-async def pg(fresh_pg_url: str) -> AsyncIterator[Store]:
-    settings = settings_for(fresh_pg_url)
-    await migrate(settings)
-    async with Store(settings, pool_size=3) as store:
-        yield store
 
 
 def _runs(store: Store) -> PgRunStore:

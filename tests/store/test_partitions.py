@@ -7,7 +7,6 @@ sleeps. Each test has a database of its own (partitions outlive a truncate)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from sqlalchemy import select, text, update
 
 from conveyor.errors import Conflict
-from conveyor.store import Execution, Store, migrate, new_id
+from conveyor.store import Execution, Store, new_id
 from conveyor.store.partitions import day_bound, day_of, partition_name
 from conveyor.store.schema import execution_keys, executions
 from conveyor.store.triggers import insert_values, new_execution
@@ -27,14 +26,6 @@ D = date(2031, 3, 10)
 T = datetime(2031, 3, 10, 9, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
-
-
-@pytest.fixture
-async def pg(fresh_pg_url: str) -> AsyncIterator[Store]:
-    settings = settings_for(fresh_pg_url)
-    await migrate(settings)
-    async with Store(settings, pool_size=3) as store:
-        yield store
 
 
 class Clock:
