@@ -20,7 +20,7 @@ from conveyor.workflows import (
     TransformStep,
     WorkflowDefinition,
 )
-from conveyor.workflows.steps import AnyStep
+from conveyor.workflows.steps import AnyStep, PureStep
 
 __all__ = [
     "NOT_JSON",
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 LOCAL_STEPS = (NoopStep, TransformStep, ConditionStep, DelayStep)
-PURE_STEPS = (NoopStep, TransformStep, ConditionStep)
+PURE_STEPS = PureStep
 """Deterministic steps without side effects: running one again after a crash is harmless."""
 SELECTING_STEPS = (HttpStep, TransformStep)
 """Step types with a ``select`` field."""

@@ -195,7 +195,7 @@ def run_pure_step(
 
 
 async def _run(step: AnyStep, ctx: StepContext) -> StepResult:
-    if isinstance(step, NoopStep | TransformStep | ConditionStep):
+    if isinstance(step, PureStep):
         return run_pure_step(step, ctx.expression_context(), ctx.rendered)
     if isinstance(step, DelayStep):
         return _run_delay(step, ctx)

@@ -353,13 +353,11 @@ class PartitionMap:
         self._lock = asyncio.Lock()
 
     async def holding(self, table: str, first: str, last: str) -> str | None:
-        """The daily partition of ``table`` holding every id from ``first`` to ``last``
-        (canonical ids, see the class); ``None`` when none known here does (use the parent
-        table)."""
+        """The daily partition of ``table`` holding every id from ``first`` to ``last`` (in
+        Python's order: canonical ids only, see :meth:`PgRunStore._statement`); ``None`` when
+        none known here does (use the parent table)."""
         if time.monotonic() >= self._due:
             await self._read()
-        if not (_CANONICAL_ID.fullmatch(first) and _CANONICAL_ID.fullmatch(last)):
-            return None
         lowers = self._lowers.get(table)
         if not lowers:
             return None
@@ -533,15 +531,14 @@ class PgRunStore:
             first.setdefault(r.execution_id, r)
         # in id order: two processes' batches lock their common rows in the same order
         unique = sorted(first.values(), key=lambda r: r.execution_id)
-        sql = _CLAIM_MANY
-        if not parent:
-            sql = await self._statement(_CLAIM_MANY, [r.execution_id for r in unique])
+        ids = [r.execution_id for r in unique]
+        sql = _CLAIM_MANY if parent else await self._statement(_CLAIM_MANY, ids)
         try:
             rows = await call(
                 self._pool,
                 "fetch",
                 sql,
-                [r.execution_id for r in unique],
+                ids,
                 [r.now for r in unique],
                 [r.lease_until for r in unique],
             )
@@ -621,9 +618,7 @@ class PgRunStore:
                 first[key] = r
         unique = sorted(first.values(), key=lambda r: r.claim.execution_id)
         values = _write_many_values(unique)
-        sql = _WRITE_MANY
-        if not parent:
-            sql = await self._statement(_WRITE_MANY, values["ids"])
+        sql = _WRITE_MANY if parent else await self._statement(_WRITE_MANY, values["ids"])
         try:
             rows = await call(self._pool, "fetch", sql, *[values[n] for n in _WRITE_MANY_ORDER])
         except DatabaseUnavailable:
