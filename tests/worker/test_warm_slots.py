@@ -237,15 +237,63 @@ async def test_a_job_parked_before_and_an_old_slot_go_through_the_acquire_script
         assert (await runner.process(*parked_job(ids[1], t)))["status"] == "succeeded"
         assert counting.acquires[-1] == (ids[1], first)
         (second,) = runner.fleet.held
-        # a slot passed on for WARM_SLOT_MAX_AGE_S: given back, the next run asks afresh
+        # a slot passed on for WARM_SLOT_MAX_AGE_S: the next run's acquire swaps it (no job
+        # of the tenant is parked) for a lease of its own, in the script
         monkeypatch.setattr(runner_mod, "WARM_SLOT_MAX_AGE_S", 0.0)
         assert (await runner.process(*job(ids[2], t)))["status"] == "succeeded"
-        assert counting.acquires[-1][0] == ids[2]
-        assert counting.acquires[-1][1] is None  # not handed over: released, popping parked jobs
+        assert counting.acquires[-1] == (ids[2], second)
         assert runner.counters.slots_reused == 0
-        assert await runner.flush_releases(due_only=True) == 1  # the old one, at once
-        assert await leases(s, t) == [ids[2]]
         assert second not in runner.fleet.held
+        assert await runner.flush_releases() == 1  # the third run's, warm
+        assert await leases(s, t) == []
+
+
+async def test_an_old_slot_at_the_cap_is_swapped_not_parked(
+    wsettings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cap 1, the tenant's only slot passed on long enough: the next run takes it over in the
+    acquire script. (Given back and asked for apart, both leases were held for a moment: the
+    run was parked behind its own slot, and a fleet whose cap is its total concurrency parked
+    jobs for nothing.)"""
+    async with fleet_runners(capped(wsettings, 1)) as ((runner,), s):
+        assert runner.fleet is not None
+        counting, t, ids = await first_run(runner, s, 2)
+        (first,) = runner.fleet.held
+        monkeypatch.setattr(runner_mod, "WARM_SLOT_MAX_AGE_S", 0.0)
+        assert (await runner.process(*job(ids[1], t)))["status"] == "succeeded"
+        assert counting.acquires[-1] == (ids[1], first)
+        assert runner.counters.parked_fleet == 0
+        assert await leases(s, t) == [ids[1]]  # the second run's lease, warm; the first's gone
+
+
+async def test_an_old_slot_goes_to_the_oldest_parked_job_and_the_run_queues_behind_it(
+    wsettings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cap 1, process A passes the slot on, a job on process B is parked for it: when the slot
+    is old enough, A's next run hands it over — parked behind B's job, which is popped for
+    promotion — so a tenant busy in one process does not starve its jobs parked elsewhere."""
+    async with fleet_runners(capped(wsettings, 1), n=2) as ((a, b), s):
+        assert a.fleet is not None and b.fleet is not None
+        counting, t, ids = await first_run(a, s, 3)
+        (first,) = a.fleet.held
+        with pytest.raises(JobDeferred) as parked:  # B at the cap: parked
+            await b.process(*job(ids[1], t))
+        assert parked.value.parked
+        await asyncio.sleep(0.005)  # parked a few ms apart: their order in the set is certain
+        monkeypatch.setattr(runner_mod, "WARM_SLOT_MAX_AGE_S", 0.0)
+        with pytest.raises(JobDeferred) as behind:
+            await a.process(*job(ids[2], t))
+        assert behind.value.parked
+        assert counting.acquires[-1] == (ids[2], first)
+        assert await leases(s, t) == []  # the slot is free: B's job is popped into it
+        parked_key = keys.limit_parked(s.settings.queue_prefix, t)
+        before = await s.queues.redis.zcard(parked_key)
+        assert before == 2  # B's job, then A's behind it
+        promotions: list[tuple[str, str, str]] = []
+        a._fleet_promotions.put_nowait = promotions.append  # type: ignore[method-assign]
+        assert await a.flush_releases() == 1
+        assert [job_id for _t, _q, job_id in promotions] == [ids[1]]
+        assert await s.queues.redis.zcard(parked_key) == 1  # A's, until a slot frees
 
 
 async def test_a_lease_found_expired_is_never_passed_on(wsettings: Settings) -> None:

@@ -294,7 +294,9 @@ local function fmt(x) return string.format('%.3f', x) end
 # ARGV[12] a lease of the same tenant to drop first ("" = none: a run of this process that just
 # ended, whose release had not been sent yet — its slot goes to this job), ARGV[13] the lease's
 # member ("" = the job id; a worker names each lease it takes apart, so a job that comes back
-# never finds a lease of its earlier run passed on to another run).
+# never finds a lease of its earlier run passed on to another run), ARGV[14] "1": a hand-off —
+# the slot of ARGV[12] (passed from run to run long enough) goes to the tenant's parked jobs if
+# it has any, this job then parked behind them; without parked jobs it takes the slot over.
 # Returns {1} (started: lease taken, token used) or {0, reason, parked count, wait ms}:
 #   "concurrency": at the cap; the job is in the parked set, wait = the first lease's expiry;
 #   "rate": wait = until its reserved start (a reservation is kept for the job id), or, beyond
@@ -308,7 +310,8 @@ if not lease or lease == '' then lease = ARGV[3] end
 if ARGV[12] ~= '' then redis.call('ZREM', KEYS[1], ARGV[12]) end
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  if not redis.call('ZSCORE', KEYS[1], lease) and redis.call('ZCARD', KEYS[1]) >= cap then
+  if not redis.call('ZSCORE', KEYS[1], lease) and (redis.call('ZCARD', KEYS[1]) >= cap
+      or (ARGV[14] == '1' and redis.call('ZCARD', KEYS[2]) > 0)) then
     redis.call('ZADD', KEYS[2], 'NX', fmt(now), ARGV[4])
     redis.call('PEXPIRE', KEYS[2], ARGV[10])
     redis.call('HSET', KEYS[4], ARGV[2], cap)

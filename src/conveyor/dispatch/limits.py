@@ -160,11 +160,15 @@ class TenantLimiter:
         *,
         replaces: str | None = None,
         lease: str | None = None,
+        hand_off: bool = False,
     ) -> Verdict:
         """Take a slot (and a start token) for ``job_id``, or say why not: at the cap the job
         is parked in the tenant's set; over the rate its start time is reserved. ``replaces``:
         a lease of the same tenant to drop first (a run that ended here, not released yet).
-        ``lease``: the lease's member in Redis (default: the job id)."""
+        ``lease``: the lease's member in Redis (default: the job id). ``hand_off``: the slot
+        of ``replaces`` goes to the tenant's parked jobs if it has any (this job is then
+        parked behind them), else to this job — in one script, so the tenant's count never
+        holds both leases at once."""
         if replaces is not None:
             self.held.pop(replaces, None)  # dropped by the script: no longer ours to renew
         names = keys.limit_acquire_keys(self._prefix, tenant, cluster=self._cluster)
@@ -182,6 +186,7 @@ class TenantLimiter:
             RESERVATION_SLACK_MS,
             replaces or "",
             lease or "",
+            "1" if hand_off else "",
         ]
         result = await self._run(keys.LIMIT_ACQUIRE_SCRIPT, names, args)
         if int(result[0]) == 1:

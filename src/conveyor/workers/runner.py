@@ -70,8 +70,9 @@ WARM_SLOT_S = 0.025
 tenant has no start rate: the tenant's next run here takes it over with no Redis round trip
 (see :meth:`ExecutionRunner._fleet_admit`). The cap is never exceeded."""
 WARM_SLOT_MAX_AGE_S = 1.0
-"""A slot is passed from run to run for this long at most after it was taken; then it is given
-back (the release pops the oldest parked job of the tenant, if any) and the next run asks."""
+"""A slot is passed from run to run for this long at most after it was taken; then the next run's
+acquire hands it to the oldest parked job of the tenant, if any (and parks the run behind it),
+else swaps it for a lease of the run's own (one script: the tenant's count never holds both)."""
 _RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "error"))
 """Outcomes of runs that really executed something (observed in the metrics)."""
 
@@ -280,6 +281,7 @@ class ExecutionRunner:
         ended = self._take_release(tenant)
         slot = ended.slot if ended is not None else None
         now = time.monotonic()
+        hand_off = False
         if (
             slot is not None
             and slot.cap
@@ -293,9 +295,11 @@ class ExecutionRunner:
                 self._slots[ctx.id] = slot
                 self.counters.slots_reused += 1
                 return
-            # passed on long enough: given back (parked jobs get their turn), this run asks
-            self._release_later(tenant, _Slot(slot.lease, 0, slot.since))
-            slot = None
+            # passed on long enough: handed to the tenant's parked jobs if it has any (this run
+            # queues behind them), else swapped for a lease of this run — one script: giving it
+            # back and asking apart would hold both leases for a moment, and a fleet whose cap
+            # is its total concurrency would park a job for nothing
+            hand_off = True
         # a start rate, a lowered cap, a lease found expired, a job parked before (its parked
         # entry is dropped by the script): the acquire script decides, dropping the old lease
         self._lease_seq += 1
@@ -303,7 +307,13 @@ class ExecutionRunner:
         replaces = slot.lease if slot is not None else None
         try:
             verdict = await self.fleet.acquire(
-                tenant, ctx.id, ctx.queue_name, own, replaces=replaces, lease=lease
+                tenant,
+                ctx.id,
+                ctx.queue_name,
+                own,
+                replaces=replaces,
+                lease=lease,
+                hand_off=hand_off,
             )
         except BaseException as exc:
             if slot is not None:  # maybe dropped by the script, no longer renewed: give it back
