@@ -366,3 +366,42 @@ async def _eventually(
     while (got := await read()) != expected:
         assert asyncio.get_running_loop().time() < deadline, got
         await asyncio.sleep(0.005)
+
+
+class _Racing:
+    """A queue whose first ``promote`` answers as it did while the job was still active (on
+    its way to the delayed set); the job is delayed by the time its state is read."""
+
+    def __init__(self, queue: Any, calls: list[str]) -> None:
+        self._queue = queue
+        self._calls = calls
+
+    async def promote(self, job_id: str) -> bool:
+        self._calls.append(job_id)
+        if len(self._calls) == 1:
+            return False
+        return bool(await self._queue.promote(job_id))
+
+    async def get_job_state(self, job_id: str) -> str | None:
+        return await self._queue.get_job_state(job_id)  # type: ignore[no-any-return]
+
+
+async def test_a_parked_job_that_reaches_the_delayed_set_mid_promotion_is_promoted(
+    wsettings: Settings,
+) -> None:
+    """A release pops a parked job whose deferral is still on its way: the first promote finds
+    it active, and it is delayed when its state is read. It is promoted then — not passed over
+    as "no longer parked", which left it to wait its fallback delay (5 s or more)."""
+    async with fleet_runners(capped(wsettings, 1)) as ((runner,), s):
+        t = await s.tenant()
+        (eid,) = await executions(s, t, 1)
+        queue = s.queues.create_queue(QUEUE)
+        payload, _ctx = job(eid, t)
+        job_id = await queue.add(payload, job_id=eid, delay_ms=60_000)
+        assert await queue.get_job_state(job_id) == "delayed"
+        calls: list[str] = []
+        real = runner._queue_for
+        runner._queue_for = lambda name: _Racing(real(name), calls)
+        assert await runner._promote_one(QUEUE, job_id)
+        assert calls == [job_id, job_id]
+        assert await queue.get_job_state(job_id) in ("waiting", "prioritized")

@@ -600,6 +600,8 @@ class ExecutionRunner:
                 log.debug("worker.promoted", extra={"jobId": job_id})
                 return True
             state = await queue.get_job_state(job_id)
+            if state == "delayed":  # it reached the delayed set since the promote: again now
+                continue
             if state != "active":  # "active": still on its way to delayed; try again shortly
                 return False
             await asyncio.sleep(0.005)
