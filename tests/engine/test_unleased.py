@@ -132,6 +132,8 @@ async def test_racing_unleased_runners_write_once(store: Store, settings: Settin
         learn = await _new(store, workflow)  # the other process has run this workflow too
         assert (await other.run(learn, workflow=workflow)).kind is OutcomeKind.SUCCEEDED
         execution_id = await _new(store, workflow)
+        observed: list[str] = []  # the step metrics: only what was written
+        engine.on_step = other.on_step = lambda step_type, _status, _s: observed.append(step_type)
         before = _counts(second)
         outcomes = await asyncio.gather(
             engine.run(execution_id, workflow=workflow),
@@ -148,6 +150,7 @@ async def test_racing_unleased_runners_write_once(store: Store, settings: Settin
     done = await store.executions.get(tenant, execution_id, with_steps=True)
     assert [(s.seq, s.step_id) for s in done.steps] == list(enumerate("abcd"))
     assert (done.status, done.attempts, done.lease) == ("succeeded", 1, 1)
+    assert observed == ["transform", "condition", "transform", "noop"], "the winner's steps once"
 
 
 async def test_a_cancelled_execution_is_not_run(store: Store, settings: Settings) -> None:

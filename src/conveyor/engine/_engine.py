@@ -244,6 +244,9 @@ class _Run:
     last_output: Encoded | None = None
     pending: list[StepWrite] = field(default_factory=list)
     """Pure steps run since the last durable write, recorded with the next one."""
+    observed: list[tuple[str, str, float]] = field(default_factory=list)
+    """Steps done since the last durable write, for :attr:`Engine.on_step` once it landed (a
+    run fenced out or abandoned before it wrote them is not counted: they run again)."""
     resume: tuple[int, list[dict[str, Any]], datetime] | None = None
     """Resuming from a retry wait: the step at the cursor's tries made, their errors, when the
     first started (taken by the first :meth:`Engine._attempts` of this run)."""
@@ -258,8 +261,9 @@ class Engine:
     """
 
     on_step: Callable[[str, str, float], None] | None = None
-    """Called after each step's last attempt with ``(type, "succeeded"|"failed", seconds)``
-    (metrics); must be cheap and must not raise."""
+    """Called for each step's last attempt with ``(type, "succeeded"|"failed", seconds)``
+    once the write that records it landed (metrics: a run fenced out or abandoned before its
+    write counts nothing — its steps run again); must be cheap and must not raise."""
     enqueue: Enqueue | None = None
     """Puts a sub-workflow's child, or a parent its child woke, on the queue at once (the
     worker's dispatcher). Best effort: without it (or when it fails) the reconciler enqueues
@@ -513,7 +517,9 @@ class Engine:
             run.resume = (claim.step_attempt, list(claim.step_errors or []), started)
         while True:
             if run.index >= len(plan.steps):
-                return await self._finish_at_end(run)
+                ended = await self._finish_at_end(run)
+                self._observed(run)
+                return ended
             if abandon is not None and abandon.is_set():
                 raise _Abandoned
             outcome = await (self._traced_step(run) if tracing.enabled else self._step(run))
@@ -674,7 +680,7 @@ class Engine:
         result = done.result
         if self.on_step is not None:
             seconds = (done.finished_at - done.started_at).total_seconds()
-            self.on_step(step.type, "failed" if result is None else "succeeded", seconds)
+            run.observed.append((step.type, "failed" if result is None else "succeeded", seconds))
         if result is None:
             return await self._write_step(run, step, done, "failed", now)
         if result.suspend_until is not None and result.suspend_until > now:
@@ -765,12 +771,20 @@ class Engine:
         else:
             final = await self._persist(run, write, [*run.pending, step_write], timer)
         run.pending.clear()
+        self._observed(run)
         run.ran += 1
         if final != "running":
             timer_id = timer.id if timer is not None else None
             return self._outcome(claim, final, run.ran, wake_at=wake_at, timer_id=timer_id)
         self._advance(run, step, output, write.next_step)
         return None
+
+    def _observed(self, run: _Run) -> None:
+        """The steps the write that just landed recorded: to :attr:`on_step` (metrics)."""
+        if run.observed and self.on_step is not None:
+            for step_type, status, seconds in run.observed:
+                self.on_step(step_type, status, seconds)
+        run.observed.clear()
 
     @staticmethod
     def _advance(run: _Run, step: AnyStep, output: Encoded, next_step: int) -> None:
@@ -808,6 +822,7 @@ class Engine:
         )
         final = await self._persist(run, write, run.pending, timer)
         run.pending.clear()
+        self._observed(run)
         log.info(
             "engine.step_retry_wait",
             extra={"execution_id": claim.execution_id, "step": step.id,
@@ -936,6 +951,7 @@ class Engine:
         if final is None:
             return None
         run.pending.clear()
+        self._observed(run)
         timer_id = timer.id if timer is not None else None
         return self._outcome(claim, final, run.ran, wake_at=deadline, timer_id=timer_id)
 
