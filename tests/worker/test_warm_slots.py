@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from conveyor.dispatch import FairnessLedger, TenantLimiter, keys
+from conveyor.dispatch.limits import parked_member
 from conveyor.engine import Engine
 from conveyor.queue import JobContext, JobDeferred, WorkflowExecute
 from conveyor.settings import Settings
@@ -270,8 +271,9 @@ async def test_an_old_slot_goes_to_the_oldest_parked_job_and_the_run_queues_behi
     wsettings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Cap 1, process A passes the slot on, a job on process B is parked for it: when the slot
-    is old enough, A's next run hands it over — parked behind B's job, which is popped for
-    promotion — so a tenant busy in one process does not starve its jobs parked elsewhere."""
+    is old enough, A's next run hands it over — parked behind B's job, which the same script
+    pops for promotion (so no acquire can take the slot between a release and the pop) — and a
+    tenant busy in one process does not starve its jobs parked elsewhere."""
     async with fleet_runners(capped(wsettings, 1), n=2) as ((a, b), s):
         assert a.fleet is not None and b.fleet is not None
         counting, t, ids = await first_run(a, s, 3)
@@ -285,15 +287,45 @@ async def test_an_old_slot_goes_to_the_oldest_parked_job_and_the_run_queues_behi
             await a.process(*job(ids[2], t))
         assert behind.value.parked
         assert counting.acquires[-1] == (ids[2], first)
-        assert await leases(s, t) == []  # the slot is free: B's job is popped into it
+        assert await leases(s, t) == []  # the slot is free, for B's job
+        assert a._fleet_promotions.get_nowait() == (t, QUEUE, ids[1])  # popped with the freeing
+        assert a._fleet_promotions.empty()
         parked_key = keys.limit_parked(s.settings.queue_prefix, t)
-        before = await s.queues.redis.zcard(parked_key)
-        assert before == 2  # B's job, then A's behind it
-        promotions: list[tuple[str, str, str]] = []
-        a._fleet_promotions.put_nowait = promotions.append  # type: ignore[method-assign]
-        assert await a.flush_releases() == 1
-        assert [job_id for _t, _q, job_id in promotions] == [ids[1]]
-        assert await s.queues.redis.zcard(parked_key) == 1  # A's, until a slot frees
+        members = await s.queues.redis.zrange(parked_key, 0, -1)
+        assert members == [parked_member(QUEUE, ids[2])]  # A's run, until a slot frees
+        assert await a.flush_releases() == 0  # nothing left to give back
+
+
+async def test_a_hand_off_with_a_slot_to_spare_takes_it(
+    wsettings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cap 3, the old slot the only lease, one parked entry (a job on its way to be promoted,
+    or one since removed): the leases and the parked jobs leave a slot free, so the run takes it
+    rather than parking behind them."""
+    async with fleet_runners(capped(wsettings, 3)) as ((a,), s):
+        counting, t, ids = await first_run(a, s, 2)
+        parked_key = keys.limit_parked(s.settings.queue_prefix, t)
+        await s.queues.redis.zadd(parked_key, {parked_member(QUEUE, "elsewhere"): 1})
+        monkeypatch.setattr(runner_mod, "WARM_SLOT_MAX_AGE_S", 0.0)
+        assert (await a.process(*job(ids[1], t)))["status"] == "succeeded"
+        assert counting.acquires[-1][0] == ids[1]
+        assert a.counters.parked_fleet == 0
+
+
+async def test_a_hand_off_does_not_count_the_jobs_own_parked_entry(
+    wsettings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job with an entry in the parked set whose data lacks the parked note (the note's write
+    failed, or a reply was lost): its own entry is not a job ahead of it — the hand-off gives
+    it the slot (and drops the entry)."""
+    async with fleet_runners(capped(wsettings, 1)) as ((a,), s):
+        _counting, t, ids = await first_run(a, s, 2)
+        parked_key = keys.limit_parked(s.settings.queue_prefix, t)
+        await s.queues.redis.zadd(parked_key, {parked_member(QUEUE, ids[1]): 1})
+        monkeypatch.setattr(runner_mod, "WARM_SLOT_MAX_AGE_S", 0.0)
+        assert (await a.process(*job(ids[1], t)))["status"] == "succeeded"
+        assert a.counters.parked_fleet == 0
+        assert await s.queues.redis.zcard(parked_key) == 0
 
 
 async def test_a_lease_found_expired_is_never_passed_on(wsettings: Settings) -> None:

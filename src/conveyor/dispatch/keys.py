@@ -295,10 +295,13 @@ local function fmt(x) return string.format('%.3f', x) end
 # ended, whose release had not been sent yet — its slot goes to this job), ARGV[13] the lease's
 # member ("" = the job id; a worker names each lease it takes apart, so a job that comes back
 # never finds a lease of its earlier run passed on to another run), ARGV[14] "1": a hand-off —
-# the slot of ARGV[12] (passed from run to run long enough) goes to the tenant's parked jobs if
-# it has any, this job then parked behind them; without parked jobs it takes the slot over.
-# Returns {1} (started: lease taken, token used) or {0, reason, parked count, wait ms}:
+# the slot of ARGV[12] (passed from run to run long enough) goes to the tenant's parked jobs
+# first: this job takes a slot only if the leases and the other parked jobs leave one free.
+# Returns {1} (started: lease taken, token used) or {0, reason, parked count, wait ms, ...}:
 #   "concurrency": at the cap; the job is in the parked set, wait = the first lease's expiry;
+#   when ARGV[12] was dropped, the members of the parked jobs popped into the slots it freed
+#   follow (oldest first; never this job's own): the caller promotes them — popped here, in
+#   the script that freed the slot, so no acquire can take it between a release and the pop;
 #   "rate": wait = until its reserved start (a reservation is kept for the job id), or, beyond
 #   the longest reservation, until it may try again (no reservation).
 LIMIT_ACQUIRE_SCRIPT = (
@@ -310,16 +313,31 @@ if not lease or lease == '' then lease = ARGV[3] end
 if ARGV[12] ~= '' then redis.call('ZREM', KEYS[1], ARGV[12]) end
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  if not redis.call('ZSCORE', KEYS[1], lease) and (redis.call('ZCARD', KEYS[1]) >= cap
-      or (ARGV[14] == '1' and redis.call('ZCARD', KEYS[2]) > 0)) then
+  local held = redis.call('ZCARD', KEYS[1])
+  local ahead = 0
+  if ARGV[14] == '1' then
+    ahead = redis.call('ZCARD', KEYS[2])
+    if redis.call('ZSCORE', KEYS[2], ARGV[4]) then ahead = ahead - 1 end
+  end
+  if not redis.call('ZSCORE', KEYS[1], lease) and held + ahead >= cap then
+    local out = {0, 'concurrency', 0, 0}
+    if ARGV[12] ~= '' and held < cap then
+      local heads = redis.call('ZRANGE', KEYS[2], 0, cap - held)
+      for _, member in ipairs(heads) do
+        if member ~= ARGV[4] and #out - 4 < cap - held then
+          redis.call('ZREM', KEYS[2], member)
+          out[#out + 1] = member
+        end
+      end
+    end
     redis.call('ZADD', KEYS[2], 'NX', fmt(now), ARGV[4])
     redis.call('PEXPIRE', KEYS[2], ARGV[10])
     redis.call('HSET', KEYS[4], ARGV[2], cap)
     redis.call('SADD', KEYS[5], ARGV[2])
     local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-    local wait = 0
-    if first[2] then wait = math.max(0, math.ceil(tonumber(first[2]) - now)) end
-    return {0, 'concurrency', redis.call('ZCARD', KEYS[2]), wait}
+    if first[2] then out[4] = math.max(0, math.ceil(tonumber(first[2]) - now)) end
+    out[3] = redis.call('ZCARD', KEYS[2])
+    return out
   end
 end
 local rate = tonumber(ARGV[7])

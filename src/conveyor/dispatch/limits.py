@@ -93,8 +93,11 @@ class Verdict:
     parked: int = 0
     """For ``concurrency``: the tenant's parked jobs, this one included."""
     wait_ms: int = 0
-    """For ``rate``: until the job's reserved start; for ``concurrency``: until the earliest
-    lease expires (a hint)."""
+    """For ``concurrency``: until the earliest lease expires (a hint); for ``rate``: until the
+    job's reserved start."""
+    promote: tuple[tuple[str, str], ...] = ()
+    """For ``concurrency`` with ``replaces``: the ``(queue, job_id)`` of the parked jobs popped
+    into the slot the dropped lease freed, oldest first — the caller promotes them."""
 
 
 def _sha(source: str) -> str:
@@ -166,9 +169,10 @@ class TenantLimiter:
         is parked in the tenant's set; over the rate its start time is reserved. ``replaces``:
         a lease of the same tenant to drop first (a run that ended here, not released yet).
         ``lease``: the lease's member in Redis (default: the job id). ``hand_off``: the slot
-        of ``replaces`` goes to the tenant's parked jobs if it has any (this job is then
-        parked behind them), else to this job — in one script, so the tenant's count never
-        holds both leases at once."""
+        of ``replaces`` goes to the tenant's parked jobs first (this job is parked behind them
+        unless a slot is left) — in one script, so the tenant's count never holds both leases
+        at once. A refusal that dropped ``replaces`` pops the parked jobs the freed slot makes
+        room for (:attr:`Verdict.promote`)."""
         if replaces is not None:
             self.held.pop(replaces, None)  # dropped by the script: no longer ours to renew
         names = keys.limit_acquire_keys(self._prefix, tenant, cluster=self._cluster)
@@ -193,7 +197,8 @@ class TenantLimiter:
             self.held[lease or job_id] = tenant
             return Verdict(True)
         reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
-        return Verdict(False, reason, int(result[2]), int(result[3]))
+        promote = tuple(_split(member) for member in result[4:])
+        return Verdict(False, reason, int(result[2]), int(result[3]), promote)
 
     async def release(self, tenant: str, job_id: str | None) -> list[tuple[str, str]]:
         """Give ``job_id``'s slot back (``None``: only look for free slots); returns the

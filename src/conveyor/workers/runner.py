@@ -295,10 +295,10 @@ class ExecutionRunner:
                 self._slots[ctx.id] = slot
                 self.counters.slots_reused += 1
                 return
-            # passed on long enough: handed to the tenant's parked jobs if it has any (this run
-            # queues behind them), else swapped for a lease of this run — one script: giving it
-            # back and asking apart would hold both leases for a moment, and a fleet whose cap
-            # is its total concurrency would park a job for nothing
+            # passed on long enough: handed to the tenant's parked jobs first (this run queues
+            # behind them unless a slot is left), else swapped for a lease of this run — one
+            # script: giving it back and asking apart would hold both leases for a moment, and a
+            # fleet whose cap is its total concurrency would park a job for nothing
             hand_off = True
         # a start rate, a lowered cap, a lease found expired, a job parked before (its parked
         # entry is dropped by the script): the acquire script decides, dropping the old lease
@@ -326,8 +326,9 @@ class ExecutionRunner:
             cap = 0 if own.start_rate is not None else own.concurrency
             self._slots[ctx.id] = _Slot(lease, cap, now)
             return
-        if replaces is not None:  # the ended run's slot was freed: parked jobs may take it
-            self._release_later(tenant, None)
+        # the ended run's slot, freed by the script: the parked jobs it popped into it
+        for queue_name, parked_id in verdict.promote:
+            self._fleet_promotions.put_nowait((tenant, queue_name, parked_id))
         self.counters.parked += 1
         self._count_parked(verdict.reason)
         if verdict.reason == "rate":
