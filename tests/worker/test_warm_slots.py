@@ -328,6 +328,31 @@ async def test_a_hand_off_does_not_count_the_jobs_own_parked_entry(
         assert await s.queues.redis.zcard(parked_key) == 0
 
 
+async def test_a_slot_dropped_by_a_rate_refusal_goes_to_the_parked_jobs(
+    wsettings: Settings,
+) -> None:
+    """Cap 1 and a start rate of one a minute: A's second run drops the first run's unreleased
+    lease in its acquire and is refused by the rate (after the cap's part, so the script pops
+    nothing); the slot it freed still reaches B's job parked at the cap, through a release."""
+    settings = capped(wsettings, 1, execution_tenant_start_rate=1 / 60)
+    async with fleet_runners(settings, n=2) as ((a, b), s):
+        assert a.fleet is not None
+        counting, t, ids = await first_run(a, s, 3)
+        (first,) = a.fleet.held
+        with pytest.raises(JobDeferred) as parked:  # A's ended run still holds the slot
+            await b.process(*job(ids[1], t))
+        assert parked.value.parked and "tenant limit" in str(parked.value.reason)
+        with pytest.raises(JobDeferred) as rate:
+            await a.process(*job(ids[2], t))
+        assert "start rate" in str(rate.value.reason)
+        assert counting.acquires[-1] == (ids[2], first)
+        assert await leases(s, t) == []
+        promotions: list[tuple[str, str, str]] = []
+        a._fleet_promotions.put_nowait = promotions.append  # type: ignore[method-assign]
+        assert await a.flush_releases() == 1
+        assert promotions == [(t, QUEUE, ids[1])]
+
+
 async def test_a_lease_found_expired_is_never_passed_on(wsettings: Settings) -> None:
     async with fleet_runners(wsettings) as ((runner,), s):
         assert runner.fleet is not None

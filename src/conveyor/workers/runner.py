@@ -326,9 +326,13 @@ class ExecutionRunner:
             cap = 0 if own.start_rate is not None else own.concurrency
             self._slots[ctx.id] = _Slot(lease, cap, now)
             return
-        # the ended run's slot, freed by the script: the parked jobs it popped into it
+        # the ended run's slot, freed by the script: at the cap, the script popped the parked
+        # jobs it makes room for; over the start rate (refused after the cap's part), a release
+        # looks for them
         for queue_name, parked_id in verdict.promote:
             self._fleet_promotions.put_nowait((tenant, queue_name, parked_id))
+        if replaces is not None and verdict.reason != "concurrency":
+            self._release_later(tenant, None)
         self.counters.parked += 1
         self._count_parked(verdict.reason)
         if verdict.reason == "rate":
