@@ -296,20 +296,39 @@ async def test_an_old_slot_goes_to_the_oldest_parked_job_and_the_run_queues_behi
         assert await a.flush_releases() == 0  # nothing left to give back
 
 
-async def test_a_hand_off_with_a_slot_to_spare_takes_it(
-    wsettings: Settings, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("parked_ahead", "parks"), [(1, False), (2, True)])
+async def test_a_hand_off_takes_the_slot_when_the_leases_and_the_parked_jobs_leave_one(
+    wsettings: Settings, monkeypatch: pytest.MonkeyPatch, parked_ahead: int, parks: bool
 ) -> None:
-    """Cap 3, the old slot the only lease, one parked entry (a job on its way to be promoted,
-    or one since removed): the leases and the parked jobs leave a slot free, so the run takes it
-    rather than parking behind them."""
+    """Cap 3; besides the old slot, one lease of another worker and ``parked_ahead`` parked
+    entries (jobs parked elsewhere, or entries since gone stale): 1 + 1 < 3 leaves a slot, and
+    the run takes it over; 1 + 2 = 3 does not, and the run parks behind them — the script
+    popping them into the two free slots, oldest first."""
     async with fleet_runners(capped(wsettings, 3)) as ((a,), s):
+        assert a.fleet is not None
         counting, t, ids = await first_run(a, s, 2)
+        (first,) = a.fleet.held
+        redis = s.queues.redis
+        far = 4_102_444_800_000  # 2100: not expired in this test
+        await redis.zadd(keys.limit_leases(s.settings.queue_prefix, t), {"other-worker": far})
         parked_key = keys.limit_parked(s.settings.queue_prefix, t)
-        await s.queues.redis.zadd(parked_key, {parked_member(QUEUE, "elsewhere"): 1})
+        ahead = [parked_member(QUEUE, f"elsewhere-{i}") for i in range(parked_ahead)]
+        await redis.zadd(parked_key, {m: i + 1 for i, m in enumerate(ahead)})
         monkeypatch.setattr(runner_mod, "WARM_SLOT_MAX_AGE_S", 0.0)
-        assert (await a.process(*job(ids[1], t)))["status"] == "succeeded"
-        assert counting.acquires[-1][0] == ids[1]
-        assert a.counters.parked_fleet == 0
+        if not parks:
+            assert (await a.process(*job(ids[1], t)))["status"] == "succeeded"
+            assert counting.acquires[-1] == (ids[1], first)
+            assert a.counters.parked_fleet == 0
+            assert await redis.zrange(parked_key, 0, -1) == ahead  # left alone
+            return
+        with pytest.raises(JobDeferred) as behind:
+            await a.process(*job(ids[1], t))
+        assert behind.value.parked
+        assert counting.acquires[-1] == (ids[1], first)
+        popped = [a._fleet_promotions.get_nowait() for _ in range(2)]
+        assert popped == [(t, QUEUE, "elsewhere-0"), (t, QUEUE, "elsewhere-1")]  # 2 slots free
+        assert a._fleet_promotions.empty()
+        assert await redis.zrange(parked_key, 0, -1) == [parked_member(QUEUE, ids[1])]
 
 
 async def test_a_hand_off_does_not_count_the_jobs_own_parked_entry(
