@@ -11,14 +11,14 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from conveyor.dispatch import FairnessLedger, TenantLimiter, keys
 from conveyor.dispatch.limits import parked_member
 from conveyor.engine import Engine
-from conveyor.queue import JobContext, JobDeferred, WorkflowExecute
+from conveyor.queue import JobContext, JobDeferred, Queue, WorkflowExecute
 from conveyor.settings import Settings
 from conveyor.store import TenantLimits
 from conveyor.workers import runner as runner_mod
@@ -366,10 +366,9 @@ async def test_a_slot_dropped_by_a_rate_refusal_goes_to_the_parked_jobs(
         assert "start rate" in str(rate.value.reason)
         assert counting.acquires[-1] == (ids[2], first)
         assert await leases(s, t) == []
-        promotions: list[tuple[str, str, str]] = []
-        a._fleet_promotions.put_nowait = promotions.append  # type: ignore[method-assign]
         assert await a.flush_releases() == 1
-        assert promotions == [(t, QUEUE, ids[1])]
+        assert a._fleet_promotions.get_nowait() == (t, QUEUE, ids[1])
+        assert a._fleet_promotions.empty()
 
 
 async def test_a_lease_found_expired_is_never_passed_on(wsettings: Settings) -> None:
@@ -477,7 +476,7 @@ async def test_a_parked_job_that_reaches_the_delayed_set_mid_promotion_is_promot
         assert await queue.get_job_state(job_id) == "delayed"
         calls: list[str] = []
         real = runner._queue_for
-        runner._queue_for = lambda name: _Racing(real(name), calls)
+        runner._queue_for = lambda name: cast(Queue, _Racing(real(name), calls))
         assert await runner._promote_one(QUEUE, job_id)
         assert calls == [job_id, job_id]
         assert await queue.get_job_state(job_id) in ("waiting", "prioritized")
