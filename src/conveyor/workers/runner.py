@@ -71,8 +71,9 @@ tenant has no start rate: the tenant's next run here takes it over with no Redis
 (see :meth:`ExecutionRunner._fleet_admit`). The cap is never exceeded."""
 WARM_SLOT_MAX_AGE_S = 1.0
 """A slot is passed from run to run for this long at most after it was taken; then the next run's
-acquire hands it to the oldest parked job of the tenant, if any (and parks the run behind it),
-else swaps it for a lease of the run's own (one script: the tenant's count never holds both)."""
+acquire hands it to the tenant's parked jobs first (the run is parked behind them unless the
+leases and they leave a slot; the script pops them for promotion), else swaps it for a lease of
+the run's own (one script: the tenant's count never holds both)."""
 _RAN = frozenset(("succeeded", "failed", "cancelled", "waiting", "lease_lost", "error"))
 """Outcomes of runs that really executed something (observed in the metrics)."""
 
