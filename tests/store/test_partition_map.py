@@ -26,6 +26,11 @@ DAY = timedelta(days=1)
 LEASE = timedelta(seconds=30)
 
 
+def _succeeded_on(day: date) -> tuple[str, str, str]:
+    """What :func:`_homes` says of an execution of ``day`` claimed and written in full."""
+    return partition_name("executions", day), "succeeded", partition_name("step_runs", day)
+
+
 def _runs(store: Store) -> PgRunStore:
     assert isinstance(store.runs, PgRunStore)
     return store.runs
@@ -107,10 +112,8 @@ async def test_a_batch_of_one_days_executions_is_sent_on_that_days_partitions(
     homes = await _homes(pg, [*today, *[c.execution_id for c in both]])
     assert len(homes) == 5 and all(status == "succeeded" for _e, status, _s in homes.values())
     for eid in today:
-        assert homes[eid] == (executions, "succeeded", step_runs)
-    tomorrows = (partition_name("executions", D + DAY), "succeeded",
-                 partition_name("step_runs", D + DAY))  # fmt: skip
-    assert homes[tomorrow[0]] == tomorrows
+        assert homes[eid] == _succeeded_on(D) == (executions, "succeeded", step_runs)
+    assert homes[tomorrow[0]] == _succeeded_on(D + DAY)
 
 
 async def test_ids_of_the_default_partition_and_of_a_day_created_since_go_to_the_parent(
@@ -128,8 +131,7 @@ async def test_ids_of_the_default_partition_and_of_a_day_created_since_go_to_the
     assert await _finish_all(runs, await _claim_all(runs, later)) == ["succeeded"] * 2
     homes = await _homes(pg, [*early, *later])
     assert {homes[e] for e in early} == {("executions_default", "succeeded", "step_runs_default")}
-    day = (partition_name("executions", D + DAY), "succeeded",
-           partition_name("step_runs", D + DAY))  # fmt: skip
+    day = _succeeded_on(D + DAY)
     assert {homes[e] for e in later} == {day}
 
     runs.partitions._due = 0.0  # read again (every refresh_s): the new day is known
@@ -183,8 +185,7 @@ async def test_a_wrong_map_costs_a_statement_never_a_row(pg: Store) -> None:
     claims = await _claim_all(runs, today)
     assert await _finish_all(runs, claims) == ["succeeded"] * 3
     homes = await _homes(pg, today)
-    day = (partition_name("executions", D), "succeeded", partition_name("step_runs", D))
-    assert {homes[e] for e in today} == {day}
+    assert {homes[e] for e in today} == {_succeeded_on(D)}
 
 
 async def test_a_detached_day_is_not_written_through_its_old_name(pg: Store) -> None:

@@ -959,12 +959,7 @@ class Engine:
         """The value of the step's ``correlation`` expression, as text (string or number)."""
         if step.correlation is None:
             return None
-        claim = run.claim
-        context = build_context(
-            claim.input, run.outputs, execution_id=claim.execution_id,
-            workflow_id=claim.workflow_id, tenant_id=claim.tenant_id,
-        )  # fmt: skip
-        value = evaluate(step.correlation, context)
+        value = evaluate(step.correlation, self._context(run))
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise PermanentStepError(
                 f"correlation must evaluate to a string or a number, got {dumps(value)[:80]}"
@@ -1063,10 +1058,7 @@ class Engine:
                 "message": f"a workflow step at depth {claim.depth} would start a child at depth "
                            f"{claim.depth + 1}; the limit is {limit} (WORKFLOW_MAX_DEPTH)",
             }  # fmt: skip
-        context = build_context(
-            claim.input, run.outputs, execution_id=claim.execution_id,
-            workflow_id=claim.workflow_id, tenant_id=claim.tenant_id,
-        )  # fmt: skip
+        context = self._context(run)
         try:
             child_input = render_template(step.input, context)
         except ExpressionError as exc:
@@ -1447,15 +1439,8 @@ class Engine:
         claim = run.claim
         started = self._clock()
         rendered = RenderedInput()
-        context = build_context(
-            claim.input,
-            run.outputs,
-            execution_id=claim.execution_id,
-            workflow_id=claim.workflow_id,
-            tenant_id=claim.tenant_id,
-        )
         try:
-            result = run_pure_step(step, context, rendered)
+            result = run_pure_step(step, self._context(run), rendered)
         except Exception as exc:
             return _FirstTry(self._failed(exc, step, claim.execution_id, step.timeout_s),
                              rendered, started)  # fmt: skip
