@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import text
 
-from conveyor.errors import LeaseLost
+from conveyor.errors import LeaseLost, StoreError
 from conveyor.store import Claim, ExecutionWrite, StepWrite, Store
 from conveyor.store.partitions import partition_name
 from conveyor.store.pg import PgRunStore
@@ -206,3 +206,50 @@ async def test_a_detached_day_is_not_written_through_its_old_name(pg: Store) -> 
     async with pg.engine.connect() as conn:
         leases = await conn.execute(text(f"SELECT lease, status FROM {name}"))
         assert {tuple(r) for r in leases} == {(0, "queued")}, "the archived rows are untouched"
+
+
+async def test_a_batch_refused_for_one_row_keeps_the_days_partitions(pg: Store) -> None:
+    """A batch on a day's partitions that the database refuses for one of its rows (here a
+    trigger's ``RAISE``; in life a deadlock, a timeout, a value) is not the partitions' fault:
+    the executions are written one by one — the others land, the refused one is told why —
+    and the next batches still go to the day's partitions (the map is not dropped for a
+    minute, which would plan every batch on every partition meanwhile)."""
+    await pg.partitions.ensure(T, 0)
+    owner = await seed.tenant(pg, "acme", T)
+    ids = await _queued(pg, owner, T, 3)
+    runs = _runs(pg)
+    claims = await _claim_all(runs, ids)
+    async with pg.engine.begin() as conn:
+        await conn.execute(text(
+            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.step_id = 'boom' THEN RAISE EXCEPTION 'boom is refused'; END IF; "
+            "RETURN NEW; END $$"
+        ))  # fmt: skip
+        await conn.execute(text(
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON step_runs "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()"
+        ))  # fmt: skip
+
+    def step(claim: Claim) -> StepWrite:
+        name = "boom" if claim.execution_id == ids[1] else "s"
+        return StepWrite(seq=0, step_id=name, step_type="noop", status="succeeded", attempts=1,
+                         input=None, input_json=None, output=None, output_json=None,
+                         output_truncated=False, error=None, error_json=None, started_at=T,
+                         finished_at=T)  # fmt: skip
+
+    done = ExecutionWrite(status="succeeded", next_step=1, steps_run=1, now=T,
+                          lease_expires_at=None, finished_at=T)  # fmt: skip
+    batches, refusals = runs.writes.batches, runs.partitions._refusals
+    results = await asyncio.gather(
+        *(runs.write(c, done, [step(c)]) for c in claims), return_exceptions=True
+    )
+    assert runs.writes.batches == batches + 1, "the three writes were one batch"
+    assert results[0] == results[2] == "succeeded"
+    assert isinstance(results[1], StoreError) and "boom is refused" in results[1].message
+    assert runs.partitions._refusals == refusals, "the day's partitions were not refused"
+    assert await runs.partitions.holding("executions", ids[0], ids[-1]) == partition_name(
+        "executions", D
+    )
+    homes = await _homes(pg, ids)
+    assert homes[ids[0]] == homes[ids[2]] == _succeeded_on(D)
+    assert homes[ids[1]] == (partition_name("executions", D), "running", None)

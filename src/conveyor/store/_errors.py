@@ -15,7 +15,13 @@ from sqlalchemy import exc as sa_exc
 
 from conveyor.errors import Conflict, DatabaseUnavailable, InvalidValue, StoreError
 
-__all__ = ["ASYNCPG_CONNECTION_ERRORS", "is_connection_error", "never_sent", "translate_errors"]
+__all__ = [
+    "ASYNCPG_CONNECTION_ERRORS",
+    "is_connection_error",
+    "is_row_error",
+    "never_sent",
+    "translate_errors",
+]
 
 
 class translate_errors:
@@ -92,6 +98,25 @@ def never_sent(exc: BaseException) -> bool:
             candidate
         ):
             return True
+    return False
+
+
+_ROW_SQLSTATES = ("22", "23", "40", "57014", "P0")
+"""SQLSTATEs a statement gets for the rows it touches or the moment it ran, whatever tables it
+names: a value refused (22), a constraint (23, but 23514, which a row put in the wrong partition
+gets), a deadlock or serialization failure (40), a statement timeout (57014), a trigger's
+``RAISE`` (P0)."""
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """Whether the database refused a statement for its rows or its timing (see
+    :data:`_ROW_SQLSTATES`), not for the tables it names (an undefined or detached partition,
+    a row outside a partition's bounds, anything else): the same statement on other tables
+    would have failed alike."""
+    for candidate in _chain(exc):
+        state = str(getattr(candidate, "sqlstate", "") or "")
+        if state:
+            return state != "23514" and state.startswith(_ROW_SQLSTATES)
     return False
 
 

@@ -45,7 +45,7 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.errors import ConveyorError, DatabaseUnavailable, LeaseLost
-from conveyor.store._errors import never_sent, translate_errors
+from conveyor.store._errors import is_row_error, never_sent, translate_errors
 from conveyor.store._group_commit import GroupCommit
 from conveyor.store.partitions import PARTITIONED, partition_bounds
 from conveyor.store.pg._conn import call, discard
@@ -368,7 +368,8 @@ class PartitionMap:
         return name if lower <= first and last < upper else None
 
     def refused(self) -> None:
-        """A statement naming partitions failed: the parent tables for :attr:`refresh_s`
+        """A statement naming partitions failed for the tables it names (not for its rows:
+        :func:`~conveyor.store._errors.is_row_error`): the parent tables for :attr:`refresh_s`
         (one failure a minute, not one a batch, when partitions cannot be named), then the
         catalog is read again."""
         self._refusals += 1
@@ -544,9 +545,9 @@ class PgRunStore:
             )
         except DatabaseUnavailable:
             raise
-        except ConveyorError:  # e.g. a deadlock with another process's batch: one by one
-            if sql is not _CLAIM_MANY:  # or the partitions could not be named: the parent
-                self.partitions.refused()
+        except ConveyorError as exc:  # e.g. a deadlock with another process's batch: one by one
+            if sql is not _CLAIM_MANY and not is_row_error(exc):  # or the partitions could not
+                self.partitions.refused()  # be named: the parent
                 return await self._claim_many(requests, parent=True)
             return [await self._claim_one(r) if first[r.execution_id] is r else None
                     for r in requests]  # fmt: skip
@@ -623,9 +624,9 @@ class PgRunStore:
             rows = await call(self._pool, "fetch", sql, *[values[n] for n in _WRITE_MANY_ORDER])
         except DatabaseUnavailable:
             raise
-        except ConveyorError:  # refused for one execution's sake (or a deadlock): one by one
-            if sql is not _WRITE_MANY:  # or the partitions could not be named: the parent
-                self.partitions.refused()
+        except ConveyorError as exc:  # refused for one execution's sake (or a deadlock): one
+            if sql is not _WRITE_MANY and not is_row_error(exc):  # by one; or the partitions
+                self.partitions.refused()  # could not be named: the parent
                 return await self._write_many(requests, parent=True)
             return [await self._write_one(r) for r in requests]
         written: dict[tuple[str, int], _Written] = {
