@@ -253,3 +253,38 @@ async def test_a_batch_refused_for_one_row_keeps_the_days_partitions(pg: Store) 
     homes = await _homes(pg, ids)
     assert homes[ids[0]] == homes[ids[2]] == _succeeded_on(D)
     assert homes[ids[1]] == (partition_name("executions", D), "running", None)
+
+
+async def test_a_claim_refused_for_one_execution_is_its_answer_alone(pg: Store) -> None:
+    """A batch of claims the database refuses for one execution (a trigger's ``RAISE`` here; a
+    deadlock or a timeout in life) is claimed one by one: the others are claimed and told so,
+    the refused one alone gets the error — never an error for executions the store claimed
+    (their runs would then wait out the lease before anyone could claim them again)."""
+    await pg.partitions.ensure(T, 0)
+    owner = await seed.tenant(pg, "acme", T)
+    ids = await _queued(pg, owner, T, 3)
+    async with pg.engine.begin() as conn:
+        await conn.execute(text(
+            "CREATE FUNCTION refuse_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.id = '{ids[0]}' AND NEW.lease <> OLD.lease THEN "
+            "RAISE EXCEPTION 'claim is refused'; END IF; RETURN NEW; END $$"
+        ))  # fmt: skip
+        await conn.execute(text(
+            "CREATE TRIGGER refuse_claim BEFORE UPDATE ON executions "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_claim()"
+        ))  # fmt: skip
+    runs = _runs(pg)
+    batches, refusals = runs.claims.batches, runs.partitions._refusals
+    results = await asyncio.gather(
+        *(runs.claim(e, T, T + LEASE) for e in ids), return_exceptions=True
+    )
+    assert runs.claims.batches == batches + 1, "the three claims were one batch"
+    assert isinstance(results[0], StoreError) and "claim is refused" in results[0].message
+    assert [type(r) for r in results[1:]] == [Claim, Claim]
+    assert runs.partitions._refusals == refusals
+    async with pg.engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT id, status, lease FROM executions WHERE id = ANY(:ids)"), {"ids": ids}
+        )
+        state = {r[0]: (r[1], r[2]) for r in rows}
+    assert state == {ids[0]: ("queued", 0), ids[1]: ("running", 1), ids[2]: ("running", 1)}

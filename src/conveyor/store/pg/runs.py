@@ -439,6 +439,10 @@ class _WriteRequest:
     timer: TimerWrite | None
 
 
+_Claimed = Claim | None | ConveyorError
+"""A claim's answer in a batch: the claim, ``None`` when the execution was not claimable, or the
+error the database gave for it alone."""
+
 _Written = str | None | ConveyorError
 """A write's answer in a batch: the execution's status, ``None`` when it was fenced out, or the
 error the database gave for it alone."""
@@ -457,7 +461,7 @@ class PgRunStore:
         self._pool = pool
         self.partitions = PartitionMap(pool)
         self._targeted: dict[tuple[str, str, str | None], str] = {}
-        self.claims: GroupCommit[_ClaimRequest, Claim | None] = GroupCommit(
+        self.claims: GroupCommit[_ClaimRequest, _Claimed] = GroupCommit(
             self._claim_one, self._claim_many, name="store.claim_batch"
         )
         self.writes: GroupCommit[_WriteRequest, _Written] = GroupCommit(
@@ -479,7 +483,10 @@ class PgRunStore:
         return None
 
     async def claim(self, execution_id: str, now: datetime, lease_until: datetime) -> Claim | None:
-        return await self.claims.submit(_ClaimRequest(execution_id, now, lease_until))
+        claimed = await self.claims.submit(_ClaimRequest(execution_id, now, lease_until))
+        if isinstance(claimed, ConveyorError):
+            raise claimed
+        return claimed
 
     async def peek(self, execution_id: str, now: datetime) -> Claim | None:
         return await self.peeks.submit((execution_id, now))
@@ -524,9 +531,19 @@ class PgRunStore:
         row = await call(self._pool, "fetchrow", _CLAIM, r.execution_id, r.now, r.lease_until)
         return None if row is None else _claim_of(r.execution_id, row)
 
+    async def _claim_alone(self, r: _ClaimRequest) -> _Claimed:
+        """:meth:`_claim_one` in a batch sent one by one: an error the database gives for this
+        execution alone is its answer, not its neighbours' (they may have been claimed)."""
+        try:
+            return await self._claim_one(r)
+        except DatabaseUnavailable:
+            raise
+        except ConveyorError as exc:
+            return exc
+
     async def _claim_many(
         self, requests: Sequence[_ClaimRequest], *, parent: bool = False
-    ) -> list[Claim | None]:
+    ) -> list[_Claimed]:
         first: dict[str, _ClaimRequest] = {}
         for r in requests:  # the same execution twice: the first asks, the others find it BUSY
             first.setdefault(r.execution_id, r)
@@ -549,9 +566,9 @@ class PgRunStore:
             if sql is not _CLAIM_MANY and not is_row_error(exc):  # or the partitions could not
                 self.partitions.refused()  # be named: the parent
                 return await self._claim_many(requests, parent=True)
-            return [await self._claim_one(r) if first[r.execution_id] is r else None
+            return [await self._claim_alone(r) if first[r.execution_id] is r else None
                     for r in requests]  # fmt: skip
-        claims: dict[str, Claim | None] = {row["id"]: _claim_of(row["id"], row) for row in rows}
+        claims: dict[str, _Claimed] = {row["id"]: _claim_of(row["id"], row) for row in rows}
         if sql is not _CLAIM_MANY:  # what the partition did not have, the parent may
             missed = [r for r in unique if r.execution_id not in claims]
             if missed:
