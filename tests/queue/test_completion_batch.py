@@ -212,3 +212,45 @@ async def test_a_script_batch_times_out_only_when_no_reply_came_for_the_socket_t
             assert await batcher.call(SLOW, sha, [], [2]) == "2"
         finally:
             await client.aclose()
+
+
+COUNT = "return redis.call('INCR', KEYS[1])"
+"""Not harmless twice: counts its runs."""
+
+
+async def test_a_late_reply_is_not_asked_for_again_but_a_lost_connection_is() -> None:
+    """With the client's retry policy on (two more tries), a batch whose reply came later than
+    the socket timeout raises the timeout and is not sent again: Redis ran it (the count says
+    once) — a script run twice would pop parked jobs twice or take two start tokens. A batch
+    on a connection Redis dropped (``CLIENT KILL``, as a restart leaves pooled connections) is
+    sent again on a fresh one and runs once. A throwaway ``redis-server``."""
+    with redis_server() as server:
+        client = aioredis.Redis(
+            host="127.0.0.1",
+            port=server.port,
+            socket_timeout=0.3,
+            retry=Retry(NoBackoff(), 2),
+            decode_responses=True,
+        )
+        admin = aioredis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+        try:
+            await client.script_load(SLOW)
+            await client.script_load(COUNT)
+            batcher = ScriptBatcher(client)
+            calls = [
+                batcher.submit(COUNT, _sha(COUNT), ["runs"], []),
+                batcher.submit(SLOW, _sha(SLOW), [], [450]),
+            ]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(r, RedisTimeoutError) for r in results), results
+            assert batcher.batches == 1
+            assert await admin.get("runs") == "1", "the late batch was sent again"
+
+            assert await batcher.call(COUNT, _sha(COUNT), ["runs"], []) == 2
+            killed = await admin.client_kill_filter(_type="normal", skipme=True)
+            assert killed >= 1
+            assert await batcher.call(COUNT, _sha(COUNT), ["runs"], []) == 3
+            assert await admin.get("runs") == "3"
+        finally:
+            await client.aclose()
+            await admin.aclose()

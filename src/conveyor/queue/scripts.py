@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from hiredis import pack_command  # redis[hiredis] is a dependency
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from conveyor.queue.connection import is_missing_script
 
@@ -198,19 +199,39 @@ async def _send_packed(
     redis: aioredis.Redis, packed: bytes, replies: int, *, read_timeout: float | None = None
 ) -> list[Any]:
     """``packed`` written at once and ``replies`` replies read in order on one pooled
-    connection (an error reply is returned, not raised); a connection error is retried as the
-    client's commands are, on a fresh connection. ``read_timeout``: each read's, as redis-py's
-    ``read_response`` takes it (``None``: the client's socket timeout; ``math.inf``: none)."""
+    connection (an error reply is returned, not raised). ``read_timeout``: each read's, as
+    redis-py's ``read_response`` takes it (``None``: the client's socket timeout;
+    ``math.inf``: none).
+
+    A lost connection (a pooled one gone stale when Redis restarted) is retried as the client's
+    commands are, on a fresh connection. A reply later than the socket timeout is not: Redis
+    has the calls and may have run them, and a script run twice is not harmless — a release
+    would pop parked jobs twice (the first pop's never promoted), an acquire would take a
+    second start token, a completion would find its job gone. The timeout is raised."""
     pool: Any = redis.connection_pool
     conn = await pool.get_connection()
+
+    async def attempt() -> list[Any]:
+        try:
+            return await _round_trip(conn, packed, replies, read_timeout)
+        except RedisTimeoutError as exc:
+            raise _Late from exc  # not one of the errors the retry policy sends again on
+
     try:
         results: list[Any] = await conn.retry.call_with_retry(
-            lambda: _round_trip(conn, packed, replies, read_timeout),
-            lambda _error: conn.disconnect(),
+            attempt, lambda _error: conn.disconnect()
         )
+    except _Late as late:
+        timeout = late.__cause__
+        assert timeout is not None
+        raise timeout from None
     finally:
         await pool.release(conn)
     return results
+
+
+class _Late(Exception):
+    """A reply was later than the socket timeout (its ``__cause__``): not sent again."""
 
 
 def _evalsha(sha: str, names: Sequence[Any], args: Sequence[Any]) -> bytes:
