@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conveyor.dispatch import FairnessLedger, TenantLimiter, keys
 from conveyor.dispatch.limits import parked_member
@@ -408,9 +409,38 @@ async def test_an_acquire_that_failed_gives_the_old_slot_back(wsettings: Setting
             assert "tenant limits unavailable" in str(deferred.value.reason)
             assert first not in runner.fleet.held
             assert runner.warm_slots == 0
-            (ended,) = runner._releases
-            assert ended.slot is not None and ended.slot.lease == first
-            assert ended.due == 0.0  # due at once, not warm
+            old, new = runner._releases  # and the lease the script may have taken
+            assert old.slot is not None and old.slot.lease == first
+            assert new.slot is not None and new.slot.lease.startswith(f"{ids[1]}@")
+            assert old.due == new.due == 0.0  # due at once, not warm
+
+
+async def test_an_acquire_whose_reply_was_lost_gives_its_new_lease_back(
+    wsettings: Settings,
+) -> None:
+    """The acquire script ran and took a lease for the job, but its reply never came (Redis
+    dropped the connection after running it): the job is deferred, and the lease it may hold
+    — not renewed by anyone — is given back with the next flush instead of holding one of the
+    tenant's fleet slots until it expires."""
+    async with fleet_runners(capped(wsettings, 2)) as ((runner,), s):
+        fleet = runner.fleet
+        assert fleet is not None
+        inner = fleet.acquire
+
+        async def reply_lost(*args: Any, **kw: Any) -> Any:
+            await inner(*args, **kw)
+            raise RedisConnectionError("Connection closed by server.")
+
+        fleet.acquire = reply_lost  # type: ignore[method-assign]
+        t = await s.tenant()
+        (eid,) = await executions(s, t, 1)
+        with pytest.raises(JobDeferred) as deferred:
+            await runner.process(*job(eid, t))
+        assert "tenant limits unavailable" in str(deferred.value.reason)
+        assert await leases(s, t) == [eid], "the script took the lease"
+        assert await runner.flush_releases() == 1
+        assert await leases(s, t) == []
+        assert not fleet.held
 
 
 async def test_run_releases_gives_slots_back_in_time(wsettings: Settings) -> None:
@@ -480,3 +510,29 @@ async def test_a_parked_job_that_reaches_the_delayed_set_mid_promotion_is_promot
         assert await runner._promote_one(QUEUE, job_id)
         assert calls == [job_id, job_id]
         assert await queue.get_job_state(job_id) in ("waiting", "prioritized")
+
+
+async def test_a_worker_stopping_promotes_the_parked_jobs_its_last_releases_popped(
+    wsettings: Settings,
+) -> None:
+    """Cap 1: process A's run ended (its slot warm), a job on process B is parked for the
+    slot. A stops: its last flush gives the slot back and pops B's job — no longer in the
+    fleet's parked set, so no other worker would promote it — and A promotes it before it
+    goes, instead of leaving it to its fallback delay (5 s or more)."""
+    async with fleet_runners(capped(wsettings, 1), n=2) as ((a, b), s):
+        _counting, t, ids = await first_run(a, s, 2)
+        queue = s.queues.create_queue(QUEUE)
+        payload, _ctx = job(ids[1], t)
+        await queue.add(payload, job_id=ids[1], delay_ms=60_000)  # as B's park leaves it
+        with pytest.raises(JobDeferred) as parked:  # B at the cap: parked
+            await b.process(*job(ids[1], t))
+        assert parked.value.parked
+        assert await queue.get_job_state(ids[1]) == "delayed"
+
+        assert await a.flush_releases() == 1  # what a stopping worker does, in order
+        assert not a._fleet_promotions.empty(), "the release popped B's job"
+        assert await a.promote_popped() == 1
+        assert a._fleet_promotions.empty()
+        assert await queue.get_job_state(ids[1]) in ("waiting", "prioritized")
+        parked_key = keys.limit_parked(s.settings.queue_prefix, t)
+        assert await s.queues.redis.zrange(parked_key, 0, -1) == []

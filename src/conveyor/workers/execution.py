@@ -250,6 +250,8 @@ class ExecutionWorker:
         handed = await self.runner.hand_back_parked()
         with contextlib.suppress(Exception):  # the fleet slots of the runs that just ended
             await asyncio.wait_for(self.runner.flush_releases(), timeout=2.0)
+        with contextlib.suppress(Exception):  # and the parked jobs they popped, fleet-wide
+            await asyncio.wait_for(self.runner.promote_popped(), timeout=2.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ledger.flush(), timeout=2.0)
         await self.supervisor.cancel_all(5.0)  # metrics.run flushes on cancel

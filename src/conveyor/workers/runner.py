@@ -319,6 +319,9 @@ class ExecutionRunner:
         except BaseException as exc:
             if slot is not None:  # maybe dropped by the script, no longer renewed: give it back
                 self._release_later(tenant, _Slot(slot.lease, 0, slot.since))
+            # the script may have run and taken the new lease (its reply lost or late): give
+            # that back too, or it would hold a slot nobody renews until it expires
+            self._release_later(tenant, _Slot(lease, 0, now))
             if not isinstance(exc, _REDIS_ERRORS):
                 raise
             log.warning("worker.limits_unavailable", extra={"error": repr(exc)})
@@ -558,23 +561,52 @@ class ExecutionRunner:
 
     async def run_fleet_promoter(self) -> None:
         """Promote the parked jobs popped into free fleet slots; when one is no longer parked
-        (promoted elsewhere, finished), pop the next. Never ends by itself."""
+        (promoted elsewhere, finished), pop the next. A job Redis could not be asked about
+        is tried again (popped, it has no other way back before its fallback delay). Never
+        ends by itself."""
         while True:
-            tenant, queue_name, job_id = await self._fleet_promotions.get()
+            item = await self._fleet_promotions.get()
             try:
-                if await self._promote_one(queue_name, job_id):
-                    continue
-                if tenant and self.fleet is not None:
-                    for _ in range(_FLEET_POPS):
-                        nxt = await self.fleet.release(tenant, None)
-                        if not nxt:
-                            break
-                        ok = [await self._promote_one(q, j) for q, j in nxt]
-                        if all(ok):
-                            break
+                await self._promote_popped(*item)
+            except _REDIS_ERRORS as exc:
+                log.warning("worker.promote_failed", extra={"jobId": item[2], "error": repr(exc)})
+                await asyncio.sleep(0.5)
+                self._fleet_promotions.put_nowait(item)
+            except Exception as exc:
+                log.warning("worker.promote_failed", extra={"jobId": item[2], "error": repr(exc)})
+                await asyncio.sleep(0.5)
+
+    async def promote_popped(self) -> int:
+        """Shutdown, after the last releases (:meth:`flush_releases`): promote the parked jobs
+        they popped — of any worker of the fleet — now; the fleet promoter is about to stop,
+        and a popped job is no longer parked for anyone else to promote: it would wait its
+        fallback delay. Best effort (the caller bounds it); returns how many were promoted."""
+        done = 0
+        while not self._fleet_promotions.empty():
+            tenant, queue_name, job_id = self._fleet_promotions.get_nowait()
+            try:
+                done += await self._promote_popped(tenant, queue_name, job_id)
             except Exception as exc:
                 log.warning("worker.promote_failed", extra={"jobId": job_id, "error": repr(exc)})
-                await asyncio.sleep(0.5)
+        return done
+
+    async def _promote_popped(self, tenant: str, queue_name: str, job_id: str) -> int:
+        """Promote a job popped into a free fleet slot, or — when it is no longer parked — the
+        next ones popped in its place; how many were promoted."""
+        if await self._promote_one(queue_name, job_id):
+            return 1
+        if not tenant or self.fleet is None:
+            return 0
+        done = 0
+        for _ in range(_FLEET_POPS):
+            nxt = await self.fleet.release(tenant, None)
+            if not nxt:
+                break
+            ok = [await self._promote_one(q, j) for q, j in nxt]
+            done += sum(ok)
+            if all(ok):
+                break
+        return done
 
     # --- promoting parked jobs --------------------------------------------------------------
     async def run_promoter(self) -> None:
