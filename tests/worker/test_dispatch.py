@@ -117,6 +117,35 @@ async def test_ledger_decrements_in_batches_and_clamps(
     assert await redis_client.exists(key) == 0
 
 
+async def test_a_deferred_job_is_pending_again(
+    qf: QueueFactory, redis_client: aioredis.Redis
+) -> None:
+    """A job that started and went back to the queue (deferred: the database down, the
+    execution busy elsewhere) counts as pending again — when its decrement already went, as an
+    increment — so its next start does not lower the tenant's count below its backlog (the
+    clamp only lowers counts: a count too low would let the tenant's next enqueues jump its own
+    backlog)."""
+    dispatcher = ExecutionDispatcher(qf, qf.settings)
+    await dispatcher.enqueue_many([payload("tenant-a", f"a-{i}") for i in range(3)])
+    key = keys.fair(qf.settings.queue_prefix, QUEUE)
+    ledger = FairnessLedger(qf, qf.settings, [QUEUE])
+    ledger.started(QUEUE, "tenant-a")
+    ledger.started(QUEUE, "tenant-a")
+    await ledger.flush()
+    assert await redis_client.hget(key, "tenant-a") == "1"
+    ledger.unstarted(QUEUE, "tenant-a")  # one of the two deferred after its decrement went
+    await ledger.flush()
+    assert await redis_client.hget(key, "tenant-a") == "2"
+    ledger.started(QUEUE, "tenant-a")  # started and deferred within one flush: no change
+    ledger.unstarted(QUEUE, "tenant-a")
+    await ledger.flush()
+    assert await redis_client.hget(key, "tenant-a") == "2"
+    ledger.started(QUEUE, "tenant-a")  # the deferred job and the third run
+    ledger.started(QUEUE, "tenant-a")
+    await ledger.flush()
+    assert await redis_client.hget(key, "tenant-a") is None
+
+
 async def test_enqueue_fails_fast_when_redis_is_down(redis_prefix: str) -> None:
     settings = make_settings(redis_prefix, QUEUE_REDIS_PORT=str(free_port()))
     async with QueueFactory(settings) as factory:

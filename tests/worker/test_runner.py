@@ -122,6 +122,8 @@ async def test_busy_execution_is_deferred_not_failed(wsettings: Settings) -> Non
         assert claimed is not None  # another runner (say, a crashed worker) holds the lease
         with pytest.raises(JobDeferred) as deferred:
             await runner.process(*job(ex, t))
+        # back in the queue: pending again for the fairness count (its next start counts)
+        assert runner._ledger._pending[QUEUE].get(t, 0) == 0
     assert 2000 <= deferred.value.delay_ms <= 3500
     assert runner.counters.failed == 0 and time.time() - now < 3
 

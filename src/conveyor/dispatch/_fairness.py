@@ -63,6 +63,19 @@ class FairnessLedger:
         per[tenant] = per.get(tenant, 0) + 1
         self._dirty.set()
 
+    def unstarted(self, queue_name: str, tenant: str) -> None:
+        """A job counted by :meth:`started` went back to the queue without running (deferred:
+        the database down, the execution busy elsewhere, the worker stopping): pending again,
+        as the enqueue counted it (no I/O: the flush sends the net change, an increment when
+        the decrement already went). Its next start decrements once more; uncounted, every
+        deferral would lower the tenant's count for good — the clamp only lowers counts — and
+        its next enqueues would jump its own backlog."""
+        per = self._pending.get(queue_name)
+        if per is None:
+            per = self._pending[queue_name] = {}
+        per[tenant] = per.get(tenant, 0) - 1
+        self._dirty.set()
+
     def _scripts(self) -> tuple[Any, Any]:
         if self._decrement is None:
             self._decrement = self._queues.redis.register_script(keys.DECREMENT_SCRIPT)
@@ -105,7 +118,7 @@ class FairnessLedger:
             self._loaded = True
         pipe = self._queues.redis.pipeline(transaction=False)
         for queue_name, per in items:
-            args: list[Any] = [x for tenant, n in per.items() for x in (tenant, n)]
+            args: list[Any] = [x for tenant, n in per.items() if n for x in (tenant, n)]
             await decrement(
                 keys=[keys.fair(self._prefix, queue_name, cluster=self._cluster)],
                 args=args,
@@ -117,9 +130,10 @@ class FairnessLedger:
     def _keep(self, items: list[tuple[str, dict[str, int]]]) -> None:
         """Put decrements that were not applied back (the next flush sends them)."""
         for queue_name, per in items:
+            kept = self._pending.setdefault(queue_name, {})
             for tenant, n in per.items():
-                for _ in range(n):
-                    self.started(queue_name, tenant)
+                kept[tenant] = kept.get(tenant, 0) + n
+        self._dirty.set()
 
     async def clamp(self) -> dict[str, int]:
         """Clamp every counter to its queue's backlog; returns the backlog per queue."""

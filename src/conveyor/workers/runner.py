@@ -370,6 +370,7 @@ class ExecutionRunner:
         except JobDeferred:
             status = "deferred"
             self.counters.deferred += 1
+            self._ledger.unstarted(ctx.queue_name, tenant)  # back in the queue: pending again
             raise
         except asyncio.CancelledError:
             if not self.draining:
@@ -381,6 +382,7 @@ class ExecutionRunner:
                 task.uncancel()
             status = "deferred"
             self.counters.deferred += 1
+            self._ledger.unstarted(ctx.queue_name, tenant)
             log.warning("execution.handed_back", extra={"executionId": payload.execution_id})
             raise JobDeferred(0, "worker shutting down") from None
         except BaseException:
