@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from conveyor.engine import Engine, OutcomeKind
-from conveyor.errors import PermanentStepError
+from conveyor.errors import DatabaseUnavailable, PermanentStepError
 from conveyor.settings import Settings
 from conveyor.store import Execution, Store, utcnow
 from conveyor.store.schema import executions
@@ -447,6 +447,45 @@ async def test_a_crash_after_the_child_ended_is_repaired_by_its_redelivery(
     assert (await engine.run(parent.id)).kind is OutcomeKind.NOT_DUE  # not told yet
     monkeypatch.setattr(store.children, "notify_parent", notify)
     assert (await engine.run(child_id)).kind is OutcomeKind.SKIPPED  # the job's redelivery
+    assert (await engine.run(parent.id)).kind is OutcomeKind.SUCCEEDED
+    assert (await store.executions.get(tenant, parent.id)).output == "ok"
+
+
+async def test_a_parent_the_database_could_not_be_told_of_is_told_on_the_next_delivery(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child's last write committed, then telling its parent failed (the database went
+    away between the two): the run says so (``parent_untold``: the worker defers the job
+    instead of completing it), and so does a delivery that finds the child ended while the
+    database is still away; the next delivery after it is back tells the parent — a parent
+    waiting on a child without a timeout has no timer, nothing else would wake it."""
+    clock = Clock()
+    tenant = (await store.tenants.create("acme")).id
+    leaf = await _workflow(
+        store, tenant, [{"id": "c", "type": "transform", "expression": "'ok'"}], "leaf"
+    )
+    top = await _workflow(
+        store, tenant, [{"id": "call", "type": "workflow", "workflow": leaf}], "top"
+    )
+    parent, _ = await store.executions.create(tenant, top)
+    engine = _engine(store, settings, clock)
+    assert (await engine.run(parent.id)).kind is OutcomeKind.WAITING
+    (child_id,) = await _children(store, parent.id)
+    notify = store.children.notify_parent
+
+    async def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise DatabaseUnavailable("database unavailable: connection refused")
+
+    monkeypatch.setattr(store.children, "notify_parent", unavailable)
+    ended = await engine.run(child_id)
+    assert ended.kind is OutcomeKind.SUCCEEDED and ended.parent_untold and ended.retry_later
+    assert (await store.executions.status_of([child_id])) == {child_id: "succeeded"}
+    again = await engine.run(child_id)  # delivered again while the database is still away
+    assert again.kind is OutcomeKind.SKIPPED and again.parent_untold
+    assert (await engine.run(parent.id)).kind is OutcomeKind.NOT_DUE  # not told yet
+    monkeypatch.setattr(store.children, "notify_parent", notify)
+    told = await engine.run(child_id)
+    assert told.kind is OutcomeKind.SKIPPED and not told.parent_untold
     assert (await engine.run(parent.id)).kind is OutcomeKind.SUCCEEDED
     assert (await store.executions.get(tenant, parent.id)).output == "ok"
 

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from conveyor.dispatch import FairnessLedger
-from conveyor.engine import Engine
+from conveyor.engine import Engine, OutcomeKind, RunOutcome
 from conveyor.errors import PayloadInvalid
 from conveyor.queue import JobContext, JobDeferred, WorkflowExecute
 from conveyor.settings import Settings
@@ -153,3 +153,19 @@ async def test_tenant_at_cap_is_parked_and_promoted_in_order(wsettings: Settings
             assert runner.limits.parked_count == 0
         finally:
             promoter.cancel()
+
+
+async def test_a_sub_workflow_whose_parent_was_not_told_is_deferred_not_completed(
+    wsettings: Settings,
+) -> None:
+    """An execution that ended but could not tell its parent (the database failed between
+    the two) is delivered again — which tells it — instead of completing its job: a completed
+    job is never delivered again, and the parent would wait for good."""
+    async with runner_for(wsettings) as (runner, _s):
+        for kind, status in ((OutcomeKind.SUCCEEDED, "succeeded"), (OutcomeKind.SKIPPED, "failed")):
+            untold = RunOutcome("ex", kind, status, parent_untold=True)
+            with pytest.raises(JobDeferred) as deferred:
+                runner._settle("ex", untold)
+            assert "parent" in str(deferred.value.reason)
+            told = RunOutcome("ex", kind, status)
+            assert runner._settle("ex", told) is told

@@ -93,7 +93,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -345,7 +345,8 @@ class Engine:
                 outcome = await self._drive(runs, claim, abandon)
                 if outcome.finished and claim.parent_execution_id is not None:
                     await runs.idle()
-                    await self._tell_parent(execution_id, claim, str(outcome.status))
+                    if not await self._tell_parent(execution_id, claim, str(outcome.status)):
+                        return replace(outcome, parent_untold=True)
                 return outcome
             except LeaseLost:
                 log.warning(
@@ -397,25 +398,30 @@ class Engine:
                 )
             if outcome.finished and claim.parent_execution_id is not None:
                 await runs.idle()
-                await self._tell_parent(execution_id, claim, str(outcome.status))
+                if not await self._tell_parent(execution_id, claim, str(outcome.status)):
+                    return replace(outcome, parent_untold=True)
             return outcome
 
     async def _tell_parent(
         self, execution_id: str, ended: Claim | None = None, status: str = ""
-    ) -> None:
+    ) -> bool:
         """A sub-workflow ended (``ended``: the claim it ended with and its ``status``, when
-        this runner ended it): wake its parent (best effort, never raises — a later delivery of
-        this execution's job, answered SKIPPED, tells it again)."""
+        this runner ended it): wake its parent. Never raises; ``False`` when the database could
+        not be told — the run's outcome then says so (``parent_untold``), and the job is
+        delivered again to tell it (answered SKIPPED, which tells it again): nothing else
+        would, a parent waiting on a child without a timeout has no timer."""
         try:
             children = self.store.children
             told = await children.notify_parent(execution_id, self._clock(), ended, status)
-            if told is not None and told[0].woken and told[1] is not None:
-                await self._enqueue(told[1], "child", f"child:{execution_id}")
         except Exception as exc:
             log.warning(
                 "engine.tell_parent_failed",
                 extra={"execution_id": execution_id, "error": repr(exc)[:300]},
             )
+            return False
+        if told is not None and told[0].woken and told[1] is not None:
+            await self._enqueue(told[1], "child", f"child:{execution_id}")  # else: reconciler
+        return True
 
     async def _enqueue(self, execution: Execution, reason: str, job_id: str) -> None:
         if self.enqueue is None:
@@ -450,8 +456,8 @@ class Engine:
             return RunOutcome(execution_id, OutcomeKind.BUSY, why.status, retry_after_s=0.0)
         # ended: a redelivery after a crash may be all that is left to tell its parent
         await runs.idle()
-        await self._tell_parent(execution_id)
-        return RunOutcome(execution_id, OutcomeKind.SKIPPED, why.status)
+        told = await self._tell_parent(execution_id)
+        return RunOutcome(execution_id, OutcomeKind.SKIPPED, why.status, parent_untold=not told)
 
     async def _release_after_cancel(self, runs: RunStore, claim: Claim) -> None:
         # Give the session's connection back first (it may be finishing a cancelled query),

@@ -50,6 +50,9 @@ class RunOutcome:
     tenant_id: str | None = None
     queue_latency_ms: float | None = None
     """Queued → first start, on the run that started the execution."""
+    parent_untold: bool = False
+    """A sub-workflow that ended (in this run, or before: SKIPPED) could not tell its parent
+    (the database failed): deliver the job again later, which tells it."""
 
     @property
     def finished(self) -> bool:
@@ -58,5 +61,6 @@ class RunOutcome:
 
     @property
     def retry_later(self) -> bool:
-        """The job should be delivered again later (another runner may have died)."""
-        return self.kind is OutcomeKind.BUSY
+        """The job should be delivered again later (another runner may have died, or a
+        parent is still to be told)."""
+        return self.kind is OutcomeKind.BUSY or self.parent_untold

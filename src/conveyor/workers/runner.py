@@ -424,6 +424,10 @@ class ExecutionRunner:
         kind = outcome.kind
         if kind is OutcomeKind.MISSING:
             raise PayloadInvalid(f"execution {execution_id} does not exist")
+        if outcome.parent_untold:
+            # A sub-workflow ended but its parent could not be told (the database failed):
+            # the next delivery tells it — nothing else would wake a parent without a timeout.
+            raise JobDeferred(DB_DOWN_DEFER_MS, "sub-workflow ended; its parent is told next")
         if kind is OutcomeKind.BUSY:
             # Another runner holds a live lease: it finishes the execution, or it died and its
             # lease expires; either way try again then. Never fail the job for this.
