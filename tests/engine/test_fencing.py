@@ -257,3 +257,88 @@ async def test_abandon_cancels_the_step_and_writes_nothing(
     assert again.kind is OutcomeKind.SUCCEEDED
     done = await store.executions.get(tenant, execution_id)
     assert done.output == "second" and done.attempts == 2
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_run_cancelled_while_its_claim_is_on_its_way_gives_the_claim_back(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled (a worker stopping) while its claim's batch is on its way: the claim still
+    commits — nobody runs it — and is given back as soon as it lands, so the next delivery
+    claims at once instead of waiting out the lease (30 s)."""
+    tenant, execution_id = await start(store, [slow_step("a"), slow_step("b")])
+    runs = store.runs
+    real = runs.claims._send_one  # type: ignore[attr-defined]
+    on_its_way = asyncio.Event()
+
+    async def slow_claim(request: object) -> object:
+        on_its_way.set()
+        await asyncio.sleep(0.2)  # the statement on its way (a slow commit)
+        return await real(request)
+
+    monkeypatch.setattr(runs.claims, "_send_one", slow_claim)  # type: ignore[attr-defined]
+    recorder = Recorder()
+
+    async def done(ctx: StepContext, call: int) -> StepResult:
+        return StepResult(output=call)
+
+    recorder.hooks["a"] = recorder.hooks["b"] = done
+    engine = Engine(store, settings, step_runner=recorder, lease_ttl_s=30)
+    running = asyncio.create_task(engine.run(execution_id))
+    await on_its_way.wait()
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    monkeypatch.setattr(runs.claims, "_send_one", real)  # type: ignore[attr-defined]
+
+    async def given_back() -> bool:
+        row = await store.executions.get(tenant, execution_id)
+        expires = row.lease_expires_at
+        return row.status == "running" and expires is not None and expires <= utcnow()
+
+    for _ in range(100):
+        if await given_back():
+            break
+        await asyncio.sleep(0.02)
+    assert await given_back(), "the claim nobody runs was not given back"
+    outcome = await engine.run(execution_id)
+    assert outcome.kind is OutcomeKind.SUCCEEDED and recorder.calls == {"a": 1, "b": 1}
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_run_cancelled_while_its_write_is_on_its_way_leaves_the_lease_released(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while a step's write is on its way: the run releases its lease at once, the
+    write lands after the release and sets the lease's expiry again — and is given back again,
+    so the next delivery claims at once instead of waiting out the lease."""
+    tenant, execution_id = await start(store, [slow_step("a"), slow_step("b")])
+    runs = store.runs
+    real = runs.writes._send_one  # type: ignore[attr-defined]
+    on_its_way = asyncio.Event()
+
+    async def slow_write(request: object) -> object:
+        on_its_way.set()
+        await asyncio.sleep(0.3)
+        return await real(request)
+
+    monkeypatch.setattr(runs.writes, "_send_one", slow_write)  # type: ignore[attr-defined]
+    recorder = Recorder()
+
+    async def done(ctx: StepContext, call: int) -> StepResult:
+        return StepResult(output=call)
+
+    recorder.hooks["a"] = recorder.hooks["b"] = done
+    engine = Engine(store, settings, step_runner=recorder, lease_ttl_s=30)
+    running = asyncio.create_task(engine.run(execution_id))
+    await on_its_way.wait()
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    await asyncio.sleep(0.5)  # the write has landed, and what follows it
+    monkeypatch.setattr(runs.writes, "_send_one", real)  # type: ignore[attr-defined]
+    row = await store.executions.get(tenant, execution_id)
+    assert row.status == "running" and row.lease_expires_at is not None
+    assert row.lease_expires_at <= utcnow(), "the write set the released lease's expiry again"
+    outcome = await engine.run(execution_id)
+    assert outcome.kind is OutcomeKind.SUCCEEDED

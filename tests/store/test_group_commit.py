@@ -11,7 +11,7 @@ import pytest
 
 from conveyor.errors import Conflict, DatabaseUnavailable, NotFound
 from conveyor.store import Store
-from conveyor.store._group_commit import GroupCommit
+from conveyor.store._group_commit import MAX_BATCH, GroupCommit
 
 
 class Recorder:
@@ -35,8 +35,29 @@ class Recorder:
         return [f"r{n}" for n in items]
 
 
-def _group(recorder: Recorder, **kwargs: int) -> GroupCommit[int, str]:
-    return GroupCommit(recorder.one, recorder.many, name="test", **kwargs)
+def _group(recorder: Recorder, *, max_batch: int = MAX_BATCH) -> GroupCommit[int, str]:
+    return GroupCommit(recorder.one, recorder.many, name="test", max_batch=max_batch)
+
+
+async def test_an_item_whose_caller_was_cancelled_is_told_to_orphaned() -> None:
+    """A caller cancelled while its batch is on its way: its item is still stored (the batch
+    is not withdrawn), the others get their results, and ``orphaned`` is told of the
+    cancelled caller's item and result — what was stored for nobody."""
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()
+    orphans: list[tuple[int, str]] = []
+    group = GroupCommit(
+        recorder.one, recorder.many, name="test", orphaned=lambda i, r: orphans.append((i, r))
+    )
+    callers = [asyncio.create_task(group.submit(n)) for n in range(3)]
+    await asyncio.sleep(0.01)
+    assert recorder.calls == [[0, 1, 2]]  # on its way
+    callers[1].cancel()
+    recorder.gate.set()
+    assert await callers[0] == "r0" and await callers[2] == "r2"
+    with pytest.raises(asyncio.CancelledError):
+        await callers[1]
+    assert orphans == [(1, "r1")]
 
 
 async def test_lone_item_goes_at_once_and_concurrent_ones_share_a_batch() -> None:

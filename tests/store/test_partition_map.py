@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import text
 
-from conveyor.errors import LeaseLost, StoreError
+from conveyor.errors import DatabaseUnavailable, LeaseLost, StoreError
 from conveyor.store import Claim, ExecutionWrite, StepWrite, Store
 from conveyor.store.partitions import partition_name
 from conveyor.store.pg import PgRunStore
@@ -288,3 +288,43 @@ async def test_a_claim_refused_for_one_execution_is_its_answer_alone(pg: Store) 
         )
         state = {r[0]: (r[1], r[2]) for r in rows}
     assert state == {ids[0]: ("queued", 0), ids[1]: ("running", 1), ids[2]: ("running", 1)}
+
+
+async def test_claims_sent_one_by_one_keep_their_answers_when_the_database_goes_away(
+    pg: Store,
+) -> None:
+    """Claimed one by one after a row's refusal, and the database goes away mid-way (the
+    third claim's backend is terminated): the claim made before keeps its answer, the refused
+    one its error, and the claims not made are told the database is unavailable — none of
+    them is answered with another's error."""
+    await pg.partitions.ensure(T, 0)
+    owner = await seed.tenant(pg, "acme", T)
+    ids = await _queued(pg, owner, T, 4)
+    async with pg.engine.begin() as conn:
+        await conn.execute(text(
+            "CREATE FUNCTION refuse_or_die() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.lease <> OLD.lease THEN "
+            f"  IF NEW.id = '{ids[1]}' THEN RAISE EXCEPTION 'claim is refused'; END IF; "
+            f"  IF NEW.id = '{ids[2]}' AND position('unnest' IN current_query()) = 0 THEN "
+            "    PERFORM pg_terminate_backend(pg_backend_pid()); "  # one by one only
+            "  END IF; "
+            "END IF; RETURN NEW; END $$"
+        ))  # fmt: skip
+        await conn.execute(text(
+            "CREATE TRIGGER refuse_or_die BEFORE UPDATE ON executions "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_or_die()"
+        ))  # fmt: skip
+    runs = _runs(pg)
+    results = await asyncio.gather(
+        *(runs.claim(e, T, T + LEASE) for e in ids), return_exceptions=True
+    )
+    assert isinstance(results[0], Claim)
+    assert isinstance(results[1], StoreError) and "claim is refused" in results[1].message
+    assert isinstance(results[2], DatabaseUnavailable)
+    assert results[3] is results[2], "not tried once the database was unavailable"
+    async with pg.engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT id, status FROM executions WHERE id = ANY(:ids)"), {"ids": ids}
+        )
+        state = {r[0]: r[1] for r in rows}
+    assert state == {ids[0]: "running", ids[1]: "queued", ids[2]: "queued", ids[3]: "queued"}

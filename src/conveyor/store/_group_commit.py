@@ -52,9 +52,13 @@ class GroupCommit(Generic[In, Out]):
         name: str,
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
+        orphaned: Callable[[In, Out], None] | None = None,
     ) -> None:
         self._send_one = send_one
         self._send_many = send_many
+        self._orphaned = orphaned
+        """Told of each item whose caller was cancelled before its batch's result came: what
+        was stored for nobody (a claim nobody runs: give it back)."""
         self._name = name
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
@@ -76,7 +80,7 @@ class GroupCommit(Generic[In, Out]):
 
         Cancelling the caller does not withdraw the item: it may still be stored (a trigger's
         ``queued`` row is then enqueued by the reconciler, as when a request is cancelled
-        mid-statement).
+        mid-statement); ``orphaned`` is then told of its result.
         """
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
@@ -123,6 +127,13 @@ class GroupCommit(Generic[In, Out]):
                 raise
             return
         _settle(batch, results, None)
+        if self._orphaned is not None:
+            for (item, future), result in zip(batch, results, strict=True):
+                if future.cancelled():
+                    try:
+                        self._orphaned(item, result)
+                    except Exception:
+                        log.exception("store.orphan_failed", extra={"batch": self._name})
 
 
 def _settle(

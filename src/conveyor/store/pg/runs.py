@@ -462,11 +462,12 @@ class PgRunStore:
         self.partitions = PartitionMap(pool)
         self._targeted: dict[tuple[str, str, str | None], str] = {}
         self.claims: GroupCommit[_ClaimRequest, _Claimed] = GroupCommit(
-            self._claim_one, self._claim_many, name="store.claim_batch"
+            self._claim_one, self._claim_many, name="store.claim_batch", orphaned=self._unwanted
         )
         self.writes: GroupCommit[_WriteRequest, _Written] = GroupCommit(
-            self._write_one, self._write_many, name="store.write_batch"
+            self._write_one, self._write_many, name="store.write_batch", orphaned=self._unheard
         )
+        self._releases: set[asyncio.Task[None]] = set()
         self.peeks: GroupCommit[tuple[str, datetime], Claim | None] = GroupCommit(
             self._peek_one, self._peek_many, name="store.peek_batch"
         )
@@ -525,21 +526,67 @@ class PgRunStore:
         async with self.session() as session:
             return await session.written(claim, seq)
 
+    # --- what a cancelled caller left ---------------------------------------------------------
+
+    def _unwanted(self, r: _ClaimRequest, claimed: _Claimed) -> None:
+        """A claim made for a caller that was cancelled meanwhile (a worker stopping, a job cut
+        off): nobody runs it — give the lease back at once, not when it expires."""
+        if isinstance(claimed, Claim):
+            self._release_later(claimed, r.now)
+
+    def _unheard(self, r: _WriteRequest, written: _Written) -> None:
+        """A write that landed after its runner was cancelled: a run cancelled mid-write
+        releases its lease at once, and this write, landing after the release, set the lease's
+        expiry again — give it back again."""
+        if written == "running":
+            self._release_later(r.claim, r.execution.now)
+
+    def _release_later(self, claim: Claim, now: datetime) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._release_quietly(claim, now), name="store.release_unwanted"
+        )
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_quietly(self, claim: Claim, now: datetime) -> None:
+        try:
+            async with asyncio.timeout(5.0):
+                await call(self._pool, "execute", _RELEASE, claim.execution_id, claim.lease, now)
+        except Exception as exc:  # the lease then expires by itself
+            log.warning(
+                "store.release_failed",
+                extra={"execution_id": claim.execution_id, "error": repr(exc)[:300]},
+            )
+
     # --- the group commits' senders ---------------------------------------------------------
 
     async def _claim_one(self, r: _ClaimRequest) -> Claim | None:
         row = await call(self._pool, "fetchrow", _CLAIM, r.execution_id, r.now, r.lease_until)
         return None if row is None else _claim_of(r.execution_id, row)
 
-    async def _claim_alone(self, r: _ClaimRequest) -> _Claimed:
-        """:meth:`_claim_one` in a batch sent one by one: an error the database gives for this
-        execution alone is its answer, not its neighbours' (they may have been claimed)."""
-        try:
-            return await self._claim_one(r)
-        except DatabaseUnavailable:
-            raise
-        except ConveyorError as exc:
-            return exc
+    async def _claim_each(
+        self, requests: Sequence[_ClaimRequest], first: dict[str, _ClaimRequest]
+    ) -> list[_Claimed]:
+        """A batch's claims sent one by one: an error the database gives for one execution is
+        its answer alone, not its neighbours' (they may have been claimed: answered with an
+        error, their runs would wait out the lease). Once the database is unavailable, the
+        claims not sent yet are answered so without trying."""
+        answers: list[_Claimed] = []
+        down: DatabaseUnavailable | None = None
+        for r in requests:
+            if first[r.execution_id] is not r:
+                answers.append(None)
+            elif down is not None:
+                answers.append(down)
+            else:
+                try:
+                    answers.append(await self._claim_one(r))
+                except DatabaseUnavailable as exc:
+                    down = exc
+                    answers.append(exc)
+                except ConveyorError as exc:
+                    answers.append(exc)
+        return answers
 
     async def _claim_many(
         self, requests: Sequence[_ClaimRequest], *, parent: bool = False
@@ -566,8 +613,7 @@ class PgRunStore:
             if sql is not _CLAIM_MANY and not is_row_error(exc):  # or the partitions could not
                 self.partitions.refused()  # be named: the parent
                 return await self._claim_many(requests, parent=True)
-            return [await self._claim_alone(r) if first[r.execution_id] is r else None
-                    for r in requests]  # fmt: skip
+            return await self._claim_each(requests, first)
         claims: dict[str, _Claimed] = {row["id"]: _claim_of(row["id"], row) for row in rows}
         if sql is not _CLAIM_MANY:  # what the partition did not have, the parent may
             missed = [r for r in unique if r.execution_id not in claims]
