@@ -536,3 +536,26 @@ async def test_a_worker_stopping_promotes_the_parked_jobs_its_last_releases_popp
         assert await queue.get_job_state(ids[1]) in ("waiting", "prioritized")
         parked_key = keys.limit_parked(s.settings.queue_prefix, t)
         assert await s.queues.redis.zrange(parked_key, 0, -1) == []
+
+
+async def test_two_runs_of_one_job_here_each_give_their_own_slot_back(wsettings: Settings) -> None:
+    """The same job runs twice in one process at once (its lock was lost and the job fetched
+    again before the first run was abandoned): each run holds a fleet slot of its own and gives
+    back its own — keyed by job id, the second run's slot replaced the first's, the first
+    run's end gave back the second's (still running), and the first lease was renewed by this
+    process, holding one of the tenant's slots, until the process stopped."""
+    async with fleet_runners(capped(wsettings, 2)) as ((runner,), s):
+        fleet = runner.fleet
+        assert fleet is not None
+        t = await s.tenant()
+        (eid,) = await executions(s, t, 1)
+        gate = Gate(runner)
+        first = asyncio.create_task(runner.process(*job(eid, t)))
+        second = asyncio.create_task(runner.process(*job(eid, t)))
+        await asyncio.sleep(0.05)
+        assert len(fleet.held) == 2, "each run took a lease of its own"
+        gate.open.set()
+        await asyncio.gather(first, second, return_exceptions=True)
+        assert await runner.flush_releases() == 2
+        assert await leases(s, t) == []
+        assert not fleet.held

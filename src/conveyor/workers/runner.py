@@ -193,9 +193,11 @@ class ExecutionRunner:
         self._fleet_promotions: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
         self._releases: list[_Ended] = []
         """Fleet leases to give back, sent together every :data:`RELEASE_LINGER_S` once due."""
-        self._slots: dict[str, _Slot] = {}
-        """The fleet slot each running job holds, by job id (a warm slot taken over keeps its
-        lease)."""
+        self._slots: dict[int, _Slot] = {}
+        """The fleet slot each running job holds, by its run's context (``id(ctx)``: the same
+        job id may run twice here at once — a job whose lock was lost, fetched again before its
+        first run was abandoned — and each run gives back its own slot); a warm slot taken over
+        keeps its lease."""
         self._lease_tag = f"{uuid.uuid4().hex[:8]}."
         self._lease_seq = 0
         self._releases_ready = asyncio.Event()
@@ -293,7 +295,7 @@ class ExecutionRunner:
             if now - slot.since < WARM_SLOT_MAX_AGE_S:
                 # the slot of a run that ended here passes to this one: the tenant's count in
                 # Redis does not change, so the cap holds without asking
-                self._slots[ctx.id] = slot
+                self._slots[id(ctx)] = slot
                 self.counters.slots_reused += 1
                 return
             # passed on long enough: handed to the tenant's parked jobs first (this run queues
@@ -328,7 +330,7 @@ class ExecutionRunner:
             raise JobDeferred(LIMITS_DOWN_DEFER_MS, "tenant limits unavailable") from exc
         if verdict.started:
             cap = 0 if own.start_rate is not None else own.concurrency
-            self._slots[ctx.id] = _Slot(lease, cap, now)
+            self._slots[id(ctx)] = _Slot(lease, cap, now)
             return
         # the ended run's slot, freed by the script: at the cap, the script popped the parked
         # jobs it makes room for; over the start rate (refused after the cap's part), a release
@@ -393,7 +395,7 @@ class ExecutionRunner:
             promote = self.limits.finish(tenant, duration)
             if promote is not None:
                 self._promotions.put_nowait((tenant, *promote))
-            slot = self._slots.pop(ctx.id, None)
+            slot = self._slots.pop(id(ctx), None)
             if slot is not None:
                 self._release_later(tenant, slot)
             if self._metrics is not None and status in _RAN:
