@@ -559,3 +559,30 @@ async def test_two_runs_of_one_job_here_each_give_their_own_slot_back(wsettings:
         assert await runner.flush_releases() == 2
         assert await leases(s, t) == []
         assert not fleet.held
+
+
+async def test_a_lease_given_back_while_its_renewal_was_on_its_way_stays_given_back(
+    wsettings: Settings,
+) -> None:
+    """Redis lost its scripts (a restart) and has had the release script loaded since (by
+    another worker), not the renewal's: a renewal and a release of the same lease go in one
+    batch, Redis runs the release and refuses the renewal, which is sent again once loaded —
+    after the release — and puts the lease back. The worker gives it back again: no slot of
+    the tenant is held by nobody until the lease expires. A throwaway ``redis-server``."""
+    with redis_server() as server:
+        settings = capped(wsettings, 2, queue_redis_port=server.port)
+        async with fleet_runners(settings) as ((runner,), s):
+            fleet = runner.fleet
+            assert fleet is not None
+            _counting, t, ids = await first_run(runner, s, 1)
+            assert await leases(s, t) == [ids[0]]  # its slot, warm
+            redis = s.queues.redis
+            await redis.script_flush()
+            await redis.script_load(keys.LIMIT_RELEASE_SCRIPT)
+            renewal = asyncio.ensure_future(runner.renew_leases())
+            release = asyncio.ensure_future(runner.flush_releases())  # the same batch
+            await asyncio.gather(renewal, release)
+            assert await leases(s, t) == [ids[0]], "the late renewal put the lease back"
+            assert await runner.flush_releases() == 1  # given back again
+            assert await leases(s, t) == []
+            assert not fleet.held

@@ -551,11 +551,7 @@ class ExecutionRunner:
             try:
                 if time.monotonic() >= next_renew:
                     next_renew = time.monotonic() + interval
-                    lost = await fleet.renew()
-                    if lost:
-                        self.cool(lost)
-                        self.counters.leases_lost += len(lost)
-                        log.warning("worker.leases_expired", extra={"leases": lost[:20]})
+                    await self.renew_leases()
                 popped, wait_ms = await fleet.sweep()
             except _REDIS_ERRORS as exc:
                 log.warning("worker.limits_sweep_failed", extra={"error": repr(exc)})
@@ -566,6 +562,24 @@ class ExecutionRunner:
             sleep = next_renew - time.monotonic()
             if wait_ms is not None:
                 sleep = min(sleep, wait_ms / 1000 + 0.005)
+
+    async def renew_leases(self) -> None:
+        """Extend the fleet leases this process holds (one script). A lease given back while
+        the renewal was on its way is given back again: the renewal puts a lease it does not
+        find back (Redis lost it; the run still holds the slot), and one that reached Redis
+        after the release — sent again once Redis had its script back, after the release that
+        Redis already knew — would otherwise hold one of the tenant's slots until it expired."""
+        fleet = self.fleet
+        assert fleet is not None
+        asked = dict(fleet.held)
+        lost = await fleet.renew()
+        for lease, tenant in asked.items():
+            if lease not in fleet.held:
+                self._release_later(tenant, _Slot(lease, 0, 0.0))
+        if lost:
+            self.cool(lost)
+            self.counters.leases_lost += len(lost)
+            log.warning("worker.leases_expired", extra={"leases": lost[:20]})
 
     async def run_fleet_promoter(self) -> None:
         """Promote the parked jobs popped into free fleet slots; when one is no longer parked
