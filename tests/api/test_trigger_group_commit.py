@@ -134,7 +134,7 @@ async def test_a_lone_trigger_does_not_wait_for_a_batch(backend_api: Api) -> Non
         start = time.perf_counter()
         row = await group.submit(request())
         grouped.append(time.perf_counter() - start)
-        assert row is not None and row["inserted"]
+        assert row is not None and not isinstance(row, Exception) and row["inserted"]
     added = statistics.median(grouped) - statistics.median(direct)
     assert added < 0.002, f"a lone trigger waited {added * 1000:.2f} ms more than a direct one"
 

@@ -46,3 +46,18 @@ def test_a_rows_fault_is_told_from_the_tables_fault(error: Exception, rows: bool
 def test_an_error_without_a_sqlstate_is_not_the_rows_fault() -> None:
     assert is_row_error(StoreError("database error: something")) is False
     assert is_row_error(RuntimeError("not from the database")) is False
+
+
+def test_a_refused_argument_is_named_never_quoted() -> None:
+    """asyncpg's refusal of an argument quotes its value — in a batch, other requests' (other
+    tenants') values: the message keeps the argument's number and the reason only."""
+    refused = asyncpg.exceptions.DataError(
+        'invalid input for query argument $6: [\'{"card":"4111-0000"}\', \'"\\ud800"\'] '
+        "('utf-8' codec can't encode character '\\ud800' in position 1: surrogates not allowed)"
+    )
+    message = str(_translated(refused))
+    assert "4111" not in message
+    assert message == (
+        "value cannot be stored: invalid input for query argument $6 ('utf-8' codec can't "
+        "encode character '\\ud800' in position 1: surrogates not allowed)"
+    )

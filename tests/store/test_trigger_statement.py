@@ -8,8 +8,9 @@ import asyncio
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
-from conveyor.errors import Conflict, InputInvalid, NotFound
+from conveyor.errors import Conflict, InputInvalid, NotFound, StoreError
 from conveyor.settings import Settings
 from conveyor.store import Store
 from conveyor.store.pg import PgStatements
@@ -114,3 +115,66 @@ async def test_unstorable_input_is_refused_after_the_hint(store: Store) -> None:
         await store.executions.create(tenant, wf, {"s": "a\u0000b"})
     with pytest.raises(InputInvalid):
         await store.executions.create(tenant, wf, {"f": float("nan")})
+    with pytest.raises(InputInvalid, match="unpaired surrogate"):
+        await store.executions.create(tenant, wf, {"s": "a\ud800b"})
+
+
+async def test_a_replay_answers_after_the_workflow_was_disabled_or_changed(
+    store: Store, settings: Settings
+) -> None:
+    """A request retried with its idempotency key gets the execution the first one made, even
+    if the workflow was disabled or given a stricter input schema since (known-version path
+    and general path alike); a new key then gets the workflow's answer."""
+    tenant = (await store.tenants.create("acme")).id
+    wf = (await store.workflows.create(tenant, NOOP)).id
+    await store.executions.create(tenant, wf)  # this process knows version 1
+    first, made = await store.executions.create(tenant, wf, {"x": 1}, idempotency_key="k1")
+    second, made2 = await store.executions.create(tenant, wf, {"x": 2}, idempotency_key="k2")
+    assert made and made2
+    async with Store(settings, pool_size=2) as elsewhere:
+        await elsewhere.workflows.set_enabled(tenant, wf, False)
+        replay, again = await store.executions.create(tenant, wf, {"x": 1}, idempotency_key="k1")
+        assert (replay.id, again) == (first.id, False)
+        with pytest.raises(Conflict, match="disabled"):
+            await store.executions.create(tenant, wf, {"x": 1}, idempotency_key="new")
+        await elsewhere.workflows.set_enabled(tenant, wf, True)
+        await elsewhere.workflows.update(tenant, wf, NEEDS_ORDER)
+        replay, again = await store.executions.create(tenant, wf, {"x": 2}, idempotency_key="k2")
+        assert (replay.id, again) == (second.id, False)
+        with pytest.raises(InputInvalid):
+            await store.executions.create(tenant, wf, {"x": 2}, idempotency_key="new")
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_trigger_the_database_refuses_fails_alone_and_shows_no_other_input(
+    store: Store,
+) -> None:
+    """Concurrent triggers share one statement; the database refuses one of them (a check of
+    its own on the input — here a trigger's ``RAISE``): that request alone gets the error, the
+    others (another tenant's among them) are stored, and no error message quotes another
+    request's input."""
+    a = (await store.tenants.create("a")).id
+    b = (await store.tenants.create("b")).id
+    wf_a = (await store.workflows.create(a, NOOP)).id
+    wf_b = (await store.workflows.create(b, NOOP)).id
+    await store.executions.create(a, wf_a)  # both versions known: one statement for all
+    await store.executions.create(b, wf_b)
+    async with store.engine.begin() as conn:
+        await conn.execute(text(
+            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.input ? 'boom' THEN RAISE EXCEPTION 'input refused'; END IF; "
+            "RETURN NEW; END $$"
+        ))  # fmt: skip
+        await conn.execute(text(
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON executions "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()"
+        ))  # fmt: skip
+    batches = store.executions.group_commit.batches
+    calls = [store.executions.create(a, wf_a, {"card": f"4111-{i}"}) for i in range(5)]
+    calls.insert(2, store.executions.create(b, wf_b, {"boom": 1}))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert store.executions.group_commit.batches <= batches + 2, "they shared statements"
+    refused = results.pop(2)
+    assert isinstance(refused, StoreError) and "input refused" in refused.message
+    assert "4111" not in str(refused) and "4111" not in str(refused.details)
+    assert all(not isinstance(r, BaseException) and r[1] for r in results), results

@@ -8,6 +8,7 @@ and by the asyncpg fast path alike.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -161,6 +162,11 @@ def _raise_asyncpg(exc: BaseException) -> None:
     raise StoreError(f"database error: {_short(exc)}") from exc
 
 
+_ARGUMENT_VALUES = re.compile(r"(invalid input for query argument \$\d+): .*?( \([^()]*\))?$")
+"""asyncpg's refusal of an argument quotes the argument's value — in a batch, the values of
+other callers (another tenant's input): only the argument's number and the reason are kept."""
+
+
 def _short(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    return _ARGUMENT_VALUES.sub(r"\1\2", text[0])[:300] if text else type(exc).__name__

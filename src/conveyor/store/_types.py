@@ -150,3 +150,11 @@ def check_storable(value: Any, what: str = "value") -> None:
         raise ValueError(f"{what} is not storable JSON: {exc}") from None
     if has_nul(text):
         raise ValueError(f"{what} contains a NUL character (\\u0000), which cannot be stored")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{what} contains an unpaired surrogate (a \\ud800-\\udfff escape without its "
+                "pair), which is not Unicode text and cannot be stored"
+            ) from None

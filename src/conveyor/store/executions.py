@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import Insert, and_, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from conveyor.errors import Conflict, NotFound
+from conveyor.errors import Conflict, ConveyorError, NotFound
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase, decode_cursor, encode_cursor, page_limit
 from conveyor.store._group_commit import GroupCommit
@@ -75,7 +75,7 @@ class ExecutionService(ServiceBase):
         """Set by the store: tells a cancelled child's parent (sub-workflows)."""
 
     @property
-    def group_commit(self) -> GroupCommit[TriggerRequest, Mapping[str, Any] | None]:
+    def group_commit(self) -> GroupCommit[TriggerRequest, Mapping[str, Any] | ConveyorError | None]:
         """The triggers' group commit (its ``batches`` count is read by tests)."""
         return self._triggers.group_commit
 

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.errors import Conflict, InputInvalid, NotFound
+from conveyor.errors import Conflict, ConveyorError, DatabaseUnavailable, InputInvalid, NotFound
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase
 from conveyor.store._group_commit import GroupCommit
@@ -123,6 +123,11 @@ def _input_json(value: Any) -> str | None:
     return dumps(value)
 
 
+_Triggered = Mapping[str, Any] | None | ConveyorError
+"""A trigger's answer in a batch: the workflow's row (see ``Statements.trigger``), ``None``
+(no such live workflow), or the error the database gave for this request alone."""
+
+
 class TriggerService(ServiceBase):
     """Creates executions (``store.executions.create`` delegates here)."""
 
@@ -138,7 +143,7 @@ class TriggerService(ServiceBase):
         # (tenant, workflow) -> last current version seen: a hint only (the one-statement
         # trigger re-checks it in SQL), so it may be stale or come from another tenant's miss.
         self._versions: dict[tuple[str, str], int] = {}
-        self.group_commit: GroupCommit[TriggerRequest, Mapping[str, Any] | None] = GroupCommit(
+        self.group_commit: GroupCommit[TriggerRequest, _Triggered] = GroupCommit(
             self._trigger_one, self._trigger_many, name="store.trigger_batch"
         )
         # Replays (idempotency key already used) read their executions together, too.
@@ -150,10 +155,31 @@ class TriggerService(ServiceBase):
         found = await self._statements.executions_by_keys(list(dict.fromkeys(keys)))
         return [found.get(key) for key in keys]
 
-    async def _trigger_many(
-        self, requests: Sequence[TriggerRequest]
-    ) -> Sequence[Mapping[str, Any] | None]:
-        return await self._statements.trigger_many(requests)
+    async def _trigger_many(self, requests: Sequence[TriggerRequest]) -> Sequence[_Triggered]:
+        """One statement for the batch; refused (for one request's sake: a value the database
+        will not store), one statement per request, each answered alone — a request never
+        fails, nor sees, another's (another tenant's) input. Once the database is
+        unavailable, the requests not sent yet are answered so without trying."""
+        try:
+            return await self._statements.trigger_many(requests)
+        except DatabaseUnavailable:
+            raise
+        except ConveyorError:
+            pass
+        answers: list[_Triggered] = []
+        down: DatabaseUnavailable | None = None
+        for r in requests:
+            if down is not None:
+                answers.append(down)
+                continue
+            try:
+                answers.append(await self._trigger_one(r))
+            except DatabaseUnavailable as exc:
+                down = exc
+                answers.append(exc)
+            except ConveyorError as exc:
+                answers.append(exc)
+        return answers
 
     async def _trigger_one(self, r: TriggerRequest) -> Mapping[str, Any] | None:
         return await self._statements.trigger(
@@ -199,6 +225,11 @@ class TriggerService(ServiceBase):
         if found is None:
             raise NotFound("workflow not found", workflow_id=workflow_id)
         version, region, enabled = found
+        if idempotency_key is not None:  # a replay answers what the first request got, even
+            # if the workflow was disabled or given a new input schema since
+            earlier = await self._by_key(tenant_id, idempotency_key)
+            if earlier is not None:
+                return _replayed(earlier, workflow_id, idempotency_key)
         if not enabled:
             raise Conflict("workflow is disabled", workflow_id=workflow_id)
         definition = await self._workflows.get_definition(tenant_id, workflow_id, version)
@@ -255,12 +286,18 @@ class TriggerService(ServiceBase):
                 now=now,
             )
         )
+        if isinstance(row, ConveyorError):
+            raise row
         if row is None:
             self._versions.pop(target, None)
             raise NotFound("workflow not found", workflow_id=workflow_id)
         current, region = int(row["current_version"]), str(row["region"])
         self._remember_version(target, current)
         if not row["enabled"]:
+            if idempotency_key is not None:  # a replay, whatever happened to the workflow since
+                earlier = await self._by_key(tenant_id, idempotency_key)
+                if earlier is not None:
+                    return _replayed(earlier, workflow_id, idempotency_key)
             raise Conflict("workflow is disabled", workflow_id=workflow_id)
         if row["inserted"]:
             execution = new_execution(
@@ -287,13 +324,7 @@ class TriggerService(ServiceBase):
         earlier = await self._by_key(tenant_id, idempotency_key)
         if earlier is None:  # deleted in between: extremely unlikely; let the caller retry
             raise Conflict("idempotency key race, try again", idempotency_key=idempotency_key)
-        if earlier.workflow_id != workflow_id:
-            raise Conflict(
-                "idempotency key already used for another workflow",
-                idempotency_key=idempotency_key,
-                execution_id=earlier.id,
-            )
-        return earlier, False
+        return _replayed(earlier, workflow_id, idempotency_key)
 
     def _remember_version(self, target: tuple[str, str], version: int) -> None:
         """Note a workflow's current version: the next trigger of it can be one statement."""
@@ -321,3 +352,15 @@ class TriggerService(ServiceBase):
 
     async def _by_key_one(self, key: tuple[str, str]) -> Execution | None:
         return await self._statements.execution_by_key(*key)
+
+
+def _replayed(earlier: Execution, workflow_id: str, key: str) -> tuple[Execution, bool]:
+    """The execution an idempotency key made first, as a replay's answer (``created=False``);
+    ``Conflict`` when the key was used for another workflow."""
+    if earlier.workflow_id != workflow_id:
+        raise Conflict(
+            "idempotency key already used for another workflow",
+            idempotency_key=key,
+            execution_id=earlier.id,
+        )
+    return earlier, False
