@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -192,3 +194,23 @@ async def test_tenant_list_pagination(api: Api) -> None:
     r = await api.client.get("/api/admin/tenants", params={"cursor": "garbage!"}, headers=ADMIN)
     assert r.status_code == 400
     _assert_error(r.json(), "invalid_cursor")
+
+
+@pytest.mark.parametrize(
+    "at", ["0001-01-01T00:30:00+01:00", "9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00Z"]
+)
+async def test_a_crafted_cursor_is_a_400_on_every_list(api: Api, at: str) -> None:
+    """A cursor no list makes (a time whose conversion to UTC, or a day before it, is out of
+    range) is 400 ``invalid_cursor`` on every paginated list, not a 500."""
+    auth = await api.tenant()
+    cursor = base64.urlsafe_b64encode(json.dumps([at, "x"]).encode()).decode().rstrip("=")
+    lists = [
+        ("/api/admin/tenants", ADMIN),
+        ("/api/executions", auth),
+        ("/api/workflows", auth),
+        ("/api/schedules", auth),
+    ]
+    for path, headers in lists:
+        r = await api.client.get(path, params={"cursor": cursor}, headers=headers)
+        assert r.status_code == 400, (path, r.text)
+        _assert_error(r.json(), "invalid_cursor")

@@ -7,6 +7,7 @@ created executions aside), and the fast lane must actually serve the common case
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
@@ -213,6 +214,7 @@ async def test_lists_and_details_answer_as_fastapi_does(pair: Pair) -> None:
         (f"/api/executions?workflowId={wf}&limit=4", {}, 200),
         ("/api/executions?workflowId=nope", {}, 200),
         ("/api/executions?cursor=bm90LWEtY3Vyc29y", {}, 400),
+        *((f"/api/executions?cursor={_cursor(at)}", {}, 400) for at in _UNREACHABLE),
         ("/api/executions", {"headers": {}}, 401),
         (f"/api/executions/{ids[0]}", {"headers": {}}, 401),
         (f"/api/executions/{ids[0]}", {"headers": stranger}, 404),
@@ -406,3 +408,17 @@ def _shape(value: Any) -> Any:
 def test_pattern_sanity() -> None:
     body = json.dumps({"id": "x", "createdAt": "t", "keep": 1}).replace(" ", "").encode()
     assert _FRESH.sub(b"", body) == b'{,,"keep":1}'
+
+
+_UNREACHABLE = (
+    "0001-01-01T00:00:00+00:00",  # walking back a day from it overflows
+    "0001-01-01T00:30:00+01:00",  # in UTC, before year 1
+    "9999-12-31T23:59:59-01:00",  # in UTC, after year 9999
+    "1969-12-31T23:59:59+00:00",  # before any row
+)
+"""Cursor times no list makes (a crafted cursor): 400 ``invalid_cursor``, never a 500."""
+
+
+def _cursor(at: str, row_id: str = "x") -> str:
+    raw = json.dumps([at, row_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")

@@ -9,7 +9,7 @@ import binascii
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Select, Table, and_, or_
@@ -90,16 +90,25 @@ def encode_cursor(created_at: datetime, row_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_CURSOR_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_CURSOR_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+"""A cursor's time lies between these (every row's ``created_at`` does): a crafted one beyond
+them would overflow the date arithmetic behind a page (a day's partition walked back)."""
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Raise :class:`CursorInvalid` for a malformed cursor."""
+    """Raise :class:`CursorInvalid` for a malformed cursor (or one no list could have made)."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, row_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
         at = datetime.fromisoformat(created)
-        if at.tzinfo is None or not isinstance(row_id, str):
+        if at.tzinfo is None or not isinstance(row_id, str) or "\x00" in row_id:
+            raise ValueError
+        at = at.astimezone(UTC)
+        if not _CURSOR_EARLIEST <= at < _CURSOR_LATEST:
             raise ValueError
         return at, row_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise CursorInvalid(cursor=cursor[:200]) from None
 
 
