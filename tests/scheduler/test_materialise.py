@@ -349,3 +349,35 @@ def test_the_lookahead_setting_is_validated_and_shown_in_status() -> None:
                                  "ticksInWindow": 42, "lookaheadMs": 5000,
                                  "misfiresPerMinute": 3}})  # fmt: skip
     assert "in window    42 (next 5000ms)" in text and "misfires/min 3" in text
+
+
+async def test_the_reconciler_walks_a_backlog_larger_than_a_pass(env: dict[str, str]) -> None:
+    """A backlog of queued executions with live jobs, more than one pass looks at, and behind
+    it an execution whose enqueue was lost: each pass goes on where the last stopped (checked,
+    the oldest rows would be due again at once, and the lost one never looked at) — it is
+    enqueued again within a walk through the backlog, and the walk then starts over."""
+    settings = settings_for(env)
+    async with leading(settings) as scheduler:
+        store = scheduler.store
+        tenant = (await store.tenants.create("t")).id
+        wf = (await store.workflows.create(tenant, {"name": "w", "steps": [
+            {"id": "n", "type": "noop"}]})).id  # fmt: skip
+        backlog = []
+        for _ in range(8):
+            execution, _created = await store.executions.create(tenant, wf)
+            await scheduler.dispatcher.enqueue(WorkflowExecute(
+                execution_id=execution.id, tenant_id=tenant, workflow_id=wf, region="us"))  # fmt: skip
+            backlog.append(execution.id)
+        lost, _created = await store.executions.create(tenant, wf)  # its enqueue never happened
+        reconciler = Reconciler(store, scheduler.queues, scheduler.dispatcher, settings, limit=3)
+        step = timedelta(seconds=settings.reconcile_min_age_ms / 1000 + 1)
+        at = datetime.now(UTC)
+        recovered: list[str] = []
+        for _ in range(3):  # 3 + 3 + (2 + the lost one)
+            at += step  # each pass: everything checked before is due again
+            recovered += await reconciler.run_once(at)
+        assert recovered == [lost.id]
+        assert await reconciler.run_once(at + step) == []  # nothing after the last page
+        assert reconciler._after is None, "the walk starts over"
+        queue = scheduler.dispatcher.queue("us")
+        assert await queue.get_job_state(lost.id) in ("waiting", "prioritized")

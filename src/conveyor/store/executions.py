@@ -375,11 +375,15 @@ class ExecutionService(ServiceBase):
         min_age_s: float = 5.0,
         limit: int = 500,
         ids: Sequence[str] | None = None,
+        after: tuple[datetime, str] | None = None,
     ) -> builtins.list[Execution]:
         """Executions that should be on the queue but may not be: ``queued`` whose last
         enqueue (or creation) is older than ``min_age_s``, ``running`` whose lease expired,
-        ``waiting`` whose wake time passed ``min_age_s`` ago. Oldest first. ``ids``: only
-        among these (the reconciler's second look, after it read the jobs' states)."""
+        ``waiting`` whose wake time passed ``min_age_s`` ago. Oldest first (``queued_at``,
+        then id). ``ids``: only among these (the reconciler's second look, after it read the
+        jobs' states). ``after``: only those after this ``(queued_at, id)`` (the reconciler's
+        next page: a backlog larger than ``limit`` is walked through, not its oldest page
+        looked at again and again)."""
         cutoff = now - timedelta(seconds=min_age_s)
         last_enqueue = executions.c.enqueued_at
         condition = or_(
@@ -402,9 +406,17 @@ class ExecutionService(ServiceBase):
         query = (
             select(executions)
             .where(executions.c.status.in_(ACTIVE_STATUSES), condition)
-            .order_by(executions.c.queued_at)
+            .order_by(executions.c.queued_at, executions.c.id)
             .limit(limit)
         )
+        if after is not None:
+            at, after_id = after
+            query = query.where(
+                or_(
+                    executions.c.queued_at > at,
+                    and_(executions.c.queued_at == at, executions.c.id > after_id),
+                )
+            )
         if ids is not None:
             query = query.where(executions.c.id.in_(builtins.list(ids)))
         async with self._auto() as conn:

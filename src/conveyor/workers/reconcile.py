@@ -64,6 +64,11 @@ class Reconciler:
         self.limit = limit
         self.recovered = 0
         self.passes = 0
+        self._after: tuple[datetime, str] | None = None
+        """Where the next pass goes on: after the last execution a full page checked (each
+        check counts as an enqueue, so the same oldest page would be due again next pass, and
+        a lost execution behind a backlog larger than a page never looked at); ``None``: from
+        the oldest again."""
 
     def _queue(self, region: str) -> Queue:
         return self.dispatcher.queue(region)
@@ -72,9 +77,11 @@ class Reconciler:
         """One pass; returns the ids of the executions enqueued again."""
         now = now or datetime.now(UTC)
         stranded = await self.store.executions.stranded(
-            now, min_age_s=self.min_age_s, limit=self.limit
+            now, min_age_s=self.min_age_s, limit=self.limit, after=self._after
         )
         self.passes += 1
+        full = len(stranded) >= self.limit
+        self._after = (stranded[-1].queued_at, stranded[-1].id) if full else None
         if not stranded:
             return []
         gate = asyncio.Semaphore(_CONCURRENCY)
