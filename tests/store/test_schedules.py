@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import update
 
 from conveyor.errors import NotFound, ScheduleInvalid
 from conveyor.store import PlannedTicks, Store, next_fire_time, utcnow
-from conveyor.store.schema import schedules
+from conveyor.store.schema import executions, schedules
 
 NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
 
@@ -256,3 +257,106 @@ async def _set_next(store: Store, schedule_id: str, at: datetime) -> None:
         await conn.execute(
             update(schedules).where(schedules.c.id == schedule_id).values(next_fire_at=at)
         )
+
+
+async def _materialised(
+    store: Store, tenant: str, wf: str, ahead_s: list[int]
+) -> tuple[str, list[str]]:
+    """A schedule with ticks recorded ``ahead_s`` seconds after its next fire time (as a
+    scheduler pass does); ``(schedule id, their execution ids)``."""
+    created = await store.schedules.create(tenant, wf, "* * * * * *")
+    s = await store.schedules.get(tenant, created.id)
+    assert s.next_fire_at is not None
+    ticks = [(s.next_fire_at + timedelta(seconds=i), "fired") for i in ahead_s]
+    plan = PlannedTicks(schedule=s, ticks=ticks, next_fire_at=ticks[-1][0] + timedelta(seconds=1))
+    fired, _moved = await store.schedules.materialise([plan])
+    return s.id, [f.execution.id for f in fired if f.execution is not None]
+
+
+async def test_a_disabled_or_deleted_workflow_cancels_the_ticks_materialised_ahead(
+    store: Store,
+) -> None:
+    """Ticks recorded ahead (their executions queued, due in seconds) of a workflow that is
+    then disabled, or deleted, do not run: their executions are cancelled, as an edit or a
+    deletion of the schedule itself cancels them."""
+    tenant = (await store.tenants.create("acme")).id
+    disabled = (await store.workflows.create(tenant, NOOP)).id
+    deleted = (await store.workflows.create(tenant, NOOP)).id
+    _s1, first = await _materialised(store, tenant, disabled, [5, 6, 7])
+    _s2, second = await _materialised(store, tenant, deleted, [5, 6])
+    await store.workflows.set_enabled(tenant, disabled, False)
+    await store.workflows.delete(tenant, deleted)
+    statuses = await store.executions.status_of([*first, *second])
+    assert set(statuses.values()) == {"cancelled"}, statuses
+
+
+async def test_an_edit_leaves_a_tick_whose_execution_started_fired(store: Store) -> None:
+    """An edit cancels the ticks recorded ahead whose executions have not started; one whose
+    instant passed while the edit waited for the schedule (its execution started) stays
+    ``fired`` — marked cancelled, the next pass would record it again and it would fire twice."""
+    tenant = (await store.tenants.create("acme")).id
+    wf = (await store.workflows.create(tenant, NOOP)).id
+    sid, (started, later) = await _materialised(store, tenant, wf, [5, 6])
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            update(executions).where(executions.c.id == started).values(status="running")
+        )
+    await store.schedules.update(tenant, sid, {"name": "renamed"})
+    assert await store.executions.status_of([started, later]) == {
+        started: "running",
+        later: "cancelled",
+    }
+    outcomes = {t.execution_id: t.outcome for t in await store.schedules.ticks(tenant, sid)}
+    assert outcomes[started] == "fired" and outcomes[later] == "cancelled"
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_schedule_deleted_during_a_pass_leaves_none_of_its_ticks_to_fire(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler pass is recording a schedule's ticks (it holds the schedule's row) when
+    the schedule is deleted: the deletion waits for the pass, then cancels what it recorded."""
+    tenant = (await store.tenants.create("acme")).id
+    wf = (await store.workflows.create(tenant, NOOP)).id
+    created = await store.schedules.create(tenant, wf, "* * * * * *")
+    s = await store.schedules.get(tenant, created.id)
+    assert s.next_fire_at is not None
+    ticks = [(s.next_fire_at + timedelta(seconds=i), "fired") for i in (3, 4, 5)]
+    plan = PlannedTicks(schedule=s, ticks=ticks, next_fire_at=ticks[-1][0] + timedelta(seconds=1))
+    inside = asyncio.Event()
+    live = store.schedules._live_workflows
+
+    async def slow_pass(conn: Any, ids: Any) -> Any:
+        inside.set()
+        await asyncio.sleep(0.5)  # the pass holds the schedule's row meanwhile
+        return await live(conn, ids)
+
+    monkeypatch.setattr(store.schedules, "_live_workflows", slow_pass)
+    materialising = asyncio.create_task(store.schedules.materialise([plan]))
+    await inside.wait()
+    await store.schedules.delete(tenant, s.id)
+    fired, _moved = await materialising
+    ids = [f.execution.id for f in fired if f.execution is not None]
+    assert len(ids) == 3
+    assert set((await store.executions.status_of(ids)).values()) == {"cancelled"}
+
+
+async def test_a_pass_planned_before_an_edit_records_nothing(store: Store) -> None:
+    """A pass read the schedule, then an edit committed that leaves its next fire time where
+    it was (its input): the pass's plan, made from the old input, is not applied — nothing
+    recorded, the schedule not moved — and the next pass plans from the edited schedule."""
+    tenant = (await store.tenants.create("acme")).id
+    wf = (await store.workflows.create(tenant, NOOP)).id
+    created = await store.schedules.create(tenant, wf, "0 0 1 1 *", input={"v": "old"})
+    read = await store.schedules.get(tenant, created.id)  # what the pass's due() returned
+    assert read.next_fire_at is not None
+    await store.schedules.update(tenant, created.id, {"input": {"v": "new"}})
+    stale = PlannedTicks(
+        schedule=read,
+        ticks=[(read.next_fire_at, "fired")],
+        next_fire_at=read.next_fire_at + timedelta(days=365),
+    )
+    fired, moved = await store.schedules.materialise([stale])
+    assert (fired, moved) == ([], set())
+    edited = await store.schedules.get(tenant, created.id)
+    assert edited.next_fire_at == read.next_fire_at and edited.input == {"v": "new"}

@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from conveyor.cron import next_fire, parse_cron
 from conveyor.errors import CronInvalid, NotFound, ScheduleInvalid
 from conveyor.store._base import ServiceBase, decode_cursor, encode_cursor, page_limit
+from conveyor.store._ticks import cancel_ticks_ahead, lock_schedules
 from conveyor.store._types import check_storable, new_id, utcnow
 from conveyor.store.records import Execution, FiredTick, Page, Schedule, ScheduleTick
 from conveyor.store.schema import executions, schedule_ticks, schedules, workflows
@@ -112,13 +113,17 @@ UPDATE schedules AS s
        last_fired_at = coalesce(p.fired, s.last_fired_at),
        updated_at = :now
   FROM unnest(CAST(:sid AS text[]), CAST(:seen AS timestamptz[]), CAST(:cron AS text[]),
-              CAST(:tz AS text[]), CAST(:next_at AS timestamptz[]), CAST(:fired AS timestamptz[]))
-       AS p(sid, seen, cron, tz, next_at, fired)
+              CAST(:tz AS text[]), CAST(:next_at AS timestamptz[]), CAST(:fired AS timestamptz[]),
+              CAST(:changed AS timestamptz[]))
+       AS p(sid, seen, cron, tz, next_at, fired, changed)
  WHERE s.id = p.sid AND s.next_fire_at = p.seen AND s.cron = p.cron AND s.timezone = p.tz
-   AND s.enabled
+   AND s.updated_at = p.changed AND s.enabled
 RETURNING s.id
 """)
-_ADVANCE_COLUMNS = ("sid", "seen", "cron", "tz", "next_at", "fired")
+"""The compare-and-set of a pass's plans: a schedule changed since the pass read it (any
+edit: its input too, which leaves the next fire time where it was) is not moved, and the
+plan's ticks are not recorded."""
+_ADVANCE_COLUMNS = ("sid", "seen", "cron", "tz", "next_at", "fired", "changed")
 _TICK_COLUMNS = ("schedule_id", "fire_time", "tenant_id", "created_at", "execution_id", "outcome")
 _INSERT_TICKS = text("""
 INSERT INTO schedule_ticks AS t (schedule_id, fire_time, tenant_id, created_at, execution_id,
@@ -264,56 +269,23 @@ class ScheduleService(ServiceBase):
             ).first()
             if row is None:
                 raise NotFound("schedule not found", schedule_id=schedule_id)
-            await self._cancel_ahead(conn, tenant_id, schedule_id, now)
+            await cancel_ticks_ahead(conn, tenant_id, now, schedule_id=schedule_id)
         return Schedule.from_mapping(row._mapping)
-
-    @staticmethod
-    async def _cancel_ahead(
-        conn: AsyncConnection, tenant_id: str, schedule_id: str, now: datetime
-    ) -> None:
-        """Cancel the ticks of ``schedule_id`` materialised ahead (instant still in the
-        future): their executions become ``cancelled`` (the engine skips their delayed jobs)
-        and the ticks ``cancelled`` — a later materialisation under the schedule's new
-        definition may record the same instant again (see :meth:`materialise`)."""
-        ahead = (
-            select(schedule_ticks.c.execution_id)
-            .where(
-                schedule_ticks.c.tenant_id == tenant_id,
-                schedule_ticks.c.schedule_id == schedule_id,
-                schedule_ticks.c.fire_time > now,
-                schedule_ticks.c.outcome == "fired",
-                schedule_ticks.c.execution_id.is_not(None),
-            )
-            .scalar_subquery()
-        )
-        await conn.execute(
-            update(executions)
-            .where(executions.c.id.in_(ahead), executions.c.status == "queued")
-            .values(status="cancelled", finished_at=now, updated_at=now)
-        )
-        await conn.execute(
-            update(schedule_ticks)
-            .where(
-                schedule_ticks.c.tenant_id == tenant_id,
-                schedule_ticks.c.schedule_id == schedule_id,
-                schedule_ticks.c.fire_time > now,
-                schedule_ticks.c.outcome == "fired",
-            )
-            .values(outcome="cancelled")
-        )
 
     async def delete(self, tenant_id: str, schedule_id: str) -> None:
         """Delete the schedule and its ticks; executions materialised ahead for ticks not yet
         due are cancelled (their delayed jobs then do nothing)."""
         async with self._tx() as conn:
-            await self._cancel_ahead(conn, tenant_id, schedule_id, utcnow())
-            result = await conn.execute(
+            # the row first: a scheduler pass materialising its ticks holds it until it commits
+            # (cancelled before, its ticks would not be seen, and would fire)
+            if not await lock_schedules(conn, tenant_id, schedule_id=schedule_id):
+                raise NotFound("schedule not found", schedule_id=schedule_id)
+            await cancel_ticks_ahead(conn, tenant_id, utcnow(), schedule_id=schedule_id)
+            await conn.execute(
                 schedules.delete().where(
                     schedules.c.tenant_id == tenant_id, schedules.c.id == schedule_id
                 )
             )
-        if not result.rowcount:
-            raise NotFound("schedule not found", schedule_id=schedule_id)
 
     # --- the scheduler (system-wide, not tenant-scoped) ---------------------------------------
 
@@ -467,11 +439,11 @@ class ScheduleService(ServiceBase):
         column aliases on ``VALUES``): one ``UPDATE`` per schedule in this transaction."""
         if self._dialect != "postgresql":
             return await self._advance_each(conn, plans, now)
-        columns: tuple[builtins.list[Any], ...] = ([], [], [], [], [], [])
+        columns: tuple[builtins.list[Any], ...] = ([], [], [], [], [], [], [])
         for p in plans:
             fired = max((at for at, o in p.ticks if o == "fired"), default=None)
             row = (p.schedule.id, p.schedule.next_fire_at, p.schedule.cron, p.schedule.timezone,
-                   p.next_fire_at, fired)  # fmt: skip
+                   p.next_fire_at, fired, p.schedule.updated_at)  # fmt: skip
             for values, value in zip(columns, row, strict=True):
                 values.append(value)
         params: dict[str, Any] = dict(zip(_ADVANCE_COLUMNS, columns, strict=True))
@@ -496,6 +468,7 @@ class ScheduleService(ServiceBase):
                         schedules.c.next_fire_at == p.schedule.next_fire_at,
                         schedules.c.cron == p.schedule.cron,
                         schedules.c.timezone == p.schedule.timezone,
+                        schedules.c.updated_at == p.schedule.updated_at,
                         schedules.c.enabled.is_(True),
                     )
                     .values(values)

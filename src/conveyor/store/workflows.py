@@ -23,6 +23,7 @@ from conveyor.errors import ConveyorError, NotFound, WorkflowInvalid
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase
 from conveyor.store._group_commit import GroupCommit
+from conveyor.store._ticks import cancel_ticks_ahead, lock_schedules
 from conveyor.store._types import check_storable, new_id, utcnow
 from conveyor.store.records import Page, Workflow, WorkflowVersion
 from conveyor.store.schema import schedules, tenants, workflow_versions, workflows
@@ -305,8 +306,10 @@ class WorkflowService(ServiceBase):
         return await self._page(query, workflows, Workflow, limit=limit, cursor=cursor)
 
     async def set_enabled(self, tenant_id: str, workflow_id: str, enabled: bool) -> Workflow:
-        """Enable or disable (a disabled workflow cannot be triggered; schedules skip it)."""
-        async with self._auto() as conn:
+        """Enable or disable (a disabled workflow cannot be triggered; schedules skip it, and
+        the ticks they materialised ahead are cancelled)."""
+        now = utcnow()
+        async with self._tx() as conn:
             row = (
                 await conn.execute(
                     update(workflows)
@@ -315,16 +318,19 @@ class WorkflowService(ServiceBase):
                         workflows.c.id == workflow_id,
                         workflows.c.deleted_at.is_(None),
                     )
-                    .values(enabled=enabled, updated_at=utcnow())
+                    .values(enabled=enabled, updated_at=now)
                     .returning(*_COLUMNS)
                 )
             ).first()
-        if row is None:
-            raise NotFound("workflow not found", workflow_id=workflow_id)
+            if row is None:
+                raise NotFound("workflow not found", workflow_id=workflow_id)
+            if not enabled and await lock_schedules(conn, tenant_id, workflow_id=workflow_id):
+                await cancel_ticks_ahead(conn, tenant_id, utcnow(), workflow_id=workflow_id)
         return Workflow.from_mapping(row._mapping)
 
     async def delete(self, tenant_id: str, workflow_id: str) -> None:
-        """Soft-delete the workflow and disable its schedules."""
+        """Soft-delete the workflow and disable its schedules (the ticks they materialised
+        ahead are cancelled)."""
         now = utcnow()
         async with self._tx() as conn:
             row = (
@@ -345,7 +351,8 @@ class WorkflowService(ServiceBase):
                 update(schedules)
                 .where(schedules.c.tenant_id == tenant_id, schedules.c.workflow_id == workflow_id)
                 .values(enabled=False, next_fire_at=None, updated_at=now)
-            )
+            )  # waits for a scheduler pass materialising their ticks: then they are seen
+            await cancel_ticks_ahead(conn, tenant_id, utcnow(), workflow_id=workflow_id)
 
     async def rotate_webhook_secret(self, tenant_id: str, workflow_id: str) -> str:
         """A new webhook secret (the old one stops working); returned once."""
