@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi.routing import APIRoute
+import re
 
 from tests.api.conftest import NOOP_WORKFLOW, Api
 
-TENANT_PREFIXES = ("/api/workflows", "/api/executions", "/api/schedules")
+TENANT_PREFIXES = ("/api/workflows", "/api/executions", "/api/schedules", "/api/secrets")
+
+
+def _shape(path: str) -> str:
+    """A route's path with its parameters blanked (``{executionId}`` and ``{execution_id}``
+    alike)."""
+    return re.sub(r"\{[^}]*\}", "{}", path)
 
 
 async def test_every_tenant_route_is_isolated(api: Api) -> None:
@@ -29,11 +35,15 @@ async def test_every_tenant_route_is_isolated(api: Api) -> None:
         ("GET", "/api/executions/{execution_id}", None),
         ("POST", "/api/executions/{execution_id}/cancel", None),
         ("POST", "/api/executions/{execution_id}/retry", None),
+        ("GET", "/api/executions/{execution_id}/events", None),
+        ("POST", "/api/executions/{execution_id}/events/{name}", {"amount": 1}),
         ("GET", "/api/schedules/{schedule_id}", None),
         ("PATCH", "/api/schedules/{schedule_id}", {"enabled": False}),
         ("DELETE", "/api/schedules/{schedule_id}", None),
+        ("GET", "/api/schedules/{schedule_id}/ticks", None),
     ]
-    ids = {"workflow_id": wf, "execution_id": ex["id"], "schedule_id": sched["id"], "version": 1}
+    ids = {"workflow_id": wf, "execution_id": ex["id"], "schedule_id": sched["id"], "version": 1,
+           "name": "approved"}  # fmt: skip
     for method, template, body in single:
         r = await api.client.request(method, template.format(**ids), json=body, headers=b)
         assert r.status_code == 404, (method, template, r.text)
@@ -57,13 +67,22 @@ async def test_every_tenant_route_is_isolated(api: Api) -> None:
     assert {w["id"] for w in (await api.client.get("/api/workflows", headers=b)).json()["data"]
             ["items"]} == {b_wf}  # fmt: skip
 
-    # every tenant route of the app is covered above
-    covered = {(m, t) for m, t, _ in single} | {("POST", "/api/schedules")}
+    # every tenant route of the app (its OpenAPI document: routers included or not) is
+    # covered above — the secrets' routes by test_secrets_api's
+    # test_tenants_see_only_their_own_secrets (they need SECRETS_KEY)
+    covered = {(m, _shape(t)) for m, t, _ in single} | {("POST", "/api/schedules")}
     covered |= {("GET", p) for p, _ in lists} | {("POST", "/api/workflows")}
-    for route in api.app.routes:
-        if isinstance(route, APIRoute) and route.path.startswith(TENANT_PREFIXES):
-            for method in route.methods or ():
-                assert (method, route.path) in covered, f"isolation untested: {method} {route.path}"
+    covered |= {("GET", "/api/secrets"), ("POST", "/api/secrets"),
+                ("PUT", "/api/secrets/{}"), ("DELETE", "/api/secrets/{}")}  # fmt: skip
+    routes = [
+        (method.upper(), _shape(path))
+        for path, operations in api.app.openapi()["paths"].items()
+        if path.startswith(TENANT_PREFIXES)
+        for method in operations
+    ]
+    assert len(routes) >= len(single) + 5, routes  # the document lists the routes
+    for route in routes:
+        assert route in covered, f"isolation untested: {route}"
 
     # tenant A's objects are untouched
     got = (await api.client.get(f"/api/workflows/{wf}", headers=a)).json()["data"]
