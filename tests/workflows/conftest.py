@@ -61,7 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, doc: Any, **headers: str) -> None:
         self._reply(status, json.dumps(doc).encode(), "application/json", **headers)
 
-    def _handle(self) -> None:
+    def _handle(self) -> None:  # noqa: C901 - one branch per route
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         split = urlsplit(self.path)
@@ -96,6 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = int(route.rsplit("/", 1)[1])
             extra = {"Retry_After": "7"} if status in (429, 503) else {}
             self._json(status, {"error": f"status {status}"}, **extra)
+        elif route.startswith("/deny/"):
+            self._deny(route, query)
         elif route == "/redirect":
             self._reply(int(query.get("code", "302")), b"", "text/plain", Location=query["to"])
         elif route == "/loop":
@@ -111,6 +113,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"slow": True})
         else:
             self._json(404, {"error": "no route"})
+
+    def _deny(self, route: str, query: dict[str, str]) -> None:
+        """``/deny/<pad>/<charset>``: 401 echoing ``?t=`` after ``pad`` x's, in ``charset``."""
+        _deny, pad, charset = route.rsplit("/", 2)
+        text = "x" * int(pad) + " invalid key " + query.get("t", "")
+        self._reply(401, text.encode(charset), f"text/plain; charset={charset}")
 
     def _heads(self, query: dict[str, str]) -> None:
         """One header of ``size`` bytes and ``count`` small ones."""

@@ -10,8 +10,8 @@ from urllib.parse import quote
 
 import pytest
 
-from conveyor.errors import PermanentStepError, WorkflowInvalid
-from conveyor.workflows import StepContext, parse_definition, run_step
+from conveyor.errors import PermanentStepError, RetryableStepError, WorkflowInvalid
+from conveyor.workflows import HttpStep, StepContext, parse_definition, run_step
 from conveyor.workflows.steps import AnyStep, http_step_secrets
 from tests.workflows.conftest import LocalServer, make_settings
 
@@ -165,6 +165,54 @@ async def test_a_failing_request_shows_no_secret_in_its_error(local_server: Loca
     assert_clean({"message": caught.value.message, "details": caught.value.details})
     assert "[secret]" in caught.value.message  # the URL, redacted
     assert_clean(context.rendered.value)
+
+
+async def test_a_redacted_error_keeps_its_kind_for_the_retry_policy(
+    local_server: LocalServer,
+) -> None:
+    """An error of a step that uses secrets is rebuilt without them — and keeps what a retry
+    policy reads: its kind (``status``) and its status, so ``retry_on`` / ``retry_statuses``
+    decide as for a step without secrets."""
+    with pytest.raises(RetryableStepError) as caught:
+        await run_step(http_step(local_server, "/status/503"), ctx(local_server))
+    error = caught.value
+    assert_clean({"message": error.message, "details": error.details})
+    assert error.kind == "status" and error.details["status"] == 503
+    step = http_step(local_server, "/status/503", retry={"retry_on": ["status"]})
+    assert isinstance(step, HttpStep)
+    assert step.retry is not None and step.retry.retries(error.kind, 503, retryable=True)
+
+
+@pytest.mark.parametrize(("pad", "charset"), [(990, "utf-8"), (1005, "utf-8"), (40, "utf-16")])
+async def test_an_error_excerpt_keeps_no_part_of_a_secret(
+    local_server: LocalServer, pad: int, charset: str
+) -> None:
+    """A refusal that echoes the secret (a 401 quoting the key it got): the secret is taken
+    out of the response before the excerpt kept in the error is cut to 1,024 characters — cut
+    first, the secret's head was kept — and the body is read in its own charset (read as
+    UTF-8, a UTF-16 echo kept the secret, a NUL between each character)."""
+    with pytest.raises(PermanentStepError) as caught:
+        await run_step(http_step(local_server, f"/deny/{pad}/{charset}"), ctx(local_server))
+    body = caught.value.details["body"]
+    assert_clean({"message": caught.value.message, "details": caught.value.details})
+    seen = body.replace("\x00", "")
+    assert not any(TOKEN[:k] in seen for k in range(6, len(TOKEN) + 1)), body[-80:]
+    assert len(body) <= 1024 and body.startswith("x" * min(pad, 100))
+    if pad + 20 < 1024:
+        assert body.endswith("invalid key [secret]")
+
+
+async def test_an_invalid_url_is_quoted_without_part_of_a_secret(
+    local_server: LocalServer,
+) -> None:
+    """A URL the client refuses is quoted in the error, cut to 200 characters — after its
+    secrets were taken out, so the cut leaves no secret's head."""
+    url = "https://api.example.test:80a/" + "p" * 160 + "?k={{ secrets.TOKEN }}"
+    step = definition({"id": "h", "type": "http", "method": "GET", "url": url}).steps[0]
+    with pytest.raises(PermanentStepError, match="invalid URL") as caught:
+        await run_step(step, ctx(local_server))
+    message = caught.value.message
+    assert not any(TOKEN[:k] in message for k in range(3, len(TOKEN) + 1)), message
 
 
 async def test_a_missing_secret_fails_the_step_naming_it(local_server: LocalServer) -> None:

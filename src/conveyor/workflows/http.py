@@ -356,7 +356,8 @@ class SafeHttpClient:
         try:
             target = parse_url(url)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            raise PermanentStepError(f"invalid URL {redact_url(url)!r:.200}: {exc}") from exc
+            # secrets out before the cut: cut first, a secret's head would be left
+            raise PermanentStepError(f"invalid URL {_shown(url)!r:.200}: {exc}") from exc
         encoded = CIMultiDict(headers or {})
         limits = (timeout_s, max_response_bytes, max_redirects, follow_redirects)
         if not tracing.enabled:
@@ -767,12 +768,23 @@ def _charset(headers: CIMultiDictProxy[str]) -> str | None:
     return None
 
 
+_EXCERPT_READ = 1024 + 4 * 16 * 1024 + 8
+"""Bytes of an error response read for its 1,024-character excerpt: enough to hold a secret
+(at most 16 KiB of UTF-8) that starts within the excerpt whatever the charset, so that it is
+redacted whole."""
+
+
 def _check_status(step: HttpStep, response: HttpResponse, output: dict[str, Any]) -> None:
     status = response.status
     ok = status in step.expect_status if step.expect_status else 200 <= status < 300
     if ok:
         return
-    excerpt = response.content[:1024].decode("utf-8", errors="replace")
+    # decoded as the body is (a secret echoed in UTF-16 is found too), and the secrets taken out
+    # before the cut to 1,024 characters: cut first, a secret's head would be left
+    charset = _charset(response.headers) or "utf-8"
+    excerpt = response.content[:_EXCERPT_READ].decode(charset, errors="replace")
+    redactor = _REDACTOR.get()
+    excerpt = (excerpt if redactor is None else redactor.text(excerpt))[:1024]
     details: dict[str, Any] = {"status": status, "url": response.url, "body": excerpt}
     retry_after = response.headers.get("retry-after", "")
     if retry_after.isdigit():

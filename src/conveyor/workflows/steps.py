@@ -290,7 +290,7 @@ async def _send_http(
 def _redacted_error(exc: StepError, redactor: Redactor) -> StepError:
     """``exc`` (same type) with the secret values out of its message and details."""
     details = redactor.value(exc.details) if exc.details is not None else {}
-    return type(exc)(redactor.text(exc.message), details)
+    return type(exc)(redactor.text(exc.message), details, kind=exc.kind)  # kind: retry_on
 
 
 def _run_condition(
