@@ -213,3 +213,46 @@ def test_runtime_type_errors_are_expression_errors() -> None:
         evaluate("sum(input.user.name)", CONTEXT)
     with pytest.raises(ExpressionError, match="expression failed"):
         evaluate("to_number(input.user) | abs(@)", CONTEXT)
+
+
+def _peak_mib(run: Any) -> float:
+    """Peak memory (MiB) Python allocated while ``run()`` ran."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run()
+    finally:
+        _current, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak / 2**20
+
+
+@pytest.mark.parametrize("url", [False, True])
+def test_many_placeholders_of_a_large_value_stop_at_the_size_cap_not_after(url: bool) -> None:
+    """A template of 2,000 placeholders of a 0.9 MB input (well within a definition's size)
+    would build a 2 GB string before the cap was checked: it is refused once its strings
+    pass the cap, having built little more than the cap."""
+    context = build_context({"big": "x" * 900_000}, {})
+    template = "{{input.big}}" * 2000
+
+    def render() -> None:
+        with pytest.raises(ExpressionError, match="rendered template is larger"):
+            render_template(template, context, url=url)
+
+    started = time.monotonic()
+    assert _peak_mib(render) < 64
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_join_larger_than_the_cap_is_refused_before_it_is_built() -> None:
+    """``join`` with a long separator over a long array of empty strings (small to store)
+    is refused from its size, before the string is built."""
+    context = build_context(None, {"x": {"output": [""] * 85_000}})
+
+    def join() -> None:
+        with pytest.raises(ExpressionError, match="larger than"):
+            evaluate(f"join('{'s' * 4000}', steps.x.output)", context)
+
+    assert _peak_mib(join) < 64
+    assert evaluate("join('-', ['a', 'b'])", context) == "a-b"

@@ -373,14 +373,27 @@ once, not per call: how a template part that is not a string becomes text, and a
 step's JSON body."""
 
 
-def _as_text(value: Any, *, url: bool) -> str:
+def _as_text(value: Any, *, url: bool, budget: list[int], max_size: int) -> str:
+    """A placeholder's value as text in a string, charged to ``budget`` (what the template's
+    strings may still hold) before it is percent-encoded — encoding only makes it longer."""
     if value is None:
         text = ""
     elif isinstance(value, str):
         text = value
     else:
         text = compact_json(value)
-    return quote(text, safe="") if url else text
+    _charge(budget, len(text), max_size)
+    if not url:
+        return text
+    quoted = quote(text, safe="")
+    _charge(budget, len(quoted) - len(text), max_size)
+    return quoted
+
+
+def _charge(budget: list[int], size: int, max_size: int) -> None:
+    budget[0] -= size
+    if budget[0] < 0:
+        raise ExpressionError(f"rendered template is larger than {max_size} bytes")
 
 
 def render_template(
@@ -395,18 +408,35 @@ def render_template(
     ``url=True`` percent-encodes interpolated text (not a value that is the whole string).
     Raises :class:`ExpressionError`.
     """
-    result = _render(value, context, url=url, depth=0)
+    # The strings built from placeholders are charged as they are built, all of them against
+    # ``max_size``: checked only once built, thousands of placeholders of a 1 MiB input (a
+    # template within the 64 KiB definition limit) would allocate gigabytes first.
+    result = _render(value, context, url=url, depth=0, budget=[max_size], max_size=max_size)
     _check_output(result, max_size)
     return result
 
 
-def _render(value: Any, context: Mapping[str, Any], *, url: bool, depth: int) -> Any:
+def _render(
+    value: Any,
+    context: Mapping[str, Any],
+    *,
+    url: bool,
+    depth: int,
+    budget: list[int],
+    max_size: int,
+) -> Any:
     if depth > MAX_VALUE_DEPTH:
         raise ExpressionError(f"template is nested deeper than {MAX_VALUE_DEPTH} levels")
     if isinstance(value, dict):
-        return {k: _render(v, context, url=url, depth=depth + 1) for k, v in value.items()}
+        return {
+            k: _render(v, context, url=url, depth=depth + 1, budget=budget, max_size=max_size)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_render(v, context, url=url, depth=depth + 1) for v in value]
+        return [
+            _render(v, context, url=url, depth=depth + 1, budget=budget, max_size=max_size)
+            for v in value
+        ]
     if not isinstance(value, str) or "{{" not in value:
         return value
     try:
@@ -414,9 +444,12 @@ def _render(value: Any, context: Mapping[str, Any], *, url: bool, depth: int) ->
     except ValueError as exc:
         raise ExpressionError(f"invalid template: {exc}") from None
     if len(parts) == 1 and parts[0][0]:
-        return evaluate(parts[0][1], context)
+        return evaluate(parts[0][1], context)  # the value itself: nothing is copied
     return "".join(
-        _as_text(evaluate(text, context), url=url) if is_expr else text for is_expr, text in parts
+        _as_text(evaluate(text, context), url=url, budget=budget, max_size=max_size)
+        if is_expr
+        else text
+        for is_expr, text in parts
     )
 
 
@@ -532,7 +565,20 @@ _CREATING = frozenset(
 )
 
 
-_OPTIONS = Options(dict_cls=dict, custom_functions=jmespath.functions.Functions())
+class _Functions(jmespath.functions.Functions):  # type: ignore[misc]
+    """JMESPath's functions; ``join`` refuses a result over the value-size cap before it
+    builds it (checked once built, a separator repeated between 85,000 empty strings — an
+    array a step's output may hold — allocated hundreds of megabytes first)."""
+
+    @jmespath.functions.signature({"types": ["string"]}, {"types": ["array-string"]})  # type: ignore[untyped-decorator]
+    def _func_join(self, separator: str, array: list[str]) -> str:
+        size = sum(map(len, array)) + len(separator) * max(len(array) - 1, 0)
+        if size > MAX_VALUE_SIZE:
+            raise ExpressionError(f"intermediate value is larger than {MAX_VALUE_SIZE} bytes")
+        return separator.join(array)
+
+
+_OPTIONS = Options(dict_cls=dict, custom_functions=_Functions())
 """Shared by every evaluation (jmespath's ``Functions`` holds no state of its own)."""
 
 
