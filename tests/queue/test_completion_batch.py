@@ -5,6 +5,7 @@ whose lock was lost fails alone. A lone completion goes at once, alone. Real Red
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import signal
 import time
@@ -254,3 +255,28 @@ async def test_a_late_reply_is_not_asked_for_again_but_a_lost_connection_is() ->
         finally:
             await client.aclose()
             await admin.aclose()
+
+
+async def test_a_close_cut_short_by_its_callers_deadline_does_not_hang_the_next(
+    bull_qf: QueueFactory,
+) -> None:
+    """A worker stopping with a job that does not finish: its close is cut short by the
+    caller's deadline (the drain's) — a later close (the factory's, at exit) returns at
+    once instead of waiting for the first to finish, which it never will."""
+    queue = bull_qf.create_queue(TEST_QUEUE)
+    started = asyncio.Event()
+
+    async def process(payload: Probe, ctx: JobContext) -> None:
+        started.set()
+        await asyncio.Event().wait()  # never finishes by itself
+
+    worker = bull_qf.create_worker(TEST_QUEUE, process, concurrency=1)
+    run = asyncio.create_task(worker.run())
+    await queue.add(Probe(n=1))
+    await asyncio.wait_for(started.wait(), 5)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(worker.close(timeout_s=5), timeout=0.2)
+    await asyncio.wait_for(worker.close(), timeout=2)  # returns: the first one gave up
+    run.cancel()
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(run, 10)

@@ -90,6 +90,8 @@ class BullWorker:
         self._emitter = Emitter(f"worker[{name}]")
         self._run_task: asyncio.Task[Any] | None = None
         self._closing = False
+        self._close_cut = False
+        """A close was cancelled partway (see :meth:`close`)."""
         self._closed = asyncio.Event()
         self._fetch_failing_since: float | None = None
         self._last_error_log = 0.0
@@ -181,34 +183,45 @@ class BullWorker:
     async def close(self, timeout_s: float | None = None) -> None:
         """Stop fetching, let active jobs finish for ``timeout_s`` (default SHUTDOWN_GRACE_MS),
         then cancel them. Idempotent; bounded."""
-        if self._closing:
+        if self._closing and not self._close_cut:
             await self._closed.wait()
             return
+        again, self._close_cut = self._close_cut, False
         self._closing = True
-        grace = self._settings.shutdown_grace_s if timeout_s is None else timeout_s
-        active = self.active_count
-        log.info(
-            "queue.worker_closing", extra={"queue": self._name, "active": active, "grace_s": grace}
-        )
-        graceful = asyncio.ensure_future(self._bull.close())
-        done, _ = await asyncio.wait({graceful}, timeout=grace)
-        forced = not done
-        if forced:
-            log.warning(
-                "queue.worker_force_closing",
-                extra={"queue": self._name, "active": self.active_count},
+        closed = False
+        try:
+            grace = self._settings.shutdown_grace_s if timeout_s is None else timeout_s
+            if again:  # a close was cut short (its caller's deadline) after its grace began
+                grace = 0.0
+            active = self.active_count
+            log.info(
+                "queue.worker_closing",
+                extra={"queue": self._name, "active": active, "grace_s": grace},
             )
-            force = asyncio.ensure_future(self._bull.close(force=True))
-            await asyncio.wait({graceful, force}, timeout=5)
-            _log_failure(force, self._name)
-        _log_failure(graceful, self._name)
-        if self._run_task is not None and not self._run_task.done():
-            await asyncio.wait({self._run_task}, timeout=5)
-            if not self._run_task.done():
-                self._run_task.cancel()
+            graceful = asyncio.ensure_future(self._bull.close())
+            finished, _ = await asyncio.wait({graceful}, timeout=grace)
+            forced = not finished
+            if forced:
+                log.warning(
+                    "queue.worker_force_closing",
+                    extra={"queue": self._name, "active": self.active_count},
+                )
+                force = asyncio.ensure_future(self._bull.close(force=True))
+                await asyncio.wait({graceful, force}, timeout=5)
+                _log_failure(force, self._name)
+            _log_failure(graceful, self._name)
+            if self._run_task is not None and not self._run_task.done():
                 await asyncio.wait({self._run_task}, timeout=5)
-        self._emitter.clear()
-        self._closed.set()
+                if not self._run_task.done():
+                    self._run_task.cancel()
+                    await asyncio.wait({self._run_task}, timeout=5)
+            closed = True
+        finally:
+            if closed:
+                self._emitter.clear()
+                self._closed.set()
+            else:  # cancelled (its caller's deadline): the next close() forces it at once,
+                self._close_cut = True  # rather than waiting for this one, which never ends
         log.info(
             "queue.worker_closed",
             extra={"queue": self._name, "active_at_close": active, "forced": forced},
