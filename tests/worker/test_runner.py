@@ -169,3 +169,32 @@ async def test_a_sub_workflow_whose_parent_was_not_told_is_deferred_not_complete
             assert "parent" in str(deferred.value.reason)
             told = RunOutcome("ex", kind, status)
             assert runner._settle("ex", told) is told
+
+
+async def test_a_job_waiting_for_a_slot_when_the_worker_stops_is_handed_back(
+    wsettings: Settings,
+) -> None:
+    """The worker stops (``draining``): a job still waiting for one of the process's slots
+    when the grace period ends (cancelled) is handed back to the queue (deferred, due now),
+    not left active until its lock expires; and a job that gets a slot while the worker stops
+    is handed back rather than started."""
+    async with seeder(wsettings) as s, Engine(s.store, wsettings, lease_ttl_s=5) as engine:
+        ledger = FairnessLedger(s.queues, wsettings, [QUEUE])
+        runner = ExecutionRunner(engine, ConcurrencyLimits(1, 1), ledger, s.queues.create_queue)
+        t = await s.tenant()
+        wf = await s.workflow(t, [{"id": "n", "type": "noop"}])
+        first, waiting, late = await s.executions(t, wf, [None] * 3, dispatch=False)
+        gate = Gate(runner)
+        running = asyncio.create_task(runner.process(*job(first, t)))
+        queued = asyncio.create_task(runner.process(*job(waiting, t)))
+        await asyncio.sleep(0.05)
+        assert not queued.done()  # waits for the one slot
+        runner.draining = True
+        queued.cancel()  # the grace period ended
+        with pytest.raises(JobDeferred, match="shutting down") as handed:
+            await queued
+        assert handed.value.delay_ms == 0
+        gate.open.set()
+        assert (await running)["status"] == "succeeded"
+        with pytest.raises(JobDeferred, match="shutting down"):
+            await runner.process(*job(late, t))

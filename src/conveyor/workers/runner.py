@@ -248,8 +248,14 @@ class ExecutionRunner:
 
     async def _process(self, payload: WorkflowExecute, ctx: JobContext) -> dict[str, Any]:
         limits = self.limits
-        await limits.acquire_slot()
         try:
+            await limits.acquire_slot()
+        except asyncio.CancelledError:
+            self._hand_back_cancelled()  # waited for a slot until the grace period ended
+            raise
+        try:
+            if self.draining:  # fetched (or waited for a slot) while the worker stops
+                raise JobDeferred(0, "worker shutting down")
             tenant = payload.tenant_id
             if not limits.try_start(tenant, ctx.id):
                 self.counters.parked += 1
@@ -263,12 +269,29 @@ class ExecutionRunner:
             if self.fleet is not None:
                 try:
                     await self._fleet_admit(payload, ctx)
+                except asyncio.CancelledError:
+                    limits.cancel_start(tenant)
+                    self._hand_back_cancelled()
+                    raise
                 except BaseException:
                     limits.cancel_start(tenant)
                     raise
             return await self._started(payload, ctx)
         finally:
             limits.release_slot()
+
+    def _hand_back_cancelled(self) -> None:
+        """Cancelled before the run started: while the worker stops (the end of its grace
+        period), the job is handed back to the queue (delayed, due now) for another worker —
+        raises :class:`JobDeferred` — not left active until its lock expires and a stalled
+        check recovers it (counted towards the stalled limit). Otherwise returns (the caller
+        re-raises the cancellation)."""
+        if not self.draining:
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        raise JobDeferred(0, "worker shutting down")
 
     def _count_parked(self, reason: str) -> None:
         if self._metrics is not None:
