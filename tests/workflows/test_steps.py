@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conveyor.errors import PermanentStepError, StepError
+from conveyor.errors import PermanentStepError, StepError, WorkflowInvalid
 from conveyor.workflows import (
     GotoAction,
     RenderedInput,
@@ -186,11 +186,19 @@ async def test_delay_until_template() -> None:
     result = await run_step(delay, ctx({"at": "2026-03-05T00:00:00-05:00"}))
     assert result.suspend_until == datetime(2026, 3, 5, 0, 0, tzinfo=timezone(timedelta(hours=-5)))
     assert result.rendered_input == {"until": "2026-03-05T05:00:00Z"}  # the wake time, UTC
-    for bad in ({"at": "soon"}, {"at": 5}, {}):
+    out_of_range = ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00")  # not in UTC
+    bads: list[dict[str, Any]] = [{"at": "soon"}, {"at": 5}, {}]
+    for bad in [*bads, *({"at": at} for at in out_of_range)]:
         context = ctx(bad)
         with pytest.raises(PermanentStepError, match="until"):
             await run_step(delay, context)
         assert context.rendered.value == {"until": bad.get("at")}  # what it rendered
+
+
+@pytest.mark.parametrize("at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_delay_until_out_of_range_in_utc_is_refused_when_saved(at: str) -> None:
+    with pytest.raises(WorkflowInvalid, match="out of range"):
+        step(type="delay", until=at)
 
 
 async def test_delay_in_the_past_or_resumed_does_not_suspend() -> None:

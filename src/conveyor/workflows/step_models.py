@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
@@ -563,11 +563,16 @@ _AWARE = TypeAdapter(AwareDatetime)
 def parse_until(value: str) -> datetime:
     """Parse an ISO-8601 timestamp that carries a UTC offset. Raises ``ValueError``."""
     try:
-        return _AWARE.validate_python(value)
+        at: datetime = _AWARE.validate_python(value)
     except ValidationError:
         raise ValueError(
             "must be an ISO-8601 timestamp with a UTC offset, e.g. 2030-01-01T09:00:00Z"
         ) from None
+    try:
+        at.astimezone(UTC)  # 0001-01-01T00:00+01:00 is before year 1 in UTC: no such time
+    except OverflowError:
+        raise ValueError("is out of range once in UTC (years 1 to 9999)") from None
+    return at
 
 
 def check_input_template(value: Any) -> Any:
