@@ -215,6 +215,31 @@ async def test_an_invalid_url_is_quoted_without_part_of_a_secret(
     assert not any(TOKEN[:k] in message for k in range(3, len(TOKEN) + 1)), message
 
 
+@pytest.mark.parametrize(
+    "sneaky",
+    [
+        "{{ @.secrets.TOKEN || 'none' }}",
+        "{{ [@][0].secrets.TOKEN || 'none' }}",
+        "{{ map(&secrets.TOKEN, [@])[0] || 'none' }}",
+        "{{ *.TOKEN | [0] || 'none' }}",
+    ],
+)
+async def test_only_a_placeholder_that_names_a_secret_reads_it(
+    local_server: LocalServer, sneaky: str
+) -> None:
+    """A secret is read by a placeholder that is exactly ``secrets.NAME``, never through the
+    expression context: an expression that reaches for it another way (through ``@``, an
+    expression reference, a wildcard over the root) finds nothing, whether or not the
+    definition's check saw through it — a transformed secret would be recorded unredacted."""
+    step = http_step(local_server)
+    assert isinstance(step, HttpStep)
+    step.headers["X-Sneaky"] = sneaky
+    await run_step(step, ctx(local_server))
+    seen = local_server.requests[-1]
+    assert seen.headers["authorization"].encode("latin-1").decode() == f"Bearer {TOKEN}"
+    assert seen.headers["x-sneaky"] == "none"
+
+
 async def test_a_missing_secret_fails_the_step_naming_it(local_server: LocalServer) -> None:
     context = ctx(local_server, {"TOKEN": TOKEN})
     with pytest.raises(PermanentStepError, match="'PASSWORD'"):

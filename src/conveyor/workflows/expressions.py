@@ -38,16 +38,20 @@ The tenant's secrets are read only by a placeholder that is exactly ``{{ secrets
 and only in an ``http`` step's URL, header values and body (``check_template(...,
 secrets=True)``); any other expression that reads ``secrets`` at its root — in a transform, a
 condition, a ``select``, a ``delay``, or a bigger expression in an ``http`` template — is a
-validation error (:func:`check_expression`). The step runner adds the referenced secrets to
-the context of that step alone (:func:`template_secrets` names them).
+validation error (:func:`check_expression`). The step runner gives the referenced secrets to
+that step's templates alone (:func:`template_secrets` names them, :func:`secrets_for` hands
+them over): only a placeholder that is exactly ``secrets.NAME`` reads one — they are never in
+the expression context, so no other expression can reach them, whatever its form.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -77,6 +81,7 @@ __all__ = [
     "is_template",
     "render_template",
     "secret_reference",
+    "secrets_for",
     "template_expressions",
     "template_secrets",
     "truthy",
@@ -396,6 +401,32 @@ def _charge(budget: list[int], size: int, max_size: int) -> None:
         raise ExpressionError(f"rendered template is larger than {max_size} bytes")
 
 
+_SECRETS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "conveyor_template_secrets", default=None
+)
+"""The secrets the templates rendered in this task may name (:func:`secrets_for`)."""
+
+
+@contextmanager
+def secrets_for(values: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, a template placeholder that is exactly ``secrets.NAME`` reads
+    ``values[NAME]`` (``null`` when not given); no expression sees them otherwise."""
+    token = _SECRETS.set(values)
+    try:
+        yield
+    finally:
+        _SECRETS.reset(token)
+
+
+def _evaluate_placeholder(expression: str, context: Mapping[str, Any]) -> Any:
+    if "secrets" in expression:
+        secrets = _SECRETS.get()
+        name = secret_reference(expression)
+        if name is not None:  # read here, never through the context
+            return None if secrets is None else secrets.get(name)
+    return evaluate(expression, context)
+
+
 def render_template(
     value: Any,
     context: Mapping[str, Any],
@@ -444,9 +475,9 @@ def _render(
     except ValueError as exc:
         raise ExpressionError(f"invalid template: {exc}") from None
     if len(parts) == 1 and parts[0][0]:
-        return evaluate(parts[0][1], context)  # the value itself: nothing is copied
+        return _evaluate_placeholder(parts[0][1], context)  # the value itself: not copied
     return "".join(
-        _as_text(evaluate(text, context), url=url, budget=budget, max_size=max_size)
+        _as_text(_evaluate_placeholder(text, context), url=url, budget=budget, max_size=max_size)
         if is_expr
         else text
         for is_expr, text in parts

@@ -51,6 +51,7 @@ from conveyor.workflows.expressions import (
     build_context,
     evaluate,
     render_template,
+    secrets_for,
     template_secrets,
     truthy,
 )
@@ -259,9 +260,9 @@ async def _run_http(step: HttpStep, ctx: StepContext) -> dict[str, Any]:
     def record_redacted(request: dict[str, Any]) -> None:
         ctx.rendered.value = redactor.value(request)
 
-    context = {**context, "secrets": dict(values)}
     try:
-        output = await _send_http(step, context, ctx, record_redacted, redactor)
+        with secrets_for(dict(values)):  # to its ``secrets.NAME`` placeholders alone
+            output = await _send_http(step, context, ctx, record_redacted, redactor)
     except StepError as exc:
         raise _redacted_error(exc, redactor) from None
     except Exception as exc:
