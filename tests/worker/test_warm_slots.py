@@ -8,6 +8,7 @@ runners, real Postgres and Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -586,3 +587,40 @@ async def test_a_lease_given_back_while_its_renewal_was_on_its_way_stays_given_b
             assert await runner.flush_releases() == 1  # given back again
             assert await leases(s, t) == []
             assert not fleet.held
+
+
+async def test_a_popped_job_whose_promotion_met_a_redis_error_is_tried_again(
+    wsettings: Settings,
+) -> None:
+    """A parked job popped into a free slot is no longer in the fleet's parked set: if its
+    promotion meets a Redis error, the promoter tries it again (after 0.5 s) instead of
+    dropping it — dropped, it waited its fallback delay (5 s or more)."""
+    async with fleet_runners(capped(wsettings, 1)) as ((runner,), s):
+        t = await s.tenant()
+        (eid,) = await executions(s, t, 1)
+        queue = s.queues.create_queue(QUEUE)
+        payload, _ctx = job(eid, t)
+        await queue.add(payload, job_id=eid, delay_ms=60_000)  # parked: delayed
+        real = runner._promote_one
+        calls: list[str] = []
+
+        async def flaky(queue_name: str, job_id: str) -> bool:
+            calls.append(job_id)
+            if len(calls) == 1:
+                raise RedisConnectionError("Connection closed by server.")
+            return await real(queue_name, job_id)
+
+        runner._promote_one = flaky  # type: ignore[method-assign]
+        runner._fleet_promotions.put_nowait((t, QUEUE, eid))
+        promoter = asyncio.create_task(runner.run_fleet_promoter())
+        try:
+            for _ in range(100):
+                if await queue.get_job_state(eid) in ("waiting", "prioritized"):
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            promoter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await promoter
+        assert calls == [eid, eid]
+        assert await queue.get_job_state(eid) in ("waiting", "prioritized")
