@@ -260,23 +260,29 @@ async def test_abandon_cancels_the_step_and_writes_nothing(
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_a_run_cancelled_while_its_claim_is_on_its_way_gives_the_claim_back(
-    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("on_its_way", ["claims", "writes"])
+async def test_a_run_cancelled_while_its_statement_is_on_its_way_leaves_no_lease_held(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch, on_its_way: str
 ) -> None:
-    """Cancelled (a worker stopping) while its claim's batch is on its way: the claim still
-    commits — nobody runs it — and is given back as soon as it lands, so the next delivery
-    claims at once instead of waiting out the lease (30 s)."""
+    """Cancelled (a worker stopping) while its claim, or a step's write, is on its way: the
+    statement is not withdrawn and lands after the cancel — a claim nobody runs, or a write
+    that sets the expiry of the lease the cancelled run had just released. Either is given
+    back as it lands, so the next delivery claims at once instead of waiting out the lease
+    (30 s)."""
     tenant, execution_id = await start(store, [slow_step("a"), slow_step("b")])
-    runs = store.runs
-    real = runs.claims._send_one  # type: ignore[attr-defined]
-    on_its_way = asyncio.Event()
+    group = getattr(store.runs, on_its_way)
+    real = group._send_one
+    sent, landed = asyncio.Event(), asyncio.Event()
 
-    async def slow_claim(request: object) -> object:
-        on_its_way.set()
-        await asyncio.sleep(0.2)  # the statement on its way (a slow commit)
-        return await real(request)
+    async def slow(request: object) -> object:
+        sent.set()
+        await asyncio.sleep(0.3)  # the statement on its way (a slow commit)
+        try:
+            return await real(request)
+        finally:
+            landed.set()
 
-    monkeypatch.setattr(runs.claims, "_send_one", slow_claim)  # type: ignore[attr-defined]
+    monkeypatch.setattr(group, "_send_one", slow)
     recorder = Recorder()
 
     async def done(ctx: StepContext, call: int) -> StepResult:
@@ -285,11 +291,12 @@ async def test_a_run_cancelled_while_its_claim_is_on_its_way_gives_the_claim_bac
     recorder.hooks["a"] = recorder.hooks["b"] = done
     engine = Engine(store, settings, step_runner=recorder, lease_ttl_s=30)
     running = asyncio.create_task(engine.run(execution_id))
-    await on_its_way.wait()
+    await sent.wait()
     running.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await running
-    monkeypatch.setattr(runs.claims, "_send_one", real)  # type: ignore[attr-defined]
+    await asyncio.wait_for(landed.wait(), 5)
+    monkeypatch.setattr(group, "_send_one", real)
 
     async def given_back() -> bool:
         row = await store.executions.get(tenant, execution_id)
@@ -300,45 +307,6 @@ async def test_a_run_cancelled_while_its_claim_is_on_its_way_gives_the_claim_bac
         if await given_back():
             break
         await asyncio.sleep(0.02)
-    assert await given_back(), "the claim nobody runs was not given back"
+    assert await given_back(), "a lease nobody holds is still held"
     outcome = await engine.run(execution_id)
     assert outcome.kind is OutcomeKind.SUCCEEDED and recorder.calls == {"a": 1, "b": 1}
-
-
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_a_run_cancelled_while_its_write_is_on_its_way_leaves_the_lease_released(
-    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Cancelled while a step's write is on its way: the run releases its lease at once, the
-    write lands after the release and sets the lease's expiry again — and is given back again,
-    so the next delivery claims at once instead of waiting out the lease."""
-    tenant, execution_id = await start(store, [slow_step("a"), slow_step("b")])
-    runs = store.runs
-    real = runs.writes._send_one  # type: ignore[attr-defined]
-    on_its_way = asyncio.Event()
-
-    async def slow_write(request: object) -> object:
-        on_its_way.set()
-        await asyncio.sleep(0.3)
-        return await real(request)
-
-    monkeypatch.setattr(runs.writes, "_send_one", slow_write)  # type: ignore[attr-defined]
-    recorder = Recorder()
-
-    async def done(ctx: StepContext, call: int) -> StepResult:
-        return StepResult(output=call)
-
-    recorder.hooks["a"] = recorder.hooks["b"] = done
-    engine = Engine(store, settings, step_runner=recorder, lease_ttl_s=30)
-    running = asyncio.create_task(engine.run(execution_id))
-    await on_its_way.wait()
-    running.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await running
-    await asyncio.sleep(0.5)  # the write has landed, and what follows it
-    monkeypatch.setattr(runs.writes, "_send_one", real)  # type: ignore[attr-defined]
-    row = await store.executions.get(tenant, execution_id)
-    assert row.status == "running" and row.lease_expires_at is not None
-    assert row.lease_expires_at <= utcnow(), "the write set the released lease's expiry again"
-    outcome = await engine.run(execution_id)
-    assert outcome.kind is OutcomeKind.SUCCEEDED

@@ -420,10 +420,9 @@ async def test_a_trigger_cannot_pass_for_the_child(store: Store, settings: Setti
     assert await _children(store, parent.id) == []
 
 
-async def test_a_crash_after_the_child_ended_is_repaired_by_its_redelivery(
-    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    clock = Clock()
+async def _parked_on_a_child(store: Store, settings: Settings) -> tuple[str, Engine, str, str]:
+    """A parent parked on its sub-workflow (one ``transform`` answering ``'ok'``), the child
+    not run yet: ``(tenant, engine, parent id, child id)``."""
     tenant = (await store.tenants.create("acme")).id
     leaf = await _workflow(
         store, tenant, [{"id": "c", "type": "transform", "expression": "'ok'"}], "leaf"
@@ -432,9 +431,16 @@ async def test_a_crash_after_the_child_ended_is_repaired_by_its_redelivery(
         store, tenant, [{"id": "call", "type": "workflow", "workflow": leaf}], "top"
     )
     parent, _ = await store.executions.create(tenant, top)
-    engine = _engine(store, settings, clock)
+    engine = _engine(store, settings, Clock())
     assert (await engine.run(parent.id)).kind is OutcomeKind.WAITING
     (child_id,) = await _children(store, parent.id)
+    return tenant, engine, parent.id, child_id
+
+
+async def test_a_crash_after_the_child_ended_is_repaired_by_its_redelivery(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant, engine, parent_id, child_id = await _parked_on_a_child(store, settings)
     notify = store.children.notify_parent
 
     async def crash(*args: Any, **kwargs: Any) -> Any:
@@ -444,11 +450,11 @@ async def test_a_crash_after_the_child_ended_is_repaired_by_its_redelivery(
     with pytest.raises(Crash):  # the child's last write committed, then the process died
         await engine.run(child_id)
     assert (await store.executions.status_of([child_id])) == {child_id: "succeeded"}
-    assert (await engine.run(parent.id)).kind is OutcomeKind.NOT_DUE  # not told yet
+    assert (await engine.run(parent_id)).kind is OutcomeKind.NOT_DUE  # not told yet
     monkeypatch.setattr(store.children, "notify_parent", notify)
     assert (await engine.run(child_id)).kind is OutcomeKind.SKIPPED  # the job's redelivery
-    assert (await engine.run(parent.id)).kind is OutcomeKind.SUCCEEDED
-    assert (await store.executions.get(tenant, parent.id)).output == "ok"
+    assert (await engine.run(parent_id)).kind is OutcomeKind.SUCCEEDED
+    assert (await store.executions.get(tenant, parent_id)).output == "ok"
 
 
 async def test_a_parent_the_database_could_not_be_told_of_is_told_on_the_next_delivery(
@@ -459,18 +465,7 @@ async def test_a_parent_the_database_could_not_be_told_of_is_told_on_the_next_de
     instead of completing it), and so does a delivery that finds the child ended while the
     database is still away; the next delivery after it is back tells the parent — a parent
     waiting on a child without a timeout has no timer, nothing else would wake it."""
-    clock = Clock()
-    tenant = (await store.tenants.create("acme")).id
-    leaf = await _workflow(
-        store, tenant, [{"id": "c", "type": "transform", "expression": "'ok'"}], "leaf"
-    )
-    top = await _workflow(
-        store, tenant, [{"id": "call", "type": "workflow", "workflow": leaf}], "top"
-    )
-    parent, _ = await store.executions.create(tenant, top)
-    engine = _engine(store, settings, clock)
-    assert (await engine.run(parent.id)).kind is OutcomeKind.WAITING
-    (child_id,) = await _children(store, parent.id)
+    tenant, engine, parent_id, child_id = await _parked_on_a_child(store, settings)
     notify = store.children.notify_parent
 
     async def unavailable(*args: Any, **kwargs: Any) -> Any:
@@ -482,12 +477,12 @@ async def test_a_parent_the_database_could_not_be_told_of_is_told_on_the_next_de
     assert (await store.executions.status_of([child_id])) == {child_id: "succeeded"}
     again = await engine.run(child_id)  # delivered again while the database is still away
     assert again.kind is OutcomeKind.SKIPPED and again.parent_untold
-    assert (await engine.run(parent.id)).kind is OutcomeKind.NOT_DUE  # not told yet
+    assert (await engine.run(parent_id)).kind is OutcomeKind.NOT_DUE  # not told yet
     monkeypatch.setattr(store.children, "notify_parent", notify)
     told = await engine.run(child_id)
     assert told.kind is OutcomeKind.SKIPPED and not told.parent_untold
-    assert (await engine.run(parent.id)).kind is OutcomeKind.SUCCEEDED
-    assert (await store.executions.get(tenant, parent.id)).output == "ok"
+    assert (await engine.run(parent_id)).kind is OutcomeKind.SUCCEEDED
+    assert (await store.executions.get(tenant, parent_id)).output == "ok"
 
 
 async def test_concurrent_starts_of_one_step_run_create_one_child(store: Store) -> None:

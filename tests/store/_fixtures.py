@@ -11,9 +11,11 @@ import asyncio
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from conveyor.settings import Settings, load_settings
 from conveyor.store import Store, migrate
@@ -91,3 +93,26 @@ async def pg(fresh_pg_url: str) -> AsyncIterator[Store]:
     await migrate(settings)
     async with Store(settings, pool_size=3) as store:
         yield store
+
+
+@asynccontextmanager
+async def row_trigger(store: Store, name: str, when: str, body: str) -> AsyncIterator[None]:
+    """A PostgreSQL row trigger ``name`` (``when``: e.g. ``BEFORE INSERT ON executions``) that
+    runs the PL/pgSQL ``body`` before ``RETURN NEW`` — a fault injected in the real database
+    (a ``RAISE``, a backend terminated) — dropped afterwards (the session database outlives
+    the test)."""
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql "
+                f"AS $$ BEGIN {body} RETURN NEW; END $$"
+            )
+        )
+        await conn.execute(
+            text(f"CREATE TRIGGER {name} {when} FOR EACH ROW EXECUTE FUNCTION {name}()")
+        )
+    try:
+        yield
+    finally:
+        async with store.engine.begin() as conn:
+            await conn.execute(text(f"DROP FUNCTION {name}() CASCADE"))

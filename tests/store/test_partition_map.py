@@ -19,6 +19,7 @@ from conveyor.store.partitions import partition_name
 from conveyor.store.pg import PgRunStore
 from conveyor.store.pg.runs import _CLAIM_MANY, _WRITE_MANY
 from tests.store import _retention_seed as seed
+from tests.store._fixtures import row_trigger
 
 D = date(2031, 3, 10)
 T = datetime(2031, 3, 10, 9, 0, tzinfo=UTC)
@@ -219,16 +220,6 @@ async def test_a_batch_refused_for_one_row_keeps_the_days_partitions(pg: Store) 
     ids = await _queued(pg, owner, T, 3)
     runs = _runs(pg)
     claims = await _claim_all(runs, ids)
-    async with pg.engine.begin() as conn:
-        await conn.execute(text(
-            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "IF NEW.step_id = 'boom' THEN RAISE EXCEPTION 'boom is refused'; END IF; "
-            "RETURN NEW; END $$"
-        ))  # fmt: skip
-        await conn.execute(text(
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON step_runs "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()"
-        ))  # fmt: skip
 
     def step(claim: Claim) -> StepWrite:
         name = "boom" if claim.execution_id == ids[1] else "s"
@@ -239,20 +230,22 @@ async def test_a_batch_refused_for_one_row_keeps_the_days_partitions(pg: Store) 
 
     done = ExecutionWrite(status="succeeded", next_step=1, steps_run=1, now=T,
                           lease_expires_at=None, finished_at=T)  # fmt: skip
-    batches, refusals = runs.writes.batches, runs.partitions._refusals
-    results = await asyncio.gather(
-        *(runs.write(c, done, [step(c)]) for c in claims), return_exceptions=True
-    )
-    assert runs.writes.batches == batches + 1, "the three writes were one batch"
-    assert results[0] == results[2] == "succeeded"
-    assert isinstance(results[1], StoreError) and "boom is refused" in results[1].message
-    assert runs.partitions._refusals == refusals, "the day's partitions were not refused"
-    assert await runs.partitions.holding("executions", ids[0], ids[-1]) == partition_name(
-        "executions", D
-    )
-    homes = await _homes(pg, ids)
-    assert homes[ids[0]] == homes[ids[2]] == _succeeded_on(D)
-    assert homes[ids[1]] == (partition_name("executions", D), "running", None)
+    refuse = "IF NEW.step_id = 'boom' THEN RAISE EXCEPTION 'boom is refused'; END IF;"
+    async with row_trigger(pg, "refuse_boom", "BEFORE INSERT ON step_runs", refuse):
+        batches, refusals = runs.writes.batches, runs.partitions._refusals
+        results = await asyncio.gather(
+            *(runs.write(c, done, [step(c)]) for c in claims), return_exceptions=True
+        )
+        assert runs.writes.batches == batches + 1, "the three writes were one batch"
+        assert results[0] == results[2] == "succeeded"
+        assert isinstance(results[1], StoreError) and "boom is refused" in results[1].message
+        assert runs.partitions._refusals == refusals, "the day's partitions were not refused"
+        assert await runs.partitions.holding("executions", ids[0], ids[-1]) == partition_name(
+            "executions", D
+        )
+        homes = await _homes(pg, ids)
+        assert homes[ids[0]] == homes[ids[2]] == _succeeded_on(D)
+        assert homes[ids[1]] == (partition_name("executions", D), "running", None)
 
 
 async def test_a_claim_refused_for_one_execution_is_its_answer_alone(pg: Store) -> None:
@@ -263,31 +256,26 @@ async def test_a_claim_refused_for_one_execution_is_its_answer_alone(pg: Store) 
     await pg.partitions.ensure(T, 0)
     owner = await seed.tenant(pg, "acme", T)
     ids = await _queued(pg, owner, T, 3)
-    async with pg.engine.begin() as conn:
-        await conn.execute(text(
-            "CREATE FUNCTION refuse_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF NEW.id = '{ids[0]}' AND NEW.lease <> OLD.lease THEN "
-            "RAISE EXCEPTION 'claim is refused'; END IF; RETURN NEW; END $$"
-        ))  # fmt: skip
-        await conn.execute(text(
-            "CREATE TRIGGER refuse_claim BEFORE UPDATE ON executions "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_claim()"
-        ))  # fmt: skip
-    runs = _runs(pg)
-    batches, refusals = runs.claims.batches, runs.partitions._refusals
-    results = await asyncio.gather(
-        *(runs.claim(e, T, T + LEASE) for e in ids), return_exceptions=True
+    refuse = (
+        f"IF NEW.id = '{ids[0]}' AND NEW.lease <> OLD.lease THEN "
+        "RAISE EXCEPTION 'claim is refused'; END IF;"
     )
-    assert runs.claims.batches == batches + 1, "the three claims were one batch"
-    assert isinstance(results[0], StoreError) and "claim is refused" in results[0].message
-    assert [type(r) for r in results[1:]] == [Claim, Claim]
-    assert runs.partitions._refusals == refusals
-    async with pg.engine.connect() as conn:
-        rows = await conn.execute(
-            text("SELECT id, status, lease FROM executions WHERE id = ANY(:ids)"), {"ids": ids}
+    async with row_trigger(pg, "refuse_claim", "BEFORE UPDATE ON executions", refuse):
+        runs = _runs(pg)
+        batches, refusals = runs.claims.batches, runs.partitions._refusals
+        results = await asyncio.gather(
+            *(runs.claim(e, T, T + LEASE) for e in ids), return_exceptions=True
         )
-        state = {r[0]: (r[1], r[2]) for r in rows}
-    assert state == {ids[0]: ("queued", 0), ids[1]: ("running", 1), ids[2]: ("running", 1)}
+        assert runs.claims.batches == batches + 1, "the three claims were one batch"
+        assert isinstance(results[0], StoreError) and "claim is refused" in results[0].message
+        assert [type(r) for r in results[1:]] == [Claim, Claim]
+        assert runs.partitions._refusals == refusals
+        async with pg.engine.connect() as conn:
+            rows = await conn.execute(
+                text("SELECT id, status, lease FROM executions WHERE id = ANY(:ids)"), {"ids": ids}
+            )
+            state = {r[0]: (r[1], r[2]) for r in rows}
+        assert state == {ids[0]: ("queued", 0), ids[1]: ("running", 1), ids[2]: ("running", 1)}
 
 
 async def test_claims_sent_one_by_one_keep_their_answers_when_the_database_goes_away(
@@ -300,31 +288,26 @@ async def test_claims_sent_one_by_one_keep_their_answers_when_the_database_goes_
     await pg.partitions.ensure(T, 0)
     owner = await seed.tenant(pg, "acme", T)
     ids = await _queued(pg, owner, T, 4)
-    async with pg.engine.begin() as conn:
-        await conn.execute(text(
-            "CREATE FUNCTION refuse_or_die() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "IF NEW.lease <> OLD.lease THEN "
-            f"  IF NEW.id = '{ids[1]}' THEN RAISE EXCEPTION 'claim is refused'; END IF; "
-            f"  IF NEW.id = '{ids[2]}' AND position('unnest' IN current_query()) = 0 THEN "
-            "    PERFORM pg_terminate_backend(pg_backend_pid()); "  # one by one only
-            "  END IF; "
-            "END IF; RETURN NEW; END $$"
-        ))  # fmt: skip
-        await conn.execute(text(
-            "CREATE TRIGGER refuse_or_die BEFORE UPDATE ON executions "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_or_die()"
-        ))  # fmt: skip
-    runs = _runs(pg)
-    results = await asyncio.gather(
-        *(runs.claim(e, T, T + LEASE) for e in ids), return_exceptions=True
+    refuse_or_die = (
+        "IF NEW.lease <> OLD.lease THEN "
+        f"  IF NEW.id = '{ids[1]}' THEN RAISE EXCEPTION 'claim is refused'; END IF; "
+        f"  IF NEW.id = '{ids[2]}' AND position('unnest' IN current_query()) = 0 THEN "
+        "    PERFORM pg_terminate_backend(pg_backend_pid()); "  # one by one only
+        "  END IF; "
+        "END IF;"
     )
-    assert isinstance(results[0], Claim)
-    assert isinstance(results[1], StoreError) and "claim is refused" in results[1].message
-    assert isinstance(results[2], DatabaseUnavailable)
-    assert results[3] is results[2], "not tried once the database was unavailable"
-    async with pg.engine.connect() as conn:
-        rows = await conn.execute(
-            text("SELECT id, status FROM executions WHERE id = ANY(:ids)"), {"ids": ids}
+    async with row_trigger(pg, "refuse_or_die", "BEFORE UPDATE ON executions", refuse_or_die):
+        runs = _runs(pg)
+        results = await asyncio.gather(
+            *(runs.claim(e, T, T + LEASE) for e in ids), return_exceptions=True
         )
-        state = {r[0]: r[1] for r in rows}
-    assert state == {ids[0]: "running", ids[1]: "queued", ids[2]: "queued", ids[3]: "queued"}
+        assert isinstance(results[0], Claim)
+        assert isinstance(results[1], StoreError) and "claim is refused" in results[1].message
+        assert isinstance(results[2], DatabaseUnavailable)
+        assert results[3] is results[2], "not tried once the database was unavailable"
+        async with pg.engine.connect() as conn:
+            rows = await conn.execute(
+                text("SELECT id, status FROM executions WHERE id = ANY(:ids)"), {"ids": ids}
+            )
+            state = {r[0]: r[1] for r in rows}
+        assert state == {ids[0]: "running", ids[1]: "queued", ids[2]: "queued", ids[3]: "queued"}

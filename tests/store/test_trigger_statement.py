@@ -8,13 +8,13 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
 from conveyor.errors import Conflict, InputInvalid, NotFound, StoreError
 from conveyor.settings import Settings
 from conveyor.store import Store
 from conveyor.store.pg import PgStatements
 from conveyor.store.sql import SqlStatements
+from tests.store._fixtures import row_trigger
 
 NOOP = {"name": "wf", "steps": [{"id": "a", "type": "noop"}]}
 NEEDS_ORDER = {**NOOP, "input_schema": {"type": "object", "required": ["orderId"]}}
@@ -159,22 +159,14 @@ async def test_a_trigger_the_database_refuses_fails_alone_and_shows_no_other_inp
     wf_b = (await store.workflows.create(b, NOOP)).id
     await store.executions.create(a, wf_a)  # both versions known: one statement for all
     await store.executions.create(b, wf_b)
-    async with store.engine.begin() as conn:
-        await conn.execute(text(
-            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "IF NEW.input ? 'boom' THEN RAISE EXCEPTION 'input refused'; END IF; "
-            "RETURN NEW; END $$"
-        ))  # fmt: skip
-        await conn.execute(text(
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON executions "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()"
-        ))  # fmt: skip
-    batches = store.executions.group_commit.batches
-    calls = [store.executions.create(a, wf_a, {"card": f"4111-{i}"}) for i in range(5)]
-    calls.insert(2, store.executions.create(b, wf_b, {"boom": 1}))
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    assert store.executions.group_commit.batches <= batches + 2, "they shared statements"
-    refused = results.pop(2)
-    assert isinstance(refused, StoreError) and "input refused" in refused.message
-    assert "4111" not in str(refused) and "4111" not in str(refused.details)
-    assert all(not isinstance(r, BaseException) and r[1] for r in results), results
+    refuse = "IF NEW.input ? 'boom' THEN RAISE EXCEPTION 'input refused'; END IF;"
+    async with row_trigger(store, "refuse_boom", "BEFORE INSERT ON executions", refuse):
+        batches = store.executions.group_commit.batches
+        calls = [store.executions.create(a, wf_a, {"card": f"4111-{i}"}) for i in range(5)]
+        calls.insert(2, store.executions.create(b, wf_b, {"boom": 1}))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert store.executions.group_commit.batches <= batches + 2, "they shared statements"
+        refused = results.pop(2)
+        assert isinstance(refused, StoreError) and "input refused" in refused.message
+        assert "4111" not in str(refused) and "4111" not in str(refused.details)
+        assert all(not isinstance(r, BaseException) and r[1] for r in results), results

@@ -22,7 +22,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-__all__ = ["GroupCommit"]
+from conveyor.errors import ConveyorError, DatabaseUnavailable
+
+__all__ = ["GroupCommit", "each_alone"]
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +153,26 @@ def _settle(
             future.set_exception(error)
         else:
             future.cancel()
+
+
+async def each_alone(
+    items: Sequence[In], send_one: Callable[[In], Awaitable[Out]]
+) -> list[Out | ConveyorError]:
+    """A batch the database refused for one item's sake, sent one item at a time: an error the
+    database gives for an item is that item's answer alone, not its neighbours' (stored, or
+    claimed, they are answered as such). Once the database is unavailable, the items not sent
+    yet are answered so without trying."""
+    answers: list[Out | ConveyorError] = []
+    down: DatabaseUnavailable | None = None
+    for item in items:
+        if down is not None:
+            answers.append(down)
+            continue
+        try:
+            answers.append(await send_one(item))
+        except DatabaseUnavailable as exc:
+            down = exc
+            answers.append(exc)
+        except ConveyorError as exc:
+            answers.append(exc)
+    return answers

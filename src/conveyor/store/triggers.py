@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.errors import Conflict, ConveyorError, DatabaseUnavailable, InputInvalid, NotFound
 from conveyor.settings import Settings
 from conveyor.store._base import ServiceBase
-from conveyor.store._group_commit import GroupCommit
+from conveyor.store._group_commit import GroupCommit, each_alone
 from conveyor.store._types import check_storable, dumps, new_id, utcnow
 from conveyor.store.records import Execution
 from conveyor.store.statements import Statements, TriggerRequest
@@ -157,29 +157,14 @@ class TriggerService(ServiceBase):
 
     async def _trigger_many(self, requests: Sequence[TriggerRequest]) -> Sequence[_Triggered]:
         """One statement for the batch; refused (for one request's sake: a value the database
-        will not store), one statement per request, each answered alone — a request never
-        fails, nor sees, another's (another tenant's) input. Once the database is
-        unavailable, the requests not sent yet are answered so without trying."""
+        will not store), one statement per request, each answered alone (:func:`each_alone`)
+        — a request never fails, nor sees, another's (another tenant's) input."""
         try:
             return await self._statements.trigger_many(requests)
         except DatabaseUnavailable:
             raise
         except ConveyorError:
-            pass
-        answers: list[_Triggered] = []
-        down: DatabaseUnavailable | None = None
-        for r in requests:
-            if down is not None:
-                answers.append(down)
-                continue
-            try:
-                answers.append(await self._trigger_one(r))
-            except DatabaseUnavailable as exc:
-                down = exc
-                answers.append(exc)
-            except ConveyorError as exc:
-                answers.append(exc)
-        return answers
+            return await each_alone(requests, self._trigger_one)
 
     async def _trigger_one(self, r: TriggerRequest) -> Mapping[str, Any] | None:
         return await self._statements.trigger(

@@ -46,7 +46,7 @@ from typing import Any
 
 from conveyor.errors import ConveyorError, DatabaseUnavailable, LeaseLost
 from conveyor.store._errors import is_row_error, never_sent, translate_errors
-from conveyor.store._group_commit import GroupCommit
+from conveyor.store._group_commit import GroupCommit, each_alone
 from conveyor.store.partitions import PARTITIONED, partition_bounds
 from conveyor.store.pg._conn import call, discard
 from conveyor.store.runs import (
@@ -564,30 +564,6 @@ class PgRunStore:
         row = await call(self._pool, "fetchrow", _CLAIM, r.execution_id, r.now, r.lease_until)
         return None if row is None else _claim_of(r.execution_id, row)
 
-    async def _claim_each(
-        self, requests: Sequence[_ClaimRequest], first: dict[str, _ClaimRequest]
-    ) -> list[_Claimed]:
-        """A batch's claims sent one by one: an error the database gives for one execution is
-        its answer alone, not its neighbours' (they may have been claimed: answered with an
-        error, their runs would wait out the lease). Once the database is unavailable, the
-        claims not sent yet are answered so without trying."""
-        answers: list[_Claimed] = []
-        down: DatabaseUnavailable | None = None
-        for r in requests:
-            if first[r.execution_id] is not r:
-                answers.append(None)
-            elif down is not None:
-                answers.append(down)
-            else:
-                try:
-                    answers.append(await self._claim_one(r))
-                except DatabaseUnavailable as exc:
-                    down = exc
-                    answers.append(exc)
-                except ConveyorError as exc:
-                    answers.append(exc)
-        return answers
-
     async def _claim_many(
         self, requests: Sequence[_ClaimRequest], *, parent: bool = False
     ) -> list[_Claimed]:
@@ -613,7 +589,10 @@ class PgRunStore:
             if sql is not _CLAIM_MANY and not is_row_error(exc):  # or the partitions could not
                 self.partitions.refused()  # be named: the parent
                 return await self._claim_many(requests, parent=True)
-            return await self._claim_each(requests, first)
+            # one by one, each answered alone (see each_alone); a repeat finds it BUSY
+            alone = iter(await each_alone([r for r in requests if first[r.execution_id] is r],
+                                          self._claim_one))  # fmt: skip
+            return [next(alone) if first[r.execution_id] is r else None for r in requests]
         claims: dict[str, _Claimed] = {row["id"]: _claim_of(row["id"], row) for row in rows}
         if sql is not _CLAIM_MANY:  # what the partition did not have, the parent may
             missed = [r for r in unique if r.execution_id not in claims]
